@@ -1,0 +1,31 @@
+"""The architectures a runtime file can hold: how to check its tensors and build its model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import GPT2Config
+from .errors import FormatError
+from .format import TensorSpec
+from .models import gpt2
+
+
+@dataclass(frozen=True)
+class Arch:
+    config: type  # has from_dict(dict) raising FormatError
+    tensors: "callable"  # (config, dtype) -> TensorSpec
+    model: type  # model(config, tensors, backend, tokenizer, dtype)
+    text: bool  # needs a tokenizer
+
+
+ARCHS = {"gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True)}
+
+
+def lookup(arch) -> Arch:
+    if arch not in ARCHS:
+        raise FormatError(f"unknown arch {arch!r} (this aigc_rt knows {sorted(ARCHS)})")
+    return ARCHS[arch]
+
+
+def expected(arch, dtype: str, config: dict) -> TensorSpec:
+    a = lookup(arch)
+    return a.tensors(a.config.from_dict(config), dtype)

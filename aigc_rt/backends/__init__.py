@@ -1,0 +1,33 @@
+"""The backend table, in one place. A model is written once against a backend's small op set
+(prepare_linear, linear, layernorm, add_layernorm, attention_prefill, attention_decode, sample)."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# name -> (module, class, what it needs)
+BACKENDS = {
+    "torch": ("aigc_rt.backends.torch_backend", "TorchBackend", "any device"),
+    "cpu": ("aigc_rt.backends.cpu", "CpuBackend", "a CPU and the aigc_rt._C extension"),
+}
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """'auto' -> the fastest backend available for the device."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
+        return name
+    return "cpu" if device.type == "cpu" else "torch"
+
+
+def get_backend(name: str, device: str | torch.device = "cpu"):
+    device = torch.device(device)
+    name = resolve(name, device)
+    module, cls, needs = BACKENDS[name]
+    try:
+        backend_cls = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ValueError(f"backend {name!r} is unavailable here (it needs {needs}): {e}") from None
+    return backend_cls(device)

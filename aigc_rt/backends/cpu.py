@@ -1,0 +1,23 @@
+"""The `cpu` backend: C++ kernels from csrc/cpu (aigc_rt._C) where we have them, the torch reference for
+the rest of the op set."""
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from .torch_backend import TorchBackend
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    def __init__(self, device: torch.device):
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpu' runs on the CPU, not on {device}")
+        super().__init__(device)
+
+    def layernorm(self, x, w, b, eps):
+        return _C.layernorm(x.contiguous(), w, b, eps)
+
+    def add_layernorm(self, x, residual, w, b, eps):
+        return _C.add_layernorm(x.contiguous(), residual, w, b, eps)

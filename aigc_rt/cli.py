@@ -1,0 +1,169 @@
+"""The `aigc-rt` command line. Flags are the Python parameter names with dashes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+# validation tolerance on max |logit error| by weight dtype (fp32 from DESIGN.md; low precision: measured
+# on the test models with headroom, see tests/test_gpt2.py)
+VALIDATE_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "bf16": 2e-1}
+VALIDATE_PROMPTS = ["Hello, my name is", "The quick brown fox", "落霞与孤鹜齐飞", "def main():\n    return"]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, RuntimeError, OSError) as e:  # FormatError is a ValueError
+        print(f"aigc-rt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aigc-rt", description="aigc_rt: fast inference for GPT-2 and DCGAN")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to a runtime weights file")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--arch", default=None)
+    c.add_argument("--dtype", default="fp32")
+    c.set_defaults(func=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text")
+    g.add_argument("prompt")
+    _model_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
+    g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("validate", help="compare a runtime file with its reference checkpoint")
+    v.add_argument("model")
+    v.add_argument("--reference", required=True, help="the Hugging Face GPT-2 folder it was converted from")
+    v.add_argument("--backend", default="auto")
+    v.add_argument("--atol", type=float, default=None, help="max |logit error| allowed (default: by dtype)")
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("info", help="describe a runtime weights file")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="the main job: generate text with the default model")
+    _model_args(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _model_args(p):
+    p.add_argument("--model", default=None, help="runtime file or embedded model name (default: embedded)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto")
+
+
+def _sampling_kwargs(a) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
+                top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop)
+
+
+def cmd_convert(a):
+    import aigc_rt
+    dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype)
+    print(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
+
+
+def cmd_generate(a):
+    import aigc_rt
+    from aigc_rt.generation import run
+    m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
+    kwargs = _sampling_kwargs(a)
+    if a.stream and a.num_return_sequences != 1:
+        raise ValueError("--stream prints one sequence; use --num-return-sequences 1")
+    t0 = time.perf_counter()
+    first, n_tokens, done = None, 0, {}
+    for ev in run(m, a.prompt, **kwargs):
+        first = first or time.perf_counter()
+        n_tokens += 1
+        if a.stream:
+            print(ev.piece, end="", flush=True)
+        if ev.finished:
+            done[ev.row] = ev.finished
+    t1 = time.perf_counter()
+    if a.stream:
+        print()
+    else:
+        for i in range(len(done)):
+            if len(done) > 1:
+                print(f"--- sequence {i} ({done[i].finish_reason})")
+            print(a.prompt + done[i].text)
+    if a.verbose:
+        rate = (n_tokens - len(done)) / (t1 - first) if t1 > first else float("nan")
+        print(f"[{n_tokens} tokens, time to first token {1e3 * (first - t0):.1f} ms, decode {rate:.1f} tokens/s, "
+              f"backend {m.backend.name}]", file=sys.stderr)
+
+
+def cmd_validate(a):
+    import aigc_rt
+    from transformers import GPT2LMHeadModel
+    m = aigc_rt.load(a.model, backend=a.backend)
+    ref = GPT2LMHeadModel.from_pretrained(a.reference, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None  # compare full-length greedy continuations
+    atol = VALIDATE_ATOL[m.dtype] if a.atol is None else a.atol
+    ok, worst = True, 0.0
+    for prompt in VALIDATE_PROMPTS:
+        ids = m.tokenizer.encode(prompt)[: m.config.n_positions // 2]
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0]
+        err = (m.logits(torch.tensor([ids]))[0] - want).abs().max().item()
+        n_new = min(16, m.config.n_positions - len(ids))
+        got = m.generate(ids, max_new_tokens=n_new, eos_token_id=[])[0].token_ids
+        with torch.no_grad():
+            exp = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                               pad_token_id=0)[0, len(ids):].tolist()
+        same = got == exp
+        worst = max(worst, err)
+        ok &= err <= atol and (same or m.dtype != "fp32")
+        print(f"{prompt[:24]!r:28} max|logit err| {err:.3g}  greedy {n_new} tokens {'identical' if same else 'DIFFER'}")
+    print(f"{'PASS' if ok else 'FAIL'}: max abs logit error {worst:.3g} (atol {atol:g}, dtype {m.dtype}, "
+          f"backend {m.backend.name})")
+    return 0 if ok else 1
+
+
+def cmd_info(a):
+    from aigc_rt import archs
+    from aigc_rt import format as fmt
+    from aigc_rt.api import resolve_path
+    rf = fmt.read(resolve_path(a.model), archs.expected)
+    n_params = sum(t.numel() for t in rf.tensors.values())
+    print(json.dumps({"path": rf.path, "arch": rf.arch, "dtype": rf.dtype, "config": rf.config,
+                      "parameters": n_params, "file_bytes": os.path.getsize(rf.path)}, indent=2))
+
+
+def cmd_demo(a):
+    import aigc_rt
+    m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
+    for prompt in ["The", "In Python, a list"]:
+        t0 = time.perf_counter()
+        out = m.generate(prompt, max_new_tokens=48, do_sample=True, top_k=50, temperature=0.7, seed=0)[0]
+        dt = time.perf_counter() - t0
+        print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
+              f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

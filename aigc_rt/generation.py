@@ -1,0 +1,238 @@
+"""Text generation with Hugging Face `generate` semantics, for any model with the GPT2 interface
+(prefill, decode, head, KVCache, tokenizer).
+
+All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
+sequence decodes at its own position in the KV cache, so padding never changes a result. Finished
+sequences leave the batch (the cache is compacted), so they stop costing compute. The only host sync
+per step is reading the sampled tokens.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingParams, uniform
+
+
+@dataclass
+class Completion:
+    text: str  # decoded without special tokens, cut before a stop string
+    token_ids: list[int]  # the new tokens only; ends with the eos token when finish_reason == "eos"
+    finish_reason: str  # "length" | "eos" | "stop"
+
+
+@dataclass
+class Event:
+    """One step of one sequence: `piece` is the text that became final with this token."""
+    row: int  # prompt-major index: prompt i, sequence j -> i * num_return_sequences + j
+    token: int
+    piece: str
+    finished: Completion | None = None
+
+
+def generate(model, prompts, **kwargs) -> list[Completion]:
+    """See DESIGN.md: -> list of Completion, prompt-major when num_return_sequences > 1."""
+    done: dict[int, Completion] = {}
+    for ev in run(model, prompts, **kwargs):
+        if ev.finished is not None:
+            done[ev.row] = ev.finished
+    return [done[i] for i in range(len(done))]
+
+
+def stream(model, prompt, **kwargs) -> Iterator[str]:
+    """Text pieces of one completion as its tokens arrive; they concatenate to generate()'s text and never
+    split a UTF-8 character (or leak the start of a stop string)."""
+    if kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("stream() produces one sequence; num_return_sequences must be 1")
+    single = _as_prompt_list(prompt, model.tokenizer)
+    if len(single) != 1:
+        raise ValueError(f"stream() takes one prompt, got a batch of {len(single)}")
+    for ev in run(model, single, **kwargs):
+        if ev.piece:
+            yield ev.piece
+
+
+def run(model, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+        top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
+        seed: int | None = None, stop=None, eos_token_id=None) -> Iterator[Event]:
+    """The decode loop, as a stream of per-token events. Everything is validated before any work."""
+    cfg, tok = model.config, model.tokenizer
+    params = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_int("num_return_sequences", num_return_sequences, 1)
+    if seed is None:
+        seed = random.SystemRandom().getrandbits(63)
+    _check_int("seed", seed, None)
+    stops = _as_stop_list(stop)
+    eos = _as_eos_set(cfg.eos_token_id if eos_token_id is None else eos_token_id, cfg.vocab_size)
+    prompt_ids = _as_prompt_list(prompts, tok)
+    for i, p in enumerate(prompt_ids):
+        bad = next((t for t in p if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        if len(p) + max_new_tokens > cfg.n_positions:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(p) + max_new_tokens}, past the context length {cfg.n_positions}")
+    with torch.inference_mode():
+        yield from _decode_loop(model, prompt_ids, params, max_new_tokens, num_return_sequences, seed, stops, eos)
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    j: int  # index among the prompt's num_return_sequences
+    text: "_TextState"
+    tokens: list[int] = field(default_factory=list)
+
+
+def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos) -> Iterator[Event]:
+    be, dev, cfg = model.backend, model.device, model.config
+    batch = [p for p in prompt_ids for _ in range(n)]  # prompt-major rows
+    rows = [_Row(len(p), b % n, _TextState(model.tokenizer, stops)) for b, p in enumerate(batch)]
+    lens = [len(p) for p in batch]
+    B, T = len(rows), max(lens)
+    ids = torch.zeros(B, T, dtype=torch.long)  # right-padded
+    for b, p in enumerate(batch):
+        ids[b, : len(p)] = torch.tensor(p)
+    ids = ids.to(dev)
+
+    cache = model.new_cache(B, min(cfg.n_positions, T + max_new_tokens))
+    hidden = model.prefill(ids, cache)  # (B, T, C)
+    logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # (B, V): token in prompt or output
+        for b, p in enumerate(batch):
+            seen[b, p] = True
+        seen = seen.to(dev)
+    active = list(range(B))  # batch slot -> row
+    positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
+    u = torch.zeros(B, device=dev)
+    for step in range(max_new_tokens):
+        if params.do_sample:
+            u = torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev)
+        tokens = be.sample(logits, params, u, seen)  # (B_active,)
+        host = tokens.tolist()  # the one sync per step
+        keep = []
+        for slot, (a, t) in enumerate(zip(active, host)):
+            if t < 0:
+                raise RuntimeError(f"NaN or inf in the logits of sequence {a} at generation step {step}: "
+                                   f"the model produced non-finite values (bad weights?)")
+            row = rows[a]
+            row.tokens.append(t)
+            piece = row.text.push(t)
+            reason = ("eos" if t in eos else "stop" if row.text.stopped
+                      else "length" if len(row.tokens) == max_new_tokens else None)
+            if reason is None:
+                keep.append(slot)
+                yield Event(a, t, piece)
+            else:
+                piece += row.text.finish()
+                yield Event(a, t, piece, Completion(row.text.text, row.tokens, reason))
+        if not keep:
+            return
+        if len(keep) < len(active):
+            k = torch.tensor(keep, device=dev)
+            cache.keep(k)
+            tokens, positions = tokens[k], positions[k]
+            seen = None if seen is None else seen[k]
+            active = [active[s] for s in keep]
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        max_len = max(lens[a] + step for a in active) + 1
+        logits = model.decode(tokens, positions, cache, max_len)
+        positions = positions + 1
+
+
+class _TextState:
+    """Decoded text of one sequence, released in pieces that never split a UTF-8 character and never
+    show text that might turn out to be the start of a stop string."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        before = len(self.text)
+        self.text += self.decoder.push(token)
+        if not self.stops:
+            return self._release(len(self.text))
+        longest = max(map(len, self.stops))
+        start = max(0, before - longest + 1)
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._release(len(self.text))
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - hold)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self.decoder.flush()
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.emitted: upto]
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+
+# -- argument checks -----------------------------------------------------------------------------------
+def _check_int(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def _as_prompt_list(prompts, tokenizer) -> list[list[int]]:
+    """str | list[str] | list[int] | list[list[int]] (or a 1-D/2-D integer tensor) -> list of id lists."""
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                  for t in prompts):
+        prompts = [list(prompts)]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a str, a list of str, a list of token ids or a list of such lists "
+                         "(and not empty)")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            p = tokenizer.encode(p)
+        elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            p = list(p)
+        else:
+            raise ValueError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        out.append(p)
+    return out
+
+
+def _as_stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return stops
+
+
+def _as_eos_set(eos, vocab_size) -> frozenset[int]:
+    if eos is None:
+        return frozenset()
+    ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"eos_token_id {t!r} is not a token id in [0, {vocab_size})")
+    return frozenset(ids)

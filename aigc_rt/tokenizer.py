@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer (GPT-2's), on the `tokenizers` library.
+
+Encoding goes through `tokenizers`. Decoding maps each id to its exact bytes (GPT-2's byte<->unicode
+alphabet reversed), so a stream of ids can be turned into text incrementally without ever splitting a
+UTF-8 character: `StreamDecoder` holds back the bytes of an unfinished character.
+"""
+from __future__ import annotations
+
+import codecs
+import functools
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .errors import FormatError
+
+
+@functools.cache
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's `bytes_to_unicode` reversed: printable stand-in character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str):
+        try:
+            self._tok = _HFTokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise FormatError(f"tokenizer: not a valid `tokenizers` JSON ({e})") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        bd = byte_decoder()
+        self._bytes: list[bytes] = [b""] * self.vocab_size
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if token in specials:
+                continue  # decoded without special tokens, as skip_special_tokens=True
+            try:
+                self._bytes[i] = bytes(bd[ch] for ch in token)
+            except KeyError:
+                added = self._tok.get_added_tokens_decoder().get(i)
+                if added is None:
+                    raise FormatError(f"tokenizer: token {token!r} is not byte-level BPE") from None
+                self._bytes[i] = added.content.encode()
+        self.special_ids = frozenset(self._tok.token_to_id(s) for s in specials)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id]
+
+    def decode(self, ids) -> str:
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Feed token ids one at a time; get back text that never ends inside a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tok = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._tok.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)

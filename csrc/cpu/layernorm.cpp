@@ -1,0 +1,70 @@
+// Fused residual add + LayerNorm (fp32), one row per OpenMP task.
+//
+//   h[r, :]   = x[r, :] + residual[r, :]                 (written back into residual, in place)
+//   out[r, :] = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias      (biased variance, as torch)
+//
+// Two passes over each row (sum for the mean, then the centred sum of squares) keep the variance as
+// accurate as torch's Welford for the row lengths we see (C <= 1600).
+// Reference: torch.nn.functional.layer_norm(x + residual, ...). Tests: tests/test_cpu_ops.py.
+#include "common.h"
+
+namespace aigc_rt::cpu {
+
+static void layernorm_row(const float* h, const float* w, const float* b, float* out, int64_t C, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += h[c];
+  const float mean = sum / C;
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < C; ++c) sq += (h[c] - mean) * (h[c] - mean);
+  const float rstd = 1.f / std::sqrt(sq / C + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] = (h[c] - mean) * rstd * w[c] + b[c];
+}
+
+// out = layernorm(x) ; shapes (..., C)
+torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+  AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
+  AIGC_CHECK_CPU_CONTIGUOUS(weight, torch::kFloat32);
+  AIGC_CHECK_CPU_CONTIGUOUS(bias, torch::kFloat32);
+  const int64_t C = x.size(-1);
+  AIGC_CHECK(weight.numel() == C && bias.numel() == C, "layernorm: weight/bias have ", weight.numel(), "/",
+             bias.numel(), " elements, expected ", C);
+  auto out = torch::empty_like(x);
+  const int64_t rows = x.numel() / std::max<int64_t>(C, 1);
+  const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) layernorm_row(px + r * C, pw, pb, po + r * C, C, (float)eps);
+  return out;
+}
+
+// residual += x ; return layernorm(residual). shapes (..., C)
+torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
+                            const torch::Tensor& bias, double eps) {
+  AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
+  AIGC_CHECK_CPU_CONTIGUOUS(residual, torch::kFloat32);
+  AIGC_CHECK_CPU_CONTIGUOUS(weight, torch::kFloat32);
+  AIGC_CHECK_CPU_CONTIGUOUS(bias, torch::kFloat32);
+  AIGC_CHECK(x.sizes() == residual.sizes(), "add_layernorm: x ", x.sizes(), " and residual ", residual.sizes(),
+             " differ");
+  const int64_t C = x.size(-1);
+  AIGC_CHECK(weight.numel() == C && bias.numel() == C, "add_layernorm: weight/bias have ", weight.numel(), "/",
+             bias.numel(), " elements, expected ", C);
+  auto out = torch::empty_like(x);
+  const int64_t rows = x.numel() / std::max<int64_t>(C, 1);
+  const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pb = bias.data_ptr<float>();
+  float *pr = residual.data_ptr<float>(), *po = out.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* h = pr + r * C;
+    const float* xr = px + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) h[c] += xr[c];
+    layernorm_row(h, pw, pb, po + r * C, C, (float)eps);
+  }
+  return out;
+}
+
+}  // namespace aigc_rt::cpu

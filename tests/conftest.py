@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random-init Hugging Face GPT-2 checkpoints (with a byte-level BPE tokenizer
+trained on the fly) standing in for real ones, and their converted runtime files."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("AIGC_RT_GPU") else "1")
+
+import codecs  # noqa: E402
+import this  # noqa: E402,F401  (prints the Zen of Python on import; its text is our corpus)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import aigc_rt  # noqa: E402
+
+CORPUS = [codecs.decode(this.s, "rot13")] * 3 + [
+    "落霞与孤鹜齐飞，秋水共长天一色。", "Hello world! 🙂 The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42\n", "Once upon a time there was a tiny model that generated text.",
+]
+
+# name -> HF GPT2Config kwargs. Odd sizes on purpose; "hd64" has head_dim 64.
+CONFIGS = {
+    "odd": dict(n_layer=3, n_embd=96, n_head=3, vocab_size=1000, n_positions=64),
+    "hd64": dict(n_layer=2, n_embd=128, n_head=2, vocab_size=1003, n_positions=80),
+}
+
+
+def train_tokenizer(vocab_size: int = 600):
+    from tokenizers import ByteLevelBPETokenizer
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return tok
+
+
+def make_hf_gpt2(path, name: str = "odd", safetensors: bool = True, seed: int = 0):
+    """Save a random-init GPT2LMHeadModel (+ tokenizer) as a HF folder; return the model (eval, fp32)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(**CONFIGS[name], bos_token_id=0, eos_token_id=0, layer_norm_epsilon=1e-5)
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters and biases
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or ".ln_" in n or "ln_f" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=safetensors)
+    tok = train_tokenizer()
+    if safetensors:
+        tok.save(os.path.join(path, "tokenizer.json"))
+    else:
+        tok.save_model(str(path))  # vocab.json + merges.txt
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_odd(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_odd")
+    return path, make_hf_gpt2(path, "odd")
+
+
+@pytest.fixture(scope="session")
+def rt_odd(hf_odd, tmp_path_factory):
+    """(runtime file path, HF model) for the 'odd' config, fp32."""
+    path = tmp_path_factory.mktemp("rt") / "odd.safetensors"
+    aigc_rt.convert(hf_odd[0], path)
+    return path, hf_odd[1]
