@@ -13,7 +13,7 @@ import os
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
 
 
 def extensions():
