@@ -37,10 +37,11 @@ class GPT2Config:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        for name, hi in (("vocab_size", 1 << 22), ("n_positions", 1 << 20), ("n_embd", 1 << 16),
+                         ("n_layer", 1024), ("n_head", 1024)):
             v = getattr(self, name)
-            if not 1 <= v <= 1 << 24:
-                raise FormatError(f"GPT2Config: {name}={v} is out of range [1, {1 << 24}]")
+            if not 1 <= v <= hi:
+                raise FormatError(f"GPT2Config: {name}={v} is out of range [1, {hi}]")
         if self.n_embd % self.n_head:
             raise FormatError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if not (math.isfinite(self.layer_norm_epsilon) and 0 < self.layer_norm_epsilon < 1):

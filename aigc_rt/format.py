@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import FormatError
+from .errors import FormatError, is_foreign_error
 
 FORMAT = "aigc-rt"
 FORMAT_VERSION = "1"
@@ -58,7 +58,9 @@ def read(path: str | os.PathLike, expected: "callable[[str, str, dict], TensorSp
                           f"with `aigc-rt convert`)")
     try:
         handle = safe_open(path, framework="pt")
-    except Exception as e:  # safetensors raises its own error types for every header problem
+    except BaseException as e:  # safetensors raises its own error types for every header problem
+        if not is_foreign_error(e):
+            raise
         raise FormatError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
     with handle as f:
         meta = f.metadata() or {}
@@ -89,7 +91,9 @@ def read(path: str | os.PathLike, expected: "callable[[str, str, dict], TensorSp
         check_tensors(found, spec, where=path)
         try:
             tensors = {name: f.get_tensor(name) for name in spec}
-        except Exception as e:
+        except BaseException as e:
+            if not is_foreign_error(e):
+                raise
             raise FormatError(f"{path}: cannot read tensor data ({type(e).__name__}: {e})") from None
     return RuntimeFile(path, arch, dtype, config, meta.get("tokenizer"), tensors)
 

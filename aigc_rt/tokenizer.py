@@ -11,7 +11,7 @@ import functools
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import FormatError
+from .errors import FormatError, is_foreign_error
 
 
 @functools.cache
@@ -32,13 +32,16 @@ class Tokenizer:
     def __init__(self, tokenizer_json: str):
         try:
             self._tok = _HFTokenizer.from_str(tokenizer_json)
-        except Exception as e:
+        except BaseException as e:
+            if not is_foreign_error(e):
+                raise
             raise FormatError(f"tokenizer: not a valid `tokenizers` JSON ({e})") from None
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1  # ids need not be dense
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         bd = byte_decoder()
         self._bytes: list[bytes] = [b""] * self.vocab_size
-        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+        for token, i in vocab.items():
             if token in specials:
                 continue  # decoded without special tokens, as skip_special_tokens=True
             try:
@@ -54,10 +57,12 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        """The bytes of a token; b"" for special tokens and for ids past the tokenizer's vocabulary (a model
+        may have more embedding rows than the tokenizer has tokens)."""
+        return self._bytes[token_id] if token_id < len(self._bytes) else b""
 
     def decode(self, ids) -> str:
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
 
     def to_str(self) -> str:
         return self._tok.to_str()

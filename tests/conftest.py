@@ -6,15 +6,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("AIGC_RT_GPU") else "1")
 
-import codecs  # noqa: E402
-import this  # noqa: E402,F401  (prints the Zen of Python on import; its text is our corpus)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import aigc_rt  # noqa: E402
 
-CORPUS = [codecs.decode(this.s, "rot13")] * 3 + [
+CORPUS = [
+    "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+    "Complex is better than complicated. Flat is better than nested. Sparse is better than dense. "
+    "Readability counts. Errors should never pass silently, unless explicitly silenced.",
     "落霞与孤鹜齐飞，秋水共长天一色。", "Hello world! 🙂 The quick brown fox jumps over the lazy dog.",
     "def main():\n    return 42\n", "Once upon a time there was a tiny model that generated text.",
 ]
@@ -38,7 +38,9 @@ def make_hf_gpt2(path, name: str = "odd", safetensors: bool = True, seed: int = 
     """Save a random-init GPT2LMHeadModel (+ tokenizer) as a HF folder; return the model (eval, fp32)."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    cfg = GPT2Config(**CONFIGS[name], bos_token_id=0, eos_token_id=0, layer_norm_epsilon=1e-5)
+    # a wider init than GPT-2's 0.02 so that random models produce varied, non-degenerate continuations
+    cfg = GPT2Config(**CONFIGS[name], bos_token_id=0, eos_token_id=0, layer_norm_epsilon=1e-5,
+                     initializer_range=0.1)
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # non-trivial LayerNorm parameters and biases
         for n, p in model.named_parameters():

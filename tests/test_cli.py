@@ -1,0 +1,60 @@
+"""The aigc-rt command line, run in-process through aigc_rt.cli.main."""
+import json
+
+import pytest
+
+import aigc_rt
+from aigc_rt.cli import main
+from conftest import make_hf_gpt2
+
+
+def test_convert_info_generate(hf_odd, tmp_path, capsys):
+    dst = tmp_path / "m.safetensors"
+    assert main(["convert", str(hf_odd[0]), str(dst), "--dtype", "bf16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["info", str(dst)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == "gpt2" and info["dtype"] == "bf16" and info["config"]["n_layer"] == 3
+    assert info["parameters"] == sum(p.numel() for n, p in hf_odd[1].named_parameters() if "lm_head" not in n)
+    assert main(["generate", "Hello", "--model", str(dst), "--max-new-tokens", "5", "--do-sample", "--top-k", "50",
+                 "--temperature", "0.7", "--seed", "1", "--verbose"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hello") and "tokens/s" in err and "time to first token" in err
+
+
+def test_generate_matches_api_and_streams(rt_odd, capsys):
+    m = aigc_rt.load(rt_odd[0])
+    want = m.generate("落霞与孤鹜齐飞", max_new_tokens=8, num_return_sequences=5, temperature=0.9, do_sample=True,
+                      seed=2)
+    assert main(["generate", "落霞与孤鹜齐飞", "--model", str(rt_odd[0]), "--max-new-tokens", "8",
+                 "--num-return-sequences", "5", "--temperature", "0.9", "--do-sample", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(("落霞与孤鹜齐飞" + w.text) in out for w in want)
+    assert main(["generate", "Hi", "--model", str(rt_odd[0]), "--max-new-tokens", "8", "--stream", "--seed", "4",
+                 "--do-sample"]) == 0
+    assert capsys.readouterr().out == "Hi" + m.generate("Hi", max_new_tokens=8, seed=4, do_sample=True)[0].text + "\n"
+
+
+def test_validate_pass_and_fail(hf_odd, rt_odd, tmp_path, capsys):
+    assert main(["validate", str(rt_odd[0]), "--reference", str(hf_odd[0])]) == 0
+    assert "PASS" in capsys.readouterr().out
+    other = tmp_path / "other"
+    make_hf_gpt2(other, "odd", seed=7)  # same shapes, different weights
+    assert main(["validate", str(rt_odd[0]), "--reference", str(other)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["info", "missing.safetensors"], "no such file"),
+    (["generate", "x", "--model", "missing.safetensors"], "no such file"),
+    (["convert", "nowhere", "out.safetensors"], "no such file"),
+])
+def test_errors_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_sampling_flag(rt_odd, capsys):
+    assert main(["generate", "x", "--model", str(rt_odd[0]), "--do-sample", "--temperature", "0"]) == 2
+    assert "temperature must be" in capsys.readouterr().err

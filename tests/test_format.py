@@ -1,0 +1,153 @@
+"""The runtime weights file: round trip, and every malformed file raises FormatError naming the problem."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import aigc_rt
+from aigc_rt import format as fmt
+from aigc_rt.config import GPT2Config
+from aigc_rt.models.gpt2 import expected_tensors
+from conftest import train_tokenizer
+
+TINY = GPT2Config(vocab_size=320, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """A small valid gpt2 runtime file written with format.save."""
+    torch.manual_seed(0)
+    tensors = {k: torch.randn(shape).to(dt) for k, (shape, dt) in expected_tensors(TINY, "fp32").items()}
+    path = tmp_path_factory.mktemp("fmt") / "tiny.safetensors"
+    fmt.save(path, "gpt2", "fp32", TINY.to_dict(), tensors, train_tokenizer(300).to_str())
+    return path
+
+
+def _rewrite(src, dst, tensors=None, meta=None):
+    """Copy a safetensors file, editing its tensors and/or metadata."""
+    with safe_open(str(src), "pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+        m = dict(f.metadata())
+    t = tensors(t) if tensors else t
+    m = meta(m) if meta else m
+    save_file(t, str(dst), metadata=m)
+    return dst
+
+
+def test_round_trip(tiny_file):
+    m = aigc_rt.load(tiny_file, backend="torch")
+    assert m.config == TINY
+    with safe_open(str(tiny_file), "pt") as f:
+        assert torch.equal(m.wte, f.get_tensor("wte.weight"))
+    assert m.logits(torch.tensor([[1, 2, 3]])).shape == (1, 3, TINY.vocab_size)
+
+
+def _edit_meta(key, value):
+    return lambda m: {**m, key: value} if value is not None else {k: v for k, v in m.items() if k != key}
+
+
+CASES = {
+    "missing tensor": (lambda t: {k: v for k, v in t.items() if k != "h.0.attn.qkv.weight"}, None,
+                       "missing tensor(s) h.0.attn.qkv.weight"),
+    "extra tensor": (lambda t: {**t, "h.0.attn.bias": torch.zeros(3)}, None, "unexpected tensor(s) h.0.attn.bias"),
+    "misshapen tensor": (lambda t: {**t, "ln_f.bias": torch.zeros(9)}, None, "'ln_f.bias' has shape [9], expected [8]"),
+    "wrong dtype": (lambda t: {**t, "ln_f.bias": torch.zeros(8, dtype=torch.float16)}, None, "'ln_f.bias' has dtype"),
+    "not ours": (None, lambda m: {}, "not an aigc-rt one"),
+    "unknown version": (None, _edit_meta("format_version", "99"), "format_version '99' is not supported"),
+    "unknown arch": (None, _edit_meta("arch", "llama"), "unknown arch 'llama'"),
+    "unknown dtype": (None, _edit_meta("dtype", "fp8"), "unknown dtype 'fp8'"),
+    "bad config json": (None, _edit_meta("config", "{n_layer: 1"), "'config' is not valid JSON"),
+    "config not object": (None, _edit_meta("config", "[1, 2]"), "must be a JSON object"),
+    "config lacks field": (None, lambda m: {**m, "config": json.dumps({**json.loads(m["config"]), "n_head": None})},
+                           "'n_head' must be int"),
+    "bad config value": (None, lambda m: {**m, "config": json.dumps({**json.loads(m["config"]), "n_head": 3})},
+                         "n_embd=8 is not divisible by n_head=3"),
+    "no tokenizer": (None, _edit_meta("tokenizer", None), "needs a tokenizer"),
+    "bad tokenizer": (None, _edit_meta("tokenizer", "{\"model\": 1}"), "not a valid `tokenizers` JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_file_raises_format_error(case, tiny_file, tmp_path):
+    tensors, meta, message = CASES[case]
+    bad = _rewrite(tiny_file, tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(aigc_rt.FormatError, match=_re(message)):
+        aigc_rt.load(bad, backend="torch")
+
+
+def _re(s):
+    import re
+    return re.escape(s)
+
+
+def test_truncated_file(tiny_file, tmp_path):
+    data = tiny_file.read_bytes()
+    for cut in (0, 4, 8, 100, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(aigc_rt.FormatError, match="not a valid safetensors file"):
+            aigc_rt.load(bad, backend="torch")
+
+
+def test_corrupted_header(tiny_file, tmp_path):
+    data = bytearray(tiny_file.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    for i, patch in ((0, b"\xff" * 8), (8, b"]"), (8 + n // 2, b"\x00\x01")):
+        bad = tmp_path / "hdr.safetensors"
+        edited = bytearray(data)
+        edited[i: i + len(patch)] = patch
+        bad.write_bytes(bytes(edited))
+        with pytest.raises(aigc_rt.FormatError):
+            aigc_rt.load(bad, backend="torch")
+
+
+def test_directory_and_missing_path(tmp_path):
+    with pytest.raises(aigc_rt.FormatError, match="is a directory"):
+        aigc_rt.load(tmp_path, backend="torch")
+    with pytest.raises(aigc_rt.FormatError, match="no such file"):
+        aigc_rt.load(tmp_path / "nope.safetensors", backend="torch")
+    assert issubclass(aigc_rt.FormatError, ValueError)
+
+
+def test_not_safetensors_at_all(tmp_path):
+    p = tmp_path / "model.bin"
+    torch.save({"x": torch.zeros(3)}, p)
+    with pytest.raises(aigc_rt.FormatError, match="not a valid safetensors file"):
+        aigc_rt.load(p, backend="torch")
+
+
+_corruption = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+                                        min_size=1, max_size=8)),
+    st.tuples(st.just("header"), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)),
+                                          min_size=1, max_size=4)),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_corruption)
+def test_random_corruption_only_raises_format_error(tiny_file, tmp_path, corruption):
+    """Truncations, byte flips anywhere and byte flips inside the JSON header: loading either succeeds (a
+    flip in tensor data is still a valid file) or raises FormatError, never anything else."""
+    data = bytearray(tiny_file.read_bytes())
+    kind, arg = corruption
+    if kind == "truncate":
+        data = data[: int(arg * len(data))]
+    else:
+        lo, hi = (8, 8 + struct.unpack("<Q", data[:8])[0]) if kind == "header" else (0, len(data))
+        for where, xor in arg:
+            data[lo + int(where * (hi - lo))] ^= xor
+    bad = tmp_path / "fuzz.safetensors"
+    bad.write_bytes(bytes(data))
+    try:
+        aigc_rt.load(bad, backend="torch")
+    except aigc_rt.FormatError:
+        pass
