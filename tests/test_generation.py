@@ -165,3 +165,18 @@ def test_nan_logits_raise(rt_odd):
     m.ln_f[0][3] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or inf in the logits"):
         m.generate("Beautiful", max_new_tokens=3)
+
+
+def test_unwritten_cache_slots_never_leak(model, monkeypatch):
+    """KV-cache slots past a sequence's length are never read: fill every fresh cache with NaN first."""
+    new_cache = model.new_cache
+
+    def nan_cache(*args):
+        cache = new_cache(*args)
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(model, "new_cache", nan_cache)
+    out = model.generate(PROMPTS, max_new_tokens=6, num_return_sequences=2, do_sample=True, seed=1)
+    assert len(out) == 8

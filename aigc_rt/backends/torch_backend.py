@@ -53,10 +53,12 @@ class TorchBackend:
                          lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         """One query per sequence. q (B, H, D); caches (B, H, S, D); row b attends to its first
         lengths[b] cached positions; max_len >= max(lengths) (a host int). -> (B, H, D)."""
-        k, v = k_cache[:, :, :max_len], v_cache[:, :, :max_len]
+        valid = (torch.arange(max_len, device=q.device) < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
+        # cache slots past a row's length hold anything (even NaN): zero them rather than trust 0 * x == 0
+        k = torch.where(valid, k_cache[:, :, :max_len], 0.0)
+        v = torch.where(valid, v_cache[:, :, :max_len], 0.0)
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
-        valid = torch.arange(max_len, device=q.device) < lengths[:, None]  # (B, S)
-        scores = scores.masked_fill(~valid[:, None, :], -math.inf)
+        scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
