@@ -83,7 +83,6 @@ def run(model, prompts, max_new_tokens: int = 64, do_sample: bool = False, tempe
 
 @dataclass
 class _Row:
-    prompt_len: int
     j: int  # index among the prompt's num_return_sequences
     text: "_TextState"
     tokens: list[int] = field(default_factory=list)
@@ -92,7 +91,7 @@ class _Row:
 def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos) -> Iterator[Event]:
     be, dev, cfg = model.backend, model.device, model.config
     batch = [p for p in prompt_ids for _ in range(n)]  # prompt-major rows
-    rows = [_Row(len(p), b % n, _TextState(model.tokenizer, stops)) for b, p in enumerate(batch)]
+    rows = [_Row(b % n, _TextState(model.tokenizer, stops)) for b in range(len(batch))]
     lens = [len(p) for p in batch]
     B, T = len(rows), max(lens)
     ids = torch.zeros(B, T, dtype=torch.long)  # right-padded
@@ -111,10 +110,10 @@ def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos)
         seen = seen.to(dev)
     active = list(range(B))  # batch slot -> row
     positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
-    u = torch.zeros(B, device=dev)
+    no_draw = torch.zeros(B, device=dev)  # greedy ignores u
     for step in range(max_new_tokens):
-        if params.do_sample:
-            u = torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev)
+        u = (torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev) if params.do_sample
+             else no_draw[: len(active)])
         tokens = be.sample(logits, params, u, seen)  # (B_active,)
         host = tokens.tolist()  # the one sync per step
         keep = []
