@@ -2,9 +2,10 @@
 
 Semantics are Hugging Face `generate`'s: repetition penalty (over prompt and generated tokens: positive
 logits divided, negative multiplied), then greedy argmax unless sampling; when sampling, temperature, then
-top-k (0 = off; ties with the k-th value are kept), then top-p (1.0 = off; the smallest set of most likely
-tokens whose mass exceeds top_p, at least one). The draw itself is inverse-CDF with ONE uniform number per
-sequence and step: token = first id (in vocabulary order) whose cumulative renormalised probability
+top-k (0 = off; ties with the k-th value are kept), then top-p (1.0 = off; a token is kept when the mass of
+the tokens strictly more likely than it is below top_p: HF's rule, with ties kept together, so the kept set
+is a probability threshold that kernels find without sorting). The draw itself is inverse-CDF with ONE
+uniform number per sequence and step: token = first id (in vocabulary order) whose cumulative renormalised probability
 exceeds u. u comes from a counter-based hash of (seed, sequence index j, step), so a request's output
 depends only on its own seed, never on the batch around it, and every backend draws the same u.
 """
@@ -74,12 +75,17 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, -math.inf)
     if top_p < 1.0:
-        sorted_z, idx = torch.sort(z, dim=-1, descending=False)
-        cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cum <= 1 - top_p
-        remove_sorted[..., -1:] = False  # keep at least one token
-        remove = remove_sorted.scatter(-1, idx, remove_sorted)
-        z = z.masked_fill(remove, -math.inf)
+        # keep x iff the probability mass of the tokens strictly more likely than x is < top_p. For distinct
+        # probabilities this is HF's sorted-cumsum rule; tied tokens are kept or removed together (HF's
+        # sort would split a tie at the boundary), which makes the rule a threshold a kernel can find
+        # without sorting.
+        probs = z.softmax(dim=-1)
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        above = sorted_p.cumsum(dim=-1) - sorted_p  # mass before each sorted entry (ties included)
+        first_of_tie = torch.searchsorted(-sorted_p.contiguous(), -sorted_p.contiguous(), right=False)
+        mass_strictly_above = above.gather(-1, first_of_tie)
+        keep = torch.empty_like(sorted_p, dtype=torch.bool).scatter_(-1, idx, mass_strictly_above < top_p)
+        z = z.masked_fill(~keep, -math.inf)
     return z
 
 

@@ -38,6 +38,16 @@ def test_filters_match_hf_warpers(top_k, top_p, temperature):
     assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
+def test_top_p_keeps_ties_together():
+    """Probabilities [0.3, 0.3, 0.3, 0.1]: with top_p=0.5, HF's sort keeps two of the three tied tokens; our
+    rule (mass strictly above < top_p) keeps all three, and never the 0.1 one."""
+    logits = torch.tensor([[0.3, 0.3, 0.3, 0.1]]).log()
+    kept = ~torch.isinf(filter_logits(logits, 1.0, 0, 0.5))
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = ~torch.isinf(filter_logits(logits, 1.0, 0, 0.95))
+    assert kept.tolist() == [[True, True, True, True]]
+
+
 def test_repetition_penalty_matches_hf():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
     logits = torch.randn(3, 517, generator=torch.Generator().manual_seed(1)) * 4
