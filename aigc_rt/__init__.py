@@ -5,6 +5,7 @@ from .api import embedded_models, load
 from .convert import convert
 from .errors import FormatError
 from .generation import Completion
+from .images import save_grid
 
-__all__ = ["load", "convert", "FormatError", "Completion", "embedded_models"]
+__all__ = ["load", "convert", "FormatError", "Completion", "embedded_models", "save_grid"]
 __version__ = "0.1.0"

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import GPT2Config
+from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config
 from .errors import FormatError
 from .format import TensorSpec
-from .models import gpt2
+from .models import dcgan, gpt2
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,11 @@ class Arch:
     text: bool  # needs a tokenizer
 
 
-ARCHS = {"gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True)}
+ARCHS = {
+    "gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True),
+    "dcgan": Arch(DCGANConfig, dcgan.expected_tensors, dcgan.Generator, text=False),
+    "dcgan_d": Arch(DCGANDiscriminatorConfig, dcgan.expected_tensors, dcgan.Discriminator, text=False),
+}
 
 
 def lookup(arch) -> Arch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import FormatError
 
@@ -19,7 +20,8 @@ def _check_fields(cls, values: dict) -> dict:
                 raise FormatError(f"{cls.__name__}: config lacks '{f.name}'")
             continue
         v = values[f.name]
-        want = {"int": int, "float": (int, float), "int | None": (int, type(None))}[f.type]
+        want = {"int": int, "float": (int, float), "int | None": (int, type(None)), "str": str,
+                "tuple[ConvLayer, ...]": list}[f.type]
         if isinstance(v, bool) or not isinstance(v, want):
             raise FormatError(f"{cls.__name__}: config '{f.name}' must be {f.type}, got {v!r}")
         out[f.name] = v
@@ -59,3 +61,122 @@ class GPT2Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# -- DCGAN ---------------------------------------------------------------------------------------------
+GENERATOR_ACTS = ("relu", "tanh", "none")
+DISCRIMINATOR_ACTS = ("leaky_relu", "sigmoid", "none")
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One convolution (discriminator) or transposed convolution (generator) with its activation; BatchNorm
+    is already folded into its weight and bias. Square kernels, equal strides/paddings in both dims."""
+    c_in: int
+    c_out: int
+    kernel: int
+    stride: int
+    padding: int
+    act: str
+    output_padding: int = 0  # transposed convs only
+
+    def __post_init__(self):
+        for name, lo, hi in (("c_in", 1, 1 << 16), ("c_out", 1, 1 << 16), ("kernel", 1, 16), ("stride", 1, 16),
+                             ("padding", 0, self.kernel - 1), ("output_padding", 0, self.stride - 1)):
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise FormatError(f"ConvLayer: {name}={v} is out of range [{lo}, {hi}]")
+
+    def out_size(self, size: int, transposed: bool) -> int:
+        """Spatial size after this layer (torch's formulas for ConvTranspose2d / Conv2d)."""
+        if transposed:
+            return (size - 1) * self.stride - 2 * self.padding + self.kernel + self.output_padding
+        return (size + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ConvLayer":
+        return cls(**_check_fields(cls, values))
+
+
+@dataclass(frozen=True)
+class DCGANConfig:
+    """Generator (arch "dcgan"): z (N, nz, 1, 1) -> images (N, channels, image_size, image_size) in [-1, 1],
+    through `layers` (transposed convs). layers[0].c_in is nz."""
+    image_size: int
+    layers: tuple[ConvLayer, ...]
+    transposed: ClassVar[bool] = True
+    acts: ClassVar[tuple[str, ...]] = GENERATOR_ACTS
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if not 1 <= self.image_size <= 4096:
+            raise FormatError(f"{name}: image_size={self.image_size} is out of range [1, 4096]")
+        if not 1 <= len(self.layers) <= 32:
+            raise FormatError(f"{name}: needs 1 to 32 layers, got {len(self.layers)}")
+        for i, layer in enumerate(self.layers):
+            if layer.act not in self.acts:
+                raise FormatError(f"{name}: layer {i} activation {layer.act!r} is not one of {self.acts}")
+            if not self.transposed and layer.output_padding:
+                raise FormatError(f"{name}: layer {i} is a convolution and cannot have output_padding")
+            if i and layer.c_in != self.layers[i - 1].c_out:
+                raise FormatError(f"{name}: layer {i} takes {layer.c_in} channels but layer {i - 1} gives "
+                                  f"{self.layers[i - 1].c_out}")
+        sizes = self.sizes()
+        if min(sizes) < 1:
+            raise FormatError(f"{name}: spatial sizes {sizes} shrink below 1 pixel")
+        self._check_ends(name, sizes)
+
+    def _check_ends(self, name: str, sizes: list[int]) -> None:
+        if sizes[-1] != self.image_size:
+            raise FormatError(f"{name}: the layers turn a 1x1 latent into {sizes[-1]}x{sizes[-1]} images, "
+                              f"not image_size={self.image_size}")
+        if self.channels not in (1, 3):
+            raise FormatError(f"{name}: the last layer makes {self.channels} channels; images have 1 or 3")
+
+    def sizes(self) -> list[int]:
+        """Spatial size of the input of each layer, then of the output."""
+        sizes = [1 if self.transposed else self.image_size]
+        for layer in self.layers:
+            sizes.append(layer.out_size(sizes[-1], self.transposed))
+        return sizes
+
+    @property
+    def nz(self) -> int:
+        return self.layers[0].c_in
+
+    @property
+    def channels(self) -> int:
+        """Image channels: made by a generator, taken by a discriminator."""
+        return self.layers[-1].c_out if self.transposed else self.layers[0].c_in
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DCGANConfig":
+        v = _check_fields(cls, values)
+        layers = []
+        for i, layer in enumerate(v["layers"]):
+            try:
+                layers.append(ConvLayer.from_dict(layer))
+            except FormatError as e:
+                raise FormatError(f"{cls.__name__}: layer {i}: {e}") from None
+        return cls(**{**v, "layers": tuple(layers)})
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+
+@dataclass(frozen=True)
+class DCGANDiscriminatorConfig(DCGANConfig):
+    """Discriminator (arch "dcgan_d"): images (N, channels, image_size, image_size) -> probabilities (N,)
+    through `layers` (convs) down to one 1x1 output channel."""
+    leaky_slope: float = 0.2
+    transposed: ClassVar[bool] = False
+    acts: ClassVar[tuple[str, ...]] = DISCRIMINATOR_ACTS
+
+    def _check_ends(self, name: str, sizes: list[int]) -> None:
+        if sizes[-1] != 1 or self.layers[-1].c_out != 1:
+            raise FormatError(f"{name}: the layers turn {self.image_size}x{self.image_size} images into "
+                              f"{self.layers[-1].c_out}x{sizes[-1]}x{sizes[-1]}, not one probability")
+        if self.channels not in (1, 3):
+            raise FormatError(f"{name}: the first layer takes {self.channels} channels; images have 1 or 3")
+        if not (math.isfinite(self.leaky_slope) and 0 <= self.leaky_slope < 1):
+            raise FormatError(f"{name}: leaky_slope={self.leaky_slope} must be in [0, 1)")

@@ -21,3 +21,12 @@ class CpuBackend(TorchBackend):
 
     def add_layernorm(self, x, residual, w, b, eps):
         return _C.add_layernorm(x.contiguous(), residual, w, b, eps)
+
+    # DCGAN: transposed convs on csrc/cpu/conv_transpose.cpp (activations stay channels_last between layers);
+    # the discriminator's conv2d is the torch reference's.
+    def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
+        return _C.conv_transpose_prepare(weight.float().contiguous(), bias.float().contiguous(), stride, padding,
+                                         output_padding)
+
+    def conv_transpose(self, x, layer, act):
+        return _C.conv_transpose(x, layer, act)

@@ -17,6 +17,24 @@ class Linear:
     bias: torch.Tensor | None  # (out,) fp32
 
 
+@dataclass
+class Conv:
+    weight: torch.Tensor  # ConvTranspose2d (in, out, k, k) / Conv2d (out, in, k, k) fp32, as stored in the file
+    bias: torch.Tensor  # (out,) fp32
+    stride: int
+    padding: int
+    output_padding: int = 0  # transposed convs only
+
+
+ACTIVATIONS = {
+    "none": lambda y, slope: y,
+    "relu": lambda y, slope: F.relu(y),
+    "tanh": lambda y, slope: torch.tanh(y),
+    "leaky_relu": lambda y, slope: F.leaky_relu(y, slope),
+    "sigmoid": lambda y, slope: torch.sigmoid(y),
+}
+
+
 class TorchBackend:
     name = "torch"
 
@@ -60,6 +78,26 @@ class TorchBackend:
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+
+    # -- DCGAN -----------------------------------------------------------------------------------------
+    def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,
+                               output_padding: int) -> Conv:
+        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
+                    output_padding)
+
+    def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str) -> torch.Tensor:
+        """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32, with
+        H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh"."""
+        y = F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
+        return ACTIVATIONS[act](y, None)
+
+    def prepare_conv2d(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> Conv:
+        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding)
+
+    def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2) -> torch.Tensor:
+        """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32; act "none",
+        "leaky_relu" (negative slope leaky_slope) or "sigmoid"."""
+        return ACTIVATIONS[act](F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding), leaky_slope)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
                seen: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""DCGAN generator and discriminator, written once against a backend's op set; read it top to bottom.
+
+Generator (arch "dcgan"): z (N, nz) -> x = z as (N, nz, 1, 1); for each layer x = act(conv_transpose(x))
+-> images (N, C, S, S) in [-1, 1] (tanh). Discriminator (arch "dcgan_d"): images -> for each layer
+x = act(conv2d(x)) -> (N, 1, 1, 1) sigmoid probabilities. BatchNorm is folded into every layer's weight and
+bias by the converter (convert/dcgan.py). Between layers a backend may keep activations in any memory format
+(the cpu backend uses channels_last); the logical shapes are always (N, C, H, W).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import DCGANConfig, DCGANDiscriminatorConfig
+from ..errors import FormatError
+
+
+def expected_tensors(c: DCGANConfig, dtype: str):
+    """Weights in torch's layouts (ConvTranspose2d [in, out, k, k]; Conv2d [out, in, k, k]); fp32 biases."""
+    if dtype != "fp32":
+        raise FormatError(f"DCGAN files hold fp32 weights, not {dtype}")
+    spec = {}
+    for i, layer in enumerate(c.layers):
+        io = (layer.c_in, layer.c_out) if c.transposed else (layer.c_out, layer.c_in)
+        spec[f"layers.{i}.weight"] = ((*io, layer.kernel, layer.kernel), torch.float32)
+        spec[f"layers.{i}.bias"] = ((layer.c_out,), torch.float32)
+    return spec
+
+
+def _float_input(x, what: str, shape_hint: str) -> torch.Tensor:
+    """A floating-point tensor of finite values, as float32; anything else is a ValueError naming it."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor {shape_hint}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor {shape_hint}, got {x.dtype}")
+    x = x.float()
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"{what} holds NaN or infinite values")
+    return x
+
+
+class Generator:
+    arch = "dcgan"
+
+    def __init__(self, config: DCGANConfig, tensors: dict[str, torch.Tensor], backend, tokenizer=None,
+                 dtype: str = "fp32"):
+        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
+        self.device = backend.device
+        self.layers = [(backend.prepare_conv_transpose(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"],
+                                                       layer.stride, layer.padding, layer.output_padding),
+                        layer.act) for i, layer in enumerate(config.layers)]
+
+    @property
+    def nz(self) -> int:
+        return self.config.nz
+
+    @torch.inference_mode()
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """z (N, nz) or (N, nz, 1, 1) -> images float32 (N, C, S, S) in [-1, 1] (contiguous NCHW)."""
+        hint = f"(n, {self.nz}) or (n, {self.nz}, 1, 1)"
+        z = _float_input(z, "latent z", hint)
+        if z.dim() not in (2, 4) or z.shape[1:] not in (torch.Size([self.nz]), torch.Size([self.nz, 1, 1])):
+            raise ValueError(f"latent z must have shape {hint}, got {tuple(z.shape)}")
+        if z.shape[0] < 1:
+            raise ValueError("latent z holds no samples (n = 0)")
+        x = z.reshape(-1, self.nz, 1, 1).to(self.device)  # (N, nz, 1, 1)
+        for layer, act in self.layers:
+            x = self.backend.conv_transpose(x, layer, act)  # (N, C_out, H_out, W_out)
+        return x.contiguous()
+
+    def generate(self, n: int = 16, seed: int | None = None) -> torch.Tensor:
+        """n images from z ~ N(0, 1) drawn on the CPU by torch.Generator().manual_seed(seed), so a seed gives
+        the same images on every device and backend (seed None: a fresh random seed)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        g = torch.Generator()
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        return self(torch.randn(n, self.nz, generator=g))  # (n, nz)
+
+
+class Discriminator:
+    arch = "dcgan_d"
+
+    def __init__(self, config: DCGANDiscriminatorConfig, tensors: dict[str, torch.Tensor], backend,
+                 tokenizer=None, dtype: str = "fp32"):
+        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
+        self.device = backend.device
+        self.layers = [(backend.prepare_conv2d(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"],
+                                               layer.stride, layer.padding), layer.act)
+                       for i, layer in enumerate(config.layers)]
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, S, S) in [-1, 1] -> float32 (N,): the probability that each image is real."""
+        c = self.config
+        hint = f"(n, {c.channels}, {c.image_size}, {c.image_size})"
+        x = _float_input(images, "images", hint)
+        if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size) or x.shape[0] < 1:
+            raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
+        x = x.to(self.device)
+        for layer, act in self.layers:
+            x = self.backend.conv2d(x, layer, act, c.leaky_slope)  # (N, C_out, H_out, W_out)
+        return x.reshape(-1)
+
+    __call__ = score

@@ -1,0 +1,286 @@
+// Transposed convolution with fused bias + activation (fp32), the cpu backend's conv_transpose:
+//
+//   out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx, iy, ix with oy = iy*s - p + ky, ox = ix*s - p + kx
+//                                      of x[n, ci, iy, ix] * w[ci, co, ky, kx])
+//   H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out); act: none, relu or tanh.
+//
+// Sub-pixel decomposition: output row oy only gets the taps ky with (oy + p - ky) % s == 0, from input row
+// iy = (oy + p - ky) / s. So the outputs split into s x s phases (oy % s, ox % s) and each phase is a dense
+// convolution: out[n, py + s*qy, px + s*qx, :] = sum over the phase's taps of x[n, qy + dy, qx + dx, :] @ W_tap
+// with dy = (py + p - ky) / s: no work on inserted zeros. Each phase is an implicit GEMM (M = N x phase pixels,
+// K = taps x C_in, N = C_out) done by register-blocked tiles (conv_transpose_tile.h), OpenMP over tiles.
+// A 1x1 input (a generator's first layer) is a plain GEMM: with one input pixel the stride is irrelevant,
+// so that dimension is split with stride k instead: k x k phases of one tap each, z @ W[:, :, ky, kx].
+// Few output channels (C_out < one vector, e.g. the RGB layer): a GEMM of the input pixels with all k*k*C_out
+// (tap, channel) columns into P, then col2im: out[n, oy, ox, :] = act(bias + the P entries landing there).
+//
+// Weights are repacked once (conv_transpose_prepare) into panels of nr = lanes * nv output columns:
+//   sub-pixel [k*k taps][ceil(C_out / nr) blocks][C_in][nr]; col2im [ceil(k*k*C_out / nr) blocks][C_in][nr]
+// (column (ky*k + kx)*C_out + co). Activations are channels_last: NHWC in memory, logical (N, C, H, W).
+// Reference: torch.nn.functional.conv_transpose2d. Tests: tests/test_cpu_conv_transpose.py.
+#include <omp.h>
+
+#include <vector>
+
+#include "common.h"
+#include "cpu/conv_transpose_isa.h"
+#include "cpu/ops.h"
+
+namespace aigc_rt::cpu {
+namespace {
+
+using convt::Isa;
+using convt::TileArgs;
+constexpr int64_t kMaxKernel = 16;
+
+const Isa& isa_named(const std::string& name) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  AIGC_CHECK(name == "auto" || name == "avx512" || name == "avx2", "conv_transpose: unknown isa '", name,
+             "' (expected auto, avx512 or avx2)");
+  if (name == "avx512" || (name == "auto" && avx512)) {
+    AIGC_CHECK(avx512, "conv_transpose: this CPU lacks AVX-512 (F, DQ, VL, BW)");
+    return convt::kAvx512;
+  }
+  AIGC_CHECK(avx2, "conv_transpose: this CPU lacks AVX2 + FMA");
+  return convt::kAvx2;
+}
+
+int act_code(const std::string& act) {
+  if (act == "none") return convt::kNone;
+  if (act == "relu") return convt::kRelu;
+  if (act == "tanh") return convt::kTanh;
+  AIGC_CHECK(false, "conv_transpose: unknown activation '", act, "' (expected none, relu or tanh)");
+  return 0;
+}
+
+// Vectors per panel row for `columns` output columns: the fewest padded vectors, counting narrow tiles
+// (which do fewer multiply-adds per load) as slower.
+int64_t choose_nv(int64_t columns, int lanes) {
+  static const double speed[convt::kMaxVectors + 1] = {0, 0.6, 0.9, 0.95, 1.0};
+  const int64_t vectors = (columns + lanes - 1) / lanes;
+  int64_t best = 1;
+  double best_cost = 1e300;
+  for (int64_t nv = convt::kMaxVectors; nv >= 1; --nv) {
+    const double cost = (double)((vectors + nv - 1) / nv * nv) / speed[nv];
+    if (cost < best_cost) best = nv, best_cost = cost;
+  }
+  return best;
+}
+
+// The output coordinates of one dimension split into phases: first + step * q for q < count, each fed by
+// ntaps kernel offsets k[t] from input coordinate q + d[t].
+struct Phase1D {
+  int64_t first, step, count;
+  int ntaps;
+  int64_t k[kMaxKernel], d[kMaxKernel];
+};
+
+std::vector<Phase1D> phases_1d(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p) {
+  const int64_t step = in == 1 ? k : s;  // one input pixel: the stride does not matter (see the header)
+  std::vector<Phase1D> phases;
+  for (int64_t first = 0; first < step && first < out; ++first) {
+    Phase1D ph{first, step, (out - first + step - 1) / step, 0, {}, {}};
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const int64_t num = first + p - ky;
+      if (num % step == 0) ph.k[ph.ntaps] = ky, ph.d[ph.ntaps++] = num / step;
+    }
+    phases.push_back(ph);
+  }
+  return phases;
+}
+
+// Splits [0, len) into ceil(len / max_rows) runs of near-equal size: (start, rows) pairs appended to `runs`.
+void split_rows(int64_t base, int64_t len, int max_rows, std::vector<std::pair<int64_t, int>>& runs) {
+  const int64_t pieces = (len + max_rows - 1) / max_rows;
+  for (int64_t i = 0, start = 0; i < pieces; ++i) {
+    const int rows = (int)(len / pieces + (i < len % pieces));
+    runs.emplace_back(base + start, rows);
+    start += rows;
+  }
+}
+
+struct Geometry {
+  int64_t n, cin, h, w, ho, wo;
+};
+
+void run_subpixel(const float* x, float* out, const Geometry& g, const ConvTransposeWeights& wt, const Isa& isa,
+                  int act) {
+  const int64_t k = wt.kernel, cout = wt.cout, nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
+  const int mr = isa.rows[wt.nv];
+  const auto ph_y = phases_1d(g.h, g.ho, k, wt.stride, wt.padding);
+  const auto ph_x = phases_1d(g.w, g.wo, k, wt.stride, wt.padding);
+  struct Item {
+    const Phase1D *y, *x;
+    int64_t m0;
+    int rows;
+  };
+  std::vector<Item> items;  // tiles of mr output pixels of one phase; pixel m = (n * qy_count + qy) * qx_count + qx
+  std::vector<std::pair<int64_t, int>> runs;
+  for (const auto& py : ph_y)
+    for (const auto& px : ph_x) {
+      runs.clear();
+      const int64_t m = g.n * py.count * px.count;
+      if (px.count >= mr)  // tiles within a row of the phase: all their pixels share the row's y taps
+        for (int64_t row = 0; row < g.n * py.count; ++row) split_rows(row * px.count, px.count, mr, runs);
+      else
+        split_rows(0, m, mr, runs);
+      for (auto [m0, rows] : runs) items.push_back({&py, &px, m0, rows});
+    }
+  const std::vector<float> zeros(g.cin, 0.f);  // the input row of a tap that falls outside the image
+  const float* packed = wt.packed.data_ptr<float>();
+  const float* bias = wt.bias.data_ptr<float>();
+  const int64_t max_taps = k * k;
+#pragma omp parallel if (items.size() > 1)
+  {
+    std::vector<const float*> a(max_taps * mr), b(max_taps);
+    std::vector<int64_t> tap_index(max_taps);
+    float* c[convt::kMaxRows];
+    float* c_base[convt::kMaxRows];
+    int64_t qy[convt::kMaxRows], qx[convt::kMaxRows], nn[convt::kMaxRows];
+#pragma omp for schedule(static)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const Item& item = items[it];
+      const Phase1D &py = *item.y, &px = *item.x;
+      const int rows = item.rows;
+      for (int r = 0; r < rows; ++r) {
+        const int64_t m = item.m0 + r;
+        qx[r] = m % px.count;
+        qy[r] = (m / px.count) % py.count;
+        nn[r] = m / (px.count * py.count);
+        c_base[r] = out + ((nn[r] * g.ho + py.first + py.step * qy[r]) * g.wo + px.first + px.step * qx[r]) * cout;
+      }
+      int taps = 0;  // taps that reach at least one pixel of the tile
+      for (int ty = 0; ty < py.ntaps; ++ty)
+        for (int tx = 0; tx < px.ntaps; ++tx) {
+          bool any = false;
+          for (int r = 0; r < rows; ++r) {
+            const int64_t iy = qy[r] + py.d[ty], ix = qx[r] + px.d[tx];
+            const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+            a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
+            any |= inside;
+          }
+          if (any) tap_index[taps++] = py.k[ty] * k + px.k[tx];
+        }
+      for (int64_t j = 0; j < blocks; ++j) {
+        for (int t = 0; t < taps; ++t) b[t] = packed + (tap_index[t] * blocks + j) * g.cin * nr;
+        for (int r = 0; r < rows; ++r) c[r] = c_base[r] + j * nr;
+        const TileArgs args{taps, (int)g.cin, a.data(), b.data(), bias + j * nr, c, (int)std::min(nr, cout - j * nr),
+                            act};
+        isa.tile[wt.nv][rows](args);
+      }
+    }
+  }
+}
+
+void run_col2im(const float* x, float* out, const Geometry& g, const ConvTransposeWeights& wt, const Isa& isa,
+                int act) {
+  const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
+  const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
+  const int mr = isa.rows[wt.nv];
+  const int64_t m = g.n * g.h * g.w;
+  std::vector<float> cols(m * ldp);  // P: (input pixel, (ky, kx, co)) products
+  std::vector<std::pair<int64_t, int>> runs;
+  split_rows(0, m, mr, runs);
+  const float* packed = wt.packed.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (runs.size() > 1)
+  for (size_t it = 0; it < runs.size(); ++it) {
+    const auto [m0, rows] = runs[it];
+    const float* a[convt::kMaxRows];
+    float* c[convt::kMaxRows];
+    for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const float* b = packed + j * g.cin * nr;
+      for (int r = 0; r < rows; ++r) c[r] = cols.data() + (m0 + r) * ldp + j * nr;
+      const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, convt::kNone};
+      isa.tile[wt.nv][rows](args);
+    }
+  }
+  const float* bias = wt.bias.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (g.n * g.ho > 1)
+  for (int64_t row = 0; row < g.n * g.ho; ++row) {
+    const int64_t n = row / g.ho, oy = row % g.ho;
+    float* o = out + row * g.wo * cout;  // (W_out, C_out)
+    for (int64_t ox = 0; ox < g.wo; ++ox)
+      for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const int64_t ny = oy + p - ky, iy = ny / s;
+      if (ny < 0 || ny % s || iy >= g.h) continue;
+      for (int64_t ox = 0; ox < g.wo; ++ox)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t nx = ox + p - kx, ix = nx / s;
+          if (nx < 0 || nx % s || ix >= g.w) continue;
+          const float* src = cols.data() + ((n * g.h + iy) * g.w + ix) * ldp + (ky * k + kx) * cout;
+          for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] += src[co];
+        }
+    }
+    isa.act(o, g.wo * cout, act);
+  }
+}
+
+}  // namespace
+
+ConvTransposeWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
+                                            int64_t padding, int64_t output_padding, const std::string& isa_name) {
+  AIGC_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && weight.dim() == 4,
+             "conv_transpose_prepare: weight must be a float32 CPU tensor (C_in, C_out, k, k), got ",
+             weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
+  const int64_t cin = weight.size(0), cout = weight.size(1), k = weight.size(2);
+  AIGC_CHECK(weight.size(3) == k, "conv_transpose_prepare: kernel must be square, got ", weight.sizes());
+  AIGC_CHECK(cin >= 1 && cout >= 1 && k >= 1 && k <= kMaxKernel, "conv_transpose_prepare: weight ",
+             weight.sizes(), " must have C_in, C_out >= 1 and 1 <= k <= ", kMaxKernel);
+  AIGC_CHECK(bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 &&
+                 bias.size(0) == cout,
+             "conv_transpose_prepare: bias must be a float32 CPU tensor of ", cout, " elements, got ",
+             bias.scalar_type(), " ", bias.sizes());
+  AIGC_CHECK(stride >= 1 && padding >= 0 && output_padding >= 0 && output_padding < stride,
+             "conv_transpose_prepare: need stride >= 1, padding >= 0 and 0 <= output_padding < stride, got stride ",
+             stride, ", padding ", padding, ", output_padding ", output_padding);
+  const Isa& isa = isa_named(isa_name);
+  ConvTransposeWeights wt;
+  wt.cin = cin, wt.cout = cout, wt.kernel = k, wt.stride = stride, wt.padding = padding;
+  wt.output_padding = output_padding, wt.isa = isa.name;
+  wt.col2im = cout < isa.lanes;
+  const int64_t columns = wt.col2im ? k * k * cout : cout;
+  wt.nv = choose_nv(columns, isa.lanes);
+  const int64_t nr = wt.nv * isa.lanes, blocks = (columns + nr - 1) / nr;
+  const torch::Tensor weight_c = weight.contiguous();
+  const auto w = weight_c.accessor<float, 4>();
+  wt.packed = torch::zeros(wt.col2im ? std::vector<int64_t>{blocks, cin, nr} : std::vector<int64_t>{k * k, blocks, cin, nr},
+                           torch::kFloat32);
+  float* pk = wt.packed.data_ptr<float>();
+  for (int64_t ci = 0; ci < cin; ++ci)
+    for (int64_t co = 0; co < cout; ++co)
+      for (int64_t ky = 0; ky < k; ++ky)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const int64_t tap = ky * k + kx;
+          const int64_t col = wt.col2im ? tap * cout + co : co;
+          const int64_t panel = wt.col2im ? col / nr : tap * blocks + col / nr;
+          pk[(panel * cin + ci) * nr + col % nr] = w[ci][co][ky][kx];
+        }
+  wt.bias = torch::zeros({std::max(cout, blocks * nr)}, torch::kFloat32);
+  wt.bias.narrow(0, 0, cout).copy_(bias);
+  return wt;
+}
+
+torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvTransposeWeights& wt, const std::string& act_name) {
+  const int act = act_code(act_name);
+  AIGC_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4,
+             "conv_transpose: x must be a float32 CPU tensor (N, C_in, H, W), got ", x_in.scalar_type(), " ",
+             x_in.sizes(), " on ", x_in.device());
+  AIGC_CHECK(x_in.size(1) == wt.cin, "conv_transpose: x has ", x_in.size(1), " channels, the weights take ", wt.cin);
+  const torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  Geometry g{x.size(0), wt.cin, x.size(2), x.size(3), 0, 0};
+  g.ho = (g.h - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
+  g.wo = (g.w - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
+  AIGC_CHECK(g.h >= 1 && g.w >= 1 && g.ho >= 1 && g.wo >= 1, "conv_transpose: input ", x.sizes(),
+             " gives an empty output (", g.ho, " x ", g.wo, ")");
+  auto out = torch::empty({g.n, wt.cout, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (g.n == 0) return out;
+  const Isa& isa = isa_named(wt.isa);
+  (wt.col2im ? run_col2im : run_subpixel)(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act);
+  return out;
+}
+
+}  // namespace aigc_rt::cpu

@@ -1,0 +1,107 @@
+// The transposed-convolution micro-kernel, written once over a vector type V and included by each
+// per-ISA translation unit (conv_transpose_avx512.cpp, conv_transpose_avx2.cpp) after its
+// `#pragma GCC target` and its V. Everything here has internal linkage, so the two copies never mix.
+//
+// V provides: T (the register type), L (floats per register), zero(), set1(f), load(p), store(p, x),
+// store_n(p, x, n) (first n lanes), fmadd(a, b, c) = a * b + c, add, sub, mul, div, max, abs,
+// copysign(magnitude, sign), exp_nonpositive(x) (e^x for x <= 0, 1-2 ulp, flushes below e^-87 to 0).
+//
+// tile<V, MR, NV>: c[r][0:nr] = act(bias + sum over taps t, i < cin of a[t][r][i] * b[t][i][0:nr]), with
+// MR x NV accumulator registers, nr = NV * L (see conv_transpose_isa.h). Tests:
+// tests/test_cpu_conv_transpose.py.
+#pragma once
+
+namespace {
+
+using aigc_rt::cpu::convt::Act;
+using aigc_rt::cpu::convt::Isa;
+using aigc_rt::cpu::convt::TileArgs;
+using aigc_rt::cpu::convt::TileFn;
+
+// tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow, absolute error ~1e-7.
+template <class V>
+inline typename V::T tanh_v(typename V::T x) {
+  const typename V::T one = V::set1(1.f);
+  const typename V::T e = V::exp_nonpositive(V::mul(V::set1(-2.f), V::abs(x)));
+  return V::copysign(V::div(V::sub(one, e), V::add(one, e)), x);
+}
+
+template <class V>
+inline typename V::T activate(typename V::T x, int act) {
+  if (act == Act::kRelu) return V::max(x, V::zero());
+  if (act == Act::kTanh) return tanh_v<V>(x);
+  return x;
+}
+
+template <class V, int MR, int NV>
+void tile(const TileArgs& p) {
+  constexpr int NR = NV * V::L;
+  typename V::T acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int t = 0; t < p.taps; ++t) {
+    const float* b = p.b[t];
+    const float* a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = p.a[t * MR + r];
+    for (int i = 0; i < p.cin; ++i, b += NR) {
+      typename V::T bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * V::L);
+      for (int r = 0; r < MR; ++r) {
+        const typename V::T av = V::set1(a[r][i]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int n = p.n_valid - v * V::L;  // lanes of this vector to write
+    if (n <= 0) break;
+    const typename V::T bias = p.bias ? V::load(p.bias + v * V::L) : V::zero();
+    for (int r = 0; r < MR; ++r) {
+      const typename V::T y = activate<V>(V::add(acc[r][v], bias), p.act);
+      if (n >= V::L)
+        V::store(p.c[r] + v * V::L, y);
+      else
+        V::store_n(p.c[r] + v * V::L, y, n);
+    }
+  }
+}
+
+template <class V>
+void act_run(float* x, int64_t n, int act) {
+  if (act == Act::kNone) return;
+  int64_t i = 0;
+  for (; i + V::L <= n; i += V::L) V::store(x + i, activate<V>(V::load(x + i), act));
+  if (i < n) {
+    float tail[V::L] = {};
+    for (int64_t j = i; j < n; ++j) tail[j - i] = x[j];
+    V::store_n(x + i, activate<V>(V::load(tail), act), (int)(n - i));
+  }
+}
+
+// The table of tile kernels with NV vectors per row, for 1..RMAX rows (entry 0 and those above RMAX unused).
+template <class V, int NV, int RMAX, int MR = 1>
+void fill_tiles(TileFn (&row)[aigc_rt::cpu::convt::kMaxRows + 1]) {
+  if constexpr (MR <= RMAX) {
+    row[MR] = &tile<V, MR, NV>;
+    fill_tiles<V, NV, RMAX, MR + 1>(row);
+  }
+}
+
+// R1..R4: rows of the tile kernel with 1..4 vectors per row (accumulators + NV + 1 must fit the registers).
+template <class V, int R1, int R2, int R3, int R4>
+Isa make_isa(const char* name) {
+  static_assert(R1 <= aigc_rt::cpu::convt::kMaxRows && R2 <= aigc_rt::cpu::convt::kMaxRows &&
+                R3 <= aigc_rt::cpu::convt::kMaxRows && R4 <= aigc_rt::cpu::convt::kMaxRows);
+  Isa isa{};
+  isa.name = name;
+  isa.lanes = V::L;
+  isa.rows[1] = R1, isa.rows[2] = R2, isa.rows[3] = R3, isa.rows[4] = R4;
+  fill_tiles<V, 1, R1>(isa.tile[1]);
+  fill_tiles<V, 2, R2>(isa.tile[2]);
+  fill_tiles<V, 3, R3>(isa.tile[3]);
+  fill_tiles<V, 4, R4>(isa.tile[4]);
+  isa.act = &act_run<V>;
+  return isa;
+}
+
+}  // namespace
