@@ -13,6 +13,7 @@ from .tokenizer import Tokenizer
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 DEFAULT_TEXT_MODEL = "gpt2-tiny"
+DEFAULT_IMAGE_MODEL = "dcgan-digits"  # and its discriminator, DEFAULT_IMAGE_MODEL + "-d"
 
 
 def embedded_models() -> list[str]:

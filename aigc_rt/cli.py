@@ -64,14 +64,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.set_defaults(func=cmd_info)
 
-    d = sub.add_parser("demo", help="the main job: generate text with the default model")
+    m = sub.add_parser("imagine", help="generate images with a DCGAN generator, saved as one grid")
+    _model_args(m, "the embedded generator dcgan-digits")
+    m.add_argument("-n", type=int, default=16, help="number of images")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("-o", "--output", default="grid.png")
+    m.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    m.set_defaults(func=cmd_imagine)
+
+    s = sub.add_parser("score", help="probability that each image is real, by a DCGAN discriminator")
+    s.add_argument("images", nargs="+", help="image files of the discriminator's size")
+    _model_args(s, "the embedded discriminator dcgan-digits-d")
+    s.set_defaults(func=cmd_score)
+
+    d = sub.add_parser("demo", help="the main job: generate text and digits with the default models")
     _model_args(d)
+    d.add_argument("--image-output", default=os.path.join("out", "digits.png"))
     d.set_defaults(func=cmd_demo)
     return p
 
 
-def _model_args(p):
-    p.add_argument("--model", default=None, help="runtime file or embedded model name (default: embedded)")
+def _model_args(p, default="the embedded text model"):
+    p.add_argument("--model", default=None, help=f"runtime file or embedded model name (default: {default})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
 
@@ -160,8 +174,50 @@ def cmd_info(a):
                       "parameters": n_params, "file_bytes": os.path.getsize(rf.path)}, indent=2))
 
 
+def _load_arch(path, arch: str, a):
+    import aigc_rt
+    m = aigc_rt.load(path, device=a.device, backend=a.backend)
+    if m.arch != arch:
+        raise ValueError(f"{path}: a {m.arch} model, where this command needs a {arch} one")
+    return m
+
+
+def _imagine(g, n: int, seed: int, output: str, nrow: int) -> str:
+    from aigc_rt.images import check_writable, save_grid
+    check_writable(output)
+    t0 = time.perf_counter()
+    images = g.generate(n, seed=seed)  # (n, C, S, S)
+    dt = time.perf_counter() - t0
+    save_grid(images, output, nrow=nrow)
+    return (f"wrote {output}: {n} images of {images.shape[-1]}x{images.shape[-1]} in {dt * 1e3:.0f} ms "
+            f"({n / dt:.0f} images/s, backend {g.backend.name})")
+
+
+def cmd_imagine(a):
+    from aigc_rt.api import DEFAULT_IMAGE_MODEL
+    print(_imagine(_load_arch(a.model or DEFAULT_IMAGE_MODEL, "dcgan", a), a.n, a.seed, a.output, a.nrow))
+
+
+def cmd_score(a):
+    import numpy as np
+    from PIL import Image
+    from aigc_rt.api import DEFAULT_IMAGE_MODEL
+    d = _load_arch(a.model or DEFAULT_IMAGE_MODEL + "-d", "dcgan_d", a)
+    size, mode = d.config.image_size, "RGB" if d.config.channels == 3 else "L"
+    images = []
+    for path in a.images:
+        with Image.open(path) as im:  # OSError naming the path if missing or not an image
+            if im.size != (size, size):
+                raise ValueError(f"{path}: {im.size[0]}x{im.size[1]} pixels; the discriminator takes {size}x{size}")
+            pixels = torch.from_numpy(np.asarray(im.convert(mode), dtype=np.float32)).reshape(size, size, -1)
+        images.append(pixels.permute(2, 0, 1) / 127.5 - 1)  # (C, S, S) in [-1, 1]
+    for path, p in zip(a.images, d.score(torch.stack(images)).tolist()):
+        print(f"{p:.4f}\t{path}")
+
+
 def cmd_demo(a):
     import aigc_rt
+    from aigc_rt.api import DEFAULT_IMAGE_MODEL
     m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
     for prompt in ["The", "In Python, a list"]:
         t0 = time.perf_counter()
@@ -169,6 +225,8 @@ def cmd_demo(a):
         dt = time.perf_counter() - t0
         print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
               f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")
+    os.makedirs(os.path.dirname(os.path.abspath(a.image_output)), exist_ok=True)
+    print(_imagine(_load_arch(DEFAULT_IMAGE_MODEL, "dcgan", a), 64, 0, a.image_output, 8))
 
 
 if __name__ == "__main__":

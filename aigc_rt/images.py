@@ -8,6 +8,7 @@ byte = clamp(floor((x + 1) / 2 * 255 + 0.5), 0, 255). One-channel images are wri
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -30,6 +31,19 @@ def make_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return grid
 
 
+def check_writable(path) -> str:
+    """Raise OSError naming `path` unless a file can be written there (its folder exists and is writable)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, f"cannot write {path!r}: folder {folder!r} is not writable")
+    return path
+
+
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> str:
     """Write images (N, C, H, W) or (C, H, W), C in {1, 3}, values in [-1, 1] (clamped), as one grid image
     (format from the file extension, e.g. .png). Returns the path."""
@@ -45,7 +59,7 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8) -> str:
         raise ValueError("images hold NaN or infinite values")
     if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
         raise ValueError(f"nrow must be an integer >= 1, got {nrow!r}")
-    path = os.fspath(path)
+    path = check_writable(path)
     from PIL import Image
     image = Image.fromarray(make_grid(images, nrow).numpy(), mode="RGB")
     try:

@@ -1,0 +1,96 @@
+"""C++ transposed convolution (csrc/cpu/conv_transpose.cpp) vs torch.nn.functional.conv_transpose2d, fp32, on
+odd shapes (channels, kernel, stride, padding, output_padding), both micro-kernel ISAs, every activation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc_rt import _C
+
+ATOL, RTOL = 1e-4, 1e-5  # fp32
+ACTS = {"none": lambda y: y, "relu": torch.relu, "tanh": torch.tanh}
+
+# (N, C_in, C_out, H, W, k, stride, padding, output_padding)
+SHAPES = [
+    (1, 100, 256, 1, 1, 4, 1, 0, 0),  # DCGAN first layer: a 1x1 input is a GEMM
+    (3, 100, 17, 1, 1, 4, 1, 0, 0),
+    (2, 3, 20, 1, 1, 4, 2, 1, 1),  # 1x1 input with stride, padding and output padding
+    (2, 256, 128, 4, 4, 4, 2, 1, 0),  # DCGAN middle layer
+    (1, 111, 64, 5, 3, 4, 2, 1, 0),
+    (3, 64, 3, 16, 16, 4, 2, 1, 0),  # DCGAN RGB layer: C_out < one vector takes the col2im path
+    (2, 17, 33, 5, 7, 3, 2, 1, 1),
+    (1, 5, 1, 3, 2, 5, 3, 2, 2),
+    (2, 19, 40, 3, 4, 2, 3, 0, 1),  # stride > kernel: some outputs get no tap (bias only)
+    (1, 7, 9, 6, 5, 1, 1, 0, 0),
+    (2, 1, 16, 4, 3, 3, 1, 2, 0),  # padding that crops (torch itself rejects these)
+    (1, 33, 50, 5, 6, 4, 1, 3, 0),
+]
+
+
+def _reference(x, w, b, stride, padding, output_padding, act):
+    """F.conv_transpose2d without padding, then cropped by `padding` and extended by `output_padding` as the
+    definition says (torch's oneDNN path rejects some paddings larger than it expects)."""
+    full = F.pad(F.conv_transpose2d(x, w, None, stride), (0, output_padding, 0, output_padding))
+    h, w_ = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
+    return ACTS[act](full[:, :, padding:padding + h, padding:padding + w_] + b[:, None, None])
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_torch(shape, isa):
+    n, cin, cout, h, w_, k, s, p, op = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, cin, h, w_, generator=g)
+    w = torch.randn(cin, cout, k, k, generator=g) * 2 / (cin * k) ** 0.5  # pre-activations of a few units
+    b = torch.randn(cout, generator=g)
+    if p < k - 1:  # where torch can: the crop-based reference is F.conv_transpose2d itself
+        want = F.conv_transpose2d(x, w, b, s, p, op)
+        assert torch.allclose(_reference(x, w, b, s, p, op, "none"), want, atol=1e-5)
+    weights = _C.conv_transpose_prepare(w, b, s, p, op, isa)
+    assert weights.isa == isa and weights.col2im == (cout < (16 if isa == "avx512" else 8))
+    for act in ACTS:
+        want = _reference(x, w, b, s, p, op, act)
+        got = _C.conv_transpose(x, weights, act)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
+            f"{act}: max abs err {(got - want).abs().max():.3g}"
+
+
+def test_layouts_and_tanh_range():
+    """Any input memory format; output channels_last; tanh accurate from tiny to saturated pre-activations."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 6, 5, generator=g)
+    w = torch.randn(8, 24, 3, 3, generator=g)
+    b = torch.linspace(-30, 30, 24)
+    weights = _C.conv_transpose_prepare(w, b, 2, 1, 1)
+    want = torch.tanh(F.conv_transpose2d(x, w, b, 2, 1, 1))
+    for xi in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        got = _C.conv_transpose(xi, weights, "tanh")
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), f"max abs err {(got - want).abs().max():.3g}"
+    z = torch.linspace(-12, 12, 24 * 7).view(1, 24 * 7, 1, 1)  # tanh alone: 1x1 kernel of identity weights
+    eye = torch.eye(24 * 7).view(24 * 7, 24 * 7, 1, 1)
+    got = _C.conv_transpose(z, _C.conv_transpose_prepare(eye, torch.zeros(24 * 7), 1, 0, 0), "tanh")
+    assert torch.allclose(got, torch.tanh(z), atol=2e-7, rtol=0), f"max abs err {(got - torch.tanh(z)).abs().max()}"
+
+
+def test_bad_arguments_raise_value_error():
+    w, b = torch.randn(4, 6, 3, 3), torch.zeros(6)
+    weights = _C.conv_transpose_prepare(w, b, 2, 1, 0)
+    cases = [
+        (lambda: _C.conv_transpose_prepare(w.double(), b, 2, 1, 0), "weight must be a float32"),
+        (lambda: _C.conv_transpose_prepare(torch.randn(4, 6, 3, 2), b, 2, 1, 0), "kernel must be square"),
+        (lambda: _C.conv_transpose_prepare(w, torch.zeros(5), 2, 1, 0), "bias must be a float32 CPU tensor of 6"),
+        (lambda: _C.conv_transpose_prepare(w, b, 2, 1, 2), "0 <= output_padding < stride"),
+        (lambda: _C.conv_transpose_prepare(w, b, 0, 1, 0), "stride >= 1"),
+        (lambda: _C.conv_transpose_prepare(torch.randn(4, 6, 17, 17), b, 2, 1, 0), "k <= 16"),
+        (lambda: _C.conv_transpose_prepare(w, b, 2, 1, 0, "sse"), "unknown isa 'sse'"),
+        (lambda: _C.conv_transpose(torch.randn(1, 5, 3, 3), weights, "relu"), "x has 5 channels, the weights take 4"),
+        (lambda: _C.conv_transpose(torch.randn(4, 3, 3), weights, "relu"), r"\(N, C_in, H, W\)"),
+        (lambda: _C.conv_transpose(torch.randn(1, 4, 3, 3).half(), weights, "relu"), "float32"),
+        (lambda: _C.conv_transpose(torch.randn(1, 4, 3, 3), weights, "gelu"), "unknown activation 'gelu'"),
+        (lambda: _C.conv_transpose(torch.randn(1, 4, 1, 1), _C.conv_transpose_prepare(
+            torch.randn(4, 6, 1, 1), b, 1, 1, 0), "none"), "empty output"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

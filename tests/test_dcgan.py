@@ -1,0 +1,329 @@
+"""DCGAN: converter (both variants, generator and discriminator, .pt/.pth/.safetensors, `module.` prefix, BN
+folding), runtime models vs the torch modules in eval mode with non-trivial BatchNorm statistics (fp32,
+atol 1e-4, backends torch and cpu), generate/seeds, save_grid layout, CLI imagine/score, and bad input."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import aigc_rt
+from aigc_rt import format as fmt
+from aigc_rt import archs
+from aigc_rt.cli import main
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import train_gan  # noqa: E402  (the 32x32 seed system's modules)
+
+ATOL, RTOL = 1e-4, 1e-5  # fp32
+
+
+class Seq(nn.Module):
+    def __init__(self, *layers, flatten=False):
+        super().__init__()
+        self.main, self.flatten = nn.Sequential(*layers), flatten
+
+    def forward(self, x):
+        y = self.main(x)
+        return y.view(-1) if self.flatten else y
+
+
+def tutorial_generator(nz=100, ngf=64) -> nn.Module:
+    """The PyTorch DCGAN tutorial's 64x64 generator."""
+    layers, ch = [], [nz, ngf * 8, ngf * 4, ngf * 2, ngf]
+    for i, (a, b) in enumerate(zip(ch, ch[1:])):
+        layers += [nn.ConvTranspose2d(a, b, 4, 1 if i == 0 else 2, 0 if i == 0 else 1, bias=False), nn.BatchNorm2d(b),
+                   nn.ReLU(True)]
+    return Seq(*layers, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+
+def tutorial_discriminator(ndf=64) -> nn.Module:
+    """The PyTorch DCGAN tutorial's 64x64 discriminator."""
+    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)], [ndf, ndf * 2, ndf * 4, ndf * 8]
+    for a, b in zip(ch, ch[1:]):
+        layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
+    return Seq(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(), flatten=True)
+
+
+def randomize_batchnorm(module: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine parameters, so that folding them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.3)
+                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.3)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    return module.eval()
+
+
+# name -> (module factory, how it is saved, runtime arch, image size)
+VARIANTS = {
+    "seed32_g": (train_gan.generator, "pt", "dcgan", 32),
+    "seed32_d": (train_gan.discriminator, "pth_dataparallel", "dcgan_d", 32),
+    "tutorial64_g": (tutorial_generator, "safetensors", "dcgan", 64),
+    "tutorial64_d": (tutorial_discriminator, "pt_nested", "dcgan_d", 64),
+}
+
+
+def save_checkpoint(module: nn.Module, how: str, folder) -> str:
+    sd = module.state_dict()
+    if how == "pt":
+        path = os.path.join(folder, "m.pt")
+        torch.save(sd, path)
+    elif how == "pth_dataparallel":  # DataParallel's `module.` prefix
+        path = os.path.join(folder, "m.pth")
+        torch.save(nn.DataParallel(module).state_dict(), path)
+    elif how == "pt_nested":
+        path = os.path.join(folder, "m.pt")
+        torch.save({"state_dict": sd, "epoch": torch.tensor(3)}, path)
+    else:
+        path = os.path.join(folder, "m.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(name, torch module in eval mode, checkpoint path, converted runtime file)."""
+    make, how, _, _ = VARIANTS[request.param]
+    torch.manual_seed(list(VARIANTS).index(request.param))
+    module = randomize_batchnorm(make(), seed=len(request.param))
+    folder = tmp_path_factory.mktemp(request.param)
+    src = save_checkpoint(module, how, folder)
+    dst = aigc_rt.convert(src, folder / "rt.safetensors")  # arch read from the tensor shapes
+    return request.param, module, src, dst
+
+
+@pytest.fixture(scope="module")
+def seed_gan(tmp_path_factory):
+    """The 32x32 seed generator and discriminator, converted: (G module, G file, D module, D file)."""
+    folder = tmp_path_factory.mktemp("seed_gan")
+    torch.manual_seed(5)
+    g, d = randomize_batchnorm(train_gan.generator(), 1), randomize_batchnorm(train_gan.discriminator(), 2)
+    torch.save(g.state_dict(), folder / "g.pt")
+    torch.save(d.state_dict(), folder / "d.pt")
+    return g, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"), d, \
+        aigc_rt.convert(folder / "d.pt", folder / "d.safetensors")
+
+
+def test_converter_reads_the_variant_from_the_shapes(variant):
+    name, module, src, dst = variant
+    _, _, arch, size = VARIANTS[name]
+    rf = fmt.read(dst, archs.expected)
+    assert rf.arch == arch and rf.config["image_size"] == size
+    convs = [m for m in module.main if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    layers = rf.config["layers"]
+    assert len(layers) == len(convs)
+    for layer, conv in zip(layers, convs):
+        assert (layer["c_in"], layer["c_out"], layer["kernel"]) == (conv.in_channels, conv.out_channels, 4)
+        assert (layer["stride"], layer["padding"]) == (conv.stride[0], conv.padding[0])
+    acts = [layer["act"] for layer in layers]
+    assert acts == (["relu"] * (len(convs) - 1) + ["tanh"] if arch == "dcgan" else
+                    ["leaky_relu"] * (len(convs) - 1) + ["sigmoid"])
+
+
+def test_batchnorm_folded_into_the_weights(variant):
+    """File weights/biases == torch's own conv+BN fusion (torch.nn.utils.fusion) of the eval-mode module."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+    name, module, _, dst = variant
+    rf = fmt.read(dst, archs.expected)
+    mods = list(module.main)
+    convs = [i for i, m in enumerate(mods) if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    for layer, i in enumerate(convs):
+        conv, bn = mods[i], mods[i + 1] if isinstance(mods[i + 1], nn.BatchNorm2d) else None
+        if bn is None:
+            want_w, want_b = conv.weight, torch.zeros(conv.out_channels)
+        else:
+            want_w, want_b = fuse_conv_bn_weights(conv.weight, None, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias, transpose=isinstance(conv, nn.ConvTranspose2d))
+        got_w, got_b = rf.tensors[f"layers.{layer}.weight"], rf.tensors[f"layers.{layer}.bias"]
+        assert torch.allclose(got_w, want_w, atol=1e-6, rtol=1e-5), f"layer {layer}: {(got_w - want_w).abs().max()}"
+        assert torch.allclose(got_b, want_b, atol=1e-6, rtol=1e-5), f"layer {layer}: {(got_b - want_b).abs().max()}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_matches_the_torch_module_in_eval_mode(variant, backend):
+    name, module, _, dst = variant
+    _, _, arch, size = VARIANTS[name]
+    m = aigc_rt.load(dst, backend=backend)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        if arch == "dcgan":
+            z = torch.randn(3, 100, generator=g)
+            want, got = module(z[:, :, None, None]), m(z)
+        else:
+            x = torch.rand(3, 3, size, size, generator=g) * 2 - 1
+            want, got = module(x), m.score(x)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+def test_forced_arch(seed_gan, tmp_path):
+    g_module, g_file, _, _ = seed_gan
+    src = tmp_path / "g.pt"
+    torch.save(g_module.state_dict(), src)
+    assert fmt.read(aigc_rt.convert(src, tmp_path / "a.safetensors", arch="dcgan32"), archs.expected).arch == "dcgan"
+    with pytest.raises(aigc_rt.FormatError, match="expects a 64x64 generator, but its 4 layers make a 32x32 one"):
+        aigc_rt.convert(src, tmp_path / "b.safetensors", arch="dcgan64")
+    with pytest.raises(aigc_rt.FormatError, match="do not chain as a DCGAN discriminator"):
+        aigc_rt.convert(src, tmp_path / "c.safetensors", arch="dcgan_d")
+    with pytest.raises(ValueError, match="fp32"):
+        aigc_rt.convert(src, tmp_path / "d.safetensors", dtype="bf16")
+
+
+def test_generate_is_seeded_and_backend_independent(seed_gan):
+    _, g_file, _, _ = seed_gan
+    gens = {be: aigc_rt.load(g_file, backend=be) for be in ("torch", "cpu")}
+    z = torch.randn(4, 100, generator=torch.Generator().manual_seed(3))
+    for be, g in gens.items():
+        images = g.generate(4, seed=3)
+        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and images.is_contiguous()
+        assert images.abs().max() <= 1
+        assert torch.equal(images, g(z)), be  # documented: z = torch.randn(n, nz, generator=...manual_seed(seed))
+        assert torch.equal(g(z), g(z[:, :, None, None]))
+        assert not torch.allclose(images, g.generate(4, seed=4))
+    cpu, ref = gens["cpu"].generate(4, seed=3), gens["torch"].generate(4, seed=3)
+    assert torch.allclose(cpu, ref, atol=ATOL), f"max abs err {(cpu - ref).abs().max():.3g}"
+
+
+def test_save_grid_layout(tmp_path):
+    """torchvision's make_grid layout: nrow columns, 2 px black padding around and between images; [-1, 1] ->
+    round((x + 1) / 2 * 255). Checked on known pixels."""
+    n, h, w = 5, 4, 6
+    images = torch.full((n, 3, h, w), -1.0)
+    for k in range(n):
+        images[k, 0] = k / 4 * 2 - 1  # red channel: image k's own level
+        images[k, 1, 0, 0] = 1.0  # its top-left pixel has full green
+    images[4, 2] = 0.0  # mid grey blue in the last image
+    path = aigc_rt.save_grid(images, tmp_path / "grid.png", nrow=3)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * (h + 2) + 2, 3 * (w + 2) + 2, 3)
+    for k in range(n):
+        top, left = 2 + (k // 3) * (h + 2), 2 + (k % 3) * (w + 2)
+        assert (grid[top:top + h, left:left + w, 0] == round(k / 4 * 255)).all()
+        assert grid[top, left, 1] == 255 and grid[top + 1, left, 1] == 0
+    assert grid[2 + (h + 2), 2 + (w + 2) + 1, 2] == 128  # image 4 (row 1, col 1), blue 0.0 -> 128
+    assert (grid[:2] == 0).all() and (grid[:, :2] == 0).all() and (grid[2 + h:4 + h] == 0).all()
+    assert (grid[8:, 2 + 2 * (w + 2):] == 0).all()  # the empty sixth cell
+    grey = aigc_rt.save_grid(torch.zeros(1, 1, 3, 3), tmp_path / "grey.png")  # one channel -> RGB greys
+    assert (np.asarray(Image.open(grey))[2:5, 2:5] == 128).all()
+
+
+def test_cli_imagine_and_score(seed_gan, tmp_path, capsys):
+    _, g_file, _, d_file = seed_gan
+    out = tmp_path / "grid.png"
+    assert main(["imagine", "--model", str(g_file), "-n", "5", "--seed", "2", "-o", str(out), "--nrow", "4"]) == 0
+    assert "images/s" in capsys.readouterr().out
+    want = tmp_path / "want.png"
+    aigc_rt.save_grid(aigc_rt.load(g_file).generate(5, seed=2), want, nrow=4)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(want)))
+
+    grid = np.asarray(Image.open(out))  # cut the images back out of the grid and score them
+    paths = []
+    for k in range(2):
+        paths.append(tmp_path / f"img{k}.png")
+        Image.fromarray(grid[2:34, 2 + k * 34:34 + k * 34]).save(paths[-1])
+    assert main(["score", *map(str, paths), "--model", str(d_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    pixels = torch.tensor(np.stack([np.asarray(Image.open(p)) for p in paths]), dtype=torch.float32)
+    want = aigc_rt.load(d_file).score(pixels.permute(0, 3, 1, 2) / 127.5 - 1)
+    assert [line.split("\t")[1] for line in lines] == list(map(str, paths))
+    assert [float(line.split("\t")[0]) for line in lines] == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def test_bad_input(seed_gan, tmp_path):
+    _, g_file, _, d_file = seed_gan
+    g, d = aigc_rt.load(g_file), aigc_rt.load(d_file)
+    nan = torch.zeros(2, 100)
+    nan[1, 3] = float("nan")
+    cases = [
+        (lambda: g(torch.randn(2, 99)), ValueError, r"shape \(n, 100\) or \(n, 100, 1, 1\), got \(2, 99\)"),
+        (lambda: g(torch.randn(2, 100, 2, 2)), ValueError, r"got \(2, 100, 2, 2\)"),
+        (lambda: g(torch.randn(100)), ValueError, r"got \(100,\)"),
+        (lambda: g(torch.randn(0, 100)), ValueError, "no samples"),
+        (lambda: g(nan), ValueError, "NaN or infinite"),
+        (lambda: g(torch.full((1, 100), float("inf"))), ValueError, "NaN or infinite"),
+        (lambda: g(torch.zeros(2, 100, dtype=torch.long)), ValueError, "floating-point"),
+        (lambda: g([[0.0] * 100]), ValueError, "must be a torch.Tensor"),
+        (lambda: g.generate(0), ValueError, "n must be an integer >= 1, got 0"),
+        (lambda: g.generate(-3), ValueError, "n must be an integer >= 1"),
+        (lambda: g.generate(2.5), ValueError, "n must be an integer >= 1"),
+        (lambda: g.generate(True), ValueError, "n must be an integer >= 1"),
+        (lambda: g.generate(2, seed="x"), ValueError, "seed must be an integer"),
+        (lambda: d.score(torch.zeros(2, 3, 31, 32)), ValueError, r"shape \(n, 3, 32, 32\)"),
+        (lambda: d.score(torch.full((1, 3, 32, 32), float("nan"))), ValueError, "NaN or infinite"),
+        (lambda: aigc_rt.save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "no" / "such" / "g.png"), FileNotFoundError,
+         "no.such.g.png.*does not exist"),
+        (lambda: aigc_rt.save_grid(torch.zeros(1, 3, 4, 4), tmp_path), IsADirectoryError, "is a directory"),
+        (lambda: aigc_rt.save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "g.nope"), ValueError, "g.nope"),
+        (lambda: aigc_rt.save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "g.png"), ValueError, "C in"),
+        (lambda: aigc_rt.save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "g.png", nrow=0), ValueError, "nrow"),
+        (lambda: aigc_rt.save_grid(torch.full((1, 3, 4, 4), float("nan")), tmp_path / "g.png"), ValueError, "NaN"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_cli_errors_exit_2(seed_gan, tmp_path, capsys):
+    _, g_file, _, d_file = seed_gan
+    assert main(["imagine", "--model", str(g_file), "-o", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["imagine", "--model", str(d_file)]) == 2
+    assert "needs a dcgan one" in capsys.readouterr().err
+    assert main(["imagine", "--model", str(g_file), "-n", "0", "-o", str(tmp_path / "x.png")]) == 2
+    assert "n must be an integer >= 1" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "nothing.png"), "--model", str(d_file)]) == 2
+    assert "nothing.png" in capsys.readouterr().err
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    assert main(["score", str(tmp_path / "small.png"), "--model", str(d_file)]) == 2
+    assert "8x8 pixels; the discriminator takes 32x32" in capsys.readouterr().err
+
+
+def _converted_error(sd, tmp_path, name="x.pt"):
+    path = tmp_path / name
+    torch.save(sd, path)
+    with pytest.raises(aigc_rt.FormatError) as e:
+        aigc_rt.convert(path, tmp_path / "out.safetensors")
+    return str(e.value)
+
+
+def test_converter_rejects_bad_checkpoints(seed_gan, tmp_path):
+    g_module = seed_gan[0]
+    sd = g_module.state_dict()
+    assert "lacks ['running_mean', 'running_var']" in _converted_error(
+        {k: v for k, v in sd.items() if "running" not in k}, tmp_path)
+    assert "unexpected tensor 'main.0.scale'" in _converted_error({**sd, "main.0.scale": torch.ones(3)}, tmp_path)
+    assert "several prefixes" in _converted_error({**sd, "head.0.weight": torch.ones(3, 3, 4, 4)}, tmp_path)
+    small = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 1, 0, bias=False), nn.ConvTranspose2d(4, 3, 3, 2, 1))
+    assert "3x3 kernel" in _converted_error(small.state_dict(), tmp_path)
+    assert "weights_only" in _converted_error(tutorial_generator(ngf=2), tmp_path)  # a pickled module
+    assert "do not chain" in _converted_error({"main.0.weight": torch.ones(5, 6, 4, 4),
+                                               "main.3.weight": torch.ones(7, 8, 4, 4)}, tmp_path)
+    with pytest.raises(aigc_rt.FormatError, match="already an aigc-rt runtime file"):
+        aigc_rt.convert(seed_gan[1], tmp_path / "again.safetensors")
+
+
+def test_runtime_file_with_inconsistent_config_is_rejected(seed_gan, tmp_path):
+    import json
+    from safetensors import safe_open
+    with safe_open(str(seed_gan[1]), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    config = json.loads(meta["config"])
+    config["layers"][2]["c_in"] = 100  # no longer chains with layer 1
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(aigc_rt.FormatError, match="layer 2 takes 100 channels but layer 1 gives 128"):
+        aigc_rt.load(tmp_path / "bad.safetensors")
+    config["layers"][2]["c_in"], config["image_size"] = 128, 64
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(aigc_rt.FormatError, match="into 32x32 images, not image_size=64"):
+        aigc_rt.load(tmp_path / "bad.safetensors")
