@@ -1,13 +1,15 @@
-"""C++ transposed convolution (csrc/cpu/conv_transpose.cpp) vs torch.nn.functional.conv_transpose2d, fp32, on
-odd shapes (channels, kernel, stride, padding, output_padding), both micro-kernel ISAs, every activation."""
+"""C++ transposed convolution (csrc/cpu/conv_transpose.cpp) vs torch.nn.functional.conv_transpose2d (through the
+plain-PyTorch reference of kernels/conv_transpose.py, which also handles paddings torch rejects), fp32, on odd
+shapes (channels, kernel, stride, padding, output_padding), both micro-kernel ISAs, every activation."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from aigc_rt import _C
+from aigc_rt.kernels.conv_transpose import conv_transpose2d_reference as reference
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32
-ACTS = {"none": lambda y: y, "relu": torch.relu, "tanh": torch.tanh}
+ACTS = ("none", "relu", "tanh")
 
 # (N, C_in, C_out, H, W, k, stride, padding, output_padding)
 SHAPES = [
@@ -26,14 +28,6 @@ SHAPES = [
 ]
 
 
-def _reference(x, w, b, stride, padding, output_padding, act):
-    """F.conv_transpose2d without padding, then cropped by `padding` and extended by `output_padding` as the
-    definition says (torch's oneDNN path rejects some paddings larger than it expects)."""
-    full = F.pad(F.conv_transpose2d(x, w, None, stride), (0, output_padding, 0, output_padding))
-    h, w_ = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
-    return ACTS[act](full[:, :, padding:padding + h, padding:padding + w_] + b[:, None, None])
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_torch(shape, isa):
@@ -44,11 +38,11 @@ def test_matches_torch(shape, isa):
     b = torch.randn(cout, generator=g)
     if p < k - 1:  # where torch can: the crop-based reference is F.conv_transpose2d itself
         want = F.conv_transpose2d(x, w, b, s, p, op)
-        assert torch.allclose(_reference(x, w, b, s, p, op, "none"), want, atol=1e-5)
+        assert torch.allclose(reference(x, w, b, s, p, op, "none"), want, atol=1e-5)
     weights = _C.conv_transpose_prepare(w, b, s, p, op, isa)
     assert weights.isa == isa and weights.col2im == (cout < (16 if isa == "avx512" else 8))
     for act in ACTS:
-        want = _reference(x, w, b, s, p, op, act)
+        want = reference(x, w, b, s, p, op, act)
         got = _C.conv_transpose(x, weights, act)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \

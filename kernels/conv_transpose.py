@@ -1,0 +1,138 @@
+"""Transposed convolution with fused bias + activation, as an implicit GEMM in Triton (fp32).
+
+    out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx, iy, ix with oy = iy*s - p + ky, ox = ix*s - p + kx
+                                        of x[n, ci, iy, ix] * w[ci, co, ky, kx])
+    H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out); act: "none", "relu" or "tanh".
+
+Sub-pixel decomposition, as csrc/cpu/conv_transpose.cpp: output row oy only gets the taps ky with
+(oy + p - ky) % s == 0, so the outputs split into s x s phases (oy % s, ox % s), each a dense convolution with
+at most ceil(k / s) x ceil(k / s) taps: ky = (py + p) % s + j * s < k, input row iy = qy + (py + p - ky) / s for output row
+oy = py + s * qy. Program axis 2 is the phase; axes 0 and 1 tile its GEMM: M = N x phase pixels (BLOCK_M),
+N = C_out (BLOCK_N), K = taps x C_in (BLOCK_K per tl.dot). A dimension with one input pixel (a generator's
+first layer: z as (N, nz, 1, 1)) has the stride replaced by k: k phases of one tap each, a plain GEMM.
+All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
+memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise.
+
+Reference: conv_transpose2d_reference below (plain PyTorch, fp32).
+Test: python -m pytest tests/test_triton_conv_transpose.py (under TRITON_INTERPRET=1 on a CPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ACTS = {"none": 0, "relu": 1, "tanh": 2}
+
+
+@triton.jit
+def _conv_transpose_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, C_in, H, W, C_out, H_out, W_out,
+    sxn, sxc, sxh, sxw,  # x strides
+    swi, swo, swh, sww,  # w strides: (C_in, C_out, k, k)
+    son, soc, soh, sow,  # out strides
+    step_y, step_x, padding,  # phase steps: the stride, or k for a dimension with one input pixel
+    KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, phase = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    py, px = phase // step_x, phase % step_x
+    qh = tl.maximum((H_out - py + step_y - 1) // step_y, 0)  # phase grid: output rows py, py + step_y, ...
+    qw = tl.maximum((W_out - px + step_x - 1) // step_x, 0)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) pixel of the phase: (n, qy, qx)
+    m_ok = m < N * qh * qw
+    qx = m % tl.maximum(qw, 1)
+    qy = (m // tl.maximum(qw, 1)) % tl.maximum(qh, 1)
+    n = m // tl.maximum(qw * qh, 1)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    co_ok = co < C_out
+    ck = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ry, rx = (py + padding) % step_y, (px + padding) % step_x  # first tap of the phase in each dim
+    # masks combine vectors only (the interpreter mistypes vector & scalar booleans), so the tap loops stop at
+    # the kernel's edge instead of masking taps past it
+    for ty in range(0, (KERNEL - ry + step_y - 1) // step_y):
+        ky = ry + ty * step_y
+        iy = qy + (py + padding - ky) // step_y  # exact division: (py + padding - ky) % step_y == 0
+        for tx in range(0, (KERNEL - rx + step_x - 1) // step_x):
+            kx = rx + tx * step_x
+            ix = qx + (px + padding - kx) // step_x
+            row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
+            x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
+            w_tap = w_ptr + ky * swh + kx * sww
+            for c0 in range(0, C_in, BLOCK_K):
+                ci = c0 + ck  # (BLOCK_K,)
+                ci_ok = ci < C_in
+                a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+                b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :],
+                            other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = 1.0 - 2.0 / (tl.exp(2.0 * acc) + 1.0)  # tanh; exp overflow -> inf gives exactly 1
+    oy, ox = py + step_y * qy, px + step_x * qx
+    out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
+    tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
+
+
+def _block_sizes(c_in: int, c_out: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs >= 16 on every side; wider where the channels are."""
+    return 64, max(16, min(64, triton.next_power_of_2(c_out))), max(16, min(32, triton.next_power_of_2(c_in)))
+
+
+def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                     padding: int = 0, output_padding: int = 0, act: str = "none",
+                     input_precision: str = "ieee") -> torch.Tensor:
+    """act(F.conv_transpose2d(x, w, bias, stride, padding, output_padding)) on the Triton kernel.
+    x (N, C_in, H, W) fp32, w (C_in, C_out, k, k) fp32 (any strides), bias (C_out,) or None
+    -> (N, C_out, H_out, W_out) fp32, contiguous. input_precision "tf32" trades accuracy for tensor cores."""
+    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
+        raise ValueError(f"x (N, C_in, H, W) and w (C_in, C_out, k, k) must be float32, got {x.dtype} "
+                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
+    n, c_in, h, wd = x.shape
+    c_out, k = w.shape[1], w.shape[2]
+    if w.shape[0] != c_in or w.shape[3] != k:
+        raise ValueError(f"w {tuple(w.shape)} must be (C_in={c_in}, C_out, k, k) with a square kernel")
+    if bias is not None and (bias.shape != (c_out,) or bias.dtype != torch.float32):
+        raise ValueError(f"bias must be float32 ({c_out},), got {bias.dtype} {tuple(bias.shape)}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    if not (stride >= 1 and padding >= 0 and 0 <= output_padding < stride):
+        raise ValueError(f"need stride >= 1, padding >= 0, 0 <= output_padding < stride; got {stride}, {padding}, "
+                         f"{output_padding}")
+    h_out = (h - 1) * stride - 2 * padding + k + output_padding
+    w_out = (wd - 1) * stride - 2 * padding + k + output_padding
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"input {tuple(x.shape)} gives an empty output ({h_out} x {w_out})")
+    out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=torch.float32)
+    step_y, step_x = (k if h == 1 else stride), (k if wd == 1 else stride)
+    block_m, block_n, block_k = _block_sizes(c_in, c_out)
+    max_pixels = n * triton.cdiv(h_out, step_y) * triton.cdiv(w_out, step_x)  # phase (0, 0) is the largest
+    grid = (triton.cdiv(max_pixels, block_m), triton.cdiv(c_out, block_n), step_y * step_x)
+    _conv_transpose_kernel[grid](
+        x, w, bias if bias is not None else out, out,
+        n, c_in, h, wd, c_out, h_out, w_out,
+        *x.stride(), *w.stride(), *out.stride(),
+        step_y, step_x, padding,
+        KERNEL=k, HAS_BIAS=bias is not None,
+        ACT=ACTS[act], PRECISION=input_precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def conv_transpose2d_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                               padding: int = 0, output_padding: int = 0, act: str = "none") -> torch.Tensor:
+    """Plain PyTorch, fp32: F.conv_transpose2d without padding, cropped by `padding` and extended by
+    `output_padding` as the definition says (torch's own padded path rejects some paddings), + bias, act."""
+    full = F.pad(F.conv_transpose2d(x.float(), w.float(), None, stride), (0, output_padding, 0, output_padding))
+    h, wd = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
+    y = full[:, :, padding:padding + h, padding:padding + wd]
+    if bias is not None:
+        y = y + bias.float()[:, None, None]
+    return {"none": y, "relu": torch.relu(y), "tanh": torch.tanh(y)}[act]

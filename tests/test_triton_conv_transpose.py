@@ -1,0 +1,66 @@
+"""Triton transposed convolution (kernels/conv_transpose.py) vs its plain-PyTorch fp32 reference and
+F.conv_transpose2d, on small odd shapes (runs under TRITON_INTERPRET=1 on a CPU; at speed on a GPU)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc_rt.kernels.conv_transpose import conv_transpose2d, conv_transpose2d_reference
+
+ATOL, RTOL = 1e-4, 1e-5  # fp32 ("ieee" dot)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (N, C_in, C_out, H, W, k, stride, padding, output_padding)
+SHAPES = [
+    (1, 20, 17, 1, 1, 4, 1, 0, 0),  # a 1x1 input: one phase per output pixel, a plain GEMM
+    (2, 3, 5, 1, 1, 4, 2, 1, 1),
+    (2, 24, 16, 4, 4, 4, 2, 1, 0),  # DCGAN's stride-2 layer
+    (1, 17, 3, 6, 5, 4, 2, 1, 0),  # the RGB layer: few output channels
+    (2, 17, 33, 5, 7, 3, 2, 1, 1),
+    (1, 5, 1, 3, 2, 5, 3, 2, 2),
+    (2, 19, 40, 3, 4, 2, 3, 0, 1),  # stride > kernel: some outputs get no tap (bias only)
+    (1, 7, 9, 6, 5, 1, 1, 0, 0),
+    (1, 33, 18, 5, 6, 4, 1, 3, 0),  # padding that crops (torch's padded path rejects it)
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape):
+    n, cin, cout, h, w_, k, s, p, op = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, cin, h, w_, generator=g).to(DEVICE)
+    w = (torch.randn(cin, cout, k, k, generator=g) * 2 / (cin * k) ** 0.5).to(DEVICE)
+    b = torch.randn(cout, generator=g).to(DEVICE)
+    if p < k - 1:  # where torch can: the reference is F.conv_transpose2d itself
+        torch.testing.assert_close(conv_transpose2d_reference(x, w, b, s, p, op), F.conv_transpose2d(x, w, b, s, p, op),
+                                   atol=1e-5, rtol=1e-5)
+    for act in ("none", "relu", "tanh"):
+        want = conv_transpose2d_reference(x, w, b, s, p, op, act)
+        got = conv_transpose2d(x, w, b, s, p, op, act)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{act}: max abs err {(got - want).abs().max():.3g}"
+
+
+def test_strided_weight_and_no_bias():
+    """A weight kept as [k, k, C_in, C_out] in memory (viewed as (C_in, C_out, k, k)), a non-contiguous input."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 3, generator=g).transpose(2, 3).to(DEVICE)  # (2, 5, 3, 9), strided
+    w = torch.randn(4, 4, 5, 6, generator=g).permute(2, 3, 0, 1).to(DEVICE)  # (5, 6, 4, 4)
+    want = conv_transpose2d_reference(x, w, None, 2, 1, 0, "relu")
+    got = conv_transpose2d(x, w, None, 2, 1, 0, "relu")
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+def test_bad_arguments_raise_value_error():
+    x, w = torch.randn(1, 4, 3, 3), torch.randn(4, 6, 3, 3)
+    for kwargs, message in [
+        (dict(x=x.double()), "must be float32"),
+        (dict(w=torch.randn(5, 6, 3, 3)), "C_in=4"),
+        (dict(w=torch.randn(4, 6, 3, 2)), "square"),
+        (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),
+        (dict(act="gelu"), "act must be one of"),
+        (dict(stride=2, output_padding=2), "output_padding < stride"),
+        (dict(padding=3), "empty output"),
+    ]:
+        args = dict(x=x, w=w, bias=None, stride=1, padding=0, output_padding=0, act="none") | kwargs
+        with pytest.raises(ValueError, match=message):
+            conv_transpose2d(**args)
