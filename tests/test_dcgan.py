@@ -19,55 +19,16 @@ from aigc_rt import archs
 from aigc_rt.cli import main
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import train_gan  # noqa: E402  (the 32x32 seed system's modules)
+from dcgan_reference import (randomize_batchnorm, seed_discriminator, seed_generator,  # noqa: E402
+                             tutorial_discriminator, tutorial_generator)
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32
 
 
-class Seq(nn.Module):
-    def __init__(self, *layers, flatten=False):
-        super().__init__()
-        self.main, self.flatten = nn.Sequential(*layers), flatten
-
-    def forward(self, x):
-        y = self.main(x)
-        return y.view(-1) if self.flatten else y
-
-
-def tutorial_generator(nz=100, ngf=64) -> nn.Module:
-    """The PyTorch DCGAN tutorial's 64x64 generator."""
-    layers, ch = [], [nz, ngf * 8, ngf * 4, ngf * 2, ngf]
-    for i, (a, b) in enumerate(zip(ch, ch[1:])):
-        layers += [nn.ConvTranspose2d(a, b, 4, 1 if i == 0 else 2, 0 if i == 0 else 1, bias=False), nn.BatchNorm2d(b),
-                   nn.ReLU(True)]
-    return Seq(*layers, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
-
-
-def tutorial_discriminator(ndf=64) -> nn.Module:
-    """The PyTorch DCGAN tutorial's 64x64 discriminator."""
-    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)], [ndf, ndf * 2, ndf * 4, ndf * 8]
-    for a, b in zip(ch, ch[1:]):
-        layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
-    return Seq(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(), flatten=True)
-
-
-def randomize_batchnorm(module: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm running statistics and affine parameters, so that folding them matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.3)
-                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-    return module.eval()
-
-
 # name -> (module factory, how it is saved, runtime arch, image size)
 VARIANTS = {
-    "seed32_g": (train_gan.generator, "pt", "dcgan", 32),
-    "seed32_d": (train_gan.discriminator, "pth_dataparallel", "dcgan_d", 32),
+    "seed32_g": (seed_generator, "pt", "dcgan", 32),
+    "seed32_d": (seed_discriminator, "pth_dataparallel", "dcgan_d", 32),
     "tutorial64_g": (tutorial_generator, "safetensors", "dcgan", 64),
     "tutorial64_d": (tutorial_discriminator, "pt_nested", "dcgan_d", 64),
 }
@@ -107,7 +68,7 @@ def seed_gan(tmp_path_factory):
     """The 32x32 seed generator and discriminator, converted: (G module, G file, D module, D file)."""
     folder = tmp_path_factory.mktemp("seed_gan")
     torch.manual_seed(5)
-    g, d = randomize_batchnorm(train_gan.generator(), 1), randomize_batchnorm(train_gan.discriminator(), 2)
+    g, d = randomize_batchnorm(seed_generator(), 1), randomize_batchnorm(seed_discriminator(), 2)
     torch.save(g.state_dict(), folder / "g.pt")
     torch.save(d.state_dict(), folder / "d.pt")
     return g, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"), d, \

@@ -27,39 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NZ = 100
+from dcgan_reference import NZ, seed_discriminator, seed_generator
+
 CONFIDENT = 0.8  # a generated image counts when the classifier gives one class at least this probability
 DATA = os.path.join(os.path.dirname(__file__), "..", "aigc_rt", "data")
-
-
-def generator() -> nn.Module:
-    class Generator(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.main = nn.Sequential(
-                nn.ConvTranspose2d(NZ, 256, 4, 1, 0, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
-                nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(True),
-                nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(True),
-                nn.ConvTranspose2d(64, 3, 4, 2, 1, bias=False), nn.Tanh())
-
-        def forward(self, z):
-            return self.main(z)
-    return Generator()
-
-
-def discriminator() -> nn.Module:
-    class Discriminator(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.main = nn.Sequential(
-                nn.Conv2d(3, 64, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(128, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(256, 1, 4, 1, 0, bias=False), nn.Sigmoid())
-
-        def forward(self, x):
-            return self.main(x).view(-1)
-    return Discriminator()
 
 
 def digits_32() -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +92,7 @@ def main():
     print(f"classifier: held-out accuracy {clf_acc:.3f}, real digits confident {clf_confident:.3f}", flush=True)
     z_eval = torch.randn(512, NZ, 1, 1, generator=torch.Generator().manual_seed(1234))
     checkpoints, best = [], None
-    G, D = generator(), discriminator()
+    G, D = seed_generator(), seed_discriminator()
     G.apply(init_weights)
     D.apply(init_weights)
     opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))

@@ -1,0 +1,152 @@
+"""DCGAN generators, images/s and GFLOP/s in one run: torch eager, torch.compile and aigc_rt's cpu backend on the
+CPU; on a GPU (when there is one) Triton vs cuDNN (torch eager) and torch.compile. The 32x32 seed generator
+(0.036 GFLOP/image) and the 64x64 tutorial generator (0.209), batch 1 and 64, random weights with non-trivial
+BatchNorm statistics (the runtime folds them; torch runs the eval-mode module).
+
+    flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_gan.py --benchmark-enable
+
+Every runtime is checked against the eval-mode module (fp32 atol 1e-4) before it is timed. At the end the run
+prints one table (median images/s, GFLOP/s, ratios to eager and to torch.compile) and writes it to
+bench/results/gan_<device>.md.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+
+import pytest
+import torch
+
+import aigc_rt
+from aigc_rt import archs
+from aigc_rt import format as fmt
+from aigc_rt.backends.torch_backend import Conv, TorchBackend
+from aigc_rt.config import DCGANConfig
+from aigc_rt.models.dcgan import Generator
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+from dcgan_reference import gflop_per_image, randomize_batchnorm, seed_generator, tutorial_generator  # noqa: E402
+
+ARCHS = {"seed32": seed_generator, "tutorial64": tutorial_generator}
+BATCHES = (1, 64)
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+RESULTS: dict[tuple[str, str, str, int], float] = {}  # (device, impl, arch, batch) -> median seconds per call
+
+
+class TritonConvTranspose(TorchBackend):
+    """The torch backend with kernels/conv_transpose.py for the generator's layers (the triton backend gets
+    these two methods at merge)."""
+
+    def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
+        w = weight.to(self.device, torch.float32).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        return Conv(w, bias.to(self.device, torch.float32), stride, padding, output_padding)  # w: [k, k, in, out]
+
+    def conv_transpose(self, x, layer, act):
+        from aigc_rt.kernels.conv_transpose import conv_transpose2d
+        return conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding, act)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """arch -> (eval-mode torch module, runtime file)."""
+    out = {}
+    for i, (name, make) in enumerate(ARCHS.items()):
+        torch.manual_seed(i)
+        module = randomize_batchnorm(make(), seed=i)
+        folder = tmp_path_factory.mktemp(name)
+        torch.save(module.state_dict(), folder / "g.pt")
+        out[name] = (module, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"))
+    return out
+
+
+def _runner(impl: str, module, path, device):
+    """-> a callable z -> images for the implementation."""
+    if impl == "eager":
+        return module.to(device)
+    if impl == "compile":
+        return torch.compile(module.to(device), dynamic=False)
+    if impl == "aigc_rt-cpu":
+        return aigc_rt.load(path, backend="cpu")
+    rf = fmt.read(path, archs.expected)  # triton: the runtime model on the backend above
+    return Generator(DCGANConfig.from_dict(rf.config), rf.tensors, TritonConvTranspose(torch.device(device)))
+
+
+def _bench(benchmark, models, impl, arch, batch, device):
+    module, path = models[arch]
+    run = _runner(impl, module, path, device)
+    z = torch.randn(batch, 100, 1, 1, generator=torch.Generator().manual_seed(batch)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        want, got = module.to(device)(z), run(z)  # also the compile / autotune warm-up
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), f"max abs err {(got - want).abs().max():.3g}"
+
+        def call():
+            run(z)
+            sync()
+        benchmark.extra_info.update(batch=batch, gflop_per_image=gflop_per_image(module))
+        benchmark(call)
+    if benchmark.stats is not None:  # None with --benchmark-disable (the test suite's default)
+        RESULTS[(device, impl, arch, batch)] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("impl", ["eager", "compile", "aigc_rt-cpu"])
+def test_cpu_generator(benchmark, models, impl, arch, batch):
+    benchmark.group = f"dcgan-cpu {arch} batch {batch}"
+    _bench(benchmark, models, impl, arch, batch, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("batch", BATCHES + (1024,))
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("impl", ["eager", "compile", "triton"])
+def test_gpu_generator(benchmark, models, impl, arch, batch):
+    benchmark.group = f"dcgan-gpu {arch} batch {batch}"
+    _bench(benchmark, models, impl, arch, batch, "cuda")
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
+    except (OSError, AttributeError):
+        return platform.processor() or "cpu"
+
+
+def _table(device: str) -> str:
+    ours = "aigc_rt-cpu" if device == "cpu" else "triton"
+    rows = [f"| arch | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in ('eager', 'compile', ours))} | "
+            f"{ours} / eager | {ours} / compile |", "|---|---|---|---|---|---|---|"]
+    for arch, make in ARCHS.items():
+        gflop = gflop_per_image(make())
+        for batch in BATCHES + ((1024,) if device == "cuda" else ()):
+            t = {impl: RESULTS.get((device, impl, arch, batch)) for impl in ("eager", "compile", ours)}
+            if None in t.values():
+                continue
+            cells = [f"{batch / s:,.0f} ({batch / s * gflop:,.0f})" for s in t.values()]
+            rows.append(f"| {arch} | {batch} | {' | '.join(cells)} | {t['eager'] / t[ours]:.2f}x | "
+                        f"{t['compile'] / t[ours]:.2f}x |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def teardown_module():
+    for device in ("cpu", "cuda"):
+        table = _table(device)
+        if not table:
+            continue
+        name = _device_name(device)
+        text = (f"# DCGAN generators on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
+                f"(bench/bench_gan.py).\n\n{table}\n")
+        print("\n" + text)
+        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        with open(os.path.join(os.path.dirname(__file__), "results", f"gan_{slug}.md"), "w") as f:
+            f.write(text)

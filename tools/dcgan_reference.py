@@ -1,0 +1,75 @@
+"""The PyTorch DCGANs aigc_rt runs (../shared/SEED_SYSTEMS.md), as plain nn.Modules whose state_dict keys are
+`main.N`: the 32x32 seed generator and discriminator (bias=False everywhere) and the 64x64 ones of the PyTorch
+DCGAN tutorial. The references for tools/train_gan.py, the tests and the benchmarks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NZ = 100
+
+
+class DCGAN(nn.Module):
+    """`main` (an nn.Sequential); a discriminator flattens its (N, 1, 1, 1) probabilities to (N,)."""
+
+    def __init__(self, *layers: nn.Module, flatten: bool = False):
+        super().__init__()
+        self.main, self.flatten = nn.Sequential(*layers), flatten
+
+    def forward(self, x):
+        y = self.main(x)
+        return y.view(-1) if self.flatten else y
+
+
+def seed_generator() -> DCGAN:
+    return DCGAN(
+        nn.ConvTranspose2d(NZ, 256, 4, 1, 0, bias=False), nn.BatchNorm2d(256), nn.ReLU(True),
+        nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(True),
+        nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(True),
+        nn.ConvTranspose2d(64, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+
+def seed_discriminator() -> DCGAN:
+    return DCGAN(
+        nn.Conv2d(3, 64, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(128, 256, 4, 2, 1, bias=False), nn.BatchNorm2d(256), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(256, 1, 4, 1, 0, bias=False), nn.Sigmoid(), flatten=True)
+
+
+def tutorial_generator(nz: int = NZ, ngf: int = 64) -> DCGAN:
+    layers, ch = [], [nz, ngf * 8, ngf * 4, ngf * 2, ngf]
+    for i, (a, b) in enumerate(zip(ch, ch[1:])):
+        layers += [nn.ConvTranspose2d(a, b, 4, 1 if i == 0 else 2, 0 if i == 0 else 1, bias=False), nn.BatchNorm2d(b),
+                   nn.ReLU(True)]
+    return DCGAN(*layers, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+
+
+def tutorial_discriminator(ndf: int = 64) -> DCGAN:
+    layers, ch = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)], [ndf, ndf * 2, ndf * 4, ndf * 8]
+    for a, b in zip(ch, ch[1:]):
+        layers += [nn.Conv2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.LeakyReLU(0.2, True)]
+    return DCGAN(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(), flatten=True)
+
+
+def randomize_batchnorm(module: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine parameters (so that folding them matters); eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.3)
+                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.3)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+    return module.eval()
+
+
+def gflop_per_image(generator: DCGAN) -> float:
+    """Multiply-adds x 2 of a generator's transposed convs (each input pixel times the whole kernel)."""
+    flops, size = 0, 1
+    for m in generator.main:
+        if isinstance(m, nn.ConvTranspose2d):
+            flops += 2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * size * size
+            size = (size - 1) * m.stride[0] - 2 * m.padding[0] + m.kernel_size[0] + m.output_padding[0]
+    return flops / 1e9
