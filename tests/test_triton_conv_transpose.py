@@ -64,3 +64,30 @@ def test_bad_arguments_raise_value_error():
         args = dict(x=x, w=w, bias=None, stride=1, padding=0, output_padding=0, act="none") | kwargs
         with pytest.raises(ValueError, match=message):
             conv_transpose2d(**args)
+
+
+def test_whole_seed_generator_matches_torch_module(tmp_path):
+    """The 32x32 seed generator, converted (BatchNorm folded), run layer by layer on the Triton kernel vs the
+    eval-mode torch module with non-trivial BatchNorm statistics (fp32, atol 1e-4)."""
+    import os
+    import sys
+
+    import aigc_rt
+    from aigc_rt import archs
+    from aigc_rt import format as fmt
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from dcgan_reference import randomize_batchnorm, seed_generator
+
+    torch.manual_seed(0)
+    module = randomize_batchnorm(seed_generator(), seed=1)
+    torch.save(module.state_dict(), tmp_path / "g.pt")
+    rf = fmt.read(aigc_rt.convert(tmp_path / "g.pt", tmp_path / "g.safetensors"), archs.expected)
+    z = torch.randn(2, 100, 1, 1, generator=torch.Generator().manual_seed(2))
+    x = z.to(DEVICE)
+    for i, layer in enumerate(rf.config["layers"]):
+        x = conv_transpose2d(x, rf.tensors[f"layers.{i}.weight"].to(DEVICE), rf.tensors[f"layers.{i}.bias"].to(DEVICE),
+                             layer["stride"], layer["padding"], layer["output_padding"], layer["act"])
+    with torch.no_grad():
+        want = module(z)
+    got = x.cpu()
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"

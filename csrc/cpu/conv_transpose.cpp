@@ -122,7 +122,9 @@ void run_subpixel(const float* x, float* out, const Geometry& g, const ConvTrans
     for (const auto& px : ph_x) {
       runs.clear();
       const int64_t m = g.n * py.count * px.count;
-      if (px.count >= mr)  // tiles within a row of the phase: all their pixels share the row's y taps
+      // Tiles within a row of the phase share the row's y taps, so a tile on the top or bottom edge skips the
+      // taps that fall outside the image; rows too short for half a tile are packed together instead.
+      if (2 * px.count >= mr)
         for (int64_t row = 0; row < g.n * py.count; ++row) split_rows(row * px.count, px.count, mr, runs);
       else
         split_rows(0, m, mr, runs);
