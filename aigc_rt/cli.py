@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="compare a runtime file with its reference checkpoint")
     v.add_argument("model")
-    v.add_argument("--reference", required=True, help="the Hugging Face GPT-2 folder it was converted from")
+    v.add_argument("--reference", required=True,
+                   help="the Hugging Face GPT-2 folder (or DCGAN state_dict) it was converted from")
     v.add_argument("--backend", default="auto")
     v.add_argument("--atol", type=float, default=None, help="absolute logit tolerance (default: by dtype)")
     v.add_argument("--rtol", type=float, default=None, help="tolerance relative to max |logit| (default: by dtype)")
@@ -136,8 +137,10 @@ def cmd_generate(a):
 
 def cmd_validate(a):
     import aigc_rt
-    from transformers import GPT2LMHeadModel
     m = aigc_rt.load(a.model, backend=a.backend)
+    if m.arch in ("dcgan", "dcgan_d"):
+        return _validate_dcgan(m, a)
+    from transformers import GPT2LMHeadModel
     ref = GPT2LMHeadModel.from_pretrained(a.reference, dtype=torch.float32).eval()
     ref.generation_config.eos_token_id = None  # compare full-length greedy continuations
     atol, rtol = VALIDATE_TOL[m.dtype]
@@ -161,6 +164,30 @@ def cmd_validate(a):
               f"greedy {n_new} tokens {'identical' if same else 'DIFFER'}")
     print(f"{'PASS' if ok else 'FAIL'}: worst logit error {worst:.2f}x its tolerance (dtype {m.dtype}, "
           f"backend {m.backend.name}, atol {atol:g}, rtol {rtol:g})")
+    return 0 if ok else 1
+
+
+def _validate_dcgan(m, a):
+    """A DCGAN file vs the eval-mode torch module of its checkpoint (BatchNorm unfolded), on 8 inputs."""
+    from aigc_rt.convert.dcgan import reference_module
+    ref = reference_module(a.reference)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if m.arch == "dcgan":
+            x = torch.randn(8, m.nz, generator=g)  # (8, nz)
+            got, want = m(x), ref(x[:, :, None, None])
+        else:
+            c = m.config
+            x = torch.rand(8, c.channels, c.image_size, c.image_size, generator=g) * 2 - 1
+            got, want = m.score(x), ref(x).reshape(-1)
+    if got.shape != want.shape:
+        raise ValueError(f"{a.reference} makes outputs of shape {tuple(want.shape)}, {a.model} {tuple(got.shape)}")
+    atol, rtol = VALIDATE_TOL[m.dtype]
+    atol, rtol = atol if a.atol is None else a.atol, rtol if a.rtol is None else a.rtol
+    err, tol = (got - want).abs().max().item(), atol + rtol * want.abs().max().item()
+    ok = err <= tol
+    print(f"{'PASS' if ok else 'FAIL'}: max |output error| {err:.3g} (tol {tol:.3g}) over 8 "
+          f"{'latents' if m.arch == 'dcgan' else 'images'} (backend {m.backend.name})")
     return 0 if ok else 1
 
 

@@ -235,6 +235,21 @@ def test_bad_input(seed_gan, tmp_path):
             call()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_cli_validate(variant, backend, tmp_path, capsys):
+    """`aigc-rt validate` PASSes a file against its own checkpoint and FAILs it against another one."""
+    name, module, src, dst = variant
+    assert main(["validate", str(dst), "--reference", src, "--backend", backend]) == 0
+    assert "PASS" in capsys.readouterr().out
+    with torch.no_grad():
+        next(module.parameters()).mul_(1.01)  # restored below: the module is shared by the module's tests
+    other = save_checkpoint(module, VARIANTS[name][1], tmp_path)
+    with torch.no_grad():
+        next(module.parameters()).div_(1.01)
+    assert main(["validate", str(dst), "--reference", other, "--backend", backend]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_cli_errors_exit_2(seed_gan, tmp_path, capsys):
     _, g_file, _, d_file = seed_gan
     assert main(["imagine", "--model", str(g_file), "-o", str(tmp_path / "missing" / "x.png")]) == 2

@@ -10,6 +10,7 @@ import torch
 import aigc_rt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import train_gan  # noqa: E402
 import train_text  # noqa: E402
 
 
@@ -37,3 +38,48 @@ def test_default_text_model_generates_english():
     out = m.generate("Return a list of", max_new_tokens=24, eos_token_id=[])[0]
     words = out.text.split()
     assert len(words) >= 8 and sum(w.isalpha() for w in words) >= len(words) // 2, out.text
+
+
+def test_default_generator_makes_recognisable_varied_digits():
+    """A logistic-regression classifier fitted on the real digits (train_gan.digit_classifier) must give one
+    class probability >= 0.8 to at least 80% of 64 generated images (seed 0, cpu backend), and those must cover
+    at least 6 of the 10 digits (no mode collapse). Measured at training time: see aigc_rt/data/README.md."""
+    clf, accuracy, real_confident = train_gan.digit_classifier()
+    assert accuracy >= 0.9, f"the classifier itself is poor (held-out accuracy {accuracy:.3f})"
+    g = aigc_rt.load("dcgan-digits")
+    assert g.backend.name == "cpu" and g.config.image_size == 32
+    q = train_gan.digit_quality(clf, g.generate(64, seed=0))
+    print(f"generated: {q['confident']:.3f} confident, {q['classes']} classes {q['counts']}; real held-out digits "
+          f"{real_confident:.3f} confident")
+    assert q["confident"] >= 0.8, q
+    assert q["classes"] >= 6, q
+
+
+def test_default_discriminator_scores_real_digits_above_noise():
+    d = aigc_rt.load("dcgan-digits-d")
+    real, _ = train_gan.digits_32()
+    noise = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real_score, noise_score = d.score(real[::28][:64]).mean().item(), d.score(noise).mean().item()
+    print(f"mean D(real) {real_score:.3f}, D(noise) {noise_score:.3f}")
+    assert real_score > noise_score + 0.2
+
+
+def test_imagine_and_demo_use_the_embedded_generator(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    from aigc_rt.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["imagine", "-n", "64", "--seed", "0", "-o", "grid.png"]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (8 * 34 + 2, 8 * 34 + 2)
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and os.path.join("out", "digits.png") in out and "images/s" in out
+    assert (tmp_path / "out" / "digits.png").is_file()
+
+
+def test_embedded_files_fit_the_size_budget():
+    """All of aigc_rt/data at most 30 MB; the two DCGAN files at most 7.5 MB."""
+    data = os.path.join(os.path.dirname(aigc_rt.__file__), "data")
+    sizes = {f: os.path.getsize(os.path.join(data, f)) for f in os.listdir(data)}
+    assert {"dcgan-digits", "dcgan-digits-d", "gpt2-tiny"} <= set(aigc_rt.embedded_models())
+    assert sum(sizes.values()) <= 30e6, sizes
+    assert sizes["dcgan-digits.safetensors"] + sizes["dcgan-digits-d.safetensors"] <= 7.5e6, sizes

@@ -52,16 +52,31 @@ def tutorial_discriminator(ndf: int = 64) -> DCGAN:
     return DCGAN(*layers, nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(), flatten=True)
 
 
-def randomize_batchnorm(module: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm running statistics and affine parameters (so that folding them matters); eval mode."""
+def randomize_batchnorm(module: DCGAN, seed: int) -> DCGAN:
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding them matters, yet of the scale
+    of the activations, so that the output still depends on the input: the running statistics of one batch of
+    random inputs, then the means shifted by ~0.3 std, the variances scaled by 0.5-2, gamma ~ 1 +- 0.3 and
+    beta ~ +-0.3. Returns the module in eval mode."""
     g = torch.Generator().manual_seed(seed)
+    convs = [m for m in module.main if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    if isinstance(convs[0], nn.ConvTranspose2d):
+        example = torch.randn(64, convs[0].in_channels, 1, 1, generator=g)
+    else:
+        size = 4 * 2 ** (len(convs) - 1)
+        example = torch.rand(64, convs[0].in_channels, size, size, generator=g) * 2 - 1
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # the running statistics of this one batch
     with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.3)
-                m.weight.copy_(1 + torch.randn(m.num_features, generator=g) * 0.3)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+        module.train()(example)
+        for m in bns:
+            m.momentum = 0.1
+            n = m.num_features
+            m.running_mean.add_(torch.randn(n, generator=g) * 0.3 * m.running_var.sqrt())
+            m.running_var.mul_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.copy_(1 + torch.randn(n, generator=g) * 0.3)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.3)
     return module.eval()
 
 

@@ -5,15 +5,18 @@ RGB, scaled to [-1, 1]. Model and training as the seed system: Generator and Dis
 bias=False, BCE loss, Adam(2e-4, betas (0.5, 0.999)), real label 1 / fake label 0. To get ~3x the steps
 in the time budget on a CPU, the convs run under bf16 autocast (fp32 weights, Adam state and loss; the
 discriminator's last conv and sigmoid in fp32) with channels_last tensors; --precision fp32 turns that off.
-Every --eval-every steps the generator is checked in eval mode (BatchNorm running statistics, as the
-runtime folds them) on 512 images from a fixed latent: `digit_quality` (a logistic-regression classifier
-trained on the real digits) gives the fraction it classifies with probability >= 0.8 and how many classes
-those cover. The best checkpoint (most confident images among those covering >= --min-classes (8) classes) is kept; both
-its state_dicts (.pt) are saved and converted with aigc_rt's converter to
+Two generators are kept: G, as trained, and G_ema, the running average of G's weights (decay --ema 0.999),
+which is not trained itself but gives steadier images (as ProGAN/StyleGAN/BigGAN ship). Every --eval-every
+steps each is checked in eval mode, as the runtime folds BatchNorm, with "standing" statistics (running
+mean/var recomputed exactly over 2,048 fresh latents rather than the EMA of a moving G) on 512 images from a
+fixed latent: `digit_quality` (a logistic-regression classifier fitted on the real digits) gives the fraction
+it classifies with probability >= 0.8 and how many classes those cover. The best checkpoint (most confident
+images among those covering >= --min-classes (8) classes) is kept; the generator's and the discriminator's
+state_dicts (.pt) are saved and converted with aigc_rt's converter to
 aigc_rt/data/dcgan-digits.safetensors (generator) and dcgan-digits-d.safetensors (discriminator).
 tests/test_default_models.py checks the shipped generator with the same `digit_quality` (64 images, seed 0).
 
-    python tools/train_gan.py --out build/train_gan [--max-minutes 18] [--max-steps 6000]
+    python tools/train_gan.py --out build/train_gan [--max-minutes 18] [--max-steps 20000]
 """
 from __future__ import annotations
 
@@ -64,6 +67,21 @@ def digit_quality(clf, images: torch.Tensor) -> dict:
     return {"confident": float(sure.mean()), "classes": sum(c > 0 for c in counts), "counts": counts}
 
 
+def standing_statistics(G: nn.Module, batches: int = 8, batch: int = 256) -> nn.Module:
+    """A copy of G in eval mode whose BatchNorm running statistics are the exact averages over `batches`
+    batches of fresh latents (train-mode forward, no gradients), instead of the training EMA of a moving G."""
+    g = copy.deepcopy(G).float().train()
+    for m in g.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    z = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for _ in range(batches):
+            g(torch.randn(batch, NZ, 1, 1, generator=z))
+    return g.eval()
+
+
 def init_weights(m: nn.Module) -> None:
     """The DCGAN paper's init: conv weights N(0, 0.02), BatchNorm weight N(1, 0.02), bias 0."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -77,11 +95,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="build/train_gan")
     ap.add_argument("--max-minutes", type=float, default=18.0)
-    ap.add_argument("--max-steps", type=int, default=6000)
+    ap.add_argument("--max-steps", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: autocast the convs (fp32 master weights, optimizer and loss): ~3x the steps")
+    ap.add_argument("--ema", type=float, default=0.999, help="decay of the weight average G_ema")
     ap.add_argument("--min-classes", type=int, default=8, help="a kept checkpoint covers at least this many")
     ap.add_argument("--dst-dir", default=DATA, help="where the converted files go (default: aigc_rt/data)")
     args = ap.parse_args()
@@ -101,6 +120,7 @@ def main():
     ones, zeros = torch.ones(args.batch), torch.zeros(args.batch)
     bf16 = args.precision == "bf16"
     G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G)  # Polyak average of G's weights, updated after every G step
     real = real.contiguous(memory_format=torch.channels_last)
 
     def d_prob(x):  # D's forward; its last conv and the sigmoid in fp32, so BCE sees probabilities near 0 and 1
@@ -123,18 +143,21 @@ def main():
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.lerp_(p, 1 - args.ema)
         step += 1
         if step % args.eval_every == 0:
-            G.eval()
-            with torch.no_grad():
-                q = digit_quality(clf, G(z_eval))
-            G.train()
             minutes = (time.time() - t0) / 60
-            checkpoints.append({"step": step, "minutes": round(minutes, 1), **q})
-            print(f"step {step} loss_d {loss_d.item():.3f} loss_g {loss_g.item():.3f} {minutes:.1f} min "
-                  f"confident {q['confident']:.3f} classes {q['classes']} {q['counts']}", flush=True)
-            if q["classes"] >= args.min_classes and (best is None or q["confident"] > best[0]["confident"]):
-                best = (checkpoints[-1], copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict()))
+            print(f"step {step} loss_d {loss_d.item():.3f} loss_g {loss_g.item():.3f} {minutes:.1f} min", flush=True)
+            for name, g in (("G", G), ("G_ema", G_ema)):
+                g = standing_statistics(g)
+                with torch.no_grad():
+                    q = digit_quality(clf, g(z_eval))
+                checkpoints.append({"step": step, "minutes": round(minutes, 1), "generator": name, **q})
+                print(f"  {name:5}: confident {q['confident']:.3f} classes {q['classes']} {q['counts']}", flush=True)
+                if q["classes"] >= args.min_classes and (best is None or q["confident"] > best[0]["confident"]):
+                    best = (checkpoints[-1], copy.deepcopy(g.state_dict()), copy.deepcopy(D.state_dict()))
     minutes = (time.time() - t0) / 60
     print(f"trained {step} steps in {minutes:.1f} min", flush=True)
     if best is None:

@@ -169,10 +169,8 @@ def _fold(c: _Conv, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return weight.float().contiguous(), bias.float().contiguous()
 
 
-def convert_dcgan(src: str, dtype: str, variant: str | None = None):
-    """-> (runtime arch, config dict, tensors). variant: a VARIANTS key, None to read it from the shapes."""
-    if dtype != "fp32":
-        raise ValueError(f"DCGAN runtime files hold fp32 weights; dtype={dtype!r} is not supported")
+def _describe(src: str, variant: str | None) -> tuple[str, DCGANConfig, list[_Conv]]:
+    """-> (runtime arch, config, parsed layers) of a checkpoint. variant: a VARIANTS key, None to read it."""
     convs = _parse_layers(read_state_dict(src), src)
     role, size = VARIANTS[variant] if variant else (detect_role(convs, src), None)
     transposed = role == "dcgan"
@@ -187,7 +185,7 @@ def convert_dcgan(src: str, dtype: str, variant: str | None = None):
     if size is not None and size != image_size:
         raise FormatError(f"{src}: arch {variant!r} expects a {size}x{size} {ROLE_NAMES[role]}, but its "
                           f"{len(convs)} layers make a {image_size}x{image_size} one")
-    layers, tensors = [], {}
+    layers = []
     for i, c in enumerate(convs):
         last = i == len(convs) - 1
         c_in, c_out = (c.weight.shape[0], c.weight.shape[1]) if transposed else (c.weight.shape[1], c.weight.shape[0])
@@ -198,10 +196,41 @@ def convert_dcgan(src: str, dtype: str, variant: str | None = None):
             act = "sigmoid" if last else "leaky_relu"
         layers.append(ConvLayer(c_in=int(c_in), c_out=int(c_out), kernel=KERNEL, stride=1 if edge else 2,
                                 padding=0 if edge else 1, act=act))
-        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = _fold(c, transposed)
     try:
         config = DCGANConfig(image_size, tuple(layers)) if transposed else \
             DCGANDiscriminatorConfig(image_size, tuple(layers), leaky_slope=LEAKY_SLOPE)
     except FormatError as e:
         raise FormatError(f"{src}: {e}") from None
+    return role, config, convs
+
+
+def convert_dcgan(src: str, dtype: str, variant: str | None = None):
+    """-> (runtime arch, config dict, tensors). variant: a VARIANTS key, None to read it from the shapes."""
+    if dtype != "fp32":
+        raise ValueError(f"DCGAN runtime files hold fp32 weights; dtype={dtype!r} is not supported")
+    role, config, convs = _describe(src, variant)
+    tensors = {}
+    for i, c in enumerate(convs):
+        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = _fold(c, config.transposed)
     return role, config.to_dict(), tensors
+
+
+def reference_module(src: str) -> torch.nn.Module:
+    """The checkpoint as the eval-mode torch module it came from (BatchNorm unfolded), following the same
+    DCGAN pattern: what `aigc-rt validate` compares a converted file with. Generators take (N, nz, 1, 1);
+    discriminators return (N, 1, 1, 1) probabilities."""
+    from torch import nn
+    role, config, convs = _describe(src, None)
+    acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE), "sigmoid": nn.Sigmoid}
+    modules = []
+    for layer, c in zip(config.layers, convs):
+        cls = nn.ConvTranspose2d if config.transposed else nn.Conv2d
+        conv = cls(layer.c_in, layer.c_out, layer.kernel, layer.stride, layer.padding, bias=c.bias is not None)
+        conv.load_state_dict({"weight": c.weight.float(), **({"bias": c.bias.float()} if c.bias is not None else {})})
+        modules.append(conv)
+        if c.bn is not None:
+            bn = nn.BatchNorm2d(layer.c_out, eps=BN_EPS)
+            bn.load_state_dict({k: v.float() for k, v in c.bn.items()}, strict=False)
+            modules.append(bn)
+        modules.append(acts[layer.act]())
+    return nn.Sequential(*modules).eval()
