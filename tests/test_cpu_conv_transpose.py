@@ -19,6 +19,7 @@ SHAPES = [
     (2, 256, 128, 4, 4, 4, 2, 1, 0),  # DCGAN middle layer
     (1, 111, 64, 5, 3, 4, 2, 1, 0),
     (3, 64, 3, 16, 16, 4, 2, 1, 0),  # DCGAN RGB layer: C_out < one vector takes the col2im path
+    (2, 5, 3, 1, 1, 4, 2, 2, 1),  # col2im with a padding that crops past a 1-pixel input
     (2, 17, 33, 5, 7, 3, 2, 1, 1),
     (1, 5, 1, 3, 2, 5, 3, 2, 2),
     (2, 19, 40, 3, 4, 2, 3, 0, 1),  # stride > kernel: some outputs get no tap (bias only)

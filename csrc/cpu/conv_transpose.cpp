@@ -20,6 +20,7 @@
 // Reference: torch.nn.functional.conv_transpose2d. Tests: tests/test_cpu_conv_transpose.py.
 #include <omp.h>
 
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -111,25 +112,39 @@ void run_subpixel(const float* x, float* out, const Geometry& g, const ConvTrans
   const int mr = isa.rows[wt.nv];
   const auto ph_y = phases_1d(g.h, g.ho, k, wt.stride, wt.padding);
   const auto ph_x = phases_1d(g.w, g.wo, k, wt.stride, wt.padding);
-  struct Item {
+  // Tiles of <= mr output pixels of one phase; pixel m = (n * qy_count + qy) * qx_count + qx. Tiles within a row
+  // of the phase share the row's y taps, so a tile on the top or bottom edge skips the taps that fall outside
+  // the image; rows too short for half a tile are packed together instead.
+  struct Tile {
     const Phase1D *y, *x;
     int64_t m0;
     int rows;
   };
-  std::vector<Item> items;  // tiles of mr output pixels of one phase; pixel m = (n * qy_count + qy) * qx_count + qx
+  std::vector<Tile> tiles;
   std::vector<std::pair<int64_t, int>> runs;
+  std::vector<std::pair<size_t, size_t>> phase_tiles;  // [begin, end) in `tiles` of each phase
   for (const auto& py : ph_y)
     for (const auto& px : ph_x) {
       runs.clear();
-      const int64_t m = g.n * py.count * px.count;
-      // Tiles within a row of the phase share the row's y taps, so a tile on the top or bottom edge skips the
-      // taps that fall outside the image; rows too short for half a tile are packed together instead.
       if (2 * px.count >= mr)
         for (int64_t row = 0; row < g.n * py.count; ++row) split_rows(row * px.count, px.count, mr, runs);
       else
-        split_rows(0, m, mr, runs);
-      for (auto [m0, rows] : runs) items.push_back({&py, &px, m0, rows});
+        split_rows(0, g.n * py.count * px.count, mr, runs);
+      phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
+      for (auto [m0, rows] : runs) tiles.push_back({&py, &px, m0, rows});
     }
+  // Work items: (a run of <= kTilesPerItem tiles of one phase, one block of nr output channels). A thread
+  // works through consecutive items, so the block's weight panels (taps x C_in x nr) stay in its L2 cache
+  // while the tiles stream past them.
+  constexpr size_t kTilesPerItem = 16;
+  struct Item {
+    size_t tile0, tile1;
+    int64_t block;
+  };
+  std::vector<Item> items;
+  for (auto [begin, end] : phase_tiles)
+    for (int64_t j = 0; j < blocks; ++j)
+      for (size_t t = begin; t < end; t += kTilesPerItem) items.push_back({t, std::min(end, t + kTilesPerItem), j});
   const std::vector<float> zeros(g.cin, 0.f);  // the input row of a tap that falls outside the image
   const float* packed = wt.packed.data_ptr<float>();
   const float* bias = wt.bias.data_ptr<float>();
@@ -137,37 +152,34 @@ void run_subpixel(const float* x, float* out, const Geometry& g, const ConvTrans
 #pragma omp parallel if (items.size() > 1)
   {
     std::vector<const float*> a(max_taps * mr), b(max_taps);
-    std::vector<int64_t> tap_index(max_taps);
     float* c[convt::kMaxRows];
-    float* c_base[convt::kMaxRows];
     int64_t qy[convt::kMaxRows], qx[convt::kMaxRows], nn[convt::kMaxRows];
 #pragma omp for schedule(static)
     for (size_t it = 0; it < items.size(); ++it) {
-      const Item& item = items[it];
-      const Phase1D &py = *item.y, &px = *item.x;
-      const int rows = item.rows;
-      for (int r = 0; r < rows; ++r) {
-        const int64_t m = item.m0 + r;
-        qx[r] = m % px.count;
-        qy[r] = (m / px.count) % py.count;
-        nn[r] = m / (px.count * py.count);
-        c_base[r] = out + ((nn[r] * g.ho + py.first + py.step * qy[r]) * g.wo + px.first + px.step * qx[r]) * cout;
-      }
-      int taps = 0;  // taps that reach at least one pixel of the tile
-      for (int ty = 0; ty < py.ntaps; ++ty)
-        for (int tx = 0; tx < px.ntaps; ++tx) {
-          bool any = false;
-          for (int r = 0; r < rows; ++r) {
-            const int64_t iy = qy[r] + py.d[ty], ix = qx[r] + px.d[tx];
-            const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-            a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
-            any |= inside;
-          }
-          if (any) tap_index[taps++] = py.k[ty] * k + px.k[tx];
+      const int64_t j = items[it].block;
+      for (size_t ti = items[it].tile0; ti < items[it].tile1; ++ti) {
+        const Tile& tile = tiles[ti];
+        const Phase1D &py = *tile.y, &px = *tile.x;
+        const int rows = tile.rows;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t m = tile.m0 + r;
+          qx[r] = m % px.count;
+          qy[r] = (m / px.count) % py.count;
+          nn[r] = m / (px.count * py.count);
+          c[r] = out + ((nn[r] * g.ho + py.first + py.step * qy[r]) * g.wo + px.first + px.step * qx[r]) * cout + j * nr;
         }
-      for (int64_t j = 0; j < blocks; ++j) {
-        for (int t = 0; t < taps; ++t) b[t] = packed + (tap_index[t] * blocks + j) * g.cin * nr;
-        for (int r = 0; r < rows; ++r) c[r] = c_base[r] + j * nr;
+        int taps = 0;  // taps that reach at least one pixel of the tile
+        for (int ty = 0; ty < py.ntaps; ++ty)
+          for (int tx = 0; tx < px.ntaps; ++tx) {
+            bool any = false;
+            for (int r = 0; r < rows; ++r) {
+              const int64_t iy = qy[r] + py.d[ty], ix = qx[r] + px.d[tx];
+              const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+              a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
+              any |= inside;
+            }
+            if (any) b[taps++] = packed + ((py.k[ty] * k + px.k[tx]) * blocks + j) * g.cin * nr;
+          }
         const TileArgs args{taps, (int)g.cin, a.data(), b.data(), bias + j * nr, c, (int)std::min(nr, cout - j * nr),
                             act};
         isa.tile[wt.nv][rows](args);
@@ -182,7 +194,7 @@ void run_col2im(const float* x, float* out, const Geometry& g, const ConvTranspo
   const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
   const int mr = isa.rows[wt.nv];
   const int64_t m = g.n * g.h * g.w;
-  std::vector<float> cols(m * ldp);  // P: (input pixel, (ky, kx, co)) products
+  const std::unique_ptr<float[]> cols(new float[m * ldp]);  // P: (input pixel, (ky, kx, co)) products
   std::vector<std::pair<int64_t, int>> runs;
   split_rows(0, m, mr, runs);
   const float* packed = wt.packed.data_ptr<float>();
@@ -194,11 +206,12 @@ void run_col2im(const float* x, float* out, const Geometry& g, const ConvTranspo
     for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
     for (int64_t j = 0; j < blocks; ++j) {
       const float* b = packed + j * g.cin * nr;
-      for (int r = 0; r < rows; ++r) c[r] = cols.data() + (m0 + r) * ldp + j * nr;
+      for (int r = 0; r < rows; ++r) c[r] = cols.get() + (m0 + r) * ldp + j * nr;
       const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, convt::kNone};
       isa.tile[wt.nv][rows](args);
     }
   }
+  // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
   const float* bias = wt.bias.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (g.n * g.ho > 1)
   for (int64_t row = 0; row < g.n * g.ho; ++row) {
@@ -206,16 +219,22 @@ void run_col2im(const float* x, float* out, const Geometry& g, const ConvTranspo
     float* o = out + row * g.wo * cout;  // (W_out, C_out)
     for (int64_t ox = 0; ox < g.wo; ++ox)
       for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
-    for (int64_t ky = 0; ky < k; ++ky) {
-      const int64_t ny = oy + p - ky, iy = ny / s;
-      if (ny < 0 || ny % s || iy >= g.h) continue;
-      for (int64_t ox = 0; ox < g.wo; ++ox)
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const int64_t nx = ox + p - kx, ix = nx / s;
-          if (nx < 0 || nx % s || ix >= g.w) continue;
-          const float* src = cols.data() + ((n * g.h + iy) * g.w + ix) * ldp + (ky * k + kx) * cout;
-          for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] += src[co];
+    for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
+      const int64_t iy = (oy + p - ky) / s;
+      if (iy < 0 || iy >= g.h) continue;
+      const float* p_row = cols.get() + (n * g.h + iy) * g.w * ldp;  // (W, ldp)
+      for (int64_t kx = 0; kx < k; ++kx) {
+        // inputs ix with 0 <= ox = ix*s - p + kx < W_out
+        const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
+        const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
+        const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
+        const float* src = p_row + (ky * k + kx) * cout;
+        for (int64_t ix = ix0; ix < ix1; ++ix) {
+          float* dst = o + (ix * s - p + kx) * cout;
+          const float* sp = src + ix * ldp;
+          for (int64_t co = 0; co < cout; ++co) dst[co] += sp[co];
         }
+      }
     }
     isa.act(o, g.wo * cout, act);
   }
