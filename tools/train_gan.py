@@ -121,7 +121,6 @@ def main():
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: autocast the convs (fp32 master weights, optimizer and loss): ~3x the steps")
     ap.add_argument("--translate", type=int, default=4, help="DiffAugment translation of D's inputs, pixels")
-    ap.add_argument("--lr", type=float, default=2e-4, help="Adam's learning rate, both networks")
     ap.add_argument("--ema", type=float, default=0.999, help="decay of the weight average G_ema")
     ap.add_argument("--min-classes", type=int, default=8, help="a kept checkpoint covers at least this many")
     ap.add_argument("--dst-dir", default=DATA, help="where the converted files go (default: aigc_rt/data)")
@@ -136,8 +135,8 @@ def main():
     G, D = seed_generator(), seed_discriminator()
     G.apply(init_weights)
     D.apply(init_weights)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     bce = nn.BCELoss()
     ones, zeros = torch.ones(args.batch), torch.zeros(args.batch)
     bf16 = args.precision == "bf16"
