@@ -25,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("output_padding") = 0, pybind11::arg("isa") = "auto");
   m.def("conv_transpose", &aigc_rt::cpu::conv_transpose,
-        "act(conv_transpose2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last",
+        "act(conv_transpose2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last "
+        "(NCHW when C_out is below one vector: an image)",
         pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none");
 }

@@ -89,3 +89,20 @@ def test_bad_arguments_raise_value_error():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_outputs_the_caller_holds_are_never_recycled():
+    """The op reuses a layer's output buffer only once the caller has dropped it (and every view of it)."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(6, 20, 4, 4, generator=g), torch.randn(20, generator=g)
+    for weights in (_C.conv_transpose_prepare(w, b, 2, 1, 0), _C.conv_transpose_prepare(w[:, :3], b[:3], 2, 1, 0)):
+        xs = [torch.randn(2, 6, 5, 5, generator=g) for _ in range(3)]
+        first = _C.conv_transpose(xs[0], weights, "relu")
+        view = _C.conv_transpose(xs[1], weights, "relu")[0]  # only a view survives
+        last = _C.conv_transpose(xs[2], weights, "relu")
+        for x, got in ((xs[0], first), (xs[1], view[None]), (xs[2], last)):
+            want = reference(x, w[:, :weights.cout], b[:weights.cout], 2, 1, 0, "relu")
+            assert torch.allclose(got[:1], want[:1], atol=ATOL, rtol=RTOL)
+        ptr = last.data_ptr()
+        del last, got
+        assert _C.conv_transpose(xs[0], weights, "relu").data_ptr() == ptr  # dropped: recycled

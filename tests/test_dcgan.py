@@ -156,6 +156,22 @@ def test_generate_is_seeded_and_backend_independent(seed_gan):
     assert torch.allclose(cpu, ref, atol=ATOL), f"max abs err {(cpu - ref).abs().max():.3g}"
 
 
+def test_results_the_caller_holds_are_never_overwritten(seed_gan):
+    """The cpu backend recycles its output buffers: a later call must not touch a result the caller still holds."""
+    _, g_file, _, _ = seed_gan
+    g, ref = aigc_rt.load(g_file, backend="cpu"), aigc_rt.load(g_file, backend="torch")
+    z = torch.randn(2, 3, 100, generator=torch.Generator().manual_seed(4))
+    first = g(z[0])
+    snapshot = first.clone()
+    second = g(z[1])
+    assert torch.equal(first, snapshot) and not torch.allclose(first, second)
+    for got, want in ((first, ref(z[0])), (second, ref(z[1]))):
+        assert torch.allclose(got, want, atol=ATOL), f"max abs err {(got - want).abs().max():.3g}"
+    del first, snapshot
+    third = g(z[0])  # may reuse the dropped result's buffer
+    assert torch.allclose(third, ref(z[0]), atol=ATOL) and torch.allclose(second, ref(z[1]), atol=ATOL)
+
+
 def test_save_grid_layout(tmp_path):
     """torchvision's make_grid layout: nrow columns, 2 px black padding around and between images; [-1, 1] ->
     round((x + 1) / 2 * 255). Checked on known pixels."""

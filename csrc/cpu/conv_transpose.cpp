@@ -16,8 +16,10 @@
 //
 // Weights are repacked once (conv_transpose_prepare) into panels of nr = lanes * nv output columns:
 //   sub-pixel [k*k taps][ceil(C_out / nr) blocks][C_in][nr]; col2im [ceil(k*k*C_out / nr) blocks][C_in][nr]
-// (column (ky*k + kx)*C_out + co). Activations are channels_last: NHWC in memory, logical (N, C, H, W).
+// (column (ky*k + kx)*C_out + co). Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except
+// a col2im layer's output, an image, which is NCHW. Output buffers are recycled between calls (`recycled`).
 // Reference: torch.nn.functional.conv_transpose2d. Tests: tests/test_cpu_conv_transpose.py.
+#include <c10/util/strides.h>
 #include <omp.h>
 
 #include <memory>
@@ -189,12 +191,11 @@ void run_subpixel(const float* x, float* out, const Geometry& g, const ConvTrans
 }
 
 void run_col2im(const float* x, float* out, const Geometry& g, const ConvTransposeWeights& wt, const Isa& isa,
-                int act) {
+                int act, float* cols) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
   const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
   const int mr = isa.rows[wt.nv];
   const int64_t m = g.n * g.h * g.w;
-  const std::unique_ptr<float[]> cols(new float[m * ldp]);  // P: (input pixel, (ky, kx, co)) products
   std::vector<std::pair<int64_t, int>> runs;
   split_rows(0, m, mr, runs);
   const float* packed = wt.packed.data_ptr<float>();
@@ -206,38 +207,62 @@ void run_col2im(const float* x, float* out, const Geometry& g, const ConvTranspo
     for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
     for (int64_t j = 0; j < blocks; ++j) {
       const float* b = packed + j * g.cin * nr;
-      for (int r = 0; r < rows; ++r) c[r] = cols.get() + (m0 + r) * ldp + j * nr;
+      for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
       const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, convt::kNone};
       isa.tile[wt.nv][rows](args);
     }
   }
   // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
   const float* bias = wt.bias.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (g.n * g.ho > 1)
-  for (int64_t row = 0; row < g.n * g.ho; ++row) {
-    const int64_t n = row / g.ho, oy = row % g.ho;
-    float* o = out + row * g.wo * cout;  // (W_out, C_out)
-    for (int64_t ox = 0; ox < g.wo; ++ox)
-      for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
-    for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
-      const int64_t iy = (oy + p - ky) / s;
-      if (iy < 0 || iy >= g.h) continue;
-      const float* p_row = cols.get() + (n * g.h + iy) * g.w * ldp;  // (W, ldp)
-      for (int64_t kx = 0; kx < k; ++kx) {
-        // inputs ix with 0 <= ox = ix*s - p + kx < W_out
-        const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
-        const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
-        const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
-        const float* src = p_row + (ky * k + kx) * cout;
-        for (int64_t ix = ix0; ix < ix1; ++ix) {
-          float* dst = o + (ix * s - p + kx) * cout;
-          const float* sp = src + ix * ldp;
-          for (int64_t co = 0; co < cout; ++co) dst[co] += sp[co];
+#pragma omp parallel if (g.n * g.ho > 1)
+  {
+    std::vector<float> o(g.wo * cout);  // one output row (W_out, C_out), then written to the NCHW planes
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < g.n * g.ho; ++row) {
+      const int64_t n = row / g.ho, oy = row % g.ho;
+      for (int64_t ox = 0; ox < g.wo; ++ox)
+        for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
+      for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
+        const int64_t iy = (oy + p - ky) / s;
+        if (iy < 0 || iy >= g.h) continue;
+        const float* p_row = cols + (n * g.h + iy) * g.w * ldp;  // (W, ldp)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          // inputs ix with 0 <= ox = ix*s - p + kx < W_out
+          const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
+          const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
+          const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
+          const float* src = p_row + (ky * k + kx) * cout;
+          for (int64_t ix = ix0; ix < ix1; ++ix) {
+            float* dst = o.data() + (ix * s - p + kx) * cout;
+            const float* sp = src + ix * ldp;
+            for (int64_t co = 0; co < cout; ++co) dst[co] += sp[co];
+          }
         }
       }
+      isa.act(o.data(), g.wo * cout, act);
+      for (int64_t co = 0; co < cout; ++co) {
+        float* plane_row = out + ((n * cout + co) * g.ho + oy) * g.wo;
+        for (int64_t ox = 0; ox < g.wo; ++ox) plane_row[ox] = o[ox * cout + co];
+      }
     }
-    isa.act(o, g.wo * cout, act);
   }
+}
+
+// A float32 tensor of this shape and format on the storage `cache` if that has exactly its size and no one else
+// holds it (a returned tensor or a view of it), else on a new storage that becomes the cache: a layer's output
+// buffer is recycled once the caller has dropped the previous one, so a steady stream of same-size batches allocates
+// nothing (fresh large allocations cost a page fault per 4 KiB). Only the storage is cached, never a tensor:
+// the returned tensor is the caller's alone (torch keeps a Python tensor's C++ half alive while C++ holds it).
+torch::Tensor recycled(c10::Storage& cache, at::IntArrayRef sizes, at::MemoryFormat format) {
+  const auto options = torch::dtype(torch::kFloat32);
+  const int64_t bytes = c10::multiply_integers(sizes) * (int64_t)sizeof(float);
+  if (!cache || cache.use_count() != 1 || (int64_t)cache.nbytes() != bytes) {
+    cache = torch::empty({bytes / (int64_t)sizeof(float)}, options).storage();
+  }
+  const c10::DimVector strides = format == at::MemoryFormat::ChannelsLast
+                                     ? c10::DimVector(c10::get_channels_last_strides_2d(sizes))
+                                     : c10::contiguous_strides(sizes);
+  return torch::empty({0}, options).set_(cache, 0, sizes, strides);
 }
 
 }  // namespace
@@ -297,10 +322,18 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvTransposeWeigh
   g.wo = (g.w - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
   AIGC_CHECK(g.h >= 1 && g.w >= 1 && g.ho >= 1 && g.wo >= 1, "conv_transpose: input ", x.sizes(),
              " gives an empty output (", g.ho, " x ", g.wo, ")");
-  auto out = torch::empty({g.n, wt.cout, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // channels_last for the next layer; a col2im layer (few channels: an image) writes plain NCHW
+  const auto format = wt.col2im ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format);
   if (g.n == 0) return out;
   const Isa& isa = isa_named(wt.isa);
-  (wt.col2im ? run_col2im : run_subpixel)(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act);
+  if (wt.col2im) {
+    const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
+    torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
+    run_col2im(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, cols.data_ptr<float>());
+  } else {
+    run_subpixel(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act);
+  }
   return out;
 }
 

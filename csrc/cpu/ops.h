@@ -17,6 +17,7 @@ struct __attribute__((visibility("hidden"))) ConvTransposeWeights {  // ConvTran
   int64_t nv;                  // vectors per panel row
   bool col2im;                 // few output channels: GEMM over input pixels, then col2im
   std::string isa;             // "avx512" or "avx2"
+  mutable c10::Storage out_cache, scratch_cache;  // recycled buffers (conv_transpose.cpp: recycled)
 };
 ConvTransposeWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
                                             int64_t padding, int64_t output_padding, const std::string& isa);
