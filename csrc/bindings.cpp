@@ -5,8 +5,24 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aigc_rt C++ CPU kernels";
   m.def("layernorm", &aigc_rt::cpu::layernorm, "LayerNorm over the last dim (fp32)", pybind11::arg("x"),
-        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out") = pybind11::none());
   m.def("add_layernorm", &aigc_rt::cpu::add_layernorm,
         "residual += x (in place); returns LayerNorm(residual) (fp32)", pybind11::arg("x"),
-        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
+        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"),
+        pybind11::arg("out") = pybind11::none());
+  // linear.cpp, embedding.cpp
+  m.def("linear", &aigc_rt::cpu::linear,
+        "y = act(x @ W^T * scale + bias): fp32 / bf16 / packed-int8 weights, act GELU(tanh) if gelu",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scale") = pybind11::none(), pybind11::arg("gelu") = false,
+        pybind11::arg("out") = pybind11::none());
+  m.def("pack_int8", &aigc_rt::cpu::pack_int8, "int8 (out, in) -> uint8 (out, in padded to 64) rows of q + 128",
+        pybind11::arg("q"));
+  m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8)",
+        pybind11::arg("weight_dtype"));
+  m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,
+        "cap the ISA linear may use: auto, avx512, avx2 or scalar (for tests)", pybind11::arg("cap"));
+  m.def("embedding", &aigc_rt::cpu::embedding, "rows table[ids] as fp32 (int8 tables times their row scale)",
+        pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale") = pybind11::none(),
+        pybind11::arg("out") = pybind11::none());
 }

@@ -79,7 +79,8 @@ def test_cached_decode_equals_full_recompute(converted, backend):
         for pos in range(5, 20):
             tok = step_logits[-1].argmax(-1)
             seq = torch.cat([seq, tok[:, None]], dim=1)
-            step_logits.append(m.decode(tok, torch.full((2,), pos), cache, pos + 1))
+            # decode returns a workspace buffer that the next step overwrites: keep a copy
+            step_logits.append(m.decode(tok, torch.full((2,), pos), cache, pos + 1).clone())
     full = m.logits(seq)  # (2, 20, V), recomputed without a cache
     cached = torch.stack(step_logits, dim=1)  # (2, 16, V): logits after positions 4..19
     err = (cached - full[:, 4:]).abs().max().item()

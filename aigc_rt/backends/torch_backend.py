@@ -1,5 +1,9 @@
 """The `torch` backend: plain PyTorch on any device. It is the reference every other backend is tested
-against, so it favours clarity over speed (fp32 math; low-precision weights are upcast per call)."""
+against, so it favours clarity over speed (fp32 math; low-precision weights are upcast per call).
+
+Every op takes a keyword-only `out=`: a preallocated fp32 tensor of the result's shape that the result is
+written into (and returned). Models pass it on the decode path so that a step allocates nothing; here
+the result is computed and then copied, which is enough for a reference."""
 from __future__ import annotations
 
 import math
@@ -8,13 +12,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..format import dequantize_int8
 from ..sampling import SamplingParams, sample_reference
+
+ACTIVATIONS = (None, "gelu_tanh")
 
 
 @dataclass
 class Linear:
     weight: torch.Tensor  # (out, in), as stored in the file
     bias: torch.Tensor | None  # (out,) fp32
+    scale: torch.Tensor | None = None  # (out,) fp32, int8 weights only: W = weight * scale[:, None]
+
+
+def check_activation(act) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
+
+
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y, or y copied into the caller's buffer `out` (which must have y's shape)."""
+    if out is None:
+        return y
+    if out.shape != y.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(y.shape)}")
+    return out.copy_(y)
 
 
 class TorchBackend:
@@ -24,33 +46,51 @@ class TorchBackend:
         self.device = device
 
     # -- weights -------------------------------------------------------------------------------------
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32))
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor | None = None) -> Linear:
+        """weight (out, in) as stored in the file; scale (out,) fp32 for int8 weights (and only for them)."""
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"a scale is required for int8 weights and only for them (weight {weight.dtype}, "
+                             f"scale {'given' if scale is not None else 'missing'})")
+        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32),
+                      None if scale is None else scale.to(self.device, torch.float32))
 
     # -- ops -----------------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None) -> torch.Tensor:
-        """x (..., in) fp32 -> (..., out) fp32; act None or "gelu_tanh"."""
-        w = lin.weight
-        y = F.linear(x.to(w.dtype), w).float()
-        if lin.bias is not None:
-            y = y + lin.bias
-        return F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) fp32 -> (..., out) fp32; act None or "gelu_tanh". fp32 math: int8 weights are
+        dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
+        (the math of a bf16 x bf16 -> fp32 dot product)."""
+        check_activation(act)
+        if lin.scale is not None:
+            w = dequantize_int8(lin.weight, lin.scale)
+        else:
+            w, x = lin.weight.float(), x.to(lin.weight.dtype).float()
+        y = F.linear(x, w, lin.bias)
+        return _into(out, F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y)
 
-    def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    def embedding(self, table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows table[ids] as fp32, (*ids.shape, C); int8 tables (with scale (V,)) are dequantised."""
+        rows = table[ids].float()
+        return _into(out, rows if scale is None else rows * scale[ids].unsqueeze(-1))
+
+    def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return _into(out, F.layer_norm(x, (x.shape[-1],), w, b, eps))
 
     def add_layernorm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+                      eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """residual += x (in place); returns layernorm(residual)."""
         residual.add_(x)
-        return F.layer_norm(residual, (x.shape[-1],), w, b, eps)
+        return _into(out, F.layer_norm(residual, (x.shape[-1],), w, b, eps))
 
     def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D)."""
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+                         lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D); caches (B, H, S, D); row b attends to its first
         lengths[b] cached positions; max_len >= max(lengths) (a host int). -> (B, H, D)."""
         valid = (torch.arange(max_len, device=q.device) < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
@@ -59,7 +99,7 @@ class TorchBackend:
         v = torch.where(valid, v_cache[:, :, :max_len], 0.0)
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
-        return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+        return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
                seen: torch.Tensor | None) -> torch.Tensor:
