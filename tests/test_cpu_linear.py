@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import aigc_rt
 from aigc_rt import _C
 from aigc_rt.backends.cpu import CpuBackend
 from aigc_rt.backends.torch_backend import TorchBackend
@@ -199,3 +200,45 @@ def test_bad_arguments_raise_value_error():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+class _Traced:
+    """A backend wrapper that puts each op call in a profiler scope named op::NAME."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def traced(*args, **kwargs):
+            with torch.profiler.record_function("op::" + name):
+                return attr(*args, **kwargs)
+        return traced
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_decode_step_allocates_nothing_for_linear_and_layernorm(hf_odd, tmp_path, dtype):
+    """The decode step writes every linear / layernorm / embedding result into the cache's Workspace: the
+    profiler sees no memory allocated inside those ops, and the logits come back in the same buffer each step.
+    (Attention and sampling still go through the torch reference here; they are not checked.)"""
+    m = aigc_rt.load(aigc_rt.convert(hf_odd[0], tmp_path / f"{dtype}.safetensors", dtype=dtype), backend="cpu")
+    m.backend = _Traced(m.backend)
+    cache = m.new_cache(3, m.config.n_positions)
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([4, 2, 3])
+    with torch.inference_mode():
+        m.prefill(torch.randint(0, m.config.vocab_size, (3, 5)), cache)
+        first = m.decode(tokens, positions, cache, 5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            for step in range(3):
+                positions += 1
+                logits = m.decode(tokens, positions, cache, 6 + step)
+                assert logits.data_ptr() == first.data_ptr()
+    ops = {e.key: e for e in prof.key_averages()}
+    for op, calls in {"linear": 4 * m.config.n_layer + 1, "layernorm": 1, "add_layernorm": 2 * m.config.n_layer,
+                      "embedding": 1}.items():
+        e = ops[f"op::{op}"]
+        assert e.count == 3 * calls, f"op::{op} ran {e.count} times, expected {3 * calls}"
+        assert e.cpu_memory_usage == 0, f"op::{op} allocated {e.cpu_memory_usage} bytes during 3 decode steps"
