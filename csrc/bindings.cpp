@@ -11,13 +11,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"),
         pybind11::arg("out") = pybind11::none());
   // linear.cpp, embedding.cpp
-  m.def("linear", &aigc_rt::cpu::linear,
-        "y = act(x @ W^T * scale + bias): fp32 / bf16 / packed-int8 weights, act GELU(tanh) if gelu",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(),
-        pybind11::arg("scale") = pybind11::none(), pybind11::arg("gelu") = false,
+  pybind11::class_<aigc_rt::cpu::PackedLinear>(m, "PackedLinear",
+                                                "a linear layer's weight (out, in) repacked for the kernels")
+      .def(pybind11::init<const torch::Tensor&, const c10::optional<torch::Tensor>&,
+                          const c10::optional<torch::Tensor>&>(),
+           pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("scale") = pybind11::none())
+      .def_readonly("weight", &aigc_rt::cpu::PackedLinear::weight)
+      .def_readonly("bias", &aigc_rt::cpu::PackedLinear::bias)
+      .def_readonly("scale", &aigc_rt::cpu::PackedLinear::scale)
+      .def_readonly("in_features", &aigc_rt::cpu::PackedLinear::in_features)
+      .def_readonly("out_features", &aigc_rt::cpu::PackedLinear::out_features)
+      .def_property_readonly("dtype", &aigc_rt::cpu::PackedLinear::dtype);
+  m.def("linear", &aigc_rt::cpu::linear, "y = act(x @ W^T * scale + bias), act GELU(tanh) if gelu",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu") = false,
         pybind11::arg("out") = pybind11::none());
-  m.def("pack_int8", &aigc_rt::cpu::pack_int8, "int8 (out, in) -> uint8 (out, in padded to 64) rows of q + 128",
-        pybind11::arg("q"));
   m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8)",
         pybind11::arg("weight_dtype"));
   m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,

@@ -132,11 +132,14 @@ def test_non_finite_inputs_reach_the_output(isa, dtype):
     assert y[1].isfinite().all()
 
 
-def test_pack_int8_layout():
-    q = torch.randint(-127, 128, (5, 70), dtype=torch.int8)
-    p = _C.pack_int8(q)
-    assert p.dtype == torch.uint8 and p.shape == (5, 128)
-    assert torch.equal(p[:, :70].int(), q.int() + 128) and bool((p[:, 70:] == 128).all())
+def test_packed_linear_keeps_its_shape_and_parts():
+    q, scale = quantize_int8(torch.randn(17, 70))
+    bias = torch.randn(17)
+    lin = _C.PackedLinear(q, bias, scale)
+    assert (lin.in_features, lin.out_features, lin.dtype) == (70, 17, "int8")
+    assert lin.weight.shape == (2, 64 * 16 * 2) and lin.weight.dtype == torch.uint8  # 2 panels of 16 rows x 128 k
+    assert lin.bias.data_ptr() == bias.data_ptr() and lin.scale.data_ptr() == scale.data_ptr()
+    assert _C.PackedLinear(torch.randn(3, 5).bfloat16()).weight.shape == (1, 6 * 16)
 
 
 def test_quantize_int8_round_trip():
@@ -168,23 +171,21 @@ def test_embedding_matches_reference(dtype):
 def test_bad_arguments_raise_value_error():
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     q, s = quantize_int8(w)
-    packed = _C.pack_int8(q)
+    lin = _C.PackedLinear(w, b)
     cases = [
-        (lambda: _C.linear(x, torch.randn(5, 7)), "does not take 8 input features"),
-        (lambda: _C.linear(x.double(), w), "x must be Float"),
-        (lambda: _C.linear(torch.randn(8, 3).t(), w), "x must be contiguous"),
-        (lambda: _C.linear(x, w.half()), "weight dtype Half is not supported"),
-        (lambda: _C.linear(x, w.t()), "weight must be a contiguous 2-D"),
-        (lambda: _C.linear(x, q, scale=s), "must be packed with pack_int8"),
-        (lambda: _C.linear(x, packed), "scale is required for int8"),
-        (lambda: _C.linear(x, w, scale=s), "scale is required for int8 weights and only for them"),
-        (lambda: _C.linear(x, packed, scale=s[:4]), r"scale has shape \[4\], expected \[5\]"),
-        (lambda: _C.linear(x, w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
-        (lambda: _C.linear(x, w, b.double()), "bias must be a contiguous float32"),
-        (lambda: _C.linear(x, w, out=torch.empty(3, 6)), r"out has shape \[3, 6\], expected \[3, 5\]"),
-        (lambda: _C.linear(x, torch.randn(8, 8), out=x), "out must not overlap x"),
-        (lambda: _C.linear(torch.randn(3, 0), torch.randn(5, 0)), "0 input features"),
-        (lambda: _C.pack_int8(torch.zeros(0, 4, dtype=torch.int8)), "non-empty"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 7))), "does not have 7 input features"),
+        (lambda: _C.linear(x.double(), lin), "x must be Float"),
+        (lambda: _C.linear(torch.randn(8, 3).t(), lin), "x must be contiguous"),
+        (lambda: _C.linear(x, lin, out=torch.empty(3, 6)), r"out has shape \[3, 6\], expected \[3, 5\]"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(8, 8)), out=x), "out must not overlap x"),
+        (lambda: _C.PackedLinear(w.half()), "weight dtype Half is not supported"),
+        (lambda: _C.PackedLinear(w.t()), "non-empty contiguous 2-D"),
+        (lambda: _C.PackedLinear(torch.randn(5, 0)), "non-empty contiguous 2-D"),
+        (lambda: _C.PackedLinear(q), "scale is required for int8"),
+        (lambda: _C.PackedLinear(w, scale=s), "scale is required for int8 weights and only for them"),
+        (lambda: _C.PackedLinear(q, scale=s[:4]), r"scale has shape \[4\], expected \[5\]"),
+        (lambda: _C.PackedLinear(w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
+        (lambda: _C.PackedLinear(w, b.double()), "bias must be a contiguous float32"),
         (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
         (lambda: REF.linear(x, REF.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
         (lambda: CPU.prepare_linear(q, b), "scale is required for int8 weights"),

@@ -1,7 +1,8 @@
-// AVX-512 micro-kernels of the linear layer (see linear.h for the contract, linear.cpp for the op):
-//   fp32 weights: y[n, o] = sum_k x[n, k] * w[o, k]                          (vfmadd231ps)
-//   bf16 weights: y[n, o] = sum_k bf16(x[n, k]) * w[o, k], fp32 accumulation  (vdpbf16ps, avx512_bf16)
-//   int8 weights: y[n, o] = sum_b sx[n, b] * sum_{k in b} (q[o, k] + 128) * xq[n, k]   (vpdpbusd, VNNI)
+// AVX-512 micro-kernels of the linear layer (see linear.h for the packed layout and the contract):
+//   fp32: acc[16 outputs] += w[panel, k, :] * broadcast(x[k])                    (vfmadd231ps)
+//   bf16: acc += w[panel, k/2, :, 0:2] . broadcast(bf16 pair x[k:k+2])          (vdpbf16ps, avx512_bf16)
+//   int8: per block b of 64 inputs, i = sum over quads of (q + 128)[panel, k/4, :, 0:4] . xq[k:k+4] (vpdpbusd,
+//         exact in int32), then acc += float(i) * sx[b]                           (VNNI)
 // Each function carries its own target attribute, so the library loads on any x86-64 CPU; linear.cpp
 // calls these only after __builtin_cpu_supports says the CPU has the features.
 // Tests: tests/test_cpu_linear.py (every ISA the machine has, against plain-PyTorch fp32 math).
@@ -20,117 +21,123 @@
 namespace aigc_rt::cpu::linear_detail {
 namespace {
 
-// bytes ahead of the current position that each weight row is prefetched into L1
+// bytes ahead of the current position that each panel is prefetched into L1
 constexpr int64_t kPrefetchBytes = 1024;
 
 template <int R, int M>
-__attribute__((target(AIGC_AVX512))) inline void store_sums(const Problem& p, int64_t n, int64_t o,
-                                                            __m512 (&acc)[R][M]) {
+AVX512_F32 inline void store_tile(const Problem& p, int64_t n, int64_t panel, __m512 (&acc)[R][M]) {
 #pragma GCC unroll 4
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) p.y[(n + m) * p.ldy + o + r] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = (panel + r) * kPanel;
+    const __mmask16 valid = p.O - o >= kPanel ? __mmask16(0xffff) : __mmask16((1u << (p.O - o)) - 1);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(p.y + (n + m) * p.ldy + o, valid, acc[r][m]);
+  }
+}
+
+template <class T>
+AVX512_F32 inline void prefetch(const T* at) {
+  _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
 }
 
 struct F32Tiles {
-  static constexpr int kR = 4, kM = 4;
+  static constexpr int kR = 4, kM = 8;
+  static constexpr int64_t panels(int64_t rows) { return rows > 6 ? 3 : 4; }  // R * M <= 24 accumulators
   template <int R, int M>
-  AVX512_F32 static void tile(const Problem& p, int64_t n, int64_t o) {
-    const float* w = static_cast<const float*>(p.w) + o * p.ldw;
+  AVX512_F32 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel;  // elements per panel
+    const float* w = static_cast<const float*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     __m512 acc[R][M];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= p.K; k += 16) {
+    for (int64_t k = 0; k < p.K; ++k) {
       __m512 wv[R];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * p.ldw + k) + kPrefetchBytes, _MM_HINT_T0);
-        wv[r] = _mm512_loadu_ps(w + r * p.ldw + k);
+        prefetch(w + r * stride + k * kPanel);
+        wv[r] = _mm512_loadu_ps(w + r * stride + k * kPanel);
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_loadu_ps(x + m * p.x.ld + k);
+        const __m512 xv = _mm512_set1_ps(x[m * p.x.ld + k]);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
       }
     }
-    if (k < p.K) {
-      const __mmask16 tail = static_cast<__mmask16>((1u << (p.K - k)) - 1);
-      __m512 wv[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(tail, w + r * p.ldw + k);
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * p.x.ld + k);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-      }
-    }
-    store_sums<R, M>(p, n, o, acc);
+    store_tile<R, M>(p, n, panel, acc);
   }
 };
 
 struct Bf16Tiles {
-  static constexpr int kR = 4, kM = 4;
+  static constexpr int kR = 4, kM = 8;
+  static constexpr int64_t panels(int64_t rows) { return rows > 6 ? 3 : 4; }
   template <int R, int M>
-  AVX512_BF16 static void tile(const Problem& p, int64_t n, int64_t o) {
-    const uint16_t* w = static_cast<const uint16_t*>(p.w) + o * p.ldw;
-    const uint16_t* x = p.x.xh + n * p.x.ld;  // rows zero-padded to kBf16Pad
+  AVX512_BF16 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 2;  // bf16 elements per panel
+    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
+    const uint32_t* x = p.x.xg + n * p.x.ld;
     __m512 acc[R][M];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < p.K; k += 32) {
-      const __mmask32 valid = p.K - k >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (p.K - k)) - 1);
+    for (int64_t g = 0; g < p.groups; ++g) {
       __m512bh wv[R];
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * p.ldw + k) + kPrefetchBytes, _MM_HINT_T0);
-        wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(valid, w + r * p.ldw + k);
+        prefetch(w + r * stride + g * kPanel * 2);
+        wv[r] = (__m512bh)_mm512_loadu_si512(w + r * stride + g * kPanel * 2);
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * p.x.ld + k);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
       }
     }
-    store_sums<R, M>(p, n, o, acc);
+    store_tile<R, M>(p, n, panel, acc);
   }
 };
 
 struct Int8Tiles {
-  static constexpr int kR = 4, kM = 4;
+  static constexpr int kR = 4, kM = 8;
+  // int32 block sums and fp32 totals: 2 * R * M <= 28 registers
+  static constexpr int64_t panels(int64_t rows) { return rows > 3 ? (rows > 7 ? 1 : 2) : 4; }
   template <int R, int M>
-  AVX512_VNNI static void tile(const Problem& p, int64_t n, int64_t o) {
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + o * p.ldw;  // rows padded to kInt8Block
-    const int8_t* x = p.x.xq + n * p.x.ld;
-    const int64_t blocks = p.ldw / kInt8Block;
-    const float* sx = p.x.sx + n * blocks;
+  AVX512_VNNI static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
+    const uint32_t* x = p.x.xg + n * p.x.ld;
+    const float* sx = p.x.sx + n * p.x.blocks;
+    constexpr int64_t quads = kInt8Block / 4;
     __m512 acc[R][M];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t k = b * kInt8Block;
-      __m512i wv[R];
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * p.ldw + k) + kPrefetchBytes, _MM_HINT_T0);
-        wv[r] = _mm512_loadu_si512(w + r * p.ldw + k);
-      }
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_loadu_si512(x + m * p.x.ld + k);
-        const __m512 scale = _mm512_set1_ps(sx[m * blocks + b]);
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      __m512i dot[R][M];
+#pragma GCC unroll 32
+      for (int i = 0; i < R * M; ++i) dot[i / M][i % M] = _mm512_setzero_si512();
+      for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
+        __m512i wv[R];
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);  // exact in int32
-          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r][m]);
+          prefetch(w + r * stride + g * kPanel * 4);
+          wv[r] = _mm512_loadu_si512(w + r * stride + g * kPanel * 4);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], wv[r], xv);
         }
       }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 scale = _mm512_set1_ps(sx[m * p.x.blocks + b]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][m]), scale, acc[r][m]);
+      }
     }
-    store_sums<R, M>(p, n, o, acc);
+    store_tile<R, M>(p, n, panel, acc);
   }
 };
 

@@ -9,9 +9,17 @@ torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, con
 torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
                             const torch::Tensor& bias, double eps, const c10::optional<torch::Tensor>& out);
 // linear.cpp
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
-                     const c10::optional<torch::Tensor>& scale, bool gelu, const c10::optional<torch::Tensor>& out);
-torch::Tensor pack_int8(const torch::Tensor& q);
+// A linear layer's weight repacked once for the kernels (panels of 16 rows, csrc/cpu/linear.h), with its
+// bias and, for int8, its per-row scale. (Hidden like the pybind11 types that wrap it.)
+struct __attribute__((visibility("hidden"))) PackedLinear {
+  PackedLinear(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+               const c10::optional<torch::Tensor>& scale);
+  std::string dtype() const;  // "fp32", "bf16", "int8"
+  torch::Tensor weight;
+  c10::optional<torch::Tensor> bias, scale;  // (out,) fp32
+  int64_t in_features = 0, out_features = 0;
+};
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out);
 std::string linear_isa(const std::string& weight_dtype);
 void set_linear_isa(const std::string& cap);
 // embedding.cpp
