@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--systems", default=None, help="comma-separated system:dtype list (default: all)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=2, help="timed runs per system; the fastest is reported")
     b.add_argument("--out", default="bench/results", help="folder for the markdown + JSON results ('' to skip)")
     b.set_defaults(func=cmd_bench)
 
@@ -181,7 +182,7 @@ def cmd_bench(a):
     from aigc_rt import bench
     batches = [int(b) for b in a.batches.split(",")]
     if a.model:
-        results, bandwidth = bench.run_file(a.model, a.backend, batches, a.new_tokens, a.prompt_len)
+        results, bandwidth = bench.run_file(a.model, a.backend, batches, a.new_tokens, a.prompt_len, a.repeats)
     else:
         sizes = a.sizes.split(",")
         systems = a.systems.split(",") if a.systems else bench.SYSTEMS
@@ -191,10 +192,11 @@ def cmd_bench(a):
         for s in systems:
             if s not in bench.SYSTEMS:
                 raise ValueError(f"unknown system {s!r}; choose from {', '.join(bench.SYSTEMS)}")
-        results, bandwidth = bench.run(sizes, batches, systems, a.backend, a.new_tokens, a.prompt_len)
+        results, bandwidth = bench.run(sizes, batches, systems, a.backend, a.new_tokens, a.prompt_len, a.repeats)
     print(bench.table(results))
     if a.out:
-        note = f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy."
+        note = (f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, best of {a.repeats} runs "
+                f"(after a warm-up).")
         for path in bench.save(results, bandwidth, a.out, note):
             print(f"wrote {path}")
 
