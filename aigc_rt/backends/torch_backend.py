@@ -85,9 +85,10 @@ class TorchBackend:
         residual.add_(x)
         return _into(out, F.layer_norm(residual, (x.shape[-1],), w, b, eps))
 
-    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D). out may be strided."""
+        return _into(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +103,6 @@ class TorchBackend:
         return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
-               seen: torch.Tensor | None) -> torch.Tensor:
+               seen: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, V) fp32 -> token ids (B,) int64; -1 marks a row with NaN/inf logits."""
-        return sample_reference(logits, params, u, seen)
+        return _into(out, sample_reference(logits, params, u, seen))

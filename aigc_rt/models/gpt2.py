@@ -182,8 +182,9 @@ class GPT2:
             if cache is not None:
                 cache.k[layer, :, :, :T] = k
                 cache.v[layer, :, :, :T] = v
-            o = self.backend.attention_prefill(q.contiguous(), k.contiguous(), v.contiguous())
-            return out.view(B, T, H, D).copy_(o.transpose(1, 2)).view(B * T, C)
+            self.backend.attention_prefill(q.contiguous(), k.contiguous(), v.contiguous(),
+                                           out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) view of out
+            return out
 
         return self._blocks(ws, attend).view(B, T, C)
 

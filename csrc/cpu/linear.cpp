@@ -11,8 +11,8 @@
 // PackedLinear repacks W once at load into panels of 16 output rows (linear.h). Work split: OpenMP threads
 // take contiguous runs of panels; inside, register tiles of up to 4 panels x 8 activation rows, so W is
 // streamed once per call for up to 8 rows (decode) and once per 8-row tile from cache beyond (prefill).
-// The micro-kernel is picked at run time per weight type: AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for
-// int8), else AVX2+FMA, else portable C++.
+// The micro-kernel is picked at run time per weight type: AMX (bf16 and int8, for 4+ activation rows),
+// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8), else AVX2+FMA, else portable C++.
 // Tests: tests/test_cpu_linear.py (every ISA this CPU has, against plain-PyTorch fp32 math).
 #include "cpu/linear.h"
 
@@ -31,9 +31,9 @@ using namespace linear_detail;
 
 namespace {
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2 };
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
-Isa g_isa_cap = Isa::avx512;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+Isa g_isa_cap = Isa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
 
 bool cpu_has(Isa isa, WeightType t) {
   switch (isa) {
@@ -42,6 +42,7 @@ bool cpu_has(Isa isa, WeightType t) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
              (t != WeightType::int8 || __builtin_cpu_supports("avx512vnni"));
+    case Isa::amx: return t != WeightType::f32 && cpu_has(Isa::avx512, t) && amx_available();
     case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::scalar: return true;
   }
@@ -58,7 +59,9 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // k values per packed group, and the packed K, by weight type (linear.h)
 constexpr int64_t group_size(WeightType t) { return t == WeightType::f32 ? 1 : t == WeightType::bf16 ? 2 : 4; }
-int64_t packed_k(WeightType t, int64_t K) { return round_up(K, t == WeightType::int8 ? kInt8Block : group_size(t)); }
+int64_t packed_k(WeightType t, int64_t K) {
+  return round_up(K, t == WeightType::int8 ? kInt8Block : t == WeightType::bf16 ? kBf16Chunk : 1);
+}
 
 // -- portable micro-kernel (int8: u = q + 128, the epilogue subtracts the 128, see linear.h) -----------------
 inline float decode(float w) { return w; }
@@ -81,6 +84,7 @@ void scalar_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t
 }
 
 MicroKernel kernel_for(Isa isa, WeightType t) {
+  if (isa == Isa::amx) return amx_kernel(t);
   if (isa == Isa::avx512) return avx512_kernel(t);
   if (isa == Isa::avx2) return avx2_kernel(t);
   switch (t) {
@@ -297,7 +301,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
 
   const Isa isa = pick_isa(t);
   const MicroKernel kernel = kernel_for(isa, t);
-  const bool dot = isa == Isa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
+  const bool dot = isa >= Isa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
   const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
   // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N,) shifts
   const int64_t ld = t == WeightType::f32 ? K : dot ? K_pad / G : K_pad;
@@ -358,13 +362,13 @@ std::string linear_isa(const std::string& weight_dtype) {
 }
 
 void set_linear_isa(const std::string& cap) {
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < 4; ++i)
     if (cap == kIsaNames[i]) {
       g_isa_cap = static_cast<Isa>(i);
       return;
     }
-  AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, avx512, avx2, scalar)");
-  g_isa_cap = Isa::avx512;
+  AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, amx, avx512, avx2, scalar)");
+  g_isa_cap = Isa::amx;
 }
 
 }  // namespace aigc_rt::cpu

@@ -4,7 +4,8 @@
 // Packed weight layout (made once at load by PackedLinear): panels of 16 output rows. Within a panel the
 // weights are stored k-group by k-group, each group holding G consecutive k of all 16 rows:
 //   packed[panel][k / G][row % 16][k % G],   G = 1 (fp32), 2 (bf16 pairs), 4 (int8 quads)
-// Rows past `out` and k past `in` are zero (int8: stored as q + 128, so 128). A micro-kernel broadcasts one
+// Rows past `out` and k past `in` are zero (int8: stored as q + 128, so 128); K is padded to a multiple of
+// kBf16Chunk (bf16) or kInt8Block (int8), so a panel is a whole number of AMX B tiles. A micro-kernel broadcasts one
 // activation group and multiplies it into a whole panel (one vector of 16 outputs): no horizontal sums,
 // and each thread streams a contiguous run of panels.
 //
@@ -21,14 +22,16 @@ namespace aigc_rt::cpu::linear_detail {
 
 constexpr int64_t kPanel = 16;     // output rows per panel
 constexpr int64_t kInt8Block = 64; // int8: activations quantised per block of this many inputs; K padded to it
+constexpr int64_t kBf16Chunk = 32; // bf16: K padded to a multiple of this (one 64-byte AMX tile row)
 
 enum class WeightType { f32, bf16, int8 };
 
 // Activations prepared once per call (linear.cpp prepare_row):
 //   fp32 weights:            xf = x
-//   bf16 weights, avx512:    xg = bf16(x) as 32-bit pairs (k, k+1), zero-padded      (vdpbf16ps)
+//   bf16 weights, avx512:    xg = bf16(x) as 32-bit pairs (k, k+1), zero-padded      (vdpbf16ps, AMX)
 //   bf16 weights, else:      xf = float(bf16(x))                                      (the same math in fp32)
-//   int8 weights, avx512:    xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs (VNNI)
+//   int8 weights, avx512:    xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
+//                            (VNNI, AMX)
 //   int8 weights, else:      xf = xq * sx[b]                                          (the same, dequantised)
 // int8 weights are stored as u = q + 128, so every int8 kernel sums u * xd (xd = xq * sx, the dequantised
 // activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale.
@@ -52,9 +55,11 @@ struct Problem {
 
 using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0, int64_t p1);
 
-// Per ISA: the micro-kernel for each weight type.
+// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available()).
+MicroKernel amx_kernel(WeightType t);
 MicroKernel avx512_kernel(WeightType t);
 MicroKernel avx2_kernel(WeightType t);
+bool amx_available();  // the CPU has AMX and the OS let this process use it
 
 // The loop every micro-kernel shares: register tiles of R panels x up to Tiles::kM activation rows. The
 // tile height R is chosen once per call from the first tile's row count (Tiles::panels(M): as many panels
