@@ -5,7 +5,7 @@
     x is rounded to W's dtype first (as the torch backend's F.linear(x.to(w.dtype), w)); products and the
     accumulation are fp32, so low-precision weights lose nothing more than that rounding.
 
-Two kernels, picked by `use_gemv`:
+Two kernels, picked by the number of rows M (GEMV_MAX_M):
 - _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32), for prefill and for
   batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once.
 - _gemv_kernel: batch-1 decode, y = W x as a broadcast multiply + row sums over narrow row blocks (more
@@ -19,8 +19,7 @@ import triton
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_tensor, device_fn, dot, gelu_tanh,
-                    gemv_settings,
-                    linear_settings)
+                    gemv_settings, linear_settings)
 
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
@@ -72,13 +71,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_stride,
     tl.store(y_ptr + row * y_stride + cols, y, mask=cols < N)
 
 
-def use_gemv(M: int) -> bool:
-    return M <= GEMV_MAX_M
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
-           out=None) -> torch.Tensor:
-    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> (..., N) fp32."""
+           out=None, kernel: str | None = None) -> torch.Tensor:
+    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> (..., N) fp32.
+    kernel: "gemv" | "gemm" | None (pick by the number of rows); tests and benchmarks force one."""
     check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
     dev = x.device
     check_tensor("weight", w, 2, FLOAT_DTYPES, dev)
@@ -93,6 +89,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
             raise ValueError(f"bias must be a contiguous ({N},) tensor, got {tuple(b.shape)}")
     if act not in (None, "gelu_tanh"):
         raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
+    if kernel not in (None, "gemv", "gemm"):
+        raise ValueError(f"kernel must be None, 'gemv' or 'gemm', got {kernel!r}")
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
     y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
@@ -100,7 +98,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         return y
     bias = w if b is None else b  # a dummy pointer when HAS_BIAS is off
     flags = dict(HAS_BIAS=b is not None, GELU=act == "gelu_tanh")
-    if use_gemv(M):
+    if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
         s = gemv_settings(N, w.dtype, dev)
         _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](x2, w, bias, y, N, K, x2.stride(0), K, N, **flags, **s)
     else:
