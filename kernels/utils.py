@@ -21,7 +21,6 @@ def _probe_kernel():
 INTERPRETER = isinstance(_probe_kernel, InterpretedFunction)
 
 
-
 def device_fn(fn):
     """@triton.jit for helpers that kernels call. Under the interpreter a helper runs as plain Python in its
     caller's already patched triton.language (an interpreted @triton.jit helper re-patches the whole
@@ -29,8 +28,7 @@ def device_fn(fn):
     return fn if INTERPRETER else triton.jit(fn)
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-FLOAT_DTYPES = (torch.float32, *LOW_PRECISION)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
 
@@ -75,8 +73,7 @@ def num_sms(device: torch.device) -> int:
 
 
 def row_settings(n: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for kernels that stream one row of n elements per program (LayerNorm: the whole
-    row in registers; sampling: blocks of the vocabulary)."""
+    """(BLOCK, num_warps) for layernorm.py: one row of n elements per program, all of it in registers."""
     block = triton.next_power_of_2(max(n, 16))
     if INTERPRETER:
         return block, 1
