@@ -114,7 +114,10 @@ def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    small = dtype == torch.float32 or block_d > 128  # fp32 tiles take twice the registers
+    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    if fp32 and block_d > 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    small = fp32 or block_d > 128
     return dict(BLOCK_M=64 if small else 128, BLOCK_N=32 if small else 64, BLOCK_D=block_d, num_warps=4,
                 num_stages=2 if small else 3)
 

@@ -121,7 +121,7 @@ ATTN_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bflo
 
 
 @pytest.mark.parametrize("B,H,T,D", shapes([(1, 1, 1, 64), (2, 3, 17, 80), (1, 2, 33, 96), (1, 1, 40, 128),
-                                            (2, 1, 19, 32), (1, 1, 5, 7)],
+                                            (2, 1, 19, 32), (1, 1, 5, 7), (1, 1, 9, 200)],
                                            [(1, 12, 1024, 64), (4, 25, 333, 64), (2, 20, 500, 80),
                                             (1, 16, 257, 96), (2, 8, 300, 128)]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
@@ -318,4 +318,4 @@ def test_kernels_compile_for_gpu():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_triton_kernels.py")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("-> sm_90") >= 15, r.stdout
+    assert r.stdout.count("-> sm_90") >= 16, r.stdout

@@ -28,7 +28,8 @@ W16 = {"w_ptr": "*bf16"}
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
 KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
 
-# (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU
+# (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU.
+# Compiled with triton's default num_stages (3), so the shared memory printed is an upper bound.
 VARIANTS = [
     (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=True, BLOCK_C=2048), 8),
     (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=False, BLOCK_C=1024), 4),
@@ -45,6 +46,8 @@ VARIANTS = [
     (attention._attention_kernel, QKV, "bf16", dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128,
                                                     WIDEN_DOT=False), 4),
     (attention._attention_kernel, QKV, "fp16", dict(HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
+                                                    WIDEN_DOT=False), 4),
+    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=256, BLOCK_M=32, BLOCK_N=32, BLOCK_D=256,
                                                     WIDEN_DOT=False), 4),
     (decode_attention._decode_split_kernel, KV, "fp32", dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_N=64, BLOCK_D=64), 4),
     (decode_attention._decode_split_kernel, KV, "bf16", dict(HEAD_DIM=80, SPLIT_LEN=64, BLOCK_N=64, BLOCK_D=128),
