@@ -134,7 +134,11 @@ class GPT2:
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int) -> torch.Tensor:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
-        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32."""
+        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32.
+        The backend runs the step (the triton backend replays it from a CUDA graph)."""
+        return self.backend.run_decode(self._decode_step, tokens, positions, cache, max_len)
+
+    def _decode_step(self, tokens, positions, cache: KVCache, max_len: int) -> torch.Tensor:
         B = tokens.shape[0]
         rows = torch.arange(B, device=tokens.device)
         lengths = positions + 1
