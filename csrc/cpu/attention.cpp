@@ -12,7 +12,6 @@
 //   register-tiled Q K^T and P V products on packed blocks; the T x T matrix never exists.
 //   Inputs may have any strides with a contiguous last dim (e.g. (B,T,H,D) tensors viewed as (B,H,T,D)).
 // Kernel bodies: attention_kernels.h (one copy per ISA, see vec.h). Tests: tests/test_cpu_attention.py.
-#include <ATen/MemoryOverlap.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -83,6 +82,20 @@ static void check_float(const torch::Tensor& t, const char* name, int64_t dim) {
              t.strides());
 }
 
+// Whether the memory spans of two tensors intersect (conservative for strided views).
+static bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const torch::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* first = static_cast<const char*>(t.data_ptr());
+    return std::pair{first, first + (last + 1) * t.element_size()};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 // The output: `out` when given (checked), else a new tensor of `shape` laid out in memory as `layout`
 // (a permutation of the dims) and returned as a view of that shape.
 static torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArrayRef shape, at::IntArrayRef layout,
@@ -95,7 +108,7 @@ static torch::Tensor output(const std::optional<torch::Tensor>& out, at::IntArra
   check_float(*out, "out", shape.size());
   AIGC_CHECK(out->sizes() == shape, op, ": out has shape ", out->sizes(), ", expected ", shape);
   for (const torch::Tensor* in : inputs)
-    AIGC_CHECK(at::get_overlap_status(*out, *in) == at::MemOverlapStatus::No, op, ": out overlaps an input");
+    AIGC_CHECK(!overlap(*out, *in), op, ": out overlaps an input");
   return *out;
 }
 

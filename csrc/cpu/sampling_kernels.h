@@ -4,21 +4,34 @@
 
 #include "cpu/vec_rows.h"
 
-// true iff x[0, n) holds no NaN or inf: x * 0 is NaN exactly for those, and a NaN survives the sum
-static bool all_finite(const float* x, int64_t n) {
-  Vec acc = Vec::zero();
+// Both one-pass scans below also tell whether x[0, n) is finite: x * 0 is NaN exactly for NaN and inf, and
+// a NaN survives the sum.
+
+// max of x[0, n); finite = no NaN or inf in x
+static float max_and_finite(const float* x, int64_t n, bool& finite) {
+  Vec mx = Vec::all(kNegInf), nan = Vec::zero();
   int64_t i = 0;
-  for (; i + W <= n; i += W) acc = Vec::fma(Vec::load(x + i), Vec::zero(), acc);
-  if (i < n) acc = Vec::fma(Vec::load(x + i, n - i), Vec::zero(), acc);
-  return acc.sum() == 0.f;
+  for (; i + W <= n; i += W) {
+    const Vec xi = Vec::load(x + i);
+    mx = Vec::max(mx, xi);
+    nan = Vec::fma(xi, Vec::zero(), nan);
+  }
+  if (i < n) {
+    const Vec xi = Vec::load(x + i, n - i);
+    mx = Vec::max(mx, Vec::select(Vec::first(n - i), xi, Vec::all(kNegInf)));
+    nan = Vec::fma(xi, Vec::zero(), nan);
+  }
+  finite = nan.sum() == 0.f;
+  return mx.hmax();
 }
 
 // z = x with HF's repetition penalty on seen tokens (x < 0 ? x * penalty : x / penalty), then divided by
-// the temperature; each step rounds as the reference's fp32 torch ops do. seen may be null. Returns max z.
+// the temperature; each step rounds as the reference's fp32 torch ops do. seen may be null. Returns max z;
+// finite = no NaN or inf in x.
 static float penalise_and_scale(const float* x, const bool* seen, int64_t n, float penalty, float temperature,
-                                float* z) {
+                                float* z, bool& finite) {
   const Vec pen = Vec::all(penalty), temp = Vec::all(temperature);
-  Vec mx = Vec::all(kNegInf);
+  Vec mx = Vec::all(kNegInf), nan = Vec::zero();
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const Vec xi = Vec::load(x + i);
@@ -28,15 +41,18 @@ static float penalise_and_scale(const float* x, const bool* seen, int64_t n, flo
     if (temperature != 1.f) zi = zi / temp;
     zi.store(z + i);
     mx = Vec::max(mx, zi);
+    nan = Vec::fma(xi, Vec::zero(), nan);
   }
-  float m = mx.hmax();
+  float m = mx.hmax(), nan_tail = 0.f;
   for (; i < n; ++i) {
     float zi = x[i];
     if (seen && seen[i]) zi = zi < 0.f ? zi * penalty : zi / penalty;
     if (temperature != 1.f) zi = zi / temperature;
     z[i] = zi;
     m = std::max(m, zi);
+    nan_tail += x[i] * 0.f;
   }
+  finite = nan.sum() + nan_tail == 0.f;
   return m;
 }
 
@@ -189,7 +205,6 @@ static int64_t draw(const float* w, const int32_t* ids, int64_t n, float t, floa
 static int64_t sample_row(const SampleProblem& p, int64_t row) {
   const int64_t V = p.V, slot = V + W;
   const float* x = p.logits + row * p.logits_stride;
-  if (!all_finite(x, V)) return -1;
   const bool* seen = p.seen ? p.seen + row * p.seen_stride : nullptr;
   const float temperature = p.do_sample ? p.temperature : 1.f;
   float* zbuf = thread_scratch(ScratchSlot::worker, 6 * slot);
@@ -199,12 +214,14 @@ static int64_t sample_row(const SampleProblem& p, int64_t row) {
 
   const float* z = x;  // penalised, scaled logits
   float zmax;
+  bool finite;
   if (seen || temperature != 1.f) {
-    zmax = penalise_and_scale(x, seen, V, p.penalty, temperature, zbuf);
+    zmax = penalise_and_scale(x, seen, V, p.penalty, temperature, zbuf, finite);
     z = zbuf;
   } else {
-    zmax = max_of(x, V);
+    zmax = max_and_finite(x, V, finite);
   }
+  if (!finite) return -1;
   if (!p.do_sample) return first_index_of(z, V, zmax);
   if (!std::isfinite(zmax)) return -1;  // the penalty or temperature overflowed fp32
 

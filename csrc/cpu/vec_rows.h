@@ -25,7 +25,7 @@ struct Accumulator {
 };
 
 // max of x[0, n), n >= 1
-static float max_of(const float* x, int64_t n) {
+static inline float max_of(const float* x, int64_t n) {
   Vec m = Vec::all(kNegInf);
   int64_t i = 0;
   for (; i + W <= n; i += W) m = Vec::max(m, Vec::load(x + i));
@@ -34,7 +34,7 @@ static float max_of(const float* x, int64_t n) {
 }
 
 // out[j] = exp(x[j] - shift) for j < n (out may be x); returns their sum
-static double exp_shift_sum(const float* x, float* out, int64_t n, float shift) {
+static inline double exp_shift_sum(const float* x, float* out, int64_t n, float shift) {
   const Vec sh = Vec::all(shift);
   Accumulator acc;
   int64_t i = 0;
