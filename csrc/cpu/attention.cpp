@@ -9,7 +9,8 @@
 // attention_prefill: causal self-attention of T positions,
 //   out[b,h,i,:] = sum_{j <= i} softmax_j(scale * q[b,h,i,:] . k[b,h,j,:]) v[b,h,j,:]
 //   flash-attention style: blocks of query rows per OpenMP task, an online softmax over blocks of keys,
-//   register-tiled Q K^T and P V products on packed blocks; the T x T matrix never exists.
+//   register-tiled Q K^T and P V products (keys transposed into panels once per call, values read in place);
+//   the T x T matrix never exists.
 //   Inputs may have any strides with a contiguous last dim (e.g. (B,T,H,D) tensors viewed as (B,H,T,D)).
 // Kernel bodies: attention_kernels.h (one copy per ISA, see vec.h). Tests: tests/test_cpu_attention.py.
 #include <omp.h>
@@ -36,9 +37,12 @@ struct DecodeProblem {
   float scale;
 };
 
+constexpr int64_t kPrefillKeyBlock = 64;  // keys per prefill block
+
 struct PrefillProblem {
   const float *q, *k, *v;  // (B, H, T, D) each, strides in elements
   float* out;              // (B, H, T, D)
+  float* kt;               // (B*H, key blocks, D, kPrefillKeyBlock): the keys, transposed per block
   int64_t q_b, q_h, q_t, k_b, k_h, k_t, v_b, v_h, v_t, o_b, o_h, o_t;
   int64_t B, H, T, D;
   float scale;
@@ -46,6 +50,7 @@ struct PrefillProblem {
 
 struct AttentionKernels {
   void (*decode_item)(const DecodeProblem&, int64_t item);
+  void (*pack_keys)(const PrefillProblem&, int64_t item);
   void (*prefill_item)(const PrefillProblem&, int64_t item);
   int64_t prefill_block_rows;  // query rows per prefill item
 };
@@ -184,14 +189,21 @@ torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, 
   torch::Tensor o = output(out, {B, H, T, D}, {0, 2, 1, 3}, {&q, &k, &v}, "attention_prefill");
   if (B == 0 || H == 0 || T == 0) return o;
 
+  const int64_t key_blocks = B * H * ((T + kPrefillKeyBlock - 1) / kPrefillKeyBlock);
   PrefillProblem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), o.data_ptr<float>(),
+                   thread_scratch(ScratchSlot::host, key_blocks * D * kPrefillKeyBlock),
                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                    B, H, T, D, 1.f / std::sqrt((float)D)};
   const AttentionKernels& kern = kernels();
   const int64_t items = B * H * ((T + kern.prefill_block_rows - 1) / kern.prefill_block_rows);
-#pragma omp parallel for schedule(dynamic) if (items > 1)
-  for (int64_t item = 0; item < items; ++item) kern.prefill_item(p, item);
+#pragma omp parallel if (items > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < key_blocks; ++item) kern.pack_keys(p, item);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) kern.prefill_item(p, item);
+  }
   return o;
 }
 

@@ -104,12 +104,25 @@ static void decode_item(const DecodeProblem& p, int64_t item) {
 // ---- prefill: flash-attention blocks, kBQ query rows x kBK keys, online softmax over key blocks -------
 
 static constexpr int MR = Vec::MR, NK = Vec::NK;  // register tile: MR rows x NK vectors
-static constexpr int64_t kBK = 64, kBQ = MR * 10;
-static_assert(kBK % (NK * W) == 0, "a key block is a whole number of register tiles");
+static constexpr int64_t kBQ = MR * 10;
+static_assert(kPrefillKeyBlock % (NK * W) == 0, "a key block is a whole number of register tiles");
+static constexpr int64_t kBK = kPrefillKeyBlock;
 
-// s[MR][kBK] (columns < nk, rounded up to NK*W) = qs[MR][D] x kt[D][kBK]
-static void qk_tile(const float* qs, int64_t D, const float* kt, int64_t nk, float* s) {
-  for (int64_t c = 0; c < nk; c += NK * W) {
+// item = (b * H + h) * key_blocks + kb: p.kt[item] (D, kBK) = keys [kb*kBK, +kBK) of (b, h), transposed,
+// zero past T. Done once per call, so every query block reads its keys as ready-made GEMM panels.
+static void pack_keys(const PrefillProblem& p, int64_t item) {
+  const int64_t nkb = (p.T + kBK - 1) / kBK, kb = item % nkb, bh = item / nkb, D = p.D;
+  const int64_t k0 = kb * kBK, nk = std::min(kBK, p.T - k0);
+  const float* k = p.k + bh / p.H * p.k_b + bh % p.H * p.k_h + k0 * p.k_t;
+  float* kt = p.kt + item * D * kBK;
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * kBK + j] = k[j * p.k_t + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kBK + nk, kt + (d + 1) * kBK, 0.f);
+}
+
+// s[MR][kBK] (columns < n, rounded up to NK*W) = qs[MR][D] x kt[D][kBK]
+static void qk_tile(const float* qs, int64_t D, const float* kt, int64_t n, float* s) {
+  for (int64_t c = 0; c < n; c += NK * W) {
     Vec acc[MR][NK];
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r)
@@ -133,9 +146,11 @@ static void qk_tile(const float* qs, int64_t D, const float* kt, int64_t nk, flo
   }
 }
 
-// o[MR][NV*W] (row stride Dp) = alpha[r] * o + p[MR][kBK](columns < nk) x vp[nk][NV*W] (row stride Dp)
+// o[MR][NV*W] (row stride Dp) = alpha[r] * o + p[MR][kBK](columns < n) x v[n][NV*W] (rows at stride vs;
+// the last vector of each row holds `last` valid lanes, read masked)
 template <int NV>
-static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float* p, const float* vp, int64_t nk) {
+static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float* p, const float* v, int64_t vs,
+                          int64_t n, int last) {
   Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -143,10 +158,11 @@ static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float*
 #pragma GCC unroll 8
     for (int t = 0; t < NV; ++t) acc[r][t] = Vec::load(o + r * Dp + t * W) * a;
   }
-  for (int64_t j = 0; j < nk; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     Vec vv[NV];
 #pragma GCC unroll 8
-    for (int t = 0; t < NV; ++t) vv[t] = Vec::load(vp + j * Dp + t * W);
+    for (int t = 0; t < NV - 1; ++t) vv[t] = Vec::load(v + j * vs + t * W);
+    vv[NV - 1] = Vec::load(v + j * vs + (NV - 1) * W, last);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const Vec pb = Vec::all(p[r * kBK + j]);
@@ -162,21 +178,18 @@ static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float*
 
 // item: query block qb (the last, longest blocks first: better load balance) of row b, head h
 static void prefill_item(const PrefillProblem& p, int64_t item) {
-  const int64_t BH = p.B * p.H, nqb = (p.T + kBQ - 1) / kBQ;
-  const int64_t qb = nqb - 1 - item / BH, b = item % BH / p.H, h = item % p.H;
+  const int64_t BH = p.B * p.H, nqb = (p.T + kBQ - 1) / kBQ, nkb = (p.T + kBK - 1) / kBK;
+  const int64_t qb = nqb - 1 - item / BH, bh = item % BH, b = bh / p.H, h = bh % p.H;
   const int64_t D = p.D, Dp = round_up(D, W), q0 = qb * kBQ, nq = std::min(kBQ, p.T - q0);
   const int64_t nq_pad = round_up(nq, MR);
-  float* qs = thread_scratch(ScratchSlot::worker, kBQ * D + D * kBK + kBK * Dp + kBQ * kBK + kBQ * Dp + 3 * kBQ);
-  float* kt = qs + kBQ * D;    // (D, kBK): keys of the block, transposed
-  float* vp = kt + D * kBK;    // (kBK, Dp): values of the block, zero-padded columns
-  float* s = vp + kBK * Dp;    // (kBQ, kBK): scores, then probabilities
+  float* qs = thread_scratch(ScratchSlot::worker, kBQ * D + kBQ * kBK + kBQ * Dp + 3 * kBQ);
+  float* s = qs + kBQ * D;     // (kBQ, kBK): scores, then probabilities
   float* o = s + kBQ * kBK;    // (kBQ, Dp): unnormalised outputs
   float* m = o + kBQ * Dp;     // (kBQ,): running max
   float* l = m + kBQ;          // (kBQ,): running sum of exp(score - m)
   float* alpha = l + kBQ;      // (kBQ,): rescale of o for this key block
 
   const float* qbh = p.q + b * p.q_b + h * p.q_h;
-  const float* kbh = p.k + b * p.k_b + h * p.k_h;
   const float* vbh = p.v + b * p.v_b + h * p.v_h;
   for (int64_t i = 0; i < nq; ++i) {  // scaled queries; padding rows are zero and never written out
     const float* qi = qbh + (q0 + i) * p.q_t;
@@ -188,16 +201,11 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
   std::fill(l, l + nq_pad, 0.f);
   const int64_t key_end = q0 + nq;  // causal: keys after the block's last query are never needed
   for (int64_t k0 = 0; k0 < key_end; k0 += kBK) {
-    const int64_t nk = std::min(kBK, key_end - k0), nk_pad = round_up(nk, NK * W);
-    for (int64_t j = 0; j < nk; ++j) {
-      const float* kj = kbh + (k0 + j) * p.k_t;
-      const float* vj = vbh + (k0 + j) * p.v_t;
-      for (int64_t d = 0; d < D; ++d) kt[d * kBK + j] = kj[d];
-      std::copy(vj, vj + D, vp + j * Dp);
-      std::fill(vp + j * Dp + D, vp + (j + 1) * Dp, 0.f);
-    }
-    for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kBK + nk, kt + d * kBK + nk_pad, 0.f);
-    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) qk_tile(qs + i0 * D, D, kt, nk, s + i0 * kBK);
+    const int64_t nk = std::min(kBK, key_end - k0);
+    const float* kt = p.kt + (bh * nkb + k0 / kBK) * D * kBK;
+    // keys row tile [i0, i0 + MR) can see: the rest of the block is masked (P = 0), so skip it
+    auto seen_by_tile = [&](int64_t i0) { return std::clamp<int64_t>(q0 + i0 + MR - k0, 0, nk); };
+    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) qk_tile(qs + i0 * D, D, kt, seen_by_tile(i0), s + i0 * kBK);
     for (int64_t i = 0; i < nq_pad; ++i) {  // online softmax over the causally visible keys of row i
       float* si = s + i * kBK;
       const int64_t visible = i < nq ? std::clamp<int64_t>(q0 + i - k0 + 1, 0, nk) : 0;
@@ -212,13 +220,18 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
       std::fill(si + visible, si + nk, 0.f);
       m[i] = m_new;
     }
-    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR)
-      for (int64_t d0 = 0; d0 < Dp; d0 += NK * W) {
-        const int nv = std::min<int64_t>(NK, (Dp - d0) / W);
+    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) {
+      const int64_t n = seen_by_tile(i0);
+      if (n == 0) continue;  // alpha is 1 for all its rows: nothing changes
+      for (int64_t d0 = 0; d0 < D; d0 += NK * W) {
+        const int nv = std::min<int64_t>(NK, (D - d0 + W - 1) / W);
+        const int last = std::min<int64_t>(D - d0, nv * W) - (nv - 1) * W;
         with_count<NK>(nv, [&](auto NV) {
-          pv_block_tile<NV()>(o + i0 * Dp + d0, Dp, alpha + i0, s + i0 * kBK, vp + d0, nk);
+          pv_block_tile<NV()>(o + i0 * Dp + d0, Dp, alpha + i0, s + i0 * kBK, vbh + k0 * p.v_t + d0, p.v_t, n,
+                              last);
         });
       }
+    }
   }
   float* obh = p.out + b * p.o_b + h * p.o_h;
   for (int64_t i = 0; i < nq; ++i) {
@@ -228,4 +241,4 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
   }
 }
 
-inline constexpr AttentionKernels attention_kernels{&decode_item, &prefill_item, kBQ};
+inline constexpr AttentionKernels attention_kernels{&decode_item, &pack_keys, &prefill_item, kBQ};
