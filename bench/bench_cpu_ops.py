@@ -31,12 +31,7 @@ def measure(benchmark, group: str, impl: str, fn) -> None:
         RESULTS.setdefault(group, {})[impl] = benchmark.stats.stats.median
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ratio_table(request):
-    yield
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
-    if not RESULTS or tr is None:
-        return
+def write_ratio_table(tr):
     tr.write_line("")
     tr.write_line(f"{'group':<34}{'torch us':>11}{'hf us':>10}{'cpu us':>10}{'torch/cpu':>11}{'cpu GB/s':>10}")
     for group, r in RESULTS.items():
@@ -45,6 +40,16 @@ def ratio_table(request):
         gbs = f"{BYTES[group] / r['cpu'] / 1e9:.1f}" if group in BYTES and "cpu" in r else ""
         tr.write_line(f"{group:<34}{us.get('torch', '-'):>11}{us.get('hf', ''):>10}{us.get('cpu', '-'):>10}"
                       f"{ratio:>11}{gbs:>10}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ratio_table(request):
+    yield
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    if not RESULTS or tr is None:
+        return
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        write_ratio_table(tr)
 
 
 # -- attention ---------------------------------------------------------------------------------------------
