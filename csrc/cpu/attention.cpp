@@ -185,6 +185,8 @@ torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, 
              k.sizes(), " and v ", v.sizes(), " must have the same shape (B, H, T, D)");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   AIGC_CHECK(D >= 1 && D <= kMaxHeadDim, "attention_prefill: head dim ", D, " is outside [1, ", kMaxHeadDim, "]");
+  AIGC_CHECK(k.stride(2) <= INT32_MAX / 16, "attention_prefill: k's position stride ", k.stride(2),
+             " is too large (the kernel gathers keys with int32 offsets)");
   // new outputs are laid out (B, T, H, D): the caller's transpose(1, 2).reshape(B*T, H*D) is then free
   torch::Tensor o = output(out, {B, H, T, D}, {0, 2, 1, 3}, {&q, &k, &v}, "attention_prefill");
   if (B == 0 || H == 0 || T == 0) return o;

@@ -115,34 +115,42 @@ static void pack_keys(const PrefillProblem& p, int64_t item) {
   const int64_t k0 = kb * kBK, nk = std::min(kBK, p.T - k0);
   const float* k = p.k + bh / p.H * p.k_b + bh % p.H * p.k_h + k0 * p.k_t;
   float* kt = p.kt + item * D * kBK;
-  for (int64_t j = 0; j < nk; ++j)
-    for (int64_t d = 0; d < D; ++d) kt[d * kBK + j] = k[j * p.k_t + d];
-  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kBK + nk, kt + (d + 1) * kBK, 0.f);
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t j = 0; j < kBK; j += W)  // lanes past nk gather nothing and store 0
+      Vec::gather(k + j * p.k_t + d, (int32_t)p.k_t, (int)std::clamp<int64_t>(nk - j, 0, W)).store(kt + d * kBK + j);
+  }
 }
 
-// s[MR][kBK] (columns < n, rounded up to NK*W) = qs[MR][D] x kt[D][kBK]
-static void qk_tile(const float* qs, int64_t D, const float* kt, int64_t n, float* s) {
-  for (int64_t c = 0; c < n; c += NK * W) {
-    Vec acc[MR][NK];
+// s[MR][NV*W] (row stride kBK) = qs[MR][D] x kt[D][NV*W] (row stride kBK)
+template <int NV>
+static void qk_tile(const float* qs, int64_t D, const float* kt, float* s) {
+  Vec acc[MR][NV];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int t = 0; t < NK; ++t) acc[r][t] = Vec::zero();
-    for (int64_t d = 0; d < D; ++d) {
-      Vec kv[NK];
+    for (int t = 0; t < NV; ++t) acc[r][t] = Vec::zero();
+  for (int64_t d = 0; d < D; ++d) {
+    Vec kv[NV];
 #pragma GCC unroll 8
-      for (int t = 0; t < NK; ++t) kv[t] = Vec::load(kt + d * kBK + c + t * W);
+    for (int t = 0; t < NV; ++t) kv[t] = Vec::load(kt + d * kBK + t * W);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const Vec qb = Vec::all(qs[r * D + d]);
+    for (int r = 0; r < MR; ++r) {
+      const Vec qb = Vec::all(qs[r * D + d]);
 #pragma GCC unroll 8
-        for (int t = 0; t < NK; ++t) acc[r][t] = Vec::fma(qb, kv[t], acc[r][t]);
-      }
+      for (int t = 0; t < NV; ++t) acc[r][t] = Vec::fma(qb, kv[t], acc[r][t]);
     }
+  }
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int t = 0; t < NK; ++t) acc[r][t].store(s + r * kBK + c + t * W);
+    for (int t = 0; t < NV; ++t) acc[r][t].store(s + r * kBK + t * W);
+}
+
+// s[MR][kBK] (columns < n, rounded up to W) = qs[MR][D] x kt[D][kBK]
+static void qk_tiles(const float* qs, int64_t D, const float* kt, int64_t n, float* s) {
+  for (int64_t c = 0; c < n; c += NK * W) {
+    const int nv = std::min<int64_t>(NK, (n - c + W - 1) / W);
+    with_count<NK>(nv, [&](auto NV) { qk_tile<NV()>(qs, D, kt + c, s + c); });
   }
 }
 
@@ -205,7 +213,7 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
     const float* kt = p.kt + (bh * nkb + k0 / kBK) * D * kBK;
     // keys row tile [i0, i0 + MR) can see: the rest of the block is masked (P = 0), so skip it
     auto seen_by_tile = [&](int64_t i0) { return std::clamp<int64_t>(q0 + i0 + MR - k0, 0, nk); };
-    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) qk_tile(qs + i0 * D, D, kt, seen_by_tile(i0), s + i0 * kBK);
+    for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) qk_tiles(qs + i0 * D, D, kt, seen_by_tile(i0), s + i0 * kBK);
     for (int64_t i = 0; i < nq_pad; ++i) {  // online softmax over the causally visible keys of row i
       float* si = s + i * kBK;
       const int64_t visible = i < nq ? std::clamp<int64_t>(q0 + i - k0 + 1, 0, nk) : 0;

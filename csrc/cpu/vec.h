@@ -82,6 +82,12 @@ struct Vec {
   static Vec load(const float* p, int n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }  // lanes >= n: 0, unread
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm512_mask_storeu_ps(p, first(n), v); }
+  // lane i = p[i * stride] (for lanes < n), 0 beyond; (W - 1) * stride must fit an int32
+  static Vec gather(const float* p, int32_t stride, int n = W) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set1_epi32(stride),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    return {_mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(n), idx, p, 4)};
+  }
 
   Vec operator+(Vec b) const { return {_mm512_add_ps(v, b.v)}; }
   Vec operator-(Vec b) const { return {_mm512_sub_ps(v, b.v)}; }
@@ -163,6 +169,10 @@ struct Vec {
   static Vec load(const float* p, int n) { return {_mm256_maskload_ps(p, _mm256_castps_si256(first(n)))}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm256_maskstore_ps(p, _mm256_castps_si256(first(n)), v); }
+  static Vec gather(const float* p, int32_t stride, int n = W) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set1_epi32(stride), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return {_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, first(n), 4)};
+  }
 
   Vec operator+(Vec b) const { return {_mm256_add_ps(v, b.v)}; }
   Vec operator-(Vec b) const { return {_mm256_sub_ps(v, b.v)}; }
@@ -250,6 +260,7 @@ struct Vec {
   void store(float* p, int n) const {
     if (n > 0) *p = v;
   }
+  static Vec gather(const float* p, int32_t, int n = W) { return {n > 0 ? *p : 0.f}; }
 
   Vec operator+(Vec b) const { return {v + b.v}; }
   Vec operator-(Vec b) const { return {v - b.v}; }
