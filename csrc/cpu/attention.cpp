@@ -9,8 +9,8 @@
 // attention_prefill: causal self-attention of T positions,
 //   out[b,h,i,:] = sum_{j <= i} softmax_j(scale * q[b,h,i,:] . k[b,h,j,:]) v[b,h,j,:]
 //   flash-attention style: blocks of query rows per OpenMP task, an online softmax over blocks of keys,
-//   register-tiled Q K^T and P V products (keys transposed into panels once per call, values read in place);
-//   the T x T matrix never exists.
+//   register-tiled Q K^T and P V products on key/value panels packed once per call; the T x T matrix never
+//   exists.
 //   Inputs may have any strides with a contiguous last dim (e.g. (B,T,H,D) tensors viewed as (B,H,T,D)).
 // Kernel bodies: attention_kernels.h (one copy per ISA, see vec.h). Tests: tests/test_cpu_attention.py.
 #include <omp.h>
@@ -43,6 +43,7 @@ struct PrefillProblem {
   const float *q, *k, *v;  // (B, H, T, D) each, strides in elements
   float* out;              // (B, H, T, D)
   float* kt;               // (B*H, key blocks, D, kPrefillKeyBlock): the keys, transposed per block
+  float* vp;               // (B*H, key blocks, kPrefillKeyBlock, D rounded up to the vector width): the values
   int64_t q_b, q_h, q_t, k_b, k_h, k_t, v_b, v_h, v_t, o_b, o_h, o_t;
   int64_t B, H, T, D;
   float scale;
@@ -50,7 +51,7 @@ struct PrefillProblem {
 
 struct AttentionKernels {
   void (*decode_item)(const DecodeProblem&, int64_t item);
-  void (*pack_keys)(const PrefillProblem&, int64_t item);
+  void (*pack_keys_values)(const PrefillProblem&, int64_t item);
   void (*prefill_item)(const PrefillProblem&, int64_t item);
   int64_t prefill_block_rows;  // query rows per prefill item
 };
@@ -192,8 +193,10 @@ torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, 
   if (B == 0 || H == 0 || T == 0) return o;
 
   const int64_t key_blocks = B * H * ((T + kPrefillKeyBlock - 1) / kPrefillKeyBlock);
+  const int64_t panel = kPrefillKeyBlock * round_up(D, 16);  // floats per key block and panel (16: widest Vec)
+  float* panels = thread_scratch(ScratchSlot::host, 2 * key_blocks * panel);
   PrefillProblem p{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), o.data_ptr<float>(),
-                   thread_scratch(ScratchSlot::host, key_blocks * D * kPrefillKeyBlock),
+                   panels, panels + key_blocks * panel,
                    q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                    B, H, T, D, 1.f / std::sqrt((float)D)};
@@ -202,7 +205,7 @@ torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, 
 #pragma omp parallel if (items > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < key_blocks; ++item) kern.pack_keys(p, item);
+    for (int64_t item = 0; item < key_blocks; ++item) kern.pack_keys_values(p, item);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) kern.prefill_item(p, item);
   }

@@ -109,16 +109,21 @@ static_assert(kPrefillKeyBlock % (NK * W) == 0, "a key block is a whole number o
 static constexpr int64_t kBK = kPrefillKeyBlock;
 
 // item = (b * H + h) * key_blocks + kb: p.kt[item] (D, kBK) = keys [kb*kBK, +kBK) of (b, h), transposed,
-// zero past T. Done once per call, so every query block reads its keys as ready-made GEMM panels.
-static void pack_keys(const PrefillProblem& p, int64_t item) {
-  const int64_t nkb = (p.T + kBK - 1) / kBK, kb = item % nkb, bh = item / nkb, D = p.D;
+// zero past T; p.vp[item] (kBK, Dp) = their values, zero-padded columns. Done once per call, so every query
+// block reads ready-made, contiguous GEMM panels (strided inputs would cost a TLB miss per row).
+static void pack_keys_values(const PrefillProblem& p, int64_t item) {
+  const int64_t nkb = (p.T + kBK - 1) / kBK, kb = item % nkb, bh = item / nkb, D = p.D, Dp = round_up(D, W);
   const int64_t k0 = kb * kBK, nk = std::min(kBK, p.T - k0);
   const float* k = p.k + bh / p.H * p.k_b + bh % p.H * p.k_h + k0 * p.k_t;
+  const float* v = p.v + bh / p.H * p.v_b + bh % p.H * p.v_h + k0 * p.v_t;
   float* kt = p.kt + item * D * kBK;
+  float* vp = p.vp + item * kBK * Dp;
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t j = 0; j < kBK; j += W)  // lanes past nk gather nothing and store 0
       Vec::gather(k + j * p.k_t + d, (int32_t)p.k_t, (int)std::clamp<int64_t>(nk - j, 0, W)).store(kt + d * kBK + j);
   }
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < Dp; d += W) Vec::load(v + j * p.v_t + d, (int)std::min<int64_t>(W, D - d)).store(vp + j * Dp + d);
 }
 
 // s[MR][NV*W] (row stride kBK) = qs[MR][D] x kt[D][NV*W] (row stride kBK)
@@ -154,11 +159,9 @@ static void qk_tiles(const float* qs, int64_t D, const float* kt, int64_t n, flo
   }
 }
 
-// o[MR][NV*W] (row stride Dp) = alpha[r] * o + p[MR][kBK](columns < n) x v[n][NV*W] (rows at stride vs;
-// the last vector of each row holds `last` valid lanes, read masked)
+// o[MR][NV*W] (row stride Dp) = alpha[r] * o + p[MR][kBK](columns < n) x vp[n][NV*W] (row stride Dp)
 template <int NV>
-static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float* p, const float* v, int64_t vs,
-                          int64_t n, int last) {
+static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float* p, const float* vp, int64_t n) {
   Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -169,8 +172,7 @@ static void pv_block_tile(float* o, int64_t Dp, const float* alpha, const float*
   for (int64_t j = 0; j < n; ++j) {
     Vec vv[NV];
 #pragma GCC unroll 8
-    for (int t = 0; t < NV - 1; ++t) vv[t] = Vec::load(v + j * vs + t * W);
-    vv[NV - 1] = Vec::load(v + j * vs + (NV - 1) * W, last);
+    for (int t = 0; t < NV; ++t) vv[t] = Vec::load(vp + j * Dp + t * W);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const Vec pb = Vec::all(p[r * kBK + j]);
@@ -198,7 +200,6 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
   float* alpha = l + kBQ;      // (kBQ,): rescale of o for this key block
 
   const float* qbh = p.q + b * p.q_b + h * p.q_h;
-  const float* vbh = p.v + b * p.v_b + h * p.v_h;
   for (int64_t i = 0; i < nq; ++i) {  // scaled queries; padding rows are zero and never written out
     const float* qi = qbh + (q0 + i) * p.q_t;
     for (int64_t d = 0; d < D; ++d) qs[i * D + d] = qi[d] * p.scale;
@@ -211,6 +212,7 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
   for (int64_t k0 = 0; k0 < key_end; k0 += kBK) {
     const int64_t nk = std::min(kBK, key_end - k0);
     const float* kt = p.kt + (bh * nkb + k0 / kBK) * D * kBK;
+    const float* vp = p.vp + (bh * nkb + k0 / kBK) * kBK * Dp;
     // keys row tile [i0, i0 + MR) can see: the rest of the block is masked (P = 0), so skip it
     auto seen_by_tile = [&](int64_t i0) { return std::clamp<int64_t>(q0 + i0 + MR - k0, 0, nk); };
     for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) qk_tiles(qs + i0 * D, D, kt, seen_by_tile(i0), s + i0 * kBK);
@@ -231,12 +233,10 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
     for (int64_t i0 = 0; i0 < nq_pad; i0 += MR) {
       const int64_t n = seen_by_tile(i0);
       if (n == 0) continue;  // alpha is 1 for all its rows: nothing changes
-      for (int64_t d0 = 0; d0 < D; d0 += NK * W) {
-        const int nv = std::min<int64_t>(NK, (D - d0 + W - 1) / W);
-        const int last = std::min<int64_t>(D - d0, nv * W) - (nv - 1) * W;
+      for (int64_t d0 = 0; d0 < Dp; d0 += NK * W) {
+        const int nv = std::min<int64_t>(NK, (Dp - d0) / W);
         with_count<NK>(nv, [&](auto NV) {
-          pv_block_tile<NV()>(o + i0 * Dp + d0, Dp, alpha + i0, s + i0 * kBK, vbh + k0 * p.v_t + d0, p.v_t, n,
-                              last);
+          pv_block_tile<NV()>(o + i0 * Dp + d0, Dp, alpha + i0, s + i0 * kBK, vp + d0, n);
         });
       }
     }
@@ -249,4 +249,4 @@ static void prefill_item(const PrefillProblem& p, int64_t item) {
   }
 }
 
-inline constexpr AttentionKernels attention_kernels{&decode_item, &pack_keys, &prefill_item, kBQ};
+inline constexpr AttentionKernels attention_kernels{&decode_item, &pack_keys_values, &prefill_item, kBQ};
