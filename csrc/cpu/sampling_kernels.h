@@ -114,10 +114,11 @@ static int64_t collect_at_least(const float* z, int64_t n, float threshold, int3
 }
 
 // Top-p as a threshold on the weights w[0, n) (w = exp(z - max z), `total` their sum): the smallest t such
-// that the weights strictly above t sum to less than P = top_p * total; the kept tokens are w >= t.
-// Weighted quickselect (expected O(n)): partition the candidates around a pivot into greater / equal /
-// smaller, and continue in the part that holds the boundary. a, b, c: n + W floats each.
-static float top_p_threshold(const float* w, int64_t n, double total, double P, float* a, float* b, float* c) {
+// that the weights strictly above t sum to less than P = top_p * total; the kept tokens are w >= t, and
+// `kept` is set to their sum. Weighted quickselect (expected O(n)): partition the candidates around a pivot
+// into greater / equal / smaller, and continue in the part that holds the boundary. a, b, c: n + W floats.
+static float top_p_threshold(const float* w, int64_t n, double total, double P, float* a, float* b, float* c,
+                             double& kept) {
   // No weight below `lo` can be kept: together they sum to at most n * lo = (total - P) / 2, so the weights
   // above them hold more than P. Dropping them first leaves few candidates for peaked distributions.
   const float lo = (float)((total - P) / (2.0 * n));
@@ -128,6 +129,7 @@ static float top_p_threshold(const float* w, int64_t n, double total, double P, 
   }
   for (; i < n; ++i)
     if (w[i] >= lo) a[m++] = w[i];
+  kept = total;
   if (m == 0) return 0.f;  // rounding put P at the total: keep everything
   float *src = a, *greater = b, *smaller = c;
   double above = 0.0;  // sum of the weights above every candidate in src (always < P)
@@ -156,31 +158,26 @@ static float top_p_threshold(const float* w, int64_t n, double total, double P, 
       continue;
     }
     const double through_pivot = above + mg + (double)(m - ng - ns) * pivot;
-    if (through_pivot >= P || ns == 0) return pivot;  // the pivot's group is the last one kept
+    if (through_pivot >= P || ns == 0) {  // the pivot's group is the last one kept
+      kept = through_pivot;
+      return pivot;
+    }
     above = through_pivot;
     std::swap(src, smaller);
     m = ns;
   }
 }
 
-// Inverse CDF in id order over the kept weights (w >= t): the first one whose running sum exceeds
-// u * (their sum); if rounding leaves none, the last kept one with weight > 0. Returns its id (ids[i], or i
+// Inverse CDF in id order over the kept weights (w >= t, summing to `kept`): the first one whose running sum
+// exceeds u * kept; if rounding leaves none, the last kept one with weight > 0. Returns its id (ids[i], or i
 // when ids is null).
-static int64_t draw(const float* w, const int32_t* ids, int64_t n, float t, float u) {
+static int64_t draw(const float* w, const int32_t* ids, int64_t n, float t, double kept, float u) {
   const Vec tv = Vec::all(t);
-  Accumulator kept_sum;
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const Vec x = Vec::load(w + i);
-    kept_sum.add(Vec::select(Vec::ge(x, tv), x, Vec::zero()));
-  }
-  double total = kept_sum.result();
-  for (; i < n; ++i)
-    if (w[i] >= t) total += w[i];
-  const double target = (double)u * total;
+  const double target = (double)u * kept;
   auto id = [&](int64_t j) { return ids ? (int64_t)ids[j] : j; };
   double acc = 0.0;
-  for (i = 0; i < n; i += W) {
+  int64_t i = 0;
+  for (; i < n; i += W) {
     const int r = (int)std::min<int64_t>(W, n - i);
     if (r == W) {  // skip whole vectors that stay below the target
       const Vec x = Vec::load(w + i);
@@ -234,8 +231,9 @@ static int64_t sample_row(const SampleProblem& p, int64_t row) {
     cand = b, cand_ids = ids;
   }
   const double total = exp_shift_sum(cand, w, n, zmax);
-  const float t = p.top_p < 1.f ? top_p_threshold(w, n, total, (double)p.top_p * total, a, b, c) : 0.f;
-  return draw(w, cand_ids, n, t, p.u[row]);
+  double kept = total;
+  const float t = p.top_p < 1.f ? top_p_threshold(w, n, total, (double)p.top_p * total, a, b, c, kept) : 0.f;
+  return draw(w, cand_ids, n, t, kept, p.u[row]);
 }
 
 inline constexpr SamplingKernels sampling_kernels{&sample_row};
