@@ -4,7 +4,8 @@ measured in the same run; a ratio table prints at the end.
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_cpu_ops.py --benchmark-enable
 
 Shapes are GPT-2 124M's (H 12, D 64). Decode reads the caches of a different layer each call, as the model
-does, so they come from memory, not cache; its GB/s counts the K and V bytes read. Sampling is over GPT-2's
+does (12 layers: 75 MB of K and V at B=1 S=1024, 604 MB at B=8 S=1024, so whether they come from a large L3 or
+from DRAM depends on the machine); its GB/s counts the K and V bytes read per call. Sampling is over GPT-2's
 50,257 logits; the "hf" rows are what Hugging Face `generate` does per step (its warpers, then softmax and
 torch.multinomial), for comparison with ANCHORS.md.
 """
