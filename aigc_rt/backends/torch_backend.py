@@ -45,12 +45,14 @@ class TorchBackend:
         residual.add_(x)
         return F.layer_norm(residual, (x.shape[-1],), w, b, eps)
 
-    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o if out is None else out.copy_(o)
 
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+                         lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D); caches (B, H, S, D); row b attends to its first
         lengths[b] cached positions; max_len >= max(lengths) (a host int). -> (B, H, D)."""
         valid = (torch.arange(max_len, device=q.device) < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
@@ -59,7 +61,8 @@ class TorchBackend:
         v = torch.where(valid, v_cache[:, :, :max_len], 0.0)
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
-        return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+        o = torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+        return o if out is None else out.copy_(o)
 
     def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
         """Run a model's decode step, step(tokens, positions, cache, max_len) -> logits; a backend may
@@ -67,6 +70,7 @@ class TorchBackend:
         return step(tokens, positions, cache, max_len)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
-               seen: torch.Tensor | None) -> torch.Tensor:
+               seen: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, V) fp32 -> token ids (B,) int64; -1 marks a row with NaN/inf logits."""
-        return sample_reference(logits, params, u, seen)
+        tokens = sample_reference(logits, params, u, seen)
+        return tokens if out is None else out.copy_(tokens)
