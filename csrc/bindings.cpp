@@ -32,4 +32,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embedding", &aigc_rt::cpu::embedding, "rows table[ids] as fp32 (int8 tables times their row scale)",
         pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale") = pybind11::none(),
         pybind11::arg("out") = pybind11::none());
+
+  // cpu-attn: attention, sampling, ISA selection
+  using pybind11::arg;
+  m.def("attention_decode", &aigc_rt::cpu::attention_decode,
+        "One query per sequence over its first lengths[b] cached positions: q (B,H,D), caches (B,H,S,D) -> (B,H,D)",
+        arg("q"), arg("k_cache"), arg("v_cache"), arg("lengths"), arg("max_len"), pybind11::kw_only(),
+        arg("out") = pybind11::none(), arg("splits") = 0);
+  m.def("attention_prefill", &aigc_rt::cpu::attention_prefill,
+        "Causal attention: q, k, v (B,H,T,D), any strides with a contiguous last dim -> (B,H,T,D)", arg("q"),
+        arg("k"), arg("v"), pybind11::kw_only(), arg("out") = pybind11::none());
+  m.def("sample", &aigc_rt::cpu::sample,
+        "Token ids (B,) int64 from logits (B, V) fp32 and uniforms u (B,), as aigc_rt.sampling.sample_reference; "
+        "-1 for rows with NaN/inf logits",
+        arg("logits"), arg("do_sample"), arg("temperature"), arg("top_k"), arg("top_p"), arg("repetition_penalty"),
+        arg("u"), arg("seen"), pybind11::kw_only(), arg("out") = pybind11::none());
+  m.def("simd_isa", &aigc_rt::cpu::simd_isa, "The instruction set the kernels use: avx512, avx2 or scalar");
+  m.def("set_simd_isa", &aigc_rt::cpu::set_simd_isa,
+        "Make the kernels use this instruction set (one the CPU supports); returns the previous one", arg("name"));
 }

@@ -35,3 +35,14 @@ class CpuBackend(TorchBackend):
 
     def add_layernorm(self, x, residual, w, b, eps, *, out=None):
         return _C.add_layernorm(x.contiguous(), residual, w, b, eps, out)
+
+    def attention_prefill(self, q, k, v, *, out=None):
+        # any strides with a contiguous last dim; a new output is laid out (B, T, H, D) in memory
+        return _C.attention_prefill(q, k, v, out=out)
+
+    def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
+        return _C.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+
+    def sample(self, logits, params, u, seen, *, out=None):
+        return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,
+                         params.repetition_penalty, u, seen, out=out)

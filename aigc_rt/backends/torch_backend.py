@@ -102,6 +102,11 @@ class TorchBackend:
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
 
+    def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
+        """Run a model's decode step, step(tokens, positions, cache, max_len) -> logits; a backend may
+        replay it from a CUDA graph instead."""
+        return step(tokens, positions, cache, max_len)
+
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
                seen: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, V) fp32 -> token ids (B,) int64; -1 marks a row with NaN/inf logits."""

@@ -182,16 +182,19 @@ class GPT2:
             if cache is not None:
                 cache.k[layer, :, :, :T] = k
                 cache.v[layer, :, :, :T] = v
-            self.backend.attention_prefill(q.contiguous(), k.contiguous(), v.contiguous(),
-                                           out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) view of out
+            self.backend.attention_prefill(q, k, v, out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) views
             return out
 
         return self._blocks(ws, attend).view(B, T, C)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int) -> torch.Tensor:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
-        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32:
-        a buffer of the cache's workspace, overwritten by the next decode step (clone it to keep it)."""
+        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32: a buffer
+        of the cache's workspace, overwritten by the next decode step (clone it to keep it). The backend runs
+        the step (the triton backend replays it from a CUDA graph)."""
+        return self.backend.run_decode(self._decode_step, tokens, positions, cache, max_len)
+
+    def _decode_step(self, tokens, positions, cache: KVCache, max_len: int) -> torch.Tensor:
         B, H, D = tokens.shape[0], self.config.n_head, self.config.head_dim
         ws = cache.workspace(B)
         self._embed(ws, tokens, positions)
