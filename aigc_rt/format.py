@@ -1,10 +1,14 @@
 """The runtime weights file: one .safetensors file whose metadata says what it holds.
 
     __metadata__ = {"format": "aigc-rt", "format_version": "1", "arch": "gpt2" | "dcgan" | ...,
-                    "dtype": "fp32" | "bf16" | "fp16", "config": <JSON>, "tokenizer": <JSON, text models>}
+                    "dtype": "fp32" | "bf16" | "fp16" | "int8", "config": <JSON>, "tokenizer": <JSON, text models>}
 
-Tensors are stored in the layout the kernels want, so loading does no reshuffling. Everything is checked
-before use; any problem raises FormatError naming it.
+Tensors are stored in the layout the kernels want, so loading does no reshuffling. `dtype` is the dtype of
+the weight matrices; biases and norm parameters stay fp32. "int8" is weight-only symmetric quantisation
+with one fp32 scale per output channel (per row of the (out, in) matrix): the matrix `NAME` is stored as
+int8 q and `NAME_scale` (out,) fp32 beside it, with NAME = q * NAME_scale[:, None] (see quantize_int8);
+the other tensors are as in the fp32 file. Everything is checked before use; any problem raises
+FormatError naming it.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from .errors import FormatError, is_foreign_error
 
 FORMAT = "aigc-rt"
 FORMAT_VERSION = "1"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+SCALE_SUFFIX = "_scale"  # int8 files: the per-output-channel scales of matrix NAME are NAME + SCALE_SUFFIX
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
               "F64": torch.float64, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
 
@@ -112,6 +117,20 @@ def check_tensors(found: dict[str, tuple], spec: TensorSpec, where: str) -> None
             raise FormatError(f"{where}: tensor '{name}' has shape {list(got_shape)}, expected {list(shape)}")
         if got_dtype != dtype:
             raise FormatError(f"{where}: tensor '{name}' has dtype {got_dtype}, expected {dtype}")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (out, in) float -> q (out, in) int8 in [-127, 127], scale (out,) fp32 with
+    w ~= q * scale[:, None]; scale = max |w_row| / 127 (0 for an all-zero row), q = round(w / scale)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1) / 127  # (out,)
+    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q (out, in) int8, scale (out,) fp32 -> (out, in) fp32."""
+    return q.float() * scale[:, None]
 
 
 def _short(names: list[str], n: int = 5) -> str:

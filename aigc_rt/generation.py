@@ -144,7 +144,7 @@ def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos)
             seen.scatter_(1, tokens[:, None], True)
         max_len = max(lens[a] + step for a in active) + 1
         logits = model.decode(tokens, positions, cache, max_len)
-        positions = positions + 1
+        positions.add_(1)
 
 
 class _TextState:

@@ -95,6 +95,7 @@ def sample_reference(logits: torch.Tensor, params: SamplingParams, u: torch.Tens
     Returns token ids (B,) int64, -1 for rows whose logits hold NaN or inf."""
     logits = logits.float()
     bad = ~torch.isfinite(logits).all(dim=-1)
+    logits = torch.where(bad[:, None], 0.0, logits)  # bad rows return -1; NaN would break top-p's search
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if not params.do_sample:

@@ -5,11 +5,53 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aigc_rt C++ CPU kernels";
   m.def("layernorm", &aigc_rt::cpu::layernorm, "LayerNorm over the last dim (fp32)", pybind11::arg("x"),
-        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out") = pybind11::none());
   m.def("add_layernorm", &aigc_rt::cpu::add_layernorm,
         "residual += x (in place); returns LayerNorm(residual) (fp32)", pybind11::arg("x"),
-        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"));
+        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"),
+        pybind11::arg("out") = pybind11::none());
+  // linear.cpp, embedding.cpp
+  pybind11::class_<aigc_rt::cpu::PackedLinear>(m, "PackedLinear",
+                                                "a linear layer's weight (out, in) repacked for the kernels")
+      .def(pybind11::init<const torch::Tensor&, const c10::optional<torch::Tensor>&,
+                          const c10::optional<torch::Tensor>&>(),
+           pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("scale") = pybind11::none())
+      .def_readonly("weight", &aigc_rt::cpu::PackedLinear::weight)
+      .def_readonly("bias", &aigc_rt::cpu::PackedLinear::bias)
+      .def_readonly("scale", &aigc_rt::cpu::PackedLinear::scale)
+      .def_readonly("in_features", &aigc_rt::cpu::PackedLinear::in_features)
+      .def_readonly("out_features", &aigc_rt::cpu::PackedLinear::out_features)
+      .def_property_readonly("dtype", &aigc_rt::cpu::PackedLinear::dtype);
+  m.def("linear", &aigc_rt::cpu::linear, "y = act(x @ W^T * scale + bias), act GELU(tanh) if gelu",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu") = false,
+        pybind11::arg("out") = pybind11::none());
+  m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8)",
+        pybind11::arg("weight_dtype"));
+  m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,
+        "cap the ISA linear may use: auto, avx512, avx2 or scalar (for tests)", pybind11::arg("cap"));
+  m.def("embedding", &aigc_rt::cpu::embedding, "rows table[ids] as fp32 (int8 tables times their row scale)",
+        pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale") = pybind11::none(),
+        pybind11::arg("out") = pybind11::none());
 
+  // cpu-attn: attention, sampling, ISA selection
+  using pybind11::arg;
+  m.def("attention_decode", &aigc_rt::cpu::attention_decode,
+        "One query per sequence over its first lengths[b] cached positions: q (B,H,D), caches (B,H,S,D) -> (B,H,D)",
+        arg("q"), arg("k_cache"), arg("v_cache"), arg("lengths"), arg("max_len"), pybind11::kw_only(),
+        arg("out") = pybind11::none(), arg("splits") = 0);
+  m.def("attention_prefill", &aigc_rt::cpu::attention_prefill,
+        "Causal attention: q, k, v (B,H,T,D), any strides with a contiguous last dim -> (B,H,T,D)", arg("q"),
+        arg("k"), arg("v"), pybind11::kw_only(), arg("out") = pybind11::none());
+  m.def("sample", &aigc_rt::cpu::sample,
+        "Token ids (B,) int64 from logits (B, V) fp32 and uniforms u (B,), as aigc_rt.sampling.sample_reference; "
+        "-1 for rows with NaN/inf logits",
+        arg("logits"), arg("do_sample"), arg("temperature"), arg("top_k"), arg("top_p"), arg("repetition_penalty"),
+        arg("u"), arg("seen"), pybind11::kw_only(), arg("out") = pybind11::none());
+  m.def("simd_isa", &aigc_rt::cpu::simd_isa, "The instruction set the kernels use: avx512, avx2 or scalar");
+  m.def("set_simd_isa", &aigc_rt::cpu::set_simd_isa,
+        "Make the kernels use this instruction set (one the CPU supports); returns the previous one", arg("name"));
+
+  // conv_transpose.cpp (gan)
   using aigc_rt::cpu::ConvTransposeWeights;
   pybind11::class_<ConvTransposeWeights>(m, "ConvTransposeWeights", "a ConvTranspose2d's weights, repacked")
       .def_readonly("cin", &ConvTransposeWeights::cin)

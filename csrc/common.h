@@ -15,3 +15,11 @@
     AIGC_CHECK((t).scalar_type() == (dtype_), #t " must be ", (dtype_), ", got ",         \
                (t).scalar_type());                                                        \
   } while (0)
+
+namespace aigc_rt {
+// whether two tensors' memory ranges intersect (an `out=` buffer must not alias an input)
+inline bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
+  const auto *pa = static_cast<const char*>(a.data_ptr()), *pb = static_cast<const char*>(b.data_ptr());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+}  // namespace aigc_rt

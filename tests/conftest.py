@@ -68,3 +68,19 @@ def rt_odd(hf_odd, tmp_path_factory):
     path = tmp_path_factory.mktemp("rt") / "odd.safetensors"
     aigc_rt.convert(hf_odd[0], path)
     return path, hf_odd[1]
+
+
+# -- C++ kernels: run a test once per instruction set (csrc/cpu/vec.h) --------------------------------------
+ISAS = ["avx512", "avx2", "scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Make the C++ kernels use this ISA for the test (skipped where the CPU lacks it); restores the default."""
+    from aigc_rt import _C
+    try:
+        previous = _C.set_simd_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {request.param}")
+    yield request.param
+    _C.set_simd_isa(previous)

@@ -22,6 +22,18 @@ def test_convert_info_generate(hf_odd, tmp_path, capsys):
     assert out.startswith("Hello") and "tokens/s" in err and "time to first token" in err
 
 
+def test_int8_convert_info_validate(hf_odd, tmp_path, capsys):
+    dst = tmp_path / "m8.safetensors"
+    assert main(["convert", str(hf_odd[0]), str(dst), "--dtype", "int8"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(dst)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == "int8" and info["quantization"]["quantized_matrices"] == 1 + 4 * 3  # wte + 4 per block
+    assert info["parameters"] == sum(p.numel() for n, p in hf_odd[1].named_parameters() if "lm_head" not in n)
+    assert main(["validate", str(dst), "--reference", str(hf_odd[0])]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_generate_matches_api_and_streams(rt_odd, capsys):
     m = aigc_rt.load(rt_odd[0])
     want = m.generate("落霞与孤鹜齐飞", max_new_tokens=8, num_return_sequences=5, temperature=0.9, do_sample=True,

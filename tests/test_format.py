@@ -87,6 +87,29 @@ def _re(s):
     return re.escape(s)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_int8_file_round_trip_and_scales_required(tmp_path, backend):
+    """An int8 file holds int8 matrices with a (rows,) fp32 NAME_scale beside each; the model dequantises them."""
+    spec = expected_tensors(TINY, "int8")
+    assert spec["wte.weight"] == ((320, 8), torch.int8) and spec["wte.weight_scale"] == ((320,), torch.float32)
+    assert spec["h.0.mlp.fc.weight_scale"] == ((32,), torch.float32) and spec["wpe.weight"][1] == torch.float32
+    torch.manual_seed(0)
+    dense = {k: torch.randn(shape) for k, (shape, dt) in expected_tensors(TINY, "fp32").items()}
+    tensors = {k: v for k, v in dense.items()}
+    for name in [k for k, (_, dt) in spec.items() if dt == torch.int8]:
+        tensors[name], tensors[name + fmt.SCALE_SUFFIX] = fmt.quantize_int8(dense[name])
+    tok = train_tokenizer(300).to_str()
+    fmt.save(tmp_path / "q.safetensors", "gpt2", "int8", TINY.to_dict(), tensors, tok)
+    m = aigc_rt.load(tmp_path / "q.safetensors", backend=backend)
+    with torch.inference_mode():
+        emb = m.backend.embedding(m.wte, torch.tensor([3]), scale=m.wte_scale)
+    assert (emb[0] - dense["wte.weight"][3]).abs().max() <= tensors["wte.weight_scale"][3] / 2 + 1e-6
+    del tensors["h.0.attn.proj.weight_scale"]
+    fmt.save(tmp_path / "bad.safetensors", "gpt2", "int8", TINY.to_dict(), tensors, tok)
+    with pytest.raises(aigc_rt.FormatError, match="missing tensor.*h.0.attn.proj.weight_scale"):
+        aigc_rt.load(tmp_path / "bad.safetensors", backend=backend)
+
+
 def test_truncated_file(tiny_file, tmp_path):
     data = tiny_file.read_bytes()
     for cut in (0, 4, 8, 100, len(data) // 2, len(data) - 1):

@@ -13,8 +13,9 @@ from conftest import CORPUS, make_hf_gpt2
 
 BACKENDS = ["torch", "cpu"]
 # (dtype, atol relative to max |HF logit|): measured max errors on these models are ~5e-7 (fp32),
-# ~1e-3 (fp16) and ~1e-2 (bf16) of max |logit|; the bounds leave headroom.
-DTYPE_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}
+# ~1e-3 (fp16), ~1e-2 (bf16) and ~3e-2 (int8: 1.9e-2 / 2.6e-2 with the torch backend, 2.6e-2 / 2.9e-2
+# with the cpu backend, whose int8 kernel also quantises activations) of max |logit|; the bounds leave headroom.
+DTYPE_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 6e-2}
 
 
 @pytest.fixture(scope="module", params=[("odd", True), ("odd", False), ("hd64", True)],
@@ -67,8 +68,35 @@ def test_greedy_tokens_identical_to_hf(checkpoint, converted, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_cached_decode_equals_full_recompute(converted, backend):
-    m = aigc_rt.load(converted["fp32"], backend=backend)
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_low_precision_greedy_departs_from_hf_only_at_near_ties(checkpoint, converted, backend, dtype):
+    """Greedy continuations in bf16/int8 match HF's fp32 ones until a step where HF's top choice beats ours
+    by less than 2x the stated logit tolerance (a near-tie that a logit error within tolerance may flip);
+    after that the sequences are different inputs. Measured, tokens identical before the first departure
+    (3 prompts x 24 tokens, odd / hd64 checkpoints): bf16 72/72, 52/72; int8 torch 58/72, 46/72; int8 cpu
+    72/72, 29/72 (these random models have many near-ties)."""
+    hf = checkpoint[1]
+    hf.generation_config.eos_token_id = None
+    m = aigc_rt.load(converted[dtype], backend=backend)
+    for prompt in ("Beautiful is", "落霞与孤鹜齐飞", "def main():"):
+        ids = m.tokenizer.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=0)[0, len(ids):]
+        got = m.generate(ids, max_new_tokens=24, eos_token_id=[])[0].token_ids
+        k = next((i for i, (a, b) in enumerate(zip(got, want.tolist())) if a != b), None)
+        if k is None:
+            continue
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + got[:k]])).logits[0, -1]  # HF at the step where we departed
+        margin, tol = (logits[want[k]] - logits[got[k]]).item(), DTYPE_TOL[dtype] * logits.abs().max().item()
+        assert margin <= 2 * tol, (f"{prompt!r} step {k}: chose {got[k]} over HF's {want[k].item()}, which HF "
+                                   f"prefers by {margin:.3g} > 2 x tolerance {tol:.3g}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_cached_decode_equals_full_recompute(converted, backend, dtype):
+    m = aigc_rt.load(converted[dtype], backend=backend)
     c = m.config
     prompt = _ids(c.vocab_size, 2, 5, seed=3)
     cache = m.new_cache(2, c.n_positions)
@@ -79,11 +107,15 @@ def test_cached_decode_equals_full_recompute(converted, backend):
         for pos in range(5, 20):
             tok = step_logits[-1].argmax(-1)
             seq = torch.cat([seq, tok[:, None]], dim=1)
-            step_logits.append(m.decode(tok, torch.full((2,), pos), cache, pos + 1))
+            # decode returns a workspace buffer that the next step overwrites: keep a copy
+            step_logits.append(m.decode(tok, torch.full((2,), pos), cache, pos + 1).clone())
     full = m.logits(seq)  # (2, 20, V), recomputed without a cache
     cached = torch.stack(step_logits, dim=1)  # (2, 16, V): logits after positions 4..19
     err = (cached - full[:, 4:]).abs().max().item()
-    assert err <= 1e-4, f"cached decode vs full recompute: max abs error {err:.3g}"
+    # int8 on the cpu backend quantises activations: decode and prefill attention differ by rounding, which
+    # can flip an activation's int8 rounding (measured up to 7.9e-3 of max |logit|; 6e-7 with torch's int8)
+    tol = 1e-4 if dtype == "fp32" else 2e-2 * full.abs().max().item()
+    assert err <= tol, f"{dtype} cached decode vs full recompute: max abs error {err:.3g} > {tol:.3g}"
 
 
 def test_tokenizer_round_trip_and_matches_hf(checkpoint, converted):

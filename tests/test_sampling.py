@@ -111,6 +111,17 @@ def test_greedy_and_non_finite_rows(backend):
     assert tokens[1].item() == -1 and tokens[2].item() == -1 and tokens[3].item() == -1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rows_when_sampling(backend):
+    """-1 for NaN/inf rows under every filter (top-p's tie search once indexed past a NaN row and crashed)."""
+    logits = torch.randn(3, 517, generator=torch.Generator().manual_seed(4))
+    logits[0, 3], logits[1, 9] = float("nan"), float("inf")
+    for params in (SamplingParams(do_sample=True, top_p=0.9), SamplingParams(do_sample=True, top_k=5, top_p=0.5),
+                   SamplingParams(do_sample=True, temperature=0.7)):
+        tokens = get_backend(backend, "cpu").sample(logits, params, torch.full((3,), 0.5), None)
+        assert tokens[:2].tolist() == [-1, -1] and 0 <= tokens[2] < 517, (params, tokens)
+
+
 @pytest.mark.parametrize("bad,message", [
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(do_sample=True, temperature=-1.0), "temperature"),
     (dict(do_sample=True, temperature=float("inf")), "temperature"), (dict(top_p=0.0), "top_p"),

@@ -4,6 +4,7 @@ prepare_conv_transpose, conv_transpose, prepare_conv2d, conv2d)."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import torch
 
@@ -11,6 +12,8 @@ import torch
 BACKENDS = {
     "torch": ("aigc_rt.backends.torch_backend", "TorchBackend", "any device"),
     "cpu": ("aigc_rt.backends.cpu", "CpuBackend", "a CPU and the aigc_rt._C extension"),
+    "triton": ("aigc_rt.backends.triton_backend", "TritonBackend",
+               "a CUDA GPU and the triton package (on a CPU: TRITON_INTERPRET=1, for tests)"),
 }
 
 
@@ -20,7 +23,9 @@ def resolve(name: str, device: torch.device) -> str:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose one of {['auto', *BACKENDS]}")
         return name
-    return "cpu" if device.type == "cpu" else "torch"
+    if device.type == "cpu":
+        return "cpu"
+    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
 
 
 def get_backend(name: str, device: str | torch.device = "cpu"):

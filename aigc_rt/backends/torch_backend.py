@@ -1,5 +1,9 @@
 """The `torch` backend: plain PyTorch on any device. It is the reference every other backend is tested
-against, so it favours clarity over speed (fp32 math; low-precision weights are upcast per call)."""
+against, so it favours clarity over speed (fp32 math; low-precision weights are upcast per call).
+
+Every op takes a keyword-only `out=`: a preallocated fp32 tensor of the result's shape that the result is
+written into (and returned). Models pass it on the decode path so that a step allocates nothing; here
+the result is computed and then copied, which is enough for a reference."""
 from __future__ import annotations
 
 import math
@@ -8,13 +12,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..format import dequantize_int8
 from ..sampling import SamplingParams, sample_reference
+
+ACTIVATIONS = (None, "gelu_tanh")
 
 
 @dataclass
 class Linear:
     weight: torch.Tensor  # (out, in), as stored in the file
     bias: torch.Tensor | None  # (out,) fp32
+    scale: torch.Tensor | None = None  # (out,) fp32, int8 weights only: W = weight * scale[:, None]
+
+
+def check_activation(act) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
+
+
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y, or y copied into the caller's buffer `out` (which must have y's shape)."""
+    if out is None:
+        return y
+    if out.shape != y.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(y.shape)}")
+    return out.copy_(y)
 
 
 @dataclass
@@ -26,7 +48,7 @@ class Conv:
     output_padding: int = 0  # transposed convs only
 
 
-ACTIVATIONS = {
+CONV_ACTIVATIONS = {  # the DCGAN layers' activations: act(y, leaky slope)
     "none": lambda y, slope: y,
     "relu": lambda y, slope: F.relu(y),
     "tanh": lambda y, slope: torch.tanh(y),
@@ -42,33 +64,52 @@ class TorchBackend:
         self.device = device
 
     # -- weights -------------------------------------------------------------------------------------
-    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32))
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor | None = None) -> Linear:
+        """weight (out, in) as stored in the file; scale (out,) fp32 for int8 weights (and only for them)."""
+        if (weight.dtype == torch.int8) != (scale is not None):
+            raise ValueError(f"a scale is required for int8 weights and only for them (weight {weight.dtype}, "
+                             f"scale {'given' if scale is not None else 'missing'})")
+        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32),
+                      None if scale is None else scale.to(self.device, torch.float32))
 
     # -- ops -----------------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None) -> torch.Tensor:
-        """x (..., in) fp32 -> (..., out) fp32; act None or "gelu_tanh"."""
-        w = lin.weight
-        y = F.linear(x.to(w.dtype), w).float()
-        if lin.bias is not None:
-            y = y + lin.bias
-        return F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) fp32 -> (..., out) fp32; act None or "gelu_tanh". fp32 math: int8 weights are
+        dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
+        (the math of a bf16 x bf16 -> fp32 dot product)."""
+        check_activation(act)
+        if lin.scale is not None:
+            w = dequantize_int8(lin.weight, lin.scale)
+        else:
+            w, x = lin.weight.float(), x.to(lin.weight.dtype).float()
+        y = F.linear(x, w, lin.bias)
+        return _into(out, F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y)
 
-    def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    def embedding(self, table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows table[ids] as fp32, (*ids.shape, C); int8 tables (with scale (V,)) are dequantised."""
+        rows = table[ids].float()
+        return _into(out, rows if scale is None else rows * scale[ids].unsqueeze(-1))
+
+    def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return _into(out, F.layer_norm(x, (x.shape[-1],), w, b, eps))
 
     def add_layernorm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                      eps: float) -> torch.Tensor:
+                      eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """residual += x (in place); returns layernorm(residual)."""
         residual.add_(x)
-        return F.layer_norm(residual, (x.shape[-1],), w, b, eps)
+        return _into(out, F.layer_norm(residual, (x.shape[-1],), w, b, eps))
 
-    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D). out may be strided."""
+        return _into(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+                         lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D); caches (B, H, S, D); row b attends to its first
         lengths[b] cached positions; max_len >= max(lengths) (a host int). -> (B, H, D)."""
         valid = (torch.arange(max_len, device=q.device) < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
@@ -77,7 +118,12 @@ class TorchBackend:
         v = torch.where(valid, v_cache[:, :, :max_len], 0.0)
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
-        return torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+        return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
+
+    def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
+        """Run a model's decode step, step(tokens, positions, cache, max_len) -> logits; a backend may
+        replay it from a CUDA graph instead."""
+        return step(tokens, positions, cache, max_len)
 
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,
@@ -89,7 +135,7 @@ class TorchBackend:
         """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32, with
         H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh"."""
         y = F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
-        return ACTIVATIONS[act](y, None)
+        return CONV_ACTIVATIONS[act](y, None)
 
     def prepare_conv2d(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> Conv:
         return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding)
@@ -97,9 +143,9 @@ class TorchBackend:
     def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2) -> torch.Tensor:
         """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32; act "none",
         "leaky_relu" (negative slope leaky_slope) or "sigmoid"."""
-        return ACTIVATIONS[act](F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding), leaky_slope)
+        return CONV_ACTIVATIONS[act](F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding), leaky_slope)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
-               seen: torch.Tensor | None) -> torch.Tensor:
+               seen: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits (B, V) fp32 -> token ids (B,) int64; -1 marks a row with NaN/inf logits."""
-        return sample_reference(logits, params, u, seen)
+        return _into(out, sample_reference(logits, params, u, seen))

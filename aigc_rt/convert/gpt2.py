@@ -14,7 +14,7 @@ import torch
 
 from ..config import GPT2Config
 from ..errors import FormatError
-from ..format import check_tensors
+from ..format import SCALE_SUFFIX, check_tensors, quantize_int8
 from ..models.gpt2 import expected_tensors
 
 # HF name (after the optional prefix) -> ours; Conv1D weights get transposed
@@ -114,6 +114,8 @@ def convert_gpt2(src: str, dtype: str) -> tuple[dict, dict[str, torch.Tensor], s
             continue  # causal-mask buffers, not weights
         out[_rename(name, src)] = _to_layout(name, t)
     spec = expected_tensors(config, dtype)  # matrices in `dtype`; biases and LayerNorm parameters in fp32
+    for name in [k for k in out if k in spec and spec[k][1] == torch.int8]:
+        out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
     out = {k: v.to(spec[k][1]).contiguous() if k in spec else v for k, v in out.items()}
     check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=src)
     return config.to_dict(), out, read_tokenizer(src)

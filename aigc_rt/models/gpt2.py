@@ -3,16 +3,18 @@
 Residual stream r (fp32). Each block: h = LN1(r); r += proj(attn(qkv(h))); h = LN2(r); r += mlp(h).
 The residual add is fused with the LayerNorm that follows it (backend.add_layernorm), so the loop
 carries the normalised input of the next sub-layer. Prefill runs the prompt through and fills the
-preallocated KV cache; decode runs one token per sequence at its own position.
+preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
+Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
+cache, so a decode step allocates no tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from ..config import GPT2Config
-from ..format import DTYPES, TensorSpec
+from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
 from ..tokenizer import Tokenizer
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -25,27 +27,69 @@ def linear_shapes(c: GPT2Config) -> dict[str, tuple[int, int]]:
 
 
 def expected_tensors(c: GPT2Config, dtype: str) -> TensorSpec:
-    """Matrices in the file's dtype; biases and LayerNorm parameters in fp32. lm_head is tied to wte."""
+    """Matrices in the file's dtype; biases and LayerNorm parameters in fp32. lm_head is tied to wte.
+    int8: each matrix (the block linears and wte, which is also the lm_head) has a (rows,) fp32 scale
+    NAME_scale beside it; wpe stays fp32 (it is only indexed, never streamed)."""
     wd, f32, C = DTYPES[dtype], torch.float32, c.n_embd
-    spec = {"wte.weight": ((c.vocab_size, C), wd), "wpe.weight": ((c.n_positions, C), wd),
+    spec = {"wpe.weight": ((c.n_positions, C), f32 if dtype == "int8" else wd),
             "ln_f.weight": ((C,), f32), "ln_f.bias": ((C,), f32)}
+
+    def matrix(name: str, shape: tuple[int, int]) -> None:
+        spec[name] = (shape, wd)
+        if dtype == "int8":
+            spec[name + SCALE_SUFFIX] = ((shape[0],), f32)
+
+    matrix("wte.weight", (c.vocab_size, C))
     for i in range(c.n_layer):
         for ln in ("ln_1", "ln_2"):
             spec[f"h.{i}.{ln}.weight"] = ((C,), f32)
             spec[f"h.{i}.{ln}.bias"] = ((C,), f32)
         for name, shape in linear_shapes(c).items():
-            spec[f"h.{i}.{name}.weight"] = (shape, wd)
+            matrix(f"h.{i}.{name}.weight", shape)
             spec[f"h.{i}.{name}.bias"] = ((shape[0],), f32)
     return spec
 
 
+@dataclass
+class Workspace:
+    """Preallocated fp32 buffers for a forward pass over N rows (tokens); every op writes into one."""
+    r: torch.Tensor  # (N, C) residual stream
+    h: torch.Tensor  # (N, C) normalised input of the next sub-layer
+    qkv: torch.Tensor  # (N, 3C)
+    attn: torch.Tensor  # (N, C) attention output, heads concatenated
+    out: torch.Tensor  # (N, C) output of attn.proj / mlp.proj, before it is added into r
+    fc: torch.Tensor  # (N, 4C) GELU(mlp.fc(h))
+    pos: torch.Tensor  # (N, C) position embeddings
+    logits: torch.Tensor  # (N, V); (0, V) where the caller computes logits itself (prefill)
+    lengths: torch.Tensor  # (N,) int64: cached positions per sequence, decode
+
+    @classmethod
+    def allocate(cls, c: GPT2Config, n: int, device, logits: bool) -> "Workspace":
+        C, f32 = c.n_embd, torch.float32
+        return cls(*(torch.empty(n, w, device=device, dtype=f32) for w in (C, C, 3 * C, C, C, 4 * C, C)),
+                   logits=torch.empty(n if logits else 0, c.vocab_size, device=device, dtype=f32),
+                   lengths=torch.empty(n, device=device, dtype=torch.int64))
+
+    def rows(self, n: int) -> "Workspace":
+        """Views of the first n rows (no new memory)."""
+        return Workspace(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+
 class KVCache:
-    """Preallocated keys and values, (n_layer, B, H, S, D) each. Sequence b's position p lives at [:, b, :, p]."""
+    """Preallocated keys and values, (n_layer, B, H, S, D) each. Sequence b's position p lives at [:, b, :, p].
+    Beside them, the decode step's Workspace, for B rows (and views of it for fewer, as sequences finish)."""
 
     def __init__(self, c: GPT2Config, batch: int, max_len: int, device, dtype=torch.float32):
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
+        self._workspaces = {batch: Workspace.allocate(c, batch, device, logits=True)}
+
+    def workspace(self, batch: int) -> Workspace:
+        """The decode buffers for `batch` rows (made once per batch size)."""
+        if batch not in self._workspaces:
+            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
+        return self._workspaces[batch]
 
     @property
     def max_len(self) -> int:
@@ -76,16 +120,22 @@ class GPT2:
         self.device = backend.device
         dev = self.device
         t = {k: v.to(dev) for k, v in tensors.items()}
-        self.wte, self.wpe = t["wte.weight"], t["wpe.weight"]  # (V, C), (P, C)
+
+        def scale(name):  # int8 files: the matrix's per-row scales
+            return t.get(name + SCALE_SUFFIX)
+
+        self.wte, self.wte_scale = t["wte.weight"], scale("wte.weight")  # (V, C), (V,) or None
+        self.wpe = t["wpe.weight"].float()  # (P, C)
         self.blocks = []
         for i in range(config.n_layer):
             p = f"h.{i}."
-            lin = {n: backend.prepare_linear(t[p + n + ".weight"], t[p + n + ".bias"]) for n in LINEARS}
+            lin = {n: backend.prepare_linear(t[p + n + ".weight"], t[p + n + ".bias"], scale(p + n + ".weight"))
+                   for n in LINEARS}
             self.blocks.append(Block(
                 ln_1=(t[p + "ln_1.weight"], t[p + "ln_1.bias"]), qkv=lin["attn.qkv"], proj=lin["attn.proj"],
                 ln_2=(t[p + "ln_2.weight"], t[p + "ln_2.bias"]), fc=lin["mlp.fc"], mlp_proj=lin["mlp.proj"]))
         self.ln_f = (t["ln_f.weight"], t["ln_f.bias"])
-        self.lm_head = backend.prepare_linear(self.wte, None)  # tied to the token embedding
+        self.lm_head = backend.prepare_linear(self.wte, None, self.wte_scale)  # tied to the token embedding
 
     @property
     def n_params(self) -> int:
@@ -97,55 +147,67 @@ class GPT2:
         return KVCache(self.config, batch, max_len, self.device)
 
     # -- the transformer -----------------------------------------------------------------------------
-    def _blocks(self, r: torch.Tensor, attend) -> torch.Tensor:
-        """r: residual stream (N, C) fp32, updated in place. attend(layer, q, k, v) with q, k, v
-        (N, H, D) -> (N, C). Returns ln_f(r)."""
+    def _blocks(self, ws: Workspace, attend) -> torch.Tensor:
+        """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, q, k, v,
+        out) with q, k, v (N, H, D) writes the attention output (N, C) into out and returns it.
+        Returns ln_f(r) (in ws.h)."""
         be, eps, H, D = self.backend, self.config.layer_norm_epsilon, self.config.n_head, self.config.head_dim
-        h = be.layernorm(r, *self.blocks[0].ln_1, eps)
+        h = be.layernorm(ws.r, *self.blocks[0].ln_1, eps, out=ws.h)
         for i, blk in enumerate(self.blocks):
-            qkv = be.linear(h, blk.qkv)  # (N, 3C)
+            qkv = be.linear(h, blk.qkv, out=ws.qkv)  # (N, 3C)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)  # (N, H, D) each
-            a = be.linear(attend(i, q, k, v), blk.proj)  # (N, C)
-            h = be.add_layernorm(a, r, *blk.ln_2, eps)
-            m = be.linear(be.linear(h, blk.fc, act="gelu_tanh"), blk.mlp_proj)
+            a = be.linear(attend(i, q, k, v, ws.attn), blk.proj, out=ws.out)  # (N, C)
+            h = be.add_layernorm(a, ws.r, *blk.ln_2, eps, out=ws.h)
+            f = be.linear(h, blk.fc, act="gelu_tanh", out=ws.fc)  # (N, 4C)
+            m = be.linear(f, blk.mlp_proj, out=ws.out)  # (N, C)
             nxt = self.blocks[i + 1].ln_1 if i + 1 < len(self.blocks) else self.ln_f
-            h = be.add_layernorm(m, r, *nxt, eps)
+            h = be.add_layernorm(m, ws.r, *nxt, eps, out=ws.h)
         return h
 
-    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.wte[ids].float() + self.wpe[positions].float()
+    def _embed(self, ws: Workspace, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        """ws.r = wte[ids] + wpe[positions]; ids, positions (N,) int64."""
+        self.backend.embedding(self.wte, ids, scale=self.wte_scale, out=ws.r)
+        ws.r.add_(torch.index_select(self.wpe, 0, positions, out=ws.pos))
 
     def prefill(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """ids (B, T) int64 (rows right-padded; padding never reaches a real position's result).
         Fills cache[:, :, :, :T] and returns ln_f(hidden) for every position, (B, T, C)."""
         B, T = ids.shape
         C, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
-        r = self._embed(ids, torch.arange(T, device=ids.device)).view(B * T, C)
+        ws = Workspace.allocate(self.config, B * T, ids.device, logits=False)
+        self._embed(ws, ids.reshape(-1), torch.arange(T, device=ids.device).repeat(B))
 
-        def attend(layer, q, k, v):  # (B*T, H, D) -> (B*T, C)
+        def attend(layer, q, k, v, out):  # (B*T, H, D) -> out (B*T, C)
             q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
             if cache is not None:
                 cache.k[layer, :, :, :T] = k
                 cache.v[layer, :, :, :T] = v
-            o = self.backend.attention_prefill(q.contiguous(), k.contiguous(), v.contiguous())
-            return o.transpose(1, 2).reshape(B * T, C)
+            self.backend.attention_prefill(q, k, v, out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) views
+            return out
 
-        return self._blocks(r, attend).view(B, T, C)
+        return self._blocks(ws, attend).view(B, T, C)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int) -> torch.Tensor:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
-        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32."""
-        B = tokens.shape[0]
-        rows = torch.arange(B, device=tokens.device)
-        lengths = positions + 1
-        r = self._embed(tokens, positions)  # (B, C)
+        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32: a buffer
+        of the cache's workspace, overwritten by the next decode step (clone it to keep it). The backend runs
+        the step (the triton backend replays it from a CUDA graph)."""
+        return self.backend.run_decode(self._decode_step, tokens, positions, cache, max_len)
 
-        def attend(layer, q, k, v):  # (B, H, D) -> (B, C)
-            cache.k[layer, rows, :, positions] = k
-            cache.v[layer, rows, :, positions] = v
-            return self.backend.attention_decode(q, cache.k[layer], cache.v[layer], lengths, max_len).reshape(B, -1)
+    def _decode_step(self, tokens, positions, cache: KVCache, max_len: int) -> torch.Tensor:
+        B, H, D = tokens.shape[0], self.config.n_head, self.config.head_dim
+        ws = cache.workspace(B)
+        self._embed(ws, tokens, positions)
+        lengths = torch.add(positions, 1, out=ws.lengths)
+        slots = positions.view(B, 1, 1, 1).expand(B, H, 1, D)  # (B, H, 1, D): where each row's k, v go
 
-        return self.backend.linear(self._blocks(r, attend), self.lm_head)
+        def attend(layer, q, k, v, out):  # (B, H, D) -> out (B, C)
+            cache.k[layer].scatter_(2, slots, k.unsqueeze(2))
+            cache.v[layer].scatter_(2, slots, v.unsqueeze(2))
+            self.backend.attention_decode(q, cache.k[layer], cache.v[layer], lengths, max_len, out=out.view(B, H, D))
+            return out
+
+        return self.backend.linear(self._blocks(ws, attend), self.lm_head, out=ws.logits)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> logits (N, V) fp32."""

@@ -5,10 +5,20 @@
 //
 // Two passes over each row (sum for the mean, then the centred sum of squares) keep the variance as
 // accurate as torch's Welford for the row lengths we see (C <= 1600).
-// Reference: torch.nn.functional.layer_norm(x + residual, ...). Tests: tests/test_cpu_ops.py.
+// Both write into `out` when given (the allocation-free decode step), else into a new tensor.
+// Reference: torch.nn.functional.layer_norm(x + residual, ...). Tests: tests/test_layernorm.py.
 #include "common.h"
 
 namespace aigc_rt::cpu {
+
+// the result tensor: `out` (checked: in's shape, fp32, contiguous, not overlapping `in`) or a new one
+static torch::Tensor output_like(const torch::Tensor& in, const c10::optional<torch::Tensor>& out, const char* op) {
+  if (!out) return torch::empty_like(in);
+  AIGC_CHECK_CPU_CONTIGUOUS(*out, torch::kFloat32);
+  AIGC_CHECK(out->sizes() == in.sizes(), op, ": out has shape ", out->sizes(), ", expected ", in.sizes());
+  AIGC_CHECK(!overlap(*out, in), op, ": out must not overlap its input");
+  return *out;
+}
 
 static void layernorm_row(const float* h, const float* w, const float* b, float* out, int64_t C, float eps) {
   float sum = 0.f;
@@ -24,14 +34,15 @@ static void layernorm_row(const float* h, const float* w, const float* b, float*
 }
 
 // out = layernorm(x) ; shapes (..., C)
-torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps) {
+torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
+                        const c10::optional<torch::Tensor>& out_) {
   AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
   AIGC_CHECK_CPU_CONTIGUOUS(weight, torch::kFloat32);
   AIGC_CHECK_CPU_CONTIGUOUS(bias, torch::kFloat32);
   const int64_t C = x.size(-1);
   AIGC_CHECK(weight.numel() == C && bias.numel() == C, "layernorm: weight/bias have ", weight.numel(), "/",
              bias.numel(), " elements, expected ", C);
-  auto out = torch::empty_like(x);
+  auto out = output_like(x, out_, "layernorm");
   const int64_t rows = x.numel() / std::max<int64_t>(C, 1);
   const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pb = bias.data_ptr<float>();
   float* po = out.data_ptr<float>();
@@ -42,7 +53,7 @@ torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, con
 
 // residual += x ; return layernorm(residual). shapes (..., C)
 torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
-                            const torch::Tensor& bias, double eps) {
+                            const torch::Tensor& bias, double eps, const c10::optional<torch::Tensor>& out_) {
   AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
   AIGC_CHECK_CPU_CONTIGUOUS(residual, torch::kFloat32);
   AIGC_CHECK_CPU_CONTIGUOUS(weight, torch::kFloat32);
@@ -52,7 +63,8 @@ torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, con
   const int64_t C = x.size(-1);
   AIGC_CHECK(weight.numel() == C && bias.numel() == C, "add_layernorm: weight/bias have ", weight.numel(), "/",
              bias.numel(), " elements, expected ", C);
-  auto out = torch::empty_like(x);
+  auto out = output_like(residual, out_, "add_layernorm");
+  AIGC_CHECK(!overlap(out, x), "add_layernorm: out must not overlap x");
   const int64_t rows = x.numel() / std::max<int64_t>(C, 1);
   const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pb = bias.data_ptr<float>();
   float *pr = residual.data_ptr<float>(), *po = out.data_ptr<float>();

@@ -4,9 +4,39 @@
 
 namespace aigc_rt::cpu {
 // layernorm.cpp
-torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps);
+torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
+                        const c10::optional<torch::Tensor>& out);
 torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
-                            const torch::Tensor& bias, double eps);
+                            const torch::Tensor& bias, double eps, const c10::optional<torch::Tensor>& out);
+// linear.cpp
+// A linear layer's weight repacked once for the kernels (panels of 16 rows, csrc/cpu/linear.h), with its
+// bias and, for int8, its per-row scale. (Hidden like the pybind11 types that wrap it.)
+struct __attribute__((visibility("hidden"))) PackedLinear {
+  PackedLinear(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+               const c10::optional<torch::Tensor>& scale);
+  std::string dtype() const;  // "fp32", "bf16", "int8"
+  torch::Tensor weight;
+  c10::optional<torch::Tensor> bias, scale;  // (out,) fp32
+  int64_t in_features = 0, out_features = 0;
+};
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out);
+std::string linear_isa(const std::string& weight_dtype);
+void set_linear_isa(const std::string& cap);
+// embedding.cpp
+torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
+                        const c10::optional<torch::Tensor>& out);
+
+// attention.cpp, sampling.cpp, vec.cpp (cpu-attn)
+torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& lengths, int64_t max_len, const std::optional<torch::Tensor>& out,
+                               int64_t splits);
+torch::Tensor attention_prefill(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const std::optional<torch::Tensor>& out);
+torch::Tensor sample(const torch::Tensor& logits, bool do_sample, double temperature, int64_t top_k, double top_p,
+                     double repetition_penalty, const torch::Tensor& u, const std::optional<torch::Tensor>& seen,
+                     const std::optional<torch::Tensor>& out);
+std::string simd_isa();
+std::string set_simd_isa(const std::string& name);
 
 // conv_transpose.cpp
 // hidden, as pybind11's own types: the class is bound in bindings.cpp

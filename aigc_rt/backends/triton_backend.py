@@ -1,0 +1,54 @@
+"""The `triton` backend: the Triton kernels of aigc_rt.kernels (kernels/) on a CUDA GPU, with the decode step
+replayed from a CUDA graph (decode_graph.py). On a CPU it runs only under TRITON_INTERPRET=1 (set before the
+kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Ops the
+kernels do not cover fall back to the torch reference (TorchBackend)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..kernels import attention, decode_attention, layernorm, linear, sampling
+from ..kernels.utils import INTERPRETER
+from .decode_graph import DecodeGraph
+from .torch_backend import Linear, TorchBackend
+
+
+class TritonBackend(TorchBackend):
+    name = "triton"
+
+    def __init__(self, device: torch.device):
+        if INTERPRETER and device.type != "cpu":
+            raise ValueError(f"backend 'triton' under TRITON_INTERPRET=1 runs on CPU tensors, not on {device}")
+        if not INTERPRETER and device.type != "cuda":
+            raise ValueError(f"backend 'triton' needs a CUDA GPU, not {device} (on a CPU it runs only under "
+                             f"TRITON_INTERPRET=1, set before aigc_rt.kernels is imported; slow, for tests)")
+        super().__init__(device)
+        # AIGC_RT_CUDA_GRAPHS=0 runs the decode step eagerly (same static buffers, no capture)
+        self.decode_graph = DecodeGraph(capture=device.type == "cuda" and os.environ.get("AIGC_RT_CUDA_GRAPHS") != "0")
+
+    def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                       scale: torch.Tensor | None = None) -> Linear:
+        lin = super().prepare_linear(weight, bias, scale)
+        return Linear(*(None if t is None else t.contiguous() for t in (lin.weight, lin.bias, lin.scale)))
+
+    def linear(self, x, lin: Linear, act=None, *, out=None):
+        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, out=out)
+
+    def layernorm(self, x, w, b, eps, *, out=None):
+        return layernorm.layernorm(x, w, b, eps, out=out)
+
+    def add_layernorm(self, x, residual, w, b, eps, *, out=None):
+        return layernorm.add_layernorm(x, residual, w, b, eps, out=out)
+
+    def attention_prefill(self, q, k, v, *, out=None):
+        return attention.attention_prefill(q, k, v, out=out)
+
+    def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
+        return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+
+    def sample(self, logits, params, u, seen, *, out=None):
+        return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
+
+    def run_decode(self, step, tokens, positions, cache, max_len):
+        return self.decode_graph(step, tokens, positions, cache, max_len)

@@ -1,0 +1,360 @@
+"""GPT-2 decode benchmark, shared by `aigc-rt bench` and the pytest-benchmark suite in bench/.
+
+Every system generates greedily from the same random prompts (batch B, prompt_len tokens, new_tokens new
+tokens, no eos) in one process, one after the other:
+
+  hf-eager        Hugging Face transformers GPT2LMHeadModel.generate, eager, in the weights' dtype
+  torch-onednn    a hand-written PyTorch GPT-2 (static KV cache, SDPA) whose linears are prepacked for
+                  oneDNN (torch.ops.mkldnn._linear_pointwise, what torch.compile's freezing pass emits), fp32/bf16
+  torch-mkl       the same with MKL-packed fp32 linears (torch.ops.mkl._mkl_linear)
+  torch-dynq      the same with torch.ao dynamic int8 linears (per-channel int8 weights, per-tensor int8
+                  activations; quantized::linear_dynamic)
+  aigc-rt         this runtime, `aigc_rt.load(file, backend=...)`, on the converted file of each dtype
+
+and we report decode tokens/s (all sequences), ms per decode step, time to first token, the ratio to HF
+eager fp32, and the weight traffic: bytes of weights streamed per decode step (every matrix once, wte once
+as the lm_head; wpe and wte rows are only indexed) / step time, as GB/s and as % of the read bandwidth
+measured here (torch sum over 1 GiB, same threads). Models are random-init at GPT-2 124M / 355M shapes,
+built on the fly (no downloads).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+SIZES = {"124M": dict(n_layer=12, n_embd=768, n_head=12), "355M": dict(n_layer=24, n_embd=1024, n_head=16)}
+GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
+SYSTEMS = ("hf-eager:fp32", "hf-eager:bf16", "torch-onednn:fp32", "torch-mkl:fp32", "torch-onednn:bf16",
+           "torch-dynq:int8", "aigc-rt:fp32", "aigc-rt:bf16", "aigc-rt:int8")
+
+
+@dataclass
+class Timing:
+    ttft_s: float  # prompt in -> first new token out
+    decode_s: float  # the remaining new_tokens - 1 steps
+    tokens: list[list[int]]  # new tokens per sequence
+
+
+@dataclass
+class Result:
+    size: str
+    batch: int
+    system: str
+    dtype: str
+    tokens_per_s: float  # decoded tokens per second, all sequences
+    ms_per_step: float
+    ttft_ms: float
+    weight_bytes: int  # streamed per decode step
+    gb_per_s: float
+    roofline_pct: float
+    vs_hf_eager: float  # tokens/s ratio to hf-eager fp32, same size and batch
+    same_tokens_as_hf: float  # fraction of new tokens identical to hf-eager fp32's (greedy)
+    attn_sample_pct: float | None = None  # share of a decode step in attention_decode + sample (aigc-rt only)
+
+
+# -- the machine ---------------------------------------------------------------------------------------
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Streaming read bandwidth in GB/s: median time of torch.sum over a `gib` GiB fp32 tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
+# -- models ----------------------------------------------------------------------------------------------
+def make_checkpoint(size: str, folder: str, seed: int = 0):
+    """A random-init GPT-2 of the given size saved as a HF folder (with a byte-level tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=GPT2_CONTEXT, **SIZES[size])
+    hf = GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(folder)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return hf
+
+
+def streamed_bytes(config, dtype: str) -> int:
+    """Bytes of weights one decode step reads: everything in the runtime file but wpe (only indexed)."""
+    from .models.gpt2 import expected_tensors
+    return sum(torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
+               for name, (shape, dt) in expected_tensors(config, dtype).items() if not name.startswith("wpe."))
+
+
+class HFEager:
+    def __init__(self, hf, dtype: str):
+        self.model = hf if dtype == "fp32" else copy.deepcopy(hf).to(torch.bfloat16)
+        self.model.generation_config.eos_token_id = None
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
+        from transformers.generation.streamers import BaseStreamer
+        stamps = []
+
+        class Clock(BaseStreamer):  # put() gets the prompt first, then each new token
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=Clock())
+        t1 = time.perf_counter()
+        return Timing(stamps[1] - t0, t1 - stamps[1], out[:, ids.shape[1]:].tolist())
+
+
+class TorchGPT2:
+    """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of three prepacked linears."""
+
+    def __init__(self, hf, linear: str, dtype: str, batch: int):
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[dtype]
+        sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
+        c = hf.config
+        self.n_layer, self.H, self.C = c.n_layer, c.n_head, c.n_embd
+        self.wte, self.wpe = sd["wte.weight"].to(self.dtype), sd["wpe.weight"].to(self.dtype)
+        pack = {"onednn": self._onednn, "mkl": self._mkl, "dynq": self._dynq}[linear]
+        self.ln = [(sd[f"h.{i}.{n}.weight"].to(self.dtype), sd[f"h.{i}.{n}.bias"].to(self.dtype))
+                   for i in range(c.n_layer) for n in ("ln_1", "ln_2")] + [(sd["ln_f.weight"].to(self.dtype),
+                                                                          sd["ln_f.bias"].to(self.dtype))]
+        self.lin = [pack(sd[f"h.{i}.{n}.weight"].t().contiguous(), sd[f"h.{i}.{n}.bias"], batch)  # Conv1D: [in, out]
+                    for i in range(c.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+        self.head = pack(sd["wte.weight"], None, batch)
+
+    def _onednn(self, w, b, batch):
+        w, b = w.to(self.dtype), None if b is None else b.to(self.dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+    def _mkl(self, w, b, batch):
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, batch)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, batch)
+
+    def _dynq(self, w, b, batch):
+        scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(q, b)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+    def _forward(self, ids, pos0, k_cache, v_cache):  # ids (B, T) -> last position's logits (B, V)
+        B, T = ids.shape
+        H, C, D = self.H, self.C, self.C // self.H
+        x = (self.wte[ids] + self.wpe[pos0: pos0 + T]).view(B * T, C)
+        for i in range(self.n_layer):
+            qkv = self.lin[4 * i](F.layer_norm(x, (C,), *self.ln[2 * i]))
+            q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
+            k_cache[i][:, :, pos0: pos0 + T] = k
+            v_cache[i][:, :, pos0: pos0 + T] = v
+            a = F.scaled_dot_product_attention(q, k_cache[i][:, :, : pos0 + T], v_cache[i][:, :, : pos0 + T],
+                                               is_causal=T > 1)
+            x = x + self.lin[4 * i + 1](a.transpose(1, 2).reshape(B * T, C))
+            h = F.gelu(self.lin[4 * i + 2](F.layer_norm(x, (C,), *self.ln[2 * i + 1])), approximate="tanh")
+            x = x + self.lin[4 * i + 3](h)
+        h = F.layer_norm(x.view(B, T, C)[:, -1], (C,), *self.ln[-1])
+        return self.head(h)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
+        B, T = ids.shape
+        shape = (B, self.H, T + new_tokens, self.C // self.H)
+        k_cache = [torch.empty(shape, dtype=self.dtype) for _ in range(self.n_layer)]
+        v_cache = [torch.empty(shape, dtype=self.dtype) for _ in range(self.n_layer)]
+        out = []
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            tok = self._forward(ids, 0, k_cache, v_cache).argmax(-1)
+            out.append(tok.tolist())
+            t1 = time.perf_counter()
+            for step in range(1, new_tokens):
+                tok = self._forward(tok[:, None], T + step - 1, k_cache, v_cache).argmax(-1)
+                out.append(tok.tolist())
+            t2 = time.perf_counter()
+        return Timing(t1 - t0, t2 - t1, [list(s) for s in zip(*out)])
+
+
+class AigcRt:
+    def __init__(self, path: str, backend: str):
+        import aigc_rt
+        self.model = aigc_rt.load(path, backend=backend)
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
+        from .generation import run
+        t0 = time.perf_counter()
+        first, tokens = None, [[] for _ in range(ids.shape[0])]
+        for ev in run(self.model, ids.tolist(), max_new_tokens=new_tokens, eos_token_id=[]):
+            first = first or time.perf_counter()
+            tokens[ev.row].append(ev.token)
+        t1 = time.perf_counter()
+        return Timing(first - t0, t1 - first, tokens)
+
+    def op_shares(self, ids: torch.Tensor, new_tokens: int) -> float:
+        """% of the decode loop's time spent in attention_decode + sample (timed per call, a separate run)."""
+        be = self.model.backend
+        spent = {"attention_decode": 0.0, "sample": 0.0}
+
+        def timed(name):
+            inner = getattr(be, name)
+
+            def call(*args, **kwargs):
+                t = time.perf_counter()
+                r = inner(*args, **kwargs)
+                spent[name] += time.perf_counter() - t
+                return r
+            return call
+
+        for name in spent:
+            setattr(be, name, timed(name))
+        try:
+            timing = self.generate(ids, new_tokens)
+        finally:
+            for name in spent:
+                delattr(be, name)
+        return 100 * sum(spent.values()) / (timing.ttft_s + timing.decode_s)
+
+
+def make_system(spec: str, hf, files: dict[str, str], backend: str, batch: int):
+    """spec "name:dtype" (see SYSTEMS) -> an object with generate(ids, new_tokens) -> Timing."""
+    name, dtype = spec.split(":")
+    if name == "hf-eager":
+        return HFEager(hf, dtype)
+    if name == "aigc-rt":
+        return AigcRt(files[dtype], backend)
+    return TorchGPT2(hf, name.removeprefix("torch-"), dtype, batch)
+
+
+def prepare(size: str, folder: str, dtypes=("fp32", "bf16", "int8")):
+    """(HF model, {dtype: runtime file}, GPT2Config) for a random-init GPT-2 of `size` built in `folder`."""
+    import aigc_rt
+    from .config import GPT2Config
+    hf = make_checkpoint(size, folder)
+    files = {dt: aigc_rt.convert(folder, os.path.join(folder, f"{dt}.safetensors"), dtype=dt) for dt in dtypes}
+    return hf, files, GPT2Config(vocab_size=GPT2_VOCAB, n_positions=GPT2_CONTEXT, **SIZES[size])
+
+
+def prompts(batch: int, prompt_len: int, vocab: int = GPT2_VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+def best_of(system, ids: torch.Tensor, new_tokens: int, repeats: int) -> Timing:
+    """The fastest time to first token and decode time of `repeats` runs (after a short warm-up run)."""
+    system.generate(ids, 4)
+    runs = [system.generate(ids, new_tokens) for _ in range(repeats)]
+    return Timing(min(t.ttft_s for t in runs), min(t.decode_s for t in runs), runs[0].tokens)
+
+
+def run(sizes=("124M",), batches=(1, 8), systems=SYSTEMS, backend: str = "cpu", new_tokens: int = 128,
+        prompt_len: int = 32, repeats: int = 2, log=print) -> tuple[list[Result], float]:
+    """Benchmark every system on every (size, batch), best of `repeats` runs; returns (results, read
+    bandwidth GB/s)."""
+    bandwidth = read_bandwidth()
+    log(f"read bandwidth {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
+    results = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            hf, files, config = prepare(size, tmp, [s.split(":")[1] for s in systems if s.startswith("aigc-rt:")])
+            for batch in batches:
+                ids = prompts(batch, prompt_len)
+                reference = None
+                for spec in systems:
+                    name, dtype = spec.split(":")
+                    system = make_system(spec, hf, files, backend, batch)
+                    t = best_of(system, ids, new_tokens, repeats)
+                    if spec == "hf-eager:fp32":
+                        reference = t
+                    results.append(result(size, batch, name, dtype, t, streamed_bytes(config, dtype), bandwidth,
+                                           reference, new_tokens))
+                    if name == "aigc-rt":
+                        results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
+                    log(_row(results[-1]))
+                    del system
+    return results, bandwidth
+
+
+def run_file(path: str, backend: str = "cpu", batches=(1, 8), new_tokens: int = 128, prompt_len: int = 32,
+             repeats: int = 2, log=print) -> tuple[list[Result], float]:
+    """Benchmark one runtime file on aigc-rt alone (no reference to compare with)."""
+    from .api import resolve_path
+    bandwidth = read_bandwidth()
+    log(f"read bandwidth {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
+    system = AigcRt(resolve_path(path), backend)
+    m, results = system.model, []
+    prompt_len = min(prompt_len, m.config.n_positions - new_tokens)
+    for batch in batches:
+        ids = prompts(batch, prompt_len, m.config.vocab_size)
+        t = best_of(system, ids, new_tokens, repeats)
+        results.append(result(os.path.basename(path), batch, f"aigc-rt/{backend}", m.dtype, t,
+                               streamed_bytes(m.config, m.dtype), bandwidth, None, new_tokens))
+        results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
+        log(_row(results[-1]))
+    return results, bandwidth
+
+
+def result(size, batch, name, dtype, t: Timing, weight_bytes, bandwidth, reference, new_tokens) -> Result:
+    steps = new_tokens - 1
+    step_s = t.decode_s / steps
+    gbps = weight_bytes / step_s / 1e9
+    ref_rate = batch * steps / reference.decode_s if reference else float("nan")
+    same = (sum(a == b for x, y in zip(t.tokens, reference.tokens) for a, b in zip(x, y)) / (batch * new_tokens)
+            if reference else float("nan"))
+    return Result(size, batch, name, dtype, batch * steps / t.decode_s, 1e3 * step_s, 1e3 * t.ttft_s, weight_bytes,
+                  gbps, 100 * gbps / bandwidth, batch * steps / t.decode_s / ref_rate, same)
+
+
+HEADER = ("| model | batch | system | dtype | tokens/s | ms/step | TTFT ms | vs HF eager | GB/s | % roofline "
+          "| same tokens as HF fp32 | attn+sample % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _row(r: Result) -> str:
+    share = "" if r.attn_sample_pct is None else f"{r.attn_sample_pct:.0f}"
+    return (f"| {r.size} | {r.batch} | {r.system} | {r.dtype} | {r.tokens_per_s:.1f} | {r.ms_per_step:.2f} | "
+            f"{r.ttft_ms:.0f} | {r.vs_hf_eager:.2f}x | {r.gb_per_s:.1f} | {r.roofline_pct:.0f}% | "
+            f"{100 * r.same_tokens_as_hf:.0f}% | {share} |")
+
+
+def table(results: list[Result]) -> str:
+    return "\n".join([HEADER, *map(_row, results)])
+
+
+def save(results: list[Result], bandwidth: float, out_dir: str, note: str = "") -> tuple[str, str]:
+    """Write results as markdown and JSON under out_dir, named by date and CPU model; returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    cpu, day = cpu_name(), datetime.date.today().isoformat()
+    slug = "".join(ch if ch.isalnum() else "-" for ch in cpu).strip("-").lower()
+    stem = os.path.join(out_dir, f"{day}-{slug}-decode")
+    meta = {"cpu": cpu, "date": day, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "read_bandwidth_gb_s": bandwidth, "note": note}
+    with open(stem + ".json", "w") as f:
+        json.dump({**meta, "results": [asdict(r) for r in results]}, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# GPT-2 decode, {cpu}, {day}\n\n{torch.get_num_threads()} threads, torch {torch.__version__}, "
+                f"read bandwidth {bandwidth:.1f} GB/s (torch sum of 1 GiB). {note}\n\n{table(results)}\n")
+    return stem + ".md", stem + ".json"

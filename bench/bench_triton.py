@@ -1,0 +1,120 @@
+"""Triton kernels vs torch on a GPU (pytest-benchmark groups; skipped without one), and the GPT-2 decode
+comparison of issue 6 (bench/gpu_decode.py).
+
+    pytest bench/bench_triton.py --benchmark-enable [--benchmark-group-by=group]
+
+Each timed call launches the op REPS times, then synchronises once, so launch latency is amortised the same
+way for both sides; compare the rows of a group (same shapes, same REPS). GPT-2 124M / 1.5B shapes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
+from aigc_rt.kernels.utils import INTERPRETER
+from aigc_rt.sampling import SamplingParams, sample_reference
+
+ON_GPU = not INTERPRETER and torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")]
+REPS = 20
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn):
+    def run():
+        for _ in range(REPS):
+            fn()
+        torch.cuda.synchronize()
+    run()  # compile / warm up outside the timing
+    return run
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+@pytest.mark.benchmark(group="add_layernorm")
+@pytest.mark.parametrize("rows,C", [(1, 768), (8, 1600), (4096, 768)])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_add_layernorm(benchmark, impl, rows, C):
+    x, res, w, b = randn(rows, C), randn(rows, C), randn(C), randn(C)
+    if impl == "triton":
+        fn = lambda: layernorm.add_layernorm(x, res, w, b, 1e-5)  # noqa: E731
+    else:
+        fn = lambda: F.layer_norm(res.add_(x), (C,), w, b, 1e-5)  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="linear")
+@pytest.mark.parametrize("M,N,K", [(1, 2304, 768), (1, 3072, 768), (1, 768, 3072), (1, 50257, 768),
+                                   (1, 6400, 1600), (8, 3072, 768), (8, 50257, 1600), (512, 3072, 768)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "triton-gemv", "triton-gemm", "torch"])
+def test_linear(benchmark, impl, dtype, M, N, K):
+    """triton: the launcher's choice; -gemv / -gemm: forced (the batch-1 policy GEMV_MAX_M comes from
+    these rows); torch: F.linear (cuBLAS) on the same dtype, then bias + GELU."""
+    x, w, bias = randn(M, K), randn(N, K, dtype=DT[dtype]) * K ** -0.5, randn(N)
+    if impl == "torch":
+        fn = lambda: F.gelu(F.linear(x.to(w.dtype), w).float() + bias, approximate="tanh")  # noqa: E731
+    else:
+        kernel = {"triton": None, "triton-gemv": "gemv", "triton-gemm": "gemm"}[impl]
+        fn = lambda: linear.linear(x, w, bias, "gelu_tanh", kernel=kernel)  # noqa: E731
+    benchmark.extra_info["weight_GB"] = w.numel() * w.element_size() / 1e9
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="attention_prefill")
+@pytest.mark.parametrize("B,H,T,D", [(1, 12, 1024, 64), (8, 25, 256, 64)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_attention_prefill(benchmark, impl, dtype, B, H, T, D):
+    q, k, v = (randn(B, H, T, D, dtype=DT[dtype]) for _ in range(3))
+    if impl == "triton":
+        fn = lambda: attention.attention_prefill(q, k, v)  # noqa: E731
+    else:
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="attention_decode")
+@pytest.mark.parametrize("B,H,S,D", [(1, 12, 1024, 64), (8, 12, 1024, 64), (1, 25, 1024, 64), (8, 25, 1024, 64)])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_attention_decode(benchmark, impl, B, H, S, D):
+    """Lengths ~ the middle of a generation; torch: the torch backend's reference (masked einsum)."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    q, k_cache, v_cache = randn(B, H, D), randn(B, H, S, D), randn(B, H, S, D)
+    lengths = torch.randint(S // 4, S // 2, (B,), device="cuda")
+    max_len = S // 2
+    if impl == "triton":
+        fn = lambda: decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len)  # noqa: E731
+    else:
+        be = TorchBackend(torch.device("cuda"))
+        fn = lambda: be.attention_decode(q, k_cache, v_cache, lengths, max_len)  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="sample")
+@pytest.mark.parametrize("name,params", [
+    ("greedy", SamplingParams()),
+    ("top_k=50,t=0.7", SamplingParams(do_sample=True, top_k=50, temperature=0.7)),
+    ("top_p=0.9", SamplingParams(do_sample=True, top_p=0.9)),
+    ("top_k=50,top_p=0.9,penalty", SamplingParams(do_sample=True, top_k=50, top_p=0.9, repetition_penalty=1.2)),
+])
+@pytest.mark.parametrize("B", [1, 8])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_sample(benchmark, impl, B, name, params):
+    """V = 50,257; torch: sample_reference (the full sort top-p), on the GPU."""
+    logits, u = randn(B, 50257) * 3, torch.rand(B, device="cuda")
+    seen = torch.rand(B, 50257, device="cuda") < 0.01
+    fn = sampling.sample if impl == "triton" else sample_reference
+    benchmark(timed(lambda: fn(logits, params, u, seen)))
+
+
+@pytest.mark.benchmark(group="gpt2_decode")
+def test_gpt2_decode_table(benchmark):
+    """The issue's table: every size, batch 1 and 8, fp32 and bf16, HF eager / HF compile / ours; writes
+    bench/results/gpu_decode-<device>-<date>.{md,json} (run once; pytest-benchmark only records the wall time)."""
+    import gpu_decode
+    benchmark.pedantic(gpu_decode.main, args=([],), rounds=1, iterations=1)

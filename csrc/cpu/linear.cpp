@@ -1,0 +1,374 @@
+// Linear layer on the CPU, streaming the weight from memory once per call:
+//
+//   y[n, o] = act( sum_k x[n, k] * W[o, k] * scale[o] + bias[o] ),   act = identity or GELU(tanh)
+//
+// x (N, K) fp32; W (O, K) from the weights file: fp32, bf16 (activations rounded to bf16, fp32
+// accumulation) or int8 with one fp32 scale per output row (symmetric, weight-only; activations are
+// quantised to int8 per block of 64 inputs on the fly, with an fp32 scale per block, and the block dot
+// products are exact in int32: llama.cpp's q8_0 activation scheme, see quantize_block below).
+// The lm_head (vocab x C, tied to wte) is the same op.
+//
+// PackedLinear repacks W once at load into panels of 16 output rows (linear.h). Work split: OpenMP threads
+// take contiguous runs of panels; inside, register tiles of up to 4 panels x 8 activation rows, so W is
+// streamed once per call for up to 8 rows (decode) and once per 8-row tile from cache beyond (prefill).
+// The micro-kernel is picked at run time per weight type: AMX (bf16 and int8, for 4+ activation rows),
+// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8), else AVX2+FMA, else portable C++.
+// Tests: tests/test_cpu_linear.py (every ISA this CPU has, against plain-PyTorch fp32 math).
+#include "cpu/linear.h"
+
+#include <omp.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+#include "cpu/ops.h"
+
+namespace aigc_rt::cpu {
+using namespace linear_detail;
+
+namespace {
+
+enum class Isa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+Isa g_isa_cap = Isa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
+
+bool cpu_has(Isa isa, WeightType t) {
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
+             (t != WeightType::int8 || __builtin_cpu_supports("avx512vnni"));
+    case Isa::amx: return t != WeightType::f32 && cpu_has(Isa::avx512, t) && amx_available();
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::scalar: return true;
+  }
+  return false;
+}
+
+Isa pick_isa(WeightType t) {
+  for (int i = static_cast<int>(g_isa_cap); i > 0; --i)
+    if (cpu_has(static_cast<Isa>(i), t)) return static_cast<Isa>(i);
+  return Isa::scalar;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// k values per packed group, and the packed K, by weight type (linear.h)
+constexpr int64_t group_size(WeightType t) { return t == WeightType::f32 ? 1 : t == WeightType::bf16 ? 2 : 4; }
+int64_t packed_k(WeightType t, int64_t K) {
+  return round_up(K, t == WeightType::int8 ? kInt8Block : t == WeightType::bf16 ? kBf16Chunk : 1);
+}
+
+// -- portable micro-kernel (int8: u = q + 128, the epilogue subtracts the 128, see linear.h) -----------------
+inline float decode(float w) { return w; }
+inline float decode(uint16_t w) { return std::bit_cast<float>(static_cast<uint32_t>(w) << 16); }
+inline float decode(uint8_t w) { return static_cast<float>(w); }
+
+template <class T, int64_t G>
+void scalar_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+  const T* w = static_cast<const T*>(p.w);
+  for (int64_t o = p0 * kPanel; o < std::min(p.O, p1 * kPanel); ++o) {
+    const int64_t panel = o / kPanel, lane = o % kPanel;
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* x = p.x.xf + n * p.x.ld;
+      float sum = 0.f;
+      for (int64_t k = 0; k < p.K; ++k)
+        sum += x[k] * decode(w[((panel * p.groups + k / G) * kPanel + lane) * G + k % G]);
+      p.y[n * p.ldy + o] = sum;
+    }
+  }
+}
+
+MicroKernel kernel_for(Isa isa, WeightType t) {
+  if (isa == Isa::amx) return amx_kernel(t);
+  if (isa == Isa::avx512) return avx512_kernel(t);
+  if (isa == Isa::avx2) return avx2_kernel(t);
+  switch (t) {
+    case WeightType::f32: return &scalar_kernel<float, 1>;
+    case WeightType::bf16: return &scalar_kernel<uint16_t, 2>;
+    case WeightType::int8: return &scalar_kernel<uint8_t, 4>;
+  }
+  return nullptr;
+}
+
+// -- activations --------------------------------------------------------------------------------------
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
+  const uint32_t b = std::bit_cast<uint32_t>(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// Quantise x[0:len] (len <= kInt8Block) to int8: s = max|x| / 127, q = round(x * 127 / max|x|) (half to
+// even, |q| <= 127), q = 0 past len. A block holding NaN/inf gets s = NaN (and q = 0), so the non-finite
+// value reaches the output. Returns sum(q).
+int32_t quantize_block(const float* x, int64_t len, int8_t* q, float* s) {
+  float amax = 0.f, poison = 0.f;  // poison = sum of 0 * x: NaN iff some x is NaN or inf
+  for (int64_t i = 0; i < len; ++i) {
+    amax = std::max(amax, std::fabs(x[i]));
+    poison += 0.f * x[i];
+  }
+  std::memset(q, 0, kInt8Block);
+  if (!std::isfinite(poison) || amax == 0.f) {
+    *s = poison;  // NaN, or 0 for an all-zero block
+    return 0;
+  }
+  const float inv = 127.f / amax;
+  int32_t sum = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] * inv), -127.f, 127.f));
+    sum += q[i];
+  }
+  *s = amax / 127.f;
+  return sum;
+}
+
+// One activation row as the kernel wants it (linear.h PreparedX), into dst (ld elements of the kernel's
+// type, zero-padded) and sx. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other weights).
+float prepare_row(WeightType t, bool dot, const float* x, int64_t K, int64_t ld, void* dst, float* sx) {
+  if (t == WeightType::bf16 && dot) {
+    auto* pairs = static_cast<uint32_t*>(dst);
+    for (int64_t g = 0; g < ld; ++g) {
+      const uint32_t lo = 2 * g < K ? to_bf16(x[2 * g]) : 0, hi = 2 * g + 1 < K ? to_bf16(x[2 * g + 1]) : 0;
+      pairs[g] = lo | hi << 16;
+    }
+    return 0.f;
+  }
+  auto* xf = static_cast<float*>(dst);
+  if (t == WeightType::bf16) {
+    for (int64_t k = 0; k < ld; ++k) xf[k] = k < K ? std::bit_cast<float>(uint32_t(to_bf16(x[k])) << 16) : 0.f;
+    return 0.f;
+  }
+  float shift = 0.f;  // int8
+  for (int64_t b = 0; b * kInt8Block < K; ++b) {
+    const int64_t k0 = b * kInt8Block, len = std::min(kInt8Block, K - k0);
+    alignas(64) int8_t q[kInt8Block];
+    const int32_t qsum = quantize_block(x + k0, len, q, &sx[b]);
+    if (dot)
+      std::memcpy(static_cast<int8_t*>(dst) + k0, q, kInt8Block);
+    else
+      for (int64_t i = 0; i < kInt8Block; ++i) xf[k0 + i] = q[i] * sx[b];
+    shift += sx[b] * static_cast<float>(qsum);
+  }
+  return 128.f * shift;
+}
+
+// A scratch buffer owned by the calling thread, grown when needed and never shrunk (so a decode step
+// allocates nothing once the first step has sized it).
+void* scratch(size_t bytes) {
+  thread_local std::vector<std::byte> buf;
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
+
+// -- epilogue -----------------------------------------------------------------------------------------
+// exp(x), relative error < 2e-7 (Cephes expf polynomial); branch-free so that it vectorises.
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : x;
+  x = x > 88.f ? 88.f : x;
+  const float t = x * 1.44269504088896341f + 12582912.f;  // 1.5 * 2^23: round(x / ln 2) in the low bits
+  const float n = t - 12582912.f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.f;
+  const int32_t pow2 = (std::bit_cast<int32_t>(t) - 0x4B400000 + 127) << 23;  // 2^n
+  return e * std::bit_cast<float>(pow2);
+}
+
+// GELU, tanh form: 0.5 v (1 + tanh(u)) = v / (1 + exp(-2u)),  u = sqrt(2/pi) (v + 0.044715 v^3)
+inline float gelu_tanh(float v) {
+  const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+  return v / (1.f + exp_approx(-2.f * u));
+}
+
+// y[i] = act((y[i] - shift) * scale[i] + bias[i]) for one output row's span; scale/bias may be null.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue(float* y, int64_t count,
+                                                                           const float* scale, float shift,
+                                                                           const float* bias, bool gelu) {
+  if (scale)
+    for (int64_t i = 0; i < count; ++i) y[i] = (y[i] - shift) * scale[i];
+  if (bias)
+    for (int64_t i = 0; i < count; ++i) y[i] += bias[i];
+  if (gelu)
+    for (int64_t i = 0; i < count; ++i) y[i] = gelu_tanh(y[i]);
+}
+
+WeightType weight_type(const torch::Tensor& w) {
+  switch (w.scalar_type()) {
+    case torch::kFloat32: return WeightType::f32;
+    case torch::kBFloat16: return WeightType::bf16;
+    case torch::kInt8: return WeightType::int8;
+    default:
+      AIGC_CHECK(false, "PackedLinear: weight dtype ", w.scalar_type(), " is not supported (float32, bfloat16, int8)");
+  }
+  return WeightType::f32;
+}
+
+WeightType packed_type(const torch::Tensor& packed) {
+  return packed.scalar_type() == torch::kFloat32 ? WeightType::f32
+         : packed.scalar_type() == torch::kBFloat16 ? WeightType::bf16 : WeightType::int8;
+}
+
+void check_vector(const c10::optional<torch::Tensor>& t, const char* name, int64_t O) {
+  if (!t) return;
+  AIGC_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == torch::kFloat32,
+             "PackedLinear: ", name, " must be a contiguous float32 CPU tensor, got ", t->scalar_type(), " on ",
+             t->device());
+  AIGC_CHECK(t->dim() == 1 && t->size(0) == O, "PackedLinear: ", name, " has shape ", t->sizes(), ", expected [",
+             O, "]");
+}
+
+// packed[panel][k / G][row % 16][k % G] = value(row, k) (linear.h), for rows < O_pad, k < K_pad
+template <class T, int64_t G, class Value>
+torch::Tensor pack_panels(int64_t O, int64_t K_pad, torch::ScalarType dtype, Value value) {
+  const int64_t panels = (O + kPanel - 1) / kPanel, groups = K_pad / G;
+  auto packed = torch::empty({panels, groups * kPanel * G}, dtype);
+  T* dst = static_cast<T*>(packed.data_ptr());
+#pragma omp parallel for schedule(static)
+  for (int64_t panel = 0; panel < panels; ++panel)
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t lane = 0; lane < kPanel; ++lane)
+        for (int64_t j = 0; j < G; ++j)
+          dst[((panel * groups + g) * kPanel + lane) * G + j] = value(panel * kPanel + lane, g * G + j);
+  return packed;
+}
+
+}  // namespace
+
+PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Tensor>& bias_,
+                           const c10::optional<torch::Tensor>& scale_)
+    : bias(bias_), scale(scale_) {
+  AIGC_CHECK(w.device().is_cpu() && w.is_contiguous() && w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0,
+             "PackedLinear: weight must be a non-empty contiguous 2-D (out, in) CPU tensor, got shape ", w.sizes(),
+             " on ", w.device());
+  const WeightType t = weight_type(w);
+  out_features = w.size(0);
+  in_features = w.size(1);
+  AIGC_CHECK((t == WeightType::int8) == scale.has_value(),
+             "PackedLinear: a scale is required for int8 weights and only for them");
+  check_vector(scale, "scale", out_features);
+  check_vector(bias, "bias", out_features);
+  const int64_t O = out_features, K = in_features, K_pad = packed_k(t, K);
+  if (t == WeightType::f32) {
+    const float* src = w.data_ptr<float>();
+    weight = pack_panels<float, 1>(O, K_pad, torch::kFloat32,
+                                   [&](int64_t o, int64_t k) { return o < O && k < K ? src[o * K + k] : 0.f; });
+  } else if (t == WeightType::bf16) {
+    const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    weight = pack_panels<uint16_t, 2>(O, K_pad, torch::kBFloat16, [&](int64_t o, int64_t k) {
+      return o < O && k < K ? src[o * K + k] : uint16_t(0);
+    });
+  } else {
+    const int8_t* src = w.data_ptr<int8_t>();
+    weight = pack_panels<uint8_t, 4>(O, K_pad, torch::kUInt8, [&](int64_t o, int64_t k) {
+      return static_cast<uint8_t>((o < O && k < K ? src[o * K + k] : 0) + 128);
+    });
+  }
+}
+
+std::string PackedLinear::dtype() const {
+  const WeightType t = packed_type(weight);
+  return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : "int8";
+}
+
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu, const c10::optional<torch::Tensor>& out) {
+  AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
+  AIGC_CHECK(x.dim() >= 1 && x.size(-1) == lin.in_features, "linear: x ", x.sizes(), " does not have ",
+             lin.in_features, " input features");
+  const WeightType t = packed_type(lin.weight);
+  const int64_t K = lin.in_features, O = lin.out_features, N = x.numel() / K;
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = O;
+  torch::Tensor y;
+  if (out) {
+    AIGC_CHECK_CPU_CONTIGUOUS(*out, torch::kFloat32);
+    AIGC_CHECK(out->sizes() == c10::IntArrayRef(out_sizes), "linear: out has shape ", out->sizes(), ", expected ",
+               c10::IntArrayRef(out_sizes));
+    AIGC_CHECK(!overlap(*out, x), "linear: out must not overlap x");
+    y = *out;
+  } else {
+    y = torch::empty(out_sizes, x.options());
+  }
+  if (N == 0) return y;
+
+  const Isa isa = pick_isa(t);
+  const MicroKernel kernel = kernel_for(isa, t);
+  const bool dot = isa >= Isa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
+  const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
+  // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N,) shifts
+  const int64_t ld = t == WeightType::f32 ? K : dot ? K_pad / G : K_pad;
+  const size_t x_bytes = t == WeightType::f32 ? 0 : round_up(N * ld * 4, 64);
+  const size_t sx_bytes = round_up(N * blocks * 4, 64);
+  auto* buf = static_cast<std::byte*>(scratch(x_bytes + sx_bytes + N * 4));
+  float* sx = reinterpret_cast<float*>(buf + x_bytes);
+  float* shift = reinterpret_cast<float*>(buf + x_bytes + sx_bytes);
+
+  Problem p{};
+  p.x.ld = ld;
+  p.x.blocks = blocks;
+  p.x.xf = t == WeightType::f32 ? x.data_ptr<float>() : reinterpret_cast<const float*>(buf);
+  p.x.xg = reinterpret_cast<const uint32_t*>(buf);
+  p.x.sx = sx;
+  p.w = lin.weight.data_ptr();
+  p.groups = K_pad / G;
+  p.K = K;
+  p.O = O;
+  p.y = y.data_ptr<float>();
+  p.ldy = O;
+  const float* xf = x.data_ptr<float>();
+  const float* scale = lin.scale ? lin.scale->data_ptr<float>() : nullptr;
+  const float* bias = lin.bias ? lin.bias->data_ptr<float>() : nullptr;
+
+  const int64_t panels = (O + kPanel - 1) / kPanel;
+  // activation rows per block: the block's prepared rows stay in L2 while the thread's panels stream past
+  const int64_t n_block = std::max<int64_t>(8, (512 * 1024 / (ld * 4)) / 8 * 8);
+#pragma omp parallel if (N * O * K >= (1 << 16))
+  {
+    if (t != WeightType::f32) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n)
+        shift[n] = prepare_row(t, dot, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks);
+    }
+    // each thread: a contiguous run of panels
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const int64_t p0 = panels * thread / threads, p1 = panels * (thread + 1) / threads;
+    const int64_t o0 = std::min(O, p0 * kPanel), o1 = std::min(O, p1 * kPanel);
+    for (int64_t n0 = 0; n0 < N && p0 < p1; n0 += n_block) {
+      const int64_t n1 = std::min(N, n0 + n_block);
+      kernel(p, n0, n1, p0, p1);
+      if (scale || bias || gelu)
+        for (int64_t n = n0; n < n1; ++n)
+          epilogue(p.y + n * O + o0, o1 - o0, scale ? scale + o0 : nullptr, scale ? shift[n] : 0.f,
+                   bias ? bias + o0 : nullptr, gelu);
+    }
+  }
+  return y;
+}
+
+std::string linear_isa(const std::string& weight_dtype) {
+  AIGC_CHECK(weight_dtype == "fp32" || weight_dtype == "bf16" || weight_dtype == "int8",
+             "linear_isa: unknown weight dtype '", weight_dtype, "' (fp32, bf16, int8)");
+  const WeightType t = weight_dtype == "bf16" ? WeightType::bf16 : weight_dtype == "int8" ? WeightType::int8
+                                                                                           : WeightType::f32;
+  return kIsaNames[static_cast<int>(pick_isa(t))];
+}
+
+void set_linear_isa(const std::string& cap) {
+  for (int i = 0; i < 4; ++i)
+    if (cap == kIsaNames[i]) {
+      g_isa_cap = static_cast<Isa>(i);
+      return;
+    }
+  AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, amx, avx512, avx2, scalar)");
+  g_isa_cap = Isa::amx;
+}
+
+}  // namespace aigc_rt::cpu

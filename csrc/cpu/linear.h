@@ -1,0 +1,85 @@
+// Internal interface between the linear host code (linear.cpp) and its per-ISA micro-kernels
+// (linear_avx512.cpp, linear_avx2.cpp; the portable C++ one is in linear.cpp).
+//
+// Packed weight layout (made once at load by PackedLinear): panels of 16 output rows. Within a panel the
+// weights are stored k-group by k-group, each group holding G consecutive k of all 16 rows:
+//   packed[panel][k / G][row % 16][k % G],   G = 1 (fp32), 2 (bf16 pairs), 4 (int8 quads)
+// Rows past `out` and k past `in` are zero (int8: stored as q + 128, so 128); K is padded to a multiple of
+// kBf16Chunk (bf16) or kInt8Block (int8), so a panel is a whole number of AMX B tiles. A micro-kernel broadcasts one
+// activation group and multiplies it into a whole panel (one vector of 16 outputs): no horizontal sums,
+// and each thread streams a contiguous run of panels.
+//
+// A micro-kernel computes, for one thread's share, raw sums for rows n in [n0, n1) and panels [p0, p1):
+//   y[n, o] = sum_k xp[n, k] * wp[o, k]      (o < out; xp, wp as prepared below)
+// and linear.cpp applies the epilogue (int8 shift and scale, bias, GELU) while those rows are in cache.
+#pragma once
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+
+namespace aigc_rt::cpu::linear_detail {
+
+constexpr int64_t kPanel = 16;     // output rows per panel
+constexpr int64_t kInt8Block = 64; // int8: activations quantised per block of this many inputs; K padded to it
+constexpr int64_t kBf16Chunk = 32; // bf16: K padded to a multiple of this (one 64-byte AMX tile row)
+
+enum class WeightType { f32, bf16, int8 };
+
+// Activations prepared once per call (linear.cpp prepare_row):
+//   fp32 weights:            xf = x
+//   bf16 weights, avx512:    xg = bf16(x) as 32-bit pairs (k, k+1), zero-padded      (vdpbf16ps, AMX)
+//   bf16 weights, else:      xf = float(bf16(x))                                      (the same math in fp32)
+//   int8 weights, avx512:    xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
+//                            (VNNI, AMX)
+//   int8 weights, else:      xf = xq * sx[b]                                          (the same, dequantised)
+// int8 weights are stored as u = q + 128, so every int8 kernel sums u * xd (xd = xq * sx, the dequantised
+// activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale.
+struct PreparedX {
+  const float* xf = nullptr;
+  const uint32_t* xg = nullptr;
+  const float* sx = nullptr;  // (N, blocks)
+  int64_t ld = 0;             // row stride of xf (floats) or xg (32-bit groups)
+  int64_t blocks = 0;         // int8: K_pad / kInt8Block
+};
+
+struct Problem {
+  PreparedX x;
+  const void* w;   // packed weight
+  int64_t groups;  // k-groups per panel (K_pad / G): a panel is groups * 16 * G elements
+  int64_t K;       // true input features
+  int64_t O;       // true output features
+  float* y;        // (N, ldy)
+  int64_t ldy;
+};
+
+using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0, int64_t p1);
+
+// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available()).
+MicroKernel amx_kernel(WeightType t);
+MicroKernel avx512_kernel(WeightType t);
+MicroKernel avx2_kernel(WeightType t);
+bool amx_available();  // the CPU has AMX and the OS let this process use it
+
+// The loop every micro-kernel shares: register tiles of R panels x up to Tiles::kM activation rows. The
+// tile height R is chosen once per call from the first tile's row count (Tiles::panels(M): as many panels
+// as the registers hold for that many rows), panels outermost, so each panel is streamed from memory once
+// per call and re-read from L1/L2 for further row tiles. Tiles::tile<R, M>(p, n, panel) computes one tile.
+template <class Tiles>
+void run_tiles(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+  using TileFn = void (*)(const Problem&, int64_t, int64_t);
+  constexpr int R = Tiles::kR, M = Tiles::kM;
+  constexpr auto table = []<int... Rs>(std::integer_sequence<int, Rs...>) {
+    constexpr auto row = []<int Rr, int... Ms>(std::integer_sequence<int, Ms...>) {
+      return std::array<TileFn, M>{&Tiles::template tile<Rr, Ms + 1>...};
+    };
+    return std::array<std::array<TileFn, M>, R>{row.template operator()<Rs + 1>(std::make_integer_sequence<int, M>{})...};
+  }(std::make_integer_sequence<int, R>{});
+  const int64_t height = Tiles::panels(std::min<int64_t>(M, n1 - n0));
+  for (int64_t panel = p0; panel < p1; panel += height) {
+    const int64_t r = std::min<int64_t>(height, p1 - panel);
+    for (int64_t n = n0; n < n1; n += M) table[r - 1][std::min<int64_t>(M, n1 - n) - 1](p, n, panel);
+  }
+}
+
+}  // namespace aigc_rt::cpu::linear_detail

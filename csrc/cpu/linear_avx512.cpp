@@ -1,0 +1,155 @@
+// AVX-512 micro-kernels of the linear layer (see linear.h for the packed layout and the contract):
+//   fp32: acc[16 outputs] += w[panel, k, :] * broadcast(x[k])                    (vfmadd231ps)
+//   bf16: acc += w[panel, k/2, :, 0:2] . broadcast(bf16 pair x[k:k+2])          (vdpbf16ps, avx512_bf16)
+//   int8: per block b of 64 inputs, i = sum over quads of (q + 128)[panel, k/4, :, 0:4] . xq[k:k+4] (vpdpbusd,
+//         exact in int32), then acc += float(i) * sx[b]                           (VNNI)
+// Each function carries its own target attribute, so the library loads on any x86-64 CPU; linear.cpp
+// calls these only after __builtin_cpu_supports says the CPU has the features.
+// Tests: tests/test_cpu_linear.py (every ISA the machine has, against plain-PyTorch fp32 math).
+// gcc 12 warns about the deliberately undefined pass-through operand inside its own intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "cpu/linear.h"
+
+#define AIGC_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma"
+#define AVX512_F32 __attribute__((target(AIGC_AVX512)))
+#define AVX512_BF16 __attribute__((target(AIGC_AVX512 ",avx512bf16")))
+#define AVX512_VNNI __attribute__((target(AIGC_AVX512 ",avx512vnni")))
+
+namespace aigc_rt::cpu::linear_detail {
+namespace {
+
+// bytes ahead of the current position that each panel is prefetched into L1
+constexpr int64_t kPrefetchBytes = 1024;
+
+template <int R, int M>
+AVX512_F32 inline void store_tile(const Problem& p, int64_t n, int64_t panel, __m512 (&acc)[R][M]) {
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = (panel + r) * kPanel;
+    const __mmask16 valid = p.O - o >= kPanel ? __mmask16(0xffff) : __mmask16((1u << (p.O - o)) - 1);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) _mm512_mask_storeu_ps(p.y + (n + m) * p.ldy + o, valid, acc[r][m]);
+  }
+}
+
+template <class T>
+AVX512_F32 inline void prefetch(const T* at) {
+  _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
+}
+
+struct F32Tiles {
+  static constexpr int kR = 4, kM = 8;
+  static constexpr int64_t panels(int64_t rows) { return rows > 6 ? 3 : 4; }  // R * M <= 24 accumulators
+  template <int R, int M>
+  AVX512_F32 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel;  // elements per panel
+    const float* w = static_cast<const float*>(p.w) + panel * stride;
+    const float* x = p.x.xf + n * p.x.ld;
+    __m512 acc[R][M];
+#pragma GCC unroll 32
+    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < p.K; ++k) {
+      __m512 wv[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        prefetch(w + r * stride + k * kPanel);
+        wv[r] = _mm512_loadu_ps(w + r * stride + k * kPanel);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_set1_ps(x[m * p.x.ld + k]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+      }
+    }
+    store_tile<R, M>(p, n, panel, acc);
+  }
+};
+
+struct Bf16Tiles {
+  static constexpr int kR = 4, kM = 8;
+  static constexpr int64_t panels(int64_t rows) { return rows > 6 ? 3 : 4; }
+  template <int R, int M>
+  AVX512_BF16 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 2;  // bf16 elements per panel
+    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
+    const uint32_t* x = p.x.xg + n * p.x.ld;
+    __m512 acc[R][M];
+#pragma GCC unroll 32
+    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m512bh wv[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        prefetch(w + r * stride + g * kPanel * 2);
+        wv[r] = (__m512bh)_mm512_loadu_si512(w + r * stride + g * kPanel * 2);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+      }
+    }
+    store_tile<R, M>(p, n, panel, acc);
+  }
+};
+
+struct Int8Tiles {
+  static constexpr int kR = 4, kM = 8;
+  // int32 block sums and fp32 totals: 2 * R * M <= 28 registers
+  static constexpr int64_t panels(int64_t rows) { return rows > 3 ? (rows > 7 ? 1 : 2) : 4; }
+  template <int R, int M>
+  AVX512_VNNI static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
+    const uint32_t* x = p.x.xg + n * p.x.ld;
+    const float* sx = p.x.sx + n * p.x.blocks;
+    constexpr int64_t quads = kInt8Block / 4;
+    __m512 acc[R][M];
+#pragma GCC unroll 32
+    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      __m512i dot[R][M];
+#pragma GCC unroll 32
+      for (int i = 0; i < R * M; ++i) dot[i / M][i % M] = _mm512_setzero_si512();
+      for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
+        __m512i wv[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          prefetch(w + r * stride + g * kPanel * 4);
+          wv[r] = _mm512_loadu_si512(w + r * stride + g * kPanel * 4);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) dot[r][m] = _mm512_dpbusd_epi32(dot[r][m], wv[r], xv);
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512 scale = _mm512_set1_ps(sx[m * p.x.blocks + b]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][m]), scale, acc[r][m]);
+      }
+    }
+    store_tile<R, M>(p, n, panel, acc);
+  }
+};
+
+}  // namespace
+
+MicroKernel avx512_kernel(WeightType t) {
+  switch (t) {
+    case WeightType::f32: return &run_tiles<F32Tiles>;
+    case WeightType::bf16: return &run_tiles<Bf16Tiles>;
+    case WeightType::int8: return &run_tiles<Int8Tiles>;
+  }
+  return nullptr;
+}
+
+}  // namespace aigc_rt::cpu::linear_detail

@@ -1,0 +1,138 @@
+"""Decode attention (flash-decoding): one query per sequence over its KV cache, split over the sequence.
+
+    O[b, h] = sum_{j < len[b]} softmax_j(q[b, h] . K[b, h, j] / sqrt(D)) V[b, h, j]
+
+GPT-2 has 12 to 25 heads: one program per (row, head) would leave most of a GPU idle, so the cache's S
+positions are cut into n_splits chunks of SPLIT_LEN and pass 1 runs one program per (row x head, chunk):
+    m_s = max_j s_j,  l_s = sum_j exp(s_j - m_s),  o_s = sum_j exp(s_j - m_s) V_j / l_s,  lse_s = m_s + log l_s
+over the chunk's positions below len[b] (chunks at or past len[b] exit at once; slots at or past len[b] are
+never read: they may hold anything, NaN included). Pass 2 merges a row-head's chunks:
+    O = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
+The layout depends only on the cache's capacity S (never on a per-step maximum length), so the same launch
+can be replayed from a CUDA graph while the lengths grow on the device. A row with len 0 gets zeros.
+Test: tests/test_triton_kernels.py (test_attention_decode*); benchmark: bench/bench_triton.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_out, check_tensor, decode_settings
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, H, S, qk_scale,
+                         q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                         HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.minimum(tl.load(len_ptr + b), S)  # never past the cache, whatever lengths holds
+    start = split * SPLIT_LEN
+    if start < length:
+        dims = tl.arange(0, BLOCK_D)
+        in_d = dims < HEAD_DIM
+        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
+        k_ptr += b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
+        v_ptr += b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
+        m_i = float("-inf")
+        l_i = 0.0
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        end = tl.minimum(start + SPLIT_LEN, length)
+        for start_n in range(start, end, BLOCK_N):
+            pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+            valid = pos < end
+            k = tl.load(k_ptr + pos[:, None] * k_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
+                        other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+            s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * qk_scale, float("-inf"))  # log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: pos = start_n < end is valid
+            p = tl.exp2(s - m_new)
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(v_ptr + pos[:, None] * v_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
+                        other=0.0).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        part = bh.to(tl.int64) * tl.num_programs(1) + split
+        tl.store(part_o_ptr + part * BLOCK_D + dims, acc / l_i)
+        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
+
+
+@triton.jit
+def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o_sh, N_SPLITS,
+                         HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    length = tl.minimum(tl.load(len_ptr + b), S)
+    splits = tl.arange(0, BLOCK_S)
+    used = splits < tl.cdiv(length, SPLIT_LEN)  # the chunks pass 1 wrote
+    part = bh.to(tl.int64) * N_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part, mask=used, other=float("-inf"))  # (BLOCK_S,)
+    top = tl.max(lse, axis=0)
+    w = tl.where(used, tl.exp2(lse - top), 0.0)
+    dims = tl.arange(0, BLOCK_D)
+    o = tl.load(part_o_ptr + part[:, None] * BLOCK_D + dims[None, :], mask=used[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # (BLOCK_D,); zeros for len 0
+    tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     max_len: int | None = None, *, out=None) -> torch.Tensor:
+    """q (B, H, D); k_cache, v_cache (B, H, S, D) (e.g. views cache.k[layer]); lengths (B,) int on the
+    device: row b attends to its first lengths[b] positions. max_len (a host int >= max(lengths)) is only
+    checked against S: the launch depends on S alone. -> (B, H, D), q's dtype."""
+    check_tensor("q", q, 3, FLOAT_DTYPES, None, last_contiguous=True)
+    dev = q.device
+    B, H, D = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, 4, FLOAT_DTYPES, dev, last_contiguous=True)
+        if t.shape[:2] != (B, H) or t.shape[3] != D:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, S, {D}) to match q")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
+    check_tensor("lengths", lengths, 1, (torch.int64, torch.int32), dev)
+    if lengths.shape[0] != B or not lengths.is_contiguous():
+        raise ValueError(f"lengths must be a contiguous ({B},) tensor, got {tuple(lengths.shape)}")
+    S = k_cache.shape[2]
+    if max_len is not None and not 1 <= max_len <= S:
+        raise ValueError(f"max_len={max_len} must be in [1, {S}] (the cache's capacity)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    o = check_out(out, (B, H, D), q.dtype, dev)
+    if o.numel() == 0 or S == 0:
+        return o.zero_()
+    s = decode_settings(B * H, S, D, dev)
+    n_splits, block_d = s["n_splits"], s["BLOCK_D"]
+    part_o = torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
+    part_lse = torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
+    _decode_split_kernel[(B * H, n_splits)](
+        q, k_cache, v_cache, lengths, part_o, part_lse, H, S, LOG2E / math.sqrt(D),
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, num_warps=s["num_warps"])
+    _decode_merge_kernel[(B * H,)](
+        part_o, part_lse, lengths, o, H, S, o.stride(0), o.stride(1), n_splits,
+        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
+        num_warps=s["num_warps"])
+    return o
+
+
+def reference(q, k_cache, v_cache, lengths):
+    """Plain-PyTorch fp32, row by row over exactly its first lengths[b] positions (nothing past them read)."""
+    rows = []
+    for b in range(q.shape[0]):
+        n = int(lengths[b])
+        k, v = k_cache[b, :, :n].float(), v_cache[b, :, :n].float()  # (H, n, D)
+        scores = torch.einsum("hd,hnd->hn", q[b].float(), k) / math.sqrt(q.shape[-1])
+        rows.append(torch.einsum("hn,hnd->hd", scores.softmax(dim=-1), v))
+    return torch.stack(rows)

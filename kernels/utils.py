@@ -1,0 +1,167 @@
+"""Shared launcher helpers for the Triton kernels: interpreter detection, block sizes (chosen here, in one
+place), grid sizing, and host-side argument checks that raise ValueError naming the problem.
+
+Tests: tests/test_triton_kernels.py (every launcher's bad-input checks go through `check_tensor`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _probe_kernel():
+    pass
+
+
+# True when @triton.jit built interpreter functions (TRITON_INTERPRET=1 when the kernels were imported):
+# kernels then run on CPU tensors, one program at a time, in NumPy.
+INTERPRETER = isinstance(_probe_kernel, InterpretedFunction)
+
+
+def device_fn(fn):
+    """@triton.jit for helpers that kernels call. Under the interpreter a helper runs as plain Python in its
+    caller's already patched triton.language (an interpreted @triton.jit helper re-patches the whole
+    language on every call, about 1 ms, which would dominate the interpreter's run time)."""
+    return fn if INTERPRETER else triton.jit(fn)
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 256
+
+
+def check_tensor(name: str, t, ndim: int | None = None, dtypes=None, device: torch.device | None = None,
+                 last_contiguous: bool = False) -> None:
+    """ValueError unless t is a tensor with the given rank, one of `dtypes`, on `device`; with
+    last_contiguous, its last dimension must have stride 1 (other strides are passed to the kernel)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if INTERPRETER and t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}: under TRITON_INTERPRET=1 the kernels run on CPU tensors")
+    if not INTERPRETER and t.device.type != "cuda":
+        raise ValueError(f"{name} is on {t.device}: the Triton kernels need CUDA tensors "
+                         f"(set TRITON_INTERPRET=1 before importing them to run on the CPU)")
+    if last_contiguous and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+
+
+def check_out(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+              strided: bool = False) -> torch.Tensor:
+    """The output tensor: `out` when given (checked: shape, dtype, device, contiguous; with strided, a kernel
+    that takes the output's strides needs only its last dimension contiguous), else a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_tensor("out", out, len(shape), (dtype,), device, last_contiguous=strided)
+    if tuple(out.shape) != tuple(shape) or not (strided or out.is_contiguous()):
+        raise ValueError(f"out must be a {'' if strided else 'contiguous '}{tuple(shape)} tensor, got "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
+    return out
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of the device; under the interpreter a small number, so that grid-sizing
+    logic (splits, row blocks) is still exercised with several programs."""
+    if INTERPRETER:
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_settings(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for layernorm.py: one row of n elements per program, all of it in registers."""
+    block = triton.next_power_of_2(max(n, 16))
+    if INTERPRETER:
+        return block, 1
+    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def sampling_settings(V: int) -> dict:
+    """Block of the vocabulary streamed per step and pivots per search pass for sampling.py (one program
+    per row; several blocks per row even at test sizes, so the carried state is exercised)."""
+    if INTERPRETER:
+        return dict(BLOCK=1024, N_PIVOTS=64, num_warps=1)
+    return dict(BLOCK=min(1024, triton.next_power_of_2(V)), N_PIVOTS=16, num_warps=8)
+
+
+def linear_settings(M: int, N: int, device: torch.device) -> dict:
+    """Tile sizes for linear.py's GEMM. Small M (batched decode, M <= 16) is weight-bandwidth bound: one
+    16-row tile of x, column tiles narrow enough for two programs per SM; larger M is a plain GEMM tile.
+    The interpreter gets wide tiles (its cost is per program and per op, not per element)."""
+    if INTERPRETER:
+        return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
+    if M <= 16:
+        block_n = 32 if N >= 32 * 2 * num_sms(device) else 16
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4)
+
+
+def gemv_settings(N: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes for linear.py's GEMV: 1-2 KiB of each weight row per iteration, row blocks narrow enough
+    to put at least two programs on every SM."""
+    if INTERPRETER:
+        return dict(BLOCK_N=128, BLOCK_K=128, num_warps=1)
+    block_k = 256 if dtype == torch.float32 else 512
+    return dict(BLOCK_N=8 if N >= 8 * 2 * num_sms(device) else 4, BLOCK_K=block_k, num_warps=4)
+
+
+def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes for attention.py (prefill): head_dim padded to a power of two (>= 16, tl.dot's minimum)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if INTERPRETER:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
+    if fp32 and block_d > 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    small = fp32 or block_d > 128
+    return dict(BLOCK_M=64 if small else 128, BLOCK_N=32 if small else 64, BLOCK_D=block_d, num_warps=4,
+                num_stages=2 if small else 3)
+
+
+def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device) -> dict:
+    """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
+    CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice."""
+    block_n = 16 if INTERPRETER else 64
+    block_d = triton.next_power_of_2(max(head_dim, 16))
+    target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
+    n_splits = max(1, min(target_splits, triton.cdiv(max_len, block_n)))
+    split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
+                num_warps=1 if INTERPRETER else 4)
+
+
+@device_fn
+def gelu_tanh(y):
+    """GELU, tanh approximation (GPT-2's): 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), with
+    tanh(a) = 1 - 2 / (exp(2a) + 1) (saturates correctly at +-inf; tl has no tanh of its own)."""
+    a = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+    return 0.5 * y * (2.0 - 2.0 / (tl.exp(2.0 * a) + 1.0))
+
+
+@device_fn
+def cast_rne(x, dtype: tl.constexpr):
+    """fp32 x -> `dtype`, rounding to nearest even. For bf16 the rounding is done on the bits, because the
+    interpreter's fp32 -> bf16 cast truncates (the GPU's rounds to nearest even; this matches both)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@device_fn
+def dot(a, b, acc, WIDEN: tl.constexpr):
+    """acc + a @ b, fp32 accumulation, fp32 operands in IEEE precision (never TF32). WIDEN computes 16-bit
+    operands in fp32 (exact: their products fit an fp32 mantissa), for the interpreter, whose tl.dot cannot
+    multiply bf16."""
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")

@@ -1,0 +1,248 @@
+"""C++ linear layer (csrc/cpu/linear*.cpp) and embedding (csrc/cpu/embedding.cpp) vs plain-PyTorch fp32 math,
+on odd shapes, for every weight dtype, with and without bias and GELU, on every ISA this CPU has (AMX, AVX-512,
+AVX2, portable C++; the AMX kernels take 4+ rows and hand fewer to AVX-512).
+
+What the kernel computes, per weight dtype (the torch backend is the reference op, see torch_backend.linear):
+  fp32  y = x @ W^T                      bf16  y = bf16(x) @ W^T   (fp32 accumulation, as the reference)
+  int8  y = xq @ (q * s)^T where xq is x quantised to int8 per block of 64 inputs (scale max|x_b| / 127),
+        which the reference (fp32 x) does not do: the difference is bounded by sum_k |W[o, k]| * sx_b(k) / 2.
+Tolerances: fp32 rounding of a K-term sum, |err| <= SUM_RTOL * (|x| @ |W|^T + |b|), SUM_RTOL = 1e-5, plus (int8
+vs the reference) that activation-quantisation bound; the int8 kernel is also checked against its own math
+with the fp32 bound alone.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import aigc_rt
+from aigc_rt import _C
+from aigc_rt.backends.cpu import CpuBackend
+from aigc_rt.backends.torch_backend import TorchBackend
+from aigc_rt.format import quantize_int8
+
+SUM_RTOL = 1e-5
+GELU_SLOPE = 1.13  # max |d GELU(y) / dy|: the epilogue can grow an input error by at most this much
+# (N, in, out): every N in 1, 3, 17, 64, 111 and every in/out in 1, 3, 17, 111, 500, 1023 at least once
+SHAPES = [(1, 1, 1), (1, 17, 3), (3, 3, 17), (17, 111, 500), (64, 500, 111), (111, 1023, 17), (1, 1023, 1023),
+          (3, 500, 1023), (64, 17, 111), (111, 111, 3)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_tanh"), "bias+gelu": (True, "gelu_tanh")}
+CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
+
+
+# every kernel: (ISA, weight dtype); AMX has no fp32 multiply
+KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx2", "scalar") if (isa, dt) != ("amx", "fp32")]
+
+
+@pytest.fixture(params=KERNELS, ids=[f"{isa}-{dt}" for isa, dt in KERNELS])
+def kernel(request):
+    """Force the linear kernels to one ISA (skipped where this CPU lacks it); back to the best one afterwards."""
+    isa, dtype = request.param
+    _C.set_linear_isa(isa)
+    used = _C.linear_isa(dtype)
+    if used != isa:
+        _C.set_linear_isa("auto")
+        pytest.skip(f"this CPU has no {isa} kernel for {dtype} weights")
+    yield isa, dtype
+    _C.set_linear_isa("auto")
+
+
+def _problem(N, K, O, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed * 7919 + N * 31 + K * 17 + O)
+    x = torch.randn(N, K, generator=g) * 2
+    w = torch.randn(O, K, generator=g) / math.sqrt(K)
+    b = torch.randn(O, generator=g) if bias else None
+    if dtype == "int8":
+        q, s = quantize_int8(w)
+        return x, REF.prepare_linear(q, b, s), CPU.prepare_linear(q, b, s)
+    w = w.to(DTYPES[dtype])
+    return x, REF.prepare_linear(w, b), CPU.prepare_linear(w, b)
+
+
+def _dense(lin) -> torch.Tensor:
+    """The reference Linear's weight as fp32 (out, in)."""
+    return lin.weight.float() * (lin.scale[:, None] if lin.scale is not None else 1)
+
+
+def quantized_activations(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The int8 kernel's activations, dequantised to float64 (csrc/cpu/linear.cpp quantize_row)."""
+    N, K = x.shape
+    xb = torch.nn.functional.pad(x, (0, -K % block)).view(N, -1, block)  # (N, blocks, 64)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * (127 / amax)).clamp(-127, 127).nan_to_num(0)  # amax == 0 -> q = 0
+    return (q.double() * (amax / 127).double()).view(N, -1)[:, :K]
+
+
+def _sum_bound(x, lin) -> torch.Tensor:
+    """|x| @ |W|^T + |b|: the scale of the fp32 rounding error of each output."""
+    mag = x.abs().double() @ _dense(lin).abs().double().T
+    return mag + (lin.bias.abs().double() if lin.bias is not None else 0)
+
+
+def _check(got, want, tol, what):
+    err = (got.double() - want.double()).abs()
+    worst = (err - tol).argmax()
+    assert bool((err <= tol).all()), (f"{what}: max abs error {err.max().item():.3g}; worst excess at flat index "
+                                      f"{worst.item()}: error {err.flatten()[worst].item():.3g} > tolerance "
+                                      f"{tol.flatten()[worst].item():.3g}")
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("N,K,O", SHAPES)
+def test_linear_matches_reference(kernel, N, K, O, epilogue):
+    isa, dtype = kernel
+    bias, act = EPILOGUES[epilogue]
+    x, ref_lin, cpu_lin = _problem(N, K, O, dtype, bias)
+    got = CPU.linear(x, cpu_lin, act=act)
+    want = REF.linear(x, ref_lin, act=act)
+    assert got.shape == (N, O) and got.dtype == torch.float32
+    tol = SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6
+    if dtype == "int8":  # activations quantised per block of 64: |x - xq| <= sx / 2 elementwise
+        half_step = (x.double() - quantized_activations(x)).abs().max(-1, keepdim=True).values  # (N, 1)
+        tol = tol + GELU_SLOPE * half_step * _dense(ref_lin).abs().double().sum(-1)
+        exact = quantized_activations(x) @ _dense(ref_lin).double().T
+        if bias:
+            exact = exact + ref_lin.bias.double()
+        if act:
+            exact = torch.nn.functional.gelu(exact, approximate="tanh")
+        _check(got, exact, SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6,
+               f"{isa} int8 {N}x{K}x{O} {epilogue} vs its quantised-activation math")
+    _check(got, want, tol, f"{isa} {dtype} {N}x{K}x{O} {epilogue} vs the torch backend")
+
+
+def test_linear_writes_into_out_and_leading_dims(kernel):
+    dtype = kernel[1]
+    x, ref_lin, cpu_lin = _problem(6, 111, 17, dtype, bias=True)
+    out = torch.full((2, 3, 17), float("nan"))
+    got = CPU.linear(x.view(2, 3, 111), cpu_lin, out=out)
+    assert got.data_ptr() == out.data_ptr() and got.shape == (2, 3, 17)
+    want = REF.linear(x, ref_lin).view(2, 3, 17)
+    assert torch.allclose(got, want, atol=5e-2 if dtype == "int8" else 1e-4, rtol=0), \
+        f"max abs error {(got - want).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("rows", [3, 17])
+def test_non_finite_inputs_reach_the_output(kernel, rows):
+    """A NaN/inf in x must make its output row non-finite (the runtime checks logits for that)."""
+    x, _, cpu_lin = _problem(rows, 130, 9, kernel[1], bias=True)
+    x[0, 5], x[2, 129] = float("nan"), float("inf")
+    y = CPU.linear(x, cpu_lin)
+    assert not y[0].isfinite().any() and not y[2].isfinite().any(), y
+    assert y[1].isfinite().all() and y[3:].isfinite().all()
+
+
+def test_packed_linear_keeps_its_shape_and_parts():
+    q, scale = quantize_int8(torch.randn(17, 70))
+    bias = torch.randn(17)
+    lin = _C.PackedLinear(q, bias, scale)
+    assert (lin.in_features, lin.out_features, lin.dtype) == (70, 17, "int8")
+    assert lin.weight.shape == (2, 64 * 16 * 2) and lin.weight.dtype == torch.uint8  # 2 panels of 16 rows x 128 k
+    assert lin.bias.data_ptr() == bias.data_ptr() and lin.scale.data_ptr() == scale.data_ptr()
+    assert _C.PackedLinear(torch.randn(3, 5).bfloat16()).weight.shape == (1, 32 * 16)  # K padded to 32
+
+
+def test_quantize_int8_round_trip():
+    w = torch.randn(7, 300) * torch.logspace(-3, 2, 7)[:, None]
+    w[3] = 0
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (7,) and s[3] == 0 and q.abs().max() <= 127
+    err = (q.float() * s[:, None] - w).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-6) + 1e-12).all()), f"max error / scale {(err / s[:, None]).max()}"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16", "int8"])
+def test_embedding_matches_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(1003, 17, generator=g)
+    scale = None
+    if dtype == "int8":
+        table, scale = quantize_int8(table)
+    else:
+        table = table.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
+    ids = torch.tensor([[0, 1002, 5], [7, 7, 500]])
+    want = REF.embedding(table, ids, scale=scale)
+    out = torch.empty(2, 3, 17)
+    got = CPU.embedding(table, ids, scale=scale, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, want), f"max abs error {(got - want).abs().max():.3g}"
+
+
+def test_bad_arguments_raise_value_error():
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    q, s = quantize_int8(w)
+    lin = _C.PackedLinear(w, b)
+    cases = [
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 7))), "does not have 7 input features"),
+        (lambda: _C.linear(x.double(), lin), "x must be Float"),
+        (lambda: _C.linear(torch.randn(8, 3).t(), lin), "x must be contiguous"),
+        (lambda: _C.linear(x, lin, out=torch.empty(3, 6)), r"out has shape \[3, 6\], expected \[3, 5\]"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(8, 8)), out=x), "out must not overlap x"),
+        (lambda: _C.PackedLinear(w.half()), "weight dtype Half is not supported"),
+        (lambda: _C.PackedLinear(w.t()), "non-empty contiguous 2-D"),
+        (lambda: _C.PackedLinear(torch.randn(5, 0)), "non-empty contiguous 2-D"),
+        (lambda: _C.PackedLinear(q), "scale is required for int8"),
+        (lambda: _C.PackedLinear(w, scale=s), "scale is required for int8 weights and only for them"),
+        (lambda: _C.PackedLinear(q, scale=s[:4]), r"scale has shape \[4\], expected \[5\]"),
+        (lambda: _C.PackedLinear(w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
+        (lambda: _C.PackedLinear(w, b.double()), "bias must be a contiguous float32"),
+        (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
+        (lambda: REF.linear(x, REF.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
+        (lambda: CPU.prepare_linear(q, b), "scale is required for int8 weights"),
+        (lambda: _C.embedding(w, torch.tensor([5])), r"id 5 is outside \[0, 5\)"),
+        (lambda: _C.embedding(w, torch.tensor([-1])), "id -1 is outside"),
+        (lambda: _C.embedding(q, torch.tensor([1])), "scale is required for an int8 table"),
+        (lambda: _C.embedding(w, torch.tensor([1]), out=torch.empty(2, 8)), "out has shape"),
+        (lambda: _C.layernorm(x, torch.ones(8), torch.zeros(8), 1e-5, out=torch.empty(3, 7)), "out has shape"),
+        (lambda: _C.add_layernorm(x, torch.randn(3, 8), torch.ones(8), torch.zeros(8), 1e-5, out=x),
+         "out must not overlap x"),
+        (lambda: _C.set_linear_isa("neon"), "unknown ISA 'neon'"),
+        (lambda: _C.linear_isa("fp16"), "unknown weight dtype 'fp16'"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+class _Traced:
+    """A backend wrapper that puts each op call in a profiler scope named op::NAME."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def traced(*args, **kwargs):
+            with torch.profiler.record_function("op::" + name):
+                return attr(*args, **kwargs)
+        return traced
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_decode_step_allocates_nothing_for_linear_and_layernorm(hf_odd, tmp_path, dtype):
+    """The decode step writes every linear / layernorm / embedding result into the cache's Workspace: the
+    profiler sees no memory allocated inside those ops, and the logits come back in the same buffer each step.
+    (Attention and sampling still go through the torch reference here; they are not checked.)"""
+    m = aigc_rt.load(aigc_rt.convert(hf_odd[0], tmp_path / f"{dtype}.safetensors", dtype=dtype), backend="cpu")
+    m.backend = _Traced(m.backend)
+    cache = m.new_cache(3, m.config.n_positions)
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([4, 2, 3])
+    with torch.inference_mode():
+        m.prefill(torch.randint(0, m.config.vocab_size, (3, 5)), cache)
+        first = m.decode(tokens, positions, cache, 5)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            for step in range(3):
+                positions += 1
+                logits = m.decode(tokens, positions, cache, 6 + step)
+                assert logits.data_ptr() == first.data_ptr()
+    ops = {e.key: e for e in prof.key_averages()}
+    for op, calls in {"linear": 4 * m.config.n_layer + 1, "layernorm": 1, "add_layernorm": 2 * m.config.n_layer,
+                      "embedding": 1}.items():
+        e = ops[f"op::{op}"]
+        assert e.count == 3 * calls, f"op::{op} ran {e.count} times, expected {3 * calls}"
+        assert e.cpu_memory_usage == 0, f"op::{op} allocated {e.cpu_memory_usage} bytes during 3 decode steps"

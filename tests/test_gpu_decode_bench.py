@@ -1,0 +1,70 @@
+"""The CPU-side pieces of bench/gpu_decode.py (the GPU decode benchmark): roofline arithmetic, the results
+table and the target verdicts, and result files. The measurement itself needs a GPU (bench/bench_triton.py)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import gpu_decode as g  # noqa: E402
+
+BW = 3.0e12  # bytes/s, a round H100-like number
+
+
+def test_weight_bytes_match_the_parameter_counts():
+    """GPT-2 124M reads 123.65 M parameters per token (ANCHORS.md: 12 blocks, ln_f, wte once as lm_head);
+    1.5B: 48 blocks of 12 C^2 + 13 C, C = 1600, plus 2 C and 50,257 C."""
+    assert g.weight_bytes("124M", "fp32") == 4 * 123_653_376
+    assert g.weight_bytes("1.5B", "bf16") == 48 * (12 * 1600 ** 2 * 2 + 13 * 1600 * 4) + 2 * 1600 * 4 + 50257 * 1600 * 2
+    # bf16 halves the matrices only
+    n_layer, C, _ = g.SIZES["355M"]
+    small = 4 * (n_layer * 13 * C + 2 * C)
+    assert g.weight_bytes("355M", "bf16") - small == (g.weight_bytes("355M", "fp32") - small) // 2
+
+
+def test_roofline_rate_and_percentages():
+    kv = g.kv_bytes("124M", batch=8, context=96.5, itemsize=4)
+    assert kv == 2 * 12 * 8 * 96.5 * 768 * 4
+    row = g.make_row("124M", "fp32", 8, "triton", step_seconds=0.5e-3, bandwidth=BW, prompt=32, new_tokens=128)
+    roof = 8 * BW / (g.weight_bytes("124M", "fp32") + kv)
+    assert row.roofline_tokens_per_s == pytest.approx(roof)
+    assert row.tokens_per_s == pytest.approx(16_000) and row.ms_per_token == pytest.approx(0.5)
+    assert row.roofline_pct == pytest.approx(100 * 16_000 / roof)
+    hf = g.make_row("124M", "bf16", 8, "hf-eager", 1e-3, BW, 32, 128)  # HF's KV cache is in the model dtype
+    assert hf.roofline_tokens_per_s == pytest.approx(
+        8 * BW / (g.weight_bytes("124M", "bf16") + g.kv_bytes("124M", 8, 96.5, 2)))
+
+
+def _rows():
+    return [g.make_row("124M", "bf16", 1, "hf-eager", 10e-3, BW, 32, 128),
+            g.make_row("124M", "bf16", 1, "hf-compile", 2.5e-3, BW, 32, 128),
+            g.make_row("124M", "bf16", 1, "triton", 0.16e-3, BW, 32, 128),
+            g.make_row("1.5B", "bf16", 8, "hf-compile", None, BW, 32, 128, error="RuntimeError: out of memory"),
+            g.make_row("1.5B", "bf16", 8, "triton", 1.5e-3, BW, 32, 128)]
+
+
+def test_table_and_verdicts():
+    table = g.format_table(_rows()).splitlines()
+    assert table[0].startswith("| size | dtype | batch | system | ms/token | tokens/s | % of HBM roofline")
+    assert table[4] == ("| 124M | bf16 | 1 | triton | 0.160 | 6,250 | "
+                        f"{_rows()[2].roofline_pct:.1f}% | 15.62x |")  # 6,250 / 400 tokens/s (hf-compile)
+    assert "failed: RuntimeError: out of memory" in table[5]
+    assert table[6].endswith("| - |")  # no torch row to compare with
+    v = g.verdicts(_rows())
+    assert v[0].startswith("124M bf16 batch 1: 6,250 tokens/s, 15.62x best torch -> PASS")
+    pct = _rows()[4].roofline_pct
+    assert v[1] == f"1.5B bf16 batch 8: {pct:.1f}% of roofline -> {'PASS' if pct >= 75 else 'FAIL'} (target >= 75%)"
+
+
+def test_save_names_the_device(tmp_path):
+    meta = dict(device="NVIDIA H100 80GB HBM3", bandwidth_GBps=3000.0, torch="2.11", prompt=32, new_tokens=128,
+                repeats=3, date="2025-01-02 03:04")
+    md = g.save(_rows(), meta, str(tmp_path))
+    assert os.path.basename(md) == "gpu_decode-nvidia-h100-80gb-hbm3-2025-01-02.md"
+    assert "NVIDIA H100 80GB HBM3" in open(md).read()
+    data = json.load(open(md[:-3] + ".json"))
+    assert data["meta"]["device"] == meta["device"] and len(data["rows"]) == 5
+    assert data["rows"][2]["tokens_per_s"] == pytest.approx(6250)

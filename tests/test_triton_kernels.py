@@ -1,0 +1,344 @@
+"""Triton kernels (kernels/, installed as aigc_rt.kernels) vs their plain-PyTorch fp32 references: odd shapes,
+every dtype, explicit (atol, rtol), the max error printed on failure; bad inputs raise ValueError.
+
+Under TRITON_INTERPRET=1 (CI; tests/conftest.py sets it unless AIGC_RT_GPU is set) the kernels run on CPU
+tensors at small shapes. With AIGC_RT_GPU=1 on a CUDA machine the same tests run on the GPU, adding real
+GPT-2 shapes. test_kernels_compile_for_gpu compiles every kernel variant for sm_90 even without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
+from aigc_rt.kernels.utils import INTERPRETER
+from aigc_rt.sampling import SamplingParams, apply_repetition_penalty, filter_logits, uniform
+
+ON_GPU = not INTERPRETER and torch.cuda.is_available()
+DEV = torch.device("cuda" if ON_GPU else "cpu")
+pytestmark = pytest.mark.skipif(not (INTERPRETER or ON_GPU),
+                                reason="needs a CUDA GPU (AIGC_RT_GPU=1) or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shapes(small: list, gpu: list) -> list:
+    """The small (interpreter) shapes everywhere, plus real GPT-2 shapes on a GPU."""
+    return small + gpu if ON_GPU else small
+
+
+def randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.float() - want.float()).abs()
+    bad = err > atol + rtol * want.float().abs()
+    assert not bad.any(), (f"{what}: max abs error {err.max().item():.3g} (atol {atol}, rtol {rtol}), "
+                           f"{int(bad.sum())} of {bad.numel()} elements out of tolerance")
+
+
+# -- layernorm ------------------------------------------------------------------------------------------
+LN_TOL = (1e-5, 1e-5)  # fp32 (the residual stream is always fp32)
+
+
+@pytest.mark.parametrize("rows,C", shapes([(1, 1), (3, 17), (17, 111), (5, 500), (2, 1023), (4, 1600)],
+                                          [(64, 1600), (4096, 768)]))
+def test_layernorm_and_add_layernorm(rows, C):
+    x, res = randn(rows, C, seed=C, scale=3) + 1, randn(rows, C, seed=C + 1)
+    w, b = randn(C, seed=C + 2), randn(C, seed=C + 3)
+    want, _ = layernorm.reference(x, w, b, 1e-5)
+    assert_close(layernorm.layernorm(x, w, b, 1e-5), want, *LN_TOL, f"layernorm ({rows}, {C})")
+    want, want_res = layernorm.reference(x, w, b, 1e-5, residual=res)
+    out = torch.empty_like(x)
+    got = layernorm.add_layernorm(x, res, w, b, 1e-5, out=out)
+    assert got is out
+    assert torch.equal(res, want_res), "residual must be updated in place with residual + x"
+    assert_close(got, want, *LN_TOL, f"add_layernorm ({rows}, {C})")
+
+
+def test_layernorm_strided_rows():
+    """x may be a row-strided view (last dimension contiguous), e.g. a slice of a wider buffer."""
+    wide = randn(7, 300, seed=1)
+    x = wide[:, 13:13 + 257]
+    w, b = randn(257, seed=2), randn(257, seed=3)
+    assert_close(layernorm.layernorm(x, w, b, 1e-5), layernorm.reference(x, w, b, 1e-5)[0], *LN_TOL, "strided")
+
+
+# -- linear ---------------------------------------------------------------------------------------------
+# Both sides see the same operands (x rounded to the weight dtype) and accumulate in fp32, so every weight
+# dtype gets the fp32 tolerance; outputs are O(1) (weights scaled by 1/sqrt(K)).
+LINEAR_TOL = (1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("M,N,K", shapes([(1, 17, 3), (1, 500, 111), (2, 111, 500), (17, 33, 1023),
+                                          (40, 70, 129)],
+                                         [(1, 2304, 768), (8, 3072, 768), (1, 50257, 768), (8, 1600, 6400),
+                                          (512, 3072, 768)]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_linear(M, N, K, dtype):
+    x = randn(M, K, seed=M * N + K)
+    w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
+    b = randn(N, seed=N)
+    for bias, act in ((b, "gelu_tanh"), (None, None)):
+        want = linear.reference(x, w, bias, act)
+        assert_close(linear.linear(x, w, bias, act), want, *LINEAR_TOL, f"linear {M}x{N}x{K} {dtype} {act}")
+        # both kernels at any row count: the GEMM at M = 1, the GEMV over several rows
+        other = "gemm" if M == 1 else "gemv"
+        assert_close(linear.linear(x, w, bias, act, kernel=other), want, *LINEAR_TOL,
+                     f"linear ({other}) {M}x{N}x{K} {dtype} {act}")
+
+
+@pytest.mark.parametrize("M,N,K", shapes([(1, 17, 3), (1, 500, 111), (3, 111, 500), (17, 33, 1023)],
+                                         [(1, 2304, 768), (8, 3072, 768), (1, 50257, 768), (512, 3072, 768)]))
+def test_linear_int8(M, N, K):
+    """Weight-only int8 (per-row scales, as `aigc-rt convert --dtype int8` writes): the kernel sums x q in fp32
+    and scales after; the reference dequantises first, so they differ by fp32 rounding only."""
+    x, b = randn(M, K, seed=M + K), randn(N, seed=N)
+    q = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(K), dtype=torch.int8).to(DEV)
+    scale = (torch.rand(N, generator=torch.Generator().manual_seed(N)) + 0.5).to(DEV) / (127 * K ** 0.5)
+    for bias, act in ((b, "gelu_tanh"), (None, None)):
+        want = linear.reference(x, q, bias, act, scale=scale)
+        for kernel in ("gemv", "gemm"):
+            assert_close(linear.linear(x, q, bias, act, scale=scale, kernel=kernel), want, *LINEAR_TOL,
+                         f"linear int8 ({kernel}) {M}x{N}x{K} {act}")
+    with pytest.raises(ValueError, match="scale is required for int8"):
+        linear.linear(x, q)
+    with pytest.raises(ValueError, match="scale must be a contiguous"):
+        linear.linear(x, q, scale=scale[:-1] if N > 1 else scale.repeat(2))
+
+
+def test_linear_leading_dims_and_out():
+    x = randn(2, 3, 65, seed=4)  # (B, T, K)
+    w, b = randn(31, 65, seed=5, scale=0.1), randn(31, seed=6)
+    out = torch.empty(2, 3, 31, device=DEV)
+    got = linear.linear(x, w, b, "gelu_tanh", out=out)
+    assert got is out
+    assert_close(got, linear.reference(x, w, b, "gelu_tanh"), *LINEAR_TOL, "linear (2, 3, 65)")
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # exp(2a) -> inf is the intended saturation
+def test_gelu_saturates():
+    """GELU-tanh at large |y| (tanh through exp overflows to inf there): y for y >> 0, 0 for y << 0."""
+    x = torch.tensor([[1.0]], device=DEV)
+    w = torch.tensor([[-200.0], [-20.0], [-1e-3], [0.0], [1e-3], [3.0], [20.0], [200.0]], device=DEV)
+    got = linear.linear(x, w, None, "gelu_tanh")
+    want = linear.reference(x, w, None, "gelu_tanh")
+    assert torch.isfinite(got).all()
+    assert_close(got, want, 1e-6, 1e-6, "gelu at large |y|")
+
+
+# -- prefill attention -------------------------------------------------------------------------------------
+ATTN_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.mark.parametrize("B,H,T,D", shapes([(1, 1, 1, 64), (2, 3, 17, 80), (1, 2, 33, 96), (1, 1, 40, 128),
+                                            (2, 1, 19, 32), (1, 1, 5, 7), (1, 1, 9, 200)],
+                                           [(1, 12, 1024, 64), (4, 25, 333, 64), (2, 20, 500, 80),
+                                            (1, 16, 257, 96), (2, 8, 300, 128)]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_attention_prefill(B, H, T, D, dtype):
+    """q, k, v as the model makes them: (B, T, H, D) buffers viewed as (B, H, T, D)."""
+    q, k, v = (randn(B, T, H, D, seed=i + T, dtype=dtype).transpose(1, 2) for i in range(3))
+    got = attention.attention_prefill(q, k, v)
+    assert got.dtype == dtype
+    assert_close(got, attention.reference(q, k, v), *ATTN_TOL[dtype], f"attention ({B}, {H}, {T}, {D}) {dtype}")
+
+
+def test_attention_prefill_out():
+    q, k, v = (randn(1, 2, 9, 16, seed=i) for i in range(3))
+    out = torch.empty_like(q)
+    assert attention.attention_prefill(q, k, v, out=out) is out
+    assert_close(out, attention.reference(q, k, v), *ATTN_TOL[torch.float32], "attention out=")
+    strided = torch.full((1, 9, 2, 16), float("nan"), device=DEV).transpose(1, 2)  # (B, T, H, D) viewed as BHTD
+    assert attention.attention_prefill(q, k, v, out=strided) is strided
+    assert_close(strided, attention.reference(q, k, v), *ATTN_TOL[torch.float32], "attention strided out=")
+
+
+# -- decode attention -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,H,S,D,lengths", shapes(
+    [(1, 1, 1, 64, [1]), (2, 2, 37, 80, [1, 37]), (1, 3, 70, 96, [70]), (3, 1, 33, 128, [33, 5, 17]),
+     (2, 1, 50, 32, [49, 18])],
+    [(1, 12, 1024, 64, [1000]), (8, 25, 1024, 64, [1, 17, 100, 333, 512, 777, 1000, 1024]),
+     (4, 20, 1024, 80, [5, 1024, 300, 64])]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_attention_decode(B, H, S, D, lengths, dtype):
+    """Ragged lengths; cache slots at/after a row's length hold NaN and must never be read; q is a strided
+    view of a fused qkv buffer (as in the model); the result does not depend on max_len."""
+    lens = torch.tensor(lengths, device=DEV)
+    k_cache = torch.full((B, H, S, D), math.nan, device=DEV, dtype=dtype)
+    v_cache = k_cache.clone()
+    for b, n in enumerate(lengths):
+        k_cache[b, :, :n] = randn(H, n, D, seed=b, dtype=dtype)
+        v_cache[b, :, :n] = randn(H, n, D, seed=b + 100, dtype=dtype)
+    q = randn(B, 3, H, D, seed=7, dtype=dtype)[:, 0]  # (B, H, D), strides (3HD, D, 1)
+    want = decode_attention.reference(q, k_cache, v_cache, lens)
+    got = decode_attention.attention_decode(q, k_cache, v_cache, lens, max(lengths))
+    assert got.dtype == dtype
+    assert_close(got, want, *ATTN_TOL[dtype], f"decode ({B}, {H}, {S}, {D}) lengths {lengths} {dtype}")
+    assert torch.equal(decode_attention.attention_decode(q, k_cache, v_cache, lens, S), got)
+
+
+def test_attention_decode_matches_torch_backend():
+    """The torch backend's attention_decode (the backend reference) agrees with this file's reference."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    B, H, S, D = 3, 2, 21, 24
+    k_cache, v_cache = randn(B, H, S, D, seed=1), randn(B, H, S, D, seed=2)
+    q, lens = randn(B, H, D, seed=3), torch.tensor([21, 1, 9], device=DEV)
+    got = decode_attention.attention_decode(q, k_cache, v_cache, lens, 21)
+    assert_close(got, TorchBackend(DEV).attention_decode(q, k_cache, v_cache, lens, 21), 2e-5, 2e-5, "vs torch")
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+# The kernel draws exactly the reference's token unless u lies within float rounding of a CDF boundary
+# (both compute the same sums in different orders). CDF_EPS bounds that rounding: fp32 sums over at most
+# 50,257 terms carry relative errors ~1e-6, so 2e-5 of the total mass is a safe margin.
+CDF_EPS = 2e-5
+SAMPLE_PARAMS = [
+    SamplingParams(),
+    SamplingParams(repetition_penalty=1.3),
+    SamplingParams(do_sample=True, temperature=0.7),
+    SamplingParams(do_sample=True, top_k=5),
+    SamplingParams(do_sample=True, temperature=1.3, top_p=0.8),
+    SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.2),
+    SamplingParams(do_sample=True, top_k=1),
+    SamplingParams(do_sample=True, top_p=0.02),
+    SamplingParams(do_sample=True, top_k=100_000),  # >= V: off
+]
+SAMPLE_IDS = ["greedy", "greedy-penalty", "temperature", "top_k", "top_p", "all", "top_k=1", "tiny-top_p",
+              "huge-top_k"]
+
+
+def check_draws(got: torch.Tensor, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
+                seen: torch.Tensor | None) -> int:
+    """Assert the kernel's tokens equal sample_reference's, except where u is within CDF_EPS of the CDF
+    boundary between the two tokens (and the kernel's token is one the reference keeps). Returns how many
+    rows took that exception."""
+    want = sampling.reference(logits, params, u, seen)
+    exceptions = 0
+    for row in (got != want).nonzero().flatten().tolist():
+        g, w = int(got[row]), int(want[row])
+        assert params.do_sample and g >= 0 and w >= 0, f"row {row}: kernel {g} != reference {w}"
+        x = logits[row:row + 1].float().cpu()
+        if seen is not None and params.repetition_penalty != 1.0:
+            x = apply_repetition_penalty(x, seen[row:row + 1].cpu(), params.repetition_penalty)
+        probs = filter_logits(x, params.temperature, params.top_k, params.top_p)[0].double().softmax(-1)
+        cdf = probs.cumsum(0)
+        lo, hi = min(g, w), max(g, w)
+        uu = float(u[row])
+        assert probs[g] > 0, f"row {row}: the kernel drew token {g}, which the filters remove"
+        assert abs(uu - cdf[lo]) <= CDF_EPS and cdf[hi - 1] - cdf[lo] <= CDF_EPS, (
+            f"row {row}: kernel {g} != reference {w} with u={uu:.7f}, CDF at the boundary {float(cdf[lo]):.7f}")
+        exceptions += 1
+    return exceptions
+
+
+@pytest.fixture(scope="module")
+def sample_inputs():
+    """(logits, seen, u): random rows with ties at the top, a row of all-equal logits, rows with NaN / +inf /
+    -inf, -0.0 next to 0.0, and u spanning [0, 1) including both ends."""
+    B, V = (32, 1003) if not ON_GPU else (64, 50257)
+    logits = randn(B, V, seed=0, scale=3)
+    logits[1, :10] = logits[1].max() + 0.5  # ten-way tie for the maximum
+    logits[2, 0] = math.nan
+    logits[3, 5] = math.inf
+    logits[4, V - 1] = -math.inf
+    logits[5] = 0.25  # all equal
+    logits[6, :4] = torch.tensor([0.0, -0.0, 0.0, -0.0])
+    logits[6, 4:] = -1.0
+    logits[7, :50] = logits[7].max() + 1  # top-k=5 boundary inside a 50-way tie
+    seen = (randn(B, V, seed=1) > 1.0)
+    u = torch.tensor([uniform(3, 0, s) for s in range(B)], device=DEV)
+    u[0], u[8] = 0.0, 1 - 2 ** -24
+    return logits, seen, u
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's NumPy on the NaN/inf rows
+@pytest.mark.parametrize("params", SAMPLE_PARAMS, ids=SAMPLE_IDS)
+def test_sample_matches_reference(sample_inputs, params):
+    logits, seen, u = sample_inputs
+    got = sampling.sample(logits, params, u, seen if params.repetition_penalty != 1.0 else None)
+    assert got.dtype == torch.int64 and got.device == logits.device
+    assert got[2:5].tolist() == [-1, -1, -1], "rows with NaN/inf logits must give -1"
+    exceptions = check_draws(got, logits, params, u, seen if params.repetition_penalty != 1.0 else None)
+    assert exceptions <= 1, f"{exceptions} rows differ from the reference at CDF boundaries"
+
+
+def test_sample_multi_block_rows_and_out():
+    """Rows several kernel blocks long (V = 2500 > the interpreter's block of 1024) with top-k/top-p
+    thresholds in a later block and a greedy tie across blocks (the first wins); out= is written in place."""
+    V = 2500
+    logits = randn(6, V, seed=9, scale=2)
+    logits[:, 2000:2010] += 6  # the kept tokens live in the third block
+    logits[0, [100, 2100]] = 50.0
+    u = torch.tensor([uniform(5, j, 0) for j in range(6)], device=DEV)
+    out = torch.empty(6, dtype=torch.int64, device=DEV)
+    for params in (SamplingParams(do_sample=True, top_k=7, top_p=0.9), SamplingParams()):
+        assert sampling.sample(logits, params, u, None, out=out) is out
+        assert check_draws(out, logits, params, u, None) == 0
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def _bad_calls():
+    f32 = dict(device=DEV)
+    x, w, b = torch.randn(2, 8, **f32), torch.randn(4, 8, **f32), torch.randn(4, **f32)
+    q = torch.randn(1, 2, 5, 16, **f32)
+    qd, kc, lens = torch.randn(2, 3, 16, **f32), torch.randn(2, 3, 9, 16, **f32), torch.tensor([3, 9], device=DEV)
+    logits, u = torch.randn(2, 11, **f32), torch.rand(2, **f32)
+    return [
+        ("layernorm weight size", lambda: layernorm.layernorm(x, torch.ones(7, **f32), torch.zeros(8, **f32), 1e-5),
+         "weight must be a contiguous \\(8,\\)"),
+        ("layernorm fp64", lambda: layernorm.layernorm(x.double(), torch.ones(8, **f32), torch.zeros(8, **f32), 1e-5),
+         "x must be one of"),
+        ("add_layernorm shapes", lambda: layernorm.add_layernorm(x, torch.zeros(3, 8, **f32), torch.ones(8, **f32),
+                                                                 torch.zeros(8, **f32), 1e-5), "residual must be"),
+        ("linear in-features", lambda: linear.linear(torch.randn(2, 7, **f32), w, b), "in-features 8"),
+        ("linear bias", lambda: linear.linear(x, w, torch.randn(5, **f32)), "bias must be"),
+        ("linear act", lambda: linear.linear(x, w, b, "relu"), "act must be"),
+        ("linear int8 without scale", lambda: linear.linear(x, w.to(torch.int8), b), "scale is required for int8"),
+        ("linear int64", lambda: linear.linear(x, w.long(), b), "weight must be one of"),
+        ("linear non-contiguous x", lambda: linear.linear(torch.randn(8, 2, **f32).t(), w, b),
+         "contiguous in its last"),
+        ("linear out shape", lambda: linear.linear(x, w, b, out=torch.empty(2, 5, **f32)), "out must be"),
+        ("prefill shapes", lambda: attention.attention_prefill(q, q[:, :1], q), "k has shape"),
+        ("prefill dtypes", lambda: attention.attention_prefill(q, q.half(), q), "k must be one of"),
+        ("prefill head_dim", lambda: attention.attention_prefill(*(torch.randn(1, 1, 2, 300, **f32),) * 3),
+         "head_dim"),
+        ("decode cache shape", lambda: decode_attention.attention_decode(qd, kc[:, :2], kc[:, :2], lens, 9),
+         "k_cache has shape"),
+        ("decode lengths dtype", lambda: decode_attention.attention_decode(qd, kc, kc, lens.float(), 9),
+         "lengths must be one of"),
+        ("decode lengths shape", lambda: decode_attention.attention_decode(qd, kc, kc, lens[:1], 9),
+         "lengths must be a contiguous \\(2,\\)"),
+        ("decode max_len", lambda: decode_attention.attention_decode(qd, kc, kc, lens, 10), "max_len=10"),
+        ("sample logits dims", lambda: sampling.sample(logits[0], SamplingParams(), u, None),
+         "logits must have 2 dimensions"),
+        ("sample u shape", lambda: sampling.sample(logits, SamplingParams(), u[:1], None), "u must be"),
+        ("sample seen shape", lambda: sampling.sample(logits, SamplingParams(repetition_penalty=1.2), u,
+                                                      torch.zeros(2, 10, dtype=torch.bool, device=DEV)), "seen has"),
+        ("sample params", lambda: sampling.sample(logits, {"do_sample": True}, u, None), "SamplingParams"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_value_error(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_kernels_compile_for_gpu():
+    """Every kernel variant compiles to a cubin for sm_90 (ptxas ships with triton), GPU or not: catches what
+    the interpreter accepts but the compiler rejects."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_triton_kernels.py")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("-> sm_90") >= 16, r.stdout

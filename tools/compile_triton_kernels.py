@@ -1,0 +1,99 @@
+"""Compile every Triton kernel of aigc_rt.kernels for a GPU target without a GPU (ptxas ships with triton),
+in its main variants, to catch what the interpreter accepts but the compiler does not (types of
+loop-carried values, unsupported ops, shared-memory overflows).
+
+    python tools/compile_triton_kernels.py [--arch 90]      # exits non-zero on the first failure
+
+Run by tests/test_triton_kernels.py::test_kernels_compile_for_gpu. Signatures are derived from each kernel's
+parameters: `*_ptr` -> a pointer (fp32 unless listed), names in FLOATS -> fp32, everything else -> i32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling  # noqa: E402
+
+FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty"}
+FIXED_POINTERS = {"len_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
+W16 = {"w_ptr": "*bf16"}
+W8 = {"w_ptr": "*i8"}
+QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
+KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
+
+# (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU.
+# Compiled with triton's default num_stages (3), so the shared memory printed is an upper bound.
+VARIANTS = [
+    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=True, BLOCK_C=2048), 8),
+    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=False, BLOCK_C=1024), 4),
+    (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=8, BLOCK_K=256), 4),
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
+    (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
+                                             BLOCK_N=32, BLOCK_K=128), 4),
+    (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32,
+                                             BLOCK_K=128), 4),
+    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
+                                              BLOCK_N=128, BLOCK_K=32), 4),
+    (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
+                                                             BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4),
+    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
+                                                    WIDEN_DOT=False), 4),
+    (attention._attention_kernel, QKV, "bf16", dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128,
+                                                    WIDEN_DOT=False), 4),
+    (attention._attention_kernel, QKV, "fp16", dict(HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
+                                                    WIDEN_DOT=False), 4),
+    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=256, BLOCK_M=32, BLOCK_N=32, BLOCK_D=256,
+                                                    WIDEN_DOT=False), 4),
+    (decode_attention._decode_split_kernel, KV, "fp32", dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_N=64, BLOCK_D=64), 4),
+    (decode_attention._decode_split_kernel, KV, "bf16", dict(HEAD_DIM=80, SPLIT_LEN=64, BLOCK_N=64, BLOCK_D=128),
+     4),
+    (decode_attention._decode_merge_kernel, {"o_ptr": "*{dtype}"}, "fp16",
+     dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64), 4),
+    (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,
+                                               BLOCK=1024, N_PIVOTS=16), 8),
+    (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
+                                               DO_TOP_P=False, BLOCK=1024, N_PIVOTS=16), 8),
+]
+
+
+def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for p in kernel.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = {**FIXED_POINTERS, **pointers}.get(name, "*fp32").format(dtype=dtype)
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    missing = {n for n, t in sig.items() if t == "constexpr"} - set(constexprs)
+    if missing:
+        raise SystemExit(f"{kernel.__name__}: constexprs {sorted(missing)} not given")
+    return sig
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    args = ap.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    for kernel, pointers, dtype, constexprs, num_warps in VARIANTS:
+        t0 = time.perf_counter()
+        src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
+        compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
+        print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
+              f"{time.perf_counter() - t0:4.1f} s  {constexprs}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
