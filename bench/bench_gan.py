@@ -21,11 +21,6 @@ import pytest
 import torch
 
 import aigc_rt
-from aigc_rt import archs
-from aigc_rt import format as fmt
-from aigc_rt.backends.torch_backend import Conv, TorchBackend
-from aigc_rt.config import DCGANConfig
-from aigc_rt.models.dcgan import Generator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 from dcgan_reference import gflop_per_image, randomize_batchnorm, seed_generator, tutorial_generator  # noqa: E402
@@ -34,19 +29,6 @@ ARCHS = {"seed32": seed_generator, "tutorial64": tutorial_generator}
 BATCHES = (1, 64)
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 RESULTS: dict[tuple[str, str, str, int], float] = {}  # (device, impl, arch, batch) -> median seconds per call
-
-
-class TritonConvTranspose(TorchBackend):
-    """The torch backend with kernels/conv_transpose.py for the generator's layers (the triton backend gets
-    these two methods at merge)."""
-
-    def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
-        w = weight.to(self.device, torch.float32).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-        return Conv(w, bias.to(self.device, torch.float32), stride, padding, output_padding)  # w: [k, k, in, out]
-
-    def conv_transpose(self, x, layer, act):
-        from aigc_rt.kernels.conv_transpose import conv_transpose2d
-        return conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding, act)
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +52,7 @@ def _runner(impl: str, module, path, device):
         return torch.compile(module.to(device), dynamic=False)
     if impl == "aigc_rt-cpu":
         return aigc_rt.load(path, backend="cpu")
-    rf = fmt.read(path, archs.expected)  # triton: the runtime model on the backend above
-    return Generator(DCGANConfig.from_dict(rf.config), rf.tensors, TritonConvTranspose(torch.device(device)))
+    return aigc_rt.load(path, device=device, backend="triton")
 
 
 def _bench(benchmark, models, impl, arch, batch, device):

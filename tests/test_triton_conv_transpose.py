@@ -1,13 +1,17 @@
 """Triton transposed convolution (kernels/conv_transpose.py) vs its plain-PyTorch fp32 reference and
 F.conv_transpose2d, on small odd shapes (runs under TRITON_INTERPRET=1 on a CPU; at speed on a GPU)."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import aigc_rt
 from aigc_rt.kernels.conv_transpose import conv_transpose2d, conv_transpose2d_reference
+from test_triton_kernels import DEV as DEVICE, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32 ("ieee" dot)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (N, C_in, C_out, H, W, k, stride, padding, output_padding)
 SHAPES = [
@@ -66,28 +70,26 @@ def test_bad_arguments_raise_value_error():
             conv_transpose2d(**args)
 
 
-def test_whole_seed_generator_matches_torch_module(tmp_path):
-    """The 32x32 seed generator, converted (BatchNorm folded), run layer by layer on the Triton kernel vs the
-    eval-mode torch module with non-trivial BatchNorm statistics (fp32, atol 1e-4)."""
-    import os
-    import sys
-
-    import aigc_rt
-    from aigc_rt import archs
-    from aigc_rt import format as fmt
+def test_whole_seed_generator_on_the_triton_backend(tmp_path):
+    """The 32x32 seed generator, converted (BatchNorm folded), loaded with backend="triton" (every layer on the
+    Triton kernel) vs the eval-mode torch module with non-trivial BatchNorm statistics (fp32, atol 1e-4); its
+    discriminator runs there too (conv2d: the torch reference's)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    from dcgan_reference import randomize_batchnorm, seed_generator
+    from dcgan_reference import randomize_batchnorm, seed_discriminator, seed_generator
 
     torch.manual_seed(0)
-    module = randomize_batchnorm(seed_generator(), seed=1)
-    torch.save(module.state_dict(), tmp_path / "g.pt")
-    rf = fmt.read(aigc_rt.convert(tmp_path / "g.pt", tmp_path / "g.safetensors"), archs.expected)
-    z = torch.randn(2, 100, 1, 1, generator=torch.Generator().manual_seed(2))
-    x = z.to(DEVICE)
-    for i, layer in enumerate(rf.config["layers"]):
-        x = conv_transpose2d(x, rf.tensors[f"layers.{i}.weight"].to(DEVICE), rf.tensors[f"layers.{i}.bias"].to(DEVICE),
-                             layer["stride"], layer["padding"], layer["output_padding"], layer["act"])
+    g_module, d_module = randomize_batchnorm(seed_generator(), seed=1), randomize_batchnorm(seed_discriminator(), 2)
+    torch.save(g_module.state_dict(), tmp_path / "g.pt")
+    torch.save(d_module.state_dict(), tmp_path / "d.pt")
+    g = aigc_rt.load(aigc_rt.convert(tmp_path / "g.pt", tmp_path / "g.safetensors"), device=DEVICE, backend="triton")
+    d = aigc_rt.load(aigc_rt.convert(tmp_path / "d.pt", tmp_path / "d.safetensors"), device=DEVICE, backend="triton")
+    assert g.backend.name == "triton"
+    images = g.generate(2, seed=2)  # (2, 3, 32, 32)
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(2))  # generate's documented latents
     with torch.no_grad():
-        want = module(z)
-    got = x.cpu()
+        want, want_score = g_module(z[:, :, None, None]), d_module(images.cpu())
+    got = images.cpu()
+    assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+    got_score = d.score(images).cpu()
+    assert torch.allclose(got_score, want_score, atol=ATOL), f"max abs err {(got_score - want_score).abs().max():.3g}"

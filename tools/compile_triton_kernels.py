@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling  # noqa: E402
+from aigc_rt.kernels import attention, conv_transpose, decode_attention, layernorm, linear, sampling  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty"}
 FIXED_POINTERS = {"len_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
@@ -62,6 +62,10 @@ VARIANTS = [
                                                BLOCK=1024, N_PIVOTS=16), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
                                                DO_TOP_P=False, BLOCK=1024, N_PIVOTS=16), 8),
+    (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
+     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4),
+    (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
+     dict(KERNEL=4, HAS_BIAS=True, ACT=2, PRECISION="tf32", BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), 4),
 ]
 
 

@@ -1,17 +1,17 @@
 """The `triton` backend: the Triton kernels of aigc_rt.kernels (kernels/) on a CUDA GPU, with the decode step
 replayed from a CUDA graph (decode_graph.py). On a CPU it runs only under TRITON_INTERPRET=1 (set before the
 kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Ops the
-kernels do not cover fall back to the torch reference (TorchBackend)."""
+kernels do not cover fall back to the torch reference (TorchBackend), e.g. the DCGAN discriminator's conv2d."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from ..kernels import attention, decode_attention, layernorm, linear, sampling
+from ..kernels import attention, conv_transpose, decode_attention, layernorm, linear, sampling
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
-from .torch_backend import Linear, TorchBackend
+from .torch_backend import Conv, Linear, TorchBackend
 
 
 class TritonBackend(TorchBackend):
@@ -52,3 +52,14 @@ class TritonBackend(TorchBackend):
 
     def run_decode(self, step, tokens, positions, cache, max_len):
         return self.decode_graph(step, tokens, positions, cache, max_len)
+
+    # DCGAN generator: kernels/conv_transpose.py
+    def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:
+        layer = super().prepare_conv_transpose(weight, bias, stride, padding, output_padding)
+        # logically (C_in, C_out, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
+        w = layer.weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        return Conv(w, layer.bias.contiguous(), stride, padding, output_padding)
+
+    def conv_transpose(self, x, layer: Conv, act):
+        return conv_transpose.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
+                                               layer.output_padding, act)
