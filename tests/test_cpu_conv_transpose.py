@@ -91,6 +91,23 @@ def test_bad_arguments_raise_value_error():
             call()
 
 
+def test_auto_isa_follows_the_extension_switch():
+    """isa "auto" takes the ISA _C.set_simd_isa selected (vec.h), for every kernel of the extension at once;
+    there are no scalar tiles, so a scalar switch makes "auto" a ValueError (an explicit ISA still works)."""
+    w, b = torch.randn(4, 6, 3, 3), torch.zeros(6)
+    previous = _C.simd_isa()
+    try:
+        for isa in ("avx2", "avx512"):
+            _C.set_simd_isa(isa)
+            assert _C.conv_transpose_prepare(w, b, 2, 1, 0).isa == isa
+        _C.set_simd_isa("scalar")
+        with pytest.raises(ValueError, match="no scalar kernel"):
+            _C.conv_transpose_prepare(w, b, 2, 1, 0)
+        assert _C.conv_transpose_prepare(w, b, 2, 1, 0, "avx2").isa == "avx2"
+    finally:
+        _C.set_simd_isa(previous)
+
+
 def test_outputs_the_caller_holds_are_never_recycled():
     """The op reuses a layer's output buffer only once the caller has dropped it (and every view of it)."""
     g = torch.Generator().manual_seed(2)

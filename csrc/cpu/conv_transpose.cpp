@@ -28,6 +28,7 @@
 #include "common.h"
 #include "cpu/conv_transpose_isa.h"
 #include "cpu/ops.h"
+#include "cpu/vec.h"
 
 namespace aigc_rt::cpu {
 namespace {
@@ -36,13 +37,17 @@ using convt::Isa;
 using convt::TileArgs;
 constexpr int64_t kMaxKernel = 16;
 
+// The tile kernels for an ISA name. "auto" follows the extension's one ISA switch (vec.h: active_isa(), set by
+// _C.set_simd_isa); there are no scalar tiles, so below AVX2 it is a ValueError. AVX-512 tiles also need BW.
 const Isa& isa_named(const std::string& name) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = detected_isa() == cpu::Isa::avx512 && __builtin_cpu_supports("avx512bw");
+  static const bool avx2 = detected_isa() >= cpu::Isa::avx2;
   AIGC_CHECK(name == "auto" || name == "avx512" || name == "avx2", "conv_transpose: unknown isa '", name,
              "' (expected auto, avx512 or avx2)");
-  if (name == "avx512" || (name == "auto" && avx512)) {
+  const cpu::Isa active = active_isa();
+  AIGC_CHECK(name != "auto" || active != cpu::Isa::scalar,
+             "conv_transpose: no scalar kernel; the active ISA (_C.set_simd_isa) must be avx2 or avx512");
+  if (name == "avx512" || (name == "auto" && active == cpu::Isa::avx512 && avx512)) {
     AIGC_CHECK(avx512, "conv_transpose: this CPU lacks AVX-512 (F, DQ, VL, BW)");
     return convt::kAvx512;
   }
@@ -283,7 +288,7 @@ ConvTransposeWeights conv_transpose_prepare(const torch::Tensor& weight, const t
   AIGC_CHECK(stride >= 1 && padding >= 0 && output_padding >= 0 && output_padding < stride,
              "conv_transpose_prepare: need stride >= 1, padding >= 0 and 0 <= output_padding < stride, got stride ",
              stride, ", padding ", padding, ", output_padding ", output_padding);
-  const Isa& isa = isa_named(isa_name);
+  const convt::Isa& isa = isa_named(isa_name);
   ConvTransposeWeights wt;
   wt.cin = cin, wt.cout = cout, wt.kernel = k, wt.stride = stride, wt.padding = padding;
   wt.output_padding = output_padding, wt.isa = isa.name;
@@ -326,7 +331,7 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvTransposeWeigh
   const auto format = wt.col2im ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
   torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format);
   if (g.n == 0) return out;
-  const Isa& isa = isa_named(wt.isa);
+  const convt::Isa& isa = isa_named(wt.isa);
   if (wt.col2im) {
     const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
     torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
