@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text")
     g.add_argument("prompt")
     _model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per sequence (default 64)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="prompt + new tokens per sequence (Hugging Face's max_length; --max-new-tokens wins)")
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -90,7 +92,7 @@ def _model_args(p):
 
 
 def _sampling_kwargs(a) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
+    return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                 num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop)
 
