@@ -208,7 +208,8 @@ def cmd_demo(a):
     m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
     for prompt in ["The", "In Python, a list"]:
         t0 = time.perf_counter()
-        out = m.generate(prompt, max_new_tokens=48, do_sample=True, top_k=50, temperature=0.7, seed=0)[0]
+        out = m.generate(prompt, max_new_tokens=48, do_sample=True, top_k=50, temperature=0.7, seed=0,
+                         repetition_penalty=1.15)[0]  # a 4-layer model repeats itself without the penalty
         dt = time.perf_counter() - t0
         print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
               f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")
