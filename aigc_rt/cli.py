@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text")
     g.add_argument("prompt")
     _model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per sequence (default 64)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="prompt + new tokens per sequence (Hugging Face's max_length; --max-new-tokens wins)")
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -105,7 +107,7 @@ def _model_args(p, default="the embedded text model"):
 
 
 def _sampling_kwargs(a) -> dict:
-    return dict(max_new_tokens=a.max_new_tokens, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
+    return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                 num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop)
 
@@ -289,7 +291,8 @@ def cmd_demo(a):
     m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
     for prompt in ["The", "In Python, a list"]:
         t0 = time.perf_counter()
-        out = m.generate(prompt, max_new_tokens=48, do_sample=True, top_k=50, temperature=0.7, seed=0)[0]
+        out = m.generate(prompt, max_new_tokens=48, do_sample=True, top_k=50, temperature=0.7, seed=0,
+                         repetition_penalty=1.15)[0]  # a 4-layer model repeats itself without the penalty
         dt = time.perf_counter() - t0
         print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
               f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")

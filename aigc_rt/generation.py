@@ -55,14 +55,23 @@ def stream(model, prompt, **kwargs) -> Iterator[str]:
             yield ev.piece
 
 
-def run(model, prompts, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
         top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-        seed: int | None = None, stop=None, eos_token_id=None) -> Iterator[Event]:
-    """The decode loop, as a stream of per-token events. Everything is validated before any work."""
+        seed: int | None = None, stop=None, eos_token_id=None, max_length: int | None = None) -> Iterator[Event]:
+    """The decode loop, as a stream of per-token events. Everything is validated before any work.
+    Length, as Hugging Face: max_new_tokens new tokens per sequence (default 64), or, given max_length alone,
+    a total of max_length prompt + new tokens per sequence (max_new_tokens wins when both are given)."""
     cfg, tok = model.config, model.tokenizer
     params = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty)
-    _check_int("max_new_tokens", max_new_tokens, 1)
+    if max_new_tokens is not None or max_length is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        _check_int("max_new_tokens", max_new_tokens, 1)
+    else:
+        _check_int("max_length", max_length, 2)
     _check_int("num_return_sequences", num_return_sequences, 1)
     if seed is None:
         seed = random.SystemRandom().getrandbits(63)
@@ -70,15 +79,21 @@ def run(model, prompts, max_new_tokens: int = 64, do_sample: bool = False, tempe
     stops = _as_stop_list(stop)
     eos = _as_eos_set(cfg.eos_token_id if eos_token_id is None else eos_token_id, cfg.vocab_size)
     prompt_ids = _as_prompt_list(prompts, tok)
+    limits = []  # new tokens per prompt
     for i, p in enumerate(prompt_ids):
         bad = next((t for t in p if not 0 <= t < cfg.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt {i}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-        if len(p) + max_new_tokens > cfg.n_positions:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                             f"{len(p) + max_new_tokens}, past the context length {cfg.n_positions}")
+        if max_new_tokens is None and len(p) >= max_length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens: max_length={max_length} (prompt + new tokens) "
+                             f"leaves no room for a new token")
+        limits.append(max_new_tokens or max_length - len(p))
+        if len(p) + limits[-1] > cfg.n_positions:
+            what = f"max_new_tokens={max_new_tokens}" if max_new_tokens else f"max_length={max_length}"
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with {what} that is {len(p) + limits[-1]}, past "
+                             f"the context length {cfg.n_positions}")
     with torch.inference_mode():
-        yield from _decode_loop(model, prompt_ids, params, max_new_tokens, num_return_sequences, seed, stops, eos)
+        yield from _decode_loop(model, prompt_ids, params, limits, num_return_sequences, seed, stops, eos)
 
 
 @dataclass
@@ -88,9 +103,12 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
-def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos) -> Iterator[Event]:
+def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iterator[Event]:
+    """limits: new tokens per prompt."""
     be, dev, cfg = model.backend, model.device, model.config
     batch = [p for p in prompt_ids for _ in range(n)]  # prompt-major rows
+    limit = [m for m in limits for _ in range(n)]  # per row
+
     rows = [_Row(b % n, _TextState(model.tokenizer, stops)) for b in range(len(batch))]
     lens = [len(p) for p in batch]
     B, T = len(rows), max(lens)
@@ -99,7 +117,7 @@ def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos)
         ids[b, : len(p)] = torch.tensor(p)
     ids = ids.to(dev)
 
-    cache = model.new_cache(B, min(cfg.n_positions, T + max_new_tokens))
+    cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
     hidden = model.prefill(ids, cache)  # (B, T, C)
     logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
     seen = None
@@ -111,7 +129,7 @@ def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos)
     active = list(range(B))  # batch slot -> row
     positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
     no_draw = torch.zeros(B, device=dev)  # greedy ignores u
-    for step in range(max_new_tokens):
+    for step in range(max(limit)):
         u = (torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev) if params.do_sample
              else no_draw[: len(active)])
         tokens = be.sample(logits, params, u, seen)  # (B_active,)
@@ -125,7 +143,7 @@ def _decode_loop(model, prompt_ids, params, max_new_tokens, n, seed, stops, eos)
             row.tokens.append(t)
             piece = row.text.push(t)
             reason = ("eos" if t in eos else "stop" if row.text.stopped
-                      else "length" if len(row.tokens) == max_new_tokens else None)
+                      else "length" if len(row.tokens) == limit[a] else None)
             if reason is None:
                 keep.append(slot)
                 yield Event(a, t, piece)

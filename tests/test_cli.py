@@ -45,6 +45,12 @@ def test_generate_matches_api_and_streams(rt_odd, capsys):
     assert main(["generate", "Hi", "--model", str(rt_odd[0]), "--max-new-tokens", "8", "--stream", "--seed", "4",
                  "--do-sample"]) == 0
     assert capsys.readouterr().out == "Hi" + m.generate("Hi", max_new_tokens=8, seed=4, do_sample=True)[0].text + "\n"
+    # seed system 1's second call: generate(..., max_length=50, num_return_sequences=5, temperature=0.9)
+    want = m.generate("Hello", max_length=50, num_return_sequences=5, temperature=0.9, do_sample=True, seed=5)
+    assert main(["generate", "Hello", "--model", str(rt_odd[0]), "--max-length", "50", "--num-return-sequences",
+                 "5", "--temperature", "0.9", "--do-sample", "--seed", "5"]) == 0
+    out = capsys.readouterr().out
+    assert all(("Hello" + w.text) in out for w in want)
 
 
 def test_validate_pass_and_fail(hf_odd, rt_odd, tmp_path, capsys):

@@ -134,6 +134,19 @@ def test_non_finite_inputs_reach_the_output(kernel, rows):
     assert y[1].isfinite().all() and y[3:].isfinite().all()
 
 
+def test_set_simd_isa_caps_the_linear_kernels_too():
+    """One switch for the whole extension: set_simd_isa lowers linear's choice as well (set_linear_isa only
+    caps it further, e.g. AVX-512 instead of AMX)."""
+    previous = _C.set_simd_isa("scalar")
+    try:
+        assert [_C.linear_isa(dt) for dt in DTYPES] == ["scalar"] * 3
+        if previous != "scalar" and _C.set_simd_isa("avx2") == "scalar":
+            assert [_C.linear_isa(dt) for dt in DTYPES] == ["avx2"] * 3
+    finally:
+        _C.set_simd_isa(previous)
+    assert _C.linear_isa("fp32") != "scalar" or previous == "scalar"
+
+
 def test_packed_linear_keeps_its_shape_and_parts():
     q, scale = quantize_int8(torch.randn(17, 70))
     bias = torch.randn(17)

@@ -40,6 +40,22 @@ def test_greedy_matches_hf_for_a_ragged_batch(model, rt_odd):
         assert got.token_ids == want.tolist()
 
 
+def test_max_length_counts_prompt_and_new_tokens_like_hf(model, rt_odd):
+    """HF's max_length (seed system 1 calls generate(max_length=100)): prompt + new tokens per sequence, so a
+    ragged batch gives each sequence its own budget; max_new_tokens wins when both are given."""
+    hf = rt_odd[1]
+    hf.generation_config.eos_token_id = None
+    batch = model.generate(PROMPTS, max_length=12, eos_token_id=[])
+    for prompt, got in zip(PROMPTS, batch):
+        ids = model.tokenizer.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_length=12, do_sample=False, pad_token_id=0)[0, len(ids):]
+        assert got.token_ids == want.tolist() and len(ids) + len(got.token_ids) == 12, prompt
+        assert got.finish_reason == "length"
+    both = model.generate(PROMPTS[0], max_length=12, max_new_tokens=3, eos_token_id=[])[0]
+    assert both.token_ids == batch[0].token_ids[:3]
+
+
 SAMPLE = dict(do_sample=True, top_k=50, temperature=0.7, max_new_tokens=16, eos_token_id=[])
 
 
@@ -129,6 +145,8 @@ def test_stream_decoder_never_splits_a_character(model):
     (dict(num_return_sequences=0), "num_return_sequences"), (dict(seed="x"), "seed"),
     (dict(stop=[""]), "stop"), (dict(eos_token_id=5000), "eos_token_id"),
     (dict(max_new_tokens=60), r"has \d+ tokens; with max_new_tokens=60 that is \d+, past the context length 64"),
+    (dict(max_length=1), "max_length"), (dict(max_length=5), r"max_length=5 \(prompt \+ new tokens\) leaves no room"),
+    (dict(max_length=65), r"with max_length=65 that is 65, past the context length 64"),
 ])
 def test_invalid_parameters_raise_before_work(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -18,6 +18,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -25,37 +26,46 @@
 
 #include "common.h"
 #include "cpu/ops.h"
+#include "cpu/vec.h"
 
 namespace aigc_rt::cpu {
 using namespace linear_detail;
 
 namespace {
 
-enum class Isa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
+enum class LinearIsa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
-Isa g_isa_cap = Isa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
+LinearIsa g_isa_cap = LinearIsa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
 
-bool cpu_has(Isa isa, WeightType t) {
+bool cpu_has(LinearIsa isa, WeightType t) {
   switch (isa) {
-    case Isa::avx512:
+    case LinearIsa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
              (t != WeightType::int8 || __builtin_cpu_supports("avx512vnni"));
-    case Isa::amx: return t != WeightType::f32 && cpu_has(Isa::avx512, t) && amx_available();
-    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::scalar: return true;
+    case LinearIsa::amx: return t != WeightType::f32 && cpu_has(LinearIsa::avx512, t) && amx_available();
+    case LinearIsa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case LinearIsa::scalar: return true;
   }
   return false;
 }
 
-Isa pick_isa(WeightType t) {
-  for (int i = static_cast<int>(g_isa_cap); i > 0; --i)
-    if (cpu_has(static_cast<Isa>(i), t)) return static_cast<Isa>(i);
-  return Isa::scalar;
+// The extension-wide choice (set_simd_isa, vec.h) caps the linear kernels too; set_linear_isa caps them further
+// (it alone can tell AMX from AVX-512).
+LinearIsa isa_cap() {
+  switch (active_isa()) {
+    case Isa::scalar: return LinearIsa::scalar;
+    case Isa::avx2: return std::min(g_isa_cap, LinearIsa::avx2);
+    default: return g_isa_cap;
+  }
 }
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+LinearIsa pick_isa(WeightType t) {
+  for (int i = static_cast<int>(isa_cap()); i > 0; --i)
+    if (cpu_has(static_cast<LinearIsa>(i), t)) return static_cast<LinearIsa>(i);
+  return LinearIsa::scalar;
+}
 
 // k values per packed group, and the packed K, by weight type (linear.h)
 constexpr int64_t group_size(WeightType t) { return t == WeightType::f32 ? 1 : t == WeightType::bf16 ? 2 : 4; }
@@ -83,10 +93,10 @@ void scalar_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t
   }
 }
 
-MicroKernel kernel_for(Isa isa, WeightType t) {
-  if (isa == Isa::amx) return amx_kernel(t);
-  if (isa == Isa::avx512) return avx512_kernel(t);
-  if (isa == Isa::avx2) return avx2_kernel(t);
+MicroKernel kernel_for(LinearIsa isa, WeightType t) {
+  if (isa == LinearIsa::amx) return amx_kernel(t);
+  if (isa == LinearIsa::avx512) return avx512_kernel(t);
+  if (isa == LinearIsa::avx2) return avx2_kernel(t);
   switch (t) {
     case WeightType::f32: return &scalar_kernel<float, 1>;
     case WeightType::bf16: return &scalar_kernel<uint16_t, 2>;
@@ -299,9 +309,9 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
   }
   if (N == 0) return y;
 
-  const Isa isa = pick_isa(t);
+  const LinearIsa isa = pick_isa(t);
   const MicroKernel kernel = kernel_for(isa, t);
-  const bool dot = isa >= Isa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
+  const bool dot = isa >= LinearIsa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
   const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
   // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N,) shifts
   const int64_t ld = t == WeightType::f32 ? K : dot ? K_pad / G : K_pad;
@@ -364,11 +374,11 @@ std::string linear_isa(const std::string& weight_dtype) {
 void set_linear_isa(const std::string& cap) {
   for (int i = 0; i < 4; ++i)
     if (cap == kIsaNames[i]) {
-      g_isa_cap = static_cast<Isa>(i);
+      g_isa_cap = static_cast<LinearIsa>(i);
       return;
     }
   AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, amx, avx512, avx2, scalar)");
-  g_isa_cap = Isa::amx;
+  g_isa_cap = LinearIsa::amx;
 }
 
 }  // namespace aigc_rt::cpu
