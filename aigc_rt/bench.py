@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -348,9 +349,10 @@ HEADER = ("| model | batch | system | dtype | tokens/s | ms/step | TTFT ms | vs 
 
 def _row(r: Result) -> str:
     share = "" if r.attn_sample_pct is None else f"{r.attn_sample_pct:.0f}"
+    ratio = "–" if math.isnan(r.vs_hf_eager) else f"{r.vs_hf_eager:.2f}x"  # no HF run: a file benchmarked alone
+    same = "–" if math.isnan(r.same_tokens_as_hf) else f"{100 * r.same_tokens_as_hf:.0f}%"
     return (f"| {r.size} | {r.batch} | {r.system} | {r.dtype} | {r.tokens_per_s:.1f} | {r.ms_per_step:.2f} | "
-            f"{r.ttft_ms:.0f} | {r.vs_hf_eager:.2f}x | {r.gb_per_s:.1f} | {r.roofline_pct:.0f}% | "
-            f"{100 * r.same_tokens_as_hf:.0f}% | {share} |")
+            f"{r.ttft_ms:.0f} | {ratio} | {r.gb_per_s:.1f} | {r.roofline_pct:.0f}% | {same} | {share} |")
 
 
 def table(results: list[Result]) -> str:

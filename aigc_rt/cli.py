@@ -225,6 +225,14 @@ def cmd_bench(a):
     from aigc_rt import bench
     batches = [int(b) for b in a.batches.split(",")]
     if a.model:
+        import aigc_rt
+        from aigc_rt import bench_images
+        m = aigc_rt.load(a.model, backend=a.backend)
+        if m.arch in ("dcgan", "dcgan_d"):  # image models: images/s, no decode loop
+            print(bench_images.table(bench_images.run_image_file(m, os.path.basename(str(a.model)), batches,
+                                                                 log=lambda row: None)))
+            return
+        del m
         results, bandwidth = bench.run_file(a.model, a.backend, batches, a.new_tokens, a.prompt_len, a.repeats)
     else:
         sizes = a.sizes.split(",")

@@ -319,3 +319,17 @@ def test_runtime_file_with_inconsistent_config_is_rejected(seed_gan, tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "config": json.dumps(config)})
     with pytest.raises(aigc_rt.FormatError, match="into 32x32 images, not image_size=64"):
         aigc_rt.load(tmp_path / "bad.safetensors")
+
+
+def test_bench_cli_times_image_models(capsys):
+    """`aigc-rt bench --model` on a generator and a discriminator prints images/s rows, and the GFLOP count it
+    derives from the runtime config equals the one counted on the torch modules."""
+    from aigc_rt.bench_images import gflop_per_image
+    from dcgan_reference import gflop_per_image as module_gflop
+    g = aigc_rt.load("dcgan-digits")
+    assert gflop_per_image(g.config) == pytest.approx(module_gflop(seed_generator()), rel=1e-12)
+    for name, arch in (("dcgan-digits", "dcgan"), ("dcgan-digits-d", "dcgan_d")):
+        assert main(["bench", "--model", name, "--batches", "1,3"]) == 0
+        rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {name} |")]
+        assert [r.split("|")[2:4] for r in rows] == [[f" {arch} ", " 1 "], [f" {arch} ", " 3 "]], rows
+        assert all(float(r.split("|")[5]) > 0 for r in rows), rows  # images/s

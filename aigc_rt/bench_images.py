@@ -1,0 +1,69 @@
+"""`aigc-rt bench --model FILE` for image models (DCGAN generators and discriminators): images/s, ms per
+batch and GFLOP/s of one runtime file on one backend, median of timed calls after a warm-up. The side-by-side
+comparison with torch eager and torch.compile is bench/bench_gan.py (it needs the torch modules)."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageResult:
+    model: str
+    arch: str
+    batch: int
+    backend: str
+    images_per_s: float
+    ms_per_batch: float
+    gflop_per_s: float
+
+
+def gflop_per_image(config) -> float:
+    """2 x multiply-adds of every (transposed) convolution of a DCGAN generator or discriminator config."""
+    flops, sizes = 0, config.sizes()
+    for layer, size_in, size_out in zip(config.layers, sizes, sizes[1:]):
+        pixels = size_in if config.transposed else size_out  # each input pixel / each output pixel x the kernel
+        flops += 2 * layer.c_in * layer.c_out * layer.kernel ** 2 * pixels ** 2
+    return flops / 1e9
+
+
+def run_image_file(model, name: str, batches=(1, 64), min_calls: int = 10, min_seconds: float = 1.0,
+                   log=print) -> list[ImageResult]:
+    """model: a loaded DCGAN generator (times model(z)) or discriminator (times model.score(images))."""
+    c, results = model.config, []
+    gflop = gflop_per_image(c)
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        if model.arch == "dcgan":
+            x = torch.randn(batch, model.nz, generator=g).to(model.device)
+            call = lambda: model(x)  # noqa: E731
+        else:
+            x = (torch.rand(batch, c.channels, c.image_size, c.image_size, generator=g) * 2 - 1).to(model.device)
+            call = lambda: model.score(x)  # noqa: E731
+        call()
+        times, start = [], time.perf_counter()
+        while len(times) < min_calls or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            call()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        s = statistics.median(times)
+        results.append(ImageResult(name, model.arch, batch, model.backend.name, batch / s, 1e3 * s, batch * gflop / s))
+        log(_row(results[-1]))
+    return results
+
+
+HEADER = "| model | arch | batch | backend | images/s | ms/batch | GFLOP/s |\n|---|---|---|---|---|---|---|"
+
+
+def _row(r: ImageResult) -> str:
+    return (f"| {r.model} | {r.arch} | {r.batch} | {r.backend} | {r.images_per_s:.0f} | {r.ms_per_batch:.2f} | "
+            f"{r.gflop_per_s:.0f} |")
+
+
+def table(results: list[ImageResult]) -> str:
+    return "\n".join([HEADER, *map(_row, results)])
