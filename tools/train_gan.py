@@ -20,9 +20,11 @@ gives the fraction it classifies with probability >= 0.8 and how many classes th
 checkpoint (most confident images among those covering >= --min-classes classes) is kept; its generator and
 the discriminator of that step are saved (.pt) and converted with aigc_rt's converter to
 aigc_rt/data/dcgan-digits.safetensors and dcgan-digits-d.safetensors. tests/test_default_models.py checks the
-shipped generator with the same `digit_quality` (64 images, seed 0).
+shipped generator with the same `digit_quality` (64 images, seed 0) and this classifier frozen
+(FrozenClassifier, tests/data/digit_classifier.safetensors, written by --save-classifier).
 
     python tools/train_gan.py --out build/train_gan [--max-minutes 18] [--max-steps 20000]
+    python tools/train_gan.py --save-classifier tests/data/digit_classifier.safetensors
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,10 +68,41 @@ def digit_classifier():
     return clf, float((p.argmax(1) == labels[held_out]).mean()), float((p.max(1) >= CONFIDENT).mean())
 
 
+class FrozenClassifier:
+    """A fitted logistic regression kept as numbers (saved by `--save-classifier`): predict_proba is
+    softmax(x W^T + b) in float64, as scikit-learn's multinomial model computes it. The quality test uses the
+    frozen one, so its verdict does not hang on how a BLAS build or a scikit-learn release steers the
+    iterative fit (refits differ in the 4th decimal of a probability)."""
+
+    def __init__(self, coef, intercept):
+        self.coef = np.ascontiguousarray(coef, np.float64)  # (10, F); scikit-learn keeps coef_ in Fortran order
+        self.intercept = np.ascontiguousarray(intercept, np.float64)  # (10,)
+
+    def predict_proba(self, features) -> np.ndarray:
+        z = np.asarray(features, np.float64) @ self.coef.T + self.intercept  # (N, 10)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def save(self, path: str) -> None:
+        from safetensors.numpy import save_file
+        save_file({"coef": self.coef, "intercept": self.intercept}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "FrozenClassifier":
+        from safetensors.numpy import load_file
+        t = load_file(path)
+        return cls(t["coef"], t["intercept"])
+
+
+def digit_features(images: torch.Tensor) -> np.ndarray:
+    """images (N, 3, 32, 32) in [-1, 1] -> the classifier's input (N, 1024): grey pixels."""
+    return images.float().mean(1).reshape(len(images), -1).numpy()
+
+
 def digit_quality(clf, images: torch.Tensor) -> dict:
     """images (N, 3, 32, 32) in [-1, 1] -> {"confident": fraction classified with probability >= CONFIDENT,
     "classes": how many of the 10 digits those confident images cover, "counts": per class}."""
-    p = clf.predict_proba(images.float().mean(1).reshape(len(images), -1).numpy())  # grey, (N, 10)
+    p = clf.predict_proba(digit_features(images))  # (N, 10)
     sure = p.max(1) >= CONFIDENT
     counts = [int(((p.argmax(1) == c) & sure).sum()) for c in range(10)]
     return {"confident": float(sure.mean()), "classes": sum(c > 0 for c in counts), "counts": counts}
@@ -126,7 +160,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the weights' init and the training draws")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--dst-dir", default=DATA, help="where the converted files go (default: aigc_rt/data)")
+    ap.add_argument("--save-classifier", metavar="PATH", default=None,
+                    help="only fit the digit classifier and save it frozen (tests/data/digit_classifier.safetensors)")
     args = ap.parse_args()
+    if args.save_classifier:
+        clf, acc, confident = digit_classifier()
+        FrozenClassifier(clf.coef_, clf.intercept_).save(args.save_classifier)
+        print(f"wrote {args.save_classifier}: held-out accuracy {acc:.3f}, real digits confident {confident:.3f}")
+        return
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     real, _ = digits_32()
