@@ -52,6 +52,7 @@ class Tokenizer:
                     raise FormatError(f"tokenizer: token {token!r} is not byte-level BPE") from None
                 self._bytes[i] = added.content.encode()
         self.special_ids = frozenset(self._tok.token_to_id(s) for s in specials)
+        self._special_bytes = {self._tok.token_to_id(s): s.encode() for s in specials}
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -61,8 +62,15 @@ class Tokenizer:
         may have more embedding rows than the tokenizer has tokens)."""
         return self._bytes[token_id] if token_id < len(self._bytes) else b""
 
-    def decode(self, ids) -> str:
-        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """ids: a list or 1-D tensor of token ids. Special tokens are left out, as Hugging Face's
+        decode(..., skip_special_tokens=True) (the text generate returns); False keeps their text."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        if skip_special_tokens:
+            parts = map(self.token_bytes, ids)
+        else:
+            parts = (self._special_bytes.get(i) or self.token_bytes(i) for i in ids)
+        return b"".join(parts).decode("utf-8", errors="replace")
 
     def to_str(self) -> str:
         return self._tok.to_str()

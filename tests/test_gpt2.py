@@ -127,6 +127,11 @@ def test_tokenizer_round_trip_and_matches_hf(checkpoint, converted):
         assert ids == hf_tok.encode(text), text
         assert m.tokenizer.decode(ids) == text
         assert m.tokenizer.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    # as HF users call it: a tensor of ids with special tokens in it, skipped or kept
+    ids = [*m.tokenizer.encode("Beautiful is"), *sorted(m.tokenizer.special_ids), *m.tokenizer.encode(" better")]
+    for skip in (True, False):
+        assert m.tokenizer.decode(torch.tensor(ids), skip_special_tokens=skip) == \
+            hf_tok.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False), skip
 
 
 def test_converter_handles_prefix_less_and_tied_head(tmp_path, hf_odd):
