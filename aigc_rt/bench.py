@@ -14,7 +14,8 @@ tokens, no eos) in one process, one after the other:
 and we report decode tokens/s (all sequences), ms per decode step, time to first token, the ratio to HF
 eager fp32, and the weight traffic: bytes of weights streamed per decode step (every matrix once, wte once
 as the lm_head; wpe and wte rows are only indexed) / step time, as GB/s and as % of the read bandwidth
-measured here (read_bandwidth: best of torch sum/dot and our int8 GEMV over 1 GiB, same threads). Models are random-init at GPT-2 124M / 355M shapes,
+measured beside it (BandwidthProbe: best of torch sum/dot and our int8 GEMV over 1 GiB, same threads, probed
+before and after each timed run). Models are random-init at GPT-2 124M / 355M shapes,
 built on the fly (no downloads).
 """
 from __future__ import annotations
@@ -59,34 +60,48 @@ class Result:
     ttft_ms: float
     weight_bytes: int  # streamed per decode step
     gb_per_s: float
-    roofline_pct: float
+    read_gb_per_s: float  # the machine's read bandwidth, probed around this row's runs
+    roofline_pct: float  # gb_per_s / read_gb_per_s
     vs_hf_eager: float  # tokens/s ratio to hf-eager fp32, same size and batch
     same_tokens_as_hf: float  # fraction of new tokens identical to hf-eager fp32's (greedy)
     attn_sample_pct: float | None = None  # share of a decode step in attention_decode + sample (aigc-rt only)
 
 
 # -- the machine ---------------------------------------------------------------------------------------
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """Streaming read bandwidth in GB/s over a `gib` GiB buffer (far beyond the caches): the best median of
+class BandwidthProbe:
+    """Streaming read bandwidth in GB/s over `gib` GiB buffers (far beyond the caches): the best median of
     three probes, torch.sum and torch.dot over fp32 ones and a batch-1 int8 GEMV of our cpu kernels (torch's
     reductions alone stay ~25% below what a well-fed stream reaches on some CPUs, which would put a kernel
-    above 100% of its roofline). Small models may still beat it a little: part of their weights stays in L3."""
-    def median_gbps(probe) -> float:
-        probe()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            probe()
-            times.append(time.perf_counter() - t0)
-        return gib * 2**30 / statistics.median(times) / 1e9
+    above 100% of its roofline). Small models may still beat it a little: part of their weights stays in L3.
 
-    x = torch.ones(int(gib * 2**30) // 4)
-    best = max(median_gbps(lambda: x.sum()), median_gbps(lambda: torch.dot(x, x)))
-    del x
-    lin = _C.PackedLinear(torch.ones(int(gib * 2**30) // 4096, 4096, dtype=torch.int8), None,
-                          torch.ones(int(gib * 2**30) // 4096))
-    v = torch.randn(1, 4096)
-    return max(best, median_gbps(lambda: _C.linear(v, lin, False, None)))
+    The buffers stay allocated so that the benchmark can probe again around each system's runs: these machines
+    are shared, and the bandwidth the neighbours leave moves by 30-50% within minutes (seen on the 2-core EPYC:
+    25 to 51 GB/s in one hour), so a row's % of roofline is taken against the bandwidth probed beside it."""
+
+    def __init__(self, gib: float = 1.0):
+        self.bytes = int(gib * 2**30)
+        self.ones = torch.ones(self.bytes // 4)
+        rows = self.bytes // 4096
+        self.gemv = _C.PackedLinear(torch.ones(rows, 4096, dtype=torch.int8), None, torch.ones(rows))
+        self.x, self.y = torch.randn(1, 4096), torch.empty(1, rows)
+
+    def __call__(self, repeats: int = 7) -> float:
+        def median_gbps(probe) -> float:
+            probe()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                probe()
+                times.append(time.perf_counter() - t0)
+            return self.bytes / statistics.median(times) / 1e9
+
+        return max(median_gbps(lambda: self.ones.sum()), median_gbps(lambda: torch.dot(self.ones, self.ones)),
+                   median_gbps(lambda: _C.linear(self.x, self.gemv, False, self.y)))
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """One BandwidthProbe measurement, GB/s."""
+    return BandwidthProbe(gib)(repeats)
 
 
 def cpu_name() -> str:
@@ -278,18 +293,24 @@ def prompts(batch: int, prompt_len: int, vocab: int = GPT2_VOCAB) -> torch.Tenso
 
 
 # -- the run -----------------------------------------------------------------------------------------------
-def best_of(system, ids: torch.Tensor, new_tokens: int, repeats: int) -> Timing:
-    """The fastest time to first token and decode time of `repeats` runs (after a short warm-up run)."""
+def best_of(system, ids: torch.Tensor, new_tokens: int, repeats: int, probe=None) -> tuple[Timing, float | None]:
+    """The fastest time to first token and decode time of `repeats` runs (after a short warm-up run), and, with
+    a BandwidthProbe, the best read bandwidth probed before and after each run (None without one)."""
     system.generate(ids, 4)
-    runs = [system.generate(ids, new_tokens) for _ in range(repeats)]
-    return Timing(min(t.ttft_s for t in runs), min(t.decode_s for t in runs), runs[0].tokens)
+    runs, bandwidths = [], [probe(3)] if probe else []
+    for _ in range(repeats):
+        runs.append(system.generate(ids, new_tokens))
+        bandwidths += [probe(3)] if probe else []
+    timing = Timing(min(t.ttft_s for t in runs), min(t.decode_s for t in runs), runs[0].tokens)
+    return timing, max(bandwidths, default=None)
 
 
 def run(sizes=("124M",), batches=(1, 8), systems=SYSTEMS, backend: str = "cpu", new_tokens: int = 128,
         prompt_len: int = 32, repeats: int = 2, log=print) -> tuple[list[Result], float]:
     """Benchmark every system on every (size, batch), best of `repeats` runs; returns (results, read
-    bandwidth GB/s)."""
-    bandwidth = read_bandwidth()
+    bandwidth GB/s at the start). Each row's % of roofline is against the bandwidth probed around its runs."""
+    probe = BandwidthProbe()
+    bandwidth = probe()
     log(f"read bandwidth {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
     results = []
     for size in sizes:
@@ -301,11 +322,11 @@ def run(sizes=("124M",), batches=(1, 8), systems=SYSTEMS, backend: str = "cpu", 
                 for spec in systems:
                     name, dtype = spec.split(":")
                     system = make_system(spec, hf, files, backend, batch)
-                    t = best_of(system, ids, new_tokens, repeats)
+                    t, row_bandwidth = best_of(system, ids, new_tokens, repeats, probe)
                     if spec == "hf-eager:fp32":
                         reference = t
-                    results.append(result(size, batch, name, dtype, t, streamed_bytes(config, dtype), bandwidth,
-                                           reference, new_tokens))
+                    results.append(result(size, batch, name, dtype, t, streamed_bytes(config, dtype),
+                                          row_bandwidth, reference, new_tokens))
                     if name == "aigc-rt":
                         results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
                     log(_row(results[-1]))
@@ -317,16 +338,17 @@ def run_file(path: str, backend: str = "cpu", batches=(1, 8), new_tokens: int = 
              repeats: int = 2, log=print) -> tuple[list[Result], float]:
     """Benchmark one runtime file on aigc-rt alone (no reference to compare with)."""
     from .api import resolve_path
-    bandwidth = read_bandwidth()
+    probe = BandwidthProbe()
+    bandwidth = probe()
     log(f"read bandwidth {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
     system = AigcRt(resolve_path(path), backend)
     m, results = system.model, []
     prompt_len = min(prompt_len, m.config.n_positions - new_tokens)
     for batch in batches:
         ids = prompts(batch, prompt_len, m.config.vocab_size)
-        t = best_of(system, ids, new_tokens, repeats)
+        t, row_bandwidth = best_of(system, ids, new_tokens, repeats, probe)
         results.append(result(os.path.basename(path), batch, f"aigc-rt/{backend}", m.dtype, t,
-                               streamed_bytes(m.config, m.dtype), bandwidth, None, new_tokens))
+                              streamed_bytes(m.config, m.dtype), row_bandwidth, None, new_tokens))
         results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
         log(_row(results[-1]))
     return results, bandwidth
@@ -340,11 +362,11 @@ def result(size, batch, name, dtype, t: Timing, weight_bytes, bandwidth, referen
     same = (sum(a == b for x, y in zip(t.tokens, reference.tokens) for a, b in zip(x, y)) / (batch * new_tokens)
             if reference else float("nan"))
     return Result(size, batch, name, dtype, batch * steps / t.decode_s, 1e3 * step_s, 1e3 * t.ttft_s, weight_bytes,
-                  gbps, 100 * gbps / bandwidth, batch * steps / t.decode_s / ref_rate, same)
+                  gbps, bandwidth, 100 * gbps / bandwidth, batch * steps / t.decode_s / ref_rate, same)
 
 
-HEADER = ("| model | batch | system | dtype | tokens/s | ms/step | TTFT ms | vs HF eager | GB/s | % roofline "
-          "| same tokens as HF fp32 | attn+sample % |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | batch | system | dtype | tokens/s | ms/step | TTFT ms | vs HF eager | GB/s | read GB/s "
+          "| % roofline | same tokens as HF fp32 | attn+sample % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(r: Result) -> str:
@@ -352,7 +374,8 @@ def _row(r: Result) -> str:
     ratio = "–" if math.isnan(r.vs_hf_eager) else f"{r.vs_hf_eager:.2f}x"  # no HF run: a file benchmarked alone
     same = "–" if math.isnan(r.same_tokens_as_hf) else f"{100 * r.same_tokens_as_hf:.0f}%"
     return (f"| {r.size} | {r.batch} | {r.system} | {r.dtype} | {r.tokens_per_s:.1f} | {r.ms_per_step:.2f} | "
-            f"{r.ttft_ms:.0f} | {ratio} | {r.gb_per_s:.1f} | {r.roofline_pct:.0f}% | {same} | {share} |")
+            f"{r.ttft_ms:.0f} | {ratio} | {r.gb_per_s:.1f} | {r.read_gb_per_s:.1f} | {r.roofline_pct:.0f}% | {same} "
+            f"| {share} |")
 
 
 def table(results: list[Result]) -> str:
@@ -371,5 +394,7 @@ def save(results: list[Result], bandwidth: float, out_dir: str, note: str = "") 
         json.dump({**meta, "results": [asdict(r) for r in results]}, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(f"# GPT-2 decode, {cpu}, {day}\n\n{torch.get_num_threads()} threads, torch {torch.__version__}, "
-                f"read bandwidth {bandwidth:.1f} GB/s (best of torch sum/dot and our int8 GEMV over 1 GiB). {note}\n\n{table(results)}\n")
+                f"read bandwidth {bandwidth:.1f} GB/s at the start (best of torch sum/dot and our int8 GEMV over 1 GiB); "
+                f"each row's % roofline is against the read bandwidth probed before and after its runs (read GB/s, "
+                f"the best of those probes). {note}\n\n{table(results)}\n")
     return stem + ".md", stem + ".json"

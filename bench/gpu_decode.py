@@ -26,6 +26,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from aigc_rt.models.gpt2 import kv_cache_dtype
+
 SIZES = {  # name -> (n_layer, n_embd, n_head); vocab 50,257, context 1,024
     "124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1.5B": (48, 1600, 25)}
 VOCAB, CONTEXT = 50257, 1024
@@ -71,7 +73,8 @@ class Row:
 
 def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_tokens, error=None) -> Row:
     """A result row from the measured seconds per decode step (None when the system failed)."""
-    kv_itemsize = 4 if system.startswith("triton") else ITEMSIZE[dtype]  # our KV cache is fp32; HF's is the model dtype
+    # ours: GPT2.kv_dtype's default for the file's dtype; HF's KV cache is in the model dtype
+    kv_itemsize = kv_cache_dtype(dtype).itemsize if system.startswith("triton") else ITEMSIZE[dtype]
     context = prompt + (new_tokens + 1) / 2  # mean cached length over the decode steps
     roof = roofline_tokens_per_s(weight_bytes(size, dtype) + kv_bytes(size, batch, context, kv_itemsize), batch,
                                  bandwidth)

@@ -10,6 +10,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "residual += x (in place); returns LayerNorm(residual) (fp32)", pybind11::arg("x"),
         pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"),
         pybind11::arg("out") = pybind11::none());
+  m.def("write_kv", &aigc_rt::cpu::write_kv,
+        "k_cache[b, :, positions[b]] = k[b] and the same for v: caches (B, H, S, D) fp32 or bf16, k, v (B, H, D) fp32",
+        pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("positions"), pybind11::arg("k"),
+        pybind11::arg("v"));
   // linear.cpp, embedding.cpp
   pybind11::class_<aigc_rt::cpu::PackedLinear>(m, "PackedLinear",
                                                 "a linear layer's weight (out, in) repacked for the kernels")

@@ -76,3 +76,24 @@ def test_errors_exit_2_with_a_message(argv, message, capsys, tmp_path, monkeypat
 def test_bad_sampling_flag(rt_odd, capsys):
     assert main(["generate", "x", "--model", str(rt_odd[0]), "--do-sample", "--temperature", "0"]) == 2
     assert "temperature must be" in capsys.readouterr().err
+
+
+def test_generate_without_model_uses_the_embedded_text_model(capsys):
+    """`aigc-rt generate "..."` with no --model runs the embedded default (aigc_rt.load())."""
+    assert main(["generate", "The function", "--max-new-tokens", "6"]) == 0
+    want = aigc_rt.load().generate("The function", max_new_tokens=6)[0].text
+    assert capsys.readouterr().out == "The function" + want + "\n"
+
+
+def test_bench_cli_times_a_text_model(rt_odd, tmp_path, capsys):
+    """`aigc-rt bench --model FILE` times decoding of one file and writes its table: every row has positive
+    rates, and % roofline = GB/s / the read bandwidth probed beside that row."""
+    assert main(["bench", "--model", str(rt_odd[0]), "--batches", "1,2", "--new-tokens", "6", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    assert "| 2 | aigc-rt/cpu | fp32 |" in capsys.readouterr().out
+    (js,) = tmp_path.glob("*-decode.json")
+    rows = json.loads(js.read_text())["results"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["read_gb_per_s"] > 0
+        assert r["roofline_pct"] == pytest.approx(100 * r["gb_per_s"] / r["read_gb_per_s"])

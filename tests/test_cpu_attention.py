@@ -1,4 +1,5 @@
-"""C++ attention (csrc/cpu/attention.cpp) vs the torch backend, fp32 on odd shapes, once per ISA.
+"""C++ attention (csrc/cpu/attention.cpp) vs the torch backend, fp32 on odd shapes (decode: fp32 and bf16 KV
+caches), once per ISA.
 
 The reference is the torch backend run in fp64 on the same inputs; our fp32 results must match it within
 (fp32, atol=1e-5, rtol=1e-5). Decode caches hold NaN in every slot at or past a row's length: none may leak.
@@ -65,10 +66,14 @@ DECODE_SHAPES = [  # (B, H, S, D)
 
 @pytest.mark.parametrize("B,H,S,D", DECODE_SHAPES)
 @pytest.mark.parametrize("splits", [0, 1, 3, 7], ids=["auto", "1", "3", "7"])
-def test_decode_matches_torch_and_never_reads_past_length(isa, B, H, S, D, splits):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-cache", "bf16-cache"])
+def test_decode_matches_torch_and_never_reads_past_length(isa, B, H, S, D, splits, kv_dtype):
+    """bf16 caches: the kernel widens them exactly, so the fp64 reference on the same bf16 values is the
+    target at the same fp32 tolerance."""
     lengths = torch.randint(1, S + 1, (B,), generator=torch.Generator().manual_seed(S + B))
     lengths[0] = S  # one full row
     k_cache, v_cache = planted_cache(B, H, S + 2, D, lengths, seed=S * 7 + D)  # a cache longer than max_len
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     qkv = randn(B, 3, H, D, seed=D)
     q = qkv[:, 0]  # (B, H, D) view with the model's strides
     max_len = int(lengths.max())
@@ -119,6 +124,37 @@ def test_cpu_backend_uses_the_kernels():
     assert_close(out, want, "decode")
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-cache", "bf16-cache"])
+@pytest.mark.parametrize("B,H,S,D", [(1, 1, 1, 64), (3, 5, 17, 48), (2, 12, 40, 100)])
+def test_write_kv_matches_torch_backend(B, H, S, D, kv_dtype):
+    """_C.write_kv == the torch backend's scatter, bit for bit (bf16: round to nearest even, as .to()), and
+    leaves every other slot alone."""
+    k_cache, v_cache = (randn(B, H, S, D, seed=s).to(kv_dtype) for s in (1, 2))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qkv = randn(B, 3, H, D, seed=3) * 1e3  # k, v: (B, H, D) strided views, as the model passes them
+    positions = torch.randint(0, S, (B,), generator=torch.Generator().manual_seed(B + S))
+    REF.write_kv(want_k, want_v, positions, qkv[:, 1], qkv[:, 2])
+    _C.write_kv(k_cache, v_cache, positions, qkv[:, 1], qkv[:, 2])
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_write_kv_bad_arguments():
+    kc, vc, pos, k = torch.zeros(2, 3, 10, 8), torch.zeros(2, 3, 10, 8), torch.tensor([0, 9]), torch.randn(2, 3, 8)
+    bad = [
+        (dict(positions=torch.tensor([0, 10])), r"positions\[1\] = 10 is outside \[0, 10\)"),
+        (dict(positions=torch.tensor([-1, 0])), r"positions\[0\] = -1"),
+        (dict(positions=torch.tensor([0, 1], dtype=torch.int32)), "positions must be a contiguous CPU int64"),
+        (dict(k=torch.randn(2, 3, 7)), r"k, v must be \(2, 3, 8\)"),
+        (dict(v=k.double()), "k, v must be float32"),
+        (dict(k_cache=kc.half(), v_cache=vc.half()), "caches must be float32 or bfloat16"),
+        (dict(k_cache=kc.bfloat16()), "differ"),
+    ]
+    for change, message in bad:
+        args = dict(k_cache=kc, v_cache=vc, positions=pos, k=k, v=k) | change
+        with pytest.raises(ValueError, match=message):
+            _C.write_kv(args["k_cache"], args["v_cache"], args["positions"], args["k"], args["v"])
+
+
 def test_bad_arguments_raise_value_error():
     q, kc, vc, n = torch.randn(2, 3, 8), torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8), torch.tensor([4, 10])
     bad_decode = [
@@ -136,6 +172,8 @@ def test_bad_arguments_raise_value_error():
         (dict(out=torch.empty(2, 3, 9)), "out has shape"),
         (dict(out=q), "out overlaps an input"),
         (dict(splits=-1), "splits must be >= 0"),
+        (dict(k_cache=kc.bfloat16()), "k_cache is BFloat16 but v_cache is Float"),
+        (dict(k_cache=kc.half(), v_cache=vc.half()), "k_cache must be float32 or bfloat16"),
     ]
     for change, message in bad_decode:
         args = dict(q=q, k_cache=kc, v_cache=vc, lengths=n, max_len=10) | change

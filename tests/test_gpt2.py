@@ -94,9 +94,12 @@ def test_low_precision_greedy_departs_from_hf_only_at_near_ties(checkpoint, conv
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_cached_decode_equals_full_recompute(converted, backend, dtype):
+    """bf16 and int8 files keep a bf16 KV cache (m.kv_dtype), so their decode reads keys and values rounded
+    to bf16, which the full recompute does not."""
     m = aigc_rt.load(converted[dtype], backend=backend)
+    assert m.kv_dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
     c = m.config
     prompt = _ids(c.vocab_size, 2, 5, seed=3)
     cache = m.new_cache(2, c.n_positions)
@@ -113,9 +116,26 @@ def test_cached_decode_equals_full_recompute(converted, backend, dtype):
     cached = torch.stack(step_logits, dim=1)  # (2, 16, V): logits after positions 4..19
     err = (cached - full[:, 4:]).abs().max().item()
     # int8 on the cpu backend quantises activations: decode and prefill attention differ by rounding, which
-    # can flip an activation's int8 rounding (measured up to 7.9e-3 of max |logit|; 6e-7 with torch's int8)
+    # can flip an activation's int8 rounding (measured up to 7.9e-3 of max |logit|; 6e-7 with torch's int8);
+    # the bf16 cache adds bf16 rounding of k and v
     tol = 1e-4 if dtype == "fp32" else 2e-2 * full.abs().max().item()
     assert err <= tol, f"{dtype} cached decode vs full recompute: max abs error {err:.3g} > {tol:.3g}"
+
+
+def test_kv_dtype_can_be_set_to_fp32(converted):
+    """m.kv_dtype = torch.float32 gives a bf16 file an exact cache: its cached decode then equals its own
+    full recompute to fp32 rounding (the torch backend: no activation quantisation)."""
+    m = aigc_rt.load(converted["bf16"], backend="torch")
+    m.kv_dtype = torch.float32
+    prompt = _ids(m.config.vocab_size, 1, 6, seed=5)
+    cache = m.new_cache(1, 8)
+    assert cache.k.dtype == torch.float32
+    with torch.inference_mode():
+        m.prefill(prompt[:, :5], cache)
+        got = m.decode(prompt[0, 5:], torch.tensor([5]), cache, 6)[0]
+    want = m.logits(prompt)[0, 5]
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), f"fp32 cache: max abs error {err:.3g}"
 
 
 def test_tokenizer_round_trip_and_matches_hf(checkpoint, converted):

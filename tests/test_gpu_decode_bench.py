@@ -33,6 +33,9 @@ def test_roofline_rate_and_percentages():
     assert row.roofline_tokens_per_s == pytest.approx(roof)
     assert row.tokens_per_s == pytest.approx(16_000) and row.ms_per_token == pytest.approx(0.5)
     assert row.roofline_pct == pytest.approx(100 * 16_000 / roof)
+    ours = g.make_row("124M", "bf16", 8, "triton", 1e-3, BW, 32, 128)  # bf16 files keep a bf16 KV cache
+    assert ours.roofline_tokens_per_s == pytest.approx(
+        8 * BW / (g.weight_bytes("124M", "bf16") + g.kv_bytes("124M", 8, 96.5, 2)))
     hf = g.make_row("124M", "bf16", 8, "hf-eager", 1e-3, BW, 32, 128)  # HF's KV cache is in the model dtype
     assert hf.roofline_tokens_per_s == pytest.approx(
         8 * BW / (g.weight_bytes("124M", "bf16") + g.kv_bytes("124M", 8, 96.5, 2)))

@@ -186,6 +186,18 @@ def test_attention_decode(B, H, S, D, lengths, dtype):
     assert torch.equal(decode_attention.attention_decode(q, k_cache, v_cache, lens, S), got)
 
 
+def test_attention_decode_fp32_query_over_bf16_cache():
+    """As the model runs bf16 and int8 files: fp32 queries and output over a bf16 KV cache (widened as read),
+    against the torch backend on the same bf16 values."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    B, H, S, D = 3, 2, 37, 80
+    k_cache, v_cache = (randn(B, H, S, D, seed=s, dtype=torch.bfloat16) for s in (4, 5))
+    q, lens = randn(B, 3, H, D, seed=6)[:, 0], torch.tensor([37, 1, 20], device=DEV)
+    got = decode_attention.attention_decode(q, k_cache, v_cache, lens, 37)
+    assert got.dtype == torch.float32
+    assert_close(got, TorchBackend(DEV).attention_decode(q, k_cache, v_cache, lens, 37), 2e-5, 2e-5, "bf16 cache")
+
+
 def test_attention_decode_matches_torch_backend():
     """The torch backend's attention_decode (the backend reference) agrees with this file's reference."""
     from aigc_rt.backends.torch_backend import TorchBackend

@@ -1,5 +1,5 @@
 """The backend table, in one place. A model is written once against a backend's small op set
-(prepare_linear, linear, layernorm, add_layernorm, attention_prefill, attention_decode, sample,
+(prepare_linear, linear, layernorm, add_layernorm, attention_prefill, write_kv, attention_decode, sample,
 prepare_conv_transpose, conv_transpose, prepare_conv2d, conv2d)."""
 from __future__ import annotations
 

@@ -40,6 +40,9 @@ class CpuBackend(TorchBackend):
         # any strides with a contiguous last dim; a new output is laid out (B, T, H, D) in memory
         return _C.attention_prefill(q, k, v, out=out)
 
+    def write_kv(self, k_cache, v_cache, positions, k, v):
+        _C.write_kv(k_cache, v_cache, positions, k, v)
+
     def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
         return _C.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
 

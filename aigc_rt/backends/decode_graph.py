@@ -3,9 +3,10 @@
 The step reads its inputs from static buffers (token ids and positions, (B,) each) and the KV cache, whose
 addresses are baked into the graph; the lengths and per-layer attention launches depend only on the cache's
 capacity (max_len = cache.max_len), never on a host-side length that changes per step, so one capture serves
-every step of a generation. The key of a capture is (step, batch, cache shape and addresses): a new batch
-size or a compacted cache gets its own entry, and a later generation whose cache lands at the same addresses
-(the caching allocator hands back the block just freed) replays without capturing again. The first call for
+every step of a generation. The key of a capture is (step, batch, cache shape, and the addresses of the caches
+and of the decode Workspace): a new batch size or a compacted cache gets its own entry, and a later generation
+whose buffers all land at the same addresses (the caching allocator hands back the blocks just freed) replays
+without capturing again; if any one of them moved, the step is captured anew. The first call for
 a key runs the step eagerly on the static buffers (that also compiles and warms up the kernels), then
 captures it; later calls copy the inputs in and replay. With capture off (CPU, TRITON_INTERPRET=1, or
 AIGC_RT_CUDA_GRAPHS=0) every call takes the same static-buffer path eagerly, so tests exercise it.
@@ -37,7 +38,7 @@ class DecodeGraph:
     def __call__(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
         """step(tokens, positions, cache, max_len) -> logits (B, V): the model's eager decode step. max_len is
         only a bound: the step gets cache.max_len, which stays the same across the steps of a generation."""
-        key = (step, tokens.shape[0], cache.k.shape, cache.k.data_ptr(), cache.v.data_ptr())
+        key = (step, tokens.shape[0], cache.k.shape, cache.addresses(tokens.shape[0]))
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = _Entry(torch.empty_like(tokens), torch.empty_like(positions))

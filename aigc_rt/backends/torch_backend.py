@@ -108,14 +108,24 @@ class TorchBackend:
         """Causal attention. q, k, v (B, H, T, D) -> (B, H, T, D); scale 1/sqrt(D). out may be strided."""
         return _into(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
+    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+        """Append a decode step's keys and values: k_cache[b, :, positions[b]] = k[b] (and v), rounded to the
+        cache's dtype. Caches (B, H, S, D) fp32 or bf16; k, v (B, H, D) fp32; positions (B,) int64."""
+        B, H, _, D = k_cache.shape
+        slots = positions.view(B, 1, 1, 1).expand(B, H, 1, D)  # (B, H, 1, D): where each row's k, v go
+        k_cache.scatter_(2, slots, k.unsqueeze(2).to(k_cache.dtype))
+        v_cache.scatter_(2, slots, v.unsqueeze(2).to(v_cache.dtype))
+
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One query per sequence. q (B, H, D); caches (B, H, S, D); row b attends to its first
-        lengths[b] cached positions; max_len >= max(lengths) (a host int). -> (B, H, D)."""
+        """One query per sequence. q (B, H, D) fp32; caches (B, H, S, D) fp32 or bf16 (widened to q.dtype);
+        row b attends to its first lengths[b] cached positions; max_len >= max(lengths) (a host int).
+        -> (B, H, D)."""
         valid = (torch.arange(max_len, device=q.device) < lengths[:, None])[:, None, :, None]  # (B, 1, S, 1)
         # cache slots past a row's length hold anything (even NaN): zero them rather than trust 0 * x == 0
-        k = torch.where(valid, k_cache[:, :, :max_len], 0.0)
-        v = torch.where(valid, v_cache[:, :, :max_len], 0.0)
+        k = torch.where(valid, k_cache[:, :, :max_len].to(q.dtype), 0.0)
+        v = torch.where(valid, v_cache[:, :, :max_len].to(q.dtype), 0.0)
         scores = torch.einsum("bhd,bhsd->bhs", q, k) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))

@@ -50,6 +50,12 @@ def expected_tensors(c: GPT2Config, dtype: str) -> TensorSpec:
     return spec
 
 
+def kv_cache_dtype(file_dtype: str) -> torch.dtype:
+    """The KV cache's default dtype for a weights file's dtype: fp32 for fp32 and fp16 files (exact), bf16 for
+    bf16 and int8 files (half the bytes the decode attention reads; rounding no coarser than the weights')."""
+    return torch.bfloat16 if file_dtype in ("bf16", "int8") else torch.float32
+
+
 @dataclass
 class Workspace:
     """Preallocated fp32 buffers for a forward pass over N rows (tokens); every op writes into one."""
@@ -76,8 +82,8 @@ class Workspace:
 
 
 class KVCache:
-    """Preallocated keys and values, (n_layer, B, H, S, D) each. Sequence b's position p lives at [:, b, :, p].
-    Beside them, the decode step's Workspace, for B rows (and views of it for fewer, as sequences finish)."""
+    """Preallocated keys and values, (n_layer, B, H, S, D) each, fp32 or bf16 (GPT2.kv_dtype). Sequence b's
+    position p lives at [:, b, :, p]. Beside them, the decode step's Workspace, for B rows (and views of it for fewer, as sequences finish)."""
 
     def __init__(self, c: GPT2Config, batch: int, max_len: int, device, dtype=torch.float32):
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
@@ -90,6 +96,12 @@ class KVCache:
         if batch not in self._workspaces:
             self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
         return self._workspaces[batch]
+
+    def addresses(self, batch: int) -> tuple[int, ...]:
+        """Where a decode step over `batch` rows reads and writes: the caches and that batch's Workspace (a
+        CUDA graph bakes these in, so it may be replayed only while all of them are the same)."""
+        ws = self.workspace(batch)
+        return (self.k.data_ptr(), self.v.data_ptr(), *(getattr(ws, f.name).data_ptr() for f in fields(ws)))
 
     @property
     def max_len(self) -> int:
@@ -118,6 +130,7 @@ class GPT2:
                  dtype: str = "fp32"):
         self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
         self.device = backend.device
+        self.kv_dtype = kv_cache_dtype(dtype)  # settable before generating
         dev = self.device
         t = {k: v.to(dev) for k, v in tensors.items()}
 
@@ -144,7 +157,7 @@ class GPT2:
         return c.n_layer * per_block + (c.vocab_size + c.n_positions) * c.n_embd + 2 * c.n_embd
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.device)
+        return KVCache(self.config, batch, max_len, self.device, self.kv_dtype)
 
     # -- the transformer -----------------------------------------------------------------------------
     def _blocks(self, ws: Workspace, attend) -> torch.Tensor:
@@ -199,11 +212,9 @@ class GPT2:
         ws = cache.workspace(B)
         self._embed(ws, tokens, positions)
         lengths = torch.add(positions, 1, out=ws.lengths)
-        slots = positions.view(B, 1, 1, 1).expand(B, H, 1, D)  # (B, H, 1, D): where each row's k, v go
 
         def attend(layer, q, k, v, out):  # (B, H, D) -> out (B, C)
-            cache.k[layer].scatter_(2, slots, k.unsqueeze(2))
-            cache.v[layer].scatter_(2, slots, v.unsqueeze(2))
+            self.backend.write_kv(cache.k[layer], cache.v[layer], positions, k, v)
             self.backend.attention_decode(q, cache.k[layer], cache.v[layer], lengths, max_len, out=out.view(B, H, D))
             return out
 

@@ -1,6 +1,7 @@
 // Scaled dot-product attention (fp32), the two shapes a decoder needs. scale = 1/sqrt(D).
 //
-// attention_decode: one query per sequence over its first len[b] cached positions, all heads at once:
+// attention_decode: one query per sequence over its first len[b] cached positions, all heads at once
+// (the caches fp32 or bf16, widened to fp32 as they are read):
 //   out[b,h,:] = sum_{j < len[b]} softmax_j(scale * q[b,h,:] . k[b,h,j,:]) v[b,h,j,:]
 //   OpenMP over (b, h); when B*H is small next to the thread count and the cache is long, each row's keys
 //   are also split into `splits` spans whose partial results (m, l, o) merge by log-sum-exp
@@ -28,13 +29,15 @@ constexpr int64_t kMaxHeadDim = 512;     // stack buffers of the decode kernel
 constexpr int64_t kMinSplitKeys = 256;   // flash-decoding: never split a row into spans shorter than this
 
 struct DecodeProblem {
-  const float *q, *k, *v;          // q (B, H, D); k, v (B, H, S, D); strides in elements
+  const float* q;                  // (B, H, D)
+  const void *k, *v;               // (B, H, S, D): float, or Bf16 when kv_bf16; strides in elements
   const int64_t* lengths;          // (B,)
   float* out;                      // (B, H, D)
   float* partial;                  // (B*H*splits, D + 2): m, l, o per span, when splits > 1
   int64_t q_b, q_h, k_b, k_h, k_s, v_b, v_h, v_s, o_b, o_h;
   int64_t H, D, splits;
   float scale;
+  bool kv_bf16;
 };
 
 constexpr int64_t kPrefillKeyBlock = 64;  // keys per prefill block
@@ -88,6 +91,16 @@ static void check_float(const torch::Tensor& t, const char* name, int64_t dim) {
              t.strides());
 }
 
+// A KV cache: (B, H, S, D) fp32 or bf16 on the CPU, contiguous in its last dim.
+static void check_cache(const torch::Tensor& t, const char* name) {
+  AIGC_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  AIGC_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
+             " must be float32 or bfloat16, got ", t.scalar_type());
+  AIGC_CHECK(t.dim() == 4, name, " must have 4 dims, got shape ", t.sizes());
+  AIGC_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must be contiguous in its last dim, got strides ",
+             t.strides());
+}
+
 // Whether the memory spans of two tensors intersect (conservative for strided views).
 static bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
@@ -122,8 +135,10 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k_ca
                                const torch::Tensor& lengths, int64_t max_len, const std::optional<torch::Tensor>& out,
                                int64_t splits) {
   check_float(q, "q", 3);
-  check_float(k_cache, "k_cache", 4);
-  check_float(v_cache, "v_cache", 4);
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  AIGC_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "attention_decode: k_cache is ", k_cache.scalar_type(),
+             " but v_cache is ", v_cache.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = k_cache.size(2);
   AIGC_CHECK(k_cache.sizes() == v_cache.sizes(), "attention_decode: k_cache ", k_cache.sizes(), " and v_cache ",
              v_cache.sizes(), " differ");
@@ -149,11 +164,11 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k_ca
     splits = BH >= 2 * threads ? 1 : std::clamp<int64_t>((4 * threads + BH - 1) / BH, 1, max_len / kMinSplitKeys);
   splits = std::clamp<int64_t>(splits, 1, max_len);
   const int64_t items = BH * splits;
-  DecodeProblem p{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), len,
+  DecodeProblem p{q.data_ptr<float>(), k_cache.data_ptr(), v_cache.data_ptr(), len,
                   o.data_ptr<float>(), splits > 1 ? thread_scratch(ScratchSlot::host, items * (D + 2)) : nullptr,
                   q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                   v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-                  H, D, splits, 1.f / std::sqrt((float)D)};
+                  H, D, splits, 1.f / std::sqrt((float)D), k_cache.scalar_type() == torch::kBFloat16};
   const auto decode_item = kernels().decode_item;
 #pragma omp parallel for schedule(dynamic) if (items > 1)
   for (int64_t item = 0; item < items; ++item) decode_item(p, item);

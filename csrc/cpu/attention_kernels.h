@@ -6,14 +6,16 @@
 
 // ---- decode: one query against keys [lo, hi) of its row, in chunks with an online softmax ------------
 
-// s[j] = q . k_j for j < n. q: D floats zero-padded to a multiple of W; k rows: D floats at stride ks
-// (loads of a row's tail are masked: the next row may be an unwritten cache slot holding NaN).
-static void dot_rows(const float* q, const float* k, int64_t ks, int64_t n, int64_t D, float* s) {
+// s[j] = q . k_j for j < n. q: D floats zero-padded to a multiple of W; k rows: D values (KV = float or Bf16,
+// the cache's type) at stride ks (loads of a row's tail are masked: the next row may be an unwritten cache
+// slot holding NaN).
+template <class KV>
+static void dot_rows(const float* q, const KV* k, int64_t ks, int64_t n, int64_t D, float* s) {
   const int64_t Df = D / W * W;
   const int tail = D - Df;
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {  // four keys at a time: four independent FMA chains
-    const float *k0 = k + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
+    const KV *k0 = k + j * ks, *k1 = k0 + ks, *k2 = k1 + ks, *k3 = k2 + ks;
     Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
     for (int64_t d = 0; d < Df; d += W) {
       const Vec qd = Vec::load(q + d);
@@ -32,7 +34,7 @@ static void dot_rows(const float* q, const float* k, int64_t ks, int64_t n, int6
     s[j] = a0.sum(), s[j + 1] = a1.sum(), s[j + 2] = a2.sum(), s[j + 3] = a3.sum();
   }
   for (; j < n; ++j) {
-    const float* kj = k + j * ks;
+    const KV* kj = k + j * ks;
     Vec a = Vec::zero();
     for (int64_t d = 0; d < Df; d += W) a = Vec::fma(Vec::load(q + d), Vec::load(kj + d), a);
     if (tail) a = Vec::fma(Vec::load(q + Df), Vec::load(kj + Df, tail), a);
@@ -43,15 +45,15 @@ static void dot_rows(const float* q, const float* k, int64_t ks, int64_t n, int6
 // o[0, NV*W) = alpha * o + sum_{j<n} p[j] v_j[0, NV*W); the last vector of each v row holds `last` valid lanes.
 static constexpr int kPvVecs = W >= 8 ? 64 / W : 8;  // accumulators held in registers: 64 floats of o
 
-template <int NV>
-static void pv_tile(float* o, float alpha, const float* p, const float* v, int64_t vs, int64_t n, int last) {
+template <int NV, class KV>
+static void pv_tile(float* o, float alpha, const float* p, const KV* v, int64_t vs, int64_t n, int last) {
   Vec acc[NV];
   const Vec a = Vec::all(alpha);
 #pragma GCC unroll 16
   for (int t = 0; t < NV; ++t) acc[t] = Vec::load(o + t * W) * a;
   for (int64_t j = 0; j < n; ++j) {
     const Vec pj = Vec::all(p[j]);
-    const float* vj = v + j * vs;
+    const KV* vj = v + j * vs;
 #pragma GCC unroll 16
     for (int t = 0; t < NV - 1; ++t) acc[t] = Vec::fma(pj, Vec::load(vj + t * W), acc[t]);
     acc[NV - 1] = Vec::fma(pj, Vec::load(vj + (NV - 1) * W, last), acc[NV - 1]);
@@ -61,7 +63,8 @@ static void pv_tile(float* o, float alpha, const float* p, const float* v, int64
 }
 
 // o = alpha * o + sum_{j<n} p[j] v_j over all D columns (o zero-padded to a multiple of W)
-static void pv(float* o, float alpha, const float* p, const float* v, int64_t vs, int64_t n, int64_t D) {
+template <class KV>
+static void pv(float* o, float alpha, const float* p, const KV* v, int64_t vs, int64_t n, int64_t D) {
   for (int64_t d0 = 0; d0 < D; d0 += kPvVecs * W) {
     const int nv = std::min<int64_t>(kPvVecs, (D - d0 + W - 1) / W);
     const int last = std::min<int64_t>(D - d0, nv * W) - (nv - 1) * W;
@@ -72,14 +75,15 @@ static void pv(float* o, float alpha, const float* p, const float* v, int64_t vs
 static constexpr int64_t kDecodeChunk = 256;  // keys scored per online-softmax step (scores stay in L1)
 
 // item = ((b * H) + h) * splits + split: keys [len*split/splits, len*(split+1)/splits) of row b, head h.
-static void decode_item(const DecodeProblem& p, int64_t item) {
+template <class KV>
+static void decode_item_kv(const DecodeProblem& p, int64_t item) {
   const int64_t split = item % p.splits, bh = item / p.splits, b = bh / p.H, h = bh % p.H, D = p.D;
   const int64_t len = p.lengths[b], lo = len * split / p.splits, hi = len * (split + 1) / p.splits;
   alignas(64) float q[kMaxHeadDim], o[kMaxHeadDim], s[kDecodeChunk];
   const float* qr = p.q + b * p.q_b + h * p.q_h;
   for (int64_t d = 0; d < round_up(D, W); ++d) q[d] = d < D ? qr[d] * p.scale : 0.f, o[d] = 0.f;
-  const float* k = p.k + b * p.k_b + h * p.k_h;
-  const float* v = p.v + b * p.v_b + h * p.v_h;
+  const KV* k = static_cast<const KV*>(p.k) + b * p.k_b + h * p.k_h;
+  const KV* v = static_cast<const KV*>(p.v) + b * p.v_b + h * p.v_h;
   float m = kNegInf, l = 0.f;  // running max of the scores and sum of exp(score - m)
   for (int64_t c = lo; c < hi; c += kDecodeChunk) {
     const int64_t n = std::min(kDecodeChunk, hi - c);
@@ -99,6 +103,13 @@ static void decode_item(const DecodeProblem& p, int64_t item) {
     part[0] = m, part[1] = l;
     std::copy(o, o + D, part + 2);
   }
+}
+
+static void decode_item(const DecodeProblem& p, int64_t item) {
+  if (p.kv_bf16)
+    decode_item_kv<Bf16>(p, item);
+  else
+    decode_item_kv<float>(p, item);
 }
 
 // ---- prefill: flash-attention blocks, kBQ query rows x kBK keys, online softmax over key blocks -------

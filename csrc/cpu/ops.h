@@ -22,6 +22,9 @@ struct __attribute__((visibility("hidden"))) PackedLinear {
 torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out);
 std::string linear_isa(const std::string& weight_dtype);
 void set_linear_isa(const std::string& cap);
+// kv_cache.cpp
+void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& positions, const torch::Tensor& k,
+              const torch::Tensor& v);
 // embedding.cpp
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
                         const c10::optional<torch::Tensor>& out);

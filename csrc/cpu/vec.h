@@ -13,6 +13,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -44,6 +46,19 @@ const T& for_active_isa(const T& scalar_fns, const T& avx2_fns, const T& avx512_
 }
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A bfloat16 as stored (torch.bfloat16's bits): the top half of an fp32. Vec::load widens it exactly.
+struct Bf16 {
+  uint16_t bits;
+};
+
+// The first n (< W) values of p followed by zeros, for a tail load that must not read past p[n - 1].
+template <int W>
+inline std::array<Bf16, W> padded(const Bf16* p, int n) {
+  std::array<Bf16, W> t{};
+  for (int i = 0; i < n; ++i) t[i] = p[i];
+  return t;
+}
 
 // Calls f(std::integral_constant<int, n>{}) for a run-time n in [1, N]: picks a template instantiation.
 template <int N, class F>
@@ -80,6 +95,11 @@ struct Vec {
   static Vec all(float x) { return {_mm512_set1_ps(x)}; }
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static Vec load(const float* p, int n) { return {_mm512_maskz_loadu_ps(first(n), p)}; }  // lanes >= n: 0, unread
+  static Vec load(const Bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  static Vec load(const Bf16* p, int n) { return load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm512_mask_storeu_ps(p, first(n), v); }
   // lane i = p[i * stride] (for lanes < n), 0 beyond; (W - 1) * stride must fit an int32
@@ -167,6 +187,11 @@ struct Vec {
   static Vec all(float x) { return {_mm256_set1_ps(x)}; }
   static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
   static Vec load(const float* p, int n) { return {_mm256_maskload_ps(p, _mm256_castps_si256(first(n)))}; }
+  static Vec load(const Bf16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  static Vec load(const Bf16* p, int n) { return load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm256_maskstore_ps(p, _mm256_castps_si256(first(n)), v); }
   static Vec gather(const float* p, int32_t stride, int n = W) {
@@ -256,6 +281,8 @@ struct Vec {
   static Vec all(float x) { return {x}; }
   static Vec load(const float* p) { return {*p}; }
   static Vec load(const float* p, int n) { return {n > 0 ? *p : 0.f}; }
+  static Vec load(const Bf16* p) { return {std::bit_cast<float>(uint32_t(p->bits) << 16)}; }
+  static Vec load(const Bf16* p, int n) { return {n > 0 ? load(p).v : 0.f}; }
   void store(float* p) const { *p = v; }
   void store(float* p, int n) const {
     if (n > 0) *p = v;
