@@ -9,7 +9,7 @@ from . import archs
 from . import format as fmt
 from .backends import get_backend
 from .errors import FormatError
-from .tokenizer import Tokenizer
+from .tokenizer import checked_tokenizer
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 DEFAULT_TEXT_MODEL = "gpt2-tiny"
@@ -34,10 +34,9 @@ def resolve_path(path) -> str:
     return path
 
 
-def load(path=None, device="cpu", backend: str = "auto"):
-    """Open a runtime file (see format.py), check it, and build its model on `device` with `backend`."""
-    device = torch.device(device)
-    be = get_backend(backend, device)
+def read_checked(path=None):
+    """Open a runtime file (see format.py) and check everything load() needs, without building a model:
+    -> (the file, its arch entry, its config, its Tokenizer or None for image models)."""
     rf = fmt.read(resolve_path(path), archs.expected)
     arch = archs.lookup(rf.arch)
     config = arch.config.from_dict(rf.config)
@@ -45,11 +44,12 @@ def load(path=None, device="cpu", backend: str = "auto"):
     if arch.text:
         if rf.tokenizer is None:
             raise FormatError(f"{rf.path}: a {rf.arch} model needs a tokenizer in its metadata")
-        try:
-            tokenizer = Tokenizer(rf.tokenizer)
-        except FormatError as e:
-            raise FormatError(f"{rf.path}: {e}") from None
-        if tokenizer.vocab_size > config.vocab_size:
-            raise FormatError(f"{rf.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                              f"{config.vocab_size}")
+        tokenizer = checked_tokenizer(rf.tokenizer, config.vocab_size, rf.path)
+    return rf, arch, config, tokenizer
+
+
+def load(path=None, device="cpu", backend: str = "auto"):
+    """Open a runtime file, check it (read_checked), and build its model on `device` with `backend`."""
+    be = get_backend(backend, torch.device(device))
+    rf, arch, config, tokenizer = read_checked(path)
     return arch.model(config, rf.tensors, be, tokenizer, rf.dtype)

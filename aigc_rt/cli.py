@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-return-sequences", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--eos-token-id", type=int, action="append", default=None, metavar="ID",
+                   help="token id that ends a sequence (repeatable: any of them ends it; default: the model "
+                        "config's eos_token_id)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
     g.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     g.set_defaults(func=cmd_generate)
@@ -109,7 +112,8 @@ def _model_args(p, default="the embedded text model"):
 def _sampling_kwargs(a) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop)
+                num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop,
+                eos_token_id=a.eos_token_id)
 
 
 def cmd_convert(a):
@@ -125,11 +129,12 @@ def cmd_generate(a):
     kwargs = _sampling_kwargs(a)
     if a.stream and a.num_return_sequences != 1:
         raise ValueError("--stream prints one sequence; use --num-return-sequences 1")
+    t0 = time.perf_counter()
+    events = run(m, a.prompt, **kwargs)  # validates every argument before anything is printed
     if a.stream:
         print(a.prompt, end="", flush=True)
-    t0 = time.perf_counter()
     first, n_tokens, done = None, 0, {}
-    for ev in run(m, a.prompt, **kwargs):
+    for ev in events:
         first = first or time.perf_counter()
         n_tokens += 1
         if a.stream:
@@ -207,10 +212,9 @@ def _validate_dcgan(m, a):
 
 
 def cmd_info(a):
-    from aigc_rt import archs
     from aigc_rt import format as fmt
-    from aigc_rt.api import resolve_path
-    rf = fmt.read(resolve_path(a.model), archs.expected)
+    from aigc_rt.api import read_checked
+    rf = read_checked(a.model)[0]  # every check load() makes (tensors, config, a text model's tokenizer)
     scales = [n for n in rf.tensors if n.endswith(fmt.SCALE_SUFFIX)]
     n_params = sum(t.numel() for n, t in rf.tensors.items() if n not in scales)
     info = {"path": rf.path, "arch": rf.arch, "dtype": rf.dtype, "config": rf.config, "parameters": n_params,

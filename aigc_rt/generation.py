@@ -44,15 +44,16 @@ def generate(model, prompts, **kwargs) -> list[Completion]:
 
 def stream(model, prompt, **kwargs) -> Iterator[str]:
     """Text pieces of one completion as its tokens arrive; they concatenate to generate()'s text and never
-    split a UTF-8 character (or leak the start of a stop string)."""
+    split a UTF-8 character (or leak the start of a stop string). Not a generator function: every argument
+    is checked by this call itself, so bad input raises here, before any work, not at the first next()."""
     if kwargs.get("num_return_sequences", 1) != 1:
-        raise ValueError("stream() produces one sequence; num_return_sequences must be 1")
+        raise ValueError(f"stream() produces one sequence; num_return_sequences must be 1, "
+                         f"got {kwargs['num_return_sequences']!r}")
     single = _as_prompt_list(prompt, model.tokenizer)
     if len(single) != 1:
         raise ValueError(f"stream() takes one prompt, got a batch of {len(single)}")
-    for ev in run(model, single, **kwargs):
-        if ev.piece:
-            yield ev.piece
+    events = run(model, single, **kwargs)  # validates everything now
+    return (ev.piece for ev in events if ev.piece)
 
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -61,7 +62,8 @@ DEFAULT_MAX_NEW_TOKENS = 64
 def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
         top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
         seed: int | None = None, stop=None, eos_token_id=None, max_length: int | None = None) -> Iterator[Event]:
-    """The decode loop, as a stream of per-token events. Everything is validated before any work.
+    """The decode loop, as a stream of per-token events. Everything is validated by this call, before any
+    work (it returns the generator of events rather than being one, so bad input raises here).
     Length, as Hugging Face: max_new_tokens new tokens per sequence (default 64), or, given max_length alone,
     a total of max_length prompt + new tokens per sequence (max_new_tokens wins when both are given)."""
     cfg, tok = model.config, model.tokenizer
@@ -73,6 +75,10 @@ def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = Fal
     else:
         _check_int("max_length", max_length, 2)
     _check_int("num_return_sequences", num_return_sequences, 1)
+    if num_return_sequences > 1 and not params.do_sample:  # as Hugging Face's GenerationConfig.validate()
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
+                         f"(do_sample=False, no beam search) gives one sequence per prompt, so it supports only "
+                         f"num_return_sequences=1; pass do_sample=True to sample several")
     if seed is None:
         seed = random.SystemRandom().getrandbits(63)
     _check_int("seed", seed, None)
@@ -92,8 +98,7 @@ def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = Fal
             what = f"max_new_tokens={max_new_tokens}" if max_new_tokens else f"max_length={max_length}"
             raise ValueError(f"prompt {i} has {len(p)} tokens; with {what} that is {len(p) + limits[-1]}, past "
                              f"the context length {cfg.n_positions}")
-    with torch.inference_mode():
-        yield from _decode_loop(model, prompt_ids, params, limits, num_return_sequences, seed, stops, eos)
+    return _decode_loop(model, prompt_ids, params, limits, num_return_sequences, seed, stops, eos)
 
 
 @dataclass
@@ -104,7 +109,9 @@ class _Row:
 
 
 def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iterator[Event]:
-    """limits: new tokens per prompt."""
+    """limits: new tokens per prompt. The model runs under torch.inference_mode(), entered around each piece
+    of work and never held across a yield, so the caller's code between events (or after it drops the
+    generator half-way) does not run in inference mode."""
     be, dev, cfg = model.backend, model.device, model.config
     batch = [p for p in prompt_ids for _ in range(n)]  # prompt-major rows
     limit = [m for m in limits for _ in range(n)]  # per row
@@ -112,28 +119,30 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
     rows = [_Row(b % n, _TextState(model.tokenizer, stops)) for b in range(len(batch))]
     lens = [len(p) for p in batch]
     B, T = len(rows), max(lens)
-    ids = torch.zeros(B, T, dtype=torch.long)  # right-padded
-    for b, p in enumerate(batch):
-        ids[b, : len(p)] = torch.tensor(p)
-    ids = ids.to(dev)
-
-    cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
-    hidden = model.prefill(ids, cache)  # (B, T, C)
-    logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # (B, V): token in prompt or output
+    with torch.inference_mode():
+        ids = torch.zeros(B, T, dtype=torch.long)  # right-padded
         for b, p in enumerate(batch):
-            seen[b, p] = True
-        seen = seen.to(dev)
+            ids[b, : len(p)] = torch.tensor(p)
+        ids = ids.to(dev)
+
+        cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
+        hidden = model.prefill(ids, cache)  # (B, T, C)
+        logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # (B, V): token in prompt or output
+            for b, p in enumerate(batch):
+                seen[b, p] = True
+            seen = seen.to(dev)
+        positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
+        no_draw = torch.zeros(B, device=dev)  # greedy ignores u
     active = list(range(B))  # batch slot -> row
-    positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
-    no_draw = torch.zeros(B, device=dev)  # greedy ignores u
     for step in range(max(limit)):
-        u = (torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev) if params.do_sample
-             else no_draw[: len(active)])
-        tokens = be.sample(logits, params, u, seen)  # (B_active,)
-        host = tokens.tolist()  # the one sync per step
+        with torch.inference_mode():
+            u = (torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev) if params.do_sample
+                 else no_draw[: len(active)])
+            tokens = be.sample(logits, params, u, seen)  # (B_active,)
+            host = tokens.tolist()  # the one sync per step
         keep = []
         for slot, (a, t) in enumerate(zip(active, host)):
             if t < 0:
@@ -152,17 +161,18 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
                 yield Event(a, t, piece, Completion(row.text.text, row.tokens, reason))
         if not keep:
             return
-        if len(keep) < len(active):
-            k = torch.tensor(keep, device=dev)
-            cache.keep(k)
-            tokens, positions = tokens[k], positions[k]
-            seen = None if seen is None else seen[k]
-            active = [active[s] for s in keep]
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        max_len = max(lens[a] + step for a in active) + 1
-        logits = model.decode(tokens, positions, cache, max_len)
-        positions.add_(1)
+        with torch.inference_mode():
+            if len(keep) < len(active):  # finished sequences leave the batch
+                k = torch.tensor(keep, device=dev)
+                cache.keep(k)
+                tokens, positions = tokens[k], positions[k]
+                seen = None if seen is None else seen[k]
+                active = [active[s] for s in keep]
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            max_len = max(lens[a] + step for a in active) + 1
+            logits = model.decode(tokens, positions, cache, max_len)
+            positions.add_(1)
 
 
 class _TextState:
@@ -239,8 +249,8 @@ def _as_prompt_list(prompts, tokenizer) -> list[list[int]]:
 def _as_stop_list(stop) -> list[str]:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if not all(isinstance(s, str) and s for s in stops):
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return stops
 
@@ -248,6 +258,8 @@ def _as_stop_list(stop) -> list[str]:
 def _as_eos_set(eos, vocab_size) -> frozenset[int]:
     if eos is None:
         return frozenset()
+    if not isinstance(eos, (int, list, tuple)):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
     ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else list(eos)
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:

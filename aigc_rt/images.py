@@ -38,6 +38,8 @@ def check_writable(path) -> str:
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, f"cannot write {path!r}: it is a directory")
     if not os.path.isdir(folder):
+        if os.path.exists(folder):  # e.g. some_file/grid.png: no one (root included) can create a file there
+            raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path!r}: {folder!r} is a file, not a folder")
         raise FileNotFoundError(errno.ENOENT, f"cannot write {path!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise PermissionError(errno.EACCES, f"cannot write {path!r}: folder {folder!r} is not writable")

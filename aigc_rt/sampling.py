@@ -28,25 +28,28 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        _check_number("temperature", self.temperature)
-        _check_number("top_p", self.top_p)
-        _check_number("repetition_penalty", self.repetition_penalty)
+        # each message names the parameter and its allowed range (NaN included: it fails every comparison)
+        temperature = "a finite number > 0 when sampling"
+        _check_number("temperature", self.temperature, temperature)
+        _check_number("top_p", self.top_p, TOP_P_RANGE)
+        _check_number("repetition_penalty", self.repetition_penalty, REPETITION_PENALTY_RANGE)
         if self.do_sample and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature}")
+            raise ValueError(f"temperature must be {temperature}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 disables it), got {self.top_p}")
+            raise ValueError(f"top_p must be {TOP_P_RANGE}, got {self.top_p}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 disables it), "
-                             f"got {self.repetition_penalty}")
+            raise ValueError(f"repetition_penalty must be {REPETITION_PENALTY_RANGE}, got {self.repetition_penalty}")
 
 
-def _check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
+TOP_P_RANGE = "in (0, 1] (1.0 disables it)"
+REPETITION_PENALTY_RANGE = "a finite number > 0 (1.0 disables it)"
+
+
+def _check_number(name: str, value, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _splitmix64(x: int) -> int:

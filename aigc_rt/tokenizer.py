@@ -91,3 +91,16 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def checked_tokenizer(tokenizer_json: str, vocab_size: int, where: str) -> Tokenizer:
+    """The Tokenizer of a text model whose embedding has `vocab_size` rows, or FormatError naming `where` (a
+    file) and the problem: not a byte-level BPE `tokenizers` JSON, or more tokens than the model has rows.
+    load() checks an embedded tokenizer with it, and the converter the one it is about to embed."""
+    try:
+        tokenizer = Tokenizer(tokenizer_json)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise FormatError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
+    return tokenizer

@@ -97,3 +97,41 @@ def test_bench_cli_times_a_text_model(rt_odd, tmp_path, capsys):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["read_gb_per_s"] > 0
         assert r["roofline_pct"] == pytest.approx(100 * r["gb_per_s"] / r["read_gb_per_s"])
+
+
+@pytest.mark.parametrize("prompt,flags,message", [
+    ("Hi", ["--do-sample", "--temperature", "0"], "temperature must be a finite number > 0"),
+    ("Hi", ["--top-p", "1.5"], r"top_p must be in (0, 1]"), ("Hi", ["--max-new-tokens", "100"], "context length 64"),
+    ("", [], "prompt 0 is empty"), ("Hi", ["--eos-token-id", "5000"], "eos_token_id 5000"),
+    ("Hi", ["--num-return-sequences", "2", "--do-sample"], "--stream prints one sequence"),
+])
+def test_generate_stream_bad_arguments_print_nothing(rt_odd, capsys, prompt, flags, message):
+    """`generate --stream` checks its arguments before it prints the prompt."""
+    assert main(["generate", prompt, "--model", str(rt_odd[0]), "--stream", *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err, (out, err)
+
+
+def test_generate_greedy_several_sequences_is_an_error(rt_odd, capsys):
+    """As Hugging Face: several sequences need --do-sample."""
+    assert main(["generate", "Hi", "--model", str(rt_odd[0]), "--num-return-sequences", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "num_return_sequences=3" in err and "do_sample=True" in err, err
+
+
+def test_generate_eos_token_id_flag(rt_odd, capsys):
+    m = aigc_rt.load(rt_odd[0])
+    base = m.generate("Hello", max_new_tokens=10, eos_token_id=[])[0].token_ids
+    eos, other = base[3], next(t for t in range(1, 1000) if t not in base)
+    cut = base[: base.index(eos) + 1]  # HF semantics: stop at the first eos, returned with it
+    for flags, want in [([str(eos)], cut), ([str(other), str(eos)], cut), ([str(other)], base)]:
+        argv = ["generate", "Hello", "--model", str(rt_odd[0]), "--max-new-tokens", "10"]
+        for t in flags:
+            argv += ["--eos-token-id", t]
+        for stream in ([], ["--stream"]):
+            assert main(argv + stream) == 0
+            assert capsys.readouterr().out == "Hello" + m.tokenizer.decode(want) + "\n", (flags, stream)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--eos-token-id ID" in help_text and "repeatable" in help_text and "eos_token_id" in help_text

@@ -141,6 +141,40 @@ def test_forced_arch(seed_gan, tmp_path):
         aigc_rt.convert(src, tmp_path / "d.safetensors", dtype="bf16")
 
 
+def test_cli_convert_arch(tmp_path, capsys):
+    """`aigc-rt convert netG.pth out.safetensors --arch dcgan64` on a 64x64 tutorial state_dict writes the same
+    file as reading the arch from the shapes, and the model matches the torch module (fp32, atol 1e-4); a wrong
+    forced arch exits 2 naming the mismatch and writes nothing."""
+    torch.manual_seed(11)
+    module = randomize_batchnorm(tutorial_generator(ngf=8), seed=12)  # 5 layers: 64x64, small and fast
+    src = tmp_path / "netG.pth"
+    torch.save(module.state_dict(), src)
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(out), "--arch", "dcgan64"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    rf, auto = fmt.read(out, archs.expected), fmt.read(aigc_rt.convert(src, tmp_path / "auto.safetensors"),
+                                                       archs.expected)
+    assert rf.arch == "dcgan" and rf.config == auto.config and rf.config["image_size"] == 64
+    assert rf.tensors.keys() == auto.tensors.keys() and all(torch.equal(rf.tensors[k], auto.tensors[k])
+                                                            for k in rf.tensors)
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        want, got = module(z[:, :, None, None]), aigc_rt.load(out, backend="cpu")(z)
+    assert got.shape == want.shape == (2, 3, 64, 64) and want.std() > 1e-3
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+    for arch, message in [
+        ("dcgan32", f"{src}: arch 'dcgan32' expects a 32x32 generator, but its 5 layers make a 64x64 one"),
+        ("dcgan64_d", "do not chain as a DCGAN discriminator"),
+        ("dcgan128", "unknown arch 'dcgan128'"),
+    ]:
+        bad = tmp_path / f"{arch}.safetensors"
+        assert main(["convert", str(src), str(bad), "--arch", arch]) == 2, arch
+        captured = capsys.readouterr()
+        assert message in captured.err and not captured.out, (arch, captured.err)
+        assert not bad.exists(), f"--arch {arch}: a file was written despite the error"
+
+
 def test_generate_is_seeded_and_backend_independent(seed_gan):
     _, g_file, _, _ = seed_gan
     gens = {be: aigc_rt.load(g_file, backend=be) for be in ("torch", "cpu")}
@@ -279,6 +313,50 @@ def test_cli_errors_exit_2(seed_gan, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
     assert main(["score", str(tmp_path / "small.png"), "--model", str(d_file)]) == 2
     assert "8x8 pixels; the discriminator takes 32x32" in capsys.readouterr().err
+
+
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot create files in, root included (root ignores permission bits): a chmod 555
+    one where that binds, else a pseudo-filesystem folder (/sys, /proc) that refuses new files."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return folder
+    for candidate in ("/sys", "/proc"):
+        try:
+            fd = os.open(os.path.join(candidate, "aigc_rt_probe.png"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except OSError:
+            return candidate
+        os.close(fd)  # it could be written after all: not an unwritable folder
+        os.unlink(os.path.join(candidate, "aigc_rt_probe.png"))
+    pytest.skip("no folder this process cannot write to")
+
+
+def test_unwritable_output_path(seed_gan, tmp_path, capsys):
+    """save_grid and `aigc-rt imagine -o` into a folder no one can write (a regular FILE's "folder", which stops
+    root too) or a read-only one: an OSError naming the path (exit 2 on the CLI), and no file left behind."""
+    import re
+    _, g_file, _, _ = seed_gan
+    images = torch.zeros(1, 3, 4, 4)
+    some_file = tmp_path / "some_file"
+    some_file.write_bytes(b"not a folder")
+    under_file = some_file / "grid.png"
+    with pytest.raises(NotADirectoryError, match=re.escape(str(under_file)) + ".*is a file, not a folder"):
+        aigc_rt.save_grid(images, under_file)
+    assert main(["imagine", "--model", str(g_file), "-n", "1", "-o", str(under_file)]) == 2
+    assert f"{under_file}" in capsys.readouterr().err and some_file.read_bytes() == b"not a folder"
+
+    folder = _unwritable_folder(tmp_path)
+    try:
+        path = os.path.join(folder, "grid.png")
+        with pytest.raises(OSError, match=re.escape(path)):
+            aigc_rt.save_grid(images, path)
+        assert main(["imagine", "--model", str(g_file), "-n", "1", "-o", path]) == 2
+        assert path in capsys.readouterr().err and not os.path.exists(path)
+    finally:
+        if str(folder).startswith(str(tmp_path)):
+            os.chmod(folder, 0o755)
 
 
 def _converted_error(sd, tmp_path, name="x.pt"):

@@ -82,6 +82,45 @@ def test_malformed_file_raises_format_error(case, tiny_file, tmp_path):
         aigc_rt.load(bad, backend="torch")
 
 
+# a text model's metadata tokenizer, corrupted -> what load() and `aigc-rt info` both say (tensor edit, metadata edit)
+_TOKENIZER_JSON = "tokenizer: not a valid `tokenizers` JSON"
+BAD_TOKENIZERS = {
+    "invalid json": (None, _edit_meta("tokenizer", '{"model": '), _TOKENIZER_JSON),
+    "rejected by tokenizers": (None, _edit_meta("tokenizer", '{"model": 1}'), _TOKENIZER_JSON),
+    "truncated": (None, lambda m: {**m, "tokenizer": m["tokenizer"][: len(m["tokenizer"]) // 2]}, _TOKENIZER_JSON),
+    "missing": (None, _edit_meta("tokenizer", None), "a gpt2 model needs a tokenizer in its metadata"),
+    "more tokens than the model": (  # a consistent file whose embedding has fewer rows than the tokenizer has tokens
+        lambda t: {**t, "wte.weight": t["wte.weight"][:280].clone()},
+        lambda m: {**m, "config": json.dumps({**json.loads(m["config"]), "vocab_size": 280})},
+        "the tokenizer has 300 tokens but the model only 280"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENIZERS))
+def test_info_rejects_what_load_rejects(case, tiny_file, tmp_path, capsys):
+    """`aigc-rt info` makes load()'s checks of the metadata tokenizer: the same FormatError naming the file and
+    the tokenizer problem, and exit status 2."""
+    import argparse
+
+    from aigc_rt.cli import cmd_info, main
+    tensors, meta, message = BAD_TOKENIZERS[case]
+    bad = _rewrite(tiny_file, tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(aigc_rt.FormatError, match=_re(f"{bad}: {message}")) as by_load:
+        aigc_rt.load(bad, backend="torch")
+    with pytest.raises(aigc_rt.FormatError, match=_re(f"{bad}: {message}")) as by_info:
+        cmd_info(argparse.Namespace(model=str(bad)))
+    assert str(by_info.value) == str(by_load.value)
+    assert main(["info", str(bad)]) == 2
+    assert f"{bad}: {message}" in capsys.readouterr().err
+
+
+def test_info_accepts_a_valid_file(tiny_file, capsys):
+    from aigc_rt.cli import main
+    assert main(["info", str(tiny_file)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == "gpt2" and info["config"] == TINY.to_dict()
+
+
 def _re(s):
     import re
     return re.escape(s)
@@ -122,12 +161,16 @@ def test_truncated_file(tiny_file, tmp_path):
 def test_corrupted_header(tiny_file, tmp_path):
     data = bytearray(tiny_file.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
-    for i, patch in ((0, b"\xff" * 8), (8, b"]"), (8 + n // 2, b"\x00\x01")):
+    # (offset, bytes written there, regex for the problem named): a length past the end of the file; a header that
+    # is not JSON; control bytes mid-header (inside a JSON string, or splitting a multi-byte UTF-8 character there:
+    # the tokenizer's JSON, whose layout varies from run to run, fills most of the header)
+    for i, patch, problem in ((0, b"\xff" * 8, "header too large"), (8, b"]", "invalid JSON in header"),
+                              (8 + n // 2, b"\x00\x01", "invalid (JSON|UTF-8) in header")):
         bad = tmp_path / "hdr.safetensors"
         edited = bytearray(data)
         edited[i: i + len(patch)] = patch
         bad.write_bytes(bytes(edited))
-        with pytest.raises(aigc_rt.FormatError):
+        with pytest.raises(aigc_rt.FormatError, match=_re(f"{bad}: not a valid safetensors file") + ".*" + problem):
             aigc_rt.load(bad, backend="torch")
 
 

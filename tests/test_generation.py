@@ -1,6 +1,10 @@
 """generate / stream: HF semantics, ragged batches, seeds, stop strings, streaming, and bad input."""
 from __future__ import annotations
 
+import json
+import math
+import shutil
+
 import pytest
 import torch
 
@@ -77,8 +81,21 @@ def test_num_return_sequences_prompt_major_and_seeded(model):
         alone = model.generate(p, num_return_sequences=3, seed=5, **SAMPLE)
         assert [o.token_ids for o in outs[3 * i: 3 * i + 3]] == [o.token_ids for o in alone]
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the three sequences differ
-    greedy = model.generate(PROMPTS[0], num_return_sequences=2, max_new_tokens=6)
-    assert greedy[0].token_ids == greedy[1].token_ids
+
+
+def test_greedy_with_several_sequences_raises_like_hf(model, rt_odd):
+    """Hugging Face's GenerationConfig.validate(): greedy search without beams does not support
+    num_return_sequences != 1 (a ValueError); so neither do we, saying what to pass instead."""
+    ids = model.tokenizer.encode(PROMPTS[0])
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        with torch.no_grad():
+            rt_odd[1].generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False, num_return_sequences=2,
+                               pad_token_id=0)
+    for call in (lambda: model.generate(ids, num_return_sequences=2, max_new_tokens=6),
+                 lambda: model.generate(ids, num_return_sequences=3, do_sample=False, temperature=0.9)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert "num_return_sequences=" in str(e.value) and "do_sample=True" in str(e.value), str(e.value)
 
 
 def test_seed_systems_calls(model):
@@ -104,19 +121,58 @@ def test_eos_finishes_and_is_returned(model):
     assert out2.finish_reason == "eos" and out2.token_ids[-1] in (eos, 345)
 
 
-def test_stop_string_spanning_tokens(model):
+def _token_offsets(tokenizer, ids):
+    """{i: len(text of ids[:i])} for the boundaries i where the bytes of ids[:i] are complete, valid UTF-8
+    (there the decoded prefix is a prefix of the decoded whole)."""
+    out, data = {}, b""
+    for i in range(len(ids) + 1):
+        try:
+            out[i] = len(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        if i < len(ids):
+            data += tokenizer.token_bytes(ids[i])
+    return out
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiny(request):
+    """The embedded trained model: unlike the random-init ones, it writes words (multi-character tokens)."""
+    return aigc_rt.load(backend=request.param)
+
+
+def test_stop_string_spanning_tokens(tiny):
+    model = tiny
     full = model.generate(PROMPTS[1], max_new_tokens=24, eos_token_id=[])[0]
-    pieces = [model.tokenizer.decode([t]) for t in full.token_ids]
-    # a stop string made of the end of token 5 and the start of token 6: it spans a token boundary
-    k = 5
-    while not (pieces[k] and pieces[k + 1]):
-        k += 1
-    stop = pieces[k][-1] + pieces[k + 1][:1]
-    cut = full.text.find(stop)
+    ids, text = full.token_ids, full.text
+    off = _token_offsets(model.tokenizer, ids)
+    assert off[0] == 0 and text.startswith(model.tokenizer.decode(ids[: max(off)]))
+    # a stop string made of the end of token k-1's text and the start of token k's, whose FIRST occurrence in
+    # the text is that one: it provably starts in one token and ends in the next
+    found = None
+    for k in range(1, len(ids) - 1):
+        if not all(i in off for i in (k - 1, k, k + 1)):
+            continue
+        a, b, c = off[k - 1], off[k], off[k + 1]  # token k-1's text is text[a:b], token k's is text[b:c]
+        if b - a < 2 or c - b < 2 or not text[a:c].strip():
+            continue  # want a word-sized piece on each side
+        for left in range(1, b - a + 1):
+            for right in range(1, c - b + 1):
+                stop = text[b - left: b + right]
+                if left + right >= 3 and "\ufffd" not in stop and text.find(stop) == b - left:
+                    found = (k, b - left, stop)
+                    break
+            if found:
+                break
+        if found:
+            break
+    assert found, f"no stop string spanning a token boundary in {text!r}"
+    k, start, stop = found
+    assert off[k - 1] <= start < off[k] < start + len(stop) <= off[k + 1], (k, start, stop, off)
     out = model.generate(PROMPTS[1], max_new_tokens=24, eos_token_id=[], stop=["never-there", stop])[0]
-    assert out.finish_reason == "stop"
-    assert out.text == full.text[:cut]
-    assert full.token_ids[: len(out.token_ids)] == out.token_ids and len(out.token_ids) <= k + 2
+    assert out.finish_reason == "stop", (stop, out)
+    assert out.text == text[:start], (stop, out.text, text[:start])
+    assert out.token_ids == ids[: k + 1], (stop, out.token_ids, ids[: k + 1])  # ends with the token completing it
     streamed = "".join(model.stream(PROMPTS[1], max_new_tokens=24, eos_token_id=[], stop=stop))
     assert streamed == out.text
 
@@ -127,6 +183,65 @@ def test_stream_concatenates_to_generate(model, prompt):
     pieces = list(model.stream(prompt, **kwargs))
     assert "".join(pieces) == model.generate(prompt, **kwargs)[0].text
     assert all(pieces)
+
+
+def utf8_missing(data: bytes) -> int | None:
+    """0 if data is complete UTF-8, n > 0 if it is valid but its last character lacks n bytes, None if invalid."""
+    try:
+        data.decode("utf-8")
+        return 0
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data":
+            return None
+        lead = data[e.start]
+        return (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4) - (len(data) - e.start)
+
+
+class Utf8Sampler:
+    """Wraps a backend's sample() for one sequence of max_new tokens: before the real, seeded draw, the logits of
+    tokens that would make the generated bytes invalid UTF-8, or leave a character unfinished when the tokens
+    run out, or that have no bytes (special tokens, ids past the tokenizer's vocabulary) are pushed to -1e30
+    (finite: the samplers reject non-finite rows). A random-init model then writes valid UTF-8 while staying
+    free to split characters across byte-level BPE tokens."""
+
+    def __init__(self, sample, tokenizer, vocab_size: int, max_new: int):
+        self.real, self.max_new = sample, max_new
+        self.token_bytes = [tokenizer.token_bytes(t) for t in range(vocab_size)]
+        self.data, self.step = b"", 0
+
+    def __call__(self, logits, params, u, seen):
+        assert logits.shape[0] == 1
+        left = self.max_new - self.step - 1  # tokens after this one, each able to add one continuation byte
+        ok = [b != b"" and (n := utf8_missing(self.data + b)) is not None and n <= left for b in self.token_bytes]
+        logits = torch.where(torch.tensor(ok, device=logits.device), logits, torch.full_like(logits, -1e30))
+        tokens = self.real(logits, params, u, seen)
+        self.data += self.token_bytes[int(tokens[0])]
+        self.step += 1
+        return tokens
+
+
+@pytest.mark.parametrize("prompt", ["落霞与孤鹜齐飞", "emoji 🙂🚀"])
+def test_stream_pieces_are_whole_characters(model, prompt, monkeypatch):
+    """Seeded sampling that splits multi-byte characters across tokens: every streamed piece is valid text
+    without U+FFFD, and the pieces concatenate to generate()'s text and to the `tokenizers` library's decode."""
+    kwargs = dict(max_new_tokens=30, do_sample=True, temperature=1.0, seed=3, eos_token_id=[])
+    real = model.backend.sample
+
+    def constrained():
+        monkeypatch.setattr(model.backend, "sample", Utf8Sampler(real, model.tokenizer, model.config.vocab_size, 30))
+
+    constrained()
+    out = model.generate(prompt, **kwargs)[0]
+    constrained()
+    pieces = list(model.stream(prompt, **kwargs))
+    assert len(out.token_ids) == 30
+    partial = [t for t in out.token_ids if utf8_missing(model.tokenizer.token_bytes(t)) != 0]
+    assert partial, f"no token of {out.token_ids} is an incomplete UTF-8 sequence: nothing was split"
+    reference = model.tokenizer._tok.decode(out.token_ids, skip_special_tokens=True)  # the `tokenizers` library
+    assert "".join(pieces) == out.text == reference, (pieces, out.text, reference)
+    for p in pieces:
+        assert p and "\ufffd" not in p and p.encode("utf-8").decode("utf-8") == p, (p, pieces)
+    assert any(ord(ch) > 0x7F for ch in out.text), out.text  # multi-byte characters made it out whole
 
 
 def test_stream_decoder_never_splits_a_character(model):
@@ -148,18 +263,84 @@ def test_stream_decoder_never_splits_a_character(model):
     (dict(max_length=1), "max_length"), (dict(max_length=5), r"max_length=5 \(prompt \+ new tokens\) leaves no room"),
     (dict(max_length=65), r"with max_length=65 that is 65, past the context length 64"),
 ])
-def test_invalid_parameters_raise_before_work(model, kwargs, message):
+def test_invalid_parameters_raise_before_work(model, kwargs, message, no_work):
     with pytest.raises(ValueError, match=message):
         model.generate("Flat is better than nested. Sparse is better", **kwargs)
+    assert no_work == [], f"work was done before the ValueError: {no_work}"
+
+
+@pytest.fixture
+def no_work(model, monkeypatch):
+    """Spies on the model's new_cache/prefill/decode: the list of calls made (each still runs)."""
+    calls = []
+    for name in ("new_cache", "prefill", "decode"):
+        def spy(*args, _name=name, _real=getattr(model, name)):
+            calls.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(model, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("kwargs,name,allowed", [
+    (dict(do_sample=True, temperature=math.inf), "temperature", "a finite number > 0 when sampling"),
+    (dict(do_sample=True, temperature=-math.inf), "temperature", "a finite number > 0 when sampling"),
+    (dict(do_sample=True, temperature=math.nan), "temperature", "a finite number > 0 when sampling"),
+    (dict(do_sample=True, temperature=0.0), "temperature", "a finite number > 0 when sampling"),
+    (dict(top_p=1.5), "top_p", "in (0, 1]"), (dict(top_p=0), "top_p", "in (0, 1]"),
+    (dict(top_p=-0.1), "top_p", "in (0, 1]"), (dict(top_p=math.nan), "top_p", "in (0, 1]"),
+    (dict(do_sample=True, top_p=1.0000001), "top_p", "in (0, 1]"),
+    (dict(top_k=-3), "top_k", ">= 0"), (dict(repetition_penalty=0), "repetition_penalty", "> 0"),
+    (dict(repetition_penalty=math.nan), "repetition_penalty", "> 0"),
+    (dict(max_new_tokens=0), "max_new_tokens", ">= 1"), (dict(num_return_sequences=0), "num_return_sequences", ">= 1"),
+])
+def test_out_of_range_values_name_the_parameter_and_the_range(model, kwargs, name, allowed, no_work):
+    with pytest.raises(ValueError) as e:
+        model.generate("Beautiful is", **kwargs)
+    msg = str(e.value)
+    value = next(v for k, v in kwargs.items() if k == name)
+    assert msg.startswith(name) and allowed in msg and f"got {value}" in msg, msg
+    assert no_work == [], f"work was done before the ValueError: {no_work}"
+
+
+STREAM_BAD = [  # (prompt, kwargs, message)
+    ("Hi", dict(do_sample=True, temperature=0), "temperature must be"),
+    ("Hi", dict(do_sample=True, temperature=math.nan), "temperature must be"),
+    ("Hi", dict(top_p=1.5), r"top_p must be in \(0, 1\]"), ("Hi", dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    ("Hi", dict(do_sample=True, num_return_sequences=2), "num_return_sequences must be 1"),
+    ("Hi", dict(max_new_tokens=0), "max_new_tokens must be >= 1"), ("Hi", dict(stop=""), "stop must be"),
+    ("", {}, "prompt 0 is empty"), ([], {}, "not empty"), (["a", "b"], {}, "one prompt, got a batch of 2"),
+    ([1] * 64, dict(max_new_tokens=1), "past the context length 64"), ([1, 5000], {}, "token id 5000"),
+]
+
+
+@pytest.mark.parametrize("prompt,kwargs,message", STREAM_BAD)
+def test_stream_raises_when_called_not_when_iterated(model, prompt, kwargs, message, no_work):
+    """m.stream(...) itself raises (it is not a generator function whose body runs at the first next())."""
+    with pytest.raises(ValueError, match=message):
+        model.stream(prompt, **kwargs)
+    assert no_work == [], f"work was done before the ValueError: {no_work}"
+
+
+def test_stream_does_not_leave_inference_mode_on(model):
+    """Between pieces (and after the caller drops the stream half-way) the caller's code runs with autograd."""
+    it = model.stream("Beautiful is", max_new_tokens=8, eos_token_id=[])
+    assert next(it)
+    assert not torch.is_inference_mode_enabled()
+    x = torch.ones(3, requires_grad=True)
+    (2 * x).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+    del it
+    assert not torch.is_inference_mode_enabled()
 
 
 @pytest.mark.parametrize("prompts,message", [
     ("", "prompt 0 is empty"), ([], "not empty"), ([[1, 2], []], "prompt 1 is empty"),
     ([1, 1000], "token id 1000 is outside the vocabulary"), ([[3], [-1]], "token id -1"), (3.5, "prompts must be"),
 ])
-def test_invalid_prompts(model, prompts, message):
+def test_invalid_prompts(model, prompts, message, no_work):
     with pytest.raises(ValueError, match=message):
         model.generate(prompts, max_new_tokens=2)
+    assert no_work == [], f"work was done before the ValueError: {no_work}"
 
 
 def test_prompt_plus_new_tokens_may_equal_context(model):
@@ -198,3 +379,82 @@ def test_unwritten_cache_slots_never_leak(model, monkeypatch):
     monkeypatch.setattr(model, "new_cache", nan_cache)
     out = model.generate(PROMPTS, max_new_tokens=6, num_return_sequences=2, do_sample=True, seed=1)
     assert len(out) == 8
+
+
+def test_default_eos_comes_from_the_model_config(model, hf_odd, tmp_path):
+    """Without eos_token_id, generation stops at the config's eos_token_id, as HF generate does with the
+    checkpoint's generation_config: a copy of the checkpoint whose eos is a token its greedy continuation makes."""
+    from transformers import GPT2LMHeadModel
+    ids = model.tokenizer.encode(PROMPTS[0])
+    hf = hf_odd[1]
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        cont = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):]
+    eos = cont.tolist()[4]
+    src = tmp_path / "hf"
+    shutil.copytree(hf_odd[0], src)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((src / name).read_text())
+        cfg["eos_token_id"] = eos
+        (src / name).write_text(json.dumps(cfg))
+    ref = GPT2LMHeadModel.from_pretrained(src).eval()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):]
+    want = want.tolist()
+    assert want[-1] == eos and len(want) <= 5, want  # HF stopped at the configured eos
+    m = aigc_rt.load(aigc_rt.convert(src, tmp_path / "eos.safetensors"), backend=model.backend.name)
+    assert m.config.eos_token_id == eos
+    got = m.generate(ids, max_new_tokens=12)[0]
+    assert got.token_ids == want and got.finish_reason == "eos", (got, want)
+    assert "".join(m.stream(ids, max_new_tokens=12)) == got.text
+    full = m.generate(ids, max_new_tokens=12, eos_token_id=[])[0]  # an explicit eos_token_id overrides it
+    assert full.token_ids == cont.tolist() and full.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, seed=7, num_return_sequences=2)])
+def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
+    """max_length gives each prompt of a ragged batch its own budget, so rows finish at different steps: after
+    each finish the cache is compacted to the rows still running and every later decode step runs on just
+    those, and every output is still what its prompt gives alone."""
+    lens = [len(model.tokenizer.encode(p)) for p in PROMPTS]
+    L = max(lens) + 5
+    n = kwargs.get("num_return_sequences", 1)
+    limits = [L - k for k in lens for _ in range(n)]  # new tokens per row, prompt-major
+    assert len(set(limits)) >= 3, limits
+    alone = [model.generate(p, max_length=L, eos_token_id=[], **kwargs) for p in PROMPTS]
+
+    decoded, kept = [], []  # rows in each decode step; slots kept at each compaction
+    decode, new_cache = model.decode, model.new_cache
+
+    def spy_decode(tokens, positions, cache, max_len):
+        assert tokens.shape[0] == positions.shape[0] == cache.k.shape[1], (tokens.shape, cache.k.shape)
+        decoded.append(tokens.shape[0])
+        return decode(tokens, positions, cache, max_len)
+
+    def spy_new_cache(*args):
+        cache = new_cache(*args)
+        keep = cache.keep
+
+        def spy_keep(rows):
+            kept.append(rows.tolist())
+            keep(rows)
+        cache.keep = spy_keep
+        return cache
+
+    monkeypatch.setattr(model, "decode", spy_decode)
+    monkeypatch.setattr(model, "new_cache", spy_new_cache)
+    outs = model.generate(PROMPTS, max_length=L, eos_token_id=[], **kwargs)
+
+    # expected from the limits alone: after step s (0-based) a row with limit l is still running iff l > s + 1
+    want_decoded, want_kept, active = [], [], list(range(len(limits)))
+    for s in range(max(limits) - 1):
+        running = [r for r in active if limits[r] > s + 1]
+        if len(running) < len(active):
+            want_kept.append([active.index(r) for r in running])
+        want_decoded.append(len(running))
+        active = running
+    assert decoded == want_decoded, (decoded, want_decoded)
+    assert kept == want_kept, (kept, want_kept)
+    assert want_decoded[0] == len(limits) > want_decoded[-1] and len(kept) >= 2  # it did shrink, twice or more
+    assert [o.token_ids for o in outs] == [o.token_ids for a in alone for o in a]
+    assert [len(o.token_ids) for o in outs] == limits

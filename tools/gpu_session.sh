@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # What a session lent a GPU runs (issue 6, 7): build with the box's own python and torch, the GPU tests, then
-# the GPU benchmarks. One step per call, each well under the device tool's 10-minute limit:
+# the GPU benchmarks. A session has about 15 minutes of device time in all (machine start included) and 10
+# minutes per call, so the first call should be `all` (about 8 minutes, each step under its own timeout):
 #
+#   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 1.5B b1; bf16)
 #   bash tools/gpu_session.sh build      # pip install -e . (no deps, no isolation) + sm_90 compile check
 #   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU
 #   bash tools/gpu_session.sh decode     # GPT-2 decode: HF eager / HF static cache + compile / ours
+#                                        #   (SIZES, BATCHES, DTYPES narrow it; the full table is ~4 sizes x 2
+#                                        #   dtypes x 2 batches x 4 systems: several calls' worth)
 #   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA) and DCGAN benchmarks
 #
 # Logs and result files go to $OUT (the device tool brings that folder back) and bench/results/.
@@ -26,15 +30,23 @@ case "${1:-}" in
       tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt"
     ;;
   decode)
-    $PY bench/gpu_decode.py --sizes "${SIZES:-124M,355M,774M,1.5B}" --batches "${BATCHES:-1,8}" 2>&1 | tee "$OUT/gpu_decode.txt"
+    $PY bench/gpu_decode.py --sizes "${SIZES:-124M,355M,774M,1.5B}" --batches "${BATCHES:-1,8}" \
+      --dtypes "${DTYPES:-fp32,bf16}" 2>&1 | tee "$OUT/gpu_decode.txt"
     cp bench/results/gpu_decode-* "$OUT/" 2>/dev/null || true
     ;;
-  kernels)
-    $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable 2>&1 | tee "$OUT/gpu_kernels.txt"
+  kernels)  # the decode table is the `decode` step's, not repeated here
+    $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable -k "not gpt2_decode_table" 2>&1 \
+      | tee "$OUT/gpu_kernels.txt"
     cp bench/results/*.md "$OUT/" 2>/dev/null || true
     ;;
+  all)
+    timeout 180 bash "$0" build
+    timeout 150 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
+    SIZES=124M BATCHES=1,8 DTYPES=bf16 timeout 120 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
+    SIZES=1.5B BATCHES=1 DTYPES=bf16 timeout 90 bash "$0" decode || echo "gpu_session: decode 1.5B failed" >&2
+    ;;
   *)
-    echo "usage: bash tools/gpu_session.sh build|test|decode|kernels" >&2
+    echo "usage: bash tools/gpu_session.sh all|build|test|decode|kernels" >&2
     exit 2
     ;;
 esac

@@ -3,7 +3,9 @@
 Owns every checkpoint quirk: Conv1D weights stored [in, out] (transposed here to [out, in]), an optional
 `transformer.` prefix, the `attn.bias` / `attn.masked_bias` buffers (dropped), the tied `lm_head`
 (dropped; the runtime reuses wte), weights in model.safetensors (optionally sharded) or pytorch_model.bin,
-and the tokenizer from tokenizer.json or vocab.json + merges.txt.
+and the tokenizer from tokenizer.json or vocab.json + merges.txt (checked as load() will check it). config.json
+options the runtime does not implement (another MLP width or activation, other attention scalings,
+cross-attention, an untied head) are rejected by name before any weights are read.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import os
 import torch
 
 from ..config import GPT2Config
-from ..errors import FormatError
+from ..errors import FormatError, is_foreign_error
 from ..format import SCALE_SUFFIX, check_tensors, quantize_int8
 from ..models.gpt2 import expected_tensors
+from ..tokenizer import checked_tokenizer
 
 # HF name (after the optional prefix) -> ours; Conv1D weights get transposed
 _BLOCK_RENAMES = {"ln_1": "ln_1", "ln_2": "ln_2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
@@ -35,14 +38,7 @@ def read_config(src: str) -> GPT2Config:
         raise FormatError(f"{src}: cannot read config.json ({e})") from None
     if hf.get("model_type") != "gpt2":
         raise FormatError(f"{src}: not a GPT-2 checkpoint (config.json model_type={hf.get('model_type')!r})")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise FormatError(f"{src}: activation_function {hf['activation_function']!r} is not supported "
-                          f"(GPT-2 uses gelu_new)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hf.get(flag):
-            raise FormatError(f"{src}: config option {flag}=true is not supported")
-    if hf.get("scale_attn_weights", True) is not True:
-        raise FormatError(f"{src}: scale_attn_weights=false is not supported")
+    _check_options(hf, src)
     eos = hf.get("eos_token_id")
     values = {k: hf.get(k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")}
     if hf.get("layer_norm_epsilon") is not None:
@@ -53,6 +49,26 @@ def read_config(src: str) -> GPT2Config:
         return GPT2Config.from_dict(values)
     except FormatError as e:
         raise FormatError(f"{src}/config.json: {e}") from None
+
+
+def _check_options(hf: dict, src: str) -> None:
+    """Reject the HF GPT2Config options that change what the model computes to a value the runtime does not
+    implement (it has a 4*n_embd GELU-tanh MLP, 1/sqrt(head_dim) attention scaling, no cross-attention and an
+    lm_head tied to wte); dropout and training-only options do not matter at inference."""
+    n_embd = hf.get("n_embd")
+    supported = {  # option -> the values the runtime implements (an absent option takes HF's default)
+        "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both GELU's tanh approximation
+        "n_inner": (None, 4 * n_embd) if isinstance(n_embd, int) else (None,),  # None: 4 * n_embd
+        "scale_attn_weights": (True,),
+        "scale_attn_by_inverse_layer_idx": (False,),
+        "reorder_and_upcast_attn": (False,),
+        "add_cross_attention": (False,),
+        "tie_word_embeddings": (True,),
+    }
+    for option, allowed in supported.items():
+        if option in hf and not any(hf[option] == a and type(hf[option]) is type(a) for a in allowed):
+            raise FormatError(f"{src}/config.json: {option}={json.dumps(hf[option])} is not supported (aigc_rt "
+                              f"implements {' or '.join(json.dumps(a) for a in allowed)})")
 
 
 def read_state_dict(src: str) -> dict[str, torch.Tensor]:
@@ -77,26 +93,49 @@ def read_state_dict(src: str) -> dict[str, torch.Tensor]:
     raise FormatError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
 
 
-def read_tokenizer(src: str) -> str:
+def read_tokenizer(src: str, config: GPT2Config) -> str:
+    """The tokenizer JSON to embed, checked as load() will check it (a valid byte-level BPE `tokenizers` JSON
+    with no more tokens than the model has embedding rows); FormatError naming the file(s) if not."""
     tj, vocab, merges = (os.path.join(src, n) for n in ("tokenizer.json", "vocab.json", "merges.txt"))
     if os.path.isfile(tj):
-        with open(tj, encoding="utf-8") as f:
-            return f.read()
-    if os.path.isfile(vocab) and os.path.isfile(merges):
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-        tok = Tokenizer(models.BPE.from_file(vocab, merges))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
+        where = tj
+        try:
+            with open(tj, encoding="utf-8") as f:
+                tokenizer_json = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FormatError(f"{tj}: cannot read the tokenizer ({e})") from None
+    elif os.path.isfile(vocab) and os.path.isfile(merges):
+        where = f"{vocab} + {merges}"
+        tokenizer_json = _bpe_tokenizer_json(vocab, merges, where)
+    else:
+        raise FormatError(f"{src}: no tokenizer (need tokenizer.json, or vocab.json and merges.txt)")
+    checked_tokenizer(tokenizer_json, config.vocab_size, where)
+    return tokenizer_json
+
+
+def _bpe_tokenizer_json(vocab: str, merges: str, where: str) -> str:
+    """GPT-2's byte-level BPE tokenizer from vocab.json + merges.txt, as `tokenizers` JSON."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    try:
+        tok = HFTokenizer(models.BPE.from_file(vocab, merges))
         with open(vocab, encoding="utf-8") as f:
-            if "<|endoftext|>" in json.load(f):
-                tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
-        return tok.to_str()
-    raise FormatError(f"{src}: no tokenizer (need tokenizer.json, or vocab.json and merges.txt)")
+            has_eot = "<|endoftext|>" in json.load(f)
+    except BaseException as e:  # `tokenizers` raises plain Exceptions (or Rust panics) for bad files
+        if not is_foreign_error(e):
+            raise
+        raise FormatError(f"{where}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    if has_eot:
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    return tok.to_str()
 
 
 def convert_gpt2(src: str, dtype: str) -> tuple[dict, dict[str, torch.Tensor], str]:
     """-> (config dict, tensors in the file layout, tokenizer JSON)"""
     config = read_config(src)
+    tokenizer_json = read_tokenizer(src, config)
     sd = read_state_dict(src)
     prefix = "transformer." if any(k.startswith("transformer.") for k in sd) else ""
     out: dict[str, torch.Tensor] = {}
@@ -118,7 +157,7 @@ def convert_gpt2(src: str, dtype: str) -> tuple[dict, dict[str, torch.Tensor], s
         out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
     out = {k: v.to(spec[k][1]).contiguous() if k in spec else v for k, v in out.items()}
     check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=src)
-    return config.to_dict(), out, read_tokenizer(src)
+    return config.to_dict(), out, tokenizer_json
 
 
 def _rename(name: str, src: str) -> str:

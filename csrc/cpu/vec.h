@@ -99,7 +99,7 @@ struct Vec {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
-  static Vec load(const Bf16* p, int n) { return load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
+  static Vec load(const Bf16* p, int n) { return n == W ? load(p) : load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm512_mask_storeu_ps(p, first(n), v); }
   // lane i = p[i * stride] (for lanes < n), 0 beyond; (W - 1) * stride must fit an int32
@@ -191,7 +191,7 @@ struct Vec {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
   }
-  static Vec load(const Bf16* p, int n) { return load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
+  static Vec load(const Bf16* p, int n) { return n == W ? load(p) : load(padded<W>(p, n).data()); }  // lanes >= n: 0, unread
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, int n) const { _mm256_maskstore_ps(p, _mm256_castps_si256(first(n)), v); }
   static Vec gather(const float* p, int32_t stride, int n = W) {
