@@ -5,7 +5,7 @@ tokens, no eos) in one process, one after the other:
 
   hf-eager        Hugging Face transformers GPT2LMHeadModel.generate, eager, in the weights' dtype
   torch-compile   a hand-written PyTorch GPT-2 over a static KV cache (fixed shapes, masked SDPA), its decode
-                  step under torch.compile with inductor's freezing pass (weights prepacked), fp32/bf16
+                  step under torch.compile (max-autotune, inductor freezing: weights prepacked), fp32/bf16
   torch-onednn    a hand-written PyTorch GPT-2 (static KV cache, SDPA) whose linears are prepacked for
                   oneDNN (torch.ops.mkldnn._linear_pointwise, what torch.compile's freezing pass emits), fp32/bf16
   torch-mkl       the same with MKL-packed fp32 linears (torch.ops.mkl._mkl_linear)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import json
 import math
 import os
@@ -247,19 +248,19 @@ class _StaticGPT2(torch.nn.Module):
               for n in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
               for p in ("weight", "bias")))])
 
-    def forward(self, ids, pos, k_cache, v_cache):  # ids (B, T), pos (T,) -> last position's logits (B, V)
+    def forward(self, ids, pos, k_cache, v_cache):  # ids (B, T), pos (T,), caches [(B, H, S, D)] per layer -> (B, V)
         B, T = ids.shape
         H, C, D = self.H, self.C, self.C // self.H
         wte, wpe, lnf_w, lnf_b = self.w[:4]
         x = (wte[ids] + wpe[pos]).view(B * T, C)
-        mask = torch.arange(k_cache.shape[3], device=ids.device) <= pos[:, None]  # (T, S): causal, static cache
+        mask = torch.arange(k_cache[0].shape[2], device=ids.device) <= pos[:, None]  # (T, S): causal, static cache
         for i in range(self.n_layer):
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mp_w, mp_b = \
                 self.w[4 + 12 * i: 16 + 12 * i]
             qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w, qkv_b)
             q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each
-            k_cache[i, :, :, pos] = k  # index_put_: inductor writes it in place
-            v_cache[i, :, :, pos] = v
+            k_cache[i].index_copy_(2, pos, k)  # one tensor per layer: inductor writes it in place
+            v_cache[i].index_copy_(2, pos, v)
             a = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=mask)
             x = x + F.linear(a.transpose(1, 2).reshape(B * T, C), proj_w, proj_b)
             h = F.gelu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b), approximate="tanh")
@@ -268,8 +269,10 @@ class _StaticGPT2(torch.nn.Module):
 
 
 class TorchCompiled:
-    """_StaticGPT2 under torch.compile with inductor's freezing (weights prepacked, constants folded): the
-    best torch.compile recipe for CPU inference. The decode step is compiled once per batch size at the
+    """_StaticGPT2 under torch.compile with inductor's freezing (weights prepacked, constants folded) and
+    max-autotune (GEMM templates timed against MKL/oneDNN per shape): the best torch.compile recipe we found for
+    CPU decoding (default mode ran ~40% slower at batch 1 here; a single 5-D cache tensor instead of one per
+    layer made inductor copy the whole cache at every step). The decode step is compiled once per batch size at the
     first generate() (the benchmark's warm-up run); the prompt runs eagerly (TTFT is eager PyTorch's). The
     cache holds a multiple of 256 positions, so the warm-up and the timed runs share one compiled graph."""
 
@@ -279,12 +282,13 @@ class TorchCompiled:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
         self.model = _StaticGPT2(sd, hf.config, self.dtype).eval()
-        self.step = torch.compile(self.model, dynamic=False)
+        self.step = torch.compile(self.model, dynamic=False, mode="max-autotune-no-cudagraphs")
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
         m, (B, T) = self.model, ids.shape
         S = -(-(T + new_tokens) // 256) * 256
-        k_cache, v_cache = (torch.zeros(m.n_layer, B, m.H, S, m.C // m.H, dtype=self.dtype) for _ in range(2))
+        k_cache, v_cache = ([torch.zeros(B, m.H, S, m.C // m.H, dtype=self.dtype) for _ in range(m.n_layer)]
+                            for _ in range(2))
         out = []
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -364,22 +368,31 @@ def prompts(batch: int, prompt_len: int, vocab: int = GPT2_VOCAB) -> torch.Tenso
 
 
 # -- the run -----------------------------------------------------------------------------------------------
-def best_of(system, ids: torch.Tensor, new_tokens: int, repeats: int, probe=None) -> tuple[Timing, float | None]:
-    """The fastest time to first token and decode time of `repeats` runs (after a short warm-up run), and, with
-    a BandwidthProbe, the best read bandwidth probed before and after each run (None without one)."""
-    system.generate(ids, 4)
-    runs, bandwidths = [], [probe(3)] if probe else []
+def round_robin(systems: dict, ids: torch.Tensor, new_tokens: int, repeats: int, probe) -> dict:
+    """Time every system on the same prompts: a short warm-up run each (torch-compile compiles then), then
+    `repeats` rounds that run each system once in turn, so a shift in the bandwidth the machine's neighbours
+    leave (these machines are shared) hits every system alike. The read bandwidth is probed between runs.
+    -> {name: (Timing with the median TTFT and decode time, median of the probes just before and after that
+    system's runs)}."""
+    for system in systems.values():
+        system.generate(ids, 4)
+    runs = {name: [] for name in systems}
+    probes = {name: [] for name in systems}
+    last = probe(3)
     for _ in range(repeats):
-        runs.append(system.generate(ids, new_tokens))
-        bandwidths += [probe(3)] if probe else []
-    timing = Timing(min(t.ttft_s for t in runs), min(t.decode_s for t in runs), runs[0].tokens)
-    return timing, max(bandwidths, default=None)
+        for name, system in systems.items():
+            runs[name].append(system.generate(ids, new_tokens))
+            probes[name] += [last, (last := probe(3))]
+    return {name: (Timing(statistics.median(t.ttft_s for t in ts), statistics.median(t.decode_s for t in ts),
+                          ts[0].tokens), statistics.median(probes[name]))
+            for name, ts in runs.items()}
 
 
 def run(sizes=("124M",), batches=(1, 8), systems=SYSTEMS, backend: str = "cpu", new_tokens: int = 128,
-        prompt_len: int = 32, repeats: int = 2, log=print) -> tuple[list[Result], float]:
-    """Benchmark every system on every (size, batch), best of `repeats` runs; returns (results, read
-    bandwidth GB/s at the start). Each row's % of roofline is against the bandwidth probed around its runs."""
+        prompt_len: int = 32, repeats: int = 3, log=print) -> tuple[list[Result], float]:
+    """Benchmark every system on every (size, batch): the systems of one dtype round-robin, median of `repeats`
+    runs; returns (results, read bandwidth GB/s at the start). Each row's % of roofline is against the bandwidth
+    probed around its runs. Ratios are to hf-eager:fp32, which runs with the first dtype group."""
     probe = BandwidthProbe()
     bandwidth = probe()
     log(f"read bandwidth {bandwidth:.1f} GB/s ({torch.get_num_threads()} threads)")
@@ -389,24 +402,29 @@ def run(sizes=("124M",), batches=(1, 8), systems=SYSTEMS, backend: str = "cpu", 
             hf, files, config = prepare(size, tmp, [s.split(":")[1] for s in systems if s.startswith("aigc-rt:")])
             for batch in batches:
                 ids = prompts(batch, prompt_len)
-                reference = None
-                for spec in systems:
-                    name, dtype = spec.split(":")
-                    system = make_system(spec, hf, files, backend, batch)
-                    t, row_bandwidth = best_of(system, ids, new_tokens, repeats, probe)
-                    if spec == "hf-eager:fp32":
-                        reference = t
-                    results.append(result(size, batch, name, dtype, t, streamed_bytes(config, dtype),
-                                          row_bandwidth, reference, new_tokens))
-                    if name == "aigc-rt":
-                        results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
-                    log(_row(results[-1]))
-                    del system
+                timed, reference = {}, None
+                # one dtype at a time (memory: 355M holds ~11 GB of weights per dtype group), round-robin within it
+                for dtype in dict.fromkeys(spec.split(":")[1] for spec in systems):
+                    runners = {spec: make_system(spec, hf, files, backend, batch) for spec in systems
+                               if spec.split(":")[1] == dtype}
+                    group = round_robin(runners, ids, new_tokens, repeats, probe)
+                    timed.update(group)
+                    reference = timed["hf-eager:fp32"][0] if "hf-eager:fp32" in timed else None
+                    for spec, (t, row_bandwidth) in group.items():
+                        name = spec.split(":")[0]
+                        results.append(result(size, batch, name, dtype, t, streamed_bytes(config, dtype),
+                                              row_bandwidth, reference, new_tokens))
+                        if name == "aigc-rt":
+                            results[-1].attn_sample_pct = runners[spec].op_shares(ids, new_tokens)
+                        log(_row(results[-1]))
+                    del runners, group
+                    torch._dynamo.reset()  # compiled graphs hold their frozen weights: free them
+                    gc.collect()
     return results, bandwidth
 
 
 def run_file(path: str, backend: str = "cpu", batches=(1, 8), new_tokens: int = 128, prompt_len: int = 32,
-             repeats: int = 2, log=print) -> tuple[list[Result], float]:
+             repeats: int = 3, log=print) -> tuple[list[Result], float]:
     """Benchmark one runtime file on aigc-rt alone (no reference to compare with)."""
     from .api import resolve_path
     probe = BandwidthProbe()
@@ -417,7 +435,7 @@ def run_file(path: str, backend: str = "cpu", batches=(1, 8), new_tokens: int = 
     prompt_len = min(prompt_len, m.config.n_positions - new_tokens)
     for batch in batches:
         ids = prompts(batch, prompt_len, m.config.vocab_size)
-        t, row_bandwidth = best_of(system, ids, new_tokens, repeats, probe)
+        t, row_bandwidth = round_robin({"aigc-rt": system}, ids, new_tokens, repeats, probe)["aigc-rt"]
         results.append(result(os.path.basename(path), batch, f"aigc-rt/{backend}", m.dtype, t,
                               streamed_bytes(m.config, m.dtype), row_bandwidth, None, new_tokens))
         results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
@@ -467,5 +485,5 @@ def save(results: list[Result], bandwidth: float, out_dir: str, note: str = "") 
         f.write(f"# GPT-2 decode, {cpu}, {day}\n\n{torch.get_num_threads()} threads, torch {torch.__version__}, "
                 f"read bandwidth {bandwidth:.1f} GB/s at the start (best of torch sum/dot and our int8 GEMV over 1 GiB); "
                 f"each row's % roofline is against the read bandwidth probed before and after its runs (read GB/s, "
-                f"the best of those probes). {note}\n\n{table(results)}\n")
+                f"the median of those probes); the systems of one dtype run round-robin, median of the runs. {note}\n\n{table(results)}\n")
     return stem + ".md", stem + ".json"

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--systems", default=None, help="comma-separated system:dtype list (default: all)")
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=2, help="timed runs per system; the fastest is reported")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
     b.add_argument("--out", default="bench/results", help="folder for the markdown + JSON results ('' to skip)")
     b.set_defaults(func=cmd_bench)
 
@@ -250,7 +250,7 @@ def cmd_bench(a):
         results, bandwidth = bench.run(sizes, batches, systems, a.backend, a.new_tokens, a.prompt_len, a.repeats)
     print(bench.table(results))
     if a.out:
-        note = (f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, best of {a.repeats} runs "
+        note = (f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, median of {a.repeats} runs "
                 f"(after a warm-up).")
         for path in bench.save(results, bandwidth, a.out, note):
             print(f"wrote {path}")
