@@ -146,7 +146,7 @@ def test_write_kv_bad_arguments():
         (dict(positions=torch.tensor([0, 1], dtype=torch.int32)), "positions must be a contiguous CPU int64"),
         (dict(k=torch.randn(2, 3, 7)), r"k, v must be \(2, 3, 8\)"),
         (dict(v=k.double()), "k, v must be float32"),
-        (dict(k_cache=kc.half(), v_cache=vc.half()), "caches must be float32 or bfloat16"),
+        (dict(k_cache=kc.half(), v_cache=vc.half()), "write_kv: k_cache must be float32 or bfloat16"),
         (dict(k_cache=kc.bfloat16()), "differ"),
     ]
     for change, message in bad:

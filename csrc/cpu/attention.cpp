@@ -91,16 +91,6 @@ static void check_float(const torch::Tensor& t, const char* name, int64_t dim) {
              t.strides());
 }
 
-// A KV cache: (B, H, S, D) fp32 or bf16 on the CPU, contiguous in its last dim.
-static void check_cache(const torch::Tensor& t, const char* name) {
-  AIGC_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  AIGC_CHECK(t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16, name,
-             " must be float32 or bfloat16, got ", t.scalar_type());
-  AIGC_CHECK(t.dim() == 4, name, " must have 4 dims, got shape ", t.sizes());
-  AIGC_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must be contiguous in its last dim, got strides ",
-             t.strides());
-}
-
 // Whether the memory spans of two tensors intersect (conservative for strided views).
 static bool overlap(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
@@ -135,8 +125,8 @@ torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k_ca
                                const torch::Tensor& lengths, int64_t max_len, const std::optional<torch::Tensor>& out,
                                int64_t splits) {
   check_float(q, "q", 3);
-  check_cache(k_cache, "k_cache");
-  check_cache(v_cache, "v_cache");
+  check_kv_cache(k_cache, "k_cache");
+  check_kv_cache(v_cache, "v_cache");
   AIGC_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "attention_decode: k_cache is ", k_cache.scalar_type(),
              " but v_cache is ", v_cache.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = k_cache.size(2);

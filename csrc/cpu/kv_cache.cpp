@@ -23,13 +23,8 @@ static void write_rows(torch::Tensor& cache, const int64_t* pos, const torch::Te
 
 void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& positions, const torch::Tensor& k,
               const torch::Tensor& v) {
-  for (const torch::Tensor* c : {&k_cache, &v_cache}) {
-    AIGC_CHECK(c->device().is_cpu() && c->dim() == 4, "write_kv: caches must be (B, H, S, D) CPU tensors, got ",
-               c->sizes());
-    AIGC_CHECK(c->scalar_type() == torch::kFloat32 || c->scalar_type() == torch::kBFloat16,
-               "write_kv: caches must be float32 or bfloat16, got ", c->scalar_type());
-    AIGC_CHECK(c->size(3) <= 1 || c->stride(3) == 1, "write_kv: caches must be contiguous in their last dim");
-  }
+  check_kv_cache(k_cache, "write_kv: k_cache");
+  check_kv_cache(v_cache, "write_kv: v_cache");
   AIGC_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
              "write_kv: k_cache ", k_cache.sizes(), " ", k_cache.scalar_type(), " and v_cache ", v_cache.sizes(),
              " ", v_cache.scalar_type(), " differ");
