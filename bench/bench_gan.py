@@ -1,7 +1,7 @@
 """DCGAN generators, images/s and GFLOP/s in one run: torch eager, torch.compile (default, and with inductor's
-freezing pass) and aigc_rt's cpu backend on the CPU; on a GPU (when there is one) Triton vs cuDNN (torch eager) and torch.compile. The 32x32 seed generator
-(0.036 GFLOP/image) and the 64x64 tutorial generator (0.209), batch 1 and 64, random weights with non-trivial
-BatchNorm statistics (the runtime folds them; torch runs the eval-mode module).
+freezing pass) and aigc_rt's cpu backend on the CPU; on a GPU (when there is one) Triton vs cuDNN (torch eager)
+and torch.compile. The 32x32 seed generator (0.036 GFLOP/image) and the 64x64 tutorial generator (0.209), batch
+1 and 64, random weights with non-trivial BatchNorm statistics (the runtime folds them; torch runs the eval-mode module).
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_gan.py --benchmark-enable
 

@@ -4,8 +4,8 @@
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench --benchmark-enable [-k "124M and b1"]
 
 Sizes come from AIGC_RT_BENCH_SIZES (default 124M; e.g. "124M,355M"). Each benchmark is one timed greedy
-generation (after a warm-up); extra_info holds tokens/s, ms/step, TTFT, GB/s and % of the read roofline (the read bandwidth
-probed before and after the run).
+generation (after a warm-up); extra_info holds tokens/s, ms/step, TTFT, GB/s and % of the read roofline (the
+read bandwidth probed before and after the run).
 """
 import os
 

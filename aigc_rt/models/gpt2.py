@@ -83,7 +83,8 @@ class Workspace:
 
 class KVCache:
     """Preallocated keys and values, (n_layer, B, H, S, D) each, fp32 or bf16 (GPT2.kv_dtype). Sequence b's
-    position p lives at [:, b, :, p]. Beside them, the decode step's Workspace, for B rows (and views of it for fewer, as sequences finish)."""
+    position p lives at [:, b, :, p]. Beside them, the decode step's Workspace, for B rows (and views of it for
+    fewer, as sequences finish)."""
 
     def __init__(self, c: GPT2Config, batch: int, max_len: int, device, dtype=torch.float32):
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
