@@ -5,6 +5,7 @@ Tests: tests/test_triton_kernels.py (every launcher's bad-input checks go throug
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +20,22 @@ def _probe_kernel():
 # True when @triton.jit built interpreter functions (TRITON_INTERPRET=1 when the kernels were imported):
 # kernels then run on CPU tensors, one program at a time, in NumPy.
 INTERPRETER = isinstance(_probe_kernel, InterpretedFunction)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why this triton's interpreter cannot run with this numpy, or None. Before 3.7 the interpreter turns a
+    scalar kernel argument into an int with int(1-element array), which numpy 2.4 refuses: every kernel with a
+    `range(..., K, ...)` loop would fail deep inside the interpreter."""
+    def major_minor(text: str) -> tuple[int, int]:
+        return tuple(int(part) for part in text.split(".")[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"triton {triton_version}'s interpreter (TRITON_INTERPRET=1) does not work with numpy "
+                f"{numpy_version}: install triton>=3.7 or numpy<2.4")
+    return None
+
+
+if INTERPRETER and (problem := interpreter_problem(triton.__version__, np.__version__)):
+    raise ImportError(problem)
 
 
 def device_fn(fn):

@@ -354,3 +354,13 @@ def test_kernels_compile_for_gpu():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("-> sm_90") >= 16, r.stdout
+
+
+def test_interpreter_version_guard():
+    """triton < 3.7's interpreter cannot run with numpy >= 2.4; the import names the pair instead of every
+    kernel failing inside the interpreter."""
+    from aigc_rt.kernels.utils import interpreter_problem
+    assert "install triton>=3.7 or numpy<2.4" in interpreter_problem("3.6.0", "2.4.6")
+    assert interpreter_problem("3.6.0", "2.2.6") is None
+    assert interpreter_problem("3.7.0", "2.4.0") is None
+    assert interpreter_problem("3.10.1", "2.5.0") is None
