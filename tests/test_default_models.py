@@ -61,12 +61,14 @@ def test_frozen_digit_classifier_is_the_fit_on_the_real_digits():
 
 def test_default_generator_makes_recognisable_varied_digits():
     """The frozen logistic-regression classifier fitted on the real digits must give one class probability
-    >= 0.8 to at least 80% of 64 generated images (seed 0, cpu backend), and those must cover at least 6 of the
-    10 digits (no mode collapse). Measured at training time: see aigc_rt/data/README.md."""
+    >= 0.8 to at least 80% of 1,024 generated images (seed 0, cpu backend), and those must cover at least 6 of the
+    10 digits (no mode collapse). Measured: 82.8% (aigc_rt/data/README.md). 1,024 images rather than 64: with 64
+    the 52nd image, the least that passes, scored 0.8002, so a last-bit change in any kernel could flip it;
+    here some 29 images would have to drop below the bar."""
     clf = train_gan.FrozenClassifier.load(CLASSIFIER)
     g = aigc_rt.load("dcgan-digits")
     assert g.backend.name == "cpu" and g.config.image_size == 32
-    q = train_gan.digit_quality(clf, g.generate(64, seed=0))
+    q = train_gan.digit_quality(clf, g.generate(1024, seed=0))
     print(f"generated: {q['confident']:.3f} confident, {q['classes']} classes {q['counts']}")
     assert q["confident"] >= 0.8, q
     assert q["classes"] >= 6, q
