@@ -311,7 +311,9 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
 
   const LinearIsa isa = pick_isa(t);
   const MicroKernel kernel = kernel_for(isa, t);
-  const bool dot = isa >= LinearIsa::avx512 && t != WeightType::f32;  // activations as 32-bit groups (xg)
+  // activations as 32-bit groups (xg): bf16 pairs for vdpbf16ps / AMX, int8 quads for every SIMD int8 kernel
+  const bool dot = t == WeightType::bf16 ? isa >= LinearIsa::avx512 : t == WeightType::int8 && isa >= LinearIsa::avx2;
+  const bool signed_int8 = t == WeightType::int8 && isa == LinearIsa::avx2;  // sums q * xd: no shift to remove
   const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
   // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N,) shifts
   const int64_t ld = t == WeightType::f32 ? K : dot ? K_pad / G : K_pad;
@@ -356,7 +358,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
       kernel(p, n0, n1, p0, p1);
       if (scale || bias || gelu)
         for (int64_t n = n0; n < n1; ++n)
-          epilogue(p.y + n * O + o0, o1 - o0, scale ? scale + o0 : nullptr, scale ? shift[n] : 0.f,
+          epilogue(p.y + n * O + o0, o1 - o0, scale ? scale + o0 : nullptr, scale && !signed_int8 ? shift[n] : 0.f,
                    bias ? bias + o0 : nullptr, gelu);
     }
   }

@@ -30,11 +30,12 @@ enum class WeightType { f32, bf16, int8 };
 //   fp32 weights:            xf = x
 //   bf16 weights, avx512:    xg = bf16(x) as 32-bit pairs (k, k+1), zero-padded      (vdpbf16ps, AMX)
 //   bf16 weights, else:      xf = float(bf16(x))                                      (the same math in fp32)
-//   int8 weights, avx512:    xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
-//                            (VNNI, AMX)
-//   int8 weights, else:      xf = xq * sx[b]                                          (the same, dequantised)
-// int8 weights are stored as u = q + 128, so every int8 kernel sums u * xd (xd = xq * sx, the dequantised
-// activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale.
+//   int8 weights, avx2+:     xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
+//                            (VNNI, AMX, AVX2's vpmaddubsw)
+//   int8 weights, scalar:    xf = xq * sx[b]                                          (the same, dequantised)
+// int8 weights are stored as u = q + 128, so the int8 kernels sum u * xd (xd = xq * sx, the dequantised
+// activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale; the
+// AVX2 kernel alone sums q * xd (see linear_avx2.cpp) and gets no shift.
 struct PreparedX {
   const float* xf = nullptr;
   const uint32_t* xg = nullptr;

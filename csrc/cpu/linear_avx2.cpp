@@ -1,9 +1,13 @@
-// AVX2 + FMA micro-kernels of the linear layer (see linear.h for the packed layout and the contract):
-//   acc[8 outputs] += w[panel, k, half] * broadcast(xf[k])   in fp32, each panel as two halves of 8 rows,
-// with the weight decoded in registers: fp32 as is; bf16 pairs split into the even and odd k (<< 16 and
-// & 0xffff0000); int8 quads split into their 4 bytes u = q + 128 (the epilogue removes the 128, see linear.h).
-// linear.cpp prepares xf so that the math is the AVX-512 kernels' (bf16-rounded, or int8-quantised and
-// dequantised, activations), zero-padded to the packed K.
+// AVX2 + FMA micro-kernels of the linear layer (see linear.h for the packed layout and the contract), each
+// panel as two halves of 8 rows:
+//   fp32, bf16: acc[8 outputs] += w[panel, k, half] * broadcast(xf[k]) in fp32, with the weight decoded in
+//     registers (bf16 pairs split into the even and odd k: << 16 and & 0xffff0000); linear.cpp prepares xf
+//     so that the math is the AVX-512 kernels' (bf16-rounded activations), zero-padded to the packed K.
+//   int8: per block of 64 inputs, i = sum over quads of q[panel, k/4, half, 0:4] . xq[k:k+4], exact in int32,
+//     then acc += float(i) * sx[b], as the VNNI kernel. Without VNNI the quad products come from vpmaddubsw
+//     (u8 x s8 -> pairs summed in int16) and vpmaddwd; u = q + 128 times xq could overflow the int16 pair sum
+//     (2 * 255 * 127), so the kernel turns u back into q (u ^ 0x80) and multiplies |xq| by q * sign(xq)
+//     (|pair sum| <= 2 * 127 * 127). It sums q * xd, not u * xd: linear.cpp passes it a zero shift.
 // Compiled with a function-level target attribute; linear.cpp calls it only on CPUs with AVX2 and FMA.
 // Tests: tests/test_cpu_linear.py (run with the ISA forced to avx2).
 #include <immintrin.h>
@@ -51,19 +55,6 @@ struct Bf16 {
   }
 };
 
-struct Int8 {
-  static constexpr int G = 4;
-  using T = uint8_t;
-  AVX2_FMA static void weights(const uint8_t* w, __m256 (&out)[4]) {
-    const __m256i quads = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i byte = _mm256_set1_epi32(0xff);
-    out[0] = _mm256_cvtepi32_ps(_mm256_and_si256(quads, byte));
-    out[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(quads, 8), byte));
-    out[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(quads, 16), byte));
-    out[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(quads, 24));
-  }
-};
-
 template <class D>
 struct Tiles {
   static constexpr int kR = 1, kM = 3;
@@ -71,14 +62,18 @@ struct Tiles {
   template <int R, int M>
   AVX2_FMA static void tile(const Problem& p, int64_t n, int64_t panel) {
     constexpr int G = D::G;
+    // accumulators per (panel, half, row): one per k of a group for a single row, where the FMAs of a group
+    // would otherwise wait on each other (bf16: 2 chained FMAs per 32 bytes of weights)
+    constexpr int C = M == 1 ? G : 1;
     const int64_t stride = p.groups * kPanel * G;  // elements per panel
     const auto* w = static_cast<const typename D::T*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     const int64_t groups = (p.K + G - 1) / G;  // packed groups past K hold zeros: skip them
-    __m256 acc[R][2][M];
+    __m256 acc[R][2][M][C];
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < 2; ++h)
-        for (int m = 0; m < M; ++m) acc[r][h][m] = _mm256_setzero_ps();
+        for (int m = 0; m < M; ++m)
+          for (int c = 0; c < C; ++c) acc[r][h][m][c] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       for (int r = 0; r < R; ++r)
         for (int h = 0; h < 2; ++h) {
@@ -86,8 +81,63 @@ struct Tiles {
           D::weights(w + r * stride + (g * kPanel + 8 * h) * G, wv);
           for (int m = 0; m < M; ++m)
             for (int j = 0; j < G; ++j)
-              acc[r][h][m] = _mm256_fmadd_ps(wv[j], _mm256_set1_ps(x[m * p.x.ld + g * G + j]), acc[r][h][m]);
+              acc[r][h][m][j % C] =
+                  _mm256_fmadd_ps(wv[j], _mm256_set1_ps(x[m * p.x.ld + g * G + j]), acc[r][h][m][j % C]);
         }
+    }
+    __m256 sum[R][2][M];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < M; ++m) {
+          sum[r][h][m] = acc[r][h][m][0];
+          for (int c = 1; c < C; ++c) sum[r][h][m] = _mm256_add_ps(sum[r][h][m], acc[r][h][m][c]);
+        }
+    store_tile<R, M>(p, n, panel, sum);
+  }
+};
+
+struct Int8Tiles {
+  static constexpr int kR = 1, kM = 2;  // int32 block sums and fp32 totals: 4 * M of the 16 registers
+  static constexpr int64_t panels(int64_t) { return 1; }
+  template <int R, int M>
+  AVX2_FMA static void tile(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
+    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
+    const uint32_t* x = p.x.xg + n * p.x.ld;
+    const float* sx = p.x.sx + n * p.x.blocks;
+    constexpr int64_t quads = kInt8Block / 4;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    __m256 acc[R][2][M];
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < M; ++m) acc[r][h][m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      __m256i dot[R][2][M];
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h)
+          for (int m = 0; m < M; ++m) dot[r][h][m] = _mm256_setzero_si256();
+      for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
+        __m256i xv[M], xabs[M];
+        for (int m = 0; m < M; ++m) {
+          xv[m] = _mm256_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
+          xabs[m] = _mm256_abs_epi8(xv[m]);
+        }
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i q = _mm256_xor_si256(
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * stride + (g * kPanel + 8 * h) * 4)), flip);
+            for (int m = 0; m < M; ++m) {
+              const __m256i pairs = _mm256_maddubs_epi16(xabs[m], _mm256_sign_epi8(q, xv[m]));  // int16, exact
+              dot[r][h][m] = _mm256_add_epi32(dot[r][h][m], _mm256_madd_epi16(pairs, ones));
+            }
+          }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 scale = _mm256_set1_ps(sx[m * p.x.blocks + b]);
+        for (int r = 0; r < R; ++r)
+          for (int h = 0; h < 2; ++h)
+            acc[r][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h][m]), scale, acc[r][h][m]);
+      }
     }
     store_tile<R, M>(p, n, panel, acc);
   }
@@ -99,7 +149,7 @@ MicroKernel avx2_kernel(WeightType t) {
   switch (t) {
     case WeightType::f32: return &run_tiles<Tiles<F32>>;
     case WeightType::bf16: return &run_tiles<Tiles<Bf16>>;
-    case WeightType::int8: return &run_tiles<Tiles<Int8>>;
+    case WeightType::int8: return &run_tiles<Int8Tiles>;
   }
   return nullptr;
 }

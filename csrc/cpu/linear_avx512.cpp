@@ -47,10 +47,12 @@ AVX512_F32 inline void prefetch(const T* at) {
 
 // One activation row (M = 1) has no second row to interleave, and a single accumulator per panel chains every
 // multiply-add on the previous one: one 64-byte weight vector per instruction latency. So a row tile keeps
-// kChains accumulators per panel over interleaved k-groups and adds them at the end. Measured on the 2-core
-// EPYC (Zen 5), a 124M-sized layer stack at one row, 1 -> 4 chains: from L3, fp32 111 -> 124 GB/s, bf16 75 ->
-// 121 (vdpbf16ps's latency was the bound), int8 108 -> 101; from DRAM (~55 GB/s probed), fp32 36.4 -> 37.2,
-// bf16 44.9 -> 43.9, int8 37.4 -> 39.3 (within the noise of this shared machine but for int8).
+// kChains accumulators per panel over interleaved k-groups and adds them at the end, and leaves the stream to
+// the hardware prefetchers (the multi-row tiles' software prefetch slowed a lone row down). Measured on the
+// 2-core EPYC (Zen 5), a 124M-sized layer stack at one row, 1 -> 4 chains from L3: fp32 111 -> 124 GB/s, bf16
+// 75 -> 121 (vdpbf16ps's latency was the bound), int8 108 -> 101; without vs with the software prefetch from
+// DRAM (~49 GB/s probed): fp32 53.5 vs 51.5, bf16 52.4 vs 49.1, int8 50.9 vs 43.0 (at 8 rows the prefetch
+// still pays for int8: 25.1 vs 21.8 GB/s).
 constexpr int kChains = 4;
 
 template <int R>
@@ -79,10 +81,8 @@ struct F32Tiles {
       for (int c = 0; c < kChains; ++c) {
         const __m512 xv = _mm512_set1_ps(x[k + c]);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          prefetch(w + r * stride + (k + c) * kPanel);
+        for (int r = 0; r < R; ++r)
           acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * stride + (k + c) * kPanel), xv, acc[r][c]);
-        }
       }
     }
     for (; k < p.K; ++k) {
@@ -143,11 +143,8 @@ struct Bf16Tiles {
       for (int c = 0; c < kChains; ++c) {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[g + c]));
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const uint16_t* at = w + r * stride + (g + c) * kPanel * 2;
-          prefetch(at);
-          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(at), xv);
-        }
+        for (int r = 0; r < R; ++r)
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 2), xv);
       }
     }
     store_row<R>(p, n, panel, acc);
@@ -211,11 +208,8 @@ struct Int8Tiles {
         for (int c = 0; c < kChains; ++c) {
           const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[g + c]));
 #pragma GCC unroll 4
-          for (int r = 0; r < R; ++r) {
-            const uint8_t* at = w + r * stride + (g + c) * kPanel * 4;
-            prefetch(at);
-            dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], _mm512_loadu_si512(at), xv);
-          }
+          for (int r = 0; r < R; ++r)
+            dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], _mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 4), xv);
         }
       }
       const __m512 scale = _mm512_set1_ps(sx[b]);
