@@ -33,9 +33,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight_dtype"));
   m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,
         "cap the ISA linear may use: auto, avx512, avx2 or scalar (for tests)", pybind11::arg("cap"));
-  m.def("embedding", &aigc_rt::cpu::embedding, "rows table[ids] as fp32 (int8 tables times their row scale)",
+  m.def("embedding", &aigc_rt::cpu::embedding,
+        "rows table[ids] as fp32 (int8 tables times their row scale), plus pos_table[positions] when given",
         pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale") = pybind11::none(),
-        pybind11::arg("out") = pybind11::none());
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("pos_table") = pybind11::none(),
+        pybind11::arg("positions") = pybind11::none());
+
+  // step_program.cpp: each method records one op (its arguments as the op's, outputs given); run replays them
+  using aigc_rt::cpu::StepProgram;
+  pybind11::class_<StepProgram>(m, "StepProgram", "a recorded decode step, replayed by run(max_len)")
+      .def(pybind11::init<>())
+      .def("embedding", &StepProgram::embedding, pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale"),
+           pybind11::arg("out"), pybind11::arg("pos_table"), pybind11::arg("positions"))
+      .def("layernorm", &StepProgram::layernorm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+           pybind11::arg("eps"), pybind11::arg("out"))
+      .def("add_layernorm", &StepProgram::add_layernorm, pybind11::arg("x"), pybind11::arg("residual"),
+           pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out"))
+      .def("linear", &StepProgram::linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu"),
+           pybind11::arg("out"))
+      .def("write_kv", &StepProgram::write_kv, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+           pybind11::arg("positions"), pybind11::arg("k"), pybind11::arg("v"))
+      .def("attention_decode", &StepProgram::attention_decode, pybind11::arg("q"), pybind11::arg("k_cache"),
+           pybind11::arg("v_cache"), pybind11::arg("lengths"), pybind11::arg("out"))
+      .def("run", &StepProgram::run, "replay every recorded op (without the GIL)", pybind11::arg("max_len"),
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("__len__", &StepProgram::size);
 
   // cpu-attn: attention, sampling, ISA selection
   using pybind11::arg;

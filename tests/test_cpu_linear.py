@@ -181,6 +181,12 @@ def test_embedding_matches_reference(dtype):
     got = CPU.embedding(table, ids, scale=scale, out=out)
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got, want), f"max abs error {(got - want).abs().max():.3g}"
+    # with a position embedding added (GPT-2's wte[ids] + wpe[positions]): one fp32 add, as the reference's
+    pos_table, positions = torch.randn(11, 17, generator=g), torch.tensor([[0, 10, 3], [3, 4, 5]])
+    want = REF.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions)
+    assert torch.equal(want, REF.embedding(table, ids, scale=scale) + pos_table[positions])
+    got = CPU.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions)
+    assert torch.equal(got, want), f"with positions: max abs error {(got - want).abs().max():.3g}"
 
 
 def test_bad_arguments_raise_value_error():
@@ -208,6 +214,14 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.embedding(w, torch.tensor([-1])), "id -1 is outside"),
         (lambda: _C.embedding(q, torch.tensor([1])), "scale is required for an int8 table"),
         (lambda: _C.embedding(w, torch.tensor([1]), out=torch.empty(2, 8)), "out has shape"),
+        (lambda: _C.embedding(w, torch.tensor([1]), pos_table=w), "pos_table and positions go together"),
+        (lambda: REF.embedding(w, torch.tensor([1]), positions=torch.tensor([0])), "pos_table and positions go"),
+        (lambda: _C.embedding(w, torch.tensor([1]), pos_table=w, positions=torch.tensor([5])),
+         r"position 5 is outside \[0, 5\)"),
+        (lambda: _C.embedding(w, torch.tensor([1]), pos_table=w[:, :4].contiguous(), positions=torch.tensor([0])),
+         r"pos_table has shape \[5, 4\], expected \[P, 8\]"),
+        (lambda: _C.embedding(w, torch.tensor([1]), pos_table=w, positions=torch.tensor([0, 1])),
+         "positions has shape"),
         (lambda: _C.layernorm(x, torch.ones(8), torch.zeros(8), 1e-5, out=torch.empty(3, 7)), "out has shape"),
         (lambda: _C.add_layernorm(x, torch.randn(3, 8), torch.ones(8), torch.zeros(8), 1e-5, out=x),
          "out must not overlap x"),
@@ -217,6 +231,22 @@ def test_bad_arguments_raise_value_error():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _replayed_decode_allocations(m) -> int:
+    """Bytes the profiler sees allocated by 3 replayed decode steps (after the recording one)."""
+    cache = m.new_cache(2, m.config.n_positions)
+    tokens, positions = torch.tensor([5, 6]), torch.tensor([4, 2])
+    with torch.inference_mode():
+        m.prefill(torch.randint(0, m.config.vocab_size, (2, 5)), cache)
+        m.decode(tokens, positions, cache, 5)  # recorded
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            for step in range(3):
+                positions += 1
+                with torch.profiler.record_function("decode"):
+                    m.decode(tokens, positions, cache, 6 + step)
+    assert len(m.backend._replays[cache].program) > 0
+    return next(e for e in prof.key_averages() if e.key == "decode").cpu_memory_usage
 
 
 class _Traced:
@@ -239,9 +269,12 @@ class _Traced:
 @pytest.mark.parametrize("dtype", ["fp32", "int8"])
 def test_decode_step_allocates_nothing_for_linear_and_layernorm(hf_odd, tmp_path, dtype):
     """The decode step writes every linear / layernorm / embedding result into the cache's Workspace: the
-    profiler sees no memory allocated inside those ops, and the logits come back in the same buffer each step.
-    (Attention and sampling still go through the torch reference here; they are not checked.)"""
+    profiler sees no memory allocated inside those ops (run eagerly), and the logits come back in the same
+    buffer each step. Replayed (the cpu backend's default), the whole step allocates nothing."""
     m = aigc_rt.load(aigc_rt.convert(hf_odd[0], tmp_path / f"{dtype}.safetensors", dtype=dtype), backend="cpu")
+    replayed = _replayed_decode_allocations(m)
+    assert replayed == 0, f"a replayed decode step allocated {replayed} bytes"
+    m.backend.replay = False
     m.backend = _Traced(m.backend)
     cache = m.new_cache(3, m.config.n_positions)
     tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([4, 2, 3])

@@ -133,6 +133,92 @@ def test_cached_decode_equals_full_recompute(converted, backend, dtype):
     assert err <= tol, f"{dtype} cached decode vs full recompute: max abs error {err:.3g} > {tol:.3g}"
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_cpu_replay_equals_eager_step(converted, dtype):
+    """The cpu backend records the first decode step on a cache and replays it afterwards (backends/cpu.py): the
+    replayed logits are bitwise the eager step's, step after step, through a batch that shrinks (a new
+    recording) and with ragged positions."""
+    m = aigc_rt.load(converted[dtype], backend="cpu")
+    assert m.backend.replay
+    c = m.config
+    prompt = _ids(c.vocab_size, 3, 6, seed=7)
+    caches = [m.new_cache(3, c.n_positions) for _ in range(2)]  # replayed, eager
+    kept = torch.tensor([2, 0])
+    with torch.inference_mode():
+        hidden = [m.prefill(prompt, cache) for cache in caches]
+        tok = m.head(hidden[0][:, -1]).argmax(-1)
+        positions = torch.tensor([6, 4, 5])  # as if the prompts had those lengths
+        for step in range(10):
+            if step == 4:  # a sequence finishes: the caches drop its row
+                for cache in caches:
+                    cache.keep(kept)
+                tok, positions = tok[kept], positions[kept]
+            got = []
+            for cache, replay in zip(caches, (True, False)):
+                m.backend.replay = replay
+                got.append(m.decode(tok, positions, cache, int(positions.max()) + 1).clone())
+            assert torch.equal(got[0], got[1]), f"step {step}: max abs difference {(got[0] - got[1]).abs().max():.3g}"
+            tok, positions = got[0].argmax(-1), positions + 1
+    m.backend.replay = True
+    replay = m.backend._replays[caches[0]]
+    assert replay.tokens.shape == (2,)  # recorded again for the shrunk batch
+    # embedding, ln_1, 8 ops per block (qkv, write_kv, attention, proj, add_ln, fc, mlp proj, add_ln), lm_head
+    assert len(replay.program) == 3 + 8 * c.n_layer
+
+
+def test_cpu_replay_refuses_a_step_with_torch_ops(rt_odd):
+    """A step that does work outside the backend's ops would run it once and never on replay: recording it
+    raises, naming the op, and nothing is kept."""
+    m = aigc_rt.load(rt_odd[0], backend="cpu")
+    cache = m.new_cache(1, 8)
+
+    def step(tokens, positions, lengths, cache, max_len):
+        logits = m._decode_step(tokens, positions, lengths, cache, max_len)
+        return logits.mul_(2.0)
+
+    with torch.inference_mode():
+        m.prefill(torch.tensor([[1, 2, 3]]), cache)
+        with pytest.raises(RuntimeError, match=r"recording a decode step.*aten\.mul_"):
+            m.backend.run_decode(step, torch.tensor([4]), torch.tensor([3]), torch.tensor([4]), cache, 4)
+    assert cache not in m.backend._replays and m.backend._recording is None
+
+
+def test_cpu_replay_records_per_thread(rt_odd):
+    """Two threads decoding on one model, each on its own cache, record and replay their own steps (the
+    recording slot is per thread) and agree with the eager steps."""
+    import threading
+    m = aigc_rt.load(rt_odd[0], backend="cpu")
+    c = m.config
+    prompts = [_ids(c.vocab_size, 1, 5, seed=s) for s in (1, 2)]
+    results, errors = {}, []
+
+    def greedy(prompt) -> list[int]:  # 20 tokens through model.decode on a cache of its own
+        cache = m.new_cache(1, c.n_positions)
+        with torch.inference_mode():
+            tok = m.head(m.prefill(prompt, cache)[:, -1]).argmax(-1)
+            out = []
+            for pos in range(5, 25):
+                tok = m.decode(tok, torch.tensor([pos]), cache, pos + 1).argmax(-1)
+                out.append(int(tok))
+        return out
+
+    def worker(i):
+        try:
+            results[i] = greedy(prompts[i])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    m.backend.replay = False
+    for i in range(2):
+        assert results[i] == greedy(prompts[i]), f"thread {i}"
+
+
 def test_kv_dtype_can_be_set_to_fp32(converted):
     """m.kv_dtype = torch.float32 gives a bf16 file an exact cache: its cached decode then equals its own
     full recompute to fp32 rounding (the torch backend: no activation quantisation)."""

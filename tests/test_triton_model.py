@@ -134,7 +134,7 @@ def test_cuda_graph_replay_equals_eager(rt_odd):
         for pos in range(5, 15):
             positions = torch.full((2,), pos, device="cuda")
             graphed = m.decode(tok, positions, caches[0], pos + 1)
-            eager = m._decode_step(tok, positions, caches[1], c.n_positions)
+            eager = m._decode_step(tok, positions, positions + 1, caches[1], c.n_positions)
             assert torch.equal(graphed, eager), f"position {pos}: max diff {(graphed - eager).abs().max():.3g}"
             tok = graphed.argmax(-1)
     assert any(e.graph is not None for e in m.backend.decode_graph.entries.values()), "never captured"

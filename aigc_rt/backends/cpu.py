@@ -1,11 +1,47 @@
 """The `cpu` backend: C++ kernels from csrc/cpu (aigc_rt._C) where we have them, the torch reference for
-the rest of the op set."""
+the rest of the op set.
+
+The decode step is replayed rather than re-run from Python (the CPU counterpart of the triton backend's CUDA
+graphs): the first step on a KV cache runs eagerly on static input buffers while every op also records itself
+into a C++ StepProgram (csrc/cpu/step_program.cpp), with the tensors it read and wrote; later steps copy their
+inputs into those buffers and replay the program with one call (no Python between the ~100 ops of a GPT-2 124M
+step, and without the GIL). While recording, any torch op but a view raises: it would run once and never again.
+A program lives with its cache (so it never keeps a finished generation's cache alive) and is recorded again when
+the batch or the cache's buffers change (a finished sequence leaving the batch). AIGC_RT_CPU_REPLAY=0 runs every
+step eagerly.
+"""
 from __future__ import annotations
 
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _C
 from .torch_backend import TorchBackend, check_activation
+
+
+@dataclass
+class _Replay:
+    key: tuple  # (step, batch, the cache's and its Workspace's addresses)
+    tokens: torch.Tensor  # static inputs, (B,) int64
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    program: _C.StepProgram
+    logits: torch.Tensor  # the step's output, rewritten by every replay
+
+
+class _OnlyViews(TorchDispatchMode):
+    """Refuses every torch op but a view while a decode step is recorded (it would not be replayed)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            raise RuntimeError(f"the cpu backend is recording a decode step, which must do all its work in backend "
+                               f"ops, but it called {func}: that op would not be replayed")
+        return func(*args, **(kwargs or {}))
 
 
 class CpuBackend(TorchBackend):
@@ -15,6 +51,42 @@ class CpuBackend(TorchBackend):
         if device.type != "cpu":
             raise ValueError(f"backend 'cpu' runs on the CPU, not on {device}")
         super().__init__(device)
+        self.replay = os.environ.get("AIGC_RT_CPU_REPLAY") != "0"
+        self._replays: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> its _Replay
+        self._thread = threading.local()  # .program: what this thread's running step records into (threads
+        # sharing a model each decode on their own cache; another thread's ops must not land in this program)
+
+    @property
+    def _recording(self) -> _C.StepProgram | None:
+        return getattr(self._thread, "program", None)
+
+    def run_decode(self, step, tokens, positions, lengths, cache, max_len):
+        if not self.replay:
+            return step(tokens, positions, lengths, cache, max_len)
+        B = tokens.shape[0]
+        key = (step, B, cache.addresses(B))
+        r = self._replays.get(cache)
+        if r is not None and r.key == key:
+            r.tokens.copy_(tokens)
+            r.positions.copy_(positions)
+            r.lengths.copy_(lengths)
+            r.program.run(max_len)
+            return r.logits
+        inputs = [t.clone() for t in (tokens, positions, lengths)]
+        program = self._thread.program = _C.StepProgram()
+        try:
+            with _OnlyViews():
+                logits = step(*inputs, cache, max_len)
+        finally:
+            self._thread.program = None
+        self._replays[cache] = _Replay(key, *inputs, program, logits)
+        return logits
+
+    def _contiguous(self, x: torch.Tensor) -> torch.Tensor:
+        if self._recording is not None and not x.is_contiguous():  # the copy would be a snapshot
+            raise RuntimeError(f"the cpu backend is recording a decode step: an op input of shape {tuple(x.shape)} "
+                               f"and strides {x.stride()} is not contiguous")
+        return x.contiguous()
 
     def prepare_linear(self, weight, bias, scale=None) -> _C.PackedLinear:
         """The weight repacked once into the panel layout csrc/cpu/linear.cpp streams (fp16 is widened to
@@ -23,18 +95,35 @@ class CpuBackend(TorchBackend):
         w = lin.weight.float() if lin.weight.dtype == torch.float16 else lin.weight
         return _C.PackedLinear(w.contiguous(), lin.bias, lin.scale)
 
+    # each op used by a decode step also records itself (into its own output) while a step is recorded
     def linear(self, x, lin: _C.PackedLinear, act=None, *, out=None):
         check_activation(act)
-        return _C.linear(x.contiguous(), lin, act == "gelu_tanh", out)
+        x = self._contiguous(x)
+        y = _C.linear(x, lin, act == "gelu_tanh", out)
+        if self._recording is not None:
+            self._recording.linear(x, lin, act == "gelu_tanh", y)
+        return y
 
-    def embedding(self, table, ids, *, scale=None, out=None):
-        return _C.embedding(table, ids.contiguous(), scale, out)
+    def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
+        ids = self._contiguous(ids)
+        y = _C.embedding(table, ids, scale, out, pos_table, positions)
+        if self._recording is not None:
+            self._recording.embedding(table, ids, scale, y, pos_table, positions)
+        return y
 
     def layernorm(self, x, w, b, eps, *, out=None):
-        return _C.layernorm(x.contiguous(), w, b, eps, out)
+        x = self._contiguous(x)
+        y = _C.layernorm(x, w, b, eps, out)
+        if self._recording is not None:
+            self._recording.layernorm(x, w, b, eps, y)
+        return y
 
     def add_layernorm(self, x, residual, w, b, eps, *, out=None):
-        return _C.add_layernorm(x.contiguous(), residual, w, b, eps, out)
+        x = self._contiguous(x)
+        y = _C.add_layernorm(x, residual, w, b, eps, out)
+        if self._recording is not None:
+            self._recording.add_layernorm(x, residual, w, b, eps, y)
+        return y
 
     def attention_prefill(self, q, k, v, *, out=None):
         # any strides with a contiguous last dim; a new output is laid out (B, T, H, D) in memory
@@ -42,9 +131,14 @@ class CpuBackend(TorchBackend):
 
     def write_kv(self, k_cache, v_cache, positions, k, v):
         _C.write_kv(k_cache, v_cache, positions, k, v)
+        if self._recording is not None:
+            self._recording.write_kv(k_cache, v_cache, positions, k, v)
 
     def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
-        return _C.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+        y = _C.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+        if self._recording is not None:
+            self._recording.attention_decode(q, k_cache, v_cache, lengths, y)
+        return y
 
     def sample(self, logits, params, u, seen, *, out=None):
         return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,

@@ -1,6 +1,6 @@
 """CUDA-graph replay of a model's decode step (used by the triton backend on a GPU).
 
-The step reads its inputs from static buffers (token ids and positions, (B,) each) and the KV cache, whose
+The step reads its inputs from static buffers (token ids, positions and lengths, (B,) each) and the KV cache, whose
 addresses are baked into the graph; the lengths and per-layer attention launches depend only on the cache's
 capacity (max_len = cache.max_len), never on a host-side length that changes per step, so one capture serves
 every step of a generation. The key of a capture is (step, batch, cache shape, and the addresses of the caches
@@ -26,6 +26,7 @@ MAX_GRAPHS = 4  # captures kept (least recently used dropped first), each with i
 class _Entry:
     tokens: torch.Tensor  # static inputs, (B,) int64
     positions: torch.Tensor
+    lengths: torch.Tensor
     graph: "torch.cuda.CUDAGraph | None" = None
     logits: torch.Tensor | None = None  # static output of the captured step, (B, V) fp32
 
@@ -35,25 +36,27 @@ class DecodeGraph:
         self.capture = capture
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
-    def __call__(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
-        """step(tokens, positions, cache, max_len) -> logits (B, V): the model's eager decode step. max_len is
-        only a bound: the step gets cache.max_len, which stays the same across the steps of a generation."""
+    def __call__(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
+                 max_len: int) -> torch.Tensor:
+        """step(tokens, positions, lengths, cache, max_len) -> logits (B, V): the model's eager decode step.
+        max_len is only a bound: the step gets cache.max_len, which stays the same across a generation's steps."""
         key = (step, tokens.shape[0], cache.k.shape, cache.addresses(tokens.shape[0]))
         e = self.entries.get(key)
         if e is None:
-            e = self.entries[key] = _Entry(torch.empty_like(tokens), torch.empty_like(positions))
+            e = self.entries[key] = _Entry(*map(torch.empty_like, (tokens, positions, lengths)))
             while len(self.entries) > MAX_GRAPHS:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
         e.tokens.copy_(tokens)
         e.positions.copy_(positions)
+        e.lengths.copy_(lengths)
         if e.graph is not None:
             e.graph.replay()
             return e.logits.clone()  # the next replay overwrites the static output
-        logits = step(e.tokens, e.positions, cache, cache.max_len)
+        logits = step(e.tokens, e.positions, e.lengths, cache, cache.max_len)
         if self.capture:
             e.graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
             with torch.cuda.graph(e.graph):  # records the step; capturing runs nothing
-                e.logits = step(e.tokens, e.positions, cache, cache.max_len)
+                e.logits = step(e.tokens, e.positions, e.lengths, cache, cache.max_len)
         return logits

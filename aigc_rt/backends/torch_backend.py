@@ -88,10 +88,16 @@ class TorchBackend:
         return _into(out, F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y)
 
     def embedding(self, table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | None = None,
+                  pos_table: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows table[ids] as fp32, (*ids.shape, C); int8 tables (with scale (V,)) are dequantised."""
+        """Rows table[ids] as fp32, (*ids.shape, C); int8 tables (with scale (V,)) are dequantised. With a
+        position table (P, C) fp32 and positions (ids' shape), pos_table[positions] is added."""
+        if (pos_table is None) != (positions is None):
+            raise ValueError("embedding: pos_table and positions go together (one was given without the other)")
         rows = table[ids].float()
-        return _into(out, rows if scale is None else rows * scale[ids].unsqueeze(-1))
+        if scale is not None:
+            rows = rows * scale[ids].unsqueeze(-1)
+        return _into(out, rows if pos_table is None else rows + pos_table[positions])
 
     def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, *,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,10 +136,12 @@ class TorchBackend:
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
 
-    def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, cache, max_len: int) -> torch.Tensor:
-        """Run a model's decode step, step(tokens, positions, cache, max_len) -> logits; a backend may
-        replay it from a CUDA graph instead."""
-        return step(tokens, positions, cache, max_len)
+    def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
+                   max_len: int) -> torch.Tensor:
+        """Run a model's decode step, step(tokens, positions, lengths, cache, max_len) -> logits; a backend may
+        replay it instead (triton: from a CUDA graph; cpu: from a recorded list of its ops). A replayable step
+        does all its work in backend ops, on its inputs, the cache and the cache's Workspace."""
+        return step(tokens, positions, lengths, cache, max_len)
 
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,

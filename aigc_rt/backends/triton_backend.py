@@ -50,8 +50,8 @@ class TritonBackend(TorchBackend):
     def sample(self, logits, params, u, seen, *, out=None):
         return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
 
-    def run_decode(self, step, tokens, positions, cache, max_len):
-        return self.decode_graph(step, tokens, positions, cache, max_len)
+    def run_decode(self, step, tokens, positions, lengths, cache, max_len):
+        return self.decode_graph(step, tokens, positions, lengths, cache, max_len)
 
     # DCGAN generator: kernels/conv_transpose.py
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:

@@ -65,14 +65,13 @@ class Workspace:
     attn: torch.Tensor  # (N, C) attention output, heads concatenated
     out: torch.Tensor  # (N, C) output of attn.proj / mlp.proj, before it is added into r
     fc: torch.Tensor  # (N, 4C) GELU(mlp.fc(h))
-    pos: torch.Tensor  # (N, C) position embeddings
     logits: torch.Tensor  # (N, V); (0, V) where the caller computes logits itself (prefill)
     lengths: torch.Tensor  # (N,) int64: cached positions per sequence, decode
 
     @classmethod
     def allocate(cls, c: GPT2Config, n: int, device, logits: bool) -> "Workspace":
         C, f32 = c.n_embd, torch.float32
-        return cls(*(torch.empty(n, w, device=device, dtype=f32) for w in (C, C, 3 * C, C, C, 4 * C, C)),
+        return cls(*(torch.empty(n, w, device=device, dtype=f32) for w in (C, C, 3 * C, C, C, 4 * C)),
                    logits=torch.empty(n if logits else 0, c.vocab_size, device=device, dtype=f32),
                    lengths=torch.empty(n, device=device, dtype=torch.int64))
 
@@ -180,8 +179,7 @@ class GPT2:
 
     def _embed(self, ws: Workspace, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """ws.r = wte[ids] + wpe[positions]; ids, positions (N,) int64."""
-        self.backend.embedding(self.wte, ids, scale=self.wte_scale, out=ws.r)
-        ws.r.add_(torch.index_select(self.wpe, 0, positions, out=ws.pos))
+        self.backend.embedding(self.wte, ids, scale=self.wte_scale, pos_table=self.wpe, positions=positions, out=ws.r)
 
     def prefill(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """ids (B, T) int64 (rows right-padded; padding never reaches a real position's result).
@@ -205,14 +203,16 @@ class GPT2:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
         >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32: a buffer
         of the cache's workspace, overwritten by the next decode step (clone it to keep it). The backend runs
-        the step (the triton backend replays it from a CUDA graph)."""
-        return self.backend.run_decode(self._decode_step, tokens, positions, cache, max_len)
+        the step (the triton backend replays it from a CUDA graph, the cpu backend from its recorded ops)."""
+        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)  # cached positions after it
+        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
 
-    def _decode_step(self, tokens, positions, cache: KVCache, max_len: int) -> torch.Tensor:
+    def _decode_step(self, tokens, positions, lengths, cache: KVCache, max_len: int) -> torch.Tensor:
+        """All its work is backend ops on its inputs, the cache and the cache's Workspace (so that a backend can
+        replay it, see TorchBackend.run_decode)."""
         B, H, D = tokens.shape[0], self.config.n_head, self.config.head_dim
         ws = cache.workspace(B)
         self._embed(ws, tokens, positions)
-        lengths = torch.add(positions, 1, out=ws.lengths)
 
         def attend(layer, q, k, v, out):  # (B, H, D) -> out (B, C)
             self.backend.write_kv(cache.k[layer], cache.v[layer], positions, k, v)

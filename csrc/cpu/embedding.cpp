@@ -1,11 +1,11 @@
-// Embedding lookup with the table in the weights file's dtype, dequantised to fp32 rows:
+// Embedding lookup with the table in the weights file's dtype, dequantised to fp32 rows, plus (optionally) a
+// position embedding:
 //
-//   out[n, :] = table[ids[n], :] * (scale[ids[n]] for int8 tables, else 1)
+//   out[n, :] = table[ids[n], :] * (scale[ids[n]] for int8 tables, else 1) + (pos_table[positions[n], :])
 //
 // table (V, C): fp32, bf16, fp16, or int8 with one fp32 scale per row (wte is also the int8 lm_head, whose
-// scales are per vocabulary row). Writes into `out` when given (the allocation-free decode step).
-// Reference: the torch backend's embedding (table[ids].float() * scale[ids, None]).
-// Tests: tests/test_cpu_linear.py.
+// scales are per vocabulary row); pos_table (P, C) fp32. Writes into `out` when given (the allocation-free
+// decode step). Reference: the torch backend's embedding. Tests: tests/test_cpu_linear.py.
 #include <bit>
 
 #include "common.h"
@@ -14,7 +14,8 @@
 namespace aigc_rt::cpu {
 
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
-                        const c10::optional<torch::Tensor>& out) {
+                        const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& pos_table,
+                        const c10::optional<torch::Tensor>& positions) {
   AIGC_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2,
              "embedding: table must be a contiguous 2-D CPU tensor, got shape ", table.sizes());
   const auto dt = table.scalar_type();
@@ -32,6 +33,23 @@ torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, co
   const int64_t* id = ids.data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n)
     AIGC_CHECK(id[n] >= 0 && id[n] < V, "embedding: id ", id[n], " is outside [0, ", V, ")");
+  AIGC_CHECK(pos_table.has_value() == positions.has_value(),
+             "embedding: pos_table and positions go together (one was given without the other)");
+  const float* pos_rows = nullptr;
+  const int64_t* pos = nullptr;
+  if (pos_table) {
+    AIGC_CHECK_CPU_CONTIGUOUS(*pos_table, torch::kFloat32);
+    AIGC_CHECK_CPU_CONTIGUOUS(*positions, torch::kInt64);
+    AIGC_CHECK(pos_table->dim() == 2 && pos_table->size(1) == C, "embedding: pos_table has shape ",
+               pos_table->sizes(), ", expected [P, ", C, "]");
+    AIGC_CHECK(positions->sizes() == ids.sizes(), "embedding: positions has shape ", positions->sizes(),
+               ", expected the ids' ", ids.sizes());
+    pos_rows = pos_table->data_ptr<float>();
+    pos = positions->data_ptr<int64_t>();
+    const int64_t P = pos_table->size(0);
+    for (int64_t n = 0; n < N; ++n)
+      AIGC_CHECK(pos[n] >= 0 && pos[n] < P, "embedding: position ", pos[n], " is outside [0, ", P, ")");
+  }
   auto out_sizes = ids.sizes().vec();
   out_sizes.push_back(C);
   torch::Tensor y;
@@ -59,6 +77,10 @@ torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, co
       const int8_t* src = table.data_ptr<int8_t>() + id[n] * C;
       const float s = scale->data_ptr<float>()[id[n]];
       for (int64_t c = 0; c < C; ++c) row[c] = src[c] * s;
+    }
+    if (pos_rows) {
+      const float* p = pos_rows + pos[n] * C;
+      for (int64_t c = 0; c < C; ++c) row[c] += p[c];
     }
   }
   return y;

@@ -64,7 +64,19 @@ AVX512_F32 inline void store_row(const Problem& p, int64_t n, int64_t panel, __m
   store_tile<R, 1>(p, n, panel, sum);
 }
 
-struct F32Tiles {
+// tile<R, M> (run_tiles' entry) as T's row<R> for a single activation row, else T's rows<R, M>
+template <class T>
+struct RowSplit {
+  template <int R, int M>
+  static void tile(const Problem& p, int64_t n, int64_t panel) {
+    if constexpr (M == 1)
+      T::template row<R>(p, n, panel);
+    else
+      T::template rows<R, M>(p, n, panel);
+  }
+};
+
+struct F32Tiles : RowSplit<F32Tiles> {
   static constexpr int kR = 4, kM = 8;
   static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }  // R * M <= 24 accumulators
   template <int R>
@@ -94,14 +106,6 @@ struct F32Tiles {
   }
 
   template <int R, int M>
-  static void tile(const Problem& p, int64_t n, int64_t panel) {
-    if constexpr (M == 1)
-      row<R>(p, n, panel);
-    else
-      rows<R, M>(p, n, panel);
-  }
-
-  template <int R, int M>
   AVX512_F32 static void rows(const Problem& p, int64_t n, int64_t panel) {
     const int64_t stride = p.groups * kPanel;  // elements per panel
     const float* w = static_cast<const float*>(p.w) + panel * stride;
@@ -127,7 +131,7 @@ struct F32Tiles {
   }
 };
 
-struct Bf16Tiles {
+struct Bf16Tiles : RowSplit<Bf16Tiles> {
   static constexpr int kR = 4, kM = 8;
   static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }
   template <int R>
@@ -148,14 +152,6 @@ struct Bf16Tiles {
       }
     }
     store_row<R>(p, n, panel, acc);
-  }
-
-  template <int R, int M>
-  static void tile(const Problem& p, int64_t n, int64_t panel) {
-    if constexpr (M == 1)
-      row<R>(p, n, panel);
-    else
-      rows<R, M>(p, n, panel);
   }
 
   template <int R, int M>
@@ -184,7 +180,7 @@ struct Bf16Tiles {
   }
 };
 
-struct Int8Tiles {
+struct Int8Tiles : RowSplit<Int8Tiles> {
   static constexpr int kR = 4, kM = 8;
   // int32 block sums and fp32 totals: 2 * R * M <= 28 registers
   static constexpr int64_t panels(int64_t rows) { return rows > 3 && rows <= 7 ? 2 : 1; }
@@ -223,14 +219,6 @@ struct Int8Tiles {
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) out[r][0] = acc[r];
     store_tile<R, 1>(p, n, panel, out);
-  }
-
-  template <int R, int M>
-  static void tile(const Problem& p, int64_t n, int64_t panel) {
-    if constexpr (M == 1)
-      row<R>(p, n, panel);
-    else
-      rows<R, M>(p, n, panel);
   }
 
   template <int R, int M>

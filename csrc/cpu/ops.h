@@ -27,7 +27,31 @@ void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tenso
               const torch::Tensor& v);
 // embedding.cpp
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
-                        const c10::optional<torch::Tensor>& out);
+                        const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& pos_table,
+                        const c10::optional<torch::Tensor>& positions);
+// step_program.cpp
+// A decode step recorded as the list of ops it ran (each with the tensors it read and wrote), replayed by one
+// call: the cpu backend's counterpart of a CUDA graph (aigc_rt/backends/cpu.py). Hidden like the pybind11 types.
+class __attribute__((visibility("hidden"))) StepProgram {
+ public:
+  void embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
+                 const torch::Tensor& out, const c10::optional<torch::Tensor>& pos_table,
+                 const c10::optional<torch::Tensor>& positions);
+  void layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
+                 const torch::Tensor& out);
+  void add_layernorm(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& weight,
+                     const torch::Tensor& bias, double eps, const torch::Tensor& out);
+  void linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const torch::Tensor& out);
+  void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& positions,
+                const torch::Tensor& k, const torch::Tensor& v);
+  void attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                        const torch::Tensor& lengths, const torch::Tensor& out);
+  void run(int64_t max_len) const;  // every op in the order recorded; max_len goes to attention_decode
+  size_t size() const { return ops_.size(); }
+
+ private:
+  std::vector<std::function<void(int64_t max_len)>> ops_;
+};
 
 // attention.cpp, sampling.cpp, vec.cpp (cpu-attn)
 torch::Tensor attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
