@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from . import archs
 from . import format as fmt
 from .backends import get_backend
@@ -50,6 +48,6 @@ def read_checked(path=None):
 
 def load(path=None, device="cpu", backend: str = "auto"):
     """Open a runtime file, check it (read_checked), and build its model on `device` with `backend`."""
-    be = get_backend(backend, torch.device(device))
+    be = get_backend(backend, device)
     rf, arch, config, tokenizer = read_checked(path)
     return arch.model(config, rf.tensors, be, tokenizer, rf.dtype)

@@ -110,6 +110,17 @@ def test_cached_decode_equals_full_recompute(model):
     assert err <= 1e-4, f"cached decode vs full recompute: max abs error {err:.3g}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device,message", [("cuda", "device 'cuda' is not available here"),
+                                            ("gpu", "device 'gpu' is not a torch device"),
+                                            (3.5, "device 3.5 is not a torch device")])
+def test_unavailable_device_is_a_value_error(rt_odd, device, message):
+    with pytest.raises(ValueError, match=message):
+        aigc_rt.load(rt_odd[0], device=device)
+    with pytest.raises(ValueError, match=message):
+        get_backend("torch", device)
+
+
 def test_backend_registration():
     assert resolve("auto", torch.device("cuda")) == "triton"
     assert resolve("auto", torch.device("cpu")) == "cpu"

@@ -28,8 +28,22 @@ def resolve(name: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
 
 
+def check_device(device) -> torch.device:
+    """torch.device(device), or ValueError naming it: not a device string, or a device this machine or this
+    torch build does not have (e.g. "cuda" with a CPU-only torch, or "cuda:3" on a one-GPU machine)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e})") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:  # a CPU-only torch asserts for "cuda"
+        raise ValueError(f"device {str(dev)!r} is not available here: {e}") from None
+    return dev
+
+
 def get_backend(name: str, device: str | torch.device = "cpu"):
-    device = torch.device(device)
+    device = check_device(device)
     name = resolve(name, device)
     module, cls, needs = BACKENDS[name]
     try:
