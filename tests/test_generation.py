@@ -458,3 +458,16 @@ def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
     assert want_decoded[0] == len(limits) > want_decoded[-1] and len(kept) >= 2  # it did shrink, twice or more
     assert [o.token_ids for o in outs] == [o.token_ids for a in alone for o in a]
     assert [len(o.token_ids) for o in outs] == limits
+
+
+def test_first_generation_imports_nothing_heavy():
+    """The first generate() of a process stays on the fast path: no torch._dynamo (a TorchDispatchMode or a
+    torch.compile'd helper would import it, ~1.5 s), no transformers, no triton on the cpu backend."""
+    import subprocess
+    import sys
+    code = ("import sys, aigc_rt; aigc_rt.load().generate('hi', max_new_tokens=3); "
+            "aigc_rt.load('dcgan-digits').generate(2, seed=0); "
+            "print(sorted(m for m in ('torch._dynamo', 'transformers', 'triton') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout

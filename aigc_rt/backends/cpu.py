@@ -5,7 +5,7 @@ The decode step is replayed rather than re-run from Python (the CPU counterpart 
 graphs): the first step on a KV cache runs eagerly on static input buffers while every op also records itself
 into a C++ StepProgram (csrc/cpu/step_program.cpp), with the tensors it read and wrote; later steps copy their
 inputs into those buffers and replay the program with one call (no Python between the ~100 ops of a GPT-2 124M
-step, and without the GIL). While recording, any torch op but a view raises: it would run once and never again.
+step, and without the GIL). While recording, any torch call but a view raises: it would run once and never again.
 A program lives with its cache (so it never keeps a finished generation's cache alive) and is recorded again when
 the batch or the cache's buffers change (a finished sequence leaving the batch). AIGC_RT_CPU_REPLAY=0 runs every
 step eagerly.
@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode, resolve_name
 
 from .. import _C
 from .torch_backend import TorchBackend, check_activation
@@ -34,13 +34,25 @@ class _Replay:
     logits: torch.Tensor  # the step's output, rewritten by every replay
 
 
-class _OnlyViews(TorchDispatchMode):
-    """Refuses every torch op but a view while a decode step is recorded (it would not be replayed)."""
+# What a recorded step may call on tensors besides backend ops: views and queries (property reads too); they
+# compute nothing, so not replaying them changes nothing. (contiguous() is a no-op here: the backend refuses
+# a non-contiguous input while recording.)
+_VIEWS_AND_QUERIES = frozenset({
+    "view", "unbind", "__getitem__", "transpose", "select", "narrow", "unsqueeze", "squeeze", "permute", "t",
+    "split", "chunk", "expand", "contiguous", "is_contiguous", "dim", "size", "stride", "numel", "data_ptr",
+    "element_size", "storage_offset", "__len__"})
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
+
+class _OnlyViews(TorchFunctionMode):
+    """Refuses every torch call but a view or a query while a decode step is recorded (it would not be
+    replayed). A TorchFunctionMode sees the step's own Python-level calls (not the backend's C++ ops), and costs
+    nothing to enter, where a TorchDispatchMode's first use imports torch._dynamo (~1.5 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = resolve_name(func) or repr(func)
+        if not (name.endswith(".__get__") or name.rpartition(".")[2] in _VIEWS_AND_QUERIES):
             raise RuntimeError(f"the cpu backend is recording a decode step, which must do all its work in backend "
-                               f"ops, but it called {func}: that op would not be replayed")
+                               f"ops, but it called {name}: that would not be replayed")
         return func(*args, **(kwargs or {}))
 
 
