@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import aigc_rt
 from aigc_rt.cli import main
@@ -97,6 +98,22 @@ def test_bench_cli_times_a_text_model(rt_odd, tmp_path, capsys):
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["read_gb_per_s"] > 0
         assert r["roofline_pct"] == pytest.approx(100 * r["gb_per_s"] / r["read_gb_per_s"])
+        assert 0 < r["attn_sample_pct"] < 100  # timed with the step replay off (a replay calls no Python timer)
+
+
+def test_op_shares_times_eager_steps_and_restores_replay(rt_odd):
+    """The attention + sampling share is timed on eager steps: a replayed step never reaches the Python timers."""
+    from aigc_rt.bench import AigcRt
+    system = AigcRt(str(rt_odd[0]), "cpu")
+    seen, inner = [], system.generate
+
+    def generate(ids, new_tokens):
+        seen.append(system.model.backend.replay)
+        return inner(ids, new_tokens)
+
+    system.generate = generate
+    share = system.op_shares(torch.tensor([[1, 2, 3]]), 8)
+    assert seen == [False] and system.model.backend.replay and 0 < share < 100
 
 
 @pytest.mark.parametrize("prompt,flags,message", [
