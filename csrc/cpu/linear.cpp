@@ -138,7 +138,8 @@ int32_t quantize_block(const float* x, int64_t len, int8_t* q, float* s) {
 
 // One activation row as the kernel wants it (linear.h PreparedX), into dst (ld elements of the kernel's
 // type, zero-padded) and sx. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other weights).
-float prepare_row(WeightType t, bool dot, const float* x, int64_t K, int64_t ld, void* dst, float* sx) {
+// avx512: full int8 blocks are quantised by quantize_block_avx512 (the same numbers).
+float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K, int64_t ld, void* dst, float* sx) {
   if (t == WeightType::bf16 && dot) {
     auto* pairs = static_cast<uint32_t*>(dst);
     for (int64_t g = 0; g < ld; ++g) {
@@ -156,7 +157,8 @@ float prepare_row(WeightType t, bool dot, const float* x, int64_t K, int64_t ld,
   for (int64_t b = 0; b * kInt8Block < K; ++b) {
     const int64_t k0 = b * kInt8Block, len = std::min(kInt8Block, K - k0);
     alignas(64) int8_t q[kInt8Block];
-    const int32_t qsum = quantize_block(x + k0, len, q, &sx[b]);
+    const int32_t qsum = avx512 && len == kInt8Block ? quantize_block_avx512(x + k0, q, &sx[b])
+                                                     : quantize_block(x + k0, len, q, &sx[b]);
     if (dot)
       std::memcpy(static_cast<int8_t*>(dst) + k0, q, kInt8Block);
     else
@@ -347,7 +349,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
     if (t != WeightType::f32) {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n)
-        shift[n] = prepare_row(t, dot, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks);
+        shift[n] = prepare_row(t, dot, isa >= LinearIsa::avx512, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks);
     }
     // each thread: a contiguous run of panels
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();

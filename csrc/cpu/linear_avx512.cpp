@@ -11,6 +11,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "cpu/linear.h"
 
 #define AIGC_AVX512 "avx512f,avx512bw,avx512vl,avx512dq,fma"
@@ -261,6 +264,34 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
 };
 
 }  // namespace
+
+AVX512_F32 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s) {
+  constexpr int V = kInt8Block / 16;
+  __m512 v[V], amax = _mm512_setzero_ps(), poison = _mm512_setzero_ps();  // poison: NaN iff some x is NaN/inf
+#pragma GCC unroll 4
+  for (int i = 0; i < V; ++i) {
+    v[i] = _mm512_loadu_ps(x + 16 * i);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+    poison = _mm512_add_ps(poison, _mm512_mul_ps(_mm512_setzero_ps(), v[i]));
+  }
+  const float m = _mm512_reduce_max_ps(amax), bad = _mm512_reduce_add_ps(poison);
+  if (!std::isfinite(bad) || m == 0.f) {
+    std::fill(q, q + kInt8Block, int8_t(0));
+    *s = bad;
+    return 0;
+  }
+  const __m512 inv = _mm512_set1_ps(127.f / m), hi = _mm512_set1_ps(127.f), lo = _mm512_set1_ps(-127.f);
+  __m512i sum = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int i = 0; i < V; ++i) {  // nearbyint (ties to even), then clamp, as the scalar loop
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+    sum = _mm512_add_epi32(sum, qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm512_cvtsepi32_epi8(qi));
+  }
+  *s = m / 127.f;
+  return _mm512_reduce_add_epi32(sum);
+}
 
 MicroKernel avx512_kernel(WeightType t) {
   switch (t) {
