@@ -100,6 +100,10 @@ def read(path: str | os.PathLike, expected: "callable[[str, str, dict], TensorSp
             if not is_foreign_error(e):
                 raise
             raise FormatError(f"{path}: cannot read tensor data ({type(e).__name__}: {e})") from None
+    for name, t in tensors.items():  # symmetric int8: -128 has no positive twin (and the AVX2 kernel negates q)
+        if t.dtype == torch.int8 and t.numel() and int(t.min()) == -128:
+            raise FormatError(f"{path}: int8 tensor '{name}' holds -128; symmetric int8 weights lie in [-127, 127] "
+                              f"(re-convert with aigc-rt convert --dtype int8)")
     return RuntimeFile(path, arch, dtype, config, meta.get("tokenizer"), tensors)
 
 

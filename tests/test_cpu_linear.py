@@ -205,6 +205,7 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.PackedLinear(q), "scale is required for int8"),
         (lambda: _C.PackedLinear(w, scale=s), "scale is required for int8 weights and only for them"),
         (lambda: _C.PackedLinear(q, scale=s[:4]), r"scale has shape \[4\], expected \[5\]"),
+        (lambda: _C.PackedLinear(torch.full((5, 8), -128, dtype=torch.int8), scale=s), r"lie in \[-127, 127\]"),
         (lambda: _C.PackedLinear(w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
         (lambda: _C.PackedLinear(w, b.double()), "bias must be a contiguous float32"),
         (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),

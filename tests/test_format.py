@@ -143,6 +143,11 @@ def test_int8_file_round_trip_and_scales_required(tmp_path, backend):
     with torch.inference_mode():
         emb = m.backend.embedding(m.wte, torch.tensor([3]), scale=m.wte_scale)
     assert (emb[0] - dense["wte.weight"][3]).abs().max() <= tensors["wte.weight_scale"][3] / 2 + 1e-6
+    asymmetric = {**tensors, "h.0.mlp.fc.weight": tensors["h.0.mlp.fc.weight"].clone()}
+    asymmetric["h.0.mlp.fc.weight"][3, 5] = -128  # outside symmetric int8: refused, not computed wrongly
+    fmt.save(tmp_path / "asym.safetensors", "gpt2", "int8", TINY.to_dict(), asymmetric, tok)
+    with pytest.raises(aigc_rt.FormatError, match=r"'h.0.mlp.fc.weight' holds -128; .* \[-127, 127\]"):
+        aigc_rt.load(tmp_path / "asym.safetensors", backend=backend)
     del tensors["h.0.attn.proj.weight_scale"]
     fmt.save(tmp_path / "bad.safetensors", "gpt2", "int8", TINY.to_dict(), tensors, tok)
     with pytest.raises(aigc_rt.FormatError, match="missing tensor.*h.0.attn.proj.weight_scale"):

@@ -280,6 +280,9 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
     });
   } else {
     const int8_t* src = w.data_ptr<int8_t>();
+    // symmetric int8: q in [-127, 127] (the AVX2 kernel negates q, and -128 has no positive twin)
+    AIGC_CHECK(*std::min_element(src, src + O * K) > -128, "PackedLinear: int8 weights must lie in [-127, 127] "
+               "(symmetric quantisation), found -128");
     weight = pack_panels<uint8_t, 4>(O, K_pad, torch::kUInt8, [&](int64_t o, int64_t k) {
       return static_cast<uint8_t>((o < O && k < K ? src[o * K + k] : 0) + 128);
     });

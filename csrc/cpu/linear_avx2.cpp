@@ -7,7 +7,8 @@
 //     then acc += float(i) * sx[b], as the VNNI kernel. Without VNNI the quad products come from vpmaddubsw
 //     (u8 x s8 -> pairs summed in int16) and vpmaddwd; u = q + 128 times xq could overflow the int16 pair sum
 //     (2 * 255 * 127), so the kernel turns u back into q (u ^ 0x80) and multiplies |xq| by q * sign(xq)
-//     (|pair sum| <= 2 * 127 * 127). It sums q * xd, not u * xd: linear.cpp passes it a zero shift.
+//     (|pair sum| <= 2 * 127 * 127; q and xq lie in [-127, 127], PackedLinear refuses -128). It sums q * xd,
+//     not u * xd: linear.cpp passes it a zero shift.
 // Compiled with a function-level target attribute; linear.cpp calls it only on CPUs with AVX2 and FMA.
 // Tests: tests/test_cpu_linear.py (run with the ISA forced to avx2).
 #include <immintrin.h>
