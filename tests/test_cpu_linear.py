@@ -37,10 +37,8 @@ CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx2", "scalar") if (isa, dt) != ("amx", "fp32")]
 
 
-@pytest.fixture(params=KERNELS, ids=[f"{isa}-{dt}" for isa, dt in KERNELS])
-def kernel(request):
+def _forced(isa, dtype):
     """Force the linear kernels to one ISA (skipped where this CPU lacks it); back to the best one afterwards."""
-    isa, dtype = request.param
     _C.set_linear_isa(isa)
     used = _C.linear_isa(dtype)
     if used != isa:
@@ -48,6 +46,19 @@ def kernel(request):
         pytest.skip(f"this CPU has no {isa} kernel for {dtype} weights")
     yield isa, dtype
     _C.set_linear_isa("auto")
+
+
+@pytest.fixture(params=KERNELS, ids=[f"{isa}-{dt}" for isa, dt in KERNELS])
+def kernel(request):
+    yield from _forced(*request.param)
+
+
+INT8_ISAS = [isa for isa, dt in KERNELS if dt == "int8"]
+
+
+@pytest.fixture(params=INT8_ISAS)
+def int8_kernel(request):
+    yield from _forced(request.param, "int8")
 
 
 def _problem(N, K, O, dtype, bias, seed=0):
@@ -111,6 +122,25 @@ def test_linear_matches_reference(kernel, N, K, O, epilogue):
         _check(got, exact, SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6,
                f"{isa} int8 {N}x{K}x{O} {epilogue} vs its quantised-activation math")
     _check(got, want, tol, f"{isa} {dtype} {N}x{K}x{O} {epilogue} vs the torch backend")
+
+
+@pytest.mark.parametrize("pattern", ["all +127", "alternating", "all -127"])
+def test_int8_extreme_products_are_exact(int8_kernel, pattern):
+    """Weights and quantised activations at +-127, the largest int8 products: the int16 pair sums of the AVX2
+    kernel (127 * 127 * 2 = 32258) and the int32 block sums of every kernel stay exact."""
+    isa, _ = int8_kernel
+    K, O = 320, 19
+    q = torch.full((O, K), 127, dtype=torch.int8)
+    if pattern == "alternating":
+        q[:, 1::2] = -127
+    elif pattern == "all -127":
+        q = -q
+    scale = torch.linspace(0.5, 2.0, O)
+    x = torch.ones(3, K) * torch.tensor([[1.0], [-2.0], [0.25]])  # each block quantises to +-127 exactly
+    got = CPU.linear(x, CPU.prepare_linear(q, None, scale))
+    want = x.double() @ (q.double() * scale.double()[:, None]).T
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), f"{isa} {pattern}: max abs error {err:.3g}"
 
 
 def test_linear_writes_into_out_and_leading_dims(kernel):
