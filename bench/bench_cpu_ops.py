@@ -1,11 +1,17 @@
-"""Microbenchmarks: the C++ CPU attention and sampling kernels (backend "cpu") vs the torch reference backend,
-measured in the same run; a ratio table prints at the end.
+"""Microbenchmarks: the C++ CPU linear, attention and sampling kernels (backend "cpu") vs PyTorch, measured in
+the same run; a ratio table prints at the end.
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_cpu_ops.py --benchmark-enable
 
-Shapes are GPT-2 124M's (H 12, D 64). Decode reads the caches of a different layer each call, as the model
-does (12 layers: 75 MB of K and V at B=1 S=1024, 604 MB at B=8 S=1024, so whether they come from a large L3 or
-from DRAM depends on the machine); its GB/s counts the K and V bytes read per call. Sampling is over GPT-2's
+Linear: the 48 block matrices of GPT-2 124M, called in turn as a decode step does (so the weights stream from
+DRAM: 340 MB fp32, 170 MB bf16, 85 MB int8), at 1 and 8 rows, with the cpu kernels forced to each ISA this CPU
+has; "torch" is the best PyTorch of that dtype here (prepacked oneDNN fp32 / bf16 linears, dynamic int8), and
+GB/s counts the weight bytes. torch uses the best ISA it has either way, so on an AVX-512 CPU the avx2 lines
+show what an AVX2-only CPU would run, not a like-for-like ratio.
+
+Attention shapes are GPT-2 124M's too (H 12, D 64). Decode reads the caches of a different layer each call, as
+the model does (12 layers: 75 MB of K and V at B=1 S=1024, 604 MB at B=8 S=1024, so whether they come from a
+large L3 or from DRAM depends on the machine); its GB/s counts the K and V bytes read per call. Sampling is over GPT-2's
 50,257 logits; the "hf" rows are what Hugging Face `generate` does per step (its warpers, then softmax and
 torch.multinomial), for comparison with ANCHORS.md.
 """
@@ -16,7 +22,9 @@ import itertools
 import pytest
 import torch
 
+from aigc_rt import _C
 from aigc_rt.backends import get_backend
+from aigc_rt.format import quantize_int8
 from aigc_rt.sampling import SamplingParams
 
 N_LAYER, H, D, V = 12, 12, 64, 50257
@@ -34,13 +42,15 @@ def measure(benchmark, group: str, impl: str, fn) -> None:
 
 def write_ratio_table(tr):
     tr.write_line("")
-    tr.write_line(f"{'group':<34}{'torch us':>11}{'hf us':>10}{'cpu us':>10}{'torch/cpu':>11}{'cpu GB/s':>10}")
+    tr.write_line(f"{'group':<40}{'torch us':>11}{'hf us':>10}{'cpu us':>10}{'torch/cpu':>11}{'cpu GB/s':>10}")
     for group, r in RESULTS.items():
-        us = {k: f"{v * 1e6:.1f}" for k, v in r.items()}
-        ratio = f"{r['torch'] / r['cpu']:.2f}x" if {"torch", "cpu"} <= r.keys() else "-"
-        gbs = f"{BYTES[group] / r['cpu'] / 1e9:.1f}" if group in BYTES and "cpu" in r else ""
-        tr.write_line(f"{group:<34}{us.get('torch', '-'):>11}{us.get('hf', ''):>10}{us.get('cpu', '-'):>10}"
-                      f"{ratio:>11}{gbs:>10}")
+        for impl in [k for k in r if k.startswith("cpu")] or ["cpu"]:  # one line per cpu kernel (per ISA)
+            name = group + impl[3:]
+            us = {k: f"{v * 1e6:.1f}" for k, v in r.items()}
+            ratio = f"{r['torch'] / r[impl]:.2f}x" if "torch" in r and impl in r else "-"
+            gbs = f"{BYTES[group] / r[impl] / 1e9:.1f}" if group in BYTES and impl in r else ""
+            tr.write_line(f"{name:<40}{us.get('torch', '-'):>11}{us.get('hf', ''):>10}{us.get(impl, '-'):>10}"
+                          f"{ratio:>11}{gbs:>10}")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,6 +61,61 @@ def ratio_table(request):
         return
     with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         write_ratio_table(tr)
+
+
+# -- linear ------------------------------------------------------------------------------------------------
+C = 768  # GPT-2 124M
+
+
+@pytest.fixture(scope="module")
+def block_weights() -> list[torch.Tensor]:
+    """The 48 (out, in) block matrices of a GPT-2 124M-sized stack, fp32."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * N_LAYER
+    return [torch.randn(shape, generator=g) * 0.02 for shape in shapes]
+
+
+def torch_linear(w: torch.Tensor, dtype: str, rows: int):
+    """The fastest PyTorch linear of that dtype on these CPUs (aigc_rt/bench.py measured them in decode)."""
+    if dtype == "int8":
+        q, s = quantize_int8(w)
+        qw = torch.quantize_per_channel(q.float() * s[:, None], s.double(), torch.zeros(len(s), dtype=torch.long),
+                                        0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+    wd = w.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    packed = torch.ops.mkldnn._reorder_linear_weight(wd, rows)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(wd.dtype), packed, None, "none", [], "")
+
+
+def cpu_linear(w: torch.Tensor, dtype: str) -> _C.PackedLinear:
+    if dtype == "int8":
+        q, scale = quantize_int8(w)
+        return BACKENDS["cpu"].prepare_linear(q, None, scale)
+    return BACKENDS["cpu"].prepare_linear(w.to(torch.bfloat16) if dtype == "bf16" else w, None)
+
+
+@pytest.mark.parametrize("impl", ["torch", "avx512", "avx2"])
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_linear(benchmark, block_weights, impl, rows, dtype):
+    x = {K: torch.randn(rows, K, generator=torch.Generator().manual_seed(1)) for K in (C, 4 * C)}
+    group = f"linear {dtype} rows={rows}"
+    BYTES[group] = sum(w.numel() for w in block_weights) * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    if impl == "torch":
+        calls = [(torch_linear(w, dtype, rows), x[w.shape[1]]) for w in block_weights]
+        measure(benchmark, group, "torch", lambda: [f(xi) for f, xi in calls])
+        return
+    _C.set_linear_isa(impl)
+    try:
+        if _C.linear_isa(dtype) != impl:
+            pytest.skip(f"this CPU has no {impl} kernel for {dtype} weights")
+        lins = [cpu_linear(w, dtype) for w in block_weights]
+        calls = [(lin, x[lin.in_features], torch.empty(rows, lin.out_features)) for lin in lins]
+        measure(benchmark, group, f"cpu {impl}",
+                lambda: [_C.linear(xi, lin, False, out) for lin, xi, out in calls])
+    finally:
+        _C.set_linear_isa("auto")
 
 
 # -- attention ---------------------------------------------------------------------------------------------
