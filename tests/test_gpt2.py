@@ -166,6 +166,23 @@ def test_cpu_replay_equals_eager_step(converted, dtype):
     assert len(replay.program) == 3 + 8 * c.n_layer
 
 
+def test_cpu_replay_lives_with_its_cache(rt_odd):
+    """A recorded step holds the cache's tensors, so it must go when the cache goes: after generations end,
+    no recording is left on the backend."""
+    import gc
+    m = aigc_rt.load(rt_odd[0], backend="cpu")
+    cache = m.new_cache(1, 8)
+    with torch.inference_mode():
+        m.prefill(torch.tensor([[1, 2, 3]]), cache)
+        m.decode(torch.tensor([4]), torch.tensor([3]), cache, 4)
+    assert len(m.backend._replays) == 1
+    del cache
+    for _ in range(3):
+        m.generate("hello", max_new_tokens=4)
+    gc.collect()
+    assert len(m.backend._replays) == 0
+
+
 def test_cpu_replay_refuses_a_step_with_torch_ops(rt_odd):
     """A step that does work outside the backend's ops would run it once and never on replay: recording it
     raises, naming the op, and nothing is kept."""
