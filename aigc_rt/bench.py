@@ -165,6 +165,30 @@ class HFEager:
         return Timing(stamps[1] - t0, t1 - stamps[1], out[:, ids.shape[1]:].tolist())
 
 
+# -- PyTorch's prepacked linears (the baselines here and in bench/bench_cpu_ops.py) ------------------------------
+def onednn_linear(w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype, batch: int):
+    """w (out, in) prepacked for oneDNN in `dtype` for `batch` rows (what torch.compile's freezing emits):
+    -> x (batch, in) in `dtype` -> y."""
+    w, b = w.to(dtype), None if b is None else b.to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+def mkl_linear(w: torch.Tensor, b: torch.Tensor | None, batch: int):
+    """fp32 w (out, in) packed for MKL's sgemm: -> x (batch, in) fp32 -> y."""
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(w, batch)
+    return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, batch)
+
+
+def dynq_linear(w: torch.Tensor, b: torch.Tensor | None):
+    """torch's dynamic int8 linear (per-channel symmetric weights, activations quantised per call):
+    -> x fp32 -> y fp32."""
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
+    q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(q, b)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
 class TorchGPT2:
     """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of three prepacked linears."""
 
@@ -174,28 +198,14 @@ class TorchGPT2:
         c = hf.config
         self.n_layer, self.H, self.C = c.n_layer, c.n_head, c.n_embd
         self.wte, self.wpe = sd["wte.weight"].to(self.dtype), sd["wpe.weight"].to(self.dtype)
-        pack = {"onednn": self._onednn, "mkl": self._mkl, "dynq": self._dynq}[linear]
+        pack = {"onednn": lambda w, b, batch: onednn_linear(w, b, self.dtype, batch), "mkl": mkl_linear,
+                "dynq": lambda w, b, batch: dynq_linear(w, b)}[linear]
         self.ln = [(sd[f"h.{i}.{n}.weight"].to(self.dtype), sd[f"h.{i}.{n}.bias"].to(self.dtype))
                    for i in range(c.n_layer) for n in ("ln_1", "ln_2")] + [(sd["ln_f.weight"].to(self.dtype),
                                                                           sd["ln_f.bias"].to(self.dtype))]
         self.lin = [pack(sd[f"h.{i}.{n}.weight"].t().contiguous(), sd[f"h.{i}.{n}.bias"], batch)  # Conv1D: [in, out]
                     for i in range(c.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
         self.head = pack(sd["wte.weight"], None, batch)
-
-    def _onednn(self, w, b, batch):
-        w, b = w.to(self.dtype), None if b is None else b.to(self.dtype)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-
-    def _mkl(self, w, b, batch):
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, batch)
-        return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, batch)
-
-    def _dynq(self, w, b, batch):
-        scale = (w.abs().amax(1) / 127).clamp_min(1e-12).double()
-        q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(q, b)
-        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
     def _forward(self, ids, pos0, k_cache, v_cache):  # ids (B, T) -> last position's logits (B, V)
         B, T = ids.shape

@@ -24,6 +24,7 @@ import torch
 
 from aigc_rt import _C
 from aigc_rt.backends import get_backend
+from aigc_rt.bench import dynq_linear, onednn_linear
 from aigc_rt.format import quantize_int8
 from aigc_rt.sampling import SamplingParams
 
@@ -78,14 +79,10 @@ def block_weights() -> list[torch.Tensor]:
 def torch_linear(w: torch.Tensor, dtype: str, rows: int):
     """The fastest PyTorch linear of that dtype on these CPUs (aigc_rt/bench.py measured them in decode)."""
     if dtype == "int8":
-        q, s = quantize_int8(w)
-        qw = torch.quantize_per_channel(q.float() * s[:, None], s.double(), torch.zeros(len(s), dtype=torch.long),
-                                        0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-        return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
-    wd = w.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
-    packed = torch.ops.mkldnn._reorder_linear_weight(wd, rows)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(wd.dtype), packed, None, "none", [], "")
+        return dynq_linear(w, None)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    f = onednn_linear(w, None, dt, rows)
+    return lambda x: f(x.to(dt))
 
 
 def cpu_linear(w: torch.Tensor, dtype: str) -> _C.PackedLinear:
