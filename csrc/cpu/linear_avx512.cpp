@@ -27,11 +27,6 @@ namespace {
 // bytes ahead of the current position that each panel is prefetched into L1
 constexpr int64_t kPrefetchBytes = 1024;
 
-// A tile of R panels streams R places of the weight at once. For one activation row there is nothing to reuse
-// across panels, and one stream per thread runs faster: measured on the 2-core EPYC (Zen 5) over the 355M
-// model's matrices, when the machine gave ~57 GB/s to torch.sum: R = 1 vs 4 streamed fp32 at 58 vs 57 GB/s,
-// bf16 58 vs 53.5, int8 51 vs 43.5 (int8 also at 2 rows: 47 vs 41); no difference when it gave ~34 GB/s.
-
 template <int R, int M>
 AVX512_F32 inline void store_tile(const Problem& p, int64_t n, int64_t panel, __m512 (&acc)[R][M]) {
 #pragma GCC unroll 4
@@ -48,19 +43,24 @@ AVX512_F32 inline void prefetch(const T* at) {
   _mm_prefetch(reinterpret_cast<const char*>(at) + kPrefetchBytes, _MM_HINT_T0);
 }
 
-// One activation row (M = 1) has no second row to interleave, and a single accumulator per panel chains every
-// multiply-add on the previous one: one 64-byte weight vector per instruction latency. So a row tile keeps
-// kChains accumulators per panel over interleaved k-groups and adds them at the end, and leaves the stream to
-// the hardware prefetchers (the multi-row tiles' software prefetch slowed a lone row down). Measured on the
-// 2-core EPYC (Zen 5), a 124M-sized layer stack at one row, 1 -> 4 chains from L3: fp32 111 -> 124 GB/s, bf16
-// 75 -> 121 (vdpbf16ps's latency was the bound), int8 108 -> 101; without vs with the software prefetch from
-// DRAM (~49 GB/s probed): fp32 53.5 vs 51.5, bf16 52.4 vs 49.1, int8 50.9 vs 43.0 (at 8 rows the prefetch
-// still pays for int8: 25.1 vs 21.8 GB/s).
+// One activation row (M = 1): a tile of R panels streams R places of the weight at once, and with nothing to reuse
+// across panels one stream per thread runs faster, so row tiles take one panel (panels(1) = 1; measured on the
+// 2-core EPYC (Zen 5) over the 355M model's matrices, when the machine gave ~57 GB/s to torch.sum: R = 1 vs 4
+// streamed fp32 at 58 vs 57 GB/s, bf16 58 vs 53.5, int8 51 vs 43.5 (int8 also at 2 rows: 47 vs 41); no difference
+// when it gave ~34 GB/s). With no second row to interleave either, a single accumulator per panel chains every
+// multiply-add on the previous one: one 64-byte weight vector per instruction latency. So a row tile keeps kChains
+// accumulators per panel over interleaved k-groups and adds them at the end, and leaves the stream to the hardware
+// prefetchers (the multi-row tiles' software prefetch slowed a lone row down). Measured on the 2-core EPYC (Zen 5),
+// a 124M-sized layer stack at one row, 1 -> 4 chains from L3: fp32 111 -> 124 GB/s, bf16 75 -> 121 (vdpbf16ps's
+// latency was the bound), int8 108 -> 101; without vs with the software prefetch from DRAM (~49 GB/s probed): fp32
+// 53.5 vs 51.5, bf16 52.4 vs 49.1, int8 50.9 vs 43.0 (at 8 rows the prefetch still pays for int8: 25.1 vs 21.8
+// GB/s).
 constexpr int kChains = 4;
 
 template <int R>
 AVX512_F32 inline void store_row(const Problem& p, int64_t n, int64_t panel, __m512 (&acc)[R][kChains]) {
   __m512 sum[R][1];
+  static_assert(kChains == 4, "the fp32 sum below is a pairwise tree of 4");
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
     sum[r][0] = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
@@ -81,7 +81,8 @@ struct RowSplit {
 
 struct F32Tiles : RowSplit<F32Tiles> {
   static constexpr int kR = 4, kM = 8;
-  static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }  // R * M <= 24 accumulators
+  // R * M <= 24 accumulators
+  static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }
   template <int R>
   AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {
     const int64_t stride = p.groups * kPanel;
@@ -151,7 +152,8 @@ struct Bf16Tiles : RowSplit<Bf16Tiles> {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[g + c]));
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
-          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 2), xv);
+          acc[r][c] =
+              _mm512_dpbf16_ps(acc[r][c], (__m512bh)_mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 2), xv);
       }
     }
     store_row<R>(p, n, panel, acc);
@@ -195,9 +197,9 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
     const float* sx = p.x.sx + n * p.x.blocks;
     constexpr int64_t quads = kInt8Block / 4;
     static_assert(quads % kChains == 0);
-    __m512 acc[R];
+    __m512 acc[R][1];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_setzero_ps();
     for (int64_t b = 0; b < p.x.blocks; ++b) {
       __m512i dot[R][kChains];
 #pragma GCC unroll 16
@@ -214,14 +216,13 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
       const __m512 scale = _mm512_set1_ps(sx[b]);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r]);
+        __m512i sum = dot[r][0];
+#pragma GCC unroll 4
+        for (int c = 1; c < kChains; ++c) sum = _mm512_add_epi32(sum, dot[r][c]);
+        acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[r][0]);
       }
     }
-    __m512 out[R][1];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) out[r][0] = acc[r];
-    store_tile<R, 1>(p, n, panel, out);
+    store_tile<R, 1>(p, n, panel, acc);
   }
 
   template <int R, int M>
