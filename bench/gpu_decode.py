@@ -232,9 +232,15 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
         torch.cuda.empty_cache()
 
 
-def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: int) -> tuple[list[Row], dict]:
+def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: int,
+        tag: str = "") -> tuple[list[Row], dict]:
+    """Measures every configuration; the result files are rewritten after each row, so a run stopped by a
+    time limit keeps the rows it finished."""
     import torch
     bandwidth = measure_bandwidth()
+    meta = dict(device=torch.cuda.get_device_name(), bandwidth_GBps=bandwidth / 1e9, torch=torch.__version__,
+                prompt=prompt, new_tokens=new_tokens, repeats=repeats, date=time.strftime("%Y-%m-%d %H:%M"),
+                tag=tag)
     rows = []
     for size in sizes:
         with tempfile.TemporaryDirectory() as folder:
@@ -253,16 +259,16 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                             secs, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                         rows.append(make_row(size, dtype, batch, system, secs, bandwidth, prompt, new_tokens, error))
                         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), bandwidth_GBps=bandwidth / 1e9, torch=torch.__version__,
-                prompt=prompt, new_tokens=new_tokens, repeats=repeats, date=time.strftime("%Y-%m-%d %H:%M"))
+                        save(rows, meta)
     return rows, meta
 
 
 def save(rows: list[Row], meta: dict, directory: str = RESULTS_DIR) -> str:
-    """Write <directory>/gpu_decode-<device>-<date>.md and .json; returns the .md path."""
+    """Write <directory>/gpu_decode-<device>-<date>[-<tag>].md and .json; returns the .md path."""
     os.makedirs(directory, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"]).strip("-").lower()
-    base = os.path.join(directory, f"gpu_decode-{slug}-{meta['date'][:10]}")
+    tag = "".join(ch if ch.isalnum() or ch in "._" else "-" for ch in meta.get("tag") or "")
+    base = os.path.join(directory, f"gpu_decode-{slug}-{meta['date'][:10]}" + (f"-{tag}" if tag else ""))
     md = (f"# GPT-2 decode on {meta['device']}\n\n{meta['date']}; measured read bandwidth "
           f"{meta['bandwidth_GBps']:.0f} GB/s; torch {meta['torch']}; prompt {meta['prompt']}, "
           f"{meta['new_tokens']} new tokens, greedy, median of {meta['repeats']}.\n\n{format_table(rows)}\n\n"
@@ -283,6 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tag", default="", help="appended to the result files' names")
     a = ap.parse_args(argv)
     sizes, dtypes, systems = a.sizes.split(","), a.dtypes.split(","), a.systems.split(",")
     for name, values, known in (("size", sizes, SIZES), ("dtype", dtypes, ITEMSIZE), ("system", systems, SYSTEMS)):
@@ -293,7 +300,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     rows, meta = run(sizes, [int(b) for b in a.batches.split(",")], dtypes, systems, a.prompt, a.new_tokens,
-                     a.repeats)
+                     a.repeats, a.tag)
     print(f"\n{format_table(rows)}\n" + "\n".join(verdicts(rows)) + f"\nsaved {save(rows, meta)}")
     return 0
 
