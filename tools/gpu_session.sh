@@ -50,7 +50,7 @@ case "${1:-}" in
     cp bench/results/*.md "$OUT/" 2>/dev/null || true
     ;;
   all)  # about 8 minutes at most, each step under its own limit; partial results survive a limit
-    timeout 150 bash "$0" build
+    timeout 150 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
     timeout 130 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 timeout 120 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     TAG=large SIZES=1.5B,774M BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-step,hf-eager timeout 80 bash "$0" decode \
