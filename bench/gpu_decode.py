@@ -183,17 +183,19 @@ def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: 
     model.generation_config.eos_token_id = None
     ids = prompts.cuda()
     kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    if compiled:  # HF's documented recipe: static KV cache + compiled forward
-        torch._dynamo.reset()
-        kw["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    if compiled:  # HF's recipe (transformers >= 4.48): with a static KV cache, generate() compiles the decoding
+        torch._dynamo.reset()  # forward itself (torch.compile, mode "reduce-overhead": CUDA graphs). Compiling
+        kw["cache_implementation"] = "static"  # model.forward on top of that fails on replayed outputs.
     try:
         with torch.inference_mode():
-            return step_seconds(lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw),
+            secs = step_seconds(lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw),
                                 new_tokens, repeats)
+        if compiled and getattr(model, "_compiled_call", None) is None:
+            raise RuntimeError("transformers did not compile the decoding step (no static-cache auto-compile)")
+        return secs
     finally:
-        if compiled:
-            del model.forward  # back to the class's forward
+        for attr in ("_compiled_call", "_last_compile_config", "_cache"):  # a fresh compile per configuration
+            model.__dict__.pop(attr, None)
         model.to("cpu", torch.float32)
         torch.cuda.empty_cache()
 

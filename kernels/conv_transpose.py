@@ -128,9 +128,11 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
 
 def conv_transpose2d_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                                padding: int = 0, output_padding: int = 0, act: str = "none") -> torch.Tensor:
-    """Plain PyTorch, fp32: F.conv_transpose2d without padding, cropped by `padding` and extended by
+    """Plain PyTorch, fp32 (not TF32, also on a GPU): F.conv_transpose2d without padding, cropped by `padding` and extended by
     `output_padding` as the definition says (torch's own padded path rejects some paddings), + bias, act."""
-    full = F.pad(F.conv_transpose2d(x.float(), w.float(), None, stride), (0, output_padding, 0, output_padding))
+    from aigc_rt.backends.torch_backend import fp32_convolutions  # cuDNN's default for fp32 is TF32
+    with fp32_convolutions():
+        full = F.pad(F.conv_transpose2d(x.float(), w.float(), None, stride), (0, output_padding, 0, output_padding))
     h, wd = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
     y = full[:, :, padding:padding + h, padding:padding + wd]
     if bias is not None:

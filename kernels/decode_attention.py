@@ -127,6 +127,54 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o
 
 
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, H, S, k_sb, k_sh, v_sb, v_sh,
+                     kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    pos = tl.load(pos_ptr + b)
+    if (pos >= 0) & (pos < S):  # never outside the cache, whatever positions holds
+        dims = tl.arange(0, BLOCK_D)
+        in_d = dims < HEAD_DIM
+        b64, h64 = b.to(tl.int64), h.to(tl.int64)
+        k = tl.load(k_ptr + b64 * k_sb + h64 * k_sh + dims, mask=in_d)
+        v = tl.load(v_ptr + b64 * v_sb + h64 * v_sh + dims, mask=in_d)
+        tl.store(kc_ptr + b64 * kc_sb + h64 * kc_sh + pos * kc_ss + dims, cast_rne(k, kc_ptr.dtype.element_ty),
+                 mask=in_d)
+        tl.store(vc_ptr + b64 * vc_sb + h64 * vc_sh + pos * vc_ss + dims, cast_rne(v, vc_ptr.dtype.element_ty),
+                 mask=in_d)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """A decode step's keys and values into the cache, in one launch: k_cache[b, :, positions[b]] = k[b] (and
+    v), rounded to the cache's dtype (to nearest even). Caches (B, H, S, D) fp32 | bf16 | fp16 (e.g. views
+    cache.k[layer]); k, v (B, H, D) fp32 (strided views of the qkv projection are fine); positions (B,) int
+    on the device. A position outside [0, S) writes nothing."""
+    check_tensor("k", k, 3, (torch.float32,), None, last_contiguous=True)
+    dev = k.device
+    B, H, D = k.shape
+    check_tensor("v", v, 3, (torch.float32,), dev, last_contiguous=True)
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}, k has {tuple(k.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, 4, FLOAT_DTYPES, dev, last_contiguous=True)
+        if t.shape[:2] != (B, H) or t.shape[3] != D:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, S, {D}) to match k")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
+    check_tensor("positions", positions, 1, (torch.int64, torch.int32), dev)
+    if positions.shape[0] != B or not positions.is_contiguous():
+        raise ValueError(f"positions must be a contiguous ({B},) tensor, got {tuple(positions.shape)}")
+    if B * H == 0 or D == 0:
+        return
+    _write_kv_kernel[(B * H,)](
+        k, v, positions, k_cache, v_cache, H, k_cache.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=1)
+
+
 def reference(q, k_cache, v_cache, lengths):
     """Plain-PyTorch fp32, row by row over exactly its first lengths[b] positions (nothing past them read)."""
     rows = []

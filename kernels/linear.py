@@ -12,12 +12,19 @@ Two kernels, picked by the number of rows M (GEMV_MAX_M):
   batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once.
 - _gemv_kernel: batch-1 decode, y = W x as a broadcast multiply + row sums over narrow row blocks (more
   programs in flight than a 16-row dot tile gives; bench/bench_triton.py measures both against cuBLAS).
+Decode (GEMV, and the GEMM at M <= 16) is bound by how many weight bytes are in flight, which depends on the
+shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a few block shapes (compiled
+once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
+shapes of utils.gemv_settings / linear_settings instead. Prefill (M > 16) uses fixed GEMM tiles.
 Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_tensor, device_fn, dot, gelu_tanh,
@@ -79,6 +86,33 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_
     tl.store(y_ptr + row * y_stride + cols, y, mask=cols < N)
 
 
+def _quick_bench(fn, quantiles):
+    """The autotuner's timer: medians over ~10 ms per candidate (triton's default spends ~125 ms)."""
+    return triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles)
+
+
+def _no_wider_than_k(configs, named_args, **kwargs):
+    """Drop candidates whose K block is wider than the whole row (they only add masked lanes)."""
+    widest = max(64, triton.next_power_of_2(named_args["K"]))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= widest] or configs[:1]
+
+
+# (BLOCK_N, BLOCK_K, num_warps): from 4-row blocks that give many programs to 16-row blocks with long loads
+_GEMV_CONFIGS = [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8), (16, 1024, 8)]
+# (BLOCK_N, BLOCK_K, num_stages) for the 16-row dot tile, num_warps 4
+_SMALL_M_CONFIGS = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 3), (64, 64, 6)]
+AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
+_gemv_tuned = triton.autotune(
+    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_CONFIGS], key=["N", "K"],
+    prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+)(_gemv_kernel)
+_small_m_tuned = triton.autotune(
+    [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=st)
+     for n, k, st in _SMALL_M_CONFIGS], key=["N", "K"],
+    prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+)(_linear_kernel)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
            scale: torch.Tensor | None = None, out=None, kernel: str | None = None) -> torch.Tensor:
     """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> (..., N) fp32; scale (N,)
@@ -116,8 +150,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     scales = w if scale is None else scale
     flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh")
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
-        s = gemv_settings(N, w.dtype, dev)
-        _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags, **s)
+        if AUTOTUNE:
+            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
+                x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags)
+        else:
+            s = gemv_settings(N, w.dtype, dev)
+            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags,
+                                                            **s)
+    elif AUTOTUNE and M <= 16:
+        _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1)](
+            x2, w, scales, bias, y, M, N, K, x2.stride(0), K, N, **flags, WIDEN_DOT=False)
     else:
         s = linear_settings(M, N, dev)
         grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]))

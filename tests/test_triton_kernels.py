@@ -208,6 +208,32 @@ def test_attention_decode_matches_torch_backend():
     assert_close(got, TorchBackend(DEV).attention_decode(q, k_cache, v_cache, lens, 21), 2e-5, 2e-5, "vs torch")
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_write_kv_matches_torch_backend(cache_dtype):
+    """The decode step's keys and values land where the torch backend's write_kv puts them, bitwise (bf16
+    rounded to nearest even, like .to()), from strided views of a qkv buffer; nothing else in the cache
+    changes, and a position past the cache writes nothing."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    B, H, S, D = 3, 5, 19, 48
+    qkv = randn(B, 3, H, D, seed=8) * 300  # large values: bf16 rounding of the low bits shows
+    k, v = qkv[:, 1], qkv[:, 2]  # (B, H, D), strides (3HD, D, 1)
+    positions = torch.tensor([0, 18, 7], device=DEV)
+    start = randn(B, H, S, D, seed=9, dtype=cache_dtype)
+    want_k, want_v = start.clone(), start.clone() + 1
+    TorchBackend(DEV).write_kv(want_k, want_v, positions, k, v)
+    got_k, got_v = start.clone(), start.clone() + 1
+    decode_attention.write_kv(got_k, got_v, positions, k, v)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), \
+        f"max diff k {(got_k - want_k).abs().max():.3g}, v {(got_v - want_v).abs().max():.3g}"
+    untouched = start.clone()
+    decode_attention.write_kv(untouched, untouched.clone(), torch.tensor([S, -1, S + 5], device=DEV), k, v)
+    assert torch.equal(untouched, start)
+    with pytest.raises(ValueError, match="k_cache has shape"):
+        decode_attention.write_kv(got_k[:, :4], got_v[:, :4], positions, k, v)
+    with pytest.raises(ValueError, match="positions must be a contiguous"):
+        decode_attention.write_kv(got_k, got_v, positions[:2], k, v)
+
+
 # -- sampling ---------------------------------------------------------------------------------------------
 # The kernel draws exactly the reference's token unless u lies within float rounding of a CDF boundary
 # (both compute the same sums in different orders). CDF_EPS bounds that rounding: fp32 sums over at most

@@ -3,12 +3,13 @@
 # the GPU benchmarks. A session has about 15 minutes of device time in all (machine start included) and 10
 # minutes per call, so the first call should be `all` (about 8 minutes, each step under its own timeout):
 #
-#   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 774M/1.5B b1; bf16)
+#   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 1.5B b1; bf16) + profile
 #   bash tools/gpu_session.sh build      # pip install -e . (no deps, no isolation); COMPILE_CHECK=1: sm_90 check
 #   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU
 #   bash tools/gpu_session.sh decode     # GPT-2 decode: HF eager / HF static cache + compile / ours
 #                                        #   (SIZES, BATCHES, DTYPES narrow it; the full table is ~4 sizes x 2
 #                                        #   dtypes x 2 batches x 4 systems: several calls' worth)
+#   bash tools/gpu_session.sh profile    # a decode step's kernels; our linears (autotuned/fixed) vs cuBLAS
 #   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA) and DCGAN benchmarks
 #
 # Logs and result files go to $OUT (the device tool brings that folder back) and bench/results/.
@@ -45,8 +46,12 @@ case "${1:-}" in
     TAG=${TAG:-}
     PYTHONUNBUFFERED=1 $PY bench/gpu_decode.py --sizes "${SIZES:-124M,355M,774M,1.5B}" --batches "${BATCHES:-1,8}" \
       --dtypes "${DTYPES:-fp32,bf16}" --systems "${SYSTEMS:-hf-eager,hf-compile,triton,triton-step}" --tag "$TAG" \
-      2>&1 | tee "$OUT/gpu_decode${TAG:+-$TAG}.txt"
+      2>&1 | tee -a "$OUT/gpu_decode.txt"
     cp bench/results/gpu_decode-*"${TAG:+-$TAG}".{md,json} "$OUT/" 2>/dev/null || true
+    ;;
+  profile)  # where a decode step's time goes; our linears (autotuned / fixed) against cuBLAS
+    PYTHONUNBUFFERED=1 $PY bench/gpu_profile.py --sizes "${SIZES:-124M,1.5B}" 2>&1
+    cp bench/results/gpu_profile-*.md "$OUT/" 2>/dev/null || true
     ;;
   kernels)  # the decode table is the `decode` step's, not repeated here
     $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable -k "not gpt2_decode_table" 2>&1 \
@@ -54,13 +59,20 @@ case "${1:-}" in
     cp bench/results/*.md "$OUT/" 2>/dev/null || true
     ;;
   all)  # about 8 minutes at most, each step under its own limit; partial results survive a limit
-    timeout 150 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
+    date +"%T start"
+    timeout 100 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
     (cd /tmp && $PY -c "import aigc_rt.kernels") 2>/dev/null || source_tree_fallback
-    timeout 130 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
-    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 timeout 120 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
-    TAG=large SIZES=1.5B,774M BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-step,hf-eager timeout 80 bash "$0" decode \
-      || echo "gpu_session: decode 1.5B/774M failed" >&2
-    cp bench/results/gpu_decode-*.{md,json} "$OUT/" 2>/dev/null || true  # rows saved before a time limit
+    date +"%T built"
+    timeout 110 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
+    date +"%T tested"
+    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 timeout 110 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
+    date +"%T decode 124M"
+    timeout 110 bash "$0" profile || echo "gpu_session: profile failed" >&2
+    date +"%T profile"
+    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-step timeout 55 bash "$0" decode \
+      || echo "gpu_session: decode 1.5B failed" >&2
+    date +"%T decode 1.5B"
+    cp bench/results/gpu_decode-*.{md,json} bench/results/gpu_profile-*.md "$OUT/" 2>/dev/null || true
     ;;
   *)
     echo "usage: bash tools/gpu_session.sh all|build|test|decode|kernels" >&2

@@ -6,6 +6,7 @@ written into (and returned). Models pass it on the decode path so that a step al
 the result is computed and then copied, which is enough for a reference."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,19 @@ class Linear:
 def check_activation(act) -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; choose one of {ACTIVATIONS}")
+
+
+@contextlib.contextmanager
+def fp32_convolutions():
+    """cuDNN runs float32 convolutions in TF32 unless told otherwise (torch.backends.cudnn.allow_tf32 is on by
+    default), ~1e-3 relative error: the reference backend's convolutions, and the references of our
+    kernels, run in full fp32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
@@ -152,7 +166,8 @@ class TorchBackend:
     def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str) -> torch.Tensor:
         """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32, with
         H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh"."""
-        y = F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
+        with fp32_convolutions():
+            y = F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
         return CONV_ACTIVATIONS[act](y, None)
 
     def prepare_conv2d(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> Conv:
@@ -161,7 +176,9 @@ class TorchBackend:
     def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2) -> torch.Tensor:
         """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32; act "none",
         "leaky_relu" (negative slope leaky_slope) or "sigmoid"."""
-        return CONV_ACTIVATIONS[act](F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding), leaky_slope)
+        with fp32_convolutions():
+            y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+        return CONV_ACTIVATIONS[act](y, leaky_slope)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,
                seen: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:

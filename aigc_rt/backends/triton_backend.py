@@ -44,6 +44,9 @@ class TritonBackend(TorchBackend):
     def attention_prefill(self, q, k, v, *, out=None):
         return attention.attention_prefill(q, k, v, out=out)
 
+    def write_kv(self, k_cache, v_cache, positions, k, v):
+        decode_attention.write_kv(k_cache, v_cache, positions, k, v)
+
     def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
         return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
 

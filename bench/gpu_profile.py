@@ -1,0 +1,182 @@
+"""Where a GPT-2 decode step's time goes on a GPU, and the linear kernels against cuBLAS (issue 6).
+
+    python bench/gpu_profile.py [--sizes 124M,1.5B] [--dtype bf16] [--batch 1]
+
+For each size (random-init weights of the real shapes, as bench/gpu_decode.py makes them):
+1. The step: median ms of a CUDA-graph-replayed decode step (what generate() runs), and the kernels of the
+   same step run eagerly under torch.profiler: launches per step, device us per step, share. Replayed step
+   time minus the kernels' sum is what launches and gaps between kernels cost inside the graph.
+2. The linears of the step at M = batch and M = 8: our kernel autotuned (the default), our kernel with the fixed
+   block shapes (AIGC_RT_AUTOTUNE=0), and cuBLAS (F.linear in the weight dtype), each as a CUDA graph of one
+   call per copy of the weight over enough copies (>= 256 MiB) that the L2 cache never holds the next one,
+   as in a decode step. Reported: us per call, GB/s of weight read, % of the measured read bandwidth.
+Prints markdown tables; writes them to bench/results/gpu_profile-<device>-<date>.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_decode  # noqa: E402  (the model shapes, the checkpoint maker and the bandwidth probe)
+
+import aigc_rt  # noqa: E402
+from aigc_rt.kernels import linear as triton_linear  # noqa: E402
+
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def graph_time(fns, repeats: int = 20) -> float:
+    """Median seconds of one replay of a CUDA graph that runs every fn once (after an eager warm-up)."""
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def step_profile(m, batch: int, prompt: int = 32, steps: int = 5) -> tuple[float, list[tuple[str, float, float]]]:
+    """(replayed step seconds, [(kernel, launches per step, device us per step)]) at context ~prompt."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device="cuda")
+    cache = m.new_cache(batch, prompt + 64)
+    with torch.inference_mode():
+        tok = m.head(m.prefill(ids, cache)[:, -1]).argmax(-1)
+        pos = torch.full((batch,), prompt, device="cuda")
+        m.decode(tok, pos, cache, prompt + 1)  # captures
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                m.decode(tok, pos, cache, prompt + 1)  # same position: a fixed context
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / 10)
+        replayed = statistics.median(times)
+        m.backend.decode_graph.capture = False
+        m.backend.decode_graph.entries.clear()
+        for _ in range(3):
+            m.decode(tok, pos, cache, prompt + 1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                m.decode(tok, pos, cache, prompt + 1)
+            torch.cuda.synchronize()
+        m.backend.decode_graph.capture = True
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0 and not e.key.startswith(("aten::", "cuda")):
+            rows.append((e.key[:60], e.count / steps, us / steps))
+    return replayed, sorted(rows, key=lambda r: -r[2])
+
+
+def linear_rows(m, M: int, bandwidth: float) -> list[str]:
+    """One table row per distinct linear shape of the model: ours tuned / ours fixed / cuBLAS."""
+    blk = m.blocks[0]
+    shapes = {"qkv": blk.qkv, "proj": blk.proj, "fc": blk.fc, "mlp_proj": blk.mlp_proj, "lm_head": m.lm_head}
+    out = []
+    for name, lin in shapes.items():
+        w, b, s = lin.weight, lin.bias, lin.scale
+        N, K = w.shape
+        nbytes = w.numel() * w.element_size()
+        copies = max(2, min(64, -(-(256 << 20) // nbytes)))
+        ws = [w.clone() for _ in range(copies)]
+        x = torch.randn(M, K, device="cuda")
+        ys = [torch.empty(M, N, device="cuda") for _ in range(2)]
+        act = "gelu_tanh" if name == "fc" else None
+        secs = {}
+        for mode in ("tuned", "fixed"):
+            triton_linear.AUTOTUNE = mode == "tuned"
+            secs[mode] = graph_time([lambda w_=w_, i=i: triton_linear.linear(x, w_, b, act, scale=s, out=ys[i % 2])
+                                     for i, w_ in enumerate(ws)]) / copies
+        triton_linear.AUTOTUNE = True
+        if s is None:
+            xw = x.to(w.dtype)
+            secs["cuBLAS"] = graph_time([lambda w_=w_: F.linear(xw, w_) for w_ in ws]) / copies
+        cells = []
+        for mode in ("tuned", "fixed", "cuBLAS"):
+            if mode in secs:
+                gbps = nbytes / secs[mode] / 1e9
+                cells.append(f"{1e6 * secs[mode]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
+            else:
+                cells.append("-")
+        kern = triton_linear._gemv_tuned if M <= triton_linear.GEMV_MAX_M else triton_linear._small_m_tuned
+        best = [str(c) for k, c in kern.cache.items() if k[:2] == (N, K)]
+        out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} |")
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="124M,1.5B")
+    ap.add_argument("--dtype", default="bf16", choices=list(TORCH_DTYPE))
+    ap.add_argument("--batch", type=int, default=1)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    bandwidth = gpu_decode.measure_bandwidth()
+    device = torch.cuda.get_device_name()
+    lines = [f"# Decode step profile on {device}", "",
+             f"{time.strftime('%Y-%m-%d %H:%M')}; {a.dtype}; measured read bandwidth {bandwidth / 1e9:,.0f} GB/s; "
+             f"torch {torch.__version__}.", ""]
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
+    path = os.path.join(gpu_decode.RESULTS_DIR, f"gpu_profile-{slug}-{time.strftime('%Y-%m-%d')}.md")
+    os.makedirs(gpu_decode.RESULTS_DIR, exist_ok=True)
+    for size in a.sizes.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            gpu_decode.hf_checkpoint(size, folder)
+            m = aigc_rt.load(aigc_rt.convert(folder, os.path.join(folder, "m.safetensors"), dtype=a.dtype),
+                             device="cuda", backend="triton")
+        lines += [f"## GPT-2 {size}, batch {a.batch}", ""]
+        try:
+            replayed, kernels = step_profile(m, a.batch)
+            total = sum(us for _, _, us in kernels)
+            lines += [f"Replayed step {1e3 * replayed:.3f} ms; its kernels run eagerly sum to {total / 1e3:.3f} ms "
+                      f"({sum(n for _, n, _ in kernels):.0f} launches).", "",
+                      "| kernel | launches/step | us/step | share |", "|---|---|---|---|"]
+            lines += [f"| {k} | {n:.0f} | {us:.1f} | {100 * us / total:.1f}% |" for k, n, us in kernels[:14]]
+        except Exception as e:  # a failing part is a line of the report, not the end of the run
+            lines.append(f"step profile failed: {type(e).__name__}: {e}")
+        lines += ["", "| linear | M | N x K | ours (autotuned) | ours (fixed shapes) | cuBLAS | tuned config |",
+                  "|---|---|---|---|---|---|---|"]
+        for M in sorted({a.batch, 8}):
+            try:
+                lines += linear_rows(m, M, bandwidth)
+            except Exception as e:
+                lines.append(f"| linears at M={M} failed: {type(e).__name__}: {str(e)[:200]} |")
+        lines.append("")
+        print("\n".join(lines), flush=True)
+        with open(path, "w") as f:  # after each size: a time limit keeps what was measured
+            f.write("\n".join(lines) + "\n")
+        del m
+        torch.cuda.empty_cache()
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
