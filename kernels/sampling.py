@@ -124,29 +124,37 @@ def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
     seen_ptr += row * seen_stride
-    # pass 1: finiteness; greedy: first argmax; sampling: max z, min key, online sum of exp(z - max z)
-    n_bad = 0
-    best = float("-inf")
-    token = 0
+    # pass 1: finiteness; greedy: first argmax; sampling: max z, min key, online sum of exp(z - max z).
+    # Per-lane running values (one reduction after the loop) where the order of the work cannot change a
+    # result: counts, maxima, minima and the first argmax; the sum stays a per-block reduction.
+    lanes = tl.arange(0, BLOCK)
+    n_bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    arg = tl.full((BLOCK,), V, dtype=tl.int32)  # the first column holding each lane's best (V: none yet)
     z_max = float("-inf")
     z_sum = 0.0
-    key_min = tl.full((), 0x7FFFFFFF, dtype=tl.int64)
+    key_min = tl.full((BLOCK,), 0x7FFFFFFF, dtype=tl.int64)
     for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + lanes
         valid = cols < V
         raw, x = _load_z(logits_ptr, seen_ptr, cols, valid, penalty, temperature, HAS_PENALTY, DO_SAMPLE)
-        n_bad += tl.sum(((raw != raw) | (tl.abs(raw) == float("inf"))).to(tl.int32), axis=0)
+        n_bad += ((raw != raw) | (tl.abs(raw) == float("inf"))).to(tl.int32)
         x = tl.where(valid, x, float("-inf"))
-        block_max = tl.max(x, axis=0)
         if DO_SAMPLE:
+            block_max = tl.max(x, axis=0)
             new_max = tl.maximum(z_max, block_max)
             z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
             z_max = new_max
-            key_min = tl.minimum(key_min, tl.min(tl.where(valid, _key(x), 0x7FFFFFFF), axis=0))
+            key_min = tl.minimum(key_min, tl.where(valid, _key(x), 0x7FFFFFFF))
         else:
-            block_arg = tl.min(tl.where(x == block_max, cols, V), axis=0)  # first max of the block
-            token = tl.where(block_max > best, block_arg, token)  # strict: an earlier max wins
-            best = tl.maximum(best, block_max)
+            better = x > best  # strict: a lane keeps its earlier column on a tie
+            arg = tl.where(better, cols, arg)
+            best = tl.where(better, x, best)
+    n_bad = tl.sum(n_bad, axis=0)
+    key_min = tl.min(key_min, axis=0)
+    top = tl.max(best, axis=0)
+    token = tl.min(tl.where(best == top, arg, V), axis=0)  # the first column over all lanes
+    token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
     if DO_SAMPLE:
         floor = key_min  # every token kept
         total = z_sum
@@ -188,7 +196,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     tokens = check_out(out, (B,), torch.int64, dev)
     if B == 0:
         return tokens
-    s = sampling_settings(V)
+    s = sampling_settings(V, params.do_sample)
     _sample_kernel[(B,)](
         logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0),
         float(params.temperature), float(params.top_k), float(params.top_p), float(params.repetition_penalty),

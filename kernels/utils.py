@@ -99,12 +99,14 @@ def row_settings(n: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def sampling_settings(V: int) -> dict:
+def sampling_settings(V: int, do_sample: bool = True) -> dict:
     """Block of the vocabulary streamed per step and pivots per search pass for sampling.py (one program
-    per row; several blocks per row even at test sizes, so the carried state is exercised)."""
+    per row; several blocks per row even at test sizes, so the carried state is exercised). Greedy keeps
+    per-lane state only (no reduction inside its loop), so it takes 4x longer blocks: fewer dependent
+    iterations over a 50k vocabulary."""
     if INTERPRETER:
         return dict(BLOCK=1024, N_PIVOTS=64, num_warps=1)
-    return dict(BLOCK=min(1024, triton.next_power_of_2(V)), N_PIVOTS=16, num_warps=8)
+    return dict(BLOCK=min(1024 if do_sample else 4096, triton.next_power_of_2(V)), N_PIVOTS=16, num_warps=8)
 
 
 def linear_settings(M: int, N: int, device: torch.device) -> dict:

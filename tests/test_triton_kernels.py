@@ -311,11 +311,14 @@ def test_sample_matches_reference(sample_inputs, params):
 
 def test_sample_multi_block_rows_and_out():
     """Rows several kernel blocks long (V = 2500 > the interpreter's block of 1024) with top-k/top-p
-    thresholds in a later block and a greedy tie across blocks (the first wins); out= is written in place."""
+    thresholds in a later block and greedy ties across blocks (the first column wins, whichever lane of the
+    block holds it: greedy keeps a running best per lane); out= is written in place."""
     V = 2500
     logits = randn(6, V, seed=9, scale=2)
     logits[:, 2000:2010] += 6  # the kept tokens live in the third block
-    logits[0, [100, 2100]] = 50.0
+    logits[0, [100, 2100]] = 50.0  # lanes 100 and 52 of 1024
+    logits[1, [52, 1076, 2100]] = 50.0  # one lane (52), three blocks
+    logits[3, [1000, 1030]] = 50.0  # the first column sits in the later lane
     u = torch.tensor([uniform(5, j, 0) for j in range(6)], device=DEV)
     out = torch.empty(6, dtype=torch.int64, device=DEV)
     for params in (SamplingParams(do_sample=True, top_k=7, top_p=0.9), SamplingParams()):

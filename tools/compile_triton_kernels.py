@@ -23,7 +23,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from aigc_rt.kernels import attention, conv_transpose, decode_attention, layernorm, linear, sampling  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty"}
-FIXED_POINTERS = {"len_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
+FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
 W16 = {"w_ptr": "*bf16"}
 W8 = {"w_ptr": "*i8"}
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
@@ -36,6 +36,7 @@ VARIANTS = [
     (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=False, BLOCK_C=1024), 4),
     (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=8, BLOCK_K=256), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=16, BLOCK_K=1024), 8),
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
@@ -61,7 +62,9 @@ VARIANTS = [
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,
                                                BLOCK=1024, N_PIVOTS=16), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
-                                               DO_TOP_P=False, BLOCK=1024, N_PIVOTS=16), 8),
+                                               DO_TOP_P=False, BLOCK=4096, N_PIVOTS=16), 8),
+    (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
+     dict(HEAD_DIM=64, BLOCK_D=64), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
      dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
