@@ -32,7 +32,8 @@ SIZES = {  # name -> (n_layer, n_embd, n_head); vocab 50,257, context 1,024
     "124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1.5B": (48, 1600, 25)}
 VOCAB, CONTEXT = 50257, 1024
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
-SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step")  # triton-step: the decode step without generate()
+# triton-step: the decode step without generate(); "-pdl": with programmatic dependent launch (AIGC_RT_PDL)
+SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step", "triton-pdl", "triton-step-pdl")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -200,14 +201,18 @@ def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: 
         torch.cuda.empty_cache()
 
 
-def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool) -> float:
+def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool,
+               pdl: bool = False) -> float:
     """generate() through the public API; with steps_only, the decode step alone: prefill, then decode +
     greedy sample per token with the tokens fed back on the device and no host sync until the end (what a
-    generation loop without per-token host work would reach)."""
+    generation loop without per-token host work would reach). pdl: kernels launched with programmatic
+    dependent launch."""
     import torch
 
     import aigc_rt
+    from aigc_rt.kernels import utils
     from aigc_rt.sampling import SamplingParams
+    utils.PDL_REQUESTED = pdl
     with tempfile.TemporaryDirectory() as tmp:
         m = aigc_rt.load(aigc_rt.convert(folder, os.path.join(tmp, "m.safetensors"), dtype=dtype), device="cuda",
                          backend="triton")
@@ -230,6 +235,7 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
     try:
         return step_seconds(steps if steps_only else generate, new_tokens, repeats)
     finally:
+        utils.PDL_REQUESTED = False
         del m
         torch.cuda.empty_cache()
 
@@ -253,7 +259,8 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                     for system in systems:
                         try:
                             if system.startswith("triton"):
-                                secs = run_triton(folder, dtype, prompts, new_tokens, repeats, system == "triton-step")
+                                secs = run_triton(folder, dtype, prompts, new_tokens, repeats,
+                                                  system.startswith("triton-step"), system.endswith("-pdl"))
                             else:
                                 secs = run_hf(model, dtype, prompts, new_tokens, repeats, system == "hf-compile")
                             error = None

@@ -3,9 +3,10 @@
     python bench/gpu_profile.py [--sizes 124M,1.5B] [--dtype bf16] [--batch 1]
 
 For each size (random-init weights of the real shapes, as bench/gpu_decode.py makes them):
-1. The step: median ms of a CUDA-graph-replayed decode step (what generate() runs), and the kernels of the
-   same step run eagerly under torch.profiler: launches per step, device us per step, share. Replayed step
-   time minus the kernels' sum is what launches and gaps between kernels cost inside the graph.
+1. The step: median ms of a CUDA-graph-replayed decode step (what generate() runs), also with the kernels
+   launched as programmatic dependent launches (AIGC_RT_PDL=1), and the kernels of the same step run eagerly
+   under torch.profiler: launches per step, device us per step, share. Replayed step time minus the kernels'
+   sum is what launches and gaps between kernels cost inside the graph.
 2. The linears of the step at M = batch and M = 8: our kernel autotuned (the default), our kernel with the fixed
    block shapes (AIGC_RT_AUTOTUNE=0), and cuBLAS (F.linear in the weight dtype), each as a CUDA graph of one
    call per copy of the weight over enough copies (>= 256 MiB) that the L2 cache never holds the next one,
@@ -54,24 +55,39 @@ def graph_time(fns, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def step_profile(m, batch: int, prompt: int = 32, steps: int = 5) -> tuple[float, list[tuple[str, float, float]]]:
-    """(replayed step seconds, [(kernel, launches per step, device us per step)]) at context ~prompt."""
+def replayed_step_seconds(m, tok, pos, cache, max_len: int) -> float:
+    """Median seconds of a CUDA-graph-replayed decode step (captured anew), 10 steps per host sync."""
+    m.backend.decode_graph.entries.clear()
+    m.decode(tok, pos, cache, max_len)  # captures
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        for _ in range(10):
+            m.decode(tok, pos, cache, max_len)  # same position: a fixed context
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / 10)
+    return statistics.median(times)
+
+
+def step_profile(m, batch: int, prompt: int = 32,
+                 steps: int = 5) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """(replayed step seconds, the same with programmatic dependent launch, [(kernel, launches per step,
+    device us per step)]) at context ~prompt."""
     from torch.profiler import ProfilerActivity, profile
+
+    from aigc_rt.kernels import utils
     ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device="cuda")
     cache = m.new_cache(batch, prompt + 64)
     with torch.inference_mode():
         tok = m.head(m.prefill(ids, cache)[:, -1]).argmax(-1)
         pos = torch.full((batch,), prompt, device="cuda")
-        m.decode(tok, pos, cache, prompt + 1)  # captures
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                m.decode(tok, pos, cache, prompt + 1)  # same position: a fixed context
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) / 10)
-        replayed = statistics.median(times)
+        replayed = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
+        utils.PDL_REQUESTED = True
+        try:
+            with_pdl = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
+        finally:
+            utils.PDL_REQUESTED = False
         m.backend.decode_graph.capture = False
         m.backend.decode_graph.entries.clear()
         for _ in range(3):
@@ -89,7 +105,7 @@ def step_profile(m, batch: int, prompt: int = 32, steps: int = 5) -> tuple[float
             us = getattr(e, "self_cuda_time_total", 0.0)
         if us > 0 and not e.key.startswith(("aten::", "cuda")):
             rows.append((e.key[:60], e.count / steps, us / steps))
-    return replayed, sorted(rows, key=lambda r: -r[2])
+    return replayed, with_pdl, sorted(rows, key=lambda r: -r[2])
 
 
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
@@ -153,9 +169,10 @@ def main(argv=None) -> int:
                              device="cuda", backend="triton")
         lines += [f"## GPT-2 {size}, batch {a.batch}", ""]
         try:
-            replayed, kernels = step_profile(m, a.batch)
+            replayed, with_pdl, kernels = step_profile(m, a.batch)
             total = sum(us for _, _, us in kernels)
-            lines += [f"Replayed step {1e3 * replayed:.3f} ms; its kernels run eagerly sum to {total / 1e3:.3f} ms "
+            lines += [f"Replayed step {1e3 * replayed:.3f} ms ({1e3 * with_pdl:.3f} ms with programmatic dependent "
+                      f"launch); its kernels run eagerly sum to {total / 1e3:.3f} ms "
                       f"({sum(n for _, n, _ in kernels):.0f} launches).", "",
                       "| kernel | launches/step | us/step | share |", "|---|---|---|---|"]
             lines += [f"| {k} | {n:.0f} | {us:.1f} | {100 * us / total:.1f}% |" for k, n, us in kernels[:14]]

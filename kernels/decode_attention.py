@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_out, check_tensor, decode_settings
+from .utils import FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_out, check_tensor, decode_settings, pdl_begin, pdl_options
 
 LOG2E = 1.4426950408889634
 
@@ -29,7 +29,8 @@ LOG2E = 1.4426950408889634
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, H, S, qk_scale,
                          q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                          HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -68,7 +69,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
 @triton.jit
 def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o_sh, N_SPLITS,
                          HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -119,17 +121,20 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(B * H, n_splits)](
         q, k_cache, v_cache, lengths, part_o, part_lse, H, S, LOG2E / math.sqrt(D),
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, num_warps=s["num_warps"])
+        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, num_warps=s["num_warps"],
+        **pdl_options(dev))
     _decode_merge_kernel[(B * H,)](
         part_o, part_lse, lengths, o, H, S, o.stride(0), o.stride(1), n_splits,
         HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
-        num_warps=s["num_warps"])
+        num_warps=s["num_warps"], **pdl_options(dev))
     return o
 
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, H, S, k_sb, k_sh, v_sb, v_sh,
-                     kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                     kc_sb, kc_sh, kc_ss, vc_sb, vc_sh, vc_ss, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_begin(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -172,7 +177,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tens
     _write_kv_kernel[(B * H,)](
         k, v, positions, k_cache, v_cache, H, k_cache.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=1)
+        num_warps=1, **pdl_options(dev))
 
 
 def reference(q, k_cache, v_cache, lengths):

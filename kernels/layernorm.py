@@ -13,14 +13,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import check_out, check_tensor, row_settings
+from .utils import check_out, check_tensor, pdl_begin, pdl_options, row_settings
 
 MAX_C = 16384
 
 
 @triton.jit
 def _layernorm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, C, x_stride, res_stride, y_stride, eps,
-                      ADD_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+                      ADD_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     in_row = cols < C
@@ -61,7 +62,8 @@ def _launch(x, residual, w, b, eps, out):
     y = check_out(out, tuple(x.shape), torch.float32, dev)
     block, num_warps = row_settings(C)
     _layernorm_kernel[(x2.shape[0],)](x2, res2, w, b, y, C, x2.stride(0), res2.stride(0), C, float(eps),
-                                      ADD_RESIDUAL=residual is not None, BLOCK_C=block, num_warps=num_warps)
+                                      ADD_RESIDUAL=residual is not None, BLOCK_C=block, num_warps=num_warps,
+                                      **pdl_options(dev))
     return y
 
 

@@ -28,7 +28,7 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_tensor, device_fn, dot, gelu_tanh,
-                    gemv_settings, linear_settings)
+                    gemv_settings, linear_settings, pdl_begin, pdl_options)
 
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
@@ -47,7 +47,8 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride,
                    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, WIDEN_DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     ks = tl.arange(0, BLOCK_K)
@@ -69,7 +70,9 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_strid
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_stride,
-                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     ks = tl.arange(0, BLOCK_K)
@@ -148,7 +151,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         return y
     bias = w if b is None else b  # dummy pointers when HAS_BIAS / SCALED are off
     scales = w if scale is None else scale
-    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh")
+    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh", **pdl_options(dev))
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
         if AUTOTUNE:
             _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..sampling import SamplingParams, sample_reference
-from .utils import check_out, check_tensor, device_fn, sampling_settings
+from .utils import check_out, check_tensor, device_fn, pdl_begin, pdl_options, sampling_settings
 
 reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampling.py)
 
@@ -120,7 +120,8 @@ def _draw(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, target,
 def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_stride,
                    temperature, top_k, top_p, penalty,
                    HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr,
-                   DO_TOP_P: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr):
+                   DO_TOP_P: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
     seen_ptr += row * seen_stride
@@ -201,5 +202,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
         logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0),
         float(params.temperature), float(params.top_k), float(params.top_p), float(params.repetition_penalty),
         HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=params.do_sample and 0 < params.top_k < V,
-        DO_TOP_P=params.do_sample and params.top_p < 1.0, **s)
+        DO_TOP_P=params.do_sample and params.top_p < 1.0, **s, **pdl_options(dev))
     return tokens

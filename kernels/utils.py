@@ -5,6 +5,9 @@ Tests: tests/test_triton_kernels.py (every launcher's bad-input checks go throug
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 import triton
@@ -43,6 +46,33 @@ def device_fn(fn):
     caller's already patched triton.language (an interpreted @triton.jit helper re-patches the whole
     language on every call, about 1 ms, which would dominate the interpreter's run time)."""
     return fn if INTERPRETER else triton.jit(fn)
+
+
+# Programmatic dependent launch (Hopper and later; AIGC_RT_PDL=1, off by default until measured on a GPU): the
+# decode-path kernels are launched so that the next one's programs can be resident while the one before drains,
+# which hides most of the ~2 us a launch costs even inside a CUDA graph (bench/gpu_profile.py: a 124M decode
+# step is 119 launches of 1-4 us). Correct only if every such kernel waits (gdc_wait) before it reads what the
+# kernel before wrote or writes anything: pdl_begin does that first thing.
+PDL_REQUESTED = not INTERPRETER and os.environ.get("AIGC_RT_PDL") == "1"
+
+
+def pdl_options(device: torch.device) -> dict:
+    """Launch options for a kernel that starts with pdl_begin(PDL): PDL on where asked for and supported."""
+    if PDL_REQUESTED and _capability(device)[0] >= 9:
+        return dict(PDL=True, launch_pdl=True)
+    return dict(PDL=False)
+
+
+_capability = functools.lru_cache(torch.cuda.get_device_capability)  # called per launch: asked once
+
+
+@device_fn
+def pdl_begin(PDL: tl.constexpr):
+    """With PDL: wait until the kernel before this one has finished and its writes are visible, then let the
+    next kernel's programs launch (they wait in turn). Call it before any load of a computed input or any store."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

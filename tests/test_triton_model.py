@@ -153,3 +153,35 @@ def test_cuda_graph_replay_equals_eager(rt_odd):
     m.backend.decode_graph.capture = False
     assert [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=12, eos_token_id=[])] == \
            [c.token_ids for c in with_graph]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="needs a Hopper or later GPU (AIGC_RT_GPU=1)")
+def test_programmatic_dependent_launch_changes_nothing(rt_odd, monkeypatch):
+    """AIGC_RT_PDL=1 (kernels/utils.py): prefill and graph-replayed decode steps with the kernels launched as
+    programmatic dependent launches give bitwise the logits of plain launches (a missing wait would race)."""
+    from aigc_rt.kernels import utils
+
+    def run():
+        m = aigc_rt.load(rt_odd[0], device="cuda", backend="triton")
+        prompt = _ids(m.config.vocab_size, 3, 7, seed=5).cuda()
+        cache, out = m.new_cache(3, m.config.n_positions), []
+        with torch.inference_mode():
+            logits = m.head(m.prefill(prompt, cache)[:, -1])
+            for pos in range(7, 19):
+                out.append(logits.clone())
+                positions = torch.full((3,), pos, device="cuda")
+                logits = m.decode(logits.argmax(-1), positions, cache, pos + 1)
+        return torch.stack(out)
+
+    plain = run()
+    monkeypatch.setattr(utils, "PDL_REQUESTED", True)
+    assert utils.pdl_options(torch.device("cuda")) == dict(PDL=True, launch_pdl=True)
+    pdl = run()
+    assert torch.equal(pdl, plain), f"max diff {(pdl - plain).abs().max():.3g}"
+
+
+def test_pdl_is_off_unless_asked_for():
+    from aigc_rt.kernels import utils
+    assert utils.pdl_options(DEV) == dict(PDL=False)

@@ -32,11 +32,12 @@ KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
 # (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU.
 # Compiled with triton's default num_stages (3), so the shared memory printed is an upper bound.
 VARIANTS = [
-    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=True, BLOCK_C=2048), 8),
+    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=True, BLOCK_C=2048, PDL=True), 8),
     (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=False, BLOCK_C=1024), 4),
     (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=8, BLOCK_K=256), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
-    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=16, BLOCK_K=1024), 8),
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=16, BLOCK_K=1024,
+                                            PDL=True), 8),
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
@@ -64,7 +65,7 @@ VARIANTS = [
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
                                                DO_TOP_P=False, BLOCK=4096, N_PIVOTS=16), 8),
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
-     dict(HEAD_DIM=64, BLOCK_D=64), 1),
+     dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
      dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     for kernel, pointers, dtype, constexprs, num_warps in VARIANTS:
         t0 = time.perf_counter()
+        if "PDL" in kernel.arg_names:  # the decode-path kernels: without PDL unless the variant says
+            constexprs = {"PDL": False, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "

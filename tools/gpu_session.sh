@@ -41,11 +41,14 @@ case "${1:-}" in
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
     $PY -m pytest -q -ra --tb=short --durations=8 $XDIST tests/test_triton_kernels.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
       tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt"
+    echo "-- the models again with programmatic dependent launch (AIGC_RT_PDL=1)" | tee -a "$OUT/gpu_tests.txt"
+    AIGC_RT_PDL=1 $PY -m pytest -q -ra --tb=short $XDIST tests/test_triton_model.py 2>&1 | tee -a "$OUT/gpu_tests.txt"
     ;;
   decode)
     TAG=${TAG:-}
     PYTHONUNBUFFERED=1 $PY bench/gpu_decode.py --sizes "${SIZES:-124M,355M,774M,1.5B}" --batches "${BATCHES:-1,8}" \
-      --dtypes "${DTYPES:-fp32,bf16}" --systems "${SYSTEMS:-hf-eager,hf-compile,triton,triton-step}" --tag "$TAG" \
+      --dtypes "${DTYPES:-fp32,bf16}" --systems "${SYSTEMS:-hf-eager,hf-compile,triton,triton-step,triton-pdl}" \
+      --tag "$TAG" \
       2>&1 | tee -a "$OUT/gpu_decode.txt"
     cp bench/results/gpu_decode-*"${TAG:+-$TAG}".{md,json} "$OUT/" 2>/dev/null || true
     ;;
@@ -58,18 +61,19 @@ case "${1:-}" in
       | tee "$OUT/gpu_kernels.txt"
     cp bench/results/*.md "$OUT/" 2>/dev/null || true
     ;;
-  all)  # about 8 minutes at most, each step under its own limit; partial results survive a limit
+  all)  # about 7 minutes (9 at most), each step under its own limit; partial results survive a limit
     date +"%T start"
     timeout 100 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
     (cd /tmp && $PY -c "import aigc_rt.kernels") 2>/dev/null || source_tree_fallback
     date +"%T built"
-    timeout 110 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
+    timeout 150 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     date +"%T tested"
-    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 timeout 110 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
+    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl \
+      timeout 130 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     date +"%T decode 124M"
     timeout 110 bash "$0" profile || echo "gpu_session: profile failed" >&2
     date +"%T profile"
-    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-step timeout 55 bash "$0" decode \
+    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 55 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
     date +"%T decode 1.5B"
     cp bench/results/gpu_decode-*.{md,json} bench/results/gpu_profile-*.md "$OUT/" 2>/dev/null || true
