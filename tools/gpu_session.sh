@@ -19,6 +19,9 @@ PY=${PY:-python3}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export AIGC_RT_GPU=1 TRITON_INTERPRET=0
+# results written by this session (not the committed ones of earlier sessions) go back through $OUT
+export STAMP=${STAMP:-$(mktemp)}
+new_results() { find bench/results -maxdepth 1 -name "gpu_${1:-}*" -newer "$STAMP" -exec cp {} "$OUT/" \; ; }
 
 source_tree_fallback() {  # the package from the source tree, without aigc_rt._C (the triton backend needs none)
   echo "gpu_session: build failed; using the source tree without aigc_rt._C" | tee -a "$OUT/gpu_build.log" >&2
@@ -50,16 +53,16 @@ case "${1:-}" in
       --dtypes "${DTYPES:-fp32,bf16}" --systems "${SYSTEMS:-hf-eager,hf-compile,triton,triton-step,triton-pdl}" \
       --tag "$TAG" \
       2>&1 | tee -a "$OUT/gpu_decode.txt"
-    cp bench/results/gpu_decode-*"${TAG:+-$TAG}".{md,json} "$OUT/" 2>/dev/null || true
+    new_results decode-
     ;;
   profile)  # where a decode step's time goes; our linears (autotuned / fixed) against cuBLAS
     PYTHONUNBUFFERED=1 $PY bench/gpu_profile.py --sizes "${SIZES:-124M,1.5B}" 2>&1
-    cp bench/results/gpu_profile-*.md "$OUT/" 2>/dev/null || true
+    new_results profile-
     ;;
   kernels)  # the decode table is the `decode` step's, not repeated here
     $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable -k "not gpt2_decode_table" 2>&1 \
       | tee "$OUT/gpu_kernels.txt"
-    cp bench/results/*.md "$OUT/" 2>/dev/null || true
+    find bench/results -maxdepth 1 -name "*.md" -newer "$STAMP" -exec cp {} "$OUT/" \;
     ;;
   all)  # about 7 minutes (9 at most), each step under its own limit; partial results survive a limit
     date +"%T start"
@@ -76,7 +79,7 @@ case "${1:-}" in
     TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 55 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
     date +"%T decode 1.5B"
-    cp bench/results/gpu_decode-*.{md,json} bench/results/gpu_profile-*.md "$OUT/" 2>/dev/null || true
+    new_results  # rows saved before a time limit too
     ;;
   *)
     echo "usage: bash tools/gpu_session.sh all|build|test|decode|kernels" >&2
