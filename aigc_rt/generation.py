@@ -4,7 +4,10 @@
 All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
 sequence decodes at its own position in the KV cache, so padding never changes a result. Finished
 sequences leave the batch (the cache is compacted), so they stop costing compute. The only host sync
-per step is reading the sampled tokens.
+per step is reading the sampled tokens. On a GPU that read does not stall the device: the next decode step
+is queued before it (the tokens reach the host through pinned memory), so the device computes step n + 1
+while the host decodes text, checks stops and yields step n; a sequence found finished then drops out one
+step later, the work queued for it wasted (PIPELINED_DEVICES).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling import SamplingParams, uniform
+
+PIPELINED_DEVICES = {"cuda"}  # device types whose next step is queued before this step's tokens are read
 
 
 @dataclass
@@ -137,12 +142,28 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
         no_draw = torch.zeros(B, device=dev)  # greedy ignores u
     active = list(range(B))  # batch slot -> row
+    pipelined = dev.type in PIPELINED_DEVICES
+    fetch = _HostTokens(B, dev)
+
+    def advance(tokens, positions, seen, max_len):
+        """Queue the decode step that feeds `tokens` back: logits for the next step."""
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        logits = model.decode(tokens, positions, cache, max_len)
+        positions.add_(1)
+        return logits
+
     for step in range(max(limit)):
         with torch.inference_mode():
-            u = (torch.tensor([uniform(seed, rows[a].j, step) for a in active], device=dev) if params.do_sample
+            u = (fetch.uniforms([uniform(seed, rows[a].j, step) for a in active]) if params.do_sample
                  else no_draw[: len(active)])
             tokens = be.sample(logits, params, u, seen)  # (B_active,)
-            host = tokens.tolist()  # the one sync per step
+            read = fetch.start(tokens)
+            # pipelined: the next step is queued before this one's tokens are read (unless every row ends here)
+            ahead = pipelined and any(step + 1 < limit[a] for a in active)
+            if ahead:
+                logits = advance(tokens, positions, seen, max(lens[a] + step for a in active) + 1)
+            host = read()  # the one sync per step
         keep = []
         for slot, (a, t) in enumerate(zip(active, host)):
             if t < 0:
@@ -167,12 +188,49 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
                 cache.keep(k)
                 tokens, positions = tokens[k], positions[k]
                 seen = None if seen is None else seen[k]
+                if ahead:  # the step queued ahead ran them too: their logits go as well
+                    logits = logits[k]
                 active = [active[s] for s in keep]
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            max_len = max(lens[a] + step for a in active) + 1
-            logits = model.decode(tokens, positions, cache, max_len)
-            positions.add_(1)
+            if not ahead:
+                logits = advance(tokens, positions, seen, max(lens[a] + step for a in active) + 1)
+
+
+class _HostTokens:
+    """The host's side of each step's small transfers. On a CUDA device the sampled tokens go to the host
+    through pinned memory, asynchronously, and are waited for only when read, so that work queued after
+    them (the next decode step) keeps the device busy meanwhile; the uniforms go the other way the same way
+    (a copy from pageable memory would wait for the device). Elsewhere both are plain copies."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.tokens = torch.empty(batch, dtype=torch.int64, pin_memory=True)
+            self.u_host = torch.empty(batch, dtype=torch.float32, pin_memory=True)
+            self.u = torch.empty(batch, dtype=torch.float32, device=device)
+
+    def start(self, tokens: torch.Tensor):
+        """Start moving `tokens` to the host; returns the function that waits for them, as a list."""
+        if not self.cuda:
+            return tokens.tolist
+        n = tokens.shape[0]
+        self.tokens[:n].copy_(tokens, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+
+        def read() -> list[int]:
+            arrived.synchronize()
+            return self.tokens[:n].tolist()
+        return read
+
+    def uniforms(self, values: list[float]) -> torch.Tensor:
+        """The step's uniforms on the device. The pinned buffer is rewritten only after the previous step's
+        tokens were read, by when its copy (queued before them) is done."""
+        if not self.cuda:
+            return torch.tensor(values, device=self.device)
+        n = len(values)
+        self.u_host[:n] = torch.tensor(values)
+        return self.u[:n].copy_(self.u_host[:n], non_blocking=True)
 
 
 class _TextState:

@@ -471,3 +471,37 @@ def test_first_generation_imports_nothing_heavy():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_pipelined_loop_gives_the_same_outputs(model, monkeypatch):
+    """On a GPU the next decode step is queued before the step's tokens are read (generation.PIPELINED_DEVICES),
+    so a finished row leaves the batch one step later. Forced on here: every output, streamed piece and
+    finish reason is the same as without it, through eos, stop strings, ragged length budgets, sampling with
+    seeds and penalties and several sequences; and each decode step runs the rows it should."""
+    from aigc_rt import generation
+    base = model.generate(PROMPTS[1], max_new_tokens=10, eos_token_id=[])[0].token_ids
+    lens = [len(model.tokenizer.encode(p)) for p in PROMPTS]
+    L = max(lens) + 5
+    limits = [L - k for k in lens]
+    calls = [
+        dict(prompts=PROMPTS, max_new_tokens=10, eos_token_id=base[4]),
+        dict(prompts=PROMPTS, max_length=L, eos_token_id=[]),
+        dict(prompts=PROMPTS, max_length=L, eos_token_id=[], do_sample=True, seed=3, num_return_sequences=2,
+             top_k=20, top_p=0.9, temperature=0.8, repetition_penalty=1.3),
+        dict(prompts=PROMPTS[0], max_new_tokens=12, stop=model.tokenizer.decode(base[2:4]), eos_token_id=[]),
+    ]
+
+    def outputs():
+        done = [[(c.text, c.token_ids, c.finish_reason) for c in model.generate(**kw)] for kw in calls]
+        pieces = list(model.stream(PROMPTS[2], max_new_tokens=9, do_sample=True, seed=1))
+        return done, pieces
+
+    plain = outputs()
+    decoded, decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda tokens, *a: decoded.append(tokens.shape[0]) or decode(tokens, *a))
+    monkeypatch.setattr(generation, "PIPELINED_DEVICES", {model.device.type})
+    assert outputs() == plain
+    decoded.clear()
+    model.generate(PROMPTS, max_length=L, eos_token_id=[])
+    # step s queues the next one for every row still in the batch (limit > s) while any of them goes on
+    assert decoded == [sum(lim > s for lim in limits) for s in range(max(limits) - 1)], (decoded, limits)
