@@ -234,6 +234,35 @@ def test_write_kv_matches_torch_backend(cache_dtype):
         decode_attention.write_kv(got_k, got_v, positions[:2], k, v)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
+def test_embedding_matches_torch_backend(dtype, with_pos):
+    """Rows of a (V, C) table at ids of any shape (+ position rows), bitwise the torch backend's; C = 100 (not a
+    power of two); an id or a position out of range gives a NaN row, never a read outside the table."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    from aigc_rt.kernels import embedding
+    V, P, C = 37, 11, 100
+    table = randn(V, C, seed=10)
+    scale = None
+    if dtype == "int8":
+        table = torch.randint(-127, 128, (V, C), generator=torch.Generator().manual_seed(3), dtype=torch.int8).to(DEV)
+        scale = torch.rand(V, generator=torch.Generator().manual_seed(4)).to(DEV) / 127
+    elif dtype == "bf16":
+        table = table.to(torch.bfloat16)
+    ids = torch.tensor([[0, 36, 5], [5, 17, 2]], device=DEV)
+    pos = dict(pos_table=randn(P, C, seed=11), positions=torch.tensor([[0, 10, 3], [1, 1, 9]], device=DEV)) \
+        if with_pos else {}
+    want = TorchBackend(DEV).embedding(table, ids, scale=scale, **pos)
+    got = embedding.embedding(table, ids, scale=scale, **pos)
+    assert got.shape == (2, 3, C) and torch.equal(got, want), f"max diff {(got - want).abs().max():.3g}"
+    bad = embedding.embedding(table, torch.tensor([3, V, -1], device=DEV), scale=scale,
+                              **({} if not with_pos else dict(pos_table=pos["pos_table"],
+                                                               positions=torch.tensor([P, 0, 0], device=DEV))))
+    assert bad.isnan().all(dim=1).tolist() == [with_pos, True, True]
+    with pytest.raises(ValueError, match="scale is required for int8 tables and only for them"):
+        embedding.embedding(table, ids, scale=None if scale is not None else torch.ones(V, device=DEV))
+
+
 # -- sampling ---------------------------------------------------------------------------------------------
 # The kernel draws exactly the reference's token unless u lies within float rounding of a CDF boundary
 # (both compute the same sums in different orders). CDF_EPS bounds that rounding: fp32 sums over at most

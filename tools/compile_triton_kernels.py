@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aigc_rt.kernels import attention, conv_transpose, decode_attention, layernorm, linear, sampling  # noqa: E402
+from aigc_rt.kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, sampling  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty"}
 FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
@@ -64,6 +64,10 @@ VARIANTS = [
                                                BLOCK=1024, N_PIVOTS=16), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
                                                DO_TOP_P=False, BLOCK=4096, N_PIVOTS=16), 8),
+    (embedding._embedding_kernel, {"table_ptr": "*bf16", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "bf16",
+     dict(SCALED=False, HAS_POS=True, BLOCK_C=1024, PDL=True), 4),
+    (embedding._embedding_kernel, {"table_ptr": "*i8", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "int8",
+     dict(SCALED=True, HAS_POS=True, BLOCK_C=2048), 8),
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..kernels import attention, conv_transpose, decode_attention, layernorm, linear, sampling
+from ..kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, sampling
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
@@ -34,6 +34,9 @@ class TritonBackend(TorchBackend):
 
     def linear(self, x, lin: Linear, act=None, *, out=None):
         return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, out=out)
+
+    def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
+        return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
 
     def layernorm(self, x, w, b, eps, *, out=None):
         return layernorm.layernorm(x, w, b, eps, out=out)
