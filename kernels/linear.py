@@ -9,7 +9,10 @@
 
 Two kernels, picked by the number of rows M (GEMV_MAX_M):
 - _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32), for prefill and for
-  batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once.
+  batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once. With few output
+  tiles and a long K (batched decode of a tall-skinny weight, e.g. 1.5B's 1600 x 6400: 100 tiles of 16 columns
+  for 132 SMs) it splits K over SPLIT_K programs per tile: each writes its partial sums, and
+  _split_k_reduce_kernel adds them in split order (deterministic, no atomics) and applies the epilogue.
 - _gemv_kernel: batch-1 decode, y = W x as a broadcast multiply + row sums over narrow row blocks (more
   programs in flight than a 16-row dot tile gives; bench/bench_triton.py measures both against cuBLAS).
 Decode (GEMV, and the GEMM at M <= 16) is bound by how many weight bytes are in flight, which depends on the
@@ -21,6 +24,7 @@ Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -45,17 +49,21 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_stride, y_stride,
+def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, M, N, K, x_stride, w_stride, y_stride,
                    SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, WIDEN_DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   PDL: tl.constexpr):
     pdl_begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    split = tl.program_id(2)
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K range per split, whole K blocks
+    k_lo = split * k_len
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride + ks[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + (k_lo + ks)[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride + (k_lo + ks)[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, tl.minimum(k_lo + k_len, K), BLOCK_K):
         x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] + k0 < K), other=0.0)
         w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] + k0 < K), other=0.0)
         if SCALED:
@@ -63,9 +71,38 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, x_stride, w_strid
         acc = dot(cast_rne(x, w.dtype), w, acc, WIDEN_DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    acc = _epilogue(acc, s_ptr, b_ptr, cols[None, :], N, SCALED, HAS_BIAS, GELU)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :], acc,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    in_tile = (rows[:, None] < M) & (cols[None, :] < N)
+    if SPLIT_K == 1:
+        acc = _epilogue(acc, s_ptr, b_ptr, cols[None, :], N, SCALED, HAS_BIAS, GELU)
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :], acc, mask=in_tile)
+    else:  # partial sums (SPLIT_K, M, N); _split_k_reduce_kernel finishes
+        tl.store(part_ptr + ((split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]), acc, mask=in_tile)
+
+
+@triton.jit
+def _split_k_reduce_kernel(part_ptr, s_ptr, b_ptr, y_ptr, M, N, y_stride, SCALED: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT_K: tl.constexpr,
+                           BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):  # in split order: the same sum every run
+        acc += tl.load(part_ptr + (split * M + row) * N + cols, mask=cols < N, other=0.0)
+    acc = _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
+    tl.store(y_ptr + row * y_stride + cols, acc, mask=cols < N)
+
+
+def _split_k_reduce(args: dict) -> None:
+    """Finish a split-K launch of _linear_kernel, given its arguments (also the autotuner's post-hook, so that
+    a split configuration is timed with its reduction)."""
+    if args["SPLIT_K"] == 1:
+        return
+    M, N = args["M"], args["N"]
+    _split_k_reduce_kernel[(triton.cdiv(N, 1024), M)](
+        args["part_ptr"], args["s_ptr"], args["b_ptr"], args["y_ptr"], M, N, args["y_stride"],
+        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], SPLIT_K=args["SPLIT_K"], BLOCK=1024,
+        num_warps=4, PDL=args["PDL"], **({"launch_pdl": True} if args["PDL"] else {}))
 
 
 @triton.jit
@@ -95,32 +132,40 @@ def _quick_bench(fn, quantiles):
 
 
 def _no_wider_than_k(configs, named_args, **kwargs):
-    """Drop candidates whose K block is wider than the whole row (they only add masked lanes)."""
-    widest = max(64, triton.next_power_of_2(named_args["K"]))
-    return [c for c in configs if c.kwargs["BLOCK_K"] <= widest] or configs[:1]
+    """Drop candidates whose K block is wider than the whole row (they only add masked lanes), and split-K
+    candidates that would leave a split fewer than two K blocks."""
+    K = named_args["K"]
+    widest = max(64, triton.next_power_of_2(K))
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= widest
+            and K >= 2 * c.kwargs.get("SPLIT_K", 1) * c.kwargs["BLOCK_K"]] or configs[:1]
 
 
 # (BLOCK_N, BLOCK_K, num_warps): from 4-row blocks that give many programs to 16-row blocks with long loads
 _GEMV_CONFIGS = [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8), (16, 1024, 8)]
-# (BLOCK_N, BLOCK_K, num_stages) for the 16-row dot tile, num_warps 4
-_SMALL_M_CONFIGS = [(16, 128, 4), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 3), (64, 64, 6)]
+# (BLOCK_N, BLOCK_K, num_stages, SPLIT_K) for the 16-row dot tile, num_warps 4
+_SMALL_M_CONFIGS = [(16, 128, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 4, 1), (32, 256, 3, 1), (64, 64, 6, 1),
+                    (16, 128, 4, 4), (32, 128, 4, 2), (32, 128, 4, 4), (64, 64, 6, 4)]
+MAX_SPLIT_K = max(c[3] for c in _SMALL_M_CONFIGS)
 AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
 _gemv_tuned = triton.autotune(
     [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_CONFIGS], key=["N", "K"],
     prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
 )(_gemv_kernel)
 _small_m_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k), num_warps=4, num_stages=st)
-     for n, k, st in _SMALL_M_CONFIGS], key=["N", "K"],
+    [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk), num_warps=4, num_stages=st)
+     for n, k, st, sk in _SMALL_M_CONFIGS], key=["N", "K"],
     prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+    post_hook=lambda args, exception: exception is None and _split_k_reduce(args),
 )(_linear_kernel)
+_small_m_lock = threading.Lock()  # best_config is read back right after the launch that set it
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
-           scale: torch.Tensor | None = None, out=None, kernel: str | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, out=None, kernel: str | None = None,
+           split_k: int | None = None) -> torch.Tensor:
     """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> (..., N) fp32; scale (N,)
     fp32 for int8 weights and only for them. kernel: "gemv" | "gemm" | None (pick by the number of rows);
-    tests and benchmarks force one."""
+    split_k: K splits of the GEMM (None: autotuned up to 16 rows, else 1). Tests and benchmarks force them."""
     check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
     dev = x.device
     check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
@@ -144,6 +189,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
     if kernel not in (None, "gemv", "gemm"):
         raise ValueError(f"kernel must be None, 'gemv' or 'gemm', got {kernel!r}")
+    if split_k is not None and not (isinstance(split_k, int) and 1 <= split_k <= 64):
+        raise ValueError(f"split_k must be None or an int in [1, 64], got {split_k!r}")
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
     y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
@@ -160,13 +207,23 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
             s = gemv_settings(N, w.dtype, dev)
             _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags,
                                                             **s)
-    elif AUTOTUNE and M <= 16:
-        _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1)](
-            x2, w, scales, bias, y, M, N, K, x2.stride(0), K, N, **flags, WIDEN_DOT=False)
+    elif AUTOTUNE and M <= 16 and split_k is None:
+        part = torch.empty(MAX_SPLIT_K, M, N, device=dev)  # partial sums, for split-K configurations
+        with _small_m_lock:
+            _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
+                x2, w, scales, bias, y, part, M, N, K, x2.stride(0), K, N, **flags, WIDEN_DOT=False)
+            chosen = _small_m_tuned.best_config.kwargs["SPLIT_K"]
+        _split_k_reduce(dict(part_ptr=part, s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N,
+                             SPLIT_K=chosen, **flags))
     else:
         s = linear_settings(M, N, dev)
-        grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]))
-        _linear_kernel[grid](x2, w, scales, bias, y, M, N, K, x2.stride(0), K, N, **flags, WIDEN_DOT=INTERPRETER, **s)
+        sk = split_k or 1
+        part = torch.empty(sk, M, N, device=dev) if sk > 1 else y
+        grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]), sk)
+        _linear_kernel[grid](x2, w, scales, bias, y, part, M, N, K, x2.stride(0), K, N, **flags,
+                             WIDEN_DOT=INTERPRETER, SPLIT_K=sk, **s)
+        _split_k_reduce(dict(part_ptr=part, s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N, SPLIT_K=sk,
+                             **flags))
     return y
 
 

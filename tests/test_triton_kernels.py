@@ -115,6 +115,29 @@ def test_linear_int8(M, N, K):
         linear.linear(x, q, scale=scale[:-1] if N > 1 else scale.repeat(2))
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_linear_split_k(split_k, dtype):
+    """The GEMM with K split over programs (partial sums + an in-order reduction with the epilogue): K = 500
+    leaves a short last split (and at 7 splits of whole 64-wide blocks an empty one); bias, GELU and int8
+    scales are applied once, after the sum; the result is the same every run."""
+    M, N, K = 3, 45, 500
+    x, b = randn(M, K, seed=21), randn(N, seed=22)
+    scale = None
+    if dtype == "int8":
+        w = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(23), dtype=torch.int8).to(DEV)
+        scale = (torch.rand(N, generator=torch.Generator().manual_seed(24)) + 0.5).to(DEV) / (127 * K ** 0.5)
+    else:
+        w = randn(N, K, seed=23, scale=K ** -0.5, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
+    for bias, act in ((b, "gelu_tanh"), (None, None)):
+        want = linear.reference(x, w, bias, act, scale=scale)
+        got = linear.linear(x, w, bias, act, scale=scale, kernel="gemm", split_k=split_k)
+        assert_close(got, want, *LINEAR_TOL, f"linear split_k={split_k} {dtype} {act}")
+        assert torch.equal(linear.linear(x, w, bias, act, scale=scale, kernel="gemm", split_k=split_k), got)
+    with pytest.raises(ValueError, match="split_k must be None or an int"):
+        linear.linear(x, w, scale=scale, split_k=0)
+
+
 def test_linear_leading_dims_and_out():
     x = randn(2, 3, 65, seed=4)  # (B, T, K)
     w, b = randn(31, 65, seed=5, scale=0.1), randn(31, seed=6)

@@ -43,6 +43,10 @@ VARIANTS = [
                                              BLOCK_N=32, BLOCK_K=128), 4),
     (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32,
                                              BLOCK_K=128), 4),
+    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
+                                              BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, PDL=True), 4),
+    (linear._split_k_reduce_kernel, {}, "fp32", dict(SCALED=True, HAS_BIAS=True, GELU=True, SPLIT_K=4, BLOCK=1024,
+                                                     PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
                                               BLOCK_N=128, BLOCK_K=32), 4),
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if "PDL" in kernel.arg_names:  # the decode-path kernels: without PDL unless the variant says
             constexprs = {"PDL": False, **constexprs}
+        if "SPLIT_K" in kernel.arg_names:
+            constexprs = {"SPLIT_K": 1, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
