@@ -140,8 +140,10 @@ def _no_wider_than_k(configs, named_args, **kwargs):
             and K >= 2 * c.kwargs.get("SPLIT_K", 1) * c.kwargs["BLOCK_K"]] or configs[:1]
 
 
-# (BLOCK_N, BLOCK_K, num_warps): from 4-row blocks that give many programs to 16-row blocks with long loads
-_GEMV_CONFIGS = [(4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8), (16, 1024, 8)]
+# (BLOCK_N, BLOCK_K, num_warps): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a warp per
+# row) to 16-row blocks with long loads
+_GEMV_CONFIGS = [(2, 1024, 1), (4, 1024, 2), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8),
+                 (16, 1024, 8)]
 # (BLOCK_N, BLOCK_K, num_stages, SPLIT_K) for the 16-row dot tile, num_warps 4
 _SMALL_M_CONFIGS = [(16, 128, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 4, 1), (32, 256, 3, 1), (64, 64, 6, 1),
                     (16, 128, 4, 4), (32, 128, 4, 2), (32, 128, 4, 4), (64, 64, 6, 4)]
