@@ -125,22 +125,29 @@ def verdicts(rows: list[Row]) -> list[str]:
 
 
 # -- measurement (GPU) ------------------------------------------------------------------------------------
+def event_seconds(fn, repeats: int) -> float:
+    """Median seconds of fn() on the device, timed with CUDA events (fn warmed up by the caller)."""
+    import torch
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def measure_bandwidth(gib: int = 2, repeats: int = 20) -> float:
     """Device read bandwidth in bytes/s: the median time of a sum over a `gib` GiB fp32 tensor."""
     import torch
     x = torch.ones((gib << 30) // 4, device="cuda")
     x.sum()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        x.sum()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = event_seconds(x.sum, repeats)
     del x
     torch.cuda.empty_cache()
-    return (gib << 30) / statistics.median(times)
+    return (gib << 30) / seconds
 
 
 def step_seconds(generate, new_tokens: int, repeats: int) -> float:

@@ -44,15 +44,7 @@ def graph_time(fns, repeats: int = 20) -> float:
         for fn in fns:
             fn()
     g.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return gpu_decode.event_seconds(g.replay, repeats)
 
 
 def replayed_step_seconds(m, tok, pos, cache, max_len: int) -> float:

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_out, check_tensor, decode_settings, pdl_begin, pdl_options
+from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_tensor, decode_settings,
+                    pdl_begin, pdl_options)
 
 LOG2E = 1.4426950408889634
 
@@ -97,12 +98,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_tensor("q", q, 3, FLOAT_DTYPES, None, last_contiguous=True)
     dev = q.device
     B, H, D = q.shape
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, 4, FLOAT_DTYPES, dev, last_contiguous=True)
-        if t.shape[:2] != (B, H) or t.shape[3] != D:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, S, {D}) to match q")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
+    check_caches(k_cache, v_cache, B, H, D, dev, "q")
     check_tensor("lengths", lengths, 1, (torch.int64, torch.int32), dev)
     if lengths.shape[0] != B or not lengths.is_contiguous():
         raise ValueError(f"lengths must be a contiguous ({B},) tensor, got {tuple(lengths.shape)}")
@@ -163,12 +159,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tens
     check_tensor("v", v, 3, (torch.float32,), dev, last_contiguous=True)
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}, k has {tuple(k.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, t, 4, FLOAT_DTYPES, dev, last_contiguous=True)
-        if t.shape[:2] != (B, H) or t.shape[3] != D:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, S, {D}) to match k")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
+    check_caches(k_cache, v_cache, B, H, D, dev, "k")
     check_tensor("positions", positions, 1, (torch.int64, torch.int32), dev)
     if positions.shape[0] != B or not positions.is_contiguous():
         raise ValueError(f"positions must be a contiguous ({B},) tensor, got {tuple(positions.shape)}")

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import FLOAT_DTYPES, check_out, check_tensor, pdl_begin, pdl_options, row_settings
+from .utils import FLOAT_DTYPES, check_out, check_scale, check_tensor, pdl_begin, pdl_options, row_settings
 
 
 @triton.jit
@@ -48,13 +48,7 @@ def embedding(table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | N
     V, C = table.shape
     if not table.is_contiguous():
         raise ValueError(f"table must be contiguous, got strides {table.stride()}")
-    if (table.dtype == torch.int8) != (scale is not None):
-        raise ValueError(f"a scale is required for int8 tables and only for them (table {table.dtype}, "
-                         f"scale {'given' if scale is not None else 'missing'})")
-    if scale is not None:
-        check_tensor("scale", scale, 1, (torch.float32,), dev)
-        if scale.shape[0] != V or not scale.is_contiguous():
-            raise ValueError(f"scale must be a contiguous ({V},) tensor, got {tuple(scale.shape)}")
+    check_scale("table", table, scale, dev)
     check_tensor("ids", ids, None, (torch.int64, torch.int32), dev)
     if (pos_table is None) != (positions is None):
         raise ValueError("embedding: pos_table and positions go together (one was given without the other)")

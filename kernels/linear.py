@@ -31,8 +31,8 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_tensor, device_fn, dot, gelu_tanh,
-                    gemv_settings, linear_settings, pdl_begin, pdl_options)
+from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_scale, check_tensor, device_fn, dot,
+                    gelu_tanh, gemv_settings, linear_settings, pdl_begin, pdl_options)
 
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
@@ -172,13 +172,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     dev = x.device
     check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
     N, K = w.shape
-    if (w.dtype == torch.int8) != (scale is not None):
-        raise ValueError(f"a scale is required for int8 weights and only for them (weight {w.dtype}, "
-                         f"scale {'given' if scale is not None else 'missing'})")
-    if scale is not None:
-        check_tensor("scale", scale, 1, (torch.float32,), dev)
-        if scale.shape[0] != N or not scale.is_contiguous():
-            raise ValueError(f"scale must be a contiguous ({N},) tensor, got {tuple(scale.shape)}")
+    check_scale("weight", w, scale, dev)
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in-features {K}")
     if not w.is_contiguous() or N == 0 or K == 0:

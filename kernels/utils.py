@@ -100,6 +100,27 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None, device: tor
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def check_scale(name: str, t: torch.Tensor, scale, device: torch.device) -> None:
+    """int8 tensors come with per-row fp32 scales (rows,), and only they do: ValueError otherwise."""
+    if (t.dtype == torch.int8) != (scale is not None):
+        raise ValueError(f"a scale is required for int8 {name}s and only for them ({name} {t.dtype}, "
+                         f"scale {'given' if scale is not None else 'missing'})")
+    if scale is not None:
+        check_tensor("scale", scale, 1, (torch.float32,), device)
+        if scale.shape[0] != t.shape[0] or not scale.is_contiguous():
+            raise ValueError(f"scale must be a contiguous ({t.shape[0]},) tensor, got {tuple(scale.shape)}")
+
+
+def check_caches(k_cache, v_cache, B: int, H: int, D: int, device: torch.device, like: str) -> None:
+    """ValueError unless k_cache and v_cache are (B, H, S, D) float tensors of one shape (last dim contiguous)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, 4, FLOAT_DTYPES, device, last_contiguous=True)
+        if t.shape[:2] != (B, H) or t.shape[3] != D:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, S, {D}) to match {like}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
+
+
 def check_out(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
               strided: bool = False) -> torch.Tensor:
     """The output tensor: `out` when given (checked: shape, dtype, device, contiguous; with strided, a kernel
