@@ -42,10 +42,13 @@ case "${1:-}" in
     ;;
   test)  # in parallel where pytest-xdist is there: compiling the kernels is most of the time
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+    failed=0
     $PY -m pytest -q -ra --tb=short --durations=8 $XDIST tests/test_triton_kernels.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
-      tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt"
+      tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models again with programmatic dependent launch (AIGC_RT_PDL=1)" | tee -a "$OUT/gpu_tests.txt"
-    AIGC_RT_PDL=1 $PY -m pytest -q -ra --tb=short $XDIST tests/test_triton_model.py 2>&1 | tee -a "$OUT/gpu_tests.txt"
+    AIGC_RT_PDL=1 $PY -m pytest -q -ra --tb=short $XDIST tests/test_triton_model.py 2>&1 | tee -a "$OUT/gpu_tests.txt" \
+      || failed=1
+    exit $failed
     ;;
   decode)
     TAG=${TAG:-}
@@ -76,13 +79,13 @@ case "${1:-}" in
     date +"%T decode 124M"
     timeout 110 bash "$0" profile || echo "gpu_session: profile failed" >&2
     date +"%T profile"
-    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 55 bash "$0" decode \
+    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 70 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
     date +"%T decode 1.5B"
     new_results  # rows saved before a time limit too
     ;;
   *)
-    echo "usage: bash tools/gpu_session.sh all|build|test|decode|kernels" >&2
+    echo "usage: bash tools/gpu_session.sh all|build|test|decode|profile|kernels" >&2
     exit 2
     ;;
 esac
