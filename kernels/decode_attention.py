@@ -10,6 +10,10 @@ never read: they may hold anything, NaN included). Pass 2 merges a row-head's ch
     O = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
 The layout depends only on the cache's capacity S (never on a per-step maximum length), so the same launch
 can be replayed from a CUDA graph while the lengths grow on the device. A row with len 0 gets zeros.
+With new_kv = (k, v) and positions, pass 1 also appends the step's keys and values (write_kv, fused): the
+program whose chunk holds positions[b] stores them, rounded to the cache's dtype, and every program reads
+them from registers for that position instead of from the cache, so the result is bitwise that of write_kv
+followed by attention_decode, with one launch fewer.
 Test: tests/test_triton_kernels.py (test_attention_decode*); benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
@@ -27,10 +31,10 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, H, S, qk_scale,
-                         q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr,
+                         H, S, qk_scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, nk_sb, nk_sh, nv_sb, nv_sh,
                          HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_D: tl.constexpr, APPEND: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -38,12 +42,19 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
     h = bh % H
     length = tl.minimum(tl.load(len_ptr + b), S)  # never past the cache, whatever lengths holds
     start = split * SPLIT_LEN
+    dims = tl.arange(0, BLOCK_D)
+    in_d = dims < HEAD_DIM
+    k_ptr += b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
+    v_ptr += b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
+    new_pos = -1
+    if APPEND:  # this step's k, v, rounded as the cache keeps them (stored at the end by the chunk of their slot)
+        new_pos = tl.load(pos_ptr + b)
+        new_k = tl.load(new_k_ptr + b.to(tl.int64) * nk_sb + h * nk_sh + dims, mask=in_d, other=0.0)
+        new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
+        new_k = cast_rne(new_k, k_ptr.dtype.element_ty).to(tl.float32)
+        new_v = cast_rne(new_v, v_ptr.dtype.element_ty).to(tl.float32)
     if start < length:
-        dims = tl.arange(0, BLOCK_D)
-        in_d = dims < HEAD_DIM
         q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
-        k_ptr += b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
-        v_ptr += b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
         m_i = float("-inf")
         l_i = 0.0
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -53,18 +64,27 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             valid = pos < end
             k = tl.load(k_ptr + pos[:, None] * k_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
                         other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+            is_new = (pos == new_pos) & valid  # the slot being written: its k, v come from registers
+            if APPEND:
+                k = tl.where(is_new[:, None], new_k[None, :], k)
             s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * qk_scale, float("-inf"))  # log2 domain
             m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: pos = start_n < end is valid
             p = tl.exp2(s - m_new)
             alpha = tl.exp2(m_i - m_new)
             v = tl.load(v_ptr + pos[:, None] * v_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
                         other=0.0).to(tl.float32)
+            if APPEND:
+                v = tl.where(is_new[:, None], new_v[None, :], v)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
         part = bh.to(tl.int64) * tl.num_programs(1) + split
         tl.store(part_o_ptr + part * BLOCK_D + dims, acc / l_i)
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
+    if APPEND:  # last, so that nothing above could have read the slot back (the interpreter runs in order)
+        if (new_pos >= start) & (new_pos < start + SPLIT_LEN) & (new_pos < S):
+            tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
+            tl.store(v_ptr + new_pos * v_ss + dims, new_v.to(v_ptr.dtype.element_ty), mask=in_d)
 
 
 @triton.jit
@@ -91,10 +111,12 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     max_len: int | None = None, *, out=None) -> torch.Tensor:
+                     max_len: int | None = None, *, out=None, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, D); k_cache, v_cache (B, H, S, D) (e.g. views cache.k[layer]); lengths (B,) int on the
     device: row b attends to its first lengths[b] positions. max_len (a host int >= max(lengths)) is only
-    checked against S: the launch depends on S alone. -> (B, H, D), q's dtype."""
+    checked against S: the launch depends on S alone. -> (B, H, D), q's dtype.
+    new_kv (k, v) with positions: write_kv(k_cache, v_cache, positions, k, v) first, in the same launch."""
     check_tensor("q", q, 3, FLOAT_DTYPES, None, last_contiguous=True)
     dev = q.device
     B, H, D = q.shape
@@ -107,6 +129,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"max_len={max_len} must be in [1, {S}] (the cache's capacity)")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if (new_kv is None) != (positions is None):
+        raise ValueError("attention_decode: new_kv and positions go together (one was given without the other)")
+    if new_kv is not None:
+        check_new_kv(*new_kv, positions, B, H, D, dev)
+    new_k, new_v = new_kv if new_kv is not None else (q, q)  # dummy pointers without APPEND
     o = check_out(out, (B, H, D), q.dtype, dev)
     if o.numel() == 0 or S == 0:
         return o.zero_()
@@ -115,10 +142,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_o = torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
     part_lse = torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
     _decode_split_kernel[(B * H, n_splits)](
-        q, k_cache, v_cache, lengths, part_o, part_lse, H, S, LOG2E / math.sqrt(D),
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, num_warps=s["num_warps"],
-        **pdl_options(dev))
+        q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
+        H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
+        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, APPEND=new_kv is not None,
+        num_warps=s["num_warps"], **pdl_options(dev))
     _decode_merge_kernel[(B * H,)](
         part_o, part_lse, lengths, o, H, S, o.stride(0), o.stride(1), n_splits,
         HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
@@ -156,19 +184,25 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tens
     check_tensor("k", k, 3, (torch.float32,), None, last_contiguous=True)
     dev = k.device
     B, H, D = k.shape
-    check_tensor("v", v, 3, (torch.float32,), dev, last_contiguous=True)
-    if v.shape != k.shape:
-        raise ValueError(f"v has shape {tuple(v.shape)}, k has {tuple(k.shape)}")
+    check_new_kv(k, v, positions, B, H, D, dev)
     check_caches(k_cache, v_cache, B, H, D, dev, "k")
-    check_tensor("positions", positions, 1, (torch.int64, torch.int32), dev)
-    if positions.shape[0] != B or not positions.is_contiguous():
-        raise ValueError(f"positions must be a contiguous ({B},) tensor, got {tuple(positions.shape)}")
     if B * H == 0 or D == 0:
         return
     _write_kv_kernel[(B * H,)](
         k, v, positions, k_cache, v_cache, H, k_cache.shape[2], k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
         num_warps=1, **pdl_options(dev))
+
+
+def check_new_kv(k, v, positions, B: int, H: int, D: int, device: torch.device) -> None:
+    """A decode step's keys and values: k, v (B, H, D) fp32 (last dim contiguous), positions (B,) contiguous."""
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, 3, (torch.float32,), device, last_contiguous=True)
+        if t.shape != (B, H, D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, {D})")
+    check_tensor("positions", positions, 1, (torch.int64, torch.int32), device)
+    if positions.shape[0] != B or not positions.is_contiguous():
+        raise ValueError(f"positions must be a contiguous ({B},) tensor, got {tuple(positions.shape)}")
 
 
 def reference(q, k_cache, v_cache, lengths):

@@ -257,6 +257,33 @@ def test_write_kv_matches_torch_backend(cache_dtype):
         decode_attention.write_kv(got_k, got_v, positions[:2], k, v)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_decode_appending_new_kv_equals_write_then_attend(cache_dtype):
+    """attention_decode(new_kv=, positions=) (write_kv fused into pass 1) gives bitwise the caches and output of
+    write_kv followed by attention_decode: the new slot holds NaN before (it must be read from registers, not
+    the cache), positions sit at chunk starts, ends and in between (S = 150 gives several chunks), and a row
+    whose position is past its length only gets written."""
+    B, H, S, D = 5, 3, 150, 40
+    qkv = randn(B, 3, H, D, seed=30)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (B, H, D) strided views, as the model passes them
+    cache_k, cache_v = randn(B, H, S, D, seed=31, dtype=cache_dtype), randn(B, H, S, D, seed=32, dtype=cache_dtype)
+    positions = torch.tensor([0, 63, 64, 149, 20], device=DEV)
+    lengths = positions + 1
+    lengths[4] = 7  # position 20 lies past this row's length: written, not attended
+    for b, p in enumerate(positions.tolist()):
+        cache_k[b, :, p], cache_v[b, :, p] = math.nan, math.nan
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    decode_attention.write_kv(want_k, want_v, positions, k, v)
+    want = decode_attention.attention_decode(q, want_k, want_v, lengths, S)
+    got_k, got_v = cache_k.clone(), cache_v.clone()
+    got = decode_attention.attention_decode(q, got_k, got_v, lengths, S, new_kv=(k, v), positions=positions)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), "the caches differ"
+    assert torch.equal(got, want), f"max diff {(got - want).abs().max():.3g}"
+    assert_close(got, decode_attention.reference(q, want_k, want_v, lengths), *ATTN_TOL[torch.float32], "vs reference")
+    with pytest.raises(ValueError, match="new_kv and positions go together"):
+        decode_attention.attention_decode(q, got_k, got_v, lengths, S, new_kv=(k, v))
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
 def test_embedding_matches_torch_backend(dtype, with_pos):

@@ -137,6 +137,14 @@ class TorchBackend:
         k_cache.scatter_(2, slots, k.unsqueeze(2).to(k_cache.dtype))
         v_cache.scatter_(2, slots, v.unsqueeze(2).to(v_cache.dtype))
 
+    def append_attention_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, max_len: int,
+                                *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step's attention: write_kv(k_cache, v_cache, positions, k, v), then attention_decode of q
+        over the caches. A backend may do both in one kernel (triton)."""
+        self.write_kv(k_cache, v_cache, positions, k, v)
+        return self.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D) fp32; caches (B, H, S, D) fp32 or bf16 (widened to q.dtype);

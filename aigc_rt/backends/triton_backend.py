@@ -50,6 +50,10 @@ class TritonBackend(TorchBackend):
     def write_kv(self, k_cache, v_cache, positions, k, v):
         decode_attention.write_kv(k_cache, v_cache, positions, k, v)
 
+    def append_attention_decode(self, q, k, v, k_cache, v_cache, positions, lengths, max_len, *, out=None):
+        return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out, new_kv=(k, v),
+                                                 positions=positions)
+
     def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
         return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
 

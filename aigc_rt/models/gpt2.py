@@ -215,8 +215,8 @@ class GPT2:
         self._embed(ws, tokens, positions)
 
         def attend(layer, q, k, v, out):  # (B, H, D) -> out (B, C)
-            self.backend.write_kv(cache.k[layer], cache.v[layer], positions, k, v)
-            self.backend.attention_decode(q, cache.k[layer], cache.v[layer], lengths, max_len, out=out.view(B, H, D))
+            self.backend.append_attention_decode(q, k, v, cache.k[layer], cache.v[layer], positions, lengths, max_len,
+                                                 out=out.view(B, H, D))
             return out
 
         return self.backend.linear(self._blocks(ws, attend), self.lm_head, out=ws.logits)
