@@ -109,14 +109,25 @@ def _split_k_reduce(args: dict) -> None:
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_stride,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    pdl_begin(PDL)
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K)
+    in_n = cols[:, None] < N
+    if PDL:
+        # With programmatic dependent launch the first weight block is requested before the wait, so that it
+        # streams in while the kernel before drains. Safe: no kernel of ours writes weights, and a kernel of
+        # ours lets the next one launch only after its own wait, so whatever wrote these weights has finished.
+        # Each later block is requested one iteration ahead.
+        w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
+    pdl_begin(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
     for k0 in range(0, K, BLOCK_K):
-        w = tl.load(w_ptrs, mask=(cols[:, None] < N) & (ks[None, :] + k0 < K), other=0.0)
+        if PDL:
+            w = w_next
+            w_next = tl.load(w_ptrs + BLOCK_K, mask=in_n & (ks[None, :] + k0 + BLOCK_K < K), other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=in_n & (ks[None, :] + k0 < K), other=0.0)
         if SCALED:
             w = w.to(tl.float32)
         x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=ks + k0 < K, other=0.0)

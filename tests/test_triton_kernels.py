@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
 from aigc_rt.kernels.utils import INTERPRETER
@@ -136,6 +137,33 @@ def test_linear_split_k(split_k, dtype):
         assert torch.equal(linear.linear(x, w, bias, act, scale=scale, kernel="gemm", split_k=split_k), got)
     with pytest.raises(ValueError, match="split_k must be None or an int"):
         linear.linear(x, w, scale=scale, split_k=0)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU test_triton_model runs the real PDL launches")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_gemv_pdl_variant_computes_the_same(dtype, monkeypatch):
+    """With PDL the GEMV requests each weight block one iteration ahead (the first before the wait): run that
+    loop in the interpreter, the wait itself stubbed (its griddepcontrol instructions exist only on a GPU), and
+    it gives bitwise the plain loop's result, for K shorter than, equal to and not a multiple of the block."""
+    monkeypatch.setattr(linear, "pdl_begin", lambda PDL: None)
+    for K in (3, 256, 500):
+        N = 37
+        x, b = randn(2, K, seed=K), randn(N, seed=N)
+        scale = None
+        if dtype == "int8":
+            w = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(K), dtype=torch.int8)
+            scale = torch.rand(N, generator=torch.Generator().manual_seed(1)) / 100
+        else:
+            w = randn(N, K, seed=K + 1, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+        ys = []
+        for pdl in (False, True):
+            y = torch.empty(2, N)
+            linear._gemv_kernel[(triton.cdiv(N, 4), 2)](
+                x, w, w if scale is None else scale, b, y, N, K, K, K, N, SCALED=scale is not None, HAS_BIAS=True,
+                GELU=True, BLOCK_N=4, BLOCK_K=256, PDL=pdl)
+            ys.append(y)
+        assert torch.equal(ys[0], ys[1]), f"K={K}: max diff {(ys[0] - ys[1]).abs().max():.3g}"
+        assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, f"gemv pdl K={K}")
 
 
 def test_linear_leading_dims_and_out():
