@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
+from aigc_rt.kernels import attention, decode_attention, embedding, layernorm, linear, sampling
 from aigc_rt.kernels.utils import INTERPRETER
 from aigc_rt.sampling import SamplingParams, sample_reference
 
@@ -80,19 +80,36 @@ def test_attention_prefill(benchmark, impl, dtype, B, H, T, D):
 
 @pytest.mark.benchmark(group="attention_decode")
 @pytest.mark.parametrize("B,H,S,D", [(1, 12, 1024, 64), (8, 12, 1024, 64), (1, 25, 1024, 64), (8, 25, 1024, 64)])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "triton-append", "torch"])
 def test_attention_decode(benchmark, impl, B, H, S, D):
-    """Lengths ~ the middle of a generation; torch: the torch backend's reference (masked einsum)."""
+    """Lengths ~ the middle of a generation; triton-append also writes the step's k, v (write_kv fused);
+    torch: the torch backend's reference (masked einsum)."""
     from aigc_rt.backends.torch_backend import TorchBackend
     q, k_cache, v_cache = randn(B, H, D), randn(B, H, S, D), randn(B, H, S, D)
     lengths = torch.randint(S // 4, S // 2, (B,), device="cuda")
     max_len = S // 2
     if impl == "triton":
         fn = lambda: decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len)  # noqa: E731
+    elif impl == "triton-append":
+        new_kv, positions = (randn(B, H, D), randn(B, H, D)), lengths - 1
+        fn = lambda: decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, new_kv=new_kv,  # noqa: E731
+                                                       positions=positions)
     else:
         be = TorchBackend(torch.device("cuda"))
         fn = lambda: be.attention_decode(q, k_cache, v_cache, lengths, max_len)  # noqa: E731
     benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="embedding")
+@pytest.mark.parametrize("B,C", [(1, 768), (8, 1600)])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_embedding(benchmark, impl, B, C):
+    """A decode step's token + position rows (V = 50,257, 1,024 positions); torch: the torch backend's."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    table, pos_table = randn(50257, C, dtype=torch.bfloat16), randn(1024, C)
+    ids, positions = torch.randint(0, 50257, (B,), device="cuda"), torch.randint(0, 1024, (B,), device="cuda")
+    impl_fn = embedding.embedding if impl == "triton" else TorchBackend(torch.device("cuda")).embedding
+    benchmark(timed(lambda: impl_fn(table, ids, pos_table=pos_table, positions=positions)))
 
 
 @pytest.mark.benchmark(group="sample")
