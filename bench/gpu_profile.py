@@ -11,6 +11,9 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    block shapes (AIGC_RT_AUTOTUNE=0), and cuBLAS (F.linear in the weight dtype), each as a CUDA graph of one
    call per copy of the weight over enough copies (>= 256 MiB) that the L2 cache never holds the next one,
    as in a decode step. Reported: us per call, GB/s of weight read, % of the measured read bandwidth.
+3. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
+   repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
+   same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
 Prints markdown tables; writes them to bench/results/gpu_profile-<device>-<date>.md.
 """
 from __future__ import annotations
@@ -138,6 +141,33 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
     return out
 
 
+def sampling_rows() -> list[str]:
+    """One row per sampling setting and batch: us per call, ours and the reference."""
+    from aigc_rt.kernels import sampling
+    from aigc_rt.sampling import SamplingParams, sample_reference
+    settings = {"greedy": SamplingParams(),
+                "t=0.7, top_k=50": SamplingParams(do_sample=True, temperature=0.7, top_k=50),
+                "top_p=0.9, penalty 1.2": SamplingParams(do_sample=True, top_p=0.9, repetition_penalty=1.2)}
+    out = ["| sampling | batch | ours | torch (sample_reference) |", "|---|---|---|---|"]
+    for name, params in settings.items():
+        for B in (1, 8):
+            logits = torch.randn(B, 50257, device="cuda") * 3
+            u = torch.rand(B, device="cuda")
+            seen = torch.rand(B, 50257, device="cuda") < 0.01
+            cells = []
+            for fn in (sampling.sample, sample_reference):
+                def calls(fn=fn):
+                    for _ in range(20):
+                        fn(logits, params, u, seen)
+                try:
+                    calls()  # warm-up (compiles ours)
+                    cells.append(f"{1e6 * gpu_decode.event_seconds(calls, 5) / 20:,.1f} us")
+                except Exception as e:
+                    cells.append(f"failed: {type(e).__name__}")
+            out.append(f"| {name} | {B} | {' | '.join(cells)} |")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="124M,1.5B")
@@ -154,6 +184,7 @@ def main(argv=None) -> int:
     slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
     path = os.path.join(gpu_decode.RESULTS_DIR, f"gpu_profile-{slug}-{time.strftime('%Y-%m-%d')}.md")
     os.makedirs(gpu_decode.RESULTS_DIR, exist_ok=True)
+
     for size in a.sizes.split(","):
         with tempfile.TemporaryDirectory() as folder:
             gpu_decode.hf_checkpoint(size, folder)
@@ -183,6 +214,13 @@ def main(argv=None) -> int:
             f.write("\n".join(lines) + "\n")
         del m
         torch.cuda.empty_cache()
+    try:  # last: nothing above depends on it
+        lines += ["## Sampling over 50,257 logits", ""] + sampling_rows() + [""]
+    except Exception as e:
+        lines.append(f"sampling failed: {type(e).__name__}: {e}")
+    print("\n".join(lines[-10:]), flush=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
     print(f"saved {path}")
     return 0
 
