@@ -66,16 +66,19 @@ def _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, lo, hi,
         step = (hi - lo + 1 + N_PIVOTS) // (N_PIVOTS + 1)  # pivots then cover [lo, hi] in gaps of step
         pivots = lo + step * j  # (N_PIVOTS,)
         acc = tl.zeros((N_PIVOTS,), dtype=tl.float32)  # counts are exact in fp32 up to 2^24 > V
+        counts = tl.zeros((BLOCK, N_PIVOTS), dtype=tl.int32)  # per lane: summed once, after the loop
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < V
             _, z = _load_z(logits_ptr, seen_ptr, cols, valid, penalty, temperature, HAS_PENALTY, True)
             key = _key(z)
-            if MASS:
+            if MASS:  # a float sum: kept in block order (the reference's rounding, near enough)
                 w = tl.where(valid & (key >= floor), tl.exp(z - z_max), 0.0)
                 acc += tl.sum(tl.where(key[:, None] > pivots[None, :], w[:, None], 0.0), axis=0)
             else:
-                acc += tl.sum(((key[:, None] >= pivots[None, :]) & valid[:, None]).to(tl.float32), axis=0)
+                counts += ((key[:, None] >= pivots[None, :]) & valid[:, None]).to(tl.int32)
+        if not MASS:
+            acc = tl.sum(counts, axis=0).to(tl.float32)
         n_ok = tl.sum(((acc >= need) & (pivots <= hi)).to(tl.int64), axis=0)
         new_lo = lo + step * n_ok
         hi = tl.minimum(hi, new_lo + step - 1)
