@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # What a session lent a GPU runs (issue 6, 7): build with the box's own python and torch, the GPU tests, then
 # the GPU benchmarks. A session has about 15 minutes of device time in all (machine start included) and 10
-# minutes per call, so the first call should be `all` (about 8 minutes, each step under its own timeout):
+# minutes per call, so the first call should be `all` (about 6-7 minutes, each step under its own timeout; the
+# 2026-11-29 H200 session ran it twice, 5 and 5.5 minutes, plus ~30 s of machine start each):
 #
 #   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 1.5B b1; bf16) + profile
 #   bash tools/gpu_session.sh build      # pip install -e . (no deps, no isolation); COMPILE_CHECK=1: sm_90 check
-#   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU
+#   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU (+ with PDL)
 #   bash tools/gpu_session.sh decode     # GPT-2 decode: HF eager / HF static cache + compile / ours
-#                                        #   (SIZES, BATCHES, DTYPES narrow it; the full table is ~4 sizes x 2
-#                                        #   dtypes x 2 batches x 4 systems: several calls' worth)
-#   bash tools/gpu_session.sh profile    # a decode step's kernels; our linears (autotuned/fixed) vs cuBLAS
+#                                        #   (SIZES, BATCHES, DTYPES, SYSTEMS narrow it; the full table is ~4 sizes
+#                                        #   x 2 dtypes x 2 batches x 5 systems: several calls' worth)
+#   bash tools/gpu_session.sh profile    # a decode step's kernels (with/without PDL); linears vs cuBLAS; sampling
 #   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA) and DCGAN benchmarks
 #
 # Logs and result files go to $OUT (the device tool brings that folder back) and bench/results/.
