@@ -54,6 +54,21 @@ struct Problem {
   int64_t ldy;
 };
 
+// What an int8 tile starting at activation row n and panel `panel` reads: its packed weight bytes (u = q + 128
+// in 16 x 4 quads, `stride` bytes per panel), the rows' activation quads (row stride x.ld) and block scales
+// (row stride x.blocks).
+struct Int8Operands {
+  int64_t stride;
+  const uint8_t* w;
+  const uint32_t* x;
+  const float* sx;
+  Int8Operands(const Problem& p, int64_t n, int64_t panel)
+      : stride(p.groups * kPanel * 4),
+        w(static_cast<const uint8_t*>(p.w) + panel * stride),
+        x(p.x.xg + n * p.x.ld),
+        sx(p.x.sx + n * p.x.blocks) {}
+};
+
 using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0, int64_t p1);
 
 // linear.cpp's quantize_block for one full block of kInt8Block activations, bit for bit, in AVX-512 (the scalar

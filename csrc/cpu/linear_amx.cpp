@@ -97,9 +97,7 @@ AMX void bf16_tile(const Problem& p, int64_t n, int64_t M, int64_t panel) {
 
 template <int R>
 AMX void int8_tile(const Problem& p, int64_t n, int64_t M, int64_t panel) {
-  const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
-  const auto* w = static_cast<const uint8_t*>(p.w) + panel * stride;
-  const uint32_t* x = p.x.xg + n * p.x.ld;
+  const auto [stride, w, x, sx] = Int8Operands(p, n, panel);
   alignas(64) float acc[kMaxPanels][16][16];
   alignas(64) int32_t c[kMaxPanels][16][16];
   std::memset(acc, 0, sizeof(acc));
@@ -109,7 +107,7 @@ AMX void int8_tile(const Problem& p, int64_t n, int64_t M, int64_t panel) {
     multiply<R, true>(w + b * 16 * 64, stride);
     store_c<R>(c);
     for (int64_t m = 0; m < M; ++m) {
-      const __m512 scale = _mm512_set1_ps(p.x.sx[(n + m) * p.x.blocks + b]);
+      const __m512 scale = _mm512_set1_ps(sx[m * p.x.blocks + b]);
       for (int r = 0; r < R; ++r)
         _mm512_store_ps(acc[r][m], _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[r][m])), scale,
                                                    _mm512_load_ps(acc[r][m])));

@@ -102,10 +102,7 @@ struct Int8Tiles {
   static constexpr int64_t panels(int64_t) { return 1; }
   template <int R, int M>
   AVX2_FMA static void tile(const Problem& p, int64_t n, int64_t panel) {
-    const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
-    const uint32_t* x = p.x.xg + n * p.x.ld;
-    const float* sx = p.x.sx + n * p.x.blocks;
+    const auto [stride, w, x, sx] = Int8Operands(p, n, panel);
     constexpr int64_t quads = kInt8Block / 4;
     const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
     __m256 acc[R][2][M];

@@ -191,10 +191,7 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
   static constexpr int64_t panels(int64_t rows) { return rows > 3 && rows <= 7 ? 2 : 1; }
   template <int R>
   AVX512_VNNI static void row(const Problem& p, int64_t n, int64_t panel) {  // int32 chains: the same sums, exactly
-    const int64_t stride = p.groups * kPanel * 4;
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
-    const uint32_t* x = p.x.xg + n * p.x.ld;
-    const float* sx = p.x.sx + n * p.x.blocks;
+    const auto [stride, w, x, sx] = Int8Operands(p, n, panel);
     constexpr int64_t quads = kInt8Block / 4;
     static_assert(quads % kChains == 0);
     __m512 acc[R][1];
@@ -227,10 +224,7 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
 
   template <int R, int M>
   AVX512_VNNI static void rows(const Problem& p, int64_t n, int64_t panel) {
-    const int64_t stride = p.groups * kPanel * 4;  // bytes per panel
-    const uint8_t* w = static_cast<const uint8_t*>(p.w) + panel * stride;
-    const uint32_t* x = p.x.xg + n * p.x.ld;
-    const float* sx = p.x.sx + n * p.x.blocks;
+    const auto [stride, w, x, sx] = Int8Operands(p, n, panel);
     constexpr int64_t quads = kInt8Block / 4;
     __m512 acc[R][M];
 #pragma GCC unroll 32
