@@ -35,15 +35,36 @@ def randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, device="cuda", dtype=dtype)
 
 
-@pytest.mark.benchmark(group="add_layernorm")
-@pytest.mark.parametrize("rows,C", [(1, 768), (8, 1600), (4096, 768)])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_add_layernorm(benchmark, impl, rows, C):
-    x, res, w, b = randn(rows, C), randn(rows, C), randn(C), randn(C)
-    if impl == "triton":
-        fn = lambda: layernorm.add_layernorm(x, res, w, b, 1e-5)  # noqa: E731
+@pytest.mark.benchmark(group="layernorm_linear")
+@pytest.mark.parametrize("M,N,K", [(1, 2304, 768), (1, 3072, 768), (1, 50257, 768), (8, 3072, 768), (1, 6400, 1600)])
+@pytest.mark.parametrize("impl", ["triton-prologue", "triton-apart", "torch"])
+def test_layernorm_linear(benchmark, impl, M, N, K):
+    """A pre-norm sub-layer's input projection, bf16 weights: the LayerNorm in the linear's prologue (what the
+    triton backend runs for decode rows), as its own launch before the linear, and torch (layer_norm + F.linear)."""
+    x, w, bias, g, beta = randn(M, K), randn(N, K, dtype=torch.bfloat16) * K ** -0.5, randn(N), randn(K), randn(K)
+    h = torch.empty_like(x)
+    if impl == "triton-prologue":
+        fn = lambda: linear.linear(x, w, bias, norm=(g, beta, 1e-5))  # noqa: E731
+    elif impl == "triton-apart":
+        fn = lambda: linear.linear(layernorm.layernorm(x, g, beta, 1e-5, out=h), w, bias)  # noqa: E731
     else:
-        fn = lambda: F.layer_norm(res.add_(x), (C,), w, b, 1e-5)  # noqa: E731
+        fn = lambda: F.linear(F.layer_norm(x, (K,), g, beta, 1e-5).to(w.dtype), w).float() + bias  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="linear_residual")
+@pytest.mark.parametrize("M,N,K", [(1, 768, 768), (1, 768, 3072), (8, 1600, 6400)])
+@pytest.mark.parametrize("impl", ["triton-epilogue", "triton-apart", "torch"])
+def test_linear_residual(benchmark, impl, M, N, K):
+    """A sub-layer's output projection added into the residual stream, bf16 weights: the add in the linear's
+    epilogue, as a separate torch add, and torch (F.linear + add_)."""
+    x, w, bias, r = randn(M, K), randn(N, K, dtype=torch.bfloat16) * K ** -0.5, randn(N), randn(M, N)
+    if impl == "triton-epilogue":
+        fn = lambda: linear.linear(x, w, bias, residual=r)  # noqa: E731
+    elif impl == "triton-apart":
+        fn = lambda: r.add_(linear.linear(x, w, bias))  # noqa: E731
+    else:
+        fn = lambda: r.add_(F.linear(x.to(w.dtype), w).float() + bias)  # noqa: E731
     benchmark(timed(fn))
 
 

@@ -8,7 +8,9 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    under torch.profiler: launches per step, device us per step, share. Replayed step time minus the kernels'
    sum is what launches and gaps between kernels cost inside the graph.
 2. The linears of the step at M = batch and M = 8: our kernel autotuned (the default), our kernel with the fixed
-   block shapes (AIGC_RT_AUTOTUNE=0), and cuBLAS (F.linear in the weight dtype), each as a CUDA graph of one
+   block shapes (AIGC_RT_AUTOTUNE=0), both as the model runs them (qkv, fc and lm_head with the LayerNorm in
+   their prologue, proj and mlp_proj adding into the residual), and cuBLAS (the bare F.linear in the weight
+   dtype), each as a CUDA graph of one
    call per copy of the weight over enough copies (>= 256 MiB) that the L2 cache never holds the next one,
    as in a decode step. Reported: us per call, GB/s of weight read, % of the measured read bandwidth.
 3. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
@@ -115,13 +117,20 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
         copies = max(2, min(64, -(-(256 << 20) // nbytes)))
         ws = [w.clone() for _ in range(copies)]
         x = torch.randn(M, K, device="cuda")
-        ys = [torch.empty(M, N, device="cuda") for _ in range(2)]
+        ys = [torch.zeros(M, N, device="cuda") for _ in range(2)]
         act = "gelu_tanh" if name == "fc" else None
+        # as the model runs them: LayerNorm in the prologue of qkv, fc and lm_head, the residual add in the
+        # epilogue of proj and mlp_proj
+        norm = (torch.ones(K, device="cuda"), torch.zeros(K, device="cuda"), 1e-5)
+
+        def ours(w_, i):
+            if name in ("proj", "mlp_proj"):
+                return triton_linear.linear(x, w_, b, act, scale=s, residual=ys[i % 2])
+            return triton_linear.linear(x, w_, b, act, scale=s, norm=norm, out=ys[i % 2])
         secs = {}
         for mode in ("tuned", "fixed"):
             triton_linear.AUTOTUNE = mode == "tuned"
-            secs[mode] = graph_time([lambda w_=w_, i=i: triton_linear.linear(x, w_, b, act, scale=s, out=ys[i % 2])
-                                     for i, w_ in enumerate(ws)]) / copies
+            secs[mode] = graph_time([lambda w_=w_, i=i: ours(w_, i) for i, w_ in enumerate(ws)]) / copies
         triton_linear.AUTOTUNE = True
         if s is None:
             xw = x.to(w.dtype)
@@ -201,7 +210,8 @@ def main(argv=None) -> int:
             lines += [f"| {k} | {n:.0f} | {us:.1f} | {100 * us / total:.1f}% |" for k, n, us in kernels[:14]]
         except Exception as e:  # a failing part is a line of the report, not the end of the run
             lines.append(f"step profile failed: {type(e).__name__}: {e}")
-        lines += ["", "| linear | M | N x K | ours (autotuned) | ours (fixed shapes) | cuBLAS | tuned config |",
+        lines += ["", "| linear | M | N x K | ours (autotuned, fused as the model runs it) | ours (fixed shapes) "
+                  "| cuBLAS (bare) | tuned config |",
                   "|---|---|---|---|---|---|---|"]
         for M in sorted({a.batch, 8}):
             try:

@@ -6,10 +6,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aigc_rt C++ CPU kernels";
   m.def("layernorm", &aigc_rt::cpu::layernorm, "LayerNorm over the last dim (fp32)", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out") = pybind11::none());
-  m.def("add_layernorm", &aigc_rt::cpu::add_layernorm,
-        "residual += x (in place); returns LayerNorm(residual) (fp32)", pybind11::arg("x"),
-        pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"),
-        pybind11::arg("out") = pybind11::none());
   m.def("write_kv", &aigc_rt::cpu::write_kv,
         "k_cache[b, :, positions[b]] = k[b] and the same for v: caches (B, H, S, D) fp32 or bf16, k, v (B, H, D) fp32",
         pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("positions"), pybind11::arg("k"),
@@ -26,9 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("in_features", &aigc_rt::cpu::PackedLinear::in_features)
       .def_readonly("out_features", &aigc_rt::cpu::PackedLinear::out_features)
       .def_property_readonly("dtype", &aigc_rt::cpu::PackedLinear::dtype);
-  m.def("linear", &aigc_rt::cpu::linear, "y = act(x @ W^T * scale + bias), act GELU(tanh) if gelu",
+  m.def("linear", &aigc_rt::cpu::linear,
+        "y = act(x @ W^T * scale + bias), act GELU(tanh) if gelu; with a residual, also residual += y; returns y",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu") = false,
-        pybind11::arg("out") = pybind11::none());
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
   m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8)",
         pybind11::arg("weight_dtype"));
   m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,
@@ -47,10 +44,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("out"), pybind11::arg("pos_table"), pybind11::arg("positions"))
       .def("layernorm", &StepProgram::layernorm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
            pybind11::arg("eps"), pybind11::arg("out"))
-      .def("add_layernorm", &StepProgram::add_layernorm, pybind11::arg("x"), pybind11::arg("residual"),
-           pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out"))
       .def("linear", &StepProgram::linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu"),
-           pybind11::arg("out"))
+           pybind11::arg("out"), pybind11::arg("residual"))
       .def("write_kv", &StepProgram::write_kv, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
            pybind11::arg("positions"), pybind11::arg("k"), pybind11::arg("v"))
       .def("attention_decode", &StepProgram::attention_decode, pybind11::arg("q"), pybind11::arg("k_cache"),

@@ -6,6 +6,13 @@
     accumulation are fp32, so low-precision weights lose nothing more than that rounding.
     int8 weights (weight-only quantisation, the file's per-row scales s (N,)): y = act(s * (x q^T) + b), x kept
     in fp32 and q widened to fp32 in registers, i.e. the torch backend's x (q * s)^T up to fp32 rounding.
+Two fusions that take a pre-norm transformer's LayerNorms and residual adds out of their own launches:
+    norm = (g, beta, eps):  x -> LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta first (per row, biased
+                            variance, fp32), in the prologue: every program computes its rows' mean and variance
+                            (two passes over x, from L2: the rows are short beside the weights) and normalises
+                            each x block as it loads it;
+    residual = r (M, N):    r += y in the epilogue (the result is added into r in place and r is returned), each
+                            element by the one program that owns it.
 
 Two kernels, picked by the number of rows M (GEMV_MAX_M):
 - _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32), for prefill and for
@@ -38,6 +45,41 @@ GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU ben
 
 
 @device_fn
+def _row_stats(x_ptr, rows, M, K, x_stride, eps, BLOCK_K: tl.constexpr):
+    """(mean, 1 / sqrt(var + eps)) of x's rows `rows` (R,) over K columns, two passes over them; rows >= M
+    get (0, 1 / sqrt(eps))."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]  # (R, BLOCK_K)
+    total = tl.zeros_like(rows).to(tl.float32)  # (R,)
+    for k0 in range(0, K, BLOCK_K):
+        total += tl.sum(tl.load(x_ptrs + k0, mask=(rows[:, None] < M) & (ks[None, :] + k0 < K), other=0.0), axis=1)
+    mean = total / K
+    squares = tl.zeros_like(mean)
+    for k0 in range(0, K, BLOCK_K):
+        in_x = (rows[:, None] < M) & (ks[None, :] + k0 < K)
+        centred = tl.where(in_x, tl.load(x_ptrs + k0, mask=in_x, other=0.0) - mean[:, None], 0.0)
+        squares += tl.sum(centred * centred, axis=1)
+    return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+
+@device_fn
+def _normalise(x, mean, rstd, g_ptr, beta_ptr, ks, in_x, K):
+    """LayerNorm of an x block (R, BLOCK_K) at columns ks (BLOCK_K,), given its rows' statistics (R,); 0 where
+    in_x is false."""
+    g = tl.load(g_ptr + ks, mask=ks < K, other=0.0)
+    beta = tl.load(beta_ptr + ks, mask=ks < K, other=0.0)
+    return tl.where(in_x, (x - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :], 0.0)
+
+
+@device_fn
+def _store(y_ptrs, y, mask, ACCUMULATE: tl.constexpr):
+    """y into y_ptrs, or (ACCUMULATE) added to what they hold: the residual stream, y_ptrs[i] += y[i]."""
+    if ACCUMULATE:
+        y += tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, y, mask=mask)
+
+
+@device_fn
 def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
     if SCALED:
         acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0)
@@ -49,10 +91,10 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, M, N, K, x_stride, w_stride, y_stride,
-                   SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, WIDEN_DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   PDL: tl.constexpr):
+def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr, M, N, K, x_stride, w_stride,
+                   y_stride, eps, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                   NORM: tl.constexpr, ACCUMULATE: tl.constexpr, WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -62,9 +104,14 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, M, N, K, x_strid
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + (k_lo + ks)[None, :]  # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride + (k_lo + ks)[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
+    if NORM:
+        mean, rstd = _row_stats(x_ptr, rows, M, K, x_stride, eps, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, tl.minimum(k_lo + k_len, K), BLOCK_K):
-        x = tl.load(x_ptrs, mask=(rows[:, None] < M) & (ks[None, :] + k0 < K), other=0.0)
+        in_x = (rows[:, None] < M) & (ks[None, :] + k0 < K)
+        x = tl.load(x_ptrs, mask=in_x, other=0.0)
+        if NORM:
+            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_x, K)
         w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] + k0 < K), other=0.0)
         if SCALED:
             w = w.to(tl.float32)
@@ -74,15 +121,15 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, M, N, K, x_strid
     in_tile = (rows[:, None] < M) & (cols[None, :] < N)
     if SPLIT_K == 1:
         acc = _epilogue(acc, s_ptr, b_ptr, cols[None, :], N, SCALED, HAS_BIAS, GELU)
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :], acc, mask=in_tile)
+        _store(y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :], acc, in_tile, ACCUMULATE)
     else:  # partial sums (SPLIT_K, M, N); _split_k_reduce_kernel finishes
         tl.store(part_ptr + ((split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]), acc, mask=in_tile)
 
 
 @triton.jit
 def _split_k_reduce_kernel(part_ptr, s_ptr, b_ptr, y_ptr, M, N, y_stride, SCALED: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT_K: tl.constexpr,
-                           BLOCK: tl.constexpr, PDL: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr,
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -90,7 +137,7 @@ def _split_k_reduce_kernel(part_ptr, s_ptr, b_ptr, y_ptr, M, N, y_stride, SCALED
     for split in tl.static_range(SPLIT_K):  # in split order: the same sum every run
         acc += tl.load(part_ptr + (split * M + row) * N + cols, mask=cols < N, other=0.0)
     acc = _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
-    tl.store(y_ptr + row * y_stride + cols, acc, mask=cols < N)
+    _store(y_ptr + row * y_stride + cols, acc, cols < N, ACCUMULATE)
 
 
 def _split_k_reduce(args: dict) -> None:
@@ -101,14 +148,15 @@ def _split_k_reduce(args: dict) -> None:
     M, N = args["M"], args["N"]
     _split_k_reduce_kernel[(triton.cdiv(N, 1024), M)](
         args["part_ptr"], args["s_ptr"], args["b_ptr"], args["y_ptr"], M, N, args["y_stride"],
-        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], SPLIT_K=args["SPLIT_K"], BLOCK=1024,
+        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], ACCUMULATE=args["ACCUMULATE"],
+        SPLIT_K=args["SPLIT_K"], BLOCK=1024,
         num_warps=4, PDL=args["PDL"], **({"launch_pdl": True} if args["PDL"] else {}))
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_stride,
-                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
+                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
+                 ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     ks = tl.arange(0, BLOCK_K)
@@ -121,6 +169,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_
         # Each later block is requested one iteration ahead.
         w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
     pdl_begin(PDL)
+    rows = tl.zeros((1,), dtype=tl.int64) + row  # x is read as a (1, BLOCK_K) block
+    if NORM:
+        mean, rstd = _row_stats(x_ptr, rows, row + 1, K, x_stride, eps, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if PDL:
@@ -130,11 +181,14 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, x_stride, w_stride, y_
             w = tl.load(w_ptrs, mask=in_n & (ks[None, :] + k0 < K), other=0.0)
         if SCALED:
             w = w.to(tl.float32)
-        x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=ks + k0 < K, other=0.0)
-        acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)[None, :]
+        in_x = (ks[None, :] + k0 < K) & (rows[:, None] >= 0)  # (1, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * x_stride + (k0 + ks)[None, :], mask=in_x, other=0.0)
+        if NORM:
+            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_x, K)
+        acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)
         w_ptrs += BLOCK_K
     y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
-    tl.store(y_ptr + row * y_stride + cols, y, mask=cols < N)
+    _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
 
 
 def _quick_bench(fn, quantiles):
@@ -160,25 +214,44 @@ _SMALL_M_CONFIGS = [(16, 128, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256,
                     (16, 128, 4, 4), (32, 128, 4, 2), (32, 128, 4, 4), (64, 64, 6, 4)]
 MAX_SPLIT_K = max(c[3] for c in _SMALL_M_CONFIGS)
 AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
+_timed_y: list[torch.Tensor] = []  # the output before a timed run of the batched GEMM (under _small_m_lock)
+
+
+def _before_timed_run(args: dict, reset_only: bool = False) -> None:
+    if not reset_only:
+        _timed_y[:] = [args["y_ptr"].clone()]
+
+
+def _after_timed_run(args: dict, exception) -> None:
+    """The autotuner's post-hook for the batched GEMM: a split configuration is timed with its reduction, and
+    the output is put back as it was (an accumulating run adds into it: the residual stream)."""
+    if exception is None:
+        _split_k_reduce(args)
+    args["y_ptr"].copy_(_timed_y.pop())
+
+
 _gemv_tuned = triton.autotune(
     [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_CONFIGS], key=["N", "K"],
     prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+    restore_value=["y_ptr"],  # timed runs that accumulate must not change the residual stream
 )(_gemv_kernel)
 _small_m_tuned = triton.autotune(
     [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk), num_warps=4, num_stages=st)
      for n, k, st, sk in _SMALL_M_CONFIGS], key=["N", "K"],
     prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
-    post_hook=lambda args, exception: exception is None and _split_k_reduce(args),
+    pre_hook=_before_timed_run, post_hook=_after_timed_run,
 )(_linear_kernel)
 _small_m_lock = threading.Lock()  # best_config is read back right after the launch that set it
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
-           scale: torch.Tensor | None = None, out=None, kernel: str | None = None,
-           split_k: int | None = None) -> torch.Tensor:
-    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> (..., N) fp32; scale (N,)
-    fp32 for int8 weights and only for them. kernel: "gemv" | "gemm" | None (pick by the number of rows);
-    split_k: K splits of the GEMM (None: autotuned up to 16 rows, else 1). Tests and benchmarks force them."""
+           scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
+           out=None, kernel: str | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> y (..., N) fp32; scale (N,)
+    fp32 for int8 weights and only for them. norm (g, beta, eps), g and beta (K,) fp32: y = linear(LayerNorm(x)).
+    residual (..., N) fp32: residual += y in place, and residual is returned (out must then be None).
+    kernel: "gemv" | "gemm" | None (pick by the number of rows); split_k: K splits of the GEMM (None: autotuned
+    up to 16 rows, else 1). Tests and benchmarks force them."""
     check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
     dev = x.device
     check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
@@ -198,45 +271,86 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         raise ValueError(f"kernel must be None, 'gemv' or 'gemm', got {kernel!r}")
     if split_k is not None and not (isinstance(split_k, int) and 1 <= split_k <= 64):
         raise ValueError(f"split_k must be None or an int in [1, 64], got {split_k!r}")
+    g, beta, eps = _check_norm(norm, K, dev) if norm is not None else (x, x, 1.0)  # dummies when NORM is off
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
-    y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
+    if residual is not None:
+        if out is not None:
+            raise ValueError("linear: give out or residual, not both (with residual the result goes into it)")
+        check_tensor("residual", residual, x.dim(), (torch.float32,), dev)
+        if tuple(residual.shape) != (*x.shape[:-1], N) or not residual.is_contiguous():
+            raise ValueError(f"residual must be a contiguous {(*x.shape[:-1], N)} tensor, got "
+                             f"{tuple(residual.shape)} with strides {residual.stride()}")
+        if _overlaps(residual, x):
+            raise ValueError("linear: residual must not overlap x (it is written while x is read)")
+        y = residual
+    else:
+        y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
     if M == 0:
         return y
     bias = w if b is None else b  # dummy pointers when HAS_BIAS / SCALED are off
     scales = w if scale is None else scale
-    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh", **pdl_options(dev))
+    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh", NORM=norm is not None,
+                 ACCUMULATE=residual is not None, **pdl_options(dev))
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
+        args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
         if AUTOTUNE:
-            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](
-                x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags)
+            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
         else:
             s = gemv_settings(N, w.dtype, dev)
-            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](x2, w, scales, bias, y, N, K, x2.stride(0), K, N, **flags,
-                                                            **s)
-    elif AUTOTUNE and M <= 16 and split_k is None:
+            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, **s)
+        return y
+    reduce = dict(s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N, **flags)
+    if AUTOTUNE and M <= 16 and split_k is None:
         part = torch.empty(MAX_SPLIT_K, M, N, device=dev)  # partial sums, for split-K configurations
         with _small_m_lock:
             _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
-                x2, w, scales, bias, y, part, M, N, K, x2.stride(0), K, N, **flags, WIDEN_DOT=False)
+                x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
+                WIDEN_DOT=False)
             chosen = _small_m_tuned.best_config.kwargs["SPLIT_K"]
-        _split_k_reduce(dict(part_ptr=part, s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N,
-                             SPLIT_K=chosen, **flags))
+        _split_k_reduce(dict(part_ptr=part, SPLIT_K=chosen, **reduce))
     else:
         s = linear_settings(M, N, dev)
         sk = split_k or 1
         part = torch.empty(sk, M, N, device=dev) if sk > 1 else y
         grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]), sk)
-        _linear_kernel[grid](x2, w, scales, bias, y, part, M, N, K, x2.stride(0), K, N, **flags,
+        _linear_kernel[grid](x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
                              WIDEN_DOT=INTERPRETER, SPLIT_K=sk, **s)
-        _split_k_reduce(dict(part_ptr=part, s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N, SPLIT_K=sk,
-                             **flags))
+        _split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, **reduce))
     return y
 
 
-def reference(x, w, b=None, act=None, scale=None):
+def _check_norm(norm, K: int, dev: torch.device) -> tuple:
+    """norm = (g, beta, eps): the LayerNorm applied to x's rows first, g and beta contiguous (K,) fp32."""
+    if not (isinstance(norm, tuple) and len(norm) == 3):
+        raise ValueError(f"norm must be a (weight, bias, eps) tuple, got {type(norm).__name__}")
+    g, beta, eps = norm
+    for name, p in (("norm weight", g), ("norm bias", beta)):
+        check_tensor(name, p, 1, (torch.float32,), dev)
+        if p.shape[0] != K or not p.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({K},) tensor, got {tuple(p.shape)}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"norm eps must be > 0, got {eps!r}")
+    return g, beta, eps
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors' byte spans intersect."""
+    def span(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+
+def reference(x, w, b=None, act=None, scale=None, norm=None, residual=None):
     """Plain-PyTorch fp32: act(x.to(w.dtype) W^T + b), every product and sum in fp32; int8 weights:
-    act(x (w * scale)^T + b)."""
+    act(x (w * scale)^T + b). norm (g, beta, eps): x = F.layer_norm(x) first; residual: returns residual + y
+    (without touching residual)."""
+    if norm is not None:
+        x = torch.nn.functional.layer_norm(x, (x.shape[-1],), norm[0], norm[1], norm[2])
+    if residual is not None:
+        return residual + reference(x, w, b, act, scale)
     if scale is not None:
         y = x @ (w.float() * scale[:, None]).t()
     else:

@@ -154,6 +154,25 @@ def test_linear_writes_into_out_and_leading_dims(kernel):
         f"max abs error {(got - want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("N,K,O", [(1, 17, 3), (17, 111, 500), (64, 1023, 111)])
+def test_linear_adds_into_residual(kernel, N, K, O):
+    """With a residual, the epilogue adds y into it (a sub-layer's output into the residual stream): residual
+    becomes exactly residual + y, y still lands in out, and the residual is what the backend returns."""
+    dtype = kernel[1]
+    x, ref_lin, cpu_lin = _problem(N, K, O, dtype, bias=True)
+    r0 = torch.randn(N, O, generator=torch.Generator().manual_seed(N + K + O))
+    for act in (None, "gelu_tanh"):
+        y = CPU.linear(x, cpu_lin, act=act)
+        r, out = r0.clone(), torch.empty(N, O)
+        assert CPU.linear(x, cpu_lin, act=act, out=out, residual=r) is r
+        assert torch.equal(out, y), f"{kernel} {N}x{K}x{O} {act}: y changed when a residual is given"
+        assert torch.equal(r, r0 + y), f"{kernel} {N}x{K}x{O} {act}: residual is not residual + y"
+        if dtype != "int8":  # (int8 quantises the activations: y itself is checked in test_linear_matches_reference)
+            want = REF.linear(x, ref_lin, act=act, residual=r0.clone())
+            err = (r - want).abs().max().item()
+            assert err <= 1e-4, f"{kernel} {N}x{K}x{O} {act}: max abs error {err:.3g} against the torch backend"
+
+
 @pytest.mark.parametrize("rows", [3, 17])
 def test_non_finite_inputs_reach_the_output(kernel, rows):
     """A NaN/inf in x must make its output row non-finite (the runtime checks logits for that)."""
@@ -254,8 +273,11 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.embedding(w, torch.tensor([1]), pos_table=w, positions=torch.tensor([0, 1])),
          "positions has shape"),
         (lambda: _C.layernorm(x, torch.ones(8), torch.zeros(8), 1e-5, out=torch.empty(3, 7)), "out has shape"),
-        (lambda: _C.add_layernorm(x, torch.randn(3, 8), torch.ones(8), torch.zeros(8), 1e-5, out=x),
-         "out must not overlap x"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 8)), residual=torch.zeros(3, 4)),
+         r"residual has shape \[3, 4\], expected \[3, 5\]"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(8, 8)), residual=x), "residual must not overlap x or out"),
+        (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 8)), residual=torch.zeros(5, 3).t()),
+         "residual must be contiguous"),
         (lambda: _C.set_linear_isa("neon"), "unknown ISA 'neon'"),
         (lambda: _C.linear_isa("fp16"), "unknown weight dtype 'fp16'"),
     ]
@@ -318,7 +340,7 @@ def test_decode_step_allocates_nothing_for_linear_and_layernorm(hf_odd, tmp_path
                 logits = m.decode(tokens, positions, cache, 6 + step)
                 assert logits.data_ptr() == first.data_ptr()
     ops = {e.key: e for e in prof.key_averages()}
-    for op, calls in {"linear": 4 * m.config.n_layer + 1, "layernorm": 1, "add_layernorm": 2 * m.config.n_layer,
+    for op, calls in {"linear": 2 * m.config.n_layer, "layernorm_linear": 2 * m.config.n_layer + 1,
                       "embedding": 1}.items():
         e = ops[f"op::{op}"]
         assert e.count == 3 * calls, f"op::{op} ran {e.count} times, expected {3 * calls}"

@@ -108,13 +108,13 @@ class CpuBackend(TorchBackend):
         return _C.PackedLinear(w.contiguous(), lin.bias, lin.scale)
 
     # each op used by a decode step also records itself (into its own output) while a step is recorded
-    def linear(self, x, lin: _C.PackedLinear, act=None, *, out=None):
+    def linear(self, x, lin: _C.PackedLinear, act=None, *, out=None, residual=None):
         check_activation(act)
         x = self._contiguous(x)
-        y = _C.linear(x, lin, act == "gelu_tanh", out)
+        y = _C.linear(x, lin, act == "gelu_tanh", out, residual)  # residual += y in the epilogue
         if self._recording is not None:
-            self._recording.linear(x, lin, act == "gelu_tanh", y)
-        return y
+            self._recording.linear(x, lin, act == "gelu_tanh", y, residual)
+        return y if residual is None else residual
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         ids = self._contiguous(ids)
@@ -128,13 +128,6 @@ class CpuBackend(TorchBackend):
         y = _C.layernorm(x, w, b, eps, out)
         if self._recording is not None:
             self._recording.layernorm(x, w, b, eps, y)
-        return y
-
-    def add_layernorm(self, x, residual, w, b, eps, *, out=None):
-        x = self._contiguous(x)
-        y = _C.add_layernorm(x, residual, w, b, eps, out)
-        if self._recording is not None:
-            self._recording.add_layernorm(x, residual, w, b, eps, y)
         return y
 
     def attention_prefill(self, q, k, v, *, out=None):

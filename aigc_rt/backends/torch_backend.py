@@ -88,18 +88,29 @@ class TorchBackend:
                       None if scale is None else scale.to(self.device, torch.float32))
 
     # -- ops -----------------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., in) fp32 -> (..., out) fp32; act None or "gelu_tanh". fp32 math: int8 weights are
+    def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *, out: torch.Tensor | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) fp32 -> y (..., out) fp32; act None or "gelu_tanh". fp32 math: int8 weights are
         dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
-        (the math of a bf16 x bf16 -> fp32 dot product)."""
+        (the math of a bf16 x bf16 -> fp32 dot product). With residual ((..., out) fp32, contiguous; a
+        pre-norm block's residual stream): residual += y in place, and residual is returned; out is then scratch
+        a backend may write y into (the cpu backend does, the triton backend adds straight into residual)."""
         check_activation(act)
         if lin.scale is not None:
             w = dequantize_int8(lin.weight, lin.scale)
         else:
             w, x = lin.weight.float(), x.to(lin.weight.dtype).float()
         y = F.linear(x, w, lin.bias)
-        return _into(out, F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y)
+        y = F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+        return _into(out, y) if residual is None else residual.add_(y)
+
+    def layernorm_linear(self, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, lin,
+                         act: str | None = None, *, norm_out: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """linear(layernorm(x), lin, act): a pre-norm sub-layer's input projection. norm_out ((..., in) fp32):
+        where layernorm(x) goes on its way (scratch: the triton backend normalises in the linear's prologue
+        and never writes it)."""
+        return self.linear(self.layernorm(x, ln_w, ln_b, eps, out=norm_out), lin, act, out=out)
 
     def embedding(self, table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | None = None,
                   pos_table: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -116,12 +127,6 @@ class TorchBackend:
     def layernorm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, *,
                   out: torch.Tensor | None = None) -> torch.Tensor:
         return _into(out, F.layer_norm(x, (x.shape[-1],), w, b, eps))
-
-    def add_layernorm(self, x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                      eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """residual += x (in place); returns layernorm(residual)."""
-        residual.add_(x)
-        return _into(out, F.layer_norm(residual, (x.shape[-1],), w, b, eps))
 
     def attention_prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                           out: torch.Tensor | None = None) -> torch.Tensor:

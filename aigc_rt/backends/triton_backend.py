@@ -1,7 +1,9 @@
 """The `triton` backend: the Triton kernels of aigc_rt.kernels (kernels/) on a CUDA GPU, with the decode step
 replayed from a CUDA graph (decode_graph.py). On a CPU it runs only under TRITON_INTERPRET=1 (set before the
 kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Ops the
-kernels do not cover fall back to the torch reference (TorchBackend), e.g. the DCGAN discriminator's conv2d."""
+kernels do not cover fall back to the torch reference (TorchBackend), e.g. the DCGAN discriminator's conv2d.
+A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
+that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,10 @@ from ..kernels import attention, conv_transpose, decode_attention, embedding, la
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
+
+# Rows up to which a LayerNorm runs in the prologue of the linear after it (every program normalises its rows
+# again: free beside the weights it streams for a decode step's few rows; a prefill normalises once, apart)
+NORM_IN_PROLOGUE_MAX_ROWS = 16
 
 
 class TritonBackend(TorchBackend):
@@ -32,17 +38,21 @@ class TritonBackend(TorchBackend):
         lin = super().prepare_linear(weight, bias, scale)
         return Linear(*(None if t is None else t.contiguous() for t in (lin.weight, lin.bias, lin.scale)))
 
-    def linear(self, x, lin: Linear, act=None, *, out=None):
-        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, out=out)
+    def linear(self, x, lin: Linear, act=None, *, out=None, residual=None):
+        # with a residual, the result is added into it in the kernel's epilogue (out is left alone)
+        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, residual=residual,
+                             out=out if residual is None else None)
+
+    def layernorm_linear(self, x, ln_w, ln_b, eps, lin: Linear, act=None, *, norm_out=None, out=None):
+        if x.numel() // x.shape[-1] > NORM_IN_PROLOGUE_MAX_ROWS:
+            return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
+        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out)
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
 
     def layernorm(self, x, w, b, eps, *, out=None):
         return layernorm.layernorm(x, w, b, eps, out=out)
-
-    def add_layernorm(self, x, residual, w, b, eps, *, out=None):
-        return layernorm.add_layernorm(x, residual, w, b, eps, out=out)
 
     def attention_prefill(self, q, k, v, *, out=None):
         return attention.attention_prefill(q, k, v, out=out)

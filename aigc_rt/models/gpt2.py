@@ -1,8 +1,9 @@
 """GPT-2, written once against a backend's op set; read it top to bottom.
 
-Residual stream r (fp32). Each block: h = LN1(r); r += proj(attn(qkv(h))); h = LN2(r); r += mlp(h).
-The residual add is fused with the LayerNorm that follows it (backend.add_layernorm), so the loop
-carries the normalised input of the next sub-layer. Prefill runs the prompt through and fills the
+Residual stream r (fp32). Each block: r += proj(attn(qkv(LN1(r)))); r += mlp(LN2(r)). Each sub-layer's
+output linear adds into r itself (backend.linear with a residual), and its input linear takes r with the
+LayerNorm before it (backend.layernorm_linear), so that a backend can fuse both (the triton backend does: four
+launches per block besides attention). Prefill runs the prompt through and fills the
 preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
 Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
 cache, so a decode step allocates no tensors.
@@ -60,10 +61,10 @@ def kv_cache_dtype(file_dtype: str) -> torch.dtype:
 class Workspace:
     """Preallocated fp32 buffers for a forward pass over N rows (tokens); every op writes into one."""
     r: torch.Tensor  # (N, C) residual stream
-    h: torch.Tensor  # (N, C) normalised input of the next sub-layer
+    h: torch.Tensor  # (N, C) LayerNorm(r), the input of the next sub-layer (scratch where it is fused)
     qkv: torch.Tensor  # (N, 3C)
     attn: torch.Tensor  # (N, C) attention output, heads concatenated
-    out: torch.Tensor  # (N, C) output of attn.proj / mlp.proj, before it is added into r
+    out: torch.Tensor  # (N, C) output of attn.proj / mlp.proj (scratch: see backend.linear's residual)
     fc: torch.Tensor  # (N, 4C) GELU(mlp.fc(h))
     logits: torch.Tensor  # (N, V); (0, V) where the caller computes logits itself (prefill)
     lengths: torch.Tensor  # (N,) int64: cached positions per sequence, decode
@@ -163,19 +164,15 @@ class GPT2:
     def _blocks(self, ws: Workspace, attend) -> torch.Tensor:
         """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, q, k, v,
         out) with q, k, v (N, H, D) writes the attention output (N, C) into out and returns it.
-        Returns ln_f(r) (in ws.h)."""
+        Returns r after the last block (ln_f not applied)."""
         be, eps, H, D = self.backend, self.config.layer_norm_epsilon, self.config.n_head, self.config.head_dim
-        h = be.layernorm(ws.r, *self.blocks[0].ln_1, eps, out=ws.h)
         for i, blk in enumerate(self.blocks):
-            qkv = be.linear(h, blk.qkv, out=ws.qkv)  # (N, 3C)
+            qkv = be.layernorm_linear(ws.r, *blk.ln_1, eps, blk.qkv, norm_out=ws.h, out=ws.qkv)  # (N, 3C)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)  # (N, H, D) each
-            a = be.linear(attend(i, q, k, v, ws.attn), blk.proj, out=ws.out)  # (N, C)
-            h = be.add_layernorm(a, ws.r, *blk.ln_2, eps, out=ws.h)
-            f = be.linear(h, blk.fc, act="gelu_tanh", out=ws.fc)  # (N, 4C)
-            m = be.linear(f, blk.mlp_proj, out=ws.out)  # (N, C)
-            nxt = self.blocks[i + 1].ln_1 if i + 1 < len(self.blocks) else self.ln_f
-            h = be.add_layernorm(m, ws.r, *nxt, eps, out=ws.h)
-        return h
+            be.linear(attend(i, q, k, v, ws.attn), blk.proj, out=ws.out, residual=ws.r)  # r += attn.proj(...)
+            f = be.layernorm_linear(ws.r, *blk.ln_2, eps, blk.fc, act="gelu_tanh", norm_out=ws.h, out=ws.fc)  # (N, 4C)
+            be.linear(f, blk.mlp_proj, out=ws.out, residual=ws.r)  # r += mlp.proj(f)
+        return ws.r
 
     def _embed(self, ws: Workspace, ids: torch.Tensor, positions: torch.Tensor) -> None:
         """ws.r = wte[ids] + wpe[positions]; ids, positions (N,) int64."""
@@ -197,7 +194,8 @@ class GPT2:
             self.backend.attention_prefill(q, k, v, out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) views
             return out
 
-        return self._blocks(ws, attend).view(B, T, C)
+        r = self._blocks(ws, attend)
+        return self.backend.layernorm(r, *self.ln_f, self.config.layer_norm_epsilon, out=ws.h).view(B, T, C)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int) -> torch.Tensor:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
@@ -219,7 +217,9 @@ class GPT2:
                                                  out=out.view(B, H, D))
             return out
 
-        return self.backend.linear(self._blocks(ws, attend), self.lm_head, out=ws.logits)
+        r = self._blocks(ws, attend)
+        return self.backend.layernorm_linear(r, *self.ln_f, self.config.layer_norm_epsilon, self.lm_head, norm_out=ws.h,
+                                             out=ws.logits)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> logits (N, V) fp32."""

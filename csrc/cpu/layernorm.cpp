@@ -1,12 +1,12 @@
-// Fused residual add + LayerNorm (fp32), one row per OpenMP task.
+// LayerNorm (fp32), one row per OpenMP task.
 //
-//   h[r, :]   = x[r, :] + residual[r, :]                 (written back into residual, in place)
-//   out[r, :] = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias      (biased variance, as torch)
+//   out[r, :] = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias      (biased variance, as torch)
 //
+// (The residual add before it happens in the epilogue of the linear that produced the sub-layer's output.)
 // Two passes over each row (sum for the mean, then the centred sum of squares) keep the variance as
 // accurate as torch's Welford for the row lengths we see (C <= 1600).
-// Both write into `out` when given (the allocation-free decode step), else into a new tensor.
-// Reference: torch.nn.functional.layer_norm(x + residual, ...). Tests: tests/test_layernorm.py.
+// It writes into `out` when given (the allocation-free decode step), else into a new tensor.
+// Reference: torch.nn.functional.layer_norm. Tests: tests/test_layernorm.py.
 #include "common.h"
 
 namespace aigc_rt::cpu {
@@ -48,34 +48,6 @@ torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, con
   float* po = out.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (rows > 1)
   for (int64_t r = 0; r < rows; ++r) layernorm_row(px + r * C, pw, pb, po + r * C, C, (float)eps);
-  return out;
-}
-
-// residual += x ; return layernorm(residual). shapes (..., C)
-torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
-                            const torch::Tensor& bias, double eps, const c10::optional<torch::Tensor>& out_) {
-  AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
-  AIGC_CHECK_CPU_CONTIGUOUS(residual, torch::kFloat32);
-  AIGC_CHECK_CPU_CONTIGUOUS(weight, torch::kFloat32);
-  AIGC_CHECK_CPU_CONTIGUOUS(bias, torch::kFloat32);
-  AIGC_CHECK(x.sizes() == residual.sizes(), "add_layernorm: x ", x.sizes(), " and residual ", residual.sizes(),
-             " differ");
-  const int64_t C = x.size(-1);
-  AIGC_CHECK(weight.numel() == C && bias.numel() == C, "add_layernorm: weight/bias have ", weight.numel(), "/",
-             bias.numel(), " elements, expected ", C);
-  auto out = output_like(residual, out_, "add_layernorm");
-  AIGC_CHECK(!overlap(out, x), "add_layernorm: out must not overlap x");
-  const int64_t rows = x.numel() / std::max<int64_t>(C, 1);
-  const float *px = x.data_ptr<float>(), *pw = weight.data_ptr<float>(), *pb = bias.data_ptr<float>();
-  float *pr = residual.data_ptr<float>(), *po = out.data_ptr<float>();
-#pragma omp parallel for schedule(static) if (rows > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* h = pr + r * C;
-    const float* xr = px + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) h[c] += xr[c];
-    layernorm_row(h, pw, pb, po + r * C, C, (float)eps);
-  }
   return out;
 }
 

@@ -1,6 +1,7 @@
 // Linear layer on the CPU, streaming the weight from memory once per call:
 //
 //   y[n, o] = act( sum_k x[n, k] * W[o, k] * scale[o] + bias[o] ),   act = identity or GELU(tanh)
+//   and with a residual (a transformer sub-layer's output added into the residual stream): residual[n, o] += y[n, o]
 //
 // x (N, K) fp32; W (O, K) from the weights file: fp32, bf16 (activations rounded to bf16, fp32
 // accumulation) or int8 with one fp32 scale per output row (symmetric, weight-only; activations are
@@ -201,16 +202,20 @@ inline float gelu_tanh(float v) {
   return v / (1.f + exp_approx(-2.f * u));
 }
 
-// y[i] = act((y[i] - shift) * scale[i] + bias[i]) for one output row's span; scale/bias may be null.
+// y[i] = act((y[i] - shift) * scale[i] + bias[i]), then residual[i] += y[i], for one output row's span;
+// scale, bias and residual may be null.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue(float* y, int64_t count,
                                                                            const float* scale, float shift,
-                                                                           const float* bias, bool gelu) {
+                                                                           const float* bias, bool gelu,
+                                                                           float* residual) {
   if (scale)
     for (int64_t i = 0; i < count; ++i) y[i] = (y[i] - shift) * scale[i];
   if (bias)
     for (int64_t i = 0; i < count; ++i) y[i] += bias[i];
   if (gelu)
     for (int64_t i = 0; i < count; ++i) y[i] = gelu_tanh(y[i]);
+  if (residual)
+    for (int64_t i = 0; i < count; ++i) residual[i] += y[i];
 }
 
 WeightType weight_type(const torch::Tensor& w) {
@@ -294,7 +299,8 @@ std::string PackedLinear::dtype() const {
   return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : "int8";
 }
 
-torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu, const c10::optional<torch::Tensor>& out) {
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu, const c10::optional<torch::Tensor>& out,
+                     const c10::optional<torch::Tensor>& residual) {
   AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
   AIGC_CHECK(x.dim() >= 1 && x.size(-1) == lin.in_features, "linear: x ", x.sizes(), " does not have ",
              lin.in_features, " input features");
@@ -311,6 +317,14 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
     y = *out;
   } else {
     y = torch::empty(out_sizes, x.options());
+  }
+  float* res = nullptr;
+  if (residual) {
+    AIGC_CHECK_CPU_CONTIGUOUS(*residual, torch::kFloat32);
+    AIGC_CHECK(residual->sizes() == c10::IntArrayRef(out_sizes), "linear: residual has shape ", residual->sizes(),
+               ", expected ", c10::IntArrayRef(out_sizes));
+    AIGC_CHECK(!overlap(*residual, x) && !overlap(*residual, y), "linear: residual must not overlap x or out");
+    res = residual->data_ptr<float>();
   }
   if (N == 0) return y;
 
@@ -361,10 +375,10 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
     for (int64_t n0 = 0; n0 < N && p0 < p1; n0 += n_block) {
       const int64_t n1 = std::min(N, n0 + n_block);
       kernel(p, n0, n1, p0, p1);
-      if (scale || bias || gelu)
+      if (scale || bias || gelu || res)
         for (int64_t n = n0; n < n1; ++n)
           epilogue(p.y + n * O + o0, o1 - o0, scale ? scale + o0 : nullptr, scale && !signed_int8 ? shift[n] : 0.f,
-                   bias ? bias + o0 : nullptr, gelu);
+                   bias ? bias + o0 : nullptr, gelu, res ? res + n * O + o0 : nullptr);
     }
   }
   return y;

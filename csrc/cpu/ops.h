@@ -6,8 +6,6 @@ namespace aigc_rt::cpu {
 // layernorm.cpp
 torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
                         const c10::optional<torch::Tensor>& out);
-torch::Tensor add_layernorm(const torch::Tensor& x, torch::Tensor& residual, const torch::Tensor& weight,
-                            const torch::Tensor& bias, double eps, const c10::optional<torch::Tensor>& out);
 // linear.cpp
 // A linear layer's weight repacked once for the kernels (panels of 16 rows, csrc/cpu/linear.h), with its
 // bias and, for int8, its per-row scale. (Hidden like the pybind11 types that wrap it.)
@@ -19,7 +17,9 @@ struct __attribute__((visibility("hidden"))) PackedLinear {
   c10::optional<torch::Tensor> bias, scale;  // (out,) fp32
   int64_t in_features = 0, out_features = 0;
 };
-torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out);
+// y = act(x W^T * scale + bias) into out (or a new tensor); with a residual, also residual += y (returns y)
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out,
+                     const c10::optional<torch::Tensor>& residual);
 std::string linear_isa(const std::string& weight_dtype);
 void set_linear_isa(const std::string& cap);
 // kv_cache.cpp
@@ -39,9 +39,8 @@ class __attribute__((visibility("hidden"))) StepProgram {
                  const c10::optional<torch::Tensor>& positions);
   void layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
                  const torch::Tensor& out);
-  void add_layernorm(const torch::Tensor& x, const torch::Tensor& residual, const torch::Tensor& weight,
-                     const torch::Tensor& bias, double eps, const torch::Tensor& out);
-  void linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const torch::Tensor& out);
+  void linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const torch::Tensor& out,
+              const c10::optional<torch::Tensor>& residual);
   void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& positions,
                 const torch::Tensor& k, const torch::Tensor& v);
   void attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
