@@ -30,6 +30,7 @@ from ..sampling import SamplingParams, sample_reference
 from .utils import check_out, check_tensor, device_fn, pdl_begin, pdl_options, sampling_settings
 
 reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampling.py)
+MAX_CANDIDATES = 4096  # candidate slots the merge may hold in registers (chunks x CAP)
 
 
 @device_fn
@@ -119,6 +120,48 @@ def _draw(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, target,
     return tl.minimum(first, last)
 
 
+@device_fn
+def _filter_and_draw(logits_ptr, seen_ptr, V, penalty, temperature, top_k, top_p, u, z_max, z_sum, key_min,
+                     HAS_PENALTY: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr,
+                     BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr):
+    """Top-k, top-p and the draw by streaming one row (several passes), given its max z, the sum of
+    exp(z - max z) over it and its smallest key."""
+    floor = key_min  # every token kept
+    total = z_sum
+    if DO_TOP_K:
+        floor = _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, key_min, _key(z_max),
+                        top_k, False, HAS_PENALTY, BLOCK, N_PIVOTS)
+        total = _kept_mass(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, HAS_PENALTY, BLOCK)
+    if DO_TOP_P:
+        # P(t) = "mass strictly above t >= top_p * total" holds at floor - 1 (the whole kept mass);
+        # the smallest key where it fails is the new floor
+        floor = 1 + _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, floor - 1,
+                            _key(z_max), top_p * total, True, HAS_PENALTY, BLOCK, N_PIVOTS)
+        total = _kept_mass(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, HAS_PENALTY, BLOCK)
+    return _draw(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, u * total, HAS_PENALTY, BLOCK)
+
+
+@device_fn
+def _search_held(key, w, lo, hi, need, MASS: tl.constexpr, N_PIVOTS: tl.constexpr):
+    """_search over values held in registers, key and w (n,): the largest t in [lo, hi] with P(t), given P(lo):
+        MASS off: P(t) = sum_{key_i >= t} w_i >= need   (w = 1 for the values counted, 0 for the others)
+        MASS on:  P(t) = sum_{key_i > t} w_i >= need"""
+    j = tl.arange(0, N_PIVOTS).to(tl.int64) + 1
+    while lo < hi:
+        step = (hi - lo + 1 + N_PIVOTS) // (N_PIVOTS + 1)
+        pivots = lo + step * j  # (N_PIVOTS,)
+        if MASS:
+            above = key[:, None] > pivots[None, :]
+        else:
+            above = key[:, None] >= pivots[None, :]
+        acc = tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
+        n_ok = tl.sum(((acc >= need) & (pivots <= hi)).to(tl.int64), axis=0)
+        new_lo = lo + step * n_ok
+        hi = tl.minimum(hi, new_lo + step - 1)
+        lo = new_lo
+    return lo
+
+
 @triton.jit
 def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_stride,
                    temperature, top_k, top_p, penalty,
@@ -160,21 +203,131 @@ def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_
     token = tl.min(tl.where(best == top, arg, V), axis=0)  # the first column over all lanes
     token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
     if DO_SAMPLE:
-        floor = key_min  # every token kept
-        total = z_sum
-        if DO_TOP_K:
-            floor = _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, key_min, _key(z_max),
-                            top_k, False, HAS_PENALTY, BLOCK, N_PIVOTS)
-            total = _kept_mass(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, HAS_PENALTY, BLOCK)
-        if DO_TOP_P:
-            # P(t) = "mass strictly above t >= top_p * total" holds at floor - 1 (the whole kept mass);
-            # the smallest key where it fails is the new floor
-            floor = 1 + _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, floor - 1,
-                                _key(z_max), top_p * total, True, HAS_PENALTY, BLOCK, N_PIVOTS)
-            total = _kept_mass(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, HAS_PENALTY, BLOCK)
-        u = tl.load(u_ptr + row)
-        token = _draw(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, u * total, HAS_PENALTY, BLOCK)
+        token = _filter_and_draw(logits_ptr, seen_ptr, V, penalty, temperature, top_k, top_p, tl.load(u_ptr + row),
+                                 z_max, z_sum, key_min, HAS_PENALTY, DO_TOP_K, DO_TOP_P, BLOCK, N_PIVOTS)
     tl.store(out_ptr + row, tl.where(n_bad > 0, -1, token).to(tl.int64))
+
+
+# -- split rows: many programs per row, then one merge per row ---------------------------------------------
+@triton.jit
+def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr, V, logits_stride,
+                         seen_stride, n_chunks, temperature, top_k, penalty, HAS_PENALTY: tl.constexpr,
+                         DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr,
+                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+    """One chunk of CHUNK logits of one row, held in registers: its count of NaN/inf, max z, sum of
+    exp(z - its max), smallest key, first argmax, and (top-k) its candidates: the values at or above its own
+    k-th largest key (every token of the row's top k is one), compacted in column order into CAP slots."""
+    pdl_begin(PDL)
+    chunk = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    cols = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = cols < V
+    raw, z = _load_z(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, cols, valid, penalty,
+                     temperature, HAS_PENALTY, DO_SAMPLE)
+    n_bad = tl.sum(((raw != raw) | (tl.abs(raw) == float("inf"))).to(tl.int32), axis=0)
+    x = tl.where(valid, z, float("-inf"))
+    z_max = tl.max(x, axis=0)
+    arg = tl.min(tl.where(valid & (x == z_max), cols, V), axis=0)
+    key = _key(x)
+    key_min = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
+    z_sum = 0.0
+    count = 0
+    if DO_SAMPLE:
+        z_sum = tl.sum(tl.where(valid, tl.exp(x - z_max), 0.0), axis=0)
+        if DO_TOP_K:
+            counted = valid.to(tl.float32)
+            floor = key_min  # a chunk of at most k values keeps them all
+            if tl.sum(counted, axis=0) > top_k:
+                floor = _search_held(key, counted, key_min, _key(z_max), top_k, False, HELD_PIVOTS)
+            kept = valid & (key >= floor)
+            slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
+            count = tl.sum(kept.to(tl.int32), axis=0)  # > CAP (ties): the merge takes the streaming path
+            at = (row * n_chunks + chunk) * CAP + slot
+            tl.store(cand_z_ptr + at, x, mask=kept & (slot < CAP))
+            tl.store(cand_i_ptr + at, cols, mask=kept & (slot < CAP))
+    stats = (row * n_chunks + chunk) * 2
+    tl.store(stats_f_ptr + stats, z_max)
+    tl.store(stats_f_ptr + stats + 1, z_sum)
+    stats = (row * n_chunks + chunk) * 4
+    tl.store(stats_i_ptr + stats, arg)  # (stores widen to int64)
+    tl.store(stats_i_ptr + stats + 1, n_bad)
+    tl.store(stats_i_ptr + stats + 2, count)
+    tl.store(stats_i_ptr + stats + 3, key_min)
+
+
+@triton.jit
+def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr, V,
+                         logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
+                         HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr,
+                         DO_TOP_P: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr,
+                         BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+    """One row from its chunks' results: greedy, the first argmax of the first chunk holding the max; sampling
+    with top-k, the thresholds and the draw over the candidates (in column order, so the draw's running sum is
+    the reference's), or, if a chunk had more candidates than CAP, by streaming the row; sampling without
+    filters, the chunk whose running mass passes u * total, then the column within it."""
+    pdl_begin(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    chunks = tl.arange(0, N_CHUNKS)
+    in_row = chunks < n_chunks
+    at = row * n_chunks + chunks
+    m = tl.load(stats_f_ptr + at * 2, mask=in_row, other=float("-inf"))
+    s = tl.load(stats_f_ptr + at * 2 + 1, mask=in_row, other=0.0)
+    n_bad = tl.sum(tl.load(stats_i_ptr + at * 4 + 1, mask=in_row, other=0), axis=0)
+    z_max = tl.max(m, axis=0)
+    arg = tl.load(stats_i_ptr + at * 4, mask=in_row, other=V).to(tl.int32)
+    token = tl.min(tl.where(in_row & (m == z_max), arg, V), axis=0)
+    token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
+    if DO_SAMPLE:
+        mass = tl.where(in_row & (m > float("-inf")), s * tl.exp(m - z_max), 0.0)  # per chunk, against z_max
+        total = tl.sum(mass, axis=0)
+        u = tl.load(u_ptr + row)
+        if DO_TOP_K:
+            counts = tl.load(stats_i_ptr + at * 4 + 2, mask=in_row, other=0)
+            if tl.max(counts, axis=0) > CAP:
+                key_min = tl.min(tl.load(stats_i_ptr + at * 4 + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
+                token = _filter_and_draw(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, V, penalty,
+                                         temperature, top_k, top_p, u, z_max, total, key_min, HAS_PENALTY, True,
+                                         DO_TOP_P, BLOCK, N_PIVOTS)
+            else:
+                token = _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, top_k, top_p, u,
+                                         DO_TOP_P, CAP, N_CHUNKS, HELD_PIVOTS)
+        else:
+            target = u * total
+            passed = tl.cumsum(mass, axis=0) > target
+            last = tl.max(tl.where(mass > 0.0, chunks, -1), axis=0)
+            chunk = tl.maximum(tl.minimum(tl.min(tl.where(passed, chunks, N_CHUNKS), axis=0), last), 0)
+            before = tl.sum(tl.where(chunks < chunk, mass, 0.0), axis=0)
+            cols = chunk * CHUNK + tl.arange(0, CHUNK)
+            valid = cols < V
+            _, z = _load_z(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, cols, valid, penalty,
+                           temperature, HAS_PENALTY, True)
+            e = tl.where(valid, tl.exp(z - z_max), 0.0)
+            first = tl.min(tl.where(before + tl.cumsum(e, axis=0) > target, cols, V), axis=0)
+            token = tl.minimum(first, tl.max(tl.where(e > 0.0, cols, -1), axis=0))
+    tl.store(out_ptr + row, tl.where(n_bad > 0, -1, token).to(tl.int64))
+
+
+@device_fn
+def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, top_k, top_p, u,
+                     DO_TOP_P: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr, N_PIVOTS: tl.constexpr):
+    """Top-k (and top-p) thresholds and the draw over the chunks' candidates, all held in registers."""
+    slots = tl.arange(0, N_CHUNKS * CAP)  # chunk-major: column order
+    chunk = slots // CAP
+    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * 4 + 2, mask=chunk < n_chunks, other=0)
+    held = (chunk < n_chunks) & (slots % CAP < count)
+    at = (row * n_chunks + chunk) * CAP + slots % CAP
+    z = tl.load(cand_z_ptr + at, mask=held, other=float("-inf"))
+    cols = tl.load(cand_i_ptr + at, mask=held, other=0)
+    key = _key(z)
+    lo = tl.min(tl.where(held, key, 0x7FFFFFFF), axis=0)
+    floor = _search_held(key, held.to(tl.float32), lo, _key(z_max), top_k, False, N_PIVOTS)
+    e = tl.where(held & (key >= floor), tl.exp(z - z_max), 0.0)
+    if DO_TOP_P:
+        floor = 1 + _search_held(key, e, floor - 1, _key(z_max), top_p * tl.sum(e, axis=0), True, N_PIVOTS)
+        e = tl.where(key >= floor, e, 0.0)
+    first = tl.min(tl.where(tl.cumsum(e, axis=0) > u * tl.sum(e, axis=0), slots, N_CHUNKS * CAP), axis=0)
+    pick = tl.minimum(first, tl.max(tl.where(e > 0.0, slots, -1), axis=0))
+    return tl.sum(tl.where(slots == pick, cols, 0), axis=0)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: torch.Tensor | None, *,
@@ -200,10 +353,31 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     tokens = check_out(out, (B,), torch.int64, dev)
     if B == 0:
         return tokens
+    top_k, top_p = params.do_sample and 0 < params.top_k < V, params.do_sample and params.top_p < 1.0
+    flags = dict(HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=top_k, DO_TOP_P=top_p, **pdl_options(dev))
+    values = (float(params.temperature), float(params.top_k), float(params.top_p), float(params.repetition_penalty))
     s = sampling_settings(V, params.do_sample)
-    _sample_kernel[(B,)](
-        logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0),
-        float(params.temperature), float(params.top_k), float(params.top_p), float(params.repetition_penalty),
-        HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=params.do_sample and 0 < params.top_k < V,
-        DO_TOP_P=params.do_sample and params.top_p < 1.0, **s, **pdl_options(dev))
+    chunk = s.pop("CHUNK")
+    held_pivots = s.pop("HELD_PIVOTS")
+    n_chunks = triton.cdiv(V, chunk)
+    cap = max(16, triton.next_power_of_2(params.top_k)) if top_k else 1
+    held = triton.next_power_of_2(n_chunks) * cap  # the merge holds every chunk's candidate slots
+    if n_chunks == 1 or top_p and not top_k or held > MAX_CANDIDATES:  # one program streams each row
+        _sample_kernel[(B,)](logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0), *values, **flags,
+                             **s)
+        return tokens
+    stats_f = torch.empty(B, n_chunks, 2, dtype=torch.float32, device=dev)  # max z, sum exp(z - max z)
+    stats_i = torch.empty(B, n_chunks, 4, dtype=torch.int64, device=dev)  # argmax, NaN/inf, candidates, min key
+    cand_z = torch.empty(B, n_chunks, cap, dtype=torch.float32, device=dev) if top_k else stats_f
+    cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if top_k else stats_i
+    temperature, top_k_value, top_p_value, penalty = values
+    _sample_chunk_kernel[(n_chunks, B)](
+        logits, seen_u8, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0), n_chunks,
+        temperature, top_k_value, penalty, HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=top_k,
+        CHUNK=chunk, CAP=cap, HELD_PIVOTS=held_pivots, PDL=flags["PDL"], num_warps=s["num_warps"],
+        **({"launch_pdl": True} if flags["PDL"] else {}))
+    _sample_merge_kernel[(B,)](
+        logits, seen_u8, u, tokens, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
+        n_chunks, *values, **flags, CHUNK=chunk, CAP=cap, N_CHUNKS=triton.next_power_of_2(n_chunks),
+        HELD_PIVOTS=held_pivots, **s)
     return tokens

@@ -151,13 +151,16 @@ def row_settings(n: int) -> tuple[int, int]:
 
 
 def sampling_settings(V: int, do_sample: bool = True) -> dict:
-    """Block of the vocabulary streamed per step and pivots per search pass for sampling.py (one program
-    per row; several blocks per row even at test sizes, so the carried state is exercised). Greedy keeps
-    per-lane state only (no reduction inside its loop), so it takes 4x longer blocks: fewer dependent
-    iterations over a 50k vocabulary."""
+    """For sampling.py: CHUNK, the logits each program of the split path holds (a row is cut into chunks, one
+    program each); BLOCK, the part of a row streamed per step where one program streams a whole row; pivots per
+    search pass. Several chunks and blocks per row even at test sizes, so the split path and the carried state
+    are exercised. Greedy keeps per-lane state only (no reduction inside its loop), so it streams 4x longer
+    blocks: fewer dependent iterations over a 50k vocabulary. HELD_PIVOTS, the pivots of a search over values
+    held in registers (a chunk, or the merge's candidates): 8 keep a (2048, 8) comparison tile there."""
     if INTERPRETER:
-        return dict(BLOCK=1024, N_PIVOTS=64, num_warps=1)
-    return dict(BLOCK=min(1024 if do_sample else 4096, triton.next_power_of_2(V)), N_PIVOTS=16, num_warps=8)
+        return dict(CHUNK=256, BLOCK=1024, N_PIVOTS=64, HELD_PIVOTS=64, num_warps=1)
+    return dict(CHUNK=2048, BLOCK=min(1024 if do_sample else 4096, triton.next_power_of_2(V)), N_PIVOTS=16,
+                HELD_PIVOTS=8, num_warps=8)
 
 
 def linear_settings(M: int, N: int, device: torch.device) -> dict:

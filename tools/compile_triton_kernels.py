@@ -28,25 +28,34 @@ W16 = {"w_ptr": "*bf16"}
 W8 = {"w_ptr": "*i8"}
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
 KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
+SPLIT_SAMPLING = {"stats_i_ptr": "*i64", "cand_i_ptr": "*i32"}
 
 # (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU.
 # Compiled with triton's default num_stages (3), so the shared memory printed is an upper bound.
 VARIANTS = [
-    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=True, BLOCK_C=2048, PDL=True), 8),
-    (layernorm._layernorm_kernel, {}, "fp32", dict(ADD_RESIDUAL=False, BLOCK_C=1024), 4),
+    (layernorm._layernorm_kernel, {}, "fp32", dict(BLOCK_C=2048, PDL=True), 8),
+    (layernorm._layernorm_kernel, {}, "fp32", dict(BLOCK_C=1024), 4),
     (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=8, BLOCK_K=256), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=16, BLOCK_K=1024,
                                             PDL=True), 8),
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, BLOCK_N=8,
+                                            BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=2,
+                                            BLOCK_K=1024), 1),  # attn.proj into the residual
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, BLOCK_N=4,
+                                           BLOCK_K=2048), 8),  # ln_f + lm_head
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
     (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32,
                                              BLOCK_K=128), 4),
-    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
-                                              BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, PDL=True), 4),
-    (linear._split_k_reduce_kernel, {}, "fp32", dict(SCALED=True, HAS_BIAS=True, GELU=True, SPLIT_K=4, BLOCK=1024,
-                                                     PDL=True), 4),
+    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, WIDEN_DOT=False,
+                                              BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, SPLIT_K=4, PDL=True), 4),
+    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True,
+                                              WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), 4),
+    (linear._split_k_reduce_kernel, {}, "fp32", dict(SCALED=True, HAS_BIAS=True, GELU=True, ACCUMULATE=True,
+                                                     SPLIT_K=4, BLOCK=1024, PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
                                               BLOCK_N=128, BLOCK_K=32), 4),
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
@@ -69,6 +78,16 @@ VARIANTS = [
                                                BLOCK=1024, N_PIVOTS=16), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
                                                DO_TOP_P=False, BLOCK=4096, N_PIVOTS=16), 8),
+    (sampling._sample_chunk_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True,
+                                                                 CHUNK=2048, CAP=64, HELD_PIVOTS=8, PDL=True), 8),
+    (sampling._sample_chunk_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
+                                                                 CHUNK=2048, CAP=1, HELD_PIVOTS=8), 8),
+    (sampling._sample_merge_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True,
+                                                                 DO_TOP_P=True, CHUNK=2048, CAP=64, N_CHUNKS=32,
+                                                                 BLOCK=1024, N_PIVOTS=16, HELD_PIVOTS=8), 8),
+    (sampling._sample_merge_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=True, DO_TOP_K=False,
+                                                                 DO_TOP_P=False, CHUNK=2048, CAP=1, N_CHUNKS=32,
+                                                                 BLOCK=1024, N_PIVOTS=16, HELD_PIVOTS=8), 8),
     (embedding._embedding_kernel, {"table_ptr": "*bf16", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "bf16",
      dict(SCALED=False, HAS_POS=True, BLOCK_C=1024, PDL=True), 4),
     (embedding._embedding_kernel, {"table_ptr": "*i8", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "int8",
@@ -109,6 +128,9 @@ def main(argv=None) -> int:
             constexprs = {"PDL": False, **constexprs}
         if "SPLIT_K" in kernel.arg_names:
             constexprs = {"SPLIT_K": 1, **constexprs}
+        for flag in ("NORM", "ACCUMULATE"):  # the linears' fusions: off unless the variant says
+            if flag in kernel.arg_names:
+                constexprs = {flag: False, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
