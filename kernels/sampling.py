@@ -11,10 +11,21 @@ sorting the vocabulary. Exactly aigc_rt/sampling.py `sample_reference` (its docs
              clamped to the last kept token with e > 0
     -1 for a row whose logits hold NaN or +-inf.
 
-One program per row streams the row in blocks several times: pass 1 (finiteness, greedy argmax, max z, min
-key, and the online softmax sum), then each threshold is found by a multi-pivot search over the key range:
-every pass counts (top-k) or weighs (top-p) the tokens above N_PIVOTS evenly spaced keys and narrows the
-range to one gap, so 32-bit keys take about 32 / log2(N_PIVOTS + 1) passes; then one cumulative-sum pass draws.
+Thresholds are found by a multi-pivot search over the key range: every pass counts (top-k) or weighs (top-p)
+the tokens above N_PIVOTS evenly spaced keys and narrows the range to one gap, so 32-bit keys take about
+32 / log2(N_PIVOTS + 1) passes. Two ways to run it:
+- split (greedy; temperature alone; top-k of up to MAX_CANDIDATES / chunks, with or without top-p): the row is
+  cut into chunks of CHUNK logits, one program each (_sample_chunk_kernel), which holds its chunk in registers
+  and writes its max z, sum of exp(z - its max), first argmax, smallest key and, for top-k, its candidates:
+  the values at or above its own k-th largest key (every token of the row's top k is among them, as the row's
+  k-th largest key is at least any chunk's), compacted in column order. Then one program per row
+  (_sample_merge_kernel) searches the thresholds over the candidates in registers and draws with a running
+  sum over them in column order; without filters it finds the chunk whose running mass passes u * total and
+  the column inside it. A chunk with more candidates than its CAP slots (ties at its threshold) sends the row
+  to the streaming way, decided on the device.
+- streaming (top-p without top-k, large k, a row of one chunk; and the split way's fallback): one program
+  per row streams the row in blocks several times: pass 1 (finiteness, greedy argmax, max z, min key, the
+  online softmax sum), a pass per search step, then one cumulative-sum pass draws.
 u (one uniform number per row, from the host's (seed, sequence, step) hash) keeps every backend drawing the
 same token; results differ from the reference only where u * total lies within float rounding of a CDF
 boundary. Tokens stay on the device (no host sync).
