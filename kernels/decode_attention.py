@@ -8,6 +8,9 @@ positions are cut into n_splits chunks of SPLIT_LEN and pass 1 runs one program 
 over the chunk's positions below len[b] (chunks at or past len[b] exit at once; slots at or past len[b] are
 never read: they may hold anything, NaN included). Pass 2 merges a row-head's chunks:
     O = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
+A short cache (a few blocks of positions: decode_settings) is one chunk: pass 1 then writes O = o_0 itself
+(bitwise what the merge of one chunk gives) and there is no pass 2, a launch fewer per layer where a decode
+step is bound by launches, not by the cache it reads.
 The layout depends only on the cache's capacity S (never on a per-step maximum length), so the same launch
 can be replayed from a CUDA graph while the lengths grow on the device. A row with len 0 gets zeros.
 With new_kv = (k, v) and positions, pass 1 also appends the step's keys and values (write_kv, fused): the
@@ -31,10 +34,10 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr,
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr, o_ptr,
                          H, S, qk_scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, nk_sb, nk_sh, nv_sb, nv_sh,
-                         HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, APPEND: tl.constexpr, PDL: tl.constexpr):
+                         o_sb, o_sh, HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, APPEND: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -78,9 +81,16 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
-        part = bh.to(tl.int64) * tl.num_programs(1) + split
-        tl.store(part_o_ptr + part * BLOCK_D + dims, acc / l_i)
-        tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
+        if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
+            tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(acc / l_i, o_ptr.dtype.element_ty),
+                     mask=in_d)
+        else:
+            part = bh.to(tl.int64) * tl.num_programs(1) + split
+            tl.store(part_o_ptr + part * BLOCK_D + dims, acc / l_i)
+            tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
+    elif SINGLE:  # length 0: zeros, as the merge writes them
+        tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims,
+                 cast_rne(tl.zeros((BLOCK_D,), dtype=tl.float32), o_ptr.dtype.element_ty), mask=in_d)
     if APPEND:  # last, so that nothing above could have read the slot back (the interpreter runs in order)
         if (new_pos >= start) & (new_pos < start + SPLIT_LEN) & (new_pos < S):
             tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
@@ -139,14 +149,17 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return o.zero_()
     s = decode_settings(B * H, S, D, dev)
     n_splits, block_d = s["n_splits"], s["BLOCK_D"]
-    part_o = torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
-    part_lse = torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
+    single = n_splits == 1  # one program per row and head writes the output: no merge launch
+    part_o = o if single else torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
+    part_lse = o if single else torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
     _decode_split_kernel[(B * H, n_splits)](
-        q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
+        q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions, o,
         H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), o.stride(0), o.stride(1),
         HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, APPEND=new_kv is not None,
-        num_warps=s["num_warps"], **pdl_options(dev))
+        SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev))
+    if single:
+        return o
     _decode_merge_kernel[(B * H,)](
         part_o, part_lse, lengths, o, H, S, o.stride(0), o.stride(1), n_splits,
         HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,

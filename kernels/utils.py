@@ -197,13 +197,19 @@ def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
                 num_stages=2 if small else 3)
 
 
+SINGLE_PASS_BLOCKS = 4  # decode attention over caches of up to 4 x 64 positions: one pass, no merge
+
+
 def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device) -> dict:
     """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
     CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice."""
     block_n = 16 if INTERPRETER else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
-    n_splits = max(1, min(target_splits, triton.cdiv(max_len, block_n)))
+    blocks = triton.cdiv(max_len, block_n)
+    # up to SINGLE_PASS_BLOCKS blocks of positions, one program per row and head reads them all (a few dependent
+    # iterations cost less than the merge's launch); the interpreter's bound is lower, so tests run both ways
+    n_splits = 1 if blocks <= (2 if INTERPRETER else SINGLE_PASS_BLOCKS) else min(target_splits, blocks)
     split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
                 num_warps=1 if INTERPRETER else 4)

@@ -364,6 +364,37 @@ def test_attention_decode_appending_new_kv_equals_write_then_attend(cache_dtype)
         decode_attention.attention_decode(q, got_k, got_v, lengths, S, new_kv=(k, v))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the merge's -inf - -inf for the empty row
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_decode_in_one_pass(cache_dtype, monkeypatch):
+    """A short cache is read in one pass (one program per row and head writes the output, no merge launch):
+    the same inputs through one pass and through several chunks agree to fp32 rounding, with the step's k, v
+    appended (bitwise the same caches), ragged lengths and a row of length 0 (zeros)."""
+    B, H, S, D = 4, 3, 150, 40
+    qkv = randn(B, 3, H, D, seed=40)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    cache_k, cache_v = randn(B, H, S, D, seed=41, dtype=cache_dtype), randn(B, H, S, D, seed=42, dtype=cache_dtype)
+    positions = torch.tensor([0, 149, 70, 5], device=DEV)
+    lengths = positions + 1
+    lengths[3] = 0
+    settings = decode_attention.decode_settings(B * H, S, D, DEV)
+    results = {}
+    for n_splits in (3, 1):
+        block = triton.cdiv(triton.cdiv(S, n_splits), settings["BLOCK_N"]) * settings["BLOCK_N"]
+        monkeypatch.setattr(decode_attention, "decode_settings",
+                            lambda *a: dict(settings, n_splits=n_splits, SPLIT_LEN=block))
+        ck, cv = cache_k.clone(), cache_v.clone()
+        out = torch.full((B, H, D), math.nan, device=DEV)
+        decode_attention.attention_decode(q, ck, cv, lengths, S, new_kv=(k, v), positions=positions, out=out)
+        results[n_splits] = (out, ck, cv)
+    (split, *split_caches), (single, *single_caches) = results[3], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(split_caches, single_caches)), "the appended caches differ"
+    assert torch.equal(single[3], torch.zeros_like(single[3])), "a row of length 0 must give zeros"
+    assert_close(single, split, 1e-6, 1e-5, "one pass vs chunks")
+    assert_close(single, decode_attention.reference(q, *single_caches, lengths), *ATTN_TOL[torch.float32],
+                 "one pass vs reference")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("with_pos", [True, False], ids=["pos", "nopos"])
 def test_embedding_matches_torch_backend(dtype, with_pos):

@@ -69,9 +69,11 @@ VARIANTS = [
     (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=256, BLOCK_M=32, BLOCK_N=32, BLOCK_D=256,
                                                     WIDEN_DOT=False), 4),
     (decode_attention._decode_split_kernel, KV, "fp32", dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_N=64, BLOCK_D=64,
-                                                             APPEND=False), 4),
+                                                             APPEND=False, SINGLE=False), 4),
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16"}, "bf16",  # fp32 q, bf16 cache
-     dict(HEAD_DIM=80, SPLIT_LEN=64, BLOCK_N=64, BLOCK_D=128, APPEND=True, PDL=True), 4),
+     dict(HEAD_DIM=80, SPLIT_LEN=64, BLOCK_N=64, BLOCK_D=128, APPEND=True, SINGLE=False, PDL=True), 4),
+    (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16"}, "bf16",  # one pass, no merge
+     dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True), 4),
     (decode_attention._decode_merge_kernel, {"o_ptr": "*{dtype}"}, "fp16",
      dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64), 4),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,

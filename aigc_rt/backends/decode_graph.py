@@ -52,7 +52,7 @@ class DecodeGraph:
         e.lengths.copy_(lengths)
         if e.graph is not None:
             e.graph.replay()
-            return e.logits.clone()  # the next replay overwrites the static output
+            return e.logits  # the static output: as the eager step's, a buffer the next step overwrites
         logits = step(e.tokens, e.positions, e.lengths, cache, cache.max_len)
         if self.capture:
             e.graph = torch.cuda.CUDAGraph()
