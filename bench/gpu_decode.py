@@ -32,8 +32,10 @@ SIZES = {  # name -> (n_layer, n_embd, n_head); vocab 50,257, context 1,024
     "124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1.5B": (48, 1600, 25)}
 VOCAB, CONTEXT = 50257, 1024
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
-# triton-step: the decode step without generate(); "-pdl": with programmatic dependent launch (AIGC_RT_PDL)
-SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step", "triton-pdl", "triton-step-pdl")
+# triton-step: the decode step without generate(); "-pdl": with programmatic dependent launch (AIGC_RT_PDL);
+# triton-topk: generate() sampling as seed system 1 does (do_sample, temperature 0.7, top-k 50), not greedy
+SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step", "triton-pdl", "triton-step-pdl", "triton-topk")
+SEED_SYSTEM_SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, seed=0)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -209,11 +211,11 @@ def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: 
 
 
 def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool,
-               pdl: bool = False) -> float:
+               pdl: bool = False, sample: bool = False) -> float:
     """generate() through the public API; with steps_only, the decode step alone: prefill, then decode +
     greedy sample per token with the tokens fed back on the device and no host sync until the end (what a
     generation loop without per-token host work would reach). pdl: kernels launched with programmatic
-    dependent launch."""
+    dependent launch. sample: generate() with seed system 1's sampling instead of greedy."""
     import torch
 
     import aigc_rt
@@ -237,7 +239,7 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
             positions += 1
 
     def generate(n):
-        m.generate(prompts.tolist(), max_new_tokens=n, eos_token_id=[])
+        m.generate(prompts.tolist(), max_new_tokens=n, eos_token_id=[], **(SEED_SYSTEM_SAMPLING if sample else {}))
 
     try:
         return step_seconds(steps if steps_only else generate, new_tokens, repeats)
@@ -267,7 +269,8 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                         try:
                             if system.startswith("triton"):
                                 secs = run_triton(folder, dtype, prompts, new_tokens, repeats,
-                                                  system.startswith("triton-step"), system.endswith("-pdl"))
+                                                  system.startswith("triton-step"), system.endswith("-pdl"),
+                                                  system == "triton-topk")
                             else:
                                 secs = run_hf(model, dtype, prompts, new_tokens, repeats, system == "hf-compile")
                             error = None
@@ -287,7 +290,8 @@ def save(rows: list[Row], meta: dict, directory: str = RESULTS_DIR) -> str:
     base = os.path.join(directory, f"gpu_decode-{slug}-{meta['date'][:10]}" + (f"-{tag}" if tag else ""))
     md = (f"# GPT-2 decode on {meta['device']}\n\n{meta['date']}; measured read bandwidth "
           f"{meta['bandwidth_GBps']:.0f} GB/s; torch {meta['torch']}; prompt {meta['prompt']}, "
-          f"{meta['new_tokens']} new tokens, greedy, median of {meta['repeats']}.\n\n{format_table(rows)}\n\n"
+          f"{meta['new_tokens']} new tokens, greedy (triton-topk: temperature 0.7, top-k 50), median of "
+          f"{meta['repeats']}.\n\n{format_table(rows)}\n\n"
           + "\n".join(f"- {v}" for v in verdicts(rows)) + "\n")
     with open(base + ".md", "w") as f:
         f.write(md)

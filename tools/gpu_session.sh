@@ -75,7 +75,8 @@ case "${1:-}" in
     date +"%T built"
     timeout 150 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     date +"%T tested"
-    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl \
+    TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 \
+      SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl,triton-topk \
       timeout 130 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     date +"%T decode 124M"
     timeout 110 bash "$0" profile || echo "gpu_session: profile failed" >&2
