@@ -3,9 +3,10 @@
 
 All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
 sequence decodes at its own position in the KV cache, so padding never changes a result. Finished
-sequences leave the batch (the cache is compacted), so they stop costing compute. The only host sync
-per step is reading the sampled tokens. On a GPU that read does not stall the device: the next decode step
-is queued before it (the tokens reach the host through pinned memory), so the device computes step n + 1
+sequences leave the batch (the cache is compacted), so they stop costing compute. Each step is one
+model.decode_sample (decode, then sample the next tokens; on the triton backend one CUDA-graph replay). The
+only host sync per step is reading the sampled tokens. On a GPU that read does not stall the device: the next
+step is queued before it (the tokens reach the host through pinned memory), so the device computes step n + 1
 while the host decodes text, checks stops and yields step n; a sequence found finished then drops out one
 step later, the work queued for it wasted (PIPELINED_DEVICES).
 """
@@ -145,24 +146,30 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
     pipelined = dev.type in PIPELINED_DEVICES
     fetch = _HostTokens(B, dev)
 
-    def advance(tokens, positions, seen, max_len):
-        """Queue the decode step that feeds `tokens` back: logits for the next step."""
+    def draws(step):
+        """The uniforms of a step's draws, one per active row (greedy ignores them)."""
+        if not params.do_sample:
+            return no_draw[: len(active)]
+        return fetch.uniforms([uniform(seed, rows[a].j, step) for a in active])
+
+    def advance(tokens, positions, seen, step):
+        """Queue the decode step that feeds back `tokens` (the tokens of step - 1) and samples step's tokens."""
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = model.decode(tokens, positions, cache, max_len)
+        nxt = model.decode_sample(tokens, positions, cache, max(lens[a] + step for a in active), params, draws(step),
+                                  seen)
         positions.add_(1)
-        return logits
+        return nxt
 
+    with torch.inference_mode():
+        tokens = be.sample(logits, params, draws(0), seen)  # (B_active,): step 0's, from the prefill
     for step in range(max(limit)):
         with torch.inference_mode():
-            u = (fetch.uniforms([uniform(seed, rows[a].j, step) for a in active]) if params.do_sample
-                 else no_draw[: len(active)])
-            tokens = be.sample(logits, params, u, seen)  # (B_active,)
             read = fetch.start(tokens)
             # pipelined: the next step is queued before this one's tokens are read (unless every row ends here)
             ahead = pipelined and any(step + 1 < limit[a] for a in active)
             if ahead:
-                logits = advance(tokens, positions, seen, max(lens[a] + step for a in active) + 1)
+                nxt = advance(tokens, positions, seen, step + 1)
             host = read()  # the one sync per step
         keep = []
         for slot, (a, t) in enumerate(zip(active, host)):
@@ -188,11 +195,10 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
                 cache.keep(k)
                 tokens, positions = tokens[k], positions[k]
                 seen = None if seen is None else seen[k]
-                if ahead:  # the step queued ahead ran them too: their logits go as well
-                    logits = logits[k]
+                if ahead:  # the step queued ahead sampled for them too: their tokens go as well
+                    nxt = nxt[k]
                 active = [active[s] for s in keep]
-            if not ahead:
-                logits = advance(tokens, positions, seen, max(lens[a] + step for a in active) + 1)
+            tokens = nxt if ahead else advance(tokens, positions, seen, step + 1)
 
 
 class _HostTokens:
@@ -206,8 +212,9 @@ class _HostTokens:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.tokens = torch.empty(batch, dtype=torch.int64, pin_memory=True)
-            self.u_host = torch.empty(batch, dtype=torch.float32, pin_memory=True)
+            self.u_host = torch.empty(2, batch, dtype=torch.float32, pin_memory=True)  # alternate halves, see uniforms
             self.u = torch.empty(batch, dtype=torch.float32, device=device)
+            self.calls = 0
 
     def start(self, tokens: torch.Tensor):
         """Start moving `tokens` to the host; returns the function that waits for them, as a list."""
@@ -224,13 +231,17 @@ class _HostTokens:
         return read
 
     def uniforms(self, values: list[float]) -> torch.Tensor:
-        """The step's uniforms on the device. The pinned buffer is rewritten only after the previous step's
-        tokens were read, by when its copy (queued before them) is done."""
+        """A step's uniforms on the device. The loop queues step s + 1 with its uniforms before it reads step s's
+        tokens, while the copy of step s's uniforms (queued after step s - 1's tokens) may still be pending, so
+        the pinned source alternates between two halves: the half rewritten now last served step s - 1, whose
+        copy was queued before step s - 1's tokens, which have been read."""
         if not self.cuda:
             return torch.tensor(values, device=self.device)
         n = len(values)
-        self.u_host[:n] = torch.tensor(values)
-        return self.u[:n].copy_(self.u_host[:n], non_blocking=True)
+        host = self.u_host[self.calls % 2, :n]
+        self.calls += 1
+        host.copy_(torch.tensor(values))
+        return self.u[:n].copy_(host, non_blocking=True)
 
 
 class _TextState:

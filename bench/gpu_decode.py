@@ -234,8 +234,8 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
         cache = m.new_cache(B, T + n)
         tokens = m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, no_draw, None)
         positions = torch.full((B,), T, device="cuda")
-        for i in range(n - 1):
-            tokens = m.backend.sample(m.decode(tokens, positions, cache, T + i + 1), greedy, no_draw, None)
+        for i in range(n - 1):  # decode + sampling: one graph replay, as generate() runs them
+            tokens = m.decode_sample(tokens, positions, cache, T + i + 1, greedy, no_draw, None)
             positions += 1
 
     def generate(n):

@@ -271,9 +271,9 @@ def test_invalid_parameters_raise_before_work(model, kwargs, message, no_work):
 
 @pytest.fixture
 def no_work(model, monkeypatch):
-    """Spies on the model's new_cache/prefill/decode: the list of calls made (each still runs)."""
+    """Spies on the model's new_cache/prefill/decode/decode_sample: the list of calls made (each still runs)."""
     calls = []
-    for name in ("new_cache", "prefill", "decode"):
+    for name in ("new_cache", "prefill", "decode", "decode_sample"):
         def spy(*args, _name=name, _real=getattr(model, name)):
             calls.append(_name)
             return _real(*args)
@@ -424,12 +424,12 @@ def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
     alone = [model.generate(p, max_length=L, eos_token_id=[], **kwargs) for p in PROMPTS]
 
     decoded, kept = [], []  # rows in each decode step; slots kept at each compaction
-    decode, new_cache = model.decode, model.new_cache
+    decode_sample, new_cache = model.decode_sample, model.new_cache
 
-    def spy_decode(tokens, positions, cache, max_len):
+    def spy_decode_sample(tokens, positions, cache, *args):
         assert tokens.shape[0] == positions.shape[0] == cache.k.shape[1], (tokens.shape, cache.k.shape)
         decoded.append(tokens.shape[0])
-        return decode(tokens, positions, cache, max_len)
+        return decode_sample(tokens, positions, cache, *args)
 
     def spy_new_cache(*args):
         cache = new_cache(*args)
@@ -441,7 +441,7 @@ def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
         cache.keep = spy_keep
         return cache
 
-    monkeypatch.setattr(model, "decode", spy_decode)
+    monkeypatch.setattr(model, "decode_sample", spy_decode_sample)
     monkeypatch.setattr(model, "new_cache", spy_new_cache)
     outs = model.generate(PROMPTS, max_length=L, eos_token_id=[], **kwargs)
 
@@ -497,8 +497,9 @@ def test_pipelined_loop_gives_the_same_outputs(model, monkeypatch):
         return done, pieces
 
     plain = outputs()
-    decoded, decode = [], model.decode
-    monkeypatch.setattr(model, "decode", lambda tokens, *a: decoded.append(tokens.shape[0]) or decode(tokens, *a))
+    decoded, decode_sample = [], model.decode_sample
+    monkeypatch.setattr(model, "decode_sample",
+                        lambda tokens, *a: decoded.append(tokens.shape[0]) or decode_sample(tokens, *a))
     monkeypatch.setattr(generation, "PIPELINED_DEVICES", {model.device.type})
     assert outputs() == plain
     decoded.clear()

@@ -132,8 +132,8 @@ def test_backend_registration():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (AIGC_RT_GPU=1)")
 def test_cuda_graph_replay_equals_eager(rt_odd):
-    """Graph replay gives bitwise the logits of the same step run eagerly, step after step, and greedy
-    generation is the same with and without graphs."""
+    """Graph replay gives bitwise the logits of the same step run eagerly, step after step, and generation
+    (greedy and sampled, decode + sampling in one graph) is the same with and without graphs."""
     m = aigc_rt.load(rt_odd[0], device="cuda", backend="triton")
     assert m.backend.decode_graph.capture
     c = m.config
@@ -149,10 +149,14 @@ def test_cuda_graph_replay_equals_eager(rt_odd):
             assert torch.equal(graphed, eager), f"position {pos}: max diff {(graphed - eager).abs().max():.3g}"
             tok = graphed.argmax(-1)
     assert any(e.graph is not None for e in m.backend.decode_graph.entries.values()), "never captured"
-    with_graph = m.generate(PROMPTS, max_new_tokens=12, eos_token_id=[])
+    # generate() replays decode + sampling as one graph (greedy, and seed system 1's sampling)
+    runs = [dict(max_new_tokens=12, eos_token_id=[]),
+            dict(max_new_tokens=12, eos_token_id=[], do_sample=True, temperature=0.7, top_k=50, seed=5)]
+    with_graph = [m.generate(PROMPTS, **kw) for kw in runs]
+    assert any(e.graph is not None and e.u is not None for e in m.backend.decode_graph.entries.values())
     m.backend.decode_graph.capture = False
-    assert [c.token_ids for c in m.generate(PROMPTS, max_new_tokens=12, eos_token_id=[])] == \
-           [c.token_ids for c in with_graph]
+    for kw, graphed in zip(runs, with_graph):
+        assert [c.token_ids for c in m.generate(PROMPTS, **kw)] == [c.token_ids for c in graphed], kw
 
 
 @pytest.mark.gpu

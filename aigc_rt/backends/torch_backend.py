@@ -170,6 +170,13 @@ class TorchBackend:
         does all its work in backend ops, on its inputs, the cache and the cache's Workspace."""
         return step(tokens, positions, lengths, cache, max_len)
 
+    def run_decode_sample(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
+                          max_len: int, params: SamplingParams, u: torch.Tensor,
+                          seen: torch.Tensor | None) -> torch.Tensor:
+        """run_decode, then sample from its logits: the next tokens (B,) int64. A backend may run both as one
+        replay (triton: one CUDA graph)."""
+        return self.sample(self.run_decode(step, tokens, positions, lengths, cache, max_len), params, u, seen)
+
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,
                                output_padding: int) -> Conv:

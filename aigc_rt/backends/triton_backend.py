@@ -73,6 +73,10 @@ class TritonBackend(TorchBackend):
     def run_decode(self, step, tokens, positions, lengths, cache, max_len):
         return self.decode_graph(step, tokens, positions, lengths, cache, max_len)
 
+    def run_decode_sample(self, step, tokens, positions, lengths, cache, max_len, params, u, seen):
+        return self.decode_graph(step, tokens, positions, lengths, cache, max_len,
+                                 sampler=(self.sample, params, u.float().contiguous(), seen))
+
     # DCGAN generator: kernels/conv_transpose.py
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:
         layer = super().prepare_conv_transpose(weight, bias, stride, padding, output_padding)
