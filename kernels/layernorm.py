@@ -1,5 +1,8 @@
 """LayerNorm over the last dimension, for rows that are not normalised in a linear's prologue (a prefill's
-ln_1 / ln_2, ln_f before the hidden states are returned; see linear.py's norm).
+ln_1 / ln_2, ln_f before the hidden states are returned). The residual add before each LayerNorm of GPT-2's
+pre-norm blocks is fused, one step earlier, into the epilogue of the linear that produces the sub-layer's output
+(linear.py `residual=`), and for decode rows the LayerNorm itself runs in the prologue of the linear after it
+(linear.py `norm=`): a decode step launches no LayerNorm kernel at all.
 
     y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias      (biased variance, over the last dim)
 
