@@ -117,7 +117,7 @@ NORM_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 5e-3), torch.flo
 
 
 @pytest.mark.parametrize("M,N,K", shapes([(1, 17, 3), (1, 130, 111), (2, 111, 300), (17, 33, 1023), (40, 70, 129)],
-                                         [(1, 2304, 768), (8, 6400, 1600), (1, 50257, 1600), (64, 3072, 768)]))
+                                         [(1, 2304, 768), (8, 6400, 1600)]))  # (few: each compiles ~70 variants)
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.int8], ids=["fp32", "bf16", "fp16", "int8"])
 def test_linear_norm_and_residual(M, N, K, dtype):
     """The pre-norm fusions: y = linear(LayerNorm(x)) (norm in the prologue) and residual += linear(x) (in the
