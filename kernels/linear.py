@@ -169,9 +169,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
         # Each later block is requested one iteration ahead.
         w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
     pdl_begin(PDL)
-    rows = tl.zeros((1,), dtype=tl.int64) + row  # x is read as a (1, BLOCK_K) block
     if NORM:
-        mean, rstd = _row_stats(x_ptr, rows, row + 1, K, x_stride, eps, BLOCK_K)
+        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if PDL:
@@ -181,10 +180,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
             w = tl.load(w_ptrs, mask=in_n & (ks[None, :] + k0 < K), other=0.0)
         if SCALED:
             w = w.to(tl.float32)
-        in_x = (ks[None, :] + k0 < K) & (rows[:, None] >= 0)  # (1, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * x_stride + (k0 + ks)[None, :], mask=in_x, other=0.0)
+        x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=ks + k0 < K, other=0.0)[None, :]  # (1, BLOCK_K)
         if NORM:
-            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_x, K)
+            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, (ks + k0 < K)[None, :], K)
         acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)
         w_ptrs += BLOCK_K
     y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
