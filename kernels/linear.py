@@ -9,8 +9,8 @@
 Two fusions that take a pre-norm transformer's LayerNorms and residual adds out of their own launches:
     norm = (g, beta, eps):  x -> LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta first (per row, biased
                             variance, fp32), in the prologue: every program computes its rows' mean and variance
-                            (two passes over x, from L2: the rows are short beside the weights) and normalises
-                            each x block as it loads it;
+                            (one pass over x, from L2: the rows are short beside the weights; the GEMV reads
+                            its row as one block) and normalises each x block as it loads it;
     residual = r (M, N):    r += y in the epilogue (the result is added into r in place and r is returned), each
                             element by the one program that owns it.
 
@@ -45,20 +45,27 @@ GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU ben
 
 
 @device_fn
-def _row_stats(x_ptr, rows, M, K, x_stride, eps, BLOCK_K: tl.constexpr):
-    """(mean, 1 / sqrt(var + eps)) of x's rows `rows` (R,) over K columns, two passes over them; rows >= M
-    get (0, 1 / sqrt(eps))."""
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]  # (R, BLOCK_K)
-    total = tl.zeros_like(rows).to(tl.float32)  # (R,)
-    for k0 in range(0, K, BLOCK_K):
-        total += tl.sum(tl.load(x_ptrs + k0, mask=(rows[:, None] < M) & (ks[None, :] + k0 < K), other=0.0), axis=1)
-    mean = total / K
+def _row_stats(x_ptr, rows, M, K, x_stride, eps, BLOCK: tl.constexpr):
+    """(mean, 1 / sqrt(var + eps)) of x's rows `rows` (R,) over K columns, in one pass over blocks of BLOCK
+    columns: each block's own mean and centred sum of squares, combined as Chan et al. do (stable; for a row of
+    one block, exactly the two-pass values). Each block is one round trip to L2 before the weights can stream,
+    so the GEMV reads its row as one block. Rows >= M get (0, 1 / sqrt(eps))."""
+    ks = tl.arange(0, BLOCK)
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]  # (R, BLOCK)
+    mean = tl.zeros_like(rows).to(tl.float32)  # (R,)
     squares = tl.zeros_like(mean)
-    for k0 in range(0, K, BLOCK_K):
+    seen = 0.0
+    for k0 in range(0, K, BLOCK):
         in_x = (rows[:, None] < M) & (ks[None, :] + k0 < K)
-        centred = tl.where(in_x, tl.load(x_ptrs + k0, mask=in_x, other=0.0) - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, axis=1)
+        x = tl.load(x_ptrs + k0, mask=in_x, other=0.0)
+        count = tl.minimum(K - k0, BLOCK).to(tl.float32)
+        block_mean = tl.sum(x, axis=1) / count
+        centred = tl.where(in_x, x - block_mean[:, None], 0.0)
+        total = seen + count
+        delta = block_mean - mean
+        mean += delta * (count / total)
+        squares += tl.sum(centred * centred, axis=1) + delta * delta * (seen * count / total)
+        seen = total
     return mean, 1.0 / tl.sqrt(squares / K + eps)
 
 
@@ -156,7 +163,8 @@ def _split_k_reduce(args: dict) -> None:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
-                 ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     ks = tl.arange(0, BLOCK_K)
@@ -170,7 +178,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
         w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
     pdl_begin(PDL)
     if NORM:
-        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, BLOCK_K)
+        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, NORM_BLOCK)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
     for k0 in range(0, K, BLOCK_K):
         if PDL:
@@ -292,11 +300,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
                  ACCUMULATE=residual is not None, **pdl_options(dev))
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
         args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
+        # the LayerNorm statistics from the whole row at once (one round trip), up to 4096 columns a block
+        norm_block = min(triton.next_power_of_2(K), 4096) if norm is not None else 16
         if AUTOTUNE:
-            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
+            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block)
         else:
             s = gemv_settings(N, w.dtype, dev)
-            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, **s)
+            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block, **s)
         return y
     reduce = dict(s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N, **flags)
     if AUTOTUNE and M <= 16 and split_k is None:

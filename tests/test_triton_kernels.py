@@ -212,7 +212,7 @@ def test_gemv_pdl_variant_computes_the_same(dtype, monkeypatch):
             y = torch.empty(2, N)
             linear._gemv_kernel[(triton.cdiv(N, 4), 2)](
                 x, w, w if scale is None else scale, b, y, x, x, N, K, K, K, N, 1.0, SCALED=scale is not None,
-                HAS_BIAS=True, GELU=True, NORM=False, ACCUMULATE=False, BLOCK_N=4, BLOCK_K=256, PDL=pdl)
+                HAS_BIAS=True, GELU=True, NORM=False, NORM_BLOCK=16, ACCUMULATE=False, BLOCK_N=4, BLOCK_K=256, PDL=pdl)
             ys.append(y)
         assert torch.equal(ys[0], ys[1]), f"K={K}: max diff {(ys[0] - ys[1]).abs().max():.3g}"
         assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, f"gemv pdl K={K}")

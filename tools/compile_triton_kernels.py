@@ -39,12 +39,12 @@ VARIANTS = [
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=16, BLOCK_K=1024,
                                             PDL=True), 8),
-    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, BLOCK_N=8,
-                                            BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
+                                            BLOCK_N=8, BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=2,
                                             BLOCK_K=1024), 1),  # attn.proj into the residual
-    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, BLOCK_N=4,
-                                           BLOCK_K=2048), 8),  # ln_f + lm_head
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
+                                           BLOCK_N=4, BLOCK_K=2048), 8),  # ln_f + lm_head
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
@@ -130,9 +130,9 @@ def main(argv=None) -> int:
             constexprs = {"PDL": False, **constexprs}
         if "SPLIT_K" in kernel.arg_names:
             constexprs = {"SPLIT_K": 1, **constexprs}
-        for flag in ("NORM", "ACCUMULATE"):  # the linears' fusions: off unless the variant says
+        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16)):  # the linears' fusions
             if flag in kernel.arg_names:
-                constexprs = {flag: False, **constexprs}
+                constexprs = {flag: off, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
