@@ -172,7 +172,9 @@ def linear_settings(M: int, N: int, device: torch.device) -> dict:
     if M <= 16:
         block_n = 32 if N >= 32 * 2 * num_sms(device) else 16
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4)
+    # 8 warps for the 128 x 128 tile: with 4, ptxas spills ~800 B a thread (tools/compile_triton_kernels.py)
+    block_m = 64 if M <= 64 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32, num_warps=8 if block_m == 128 else 4, num_stages=4)
 
 
 def gemv_settings(N: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -189,11 +191,12 @@ def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(head_dim))
     if INTERPRETER:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    # 8 warps: with 4, ptxas spills every one of these tiles (tools/compile_triton_kernels.py prints it)
     fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
     if fp32 and block_d > 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
     small = fp32 or block_d > 128
-    return dict(BLOCK_M=64 if small else 128, BLOCK_N=32 if small else 64, BLOCK_D=block_d, num_warps=4,
+    return dict(BLOCK_M=64 if small else 128, BLOCK_N=32 if small else 64, BLOCK_D=block_d, num_warps=8,
                 num_stages=2 if small else 3)
 
 

@@ -1,6 +1,7 @@
 """Compile every Triton kernel of aigc_rt.kernels for a GPU target without a GPU (ptxas ships with triton),
 in its main variants, to catch what the interpreter accepts but the compiler does not (types of
-loop-carried values, unsupported ops, shared-memory overflows).
+loop-carried values, unsupported ops, shared-memory overflows), and print what ptxas makes of each: shared
+memory, registers per thread, bytes spilled.
 
     python tools/compile_triton_kernels.py [--arch 90]      # exits non-zero on the first failure
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
@@ -57,17 +61,17 @@ VARIANTS = [
     (linear._split_k_reduce_kernel, {}, "fp32", dict(SCALED=True, HAS_BIAS=True, GELU=True, ACCUMULATE=True,
                                                      SPLIT_K=4, BLOCK=1024, PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
-                                              BLOCK_N=128, BLOCK_K=32), 4),
+                                              BLOCK_N=128, BLOCK_K=32), 8),
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
                                                              BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4),
     (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
-                                                    WIDEN_DOT=False), 4),
+                                                    WIDEN_DOT=False), 8),
     (attention._attention_kernel, QKV, "bf16", dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128,
-                                                    WIDEN_DOT=False), 4),
+                                                    WIDEN_DOT=False), 8),
     (attention._attention_kernel, QKV, "fp16", dict(HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
-                                                    WIDEN_DOT=False), 4),
+                                                    WIDEN_DOT=False), 8),
     (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=256, BLOCK_M=32, BLOCK_N=32, BLOCK_D=256,
-                                                    WIDEN_DOT=False), 4),
+                                                    WIDEN_DOT=False), 8),
     (decode_attention._decode_split_kernel, KV, "fp32", dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_N=64, BLOCK_D=64,
                                                              APPEND=False, SINGLE=False), 4),
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16"}, "bf16",  # fp32 q, bf16 cache
@@ -119,6 +123,21 @@ def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def resources(ptx: str, arch: int) -> str:
+    """Registers per thread and spilled bytes, as ptxas -v reports them for the kernel's PTX (a spill in a hot
+    loop costs a round trip to local memory)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}",
+                                 "-v", path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return f"{regs.group(1) if regs else '?':>3s} regs, {spills.group(1) if spills else '?'} B spilled"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
@@ -136,7 +155,8 @@ def main(argv=None) -> int:
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
-              f"{time.perf_counter() - t0:4.1f} s  {constexprs}", flush=True)
+              f"{resources(compiled.asm['ptx'], args.arch)}, {time.perf_counter() - t0:4.1f} s  {constexprs}",
+              flush=True)
     return 0
 
 
