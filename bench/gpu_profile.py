@@ -4,15 +4,16 @@
 
 For each size (random-init weights of the real shapes, as bench/gpu_decode.py makes them):
 1. The step: median ms of a CUDA-graph-replayed decode step (what generate() runs), also with the kernels
-   launched as programmatic dependent launches (AIGC_RT_PDL=1), and the kernels of the same step run eagerly
-   under torch.profiler: launches per step, device us per step, share. Replayed step time minus the kernels'
-   sum is what launches and gaps between kernels cost inside the graph.
+   launched as programmatic dependent launches (AIGC_RT_PDL=1), also without the launch-saving fusions
+   (triton_backend.NORM_IN_PROLOGUE_MAX_ROWS = utils.SINGLE_PASS_BLOCKS = 0), and the kernels of the same step
+   run eagerly under torch.profiler: launches per step, device us per step, share. Replayed step time minus the
+   kernels' sum is what launches and gaps between kernels cost inside the graph.
 2. The linears of the step at M = batch and M = 8: our kernel autotuned (the default), our kernel with the fixed
    block shapes (AIGC_RT_AUTOTUNE=0), both as the model runs them (qkv, fc and lm_head with the LayerNorm in
    their prologue, proj and mlp_proj adding into the residual), and cuBLAS (the bare F.linear in the weight
-   dtype), each as a CUDA graph of one
-   call per copy of the weight over enough copies (>= 256 MiB) that the L2 cache never holds the next one,
-   as in a decode step. Reported: us per call, GB/s of weight read, % of the measured read bandwidth.
+   dtype), each as a CUDA graph of one call per copy of the weight over enough copies (>= 256 MiB) that the L2
+   cache never holds the next one, as in a decode step. Reported: us per call, GB/s of weight read, % of the
+   measured read bandwidth.
 3. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
    repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
    same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
@@ -68,11 +69,13 @@ def replayed_step_seconds(m, tok, pos, cache, max_len: int) -> float:
 
 
 def step_profile(m, batch: int, prompt: int = 32,
-                 steps: int = 5) -> tuple[float, float, list[tuple[str, float, float]]]:
-    """(replayed step seconds, the same with programmatic dependent launch, [(kernel, launches per step,
+                 steps: int = 5) -> tuple[float, float, float, list[tuple[str, float, float]]]:
+    """(replayed step seconds, the same with programmatic dependent launch, the same without the launch-saving
+    fusions (LayerNorms as their own launches, attention split and merged), [(kernel, launches per step,
     device us per step)]) at context ~prompt."""
     from torch.profiler import ProfilerActivity, profile
 
+    from aigc_rt.backends import triton_backend
     from aigc_rt.kernels import utils
     ids = torch.randint(0, m.config.vocab_size, (batch, prompt), device="cuda")
     cache = m.new_cache(batch, prompt + 64)
@@ -85,6 +88,12 @@ def step_profile(m, batch: int, prompt: int = 32,
             with_pdl = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
         finally:
             utils.PDL_REQUESTED = False
+        fused = triton_backend.NORM_IN_PROLOGUE_MAX_ROWS, utils.SINGLE_PASS_BLOCKS
+        triton_backend.NORM_IN_PROLOGUE_MAX_ROWS = utils.SINGLE_PASS_BLOCKS = 0
+        try:
+            apart = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
+        finally:
+            triton_backend.NORM_IN_PROLOGUE_MAX_ROWS, utils.SINGLE_PASS_BLOCKS = fused
         m.backend.decode_graph.capture = False
         m.backend.decode_graph.entries.clear()
         for _ in range(3):
@@ -102,7 +111,7 @@ def step_profile(m, batch: int, prompt: int = 32,
             us = getattr(e, "self_cuda_time_total", 0.0)
         if us > 0 and not e.key.startswith(("aten::", "cuda")):
             rows.append((e.key[:60], e.count / steps, us / steps))
-    return replayed, with_pdl, sorted(rows, key=lambda r: -r[2])
+    return replayed, with_pdl, apart, sorted(rows, key=lambda r: -r[2])
 
 
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
@@ -201,10 +210,11 @@ def main(argv=None) -> int:
                              device="cuda", backend="triton")
         lines += [f"## GPT-2 {size}, batch {a.batch}", ""]
         try:
-            replayed, with_pdl, kernels = step_profile(m, a.batch)
+            replayed, with_pdl, apart, kernels = step_profile(m, a.batch)
             total = sum(us for _, _, us in kernels)
             lines += [f"Replayed step {1e3 * replayed:.3f} ms ({1e3 * with_pdl:.3f} ms with programmatic dependent "
-                      f"launch); its kernels run eagerly sum to {total / 1e3:.3f} ms "
+                      f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own); "
+                      f"its kernels run eagerly sum to {total / 1e3:.3f} ms "
                       f"({sum(n for _, n, _ in kernels):.0f} launches).", "",
                       "| kernel | launches/step | us/step | share |", "|---|---|---|---|"]
             lines += [f"| {k} | {n:.0f} | {us:.1f} | {100 * us / total:.1f}% |" for k, n, us in kernels[:14]]
