@@ -100,7 +100,8 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr, M, N, K, x_stride, w_stride,
                    y_stride, eps, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                   NORM: tl.constexpr, ACCUMULATE: tl.constexpr, WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                   NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
@@ -112,7 +113,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + (k_lo + ks)[None, :]  # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride + (k_lo + ks)[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
     if NORM:
-        mean, rstd = _row_stats(x_ptr, rows, M, K, x_stride, eps, BLOCK_K)
+        mean, rstd = _row_stats(x_ptr, rows, M, K, x_stride, eps, NORM_BLOCK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, tl.minimum(k_lo + k_len, K), BLOCK_K):
         in_x = (rows[:, None] < M) & (ks[None, :] + k0 < K)
@@ -300,8 +301,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
                  ACCUMULATE=residual is not None, **pdl_options(dev))
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
         args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
-        # the LayerNorm statistics from the whole row at once (one round trip), up to 4096 columns a block
-        norm_block = min(triton.next_power_of_2(K), 4096) if norm is not None else 16
+        norm_block = _norm_block(norm, K, 1)
         if AUTOTUNE:
             _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block)
         else:
@@ -314,7 +314,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         with _small_m_lock:
             _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
                 x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
-                WIDEN_DOT=False)
+                NORM_BLOCK=_norm_block(norm, K, 16), WIDEN_DOT=False)
             chosen = _small_m_tuned.best_config.kwargs["SPLIT_K"]
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=chosen, **reduce))
     else:
@@ -323,9 +323,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         part = torch.empty(sk, M, N, device=dev) if sk > 1 else y
         grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]), sk)
         _linear_kernel[grid](x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
-                             WIDEN_DOT=INTERPRETER, SPLIT_K=sk, **s)
+                             NORM_BLOCK=_norm_block(norm, K, s["BLOCK_M"]), WIDEN_DOT=INTERPRETER, SPLIT_K=sk, **s)
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, **reduce))
     return y
+
+
+def _norm_block(norm, K: int, rows: int) -> int:
+    """Columns per block of the LayerNorm statistics (one L2 round trip each, before the weights stream): the
+    whole row where rows x columns stay within 8,192 values in registers (a GEMV's row up to K = 8,192; 512
+    columns of the 16-row tile), 16 (unused) without a norm."""
+    return min(triton.next_power_of_2(K), max(16, 8192 // rows)) if norm is not None else 16
 
 
 def _check_norm(norm, K: int, dev: torch.device) -> tuple:
