@@ -49,6 +49,8 @@ VARIANTS = [
                                             BLOCK_K=1024), 1),  # attn.proj into the residual
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
                                            BLOCK_N=4, BLOCK_K=2048), 8),  # ln_f + lm_head
+    (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
+                                           ACCUMULATE=True, BLOCK_N=4, BLOCK_K=1024, PDL=True), 4),  # both fusions
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
@@ -79,6 +81,8 @@ VARIANTS = [
      dict(HEAD_DIM=80, SPLIT_LEN=64, BLOCK_N=64, BLOCK_D=128, APPEND=True, SINGLE=False, PDL=True), 4),
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16"}, "bf16",  # one pass, no merge
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True), 4),
+    (decode_attention._decode_split_kernel, KV, "fp32", dict(HEAD_DIM=96, SPLIT_LEN=192, BLOCK_N=64, BLOCK_D=128,
+                                                             APPEND=False, SINGLE=True), 4),
     (decode_attention._decode_merge_kernel, {"o_ptr": "*{dtype}"}, "fp16",
      dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64), 4),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,
@@ -94,6 +98,12 @@ VARIANTS = [
                                                                  BLOCK=1024, N_PIVOTS=16, HELD_PIVOTS=8), 8),
     (sampling._sample_merge_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=True, DO_TOP_K=False,
                                                                  DO_TOP_P=False, CHUNK=2048, CAP=1, N_CHUNKS=32,
+                                                                 BLOCK=1024, N_PIVOTS=16, HELD_PIVOTS=8), 8),
+    (sampling._sample_merge_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
+                                                                 DO_TOP_P=False, CHUNK=2048, CAP=1, N_CHUNKS=32,
+                                                                 BLOCK=4096, N_PIVOTS=16, HELD_PIVOTS=8, PDL=True), 8),
+    (sampling._sample_merge_kernel, SPLIT_SAMPLING, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=True, DO_TOP_K=True,
+                                                                 DO_TOP_P=False, CHUNK=2048, CAP=16, N_CHUNKS=32,
                                                                  BLOCK=1024, N_PIVOTS=16, HELD_PIVOTS=8), 8),
     (embedding._embedding_kernel, {"table_ptr": "*bf16", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "bf16",
      dict(SCALED=False, HAS_POS=True, BLOCK_C=1024, PDL=True), 4),
