@@ -67,16 +67,28 @@ def _load_z(logits_ptr, seen_ptr, cols, valid, penalty, temperature, HAS_PENALTY
 
 
 @device_fn
+def _pivots(lo, hi, N_PIVOTS: tl.constexpr):
+    """A search pass's N_PIVOTS pivots lo + step * j (j = 1..N_PIVOTS), evenly covering [lo, hi]: (step, pivots)."""
+    step = (hi - lo + 1 + N_PIVOTS) // (N_PIVOTS + 1)
+    return step, lo + step * (tl.arange(0, N_PIVOTS).to(tl.int64) + 1)
+
+
+@device_fn
+def _narrow(lo, hi, step, pivots, acc, need):
+    """The gap of [lo, hi] where P turns false, given acc (N_PIVOTS,), P's sum at each pivot: (lo, hi)."""
+    new_lo = lo + step * tl.sum(((acc >= need) & (pivots <= hi)).to(tl.int64), axis=0)
+    return new_lo, tl.minimum(hi, new_lo + step - 1)
+
+
+@device_fn
 def _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, lo, hi, need,
             MASS: tl.constexpr, HAS_PENALTY: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr):
     """Largest key t in [lo, hi] with P(t), given that P(lo) holds and P is non-increasing in t:
         MASS off: P(t) = #{i : key_i >= t} >= need
         MASS on:  P(t) = sum_{i : key_i > t, key_i >= floor} exp(z_i - z_max) >= need
     Each pass tests pivots lo + step * j (j = 1..N_PIVOTS) and keeps the gap where P turns false."""
-    j = tl.arange(0, N_PIVOTS).to(tl.int64) + 1
     while lo < hi:
-        step = (hi - lo + 1 + N_PIVOTS) // (N_PIVOTS + 1)  # pivots then cover [lo, hi] in gaps of step
-        pivots = lo + step * j  # (N_PIVOTS,)
+        step, pivots = _pivots(lo, hi, N_PIVOTS)  # (N_PIVOTS,)
         acc = tl.zeros((N_PIVOTS,), dtype=tl.float32)  # counts are exact in fp32 up to 2^24 > V
         counts = tl.zeros((BLOCK, N_PIVOTS), dtype=tl.int32)  # per lane: summed once, after the loop
         for start in range(0, V, BLOCK):
@@ -91,10 +103,7 @@ def _search(logits_ptr, seen_ptr, V, penalty, temperature, z_max, floor, lo, hi,
                 counts += ((key[:, None] >= pivots[None, :]) & valid[:, None]).to(tl.int32)
         if not MASS:
             acc = tl.sum(counts, axis=0).to(tl.float32)
-        n_ok = tl.sum(((acc >= need) & (pivots <= hi)).to(tl.int64), axis=0)
-        new_lo = lo + step * n_ok
-        hi = tl.minimum(hi, new_lo + step - 1)
-        lo = new_lo
+        lo, hi = _narrow(lo, hi, step, pivots, acc, need)
     return lo
 
 
@@ -157,19 +166,13 @@ def _search_held(key, w, lo, hi, need, MASS: tl.constexpr, N_PIVOTS: tl.constexp
     """_search over values held in registers, key and w (n,): the largest t in [lo, hi] with P(t), given P(lo):
         MASS off: P(t) = sum_{key_i >= t} w_i >= need   (w = 1 for the values counted, 0 for the others)
         MASS on:  P(t) = sum_{key_i > t} w_i >= need"""
-    j = tl.arange(0, N_PIVOTS).to(tl.int64) + 1
     while lo < hi:
-        step = (hi - lo + 1 + N_PIVOTS) // (N_PIVOTS + 1)
-        pivots = lo + step * j  # (N_PIVOTS,)
+        step, pivots = _pivots(lo, hi, N_PIVOTS)  # (N_PIVOTS,)
         if MASS:
             above = key[:, None] > pivots[None, :]
         else:
             above = key[:, None] >= pivots[None, :]
-        acc = tl.sum(tl.where(above, w[:, None], 0.0), axis=0)
-        n_ok = tl.sum(((acc >= need) & (pivots <= hi)).to(tl.int64), axis=0)
-        new_lo = lo + step * n_ok
-        hi = tl.minimum(hi, new_lo + step - 1)
-        lo = new_lo
+        lo, hi = _narrow(lo, hi, step, pivots, tl.sum(tl.where(above, w[:, None], 0.0), axis=0), need)
     return lo
 
 
