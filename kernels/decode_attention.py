@@ -56,6 +56,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
         new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
         new_k = cast_rne(new_k, k_ptr.dtype.element_ty).to(tl.float32)
         new_v = cast_rne(new_v, v_ptr.dtype.element_ty).to(tl.float32)
+    out = tl.zeros((BLOCK_D,), dtype=tl.float32)  # SINGLE: the output, zeros for a row of length 0 (as the merge)
     if start < length:
         q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
         m_i = float("-inf")
@@ -81,16 +82,13 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
-        if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
-            tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(acc / l_i, o_ptr.dtype.element_ty),
-                     mask=in_d)
-        else:
+        out = acc / l_i
+        if not SINGLE:
             part = bh.to(tl.int64) * tl.num_programs(1) + split
-            tl.store(part_o_ptr + part * BLOCK_D + dims, acc / l_i)
+            tl.store(part_o_ptr + part * BLOCK_D + dims, out)
             tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
-    elif SINGLE:  # length 0: zeros, as the merge writes them
-        tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims,
-                 cast_rne(tl.zeros((BLOCK_D,), dtype=tl.float32), o_ptr.dtype.element_ty), mask=in_d)
+    if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
+        tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty), mask=in_d)
     if APPEND:  # last, so that nothing above could have read the slot back (the interpreter runs in order)
         if (new_pos >= start) & (new_pos < start + SPLIT_LEN) & (new_pos < S):
             tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
