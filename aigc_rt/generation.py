@@ -193,10 +193,12 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
             if len(keep) < len(active):  # finished sequences leave the batch
                 k = torch.tensor(keep, device=dev)
                 cache.keep(k)
-                tokens, positions = tokens[k], positions[k]
+                positions = positions[k]
                 seen = None if seen is None else seen[k]
                 if ahead:  # the step queued ahead sampled for them too: their tokens go as well
                     nxt = nxt[k]
+                else:
+                    tokens = tokens[k]
                 active = [active[s] for s in keep]
             tokens = nxt if ahead else advance(tokens, positions, seen, step + 1)
 
