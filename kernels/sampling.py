@@ -384,12 +384,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     stats_i = torch.empty(B, n_chunks, 4, dtype=torch.int64, device=dev)  # argmax, NaN/inf, candidates, min key
     cand_z = torch.empty(B, n_chunks, cap, dtype=torch.float32, device=dev) if top_k else stats_f
     cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if top_k else stats_i
-    temperature, top_k_value, top_p_value, penalty = values
-    _sample_chunk_kernel[(n_chunks, B)](
+    temperature, top_k_value, _, penalty = values
+    _sample_chunk_kernel[(n_chunks, B)](  # top-p is the merge's alone
         logits, seen_u8, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0), n_chunks,
-        temperature, top_k_value, penalty, HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=top_k,
-        CHUNK=chunk, CAP=cap, HELD_PIVOTS=held_pivots, PDL=flags["PDL"], num_warps=s["num_warps"],
-        **({"launch_pdl": True} if flags["PDL"] else {}))
+        temperature, top_k_value, penalty, **{k: v for k, v in flags.items() if k != "DO_TOP_P"}, CHUNK=chunk,
+        CAP=cap, HELD_PIVOTS=held_pivots, num_warps=s["num_warps"])
     _sample_merge_kernel[(B,)](
         logits, seen_u8, u, tokens, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
         n_chunks, *values, **flags, CHUNK=chunk, CAP=cap, N_CHUNKS=triton.next_power_of_2(n_chunks),
