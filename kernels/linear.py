@@ -284,13 +284,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     if residual is not None:
         if out is not None:
             raise ValueError("linear: give out or residual, not both (with residual the result goes into it)")
-        check_tensor("residual", residual, x.dim(), (torch.float32,), dev)
-        if tuple(residual.shape) != (*x.shape[:-1], N) or not residual.is_contiguous():
-            raise ValueError(f"residual must be a contiguous {(*x.shape[:-1], N)} tensor, got "
-                             f"{tuple(residual.shape)} with strides {residual.stride()}")
+        y = check_out(residual, (*x.shape[:-1], N), torch.float32, dev, name="residual")
         if _overlaps(residual, x):
             raise ValueError("linear: residual must not overlap x (it is written while x is read)")
-        y = residual
     else:
         y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
     if M == 0:

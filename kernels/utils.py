@@ -122,14 +122,15 @@ def check_caches(k_cache, v_cache, B: int, H: int, D: int, device: torch.device,
 
 
 def check_out(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-              strided: bool = False) -> torch.Tensor:
+              strided: bool = False, name: str = "out") -> torch.Tensor:
     """The output tensor: `out` when given (checked: shape, dtype, device, contiguous; with strided, a kernel
-    that takes the output's strides needs only its last dimension contiguous), else a new one."""
+    that takes the output's strides needs only its last dimension contiguous), else a new one. name: what the
+    errors call it (e.g. a residual that is written in place)."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    check_tensor("out", out, len(shape), (dtype,), device, last_contiguous=strided)
+    check_tensor(name, out, len(shape), (dtype,), device, last_contiguous=strided)
     if tuple(out.shape) != tuple(shape) or not (strided or out.is_contiguous()):
-        raise ValueError(f"out must be a {'' if strided else 'contiguous '}{tuple(shape)} tensor, got "
+        raise ValueError(f"{name} must be a {'' if strided else 'contiguous '}{tuple(shape)} tensor, got "
                          f"{tuple(out.shape)} with strides {out.stride()}")
     return out
 
