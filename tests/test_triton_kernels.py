@@ -46,6 +46,13 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float
                            f"{int(bad.sum())} of {bad.numel()} elements out of tolerance")
 
 
+def int8_weights(N: int, K: int, seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 weights (N, K) and per-row scales that keep x q^T * scale O(1), as the converter writes them."""
+    q = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(seeds[0]), dtype=torch.int8)
+    scale = (torch.rand(N, generator=torch.Generator().manual_seed(seeds[1])) + 0.5) / (127 * K ** 0.5)
+    return q.to(DEV), scale.to(DEV)
+
+
 # -- layernorm ------------------------------------------------------------------------------------------
 LN_TOL = (1e-5, 1e-5)  # fp32 (the residual stream is always fp32)
 
@@ -98,8 +105,7 @@ def test_linear_int8(M, N, K):
     """Weight-only int8 (per-row scales, as `aigc-rt convert --dtype int8` writes): the kernel sums x q in fp32
     and scales after; the reference dequantises first, so they differ by fp32 rounding only."""
     x, b = randn(M, K, seed=M + K), randn(N, seed=N)
-    q = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(K), dtype=torch.int8).to(DEV)
-    scale = (torch.rand(N, generator=torch.Generator().manual_seed(N)) + 0.5).to(DEV) / (127 * K ** 0.5)
+    q, scale = int8_weights(N, K, seeds=(K, N))
     for bias, act in ((b, "gelu_tanh"), (None, None)):
         want = linear.reference(x, q, bias, act, scale=scale)
         for kernel in ("gemv", "gemm"):
@@ -126,8 +132,7 @@ def test_linear_norm_and_residual(M, N, K, dtype):
     g, beta, b = randn(K, seed=K + 1) + 1, randn(K, seed=K + 2), randn(N, seed=N)
     scale = None
     if dtype == torch.int8:
-        w = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(K), dtype=torch.int8).to(DEV)
-        scale = (torch.rand(N, generator=torch.Generator().manual_seed(N)) + 0.5).to(DEV) / (127 * K ** 0.5)
+        w, scale = int8_weights(N, K, seeds=(K, N))
     else:
         w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
     tol = NORM_TOL.get(dtype, LINEAR_TOL)
@@ -178,8 +183,7 @@ def test_linear_split_k(split_k, dtype):
     x, b = randn(M, K, seed=21), randn(N, seed=22)
     scale = None
     if dtype == "int8":
-        w = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(23), dtype=torch.int8).to(DEV)
-        scale = (torch.rand(N, generator=torch.Generator().manual_seed(24)) + 0.5).to(DEV) / (127 * K ** 0.5)
+        w, scale = int8_weights(N, K, seeds=(23, 24))
     else:
         w = randn(N, K, seed=23, scale=K ** -0.5, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
     for bias, act in ((b, "gelu_tanh"), (None, None)):
