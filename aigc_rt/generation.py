@@ -4,8 +4,9 @@
 All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
 sequence decodes at its own position in the KV cache, so padding never changes a result. Finished
 sequences leave the batch (the cache is compacted), so they stop costing compute. Each step is one
-model.decode_sample (decode, then sample the next tokens; on the triton backend one CUDA-graph replay). The
-only host sync per step is reading the sampled tokens. On a GPU that read does not stall the device: the next
+model.decode_sample, in place on the generation's DecodeState (decode, sample the next tokens, advance the
+positions; on the triton backend one CUDA-graph replay with nothing copied in or out). The only host sync per
+step is reading the sampled tokens. On a GPU that read does not stall the device: the next
 step is queued before it (the tokens reach the host through pinned memory), so the device computes step n + 1
 while the host decodes text, checks stops and yields step n; a sequence found finished then drops out one
 step later, the work queued for it wasted (PIPELINED_DEVICES).
@@ -125,6 +126,9 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
     rows = [_Row(b % n, _TextState(model.tokenizer, stops)) for b in range(len(batch))]
     lens = [len(p) for p in batch]
     B, T = len(rows), max(lens)
+    active = list(range(B))  # batch slot -> row
+    pipelined = dev.type in PIPELINED_DEVICES
+    fetch = _HostTokens(B, dev)
     with torch.inference_mode():
         ids = torch.zeros(B, T, dtype=torch.long)  # right-padded
         for b, p in enumerate(batch):
@@ -134,42 +138,35 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
         hidden = model.prefill(ids, cache)  # (B, T, C)
         logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)  # (B, V): token in prompt or output
+        state = DecodeState.allocate(B, cfg.vocab_size, dev, params.repetition_penalty != 1.0)
+        state.positions.copy_(torch.tensor(lens))  # where each row's next token goes
+        if state.seen is not None:  # the prompts' tokens
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
             for b, p in enumerate(batch):
                 seen[b, p] = True
-            seen = seen.to(dev)
-        positions = torch.tensor(lens, device=dev)  # where each active row's next token goes
-        no_draw = torch.zeros(B, device=dev)  # greedy ignores u
-    active = list(range(B))  # batch slot -> row
-    pipelined = dev.type in PIPELINED_DEVICES
-    fetch = _HostTokens(B, dev)
+            state.seen.copy_(seen)
 
     def draws(step):
-        """The uniforms of a step's draws, one per active row (greedy ignores them)."""
-        if not params.do_sample:
-            return no_draw[: len(active)]
-        return fetch.uniforms([uniform(seed, rows[a].j, step) for a in active])
+        """Write the uniforms of step's draws into state.u, one per active row (greedy ignores them)."""
+        if params.do_sample:
+            fetch.uniforms([uniform(seed, rows[a].j, step) for a in active], out=state.u)
 
-    def advance(tokens, positions, seen, step):
-        """Queue the decode step that feeds back `tokens` (the tokens of step - 1) and samples step's tokens."""
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        nxt = model.decode_sample(tokens, positions, cache, max(lens[a] + step for a in active), params, draws(step),
-                                  seen)
-        positions.add_(1)
-        return nxt
+    def advance(step):
+        """Queue the decode step that feeds back the tokens of step - 1 and samples step's tokens."""
+        draws(step)
+        model.decode_sample(state, cache, max(lens[a] + step for a in active), params)
 
     with torch.inference_mode():
-        tokens = be.sample(logits, params, draws(0), seen)  # (B_active,): step 0's, from the prefill
+        draws(0)
+        be.sample(logits, params, state.u, state.seen, out=state.tokens)  # step 0's tokens, from the prefill
+        state.mark_seen()
     for step in range(max(limit)):
         with torch.inference_mode():
-            read = fetch.start(tokens)
+            read = fetch.start(state.tokens)
             # pipelined: the next step is queued before this one's tokens are read (unless every row ends here)
             ahead = pipelined and any(step + 1 < limit[a] for a in active)
             if ahead:
-                nxt = advance(tokens, positions, seen, step + 1)
+                advance(step + 1)
             host = read()  # the one sync per step
         keep = []
         for slot, (a, t) in enumerate(zip(active, host)):
@@ -190,17 +187,50 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         if not keep:
             return
         with torch.inference_mode():
-            if len(keep) < len(active):  # finished sequences leave the batch
-                k = torch.tensor(keep, device=dev)
+            if len(keep) < len(active):  # finished sequences leave the batch (and the step queued ahead, if
+                k = torch.tensor(keep, device=dev)  # any, sampled for them too: their tokens go as well)
                 cache.keep(k)
-                positions = positions[k]
-                seen = None if seen is None else seen[k]
-                if ahead:  # the step queued ahead sampled for them too: their tokens go as well
-                    nxt = nxt[k]
-                else:
-                    tokens = tokens[k]
+                state.keep(k)
                 active = [active[s] for s in keep]
-            tokens = nxt if ahead else advance(tokens, positions, seen, step + 1)
+            if not ahead:
+                advance(step + 1)
+
+
+class DecodeState:
+    """A generation's per-row state on the device, which each model.decode_sample updates in place: the tokens
+    to feed (the last sampled, not yet in the KV cache), their positions, the uniforms of the next draws and
+    the tokens seen so far (for the repetition penalty). In place, so that a CUDA graph that captured the step
+    replays it with nothing copied in or out. The buffers are allocated for the whole batch; as rows finish,
+    the state is the first rows of them, so their addresses stay put."""
+
+    def __init__(self, tokens: torch.Tensor, positions: torch.Tensor, u: torch.Tensor, seen: torch.Tensor | None):
+        self.tokens = tokens  # (B,) int64
+        self.positions = positions  # (B,) int64
+        self.u = u  # (B,) fp32, zeros until written (greedy ignores them)
+        self.seen = seen  # (B, V) bool or None
+        self._full = (tokens, positions, u, seen)
+
+    @classmethod
+    def allocate(cls, batch: int, vocab_size: int, device: torch.device, penalty: bool) -> "DecodeState":
+        return cls(torch.zeros(batch, dtype=torch.int64, device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device), torch.zeros(batch, device=device),
+                   torch.zeros(batch, vocab_size, dtype=torch.bool, device=device) if penalty else None)
+
+    def mark_seen(self) -> None:
+        """Add the tokens to the seen set."""
+        if self.seen is not None:
+            self.seen.scatter_(1, self.tokens[:, None], True)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only rows `rows` (in that order), as the first len(rows) rows of the buffers."""
+        n = rows.shape[0]
+        held = (self.tokens, self.positions, self.u, self.seen)
+        self.tokens, self.positions, self.u, self.seen = (
+            None if full is None else full[:n].copy_(now[rows]) for full, now in zip(self._full, held))
+
+    def addresses(self) -> tuple[int, ...]:
+        """The buffers a step reads and writes (a CUDA graph bakes them in)."""
+        return tuple(0 if t is None else t.data_ptr() for t in (self.tokens, self.positions, self.u, self.seen))
 
 
 class _HostTokens:
@@ -210,18 +240,18 @@ class _HostTokens:
     (a copy from pageable memory would wait for the device). Elsewhere both are plain copies."""
 
     def __init__(self, batch: int, device: torch.device):
-        self.device = device
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.tokens = torch.empty(batch, dtype=torch.int64, pin_memory=True)
             self.u_host = torch.empty(2, batch, dtype=torch.float32, pin_memory=True)  # alternate halves, see uniforms
-            self.u = torch.empty(batch, dtype=torch.float32, device=device)
             self.calls = 0
 
     def start(self, tokens: torch.Tensor):
-        """Start moving `tokens` to the host; returns the function that waits for them, as a list."""
+        """Start moving `tokens` to the host; returns the function that waits for them, as a list. They are
+        read as they are now: the step queued next overwrites them."""
         if not self.cuda:
-            return tokens.tolist
+            host = tokens.tolist()
+            return lambda: host
         n = tokens.shape[0]
         self.tokens[:n].copy_(tokens, non_blocking=True)
         arrived = torch.cuda.Event()
@@ -232,18 +262,18 @@ class _HostTokens:
             return self.tokens[:n].tolist()
         return read
 
-    def uniforms(self, values: list[float]) -> torch.Tensor:
-        """A step's uniforms on the device. The loop queues step s + 1 with its uniforms before it reads step s's
-        tokens, while the copy of step s's uniforms (queued after step s - 1's tokens) may still be pending, so
-        the pinned source alternates between two halves: the half rewritten now last served step s - 1, whose
-        copy was queued before step s - 1's tokens, which have been read."""
+    def uniforms(self, values: list[float], out: torch.Tensor) -> None:
+        """A step's uniforms into `out` on the device. The loop queues step s + 1 with its uniforms before it
+        reads step s's tokens, while the copy of step s's uniforms (queued after step s - 1's tokens) may still
+        be pending, so the pinned source alternates between two halves: the half rewritten now last served step
+        s - 1, whose copy was queued before step s - 1's tokens, which have been read."""
         if not self.cuda:
-            return torch.tensor(values, device=self.device)
-        n = len(values)
-        host = self.u_host[self.calls % 2, :n]
+            out.copy_(torch.tensor(values))
+            return
+        host = self.u_host[self.calls % 2, :len(values)]
         self.calls += 1
         host.copy_(torch.tensor(values))
-        return self.u[:n].copy_(host, non_blocking=True)
+        out.copy_(host, non_blocking=True)
 
 
 class _TextState:

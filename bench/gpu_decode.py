@@ -220,6 +220,7 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
 
     import aigc_rt
     from aigc_rt.kernels import utils
+    from aigc_rt.generation import DecodeState
     from aigc_rt.sampling import SamplingParams
     utils.PDL_REQUESTED = pdl
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,16 +228,16 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
                          backend="triton")
     ids = prompts.cuda()
     B, T = ids.shape
-    greedy, no_draw = SamplingParams(), torch.zeros(B, device="cuda")
+    greedy = SamplingParams()
 
     @torch.inference_mode()
     def steps(n):
         cache = m.new_cache(B, T + n)
-        tokens = m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, no_draw, None)
-        positions = torch.full((B,), T, device="cuda")
+        state = DecodeState.allocate(B, m.config.vocab_size, ids.device, penalty=False)
+        state.positions.fill_(T)
+        m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, state.u, None, out=state.tokens)
         for i in range(n - 1):  # decode + sampling: one graph replay, as generate() runs them
-            tokens = m.decode_sample(tokens, positions, cache, T + i + 1, greedy, no_draw, None)
-            positions += 1
+            m.decode_sample(state, cache, T + i + 1, greedy)
 
     def generate(n):
         m.generate(prompts.tolist(), max_new_tokens=n, eos_token_id=[], **(SEED_SYSTEM_SAMPLING if sample else {}))

@@ -209,12 +209,12 @@ class Utf8Sampler:
         self.token_bytes = [tokenizer.token_bytes(t) for t in range(vocab_size)]
         self.data, self.step = b"", 0
 
-    def __call__(self, logits, params, u, seen):
+    def __call__(self, logits, params, u, seen, *, out=None):
         assert logits.shape[0] == 1
         left = self.max_new - self.step - 1  # tokens after this one, each able to add one continuation byte
         ok = [b != b"" and (n := utf8_missing(self.data + b)) is not None and n <= left for b in self.token_bytes]
         logits = torch.where(torch.tensor(ok, device=logits.device), logits, torch.full_like(logits, -1e30))
-        tokens = self.real(logits, params, u, seen)
+        tokens = self.real(logits, params, u, seen, out=out)
         self.data += self.token_bytes[int(tokens[0])]
         self.step += 1
         return tokens
@@ -411,7 +411,8 @@ def test_default_eos_comes_from_the_model_config(model, hf_odd, tmp_path):
     assert full.token_ids == cont.tolist() and full.finish_reason == "length"
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, seed=7, num_return_sequences=2)])
+@pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, seed=7, num_return_sequences=2,
+                                                  repetition_penalty=1.3)])
 def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
     """max_length gives each prompt of a ragged batch its own budget, so rows finish at different steps: after
     each finish the cache is compacted to the rows still running and every later decode step runs on just
@@ -426,10 +427,12 @@ def test_finished_sequences_leave_the_batch(model, monkeypatch, kwargs):
     decoded, kept = [], []  # rows in each decode step; slots kept at each compaction
     decode_sample, new_cache = model.decode_sample, model.new_cache
 
-    def spy_decode_sample(tokens, positions, cache, *args):
-        assert tokens.shape[0] == positions.shape[0] == cache.k.shape[1], (tokens.shape, cache.k.shape)
-        decoded.append(tokens.shape[0])
-        return decode_sample(tokens, positions, cache, *args)
+    def spy_decode_sample(state, cache, *args):
+        B = state.tokens.shape[0]
+        assert B == state.positions.shape[0] == state.u.shape[0] == cache.k.shape[1], (B, cache.k.shape)
+        assert state.seen is None or state.seen.shape[0] == B
+        decoded.append(B)
+        return decode_sample(state, cache, *args)
 
     def spy_new_cache(*args):
         cache = new_cache(*args)
@@ -499,7 +502,7 @@ def test_pipelined_loop_gives_the_same_outputs(model, monkeypatch):
     plain = outputs()
     decoded, decode_sample = [], model.decode_sample
     monkeypatch.setattr(model, "decode_sample",
-                        lambda tokens, *a: decoded.append(tokens.shape[0]) or decode_sample(tokens, *a))
+                        lambda state, *a: decoded.append(state.tokens.shape[0]) or decode_sample(state, *a))
     monkeypatch.setattr(generation, "PIPELINED_DEVICES", {model.device.type})
     assert outputs() == plain
     decoded.clear()

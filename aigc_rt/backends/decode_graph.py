@@ -1,18 +1,19 @@
 """CUDA-graph replay of a model's decode step (used by the triton backend on a GPU).
 
-The step reads its inputs from static buffers (token ids, positions and lengths, (B,) each) and the KV cache, whose
-addresses are baked into the graph; the lengths and per-layer attention launches depend only on the cache's
-capacity (max_len = cache.max_len), never on a host-side length that changes per step, so one capture serves
-every step of a generation. The key of a capture is (step, batch, cache shape, and the addresses of the caches
-and of the decode Workspace): a new batch size or a compacted cache gets its own entry, and a later generation
-whose buffers all land at the same addresses (the caching allocator hands back the blocks just freed) replays
-without capturing again; if any one of them moved, the step is captured anew. The first call for
-a key runs the step eagerly on the static buffers (that also compiles and warms up the kernels), then
-captures it; later calls copy the inputs in and replay. With a sampler the graph also samples the next
-tokens from the step's logits (generate()'s loop: one replay and a few copies a token, no sampling launches
-from the host). With capture off (CPU, TRITON_INTERPRET=1, or AIGC_RT_CUDA_GRAPHS=0) every call takes the same
-static-buffer path eagerly, so tests exercise it.
-Tests: tests/test_triton_model.py (static path everywhere; graph replay == eager on a GPU).
+A capture bakes in the addresses of everything the step reads and writes, so it is keyed by them: the KV cache
+and its decode Workspace, and the step's inputs. Two kinds of steps are replayed:
+- decode(): the model's decode step on token ids, positions and lengths the caller gives (model.decode, for
+  validation): they are copied into static buffers the graph reads, and its logits are a static buffer too;
+- replay(): a step that works in place on buffers that stay put, generate()'s decode + sampling on its
+  DecodeState (model.decode_sample): nothing is copied in or out.
+The per-layer attention launches depend only on the cache's capacity (cache.max_len), never on a host-side
+length that changes per step, so one capture serves every step of a generation. A new batch size or a
+compacted cache gets its own entry, and a later generation whose buffers all land at the same addresses (the
+caching allocator hands back the blocks just freed) replays without capturing again. The first call for a key
+runs the step eagerly (that also compiles and warms up the kernels), then captures it; later calls replay.
+With capture off (CPU, TRITON_INTERPRET=1, or AIGC_RT_CUDA_GRAPHS=0) every call runs the step eagerly on the
+same buffers, so tests exercise that path.
+Tests: tests/test_triton_model.py (the static path everywhere; graph replay == eager on a GPU).
 """
 from __future__ import annotations
 
@@ -26,13 +27,9 @@ MAX_GRAPHS = 4  # captures kept (least recently used dropped first), each with i
 
 @dataclass
 class _Entry:
-    tokens: torch.Tensor  # static inputs, (B,) int64
-    positions: torch.Tensor
-    lengths: torch.Tensor
-    u: torch.Tensor | None = None  # with a sampler: its static inputs, (B,) fp32 and (B, V) bool or None
-    seen: torch.Tensor | None = None
+    inputs: tuple[torch.Tensor, ...] = ()  # decode(): static token ids, positions, lengths (B,) int64
     graph: "torch.cuda.CUDAGraph | None" = None
-    out: torch.Tensor | None = None  # static output of the captured step: logits (B, V) or sampled tokens (B,)
+    out: object = None  # what the captured step returns (decode(): its logits (B, V), a static buffer)
 
 
 class DecodeGraph:
@@ -40,49 +37,41 @@ class DecodeGraph:
         self.capture = capture
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
-    def __call__(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
-                 max_len: int, sampler=None) -> torch.Tensor:
-        """step(tokens, positions, lengths, cache, max_len) -> logits (B, V): the model's eager decode step.
-        max_len is only a bound: the step gets cache.max_len, which stays the same across a generation's steps.
-        sampler = (sample, params, u, seen): the step's logits are sampled in the same replay,
-        sample(logits, params, u, seen, out=) (the backend's op; u and seen are copied in like the other
-        inputs), and the next tokens (B,) int64 are returned instead. Either output is a static buffer that the
-        next call overwrites (as the eager step's logits are)."""
-        key = (step, tokens.shape[0], cache.k.shape, cache.addresses(tokens.shape[0]))
-        if sampler is not None:
-            sample, params, u, seen = sampler
-            key += (sample, params, None if seen is None else seen.shape)
+    def decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache):
+        """step(tokens, positions, lengths, cache, max_len) -> logits (B, V): the model's eager decode step, run
+        (or replayed) on copies of the inputs with max_len = cache.max_len, which stays the same across a
+        generation's steps. The logits are a static buffer that the next call overwrites (as the eager step's
+        are)."""
+        key = ("decode", step, tokens.shape[0], cache.k.shape, cache.addresses(tokens.shape[0]))
+        e = self._entry(key)
+        if not e.inputs:
+            e.inputs = tuple(map(torch.empty_like, (tokens, positions, lengths)))
+        for static, given in zip(e.inputs, (tokens, positions, lengths)):
+            static.copy_(given)
+        return self._replay(e, lambda: step(*e.inputs, cache, cache.max_len))
+
+    def replay(self, key: tuple, fn):
+        """fn(): a step that reads and writes only buffers whose addresses `key` holds (with everything else
+        that decides its launches). Runs it, as a graph replay once captured."""
+        return self._replay(self._entry(key), fn)
+
+    def _entry(self, key: tuple) -> _Entry:
         e = self.entries.get(key)
         if e is None:
-            e = self.entries[key] = _Entry(*map(torch.empty_like, (tokens, positions, lengths)))
-            if sampler is not None:
-                e.u = torch.empty_like(u)
-                e.seen = None if seen is None else torch.empty_like(seen)
+            e = self.entries[key] = _Entry()
             while len(self.entries) > MAX_GRAPHS:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
-        for static, given in ((e.tokens, tokens), (e.positions, positions), (e.lengths, lengths)):
-            static.copy_(given)
-        if sampler is not None:
-            e.u.copy_(u)
-            if seen is not None:
-                e.seen.copy_(seen)
+        return e
+
+    def _replay(self, e: _Entry, fn):
         if e.graph is not None:
             e.graph.replay()
             return e.out
-        out = self._run(step, e, cache, sampler)
+        out = fn()
         if self.capture:
             e.graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
             with torch.cuda.graph(e.graph):  # records the step; capturing runs nothing
-                e.out = self._run(step, e, cache, sampler)
+                e.out = fn()
         return out
-
-    @staticmethod
-    def _run(step, e: _Entry, cache, sampler) -> torch.Tensor:
-        """The step (and its sampling) on the entry's static inputs."""
-        logits = step(e.tokens, e.positions, e.lengths, cache, cache.max_len)
-        if sampler is None:
-            return logits
-        sample, params = sampler[:2]
-        return sample(logits, params, e.u, e.seen, out=torch.empty_like(e.tokens))

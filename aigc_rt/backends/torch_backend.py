@@ -170,12 +170,19 @@ class TorchBackend:
         does all its work in backend ops, on its inputs, the cache and the cache's Workspace."""
         return step(tokens, positions, lengths, cache, max_len)
 
-    def run_decode_sample(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
-                          max_len: int, params: SamplingParams, u: torch.Tensor,
-                          seen: torch.Tensor | None) -> torch.Tensor:
-        """run_decode, then sample from its logits: the next tokens (B,) int64. A backend may run both as one
-        replay (triton: one CUDA graph)."""
-        return self.sample(self.run_decode(step, tokens, positions, lengths, cache, max_len), params, u, seen)
+    def run_decode_sample(self, step, state, cache, max_len: int, params: SamplingParams) -> None:
+        """A generation step in place on state (generation.DecodeState): run_decode on state.tokens and
+        state.positions, sample the next tokens from its logits into state.tokens, advance the positions, mark
+        the tokens seen. A backend may replay it all at once (triton: one CUDA graph)."""
+        self.decode_sample_steps(self.run_decode, step, state, cache, max_len, params)
+
+    def decode_sample_steps(self, decode, step, state, cache, max_len: int, params: SamplingParams) -> None:
+        """run_decode_sample's work, with decode(step, tokens, positions, lengths, cache, max_len) -> logits."""
+        lengths = torch.add(state.positions, 1, out=cache.workspace(state.tokens.shape[0]).lengths)
+        logits = decode(step, state.tokens, state.positions, lengths, cache, max_len)
+        self.sample(logits, params, state.u, state.seen, out=state.tokens)
+        state.positions.add_(1)
+        state.mark_seen()
 
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,

@@ -71,11 +71,13 @@ class TritonBackend(TorchBackend):
         return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
 
     def run_decode(self, step, tokens, positions, lengths, cache, max_len):
-        return self.decode_graph(step, tokens, positions, lengths, cache, max_len)
+        return self.decode_graph.decode(step, tokens, positions, lengths, cache)
 
-    def run_decode_sample(self, step, tokens, positions, lengths, cache, max_len, params, u, seen):
-        return self.decode_graph(step, tokens, positions, lengths, cache, max_len,
-                                 sampler=(self.sample, params, u.float().contiguous(), seen))
+    def run_decode_sample(self, step, state, cache, max_len, params):
+        B = state.tokens.shape[0]
+        key = ("sample", step, B, cache.k.shape, cache.addresses(B), state.addresses(), params)
+        self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache, cache.max_len,
+                                                                       params))
 
     # DCGAN generator: kernels/conv_transpose.py
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:
@@ -87,3 +89,8 @@ class TritonBackend(TorchBackend):
     def conv_transpose(self, x, layer: Conv, act):
         return conv_transpose.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
                                                layer.output_padding, act)
+
+
+def _eager(step, *args):
+    """decode for decode_sample_steps inside a graph: the step itself."""
+    return step(*args)

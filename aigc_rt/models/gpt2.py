@@ -205,13 +205,12 @@ class GPT2:
         lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)  # cached positions after it
         return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
 
-    def decode_sample(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int,
-                      params, u: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """decode, then backend.sample(logits, params, u, seen): the next tokens (B,) int64, which the next call
-        overwrites (the triton backend replays both from one CUDA graph). generate()'s step."""
-        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)
-        return self.backend.run_decode_sample(self._decode_step, tokens, positions, lengths, cache, max_len, params, u,
-                                              seen)
+    def decode_sample(self, state, cache: KVCache, max_len: int, params) -> None:
+        """generate()'s step, in place on state (a generation.DecodeState): decode state.tokens at
+        state.positions, sample the next tokens into state.tokens (backend.sample with state.u and state.seen),
+        advance the positions and add the new tokens to state.seen. The triton backend replays it all from one
+        CUDA graph."""
+        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
 
     def _decode_step(self, tokens, positions, lengths, cache: KVCache, max_len: int) -> torch.Tensor:
         """All its work is backend ops on its inputs, the cache and the cache's Workspace (so that a backend can
