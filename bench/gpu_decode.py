@@ -8,7 +8,7 @@ models of the real GPT-2 shapes (no downloads).
 Each system greedily decodes --new-tokens tokens after a --prompt-token prompt (eos off). The time of one
 decode step is (time of generating N tokens - time of generating 1) / (N - 1), medians of --repeats runs, so
 the prefill drops out. Reported per row: ms/token (one decode step; every sequence of the batch gets a
-token), tokens/s (batch x steps per second), and % of the HBM roofline: tokens/s over batch x bandwidth /
+token), TTFT (time to first token: the median time of generating 1 token, prefill included), tokens/s (batch x steps per second), and % of the HBM roofline: tokens/s over batch x bandwidth /
 bytes read per step, where bytes = the weights (matrices in the row's dtype, biases and LayerNorm in fp32;
 wte read once as the lm_head, embedding rows only indexed) + the KV cache up to the mean context, and the
 bandwidth is measured in the same run (a device-wide sum over a 2 GiB tensor). Results go to
@@ -68,14 +68,17 @@ class Row:
     tokens_per_s: float | None
     roofline_tokens_per_s: float
     error: str | None = None
+    ttft_ms: float | None = None  # generating 1 token: the prefill and the first sample
 
     @property
     def roofline_pct(self) -> float | None:
         return None if self.tokens_per_s is None else 100 * self.tokens_per_s / self.roofline_tokens_per_s
 
 
-def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_tokens, error=None) -> Row:
-    """A result row from the measured seconds per decode step (None when the system failed)."""
+def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_tokens, error=None,
+             first_seconds=None) -> Row:
+    """A result row from the measured seconds per decode step (None when the system failed) and of generating
+    one token (TTFT)."""
     # ours: GPT2.kv_dtype's default for the file's dtype; HF's KV cache is in the model dtype
     kv_itemsize = kv_cache_dtype(dtype).itemsize if system.startswith("triton") else ITEMSIZE[dtype]
     context = prompt + (new_tokens + 1) / 2  # mean cached length over the decode steps
@@ -83,7 +86,8 @@ def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_to
                                  bandwidth)
     if step_seconds is None:
         return Row(size, dtype, batch, system, None, None, roof, error)
-    return Row(size, dtype, batch, system, 1e3 * step_seconds, batch / step_seconds, roof)
+    return Row(size, dtype, batch, system, 1e3 * step_seconds, batch / step_seconds, roof,
+               ttft_ms=None if first_seconds is None else 1e3 * first_seconds)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -94,16 +98,17 @@ def format_table(rows: list[Row]) -> str:
         if r.system.startswith("hf") and r.tokens_per_s is not None:
             key = (r.size, r.dtype, r.batch)
             best[key] = max(best.get(key, 0.0), r.tokens_per_s)
-    lines = ["| size | dtype | batch | system | ms/token | tokens/s | % of HBM roofline | vs best torch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | dtype | batch | system | ms/token | tokens/s | % of HBM roofline | vs best torch | TTFT ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.tokens_per_s is None:
-            lines.append(f"| {r.size} | {r.dtype} | {r.batch} | {r.system} | failed: {r.error} | | | |")
+            lines.append(f"| {r.size} | {r.dtype} | {r.batch} | {r.system} | failed: {r.error} | | | | |")
             continue
         ref = best.get((r.size, r.dtype, r.batch))
         ratio = f"{r.tokens_per_s / ref:.2f}x" if ref else "-"
+        ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:.2f}"
         lines.append(f"| {r.size} | {r.dtype} | {r.batch} | {r.system} | {r.ms_per_token:.3f} | "
-                     f"{r.tokens_per_s:,.0f} | {r.roofline_pct:.1f}% | {ratio} |")
+                     f"{r.tokens_per_s:,.0f} | {r.roofline_pct:.1f}% | {ratio} | {ttft} |")
     return "\n".join(lines)
 
 
@@ -152,8 +157,9 @@ def measure_bandwidth(gib: int = 2, repeats: int = 20) -> float:
     return (gib << 30) / seconds
 
 
-def step_seconds(generate, new_tokens: int, repeats: int) -> float:
-    """Seconds per decode step of generate(n) (which makes n tokens), prefill excluded."""
+def step_seconds(generate, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(seconds per decode step of generate(n) (which makes n tokens), prefill excluded; seconds of
+    generate(1), the time to the first token)."""
     import torch
 
     def timed(n):
@@ -167,7 +173,7 @@ def step_seconds(generate, new_tokens: int, repeats: int) -> float:
     timed(1)
     full = statistics.median(timed(new_tokens) for _ in range(repeats))
     first = statistics.median(timed(1) for _ in range(repeats))
-    return (full - first) / (new_tokens - 1)
+    return (full - first) / (new_tokens - 1), first
 
 
 def hf_checkpoint(size: str, folder: str):
@@ -187,7 +193,7 @@ def hf_checkpoint(size: str, folder: str):
     return model
 
 
-def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: bool) -> float:
+def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: bool) -> tuple[float, float]:
     import torch
     model.to("cuda", {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
     model.generation_config.eos_token_id = None
@@ -211,7 +217,7 @@ def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: 
 
 
 def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool,
-               pdl: bool = False, sample: bool = False) -> float:
+               pdl: bool = False, sample: bool = False) -> tuple[float, float]:
     """generate() through the public API; with steps_only, the decode step alone: prefill, then decode +
     greedy sample per token with the tokens fed back on the device and no host sync until the end (what a
     generation loop without per-token host work would reach). pdl: kernels launched with programmatic
@@ -269,15 +275,16 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                     for system in systems:
                         try:
                             if system.startswith("triton"):
-                                secs = run_triton(folder, dtype, prompts, new_tokens, repeats,
+                                secs, first = run_triton(folder, dtype, prompts, new_tokens, repeats,
                                                   system.startswith("triton-step"), system.endswith("-pdl"),
                                                   system == "triton-topk")
                             else:
-                                secs = run_hf(model, dtype, prompts, new_tokens, repeats, system == "hf-compile")
+                                secs, first = run_hf(model, dtype, prompts, new_tokens, repeats, system == "hf-compile")
                             error = None
                         except Exception as e:  # a failing configuration is a row, not the end of the run
-                            secs, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-                        rows.append(make_row(size, dtype, batch, system, secs, bandwidth, prompt, new_tokens, error))
+                            secs, first, error = None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                        rows.append(make_row(size, dtype, batch, system, secs, bandwidth, prompt, new_tokens, error,
+                                             first))
                         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
                         save(rows, meta)
     return rows, meta

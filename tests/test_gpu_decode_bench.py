@@ -44,7 +44,7 @@ def test_roofline_rate_and_percentages():
 def _rows():
     return [g.make_row("124M", "bf16", 1, "hf-eager", 10e-3, BW, 32, 128),
             g.make_row("124M", "bf16", 1, "hf-compile", 2.5e-3, BW, 32, 128),
-            g.make_row("124M", "bf16", 1, "triton", 0.16e-3, BW, 32, 128),
+            g.make_row("124M", "bf16", 1, "triton", 0.16e-3, BW, 32, 128, first_seconds=4.25e-3),
             g.make_row("1.5B", "bf16", 8, "hf-compile", None, BW, 32, 128, error="RuntimeError: out of memory"),
             g.make_row("1.5B", "bf16", 8, "triton", 1.5e-3, BW, 32, 128)]
 
@@ -52,10 +52,11 @@ def _rows():
 def test_table_and_verdicts():
     table = g.format_table(_rows()).splitlines()
     assert table[0].startswith("| size | dtype | batch | system | ms/token | tokens/s | % of HBM roofline")
+    assert table[0].endswith("| vs best torch | TTFT ms |")
     assert table[4] == ("| 124M | bf16 | 1 | triton | 0.160 | 6,250 | "
-                        f"{_rows()[2].roofline_pct:.1f}% | 15.62x |")  # 6,250 / 400 tokens/s (hf-compile)
+                        f"{_rows()[2].roofline_pct:.1f}% | 15.62x | 4.25 |")  # 6,250 / 400 tokens/s (hf-compile)
     assert "failed: RuntimeError: out of memory" in table[5]
-    assert table[6].endswith("| - |")  # no torch row to compare with
+    assert table[6].endswith("| - | - |")  # no torch row to compare with, no TTFT measured
     v = g.verdicts(_rows())
     assert v[0].startswith("124M bf16 batch 1: 6,250 tokens/s, 15.62x best torch -> PASS")
     pct = _rows()[4].roofline_pct
