@@ -25,7 +25,10 @@ Two kernels, picked by the number of rows M (GEMV_MAX_M):
 Decode (GEMV, and the GEMM at M <= 16) is bound by how many weight bytes are in flight, which depends on the
 shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a few block shapes (compiled
 once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
-shapes of utils.gemv_settings / linear_settings instead. Prefill (M > 16) uses fixed GEMM tiles.
+shapes of utils.gemv_settings / linear_settings instead. On Hopper some GEMV candidates (PREFETCH) first ask L2
+for the program's whole weight slice with one bulk prefetch (utils.prefetch_l2), so that every byte is requested
+from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses fixed GEMM
+tiles.
 Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
@@ -38,8 +41,9 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_out, check_scale, check_tensor, device_fn, dot,
-                    gelu_tanh, gemv_settings, linear_settings, pdl_begin, pdl_options)
+from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
+                    device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, pdl_begin, pdl_options,
+                    prefetch_l2)
 
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
@@ -165,12 +169,16 @@ def _split_k_reduce(args: dict) -> None:
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                  NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+    n0 = tl.program_id(0) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K)
     in_n = cols[:, None] < N
+    if PREFETCH:  # the program's rows of W (contiguous) requested from L2 at once, before any wait
+        rows_here = tl.minimum(BLOCK_N, N - n0)
+        prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride, rows_here * K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
     if PDL:
         # With programmatic dependent launch the first weight block is requested before the wait, so that it
         # streams in while the kernel before drains. Safe: no kernel of ours writes weights, and a kernel of
@@ -212,10 +220,12 @@ def _no_wider_than_k(configs, named_args, **kwargs):
             and K >= 2 * c.kwargs.get("SPLIT_K", 1) * c.kwargs["BLOCK_K"]] or configs[:1]
 
 
-# (BLOCK_N, BLOCK_K, num_warps): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a warp per
-# row) to 16-row blocks with long loads
-_GEMV_CONFIGS = [(2, 1024, 1), (4, 1024, 2), (4, 1024, 4), (8, 512, 4), (8, 1024, 8), (4, 2048, 8), (16, 512, 8),
-                 (16, 1024, 8)]
+# (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a
+# warp per row) to 16-row blocks with long loads; the shapes the H200 run of 2026-11-29 chose also with the
+# program's rows prefetched into L2 up front (Hopper; see _gemv_candidates)
+_GEMV_CONFIGS = [(2, 1024, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
+                 (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
+                 (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
 # (BLOCK_N, BLOCK_K, num_stages, SPLIT_K) for the 16-row dot tile, num_warps 4
 _SMALL_M_CONFIGS = [(16, 128, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 4, 1), (32, 256, 3, 1), (64, 64, 6, 1),
                     (16, 128, 4, 4), (32, 128, 4, 2), (32, 128, 4, 4), (64, 64, 6, 4)]
@@ -237,9 +247,21 @@ def _after_timed_run(args: dict, exception) -> None:
     args["y_ptr"].copy_(_timed_y.pop())
 
 
+def _gemv_candidates(configs, named_args, **kwargs):
+    """_no_wider_than_k, and the L2-prefetching candidates only where the prefetch may run (l2_prefetchable) and a
+    program's rows take at most PREFETCH_MAX_BYTES."""
+    w, K = named_args["w_ptr"], named_args["K"]
+    row_bytes = K * w.element_size()
+    ok = l2_prefetchable(w, row_bytes)
+    configs = [c for c in configs if not c.kwargs["PREFETCH"]
+               or ok and c.kwargs["BLOCK_N"] * row_bytes <= PREFETCH_MAX_BYTES]
+    return _no_wider_than_k(configs, named_args)
+
+
 _gemv_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_CONFIGS], key=["N", "K"],
-    prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=p), num_warps=w) for n, k, w, p in _GEMV_CONFIGS],
+    key=["N", "K"], prune_configs_by=dict(early_config_prune=_gemv_candidates), do_bench=_quick_bench,
+    cache_results=True,
     restore_value=["y_ptr"],  # timed runs that accumulate must not change the residual stream
 )(_gemv_kernel)
 _small_m_tuned = triton.autotune(
@@ -302,7 +324,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
             _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block)
         else:
             s = gemv_settings(N, w.dtype, dev)
-            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block, **s)
+            _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block, PREFETCH=False, **s)
         return y
     reduce = dict(s_ptr=scales, b_ptr=bias, y_ptr=y, M=M, N=N, y_stride=N, **flags)
     if AUTOTUNE and M <= 16 and split_k is None:

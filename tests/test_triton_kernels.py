@@ -197,10 +197,11 @@ def test_linear_split_k(split_k, dtype):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU test_triton_model runs the real PDL launches")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_gemv_pdl_variant_computes_the_same(dtype, monkeypatch):
-    """With PDL the GEMV requests each weight block one iteration ahead (the first before the wait): run that
-    loop in the interpreter, the wait itself stubbed (its griddepcontrol instructions exist only on a GPU), and
-    it gives bitwise the plain loop's result, for K shorter than, equal to and not a multiple of the block."""
+def test_gemv_pdl_and_prefetch_variants_compute_the_same(dtype, monkeypatch):
+    """With PDL the GEMV requests each weight block one iteration ahead (the first before the wait); with
+    PREFETCH a program first asks L2 for all its rows (the last program for fewer than BLOCK_N). Run those paths
+    in the interpreter, the wait and the prefetch themselves stubbed or no-ops (their instructions exist only on
+    a GPU): bitwise the plain loop's result, for K shorter than, equal to and not a multiple of the block."""
     monkeypatch.setattr(linear, "pdl_begin", lambda PDL: None)
     for K in (3, 256, 500):
         N = 37
@@ -212,14 +213,32 @@ def test_gemv_pdl_variant_computes_the_same(dtype, monkeypatch):
         else:
             w = randn(N, K, seed=K + 1, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
         ys = []
-        for pdl in (False, True):
+        for pdl, prefetch in ((False, False), (True, False), (False, True), (True, True)):
             y = torch.empty(2, N)
             linear._gemv_kernel[(triton.cdiv(N, 4), 2)](
                 x, w, w if scale is None else scale, b, y, x, x, N, K, K, K, N, 1.0, SCALED=scale is not None,
-                HAS_BIAS=True, GELU=True, NORM=False, NORM_BLOCK=16, ACCUMULATE=False, BLOCK_N=4, BLOCK_K=256, PDL=pdl)
+                HAS_BIAS=True, GELU=True, NORM=False, NORM_BLOCK=16, ACCUMULATE=False, BLOCK_N=4, BLOCK_K=256,
+                PREFETCH=prefetch, PDL=pdl)
             ys.append(y)
-        assert torch.equal(ys[0], ys[1]), f"K={K}: max diff {(ys[0] - ys[1]).abs().max():.3g}"
+        for y in ys[1:]:
+            assert torch.equal(ys[0], y), f"K={K}: max diff {(ys[0] - y).abs().max():.3g}"
         assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, f"gemv pdl K={K}")
+
+
+def test_gemv_prefetch_candidates(monkeypatch):
+    """The autotuner tries the L2-prefetching GEMV shapes only where the prefetch may run (never on a CPU tensor)
+    and a program's rows take at most PREFETCH_MAX_BYTES (resident programs x that must fit in L2)."""
+    configs = linear._gemv_tuned.configs
+    w = torch.empty(16, 6400, dtype=torch.bfloat16)  # rows of 12,800 bytes: 8 fit in 128 KiB, 16 do not
+    named = dict(w_ptr=w, K=6400)
+
+    def chosen():
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["PREFETCH"])
+                for c in linear._gemv_candidates(configs, named)}
+    assert not any(p for *_, p in chosen())
+    monkeypatch.setattr(linear, "l2_prefetchable", lambda t, row_bytes: True)
+    assert {(n, k) for n, k, p in chosen() if p} == {(4, 1024), (8, 512), (8, 1024)}
+    assert linear.PREFETCH_MAX_BYTES == 128 << 10
 
 
 def test_linear_leading_dims_and_out():

@@ -45,6 +45,10 @@ VARIANTS = [
                                             PDL=True), 8),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
                                             BLOCK_N=8, BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
+                                            BLOCK_N=8, BLOCK_K=512, PREFETCH=True, PDL=True), 4),  # + L2 prefetch
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, ACCUMULATE=True, BLOCK_N=4,
+                                           BLOCK_K=1024, PREFETCH=True), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=2,
                                             BLOCK_K=1024), 1),  # attn.proj into the residual
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
             constexprs = {"PDL": False, **constexprs}
         if "SPLIT_K" in kernel.arg_names:
             constexprs = {"SPLIT_K": 1, **constexprs}
-        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16)):  # the linears' fusions
+        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False)):
             if flag in kernel.arg_names:
                 constexprs = {flag: off, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
