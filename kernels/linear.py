@@ -25,9 +25,9 @@ Two kernels, picked by the number of rows M (GEMV_MAX_M):
 Decode (GEMV, and the GEMM at M <= 16) is bound by how many weight bytes are in flight, which depends on the
 shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a few block shapes (compiled
 once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
-shapes of utils.gemv_settings / linear_settings instead. On Hopper some GEMV candidates (PREFETCH) first ask L2
-for the program's whole weight slice with one bulk prefetch (utils.prefetch_l2), so that every byte is requested
-from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses fixed GEMM
+shapes of utils.gemv_settings / linear_settings instead. On Hopper some candidates of both (PREFETCH) first ask
+L2 for the program's whole weight slice (utils.prefetch_l2: a bulk prefetch per row), so that every byte is
+requested from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses fixed GEMM
 tiles.
 Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton.py.
 """
@@ -105,14 +105,19 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
 def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr, M, N, K, x_stride, w_stride,
                    y_stride, eps, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
-                   WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                   WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    n0 = tl.program_id(0) * BLOCK_N
+    split = tl.program_id(2)
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K range per split, whole K blocks (maybe none)
+    k_lo = split * k_len
+    if PREFETCH:  # the program's rows of W over its K range requested from L2 at once, before any wait
+        item = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride + k_lo, tl.where(k_lo < K, tl.minimum(BLOCK_N, N - n0), 0),
+                    (tl.minimum(k_len, K - k_lo)) * item, w_stride * item)
     pdl_begin(PDL)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    split = tl.program_id(2)
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K range per split, whole K blocks
-    k_lo = split * k_len
+    cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + (k_lo + ks)[None, :]  # (BLOCK_M, BLOCK_K)
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * w_stride + (k_lo + ks)[:, None]  # (BLOCK_K, BLOCK_N): W^T tile
@@ -176,9 +181,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K)
     in_n = cols[:, None] < N
-    if PREFETCH:  # the program's rows of W (contiguous) requested from L2 at once, before any wait
-        rows_here = tl.minimum(BLOCK_N, N - n0)
-        prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride, rows_here * K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    if PREFETCH:  # the program's rows of W requested from L2 at once, before any wait
+        row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride, tl.minimum(BLOCK_N, N - n0), row_bytes, row_bytes)
     if PDL:
         # With programmatic dependent launch the first weight block is requested before the wait, so that it
         # streams in while the kernel before drains. Safe: no kernel of ours writes weights, and a kernel of
@@ -226,9 +231,12 @@ def _no_wider_than_k(configs, named_args, **kwargs):
 _GEMV_CONFIGS = [(2, 1024, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
                  (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
                  (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
-# (BLOCK_N, BLOCK_K, num_stages, SPLIT_K) for the 16-row dot tile, num_warps 4
-_SMALL_M_CONFIGS = [(16, 128, 4, 1), (32, 128, 4, 1), (64, 128, 4, 1), (16, 256, 4, 1), (32, 256, 3, 1), (64, 64, 6, 1),
-                    (16, 128, 4, 4), (32, 128, 4, 2), (32, 128, 4, 4), (64, 64, 6, 4)]
+# (BLOCK_N, BLOCK_K, num_stages, SPLIT_K, PREFETCH) for the 16-row dot tile, num_warps 4; the shapes the H200
+# run of 2026-11-29 chose, and split-K ones, also with the program's weights prefetched into L2 up front
+_SMALL_M_CONFIGS = [(16, 128, 4, 1, False), (32, 128, 4, 1, False), (64, 128, 4, 1, False), (16, 256, 4, 1, False),
+                    (32, 256, 3, 1, False), (64, 64, 6, 1, False), (16, 128, 4, 4, False), (32, 128, 4, 2, False),
+                    (32, 128, 4, 4, False), (64, 64, 6, 4, False),
+                    (32, 128, 4, 1, True), (64, 64, 6, 1, True), (16, 128, 4, 4, True), (32, 128, 4, 4, True)]
 MAX_SPLIT_K = max(c[3] for c in _SMALL_M_CONFIGS)
 AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
 _timed_y: list[torch.Tensor] = []  # the output before a timed run of the batched GEMM (under _small_m_lock)
@@ -247,27 +255,27 @@ def _after_timed_run(args: dict, exception) -> None:
     args["y_ptr"].copy_(_timed_y.pop())
 
 
-def _gemv_candidates(configs, named_args, **kwargs):
+def _candidates(configs, named_args, **kwargs):
     """_no_wider_than_k, and the L2-prefetching candidates only where the prefetch may run (l2_prefetchable) and a
-    program's rows take at most PREFETCH_MAX_BYTES."""
+    program's weights (its rows over its share of K) take at most PREFETCH_MAX_BYTES."""
     w, K = named_args["w_ptr"], named_args["K"]
     row_bytes = K * w.element_size()
     ok = l2_prefetchable(w, row_bytes)
     configs = [c for c in configs if not c.kwargs["PREFETCH"]
-               or ok and c.kwargs["BLOCK_N"] * row_bytes <= PREFETCH_MAX_BYTES]
+               or ok and c.kwargs["BLOCK_N"] * row_bytes // c.kwargs.get("SPLIT_K", 1) <= PREFETCH_MAX_BYTES]
     return _no_wider_than_k(configs, named_args)
 
 
 _gemv_tuned = triton.autotune(
     [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=p), num_warps=w) for n, k, w, p in _GEMV_CONFIGS],
-    key=["N", "K"], prune_configs_by=dict(early_config_prune=_gemv_candidates), do_bench=_quick_bench,
+    key=["N", "K"], prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench,
     cache_results=True,
     restore_value=["y_ptr"],  # timed runs that accumulate must not change the residual stream
 )(_gemv_kernel)
 _small_m_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk), num_warps=4, num_stages=st)
-     for n, k, st, sk in _SMALL_M_CONFIGS], key=["N", "K"],
-    prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench, cache_results=True,
+    [triton.Config(dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, SPLIT_K=sk, PREFETCH=p), num_warps=4, num_stages=st)
+     for n, k, st, sk, p in _SMALL_M_CONFIGS], key=["N", "K"],
+    prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench, cache_results=True,
     pre_hook=_before_timed_run, post_hook=_after_timed_run,
 )(_linear_kernel)
 _small_m_lock = threading.Lock()  # best_config is read back right after the launch that set it
@@ -341,7 +349,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         part = torch.empty(sk, M, N, device=dev) if sk > 1 else y
         grid = (triton.cdiv(N, s["BLOCK_N"]), triton.cdiv(M, s["BLOCK_M"]), sk)
         _linear_kernel[grid](x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
-                             NORM_BLOCK=_norm_block(norm, K, s["BLOCK_M"]), WIDEN_DOT=INTERPRETER, SPLIT_K=sk, **s)
+                             NORM_BLOCK=_norm_block(norm, K, s["BLOCK_M"]), WIDEN_DOT=INTERPRETER, SPLIT_K=sk,
+                             PREFETCH=False, **s)
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, **reduce))
     return y
 

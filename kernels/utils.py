@@ -75,31 +75,33 @@ def pdl_begin(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-# L2 prefetch (Hopper and later): a program asks the L2 cache for a whole range of global memory with one bulk
-# prefetch (the copy engine fetches it), so that a weight-streaming kernel has all its bytes requested from its
-# first instruction, and under PDL before it waits for the kernel before. Changes no value: it only warms L2.
+# L2 prefetch (Hopper and later): a program asks the L2 cache for its rows of a weight matrix with one bulk
+# prefetch per row (the copy engine fetches them), so that a weight-streaming kernel has all its bytes requested
+# from its first instruction, and under PDL before it waits for the kernel before. Changes no value.
 PREFETCH_MAX_BYTES = 128 << 10  # per program: resident programs x this stays well inside an H100's 50 MB L2
 
 
 def l2_prefetchable(t: torch.Tensor, row_bytes: int) -> bool:
-    """Whether prefetch_l2 may be pointed at rows of t that are row_bytes long: a Hopper or later GPU, and every
-    row start 16-byte aligned (the bulk prefetch's rule for its address and size)."""
+    """Whether prefetch_l2 may be pointed at rows of t that are row_bytes apart: a Hopper or later GPU, and every
+    row start 16-byte aligned (the bulk prefetch's rule for addresses and sizes)."""
     return (t.device.type == "cuda" and _capability(t.device)[0] >= 9 and t.data_ptr() % 16 == 0
             and row_bytes % 16 == 0)
 
 
 if INTERPRETER:
-    def prefetch_l2(ptr, nbytes):
+    def prefetch_l2(ptr, rows, row_bytes, row_stride):
         """No-op: the interpreter has no cache to warm."""
 else:
     @triton.jit
-    def prefetch_l2(ptr, nbytes):
-        """Ask L2 for the nbytes (a multiple of 16; ptr 16-byte aligned) from ptr on: one cp.async.bulk.prefetch,
-        issued by the program's first thread. Loads of that memory afterwards hit L2 or join the request."""
+    def prefetch_l2(ptr, rows, row_bytes, row_stride):
+        """Ask L2 for `rows` ranges of row_bytes each, row_stride bytes apart, from ptr on (sizes and addresses
+        multiples of 16; rows <= the program's threads): thread t < rows issues one cp.async.bulk.prefetch for
+        range t. Loads of that memory afterwards hit L2 or join the request."""
         tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-            "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32, is_pure=False, pack=1)
+            "{ .reg .pred p; .reg .b32 t; .reg .b64 a; mov.u32 t, %tid.x; setp.lt.u32 p, t, $3; "
+            "mad.wide.u32 a, t, $4, $1; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.b32 $0, 0; }",
+            "=r,l,r,r,r", [ptr.to(tl.int64, bitcast=True), row_bytes, rows, row_stride], dtype=tl.int32,
+            is_pure=False, pack=1)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

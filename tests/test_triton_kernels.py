@@ -225,19 +225,41 @@ def test_gemv_pdl_and_prefetch_variants_compute_the_same(dtype, monkeypatch):
         assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, f"gemv pdl K={K}")
 
 
-def test_gemv_prefetch_candidates(monkeypatch):
-    """The autotuner tries the L2-prefetching GEMV shapes only where the prefetch may run (never on a CPU tensor)
-    and a program's rows take at most PREFETCH_MAX_BYTES (resident programs x that must fit in L2)."""
-    configs = linear._gemv_tuned.configs
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemm_prefetch_variant_computes_the_same(split_k):
+    """The 16-row GEMM with PREFETCH (its rows of W over its K range asked of L2 first; a no-op here) gives
+    bitwise the plain kernel's result, also with a split whose K range is empty (K = 1100 in 4 splits of 384)."""
+    M, N, K = 5, 37, 1100
+    x, w, b = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), randn(N, seed=3)
+    ys = []
+    for prefetch in (False, True):
+        y = torch.empty(M, N)
+        part = torch.empty(split_k, M, N) if split_k > 1 else y
+        flags = dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=False, ACCUMULATE=False, PDL=False)
+        linear._linear_kernel[(triton.cdiv(N, 16), 1, split_k)](
+            x, w, w, b, y, part, x, x, M, N, K, K, K, N, 1.0, **flags, NORM_BLOCK=16, WIDEN_DOT=True, BLOCK_M=16,
+            BLOCK_N=16, BLOCK_K=128, SPLIT_K=split_k, PREFETCH=prefetch)
+        linear._split_k_reduce(dict(part_ptr=part, SPLIT_K=split_k, s_ptr=w, b_ptr=b, y_ptr=y, M=M, N=N,
+                                    y_stride=N, **flags))
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1]), f"max diff {(ys[0] - ys[1]).abs().max():.3g}"
+    assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh"), *LINEAR_TOL, f"gemm prefetch split_k={split_k}")
+
+
+def test_prefetch_candidates(monkeypatch):
+    """The autotuners try the L2-prefetching shapes only where the prefetch may run (never on a CPU tensor) and a
+    program's weights take at most PREFETCH_MAX_BYTES (resident programs x that must fit in L2): its rows, over
+    its share of K for a split-K GEMM."""
     w = torch.empty(16, 6400, dtype=torch.bfloat16)  # rows of 12,800 bytes: 8 fit in 128 KiB, 16 do not
     named = dict(w_ptr=w, K=6400)
 
-    def chosen():
-        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["PREFETCH"])
-                for c in linear._gemv_candidates(configs, named)}
-    assert not any(p for *_, p in chosen())
+    def prefetching(tuned):
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1))
+                for c in linear._candidates(tuned.configs, named) if c.kwargs["PREFETCH"]}
+    assert prefetching(linear._gemv_tuned) == prefetching(linear._small_m_tuned) == set()
     monkeypatch.setattr(linear, "l2_prefetchable", lambda t, row_bytes: True)
-    assert {(n, k) for n, k, p in chosen() if p} == {(4, 1024), (8, 512), (8, 1024)}
+    assert prefetching(linear._gemv_tuned) == {(4, 1024, 1), (8, 512, 1), (8, 1024, 1)}
+    assert prefetching(linear._small_m_tuned) == {(16, 128, 4), (32, 128, 4)}  # 32 or 64 whole rows: too many
     assert linear.PREFETCH_MAX_BYTES == 128 << 10
 
 

@@ -65,6 +65,9 @@ VARIANTS = [
                                               PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True,
                                               WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256), 4),
+    (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True,
+                                              WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4,
+                                              PREFETCH=True, PDL=True), 4),  # + L2 prefetch of its K range
     (linear._split_k_reduce_kernel, {}, "fp32", dict(SCALED=True, HAS_BIAS=True, GELU=True, ACCUMULATE=True,
                                                      SPLIT_K=4, BLOCK=1024, PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
