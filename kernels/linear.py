@@ -222,7 +222,7 @@ def _no_wider_than_k(configs, named_args, **kwargs):
     K = named_args["K"]
     widest = max(64, triton.next_power_of_2(K))
     return [c for c in configs if c.kwargs["BLOCK_K"] <= widest
-            and K >= 2 * c.kwargs.get("SPLIT_K", 1) * c.kwargs["BLOCK_K"]] or configs[:1]
+            and (c.kwargs.get("SPLIT_K", 1) == 1 or K >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])] or configs[:1]
 
 
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a

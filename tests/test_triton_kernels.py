@@ -246,6 +246,63 @@ def test_gemm_prefetch_variant_computes_the_same(split_k):
     assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh"), *LINEAR_TOL, f"gemm prefetch split_k={split_k}")
 
 
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_every_autotune_candidate(kernel):
+    """Each block shape the autotuners may pick (which one a GPU picks depends on its timings), launched directly:
+    all give the reference's result, bf16 weights with bias and GELU, and int8 weights with the LayerNorm prologue
+    and the residual epilogue. On a GPU: the candidates kept for this shape (the L2-prefetching ones on Hopper);
+    under the interpreter all of them (K = 1100: every K block width, and a split-K split left empty)."""
+    M = 1 if kernel == "gemv" else 5
+    N, K = (333, 1600) if ON_GPU else (37, 1100)
+    tuned = linear._gemv_tuned if kernel == "gemv" else linear._small_m_tuned
+    x, r = randn(M, K, seed=1), randn(M, N, seed=2)
+    g, beta = randn(K, seed=3, scale=0.2) + 1, randn(K, seed=4, scale=0.2)
+    cases = [(randn(N, K, seed=5, dtype=torch.bfloat16), None, randn(N, seed=6), dict(GELU=True)),
+             (*int8_weights(N, K, (7, 8)), None, dict(NORM=True, ACCUMULATE=True))]
+    for w, scale, b, on in cases:
+        configs = (linear._candidates if ON_GPU else linear._no_wider_than_k)(tuned.configs, dict(w_ptr=w, K=K))
+        if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:
+            assert any(c.kwargs["PREFETCH"] for c in configs), "no L2-prefetching candidate kept on Hopper"
+        flags = {**dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=False, NORM=False, ACCUMULATE=False,
+                        PDL=False), **on}
+        want = linear.reference(x, w, b, "gelu_tanh" if flags["GELU"] else None, scale=scale,
+                                norm=(g, beta, 1e-5) if flags["NORM"] else None,
+                                residual=r if flags["ACCUMULATE"] else None)
+        for c in configs:
+            y = r.clone() if flags["ACCUMULATE"] else torch.empty(M, N, device=DEV)
+            args = (x, w, w if scale is None else scale, w if b is None else b, y)
+            if kernel == "gemv":
+                linear._gemv_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]), M)](
+                    *args, g, beta, N, K, K, K, N, 1e-5, **flags, NORM_BLOCK=linear._norm_block((g,), K, 1),
+                    **c.kwargs, num_warps=c.num_warps)
+            else:
+                sk = c.kwargs["SPLIT_K"]
+                part = torch.empty(sk, M, N, device=DEV)
+                linear._linear_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]), 1, sk)](
+                    *args, part, g, beta, M, N, K, K, K, N, 1e-5, **flags,
+                    NORM_BLOCK=linear._norm_block((g,), K, 16), WIDEN_DOT=INTERPRETER, **c.kwargs,
+                    num_warps=c.num_warps, num_stages=c.num_stages)
+                linear._split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, s_ptr=args[2], b_ptr=args[3], y_ptr=y, M=M,
+                                            N=N, y_stride=N, **flags))
+            assert_close(y, want, *LINEAR_TOL, f"{kernel} {w.dtype} {on} {c.kwargs} warps {c.num_warps}")
+
+
+def test_autotune_candidates_for_gpt2_shapes():
+    """The block shapes the autotuners try: K blocks up to the row's width rounded up to a power of two (wider
+    ones only add masked lanes), and splits of at least two K blocks each. 124M's K = 768 keeps the GEMV's 512-
+    and 1024-wide blocks (the H200 run of 2026-11-29 chose 1024 for its qkv) and drops 2048."""
+    def kept(tuned, K):
+        return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1), c.num_warps)
+                for c in linear._no_wider_than_k(tuned.configs, dict(K=K))}
+    gemv = kept(linear._gemv_tuned, 768)
+    assert {k for _, k, _, _ in gemv} == {512, 1024} and (8, 1024, 1, 8) in gemv
+    assert len(linear._no_wider_than_k(linear._gemv_tuned.configs, dict(K=768))) == len(linear._GEMV_CONFIGS) - 1
+    assert {k for _, k, _, _ in kept(linear._gemv_tuned, 6400)} == {512, 1024, 2048}
+    gemm = kept(linear._small_m_tuned, 768)
+    assert all(s == 1 or 768 >= 2 * s * k for _, k, s, _ in gemm) and (32, 128, 2, 4) in gemm
+    assert (16, 128, 4, 4) not in gemm and (16, 128, 4, 4) in kept(linear._small_m_tuned, 1600)
+
+
 def test_prefetch_candidates(monkeypatch):
     """The autotuners try the L2-prefetching shapes only where the prefetch may run (never on a CPU tensor) and a
     program's weights take at most PREFETCH_MAX_BYTES (resident programs x that must fit in L2): its rows, over
