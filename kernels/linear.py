@@ -340,7 +340,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         with _small_m_lock:
             _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
                 x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
-                NORM_BLOCK=_norm_block(norm, K, 16), WIDEN_DOT=False)
+                NORM_BLOCK=_norm_block(norm, K, 16), WIDEN_DOT=INTERPRETER)
             chosen = _small_m_tuned.best_config.kwargs["SPLIT_K"]
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=chosen, **reduce))
     else:

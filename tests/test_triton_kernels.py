@@ -303,6 +303,35 @@ def test_autotune_candidates_for_gpt2_shapes():
     assert (16, 128, 4, 4) not in gemm and (16, 128, 4, 4) in kept(linear._small_m_tuned, 1600)
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the autotuners time the candidates for real (test_linear*)")
+@pytest.mark.parametrize("kernel,winner", [("gemv", dict(BLOCK_N=16, BLOCK_K=1024)), ("gemm", dict(SPLIT_K=4)),
+                                           ("gemm", dict(BLOCK_N=64, SPLIT_K=1))])
+def test_autotuned_launch(monkeypatch, kernel, winner):
+    """linear() as a GPU runs it (AIGC_RT_AUTOTUNE on: every candidate timed once, the fastest launched; for the
+    GEMM, its split-K reduction after), here with a timer that makes the first candidate matching `winner` the
+    fastest. Into a residual: the timed runs must leave the residual stream as it was."""
+    monkeypatch.setattr(linear, "AUTOTUNE", True)
+    tuned = linear._gemv_tuned if kernel == "gemv" else linear._small_m_tuned
+    M, N, K = (1 if kernel == "gemv" else 5), 37, 1100
+    x, w, b, r = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), randn(N, seed=3), randn(M, N, seed=4)
+    order = linear._candidates(tuned.configs, dict(w_ptr=w, K=K))  # the autotuner times them in this order
+    pick = next(i for i, c in enumerate(order) if winner.items() <= c.kwargs.items())
+    timed = []
+
+    def timer(fn, quantiles=None):
+        fn()
+        timed.append(len(timed))
+        t = 0.0 if timed[-1] == pick else 1.0
+        return [t, t, t] if quantiles else t
+    monkeypatch.setattr(tuned, "do_bench", timer)  # (a cached_property of the autotuner)
+    monkeypatch.setattr(tuned, "cache_results", False)
+    monkeypatch.setattr(tuned, "cache", {})
+    got = linear.linear(x, w, b, "gelu_tanh", norm=(torch.ones(K), torch.zeros(K), 1e-5), residual=r.clone())
+    assert len(timed) == len(order) and tuned.best_config is order[pick]
+    want = linear.reference(x, w, b, "gelu_tanh", norm=(torch.ones(K), torch.zeros(K), 1e-5), residual=r)
+    assert_close(got, want, *LINEAR_TOL, f"autotuned {kernel} won by {order[pick]}")
+
+
 def test_prefetch_candidates(monkeypatch):
     """The autotuners try the L2-prefetching shapes only where the prefetch may run (never on a CPU tensor) and a
     program's weights take at most PREFETCH_MAX_BYTES (resident programs x that must fit in L2): its rows, over
