@@ -180,14 +180,15 @@ def row_settings(n: int) -> tuple[int, int]:
     return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def sampling_settings(V: int, do_sample: bool = True) -> dict:
+def sampling_settings(V: int, do_sample: bool = True, interpreter: bool = INTERPRETER) -> dict:
     """For sampling.py: CHUNK, the logits each program of the split path holds (a row is cut into chunks, one
     program each); BLOCK, the part of a row streamed per step where one program streams a whole row; pivots per
     search pass. Several chunks and blocks per row even at test sizes, so the split path and the carried state
     are exercised. Greedy keeps per-lane state only (no reduction inside its loop), so it streams 4x longer
     blocks: fewer dependent iterations over a 50k vocabulary. HELD_PIVOTS, the pivots of a search over values
-    held in registers (a chunk, or the merge's candidates): 8 keep a (2048, 8) comparison tile there."""
-    if INTERPRETER:
+    held in registers (a chunk, or the merge's candidates): 8 keep a (2048, 8) comparison tile there.
+    interpreter=False gives a GPU's settings anywhere (a test runs them under the interpreter)."""
+    if interpreter:
         return dict(CHUNK=256, BLOCK=1024, N_PIVOTS=64, HELD_PIVOTS=64, num_warps=1)
     return dict(CHUNK=2048, BLOCK=min(1024 if do_sample else 4096, triton.next_power_of_2(V)), N_PIVOTS=16,
                 HELD_PIVOTS=8, num_warps=8)

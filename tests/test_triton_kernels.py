@@ -630,6 +630,32 @@ def test_sample_matches_reference(sample_inputs, params):
     assert exceptions <= 1, f"{exceptions} rows differ from the reference at CDF boundaries"
 
 
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs these settings in test_sample_matches_reference")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 2, 5, 6)], ids=["greedy", "temperature", "all",
+                                                                                  "top_k=1"])
+def test_sample_with_the_gpu_settings(monkeypatch, params):
+    """The sampler as a GPU runs it (chunks of 2,048 logits, 8 pivots per search over values in registers, 16
+    per streaming pass), here under the interpreter, over GPT-2's vocabulary: rows with ties at the top, all
+    equal, a 50-way tie across the top-k boundary, and a NaN."""
+    from aigc_rt.kernels import utils
+    monkeypatch.setattr(sampling, "sampling_settings",
+                        lambda V, do_sample=True: utils.sampling_settings(V, do_sample, interpreter=False))
+    V = 50257
+    logits = randn(4, V, seed=0, scale=3)
+    logits[1, 3000:3010] = logits[1].max() + 0.5  # ten-way tie for the maximum, in the second chunk
+    logits[2] = 0.25
+    logits[3, 4000:4050] = logits[3].max() + 1  # top_k 50 ends inside a tie with the rest of row 3's top
+    logits[3, 100] = logits[3, 4000]  # one more: 51 tied
+    bad = logits.clone()
+    bad[0, 7] = math.nan
+    seen = randn(4, V, seed=1) > 1.0
+    u = torch.tensor([uniform(3, 0, s) for s in range(4)], device=DEV)
+    penalty = seen if params.repetition_penalty != 1.0 else None
+    assert check_draws(sampling.sample(logits, params, u, penalty), logits, params, u, penalty) <= 1
+    assert sampling.sample(bad[:1], params, u[:1], None if penalty is None else penalty[:1]).tolist() == [-1]
+
+
 def test_sample_multi_block_rows_and_out():
     """Rows several kernel blocks long (V = 2500 > the interpreter's block of 1024) with top-k/top-p
     thresholds in a later block and greedy ties across blocks (the first column wins, whichever lane of the
