@@ -194,11 +194,12 @@ def sampling_settings(V: int, do_sample: bool = True, interpreter: bool = INTERP
                 HELD_PIVOTS=8, num_warps=8)
 
 
-def linear_settings(M: int, N: int, device: torch.device) -> dict:
+def linear_settings(M: int, N: int, device: torch.device, interpreter: bool = INTERPRETER) -> dict:
     """Tile sizes for linear.py's GEMM. Small M (batched decode, M <= 16) is weight-bandwidth bound: one
     16-row tile of x, column tiles narrow enough for two programs per SM; larger M is a plain GEMM tile.
-    The interpreter gets wide tiles (its cost is per program and per op, not per element)."""
-    if INTERPRETER:
+    The interpreter gets wide tiles (its cost is per program and per op, not per element).
+    interpreter=False here and below: a GPU's settings anywhere (tests run them under the interpreter)."""
+    if interpreter:
         return dict(BLOCK_M=16 if M <= 16 else 32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1)
     if M <= 16:
         block_n = 32 if N >= 32 * 2 * num_sms(device) else 16
@@ -208,19 +209,19 @@ def linear_settings(M: int, N: int, device: torch.device) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=32, num_warps=8 if block_m == 128 else 4, num_stages=4)
 
 
-def gemv_settings(N: int, dtype: torch.dtype, device: torch.device) -> dict:
+def gemv_settings(N: int, dtype: torch.dtype, device: torch.device, interpreter: bool = INTERPRETER) -> dict:
     """Block sizes for linear.py's GEMV: 1-2 KiB of each weight row per iteration, row blocks narrow enough
     to put at least two programs on every SM."""
-    if INTERPRETER:
+    if interpreter:
         return dict(BLOCK_N=128, BLOCK_K=128, num_warps=1)
     block_k = 256 if dtype == torch.float32 else 512
     return dict(BLOCK_N=8 if N >= 8 * 2 * num_sms(device) else 4, BLOCK_K=block_k, num_warps=4)
 
 
-def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
+def attention_settings(head_dim: int, dtype: torch.dtype, interpreter: bool = INTERPRETER) -> dict:
     """Tile sizes for attention.py (prefill): head_dim padded to a power of two (>= 16, tl.dot's minimum)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if INTERPRETER:
+    if interpreter:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
     # 8 warps: with 4, ptxas spills every one of these tiles (tools/compile_triton_kernels.py prints it)
     fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
@@ -234,19 +235,20 @@ def attention_settings(head_dim: int, dtype: torch.dtype) -> dict:
 SINGLE_PASS_BLOCKS = 4  # decode attention over caches of up to 4 x 64 positions: one pass, no merge
 
 
-def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device) -> dict:
+def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device,
+                    interpreter: bool = INTERPRETER) -> dict:
     """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
     CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice."""
-    block_n = 16 if INTERPRETER else 64
+    block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
     blocks = triton.cdiv(max_len, block_n)
     # up to SINGLE_PASS_BLOCKS blocks of positions, one program per row and head reads them all (a few dependent
     # iterations cost less than the merge's launch); the interpreter's bound is lower, so tests run both ways
-    n_splits = 1 if blocks <= (2 if INTERPRETER else SINGLE_PASS_BLOCKS) else min(target_splits, blocks)
+    n_splits = 1 if blocks <= (2 if interpreter else SINGLE_PASS_BLOCKS) else min(target_splits, blocks)
     split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
-                num_warps=1 if INTERPRETER else 4)
+                num_warps=1 if interpreter else 4)
 
 
 @device_fn

@@ -7,6 +7,7 @@ GPT-2 shapes. test_kernels_compile_for_gpu compiles every kernel variant for sm_
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -44,6 +45,16 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float
     bad = err > atol + rtol * want.float().abs()
     assert not bad.any(), (f"{what}: max abs error {err.max().item():.3g} (atol {atol}, rtol {rtol}), "
                            f"{int(bad.sum())} of {bad.numel()} elements out of tolerance")
+
+
+@pytest.fixture
+def gpu_settings(monkeypatch):
+    """The launchers take a GPU's block sizes (utils.*_settings(interpreter=False)): the interpreter then runs
+    the tiles, splits and chunks a GPU runs, which its own small settings never reach."""
+    from aigc_rt.kernels import utils
+    for module, name in ((attention, "attention_settings"), (decode_attention, "decode_settings"),
+                         (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings")):
+        monkeypatch.setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))
 
 
 def int8_weights(N: int, K: int, seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,6 +257,23 @@ def test_gemm_prefetch_variant_computes_the_same(split_k):
     assert_close(ys[1], linear.reference(x, w, b, "gelu_tanh"), *LINEAR_TOL, f"gemm prefetch split_k={split_k}")
 
 
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_linear_with_the_gpu_settings(gpu_settings, dtype):
+    """The fixed block shapes a GPU takes without autotuning (AIGC_RT_AUTOTUNE=0) and for prefill (64- and
+    128-row GEMM tiles, K blocks of 32), under the interpreter: a GEMV row, a batched-decode tile, a prefill."""
+    N, K = 333, 300
+    if dtype == "int8":
+        w, scale = int8_weights(N, K, (1, 2))
+    else:
+        w, scale = randn(N, K, seed=1, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16), None
+    b = randn(N, seed=3)
+    for M in (1, 5, 70, 200):
+        x = randn(M, K, seed=M)
+        assert_close(linear.linear(x, w, b, "gelu_tanh", scale=scale), linear.reference(x, w, b, "gelu_tanh", scale),
+                     *LINEAR_TOL, f"linear {M}x{N}x{K} {dtype}")
+
+
 @pytest.mark.parametrize("kernel", ["gemv", "gemm"])
 def test_every_autotune_candidate(kernel):
     """Each block shape the autotuners may pick (which one a GPU picks depends on its timings), launched directly:
@@ -394,6 +422,25 @@ def test_attention_prefill_out():
     strided = torch.full((1, 9, 2, 16), float("nan"), device=DEV).transpose(1, 2)  # (B, T, H, D) viewed as BHTD
     assert attention.attention_prefill(q, k, v, out=strided) is strided
     assert_close(strided, attention.reference(q, k, v), *ATTN_TOL[torch.float32], "attention strided out=")
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+def test_attention_with_the_gpu_settings(gpu_settings, dtype):
+    """Prefill attention in a GPU's tiles (64 or 128 query rows by 32 or 64 keys: the causal boundary inside a
+    tile, a partial last tile) and decode attention in its blocks of 64 positions (one pass up to 256, split
+    beyond, ragged lengths), under the interpreter."""
+    for B, H, T, D in ((1, 2, 200, 64), (1, 1, 130, 80), (2, 1, 70, 128)):
+        q, k, v = (randn(B, T, H, D, seed=i + T, dtype=dtype).transpose(1, 2) for i in range(3))
+        assert_close(attention.attention_prefill(q, k, v), attention.reference(q, k, v), *ATTN_TOL[dtype],
+                     f"prefill ({B}, {H}, {T}, {D}) {dtype}")
+    for B, H, S, D, lengths in ((2, 2, 200, 64, [200, 7]), (3, 2, 700, 80, [1, 300, 700])):
+        lens = torch.tensor(lengths, device=DEV)
+        k_cache, v_cache = (randn(B, H, S, D, seed=i + S, dtype=dtype) for i in range(2))
+        q = randn(B, H, D, seed=7, dtype=dtype)
+        assert_close(decode_attention.attention_decode(q, k_cache, v_cache, lens, S),
+                     decode_attention.reference(q, k_cache, v_cache, lens), *ATTN_TOL[dtype],
+                     f"decode ({B}, {H}, {S}, {D}) lengths {lengths} {dtype}")
 
 
 # -- decode attention -------------------------------------------------------------------------------------
@@ -634,13 +681,10 @@ def test_sample_matches_reference(sample_inputs, params):
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 2, 5, 6)], ids=["greedy", "temperature", "all",
                                                                                   "top_k=1"])
-def test_sample_with_the_gpu_settings(monkeypatch, params):
+def test_sample_with_the_gpu_settings(gpu_settings, params):
     """The sampler as a GPU runs it (chunks of 2,048 logits, 8 pivots per search over values in registers, 16
     per streaming pass), here under the interpreter, over GPT-2's vocabulary: rows with ties at the top, all
     equal, a 50-way tie across the top-k boundary, and a NaN."""
-    from aigc_rt.kernels import utils
-    monkeypatch.setattr(sampling, "sampling_settings",
-                        lambda V, do_sample=True: utils.sampling_settings(V, do_sample, interpreter=False))
     V = 50257
     logits = randn(4, V, seed=0, scale=3)
     logits[1, 3000:3010] = logits[1].max() + 0.5  # ten-way tie for the maximum, in the second chunk

@@ -13,7 +13,8 @@ import aigc_rt
 from aigc_rt.backends import get_backend, resolve
 from aigc_rt.backends.triton_backend import TritonBackend
 from test_gpt2 import logit_tolerance
-from test_triton_kernels import DEV, ON_GPU, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
+from test_triton_kernels import DEV, ON_GPU, gpu_settings, pytestmark  # noqa: F401  (pytestmark: skip without a
+# GPU/interpreter; gpu_settings: a fixture)
 
 PROMPTS = ["Beautiful is", "落霞与孤鹜齐飞", "def main():"]
 
@@ -81,6 +82,23 @@ def test_seeded_sampling_matches_torch_backend(model, reference):
     kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, eos_token_id=[])
     got = model.generate(PROMPTS[:2], **kw)
     assert [c.token_ids for c in got] == [c.token_ids for c in reference.generate(PROMPTS[:2], **kw)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+def test_with_the_gpu_settings(rt_odd, reference, gpu_settings):
+    """The whole model with a GPU's block sizes (utils.*_settings(interpreter=False)) under the interpreter:
+    logits vs HF over the full context (prefill tiles of 128 x 64), and a ragged batch sampling as seed system 1
+    does, as the torch backend does (the 16-row decode tile, a cache of 64 positions attended in one pass; the
+    GEMV and the sampler's chunks of 2,048 have their own tests at real sizes: test_*_with_the_gpu_settings)."""
+    hf = rt_odd[1]
+    m = aigc_rt.load(rt_odd[0], device=DEV, backend="triton")
+    ids = _ids(hf.config.vocab_size, 2, hf.config.n_positions)
+    with torch.no_grad():
+        want = hf(ids).logits
+    err, tol = (m.logits(ids).cpu() - want).abs().max().item(), logit_tolerance("fp32", want)
+    assert err <= tol, f"max abs logit error {err:.3g} > {tol:.3g}"
+    kw = dict(max_new_tokens=4, eos_token_id=[], do_sample=True, temperature=0.7, top_k=50, seed=1)
+    assert [c.token_ids for c in m.generate(PROMPTS, **kw)] == [c.token_ids for c in reference.generate(PROMPTS, **kw)]
 
 
 def test_cached_decode_equals_full_recompute(model):
