@@ -86,3 +86,15 @@ def isa(request):
         pytest.skip(f"this CPU lacks {request.param}: {e}")
     yield request.param
     _C.set_simd_isa(previous)
+
+
+@pytest.fixture
+def gpu_settings(monkeypatch):
+    """The Triton launchers take a GPU's block sizes (kernels/utils.py *_settings(interpreter=False)): the
+    interpreter then runs the tiles, splits and chunks a GPU runs, which its own small settings never reach."""
+    import functools
+
+    from aigc_rt.kernels import attention, decode_attention, linear, sampling, utils
+    for module, name in ((attention, "attention_settings"), (decode_attention, "decode_settings"),
+                         (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings")):
+        monkeypatch.setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))

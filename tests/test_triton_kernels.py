@@ -7,7 +7,6 @@ GPT-2 shapes. test_kernels_compile_for_gpu compiles every kernel variant for sm_
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import subprocess
@@ -45,16 +44,6 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float
     bad = err > atol + rtol * want.float().abs()
     assert not bad.any(), (f"{what}: max abs error {err.max().item():.3g} (atol {atol}, rtol {rtol}), "
                            f"{int(bad.sum())} of {bad.numel()} elements out of tolerance")
-
-
-@pytest.fixture
-def gpu_settings(monkeypatch):
-    """The launchers take a GPU's block sizes (utils.*_settings(interpreter=False)): the interpreter then runs
-    the tiles, splits and chunks a GPU runs, which its own small settings never reach."""
-    from aigc_rt.kernels import utils
-    for module, name in ((attention, "attention_settings"), (decode_attention, "decode_settings"),
-                         (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings")):
-        monkeypatch.setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))
 
 
 def int8_weights(N: int, K: int, seeds: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,7 @@ import aigc_rt
 from aigc_rt.backends import get_backend, resolve
 from aigc_rt.backends.triton_backend import TritonBackend
 from test_gpt2 import logit_tolerance
-from test_triton_kernels import DEV, ON_GPU, gpu_settings, pytestmark  # noqa: F401  (pytestmark: skip without a
-# GPU/interpreter; gpu_settings: a fixture)
+from test_triton_kernels import DEV, ON_GPU, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
 
 PROMPTS = ["Beautiful is", "落霞与孤鹜齐飞", "def main():"]
 
