@@ -73,13 +73,13 @@ case "${1:-}" in
     timeout 100 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
     (cd /tmp && $PY -c "import aigc_rt.kernels") 2>/dev/null || source_tree_fallback
     date +"%T built"
-    timeout 150 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
+    timeout 170 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     date +"%T tested"
     TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 \
       SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl,triton-topk \
       timeout 130 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     date +"%T decode 124M"
-    timeout 110 bash "$0" profile || echo "gpu_session: profile failed" >&2
+    timeout 100 bash "$0" profile || echo "gpu_session: profile failed" >&2
     date +"%T profile"
     TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 70 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
