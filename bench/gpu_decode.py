@@ -226,24 +226,14 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
 
     import aigc_rt
     from aigc_rt.kernels import utils
-    from aigc_rt.generation import DecodeState
-    from aigc_rt.sampling import SamplingParams
     utils.PDL_REQUESTED = pdl
     with tempfile.TemporaryDirectory() as tmp:
         m = aigc_rt.load(aigc_rt.convert(folder, os.path.join(tmp, "m.safetensors"), dtype=dtype), device="cuda",
                          backend="triton")
     ids = prompts.cuda()
-    B, T = ids.shape
-    greedy = SamplingParams()
 
-    @torch.inference_mode()
     def steps(n):
-        cache = m.new_cache(B, T + n)
-        state = DecodeState.allocate(B, m.config.vocab_size, ids.device, penalty=False)
-        state.positions.fill_(T)
-        m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, state.u, None, out=state.tokens)
-        for i in range(n - 1):  # decode + sampling: one graph replay, as generate() runs them
-            m.decode_sample(state, cache, T + i + 1, greedy)
+        decode_steps(m, ids, n)
 
     def generate(n):
         m.generate(prompts.tolist(), max_new_tokens=n, eos_token_id=[], **(SEED_SYSTEM_SAMPLING if sample else {}))
@@ -254,6 +244,27 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
         utils.PDL_REQUESTED = False
         del m
         torch.cuda.empty_cache()
+
+
+def decode_steps(m, ids, n: int):
+    """Prefill, then n - 1 steps of decode + greedy sampling (on a GPU one graph replay each, as generate() runs
+    them) with the tokens fed back on the device and no host sync: the step loop without generate()'s per-token
+    host work. ids (B, T) on the model's device. Returns the generation's DecodeState (its tokens: the n-th new
+    tokens)."""
+    import torch
+
+    from aigc_rt.generation import DecodeState
+    from aigc_rt.sampling import SamplingParams
+    B, T = ids.shape
+    greedy = SamplingParams()
+    with torch.inference_mode():
+        cache = m.new_cache(B, T + n)
+        state = DecodeState.allocate(B, m.config.vocab_size, ids.device, penalty=False)
+        state.positions.fill_(T)
+        m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, state.u, None, out=state.tokens)
+        for i in range(n - 1):
+            m.decode_sample(state, cache, T + i + 1, greedy)
+    return state
 
 
 def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: int,

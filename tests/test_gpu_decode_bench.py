@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import gpu_decode as g  # noqa: E402
@@ -72,3 +73,14 @@ def test_save_names_the_device(tmp_path):
     data = json.load(open(md[:-3] + ".json"))
     assert data["meta"]["device"] == meta["device"] and len(data["rows"]) == 5
     assert data["rows"][2]["tokens_per_s"] == pytest.approx(6250)
+
+
+def test_decode_steps_feed_back_the_greedy_tokens(rt_odd):
+    """The step loop the benchmark times ("triton-step") makes generate()'s greedy tokens (run here on the cpu
+    backend: the loop is the same on every backend; on a GPU each step is one graph replay)."""
+    import aigc_rt
+    m = aigc_rt.load(rt_odd[0], backend="cpu")
+    ids = torch.randint(0, m.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    want = [c.token_ids for c in m.generate(ids.tolist(), max_new_tokens=6, eos_token_id=[])]
+    state = g.decode_steps(m, ids, 6)
+    assert state.tokens.tolist() == [w[-1] for w in want] and state.positions.tolist() == [10, 10]
