@@ -228,7 +228,7 @@ def _no_wider_than_k(configs, named_args, **kwargs):
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a
 # warp per row) to 16-row blocks with long loads; the shapes the H200 run of 2026-11-29 chose also with the
 # program's rows prefetched into L2 up front (Hopper; see _gemv_candidates)
-_GEMV_CONFIGS = [(2, 1024, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
+_GEMV_CONFIGS = [(2, 512, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
                  (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
                  (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
 # (BLOCK_N, BLOCK_K, num_stages, SPLIT_K, PREFETCH) for the 16-row dot tile, num_warps 4; the shapes the H200

@@ -50,7 +50,7 @@ VARIANTS = [
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, ACCUMULATE=True, BLOCK_N=4,
                                            BLOCK_K=1024, PREFETCH=True), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=2,
-                                            BLOCK_K=1024), 1),  # attn.proj into the residual
+                                            BLOCK_K=512), 1),  # attn.proj into the residual
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
                                            BLOCK_N=4, BLOCK_K=2048), 8),  # ln_f + lm_head
     (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
