@@ -69,6 +69,7 @@ class Row:
     roofline_tokens_per_s: float
     error: str | None = None
     ttft_ms: float | None = None  # generating 1 token: the prefill and the first sample
+    reused: str | None = None  # the date of the earlier run this (HF) row was measured in, if not this one
 
     @property
     def roofline_pct(self) -> float | None:
@@ -76,7 +77,7 @@ class Row:
 
 
 def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_tokens, error=None,
-             first_seconds=None) -> Row:
+             first_seconds=None, reused=None) -> Row:
     """A result row from the measured seconds per decode step (None when the system failed) and of generating
     one token (TTFT)."""
     # ours: GPT2.kv_dtype's default for the file's dtype; HF's KV cache is in the model dtype
@@ -87,7 +88,7 @@ def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_to
     if step_seconds is None:
         return Row(size, dtype, batch, system, None, None, roof, error)
     return Row(size, dtype, batch, system, 1e3 * step_seconds, batch / step_seconds, roof,
-               ttft_ms=None if first_seconds is None else 1e3 * first_seconds)
+               ttft_ms=None if first_seconds is None else 1e3 * first_seconds, reused=reused)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -107,7 +108,8 @@ def format_table(rows: list[Row]) -> str:
         ref = best.get((r.size, r.dtype, r.batch))
         ratio = f"{r.tokens_per_s / ref:.2f}x" if ref else "-"
         ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:.2f}"
-        lines.append(f"| {r.size} | {r.dtype} | {r.batch} | {r.system} | {r.ms_per_token:.3f} | "
+        system = r.system + (f" (run of {r.reused})" if r.reused else "")
+        lines.append(f"| {r.size} | {r.dtype} | {r.batch} | {system} | {r.ms_per_token:.3f} | "
                      f"{r.tokens_per_s:,.0f} | {r.roofline_pct:.1f}% | {ratio} | {ttft} |")
     return "\n".join(lines)
 
@@ -129,6 +131,31 @@ def verdicts(rows: list[Row]) -> list[str]:
             out.append(f"{r.size} {r.dtype} batch {r.batch}: {r.roofline_pct:.1f}% of roofline -> "
                        f"{'PASS' if r.roofline_pct >= 75 else 'FAIL'} (target >= 75%)")
     return out
+
+
+def reusable_hf_rows(directory: str, meta: dict) -> dict[tuple, tuple[dict, str]]:
+    """The HF rows of earlier result files in `directory` (gpu_decode-*.json) that this run need not measure
+    again: HF's code is not ours, so its speed changes only with the device and the software. A row is taken
+    from a file of the same device, torch (and transformers, where both files name it), prompt and new tokens,
+    the newest file winning; a row that was itself reused is not taken again. (size, dtype, batch, system) ->
+    (the row as saved, the date of its run)."""
+    found = {}
+    files = [os.path.join(directory, f) for f in os.listdir(directory) if f.startswith("gpu_decode-")
+             and f.endswith(".json")] if os.path.isdir(directory) else []
+    runs = []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        old = data.get("meta", {})
+        same = all(old.get(k) == meta.get(k) for k in ("device", "torch", "prompt", "new_tokens"))
+        if same and (old.get("transformers") is None or meta.get("transformers") is None
+                     or old["transformers"] == meta["transformers"]):
+            runs.append((old.get("date", ""), data["rows"]))
+    for date, rows in sorted(runs, key=lambda run: run[0]):  # newer runs overwrite older ones
+        for r in rows:
+            if r["system"].startswith("hf") and r.get("ms_per_token") is not None and not r.get("reused"):
+                found[(r["size"], r["dtype"], r["batch"], r["system"])] = (r, date[:10])
+    return found
 
 
 # -- measurement (GPU) ------------------------------------------------------------------------------------
@@ -268,14 +295,16 @@ def decode_steps(m, ids, n: int):
 
 
 def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: int,
-        tag: str = "") -> tuple[list[Row], dict]:
-    """Measures every configuration; the result files are rewritten after each row, so a run stopped by a
-    time limit keeps the rows it finished."""
+        tag: str = "", reuse_hf: str | None = None) -> tuple[list[Row], dict]:
+    """Measures every configuration (but the HF rows reusable_hf_rows finds in `reuse_hf`, a results folder);
+    the result files are rewritten after each row, so a run stopped by a time limit keeps the rows it finished."""
     import torch
+    import transformers
     bandwidth = measure_bandwidth()
     meta = dict(device=torch.cuda.get_device_name(), bandwidth_GBps=bandwidth / 1e9, torch=torch.__version__,
-                prompt=prompt, new_tokens=new_tokens, repeats=repeats, date=time.strftime("%Y-%m-%d %H:%M"),
-                tag=tag)
+                transformers=transformers.__version__, prompt=prompt, new_tokens=new_tokens, repeats=repeats,
+                date=time.strftime("%Y-%m-%d %H:%M"), tag=tag)
+    earlier = reusable_hf_rows(reuse_hf, meta) if reuse_hf else {}
     rows = []
     for size in sizes:
         with tempfile.TemporaryDirectory() as folder:
@@ -284,6 +313,13 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                 for batch in batches:
                     prompts = torch.randint(0, VOCAB, (batch, prompt), generator=torch.Generator().manual_seed(1))
                     for system in systems:
+                        old = earlier.get((size, dtype, batch, system))
+                        if old is not None:  # measured by an earlier run on this device and software
+                            r, date = old
+                            ttft = r.get("ttft_ms")
+                            rows.append(make_row(size, dtype, batch, system, r["ms_per_token"] / 1e3, bandwidth,
+                                                 prompt, new_tokens, None, ttft and ttft / 1e3, reused=date))
+                            continue
                         try:
                             if system.startswith("triton"):
                                 secs, first = run_triton(folder, dtype, prompts, new_tokens, repeats,
@@ -310,7 +346,8 @@ def save(rows: list[Row], meta: dict, directory: str = RESULTS_DIR) -> str:
     md = (f"# GPT-2 decode on {meta['device']}\n\n{meta['date']}; measured read bandwidth "
           f"{meta['bandwidth_GBps']:.0f} GB/s; torch {meta['torch']}; prompt {meta['prompt']}, "
           f"{meta['new_tokens']} new tokens, greedy (triton-topk: temperature 0.7, top-k 50), median of "
-          f"{meta['repeats']}.\n\n{format_table(rows)}\n\n"
+          f"{meta['repeats']}. A system marked \"run of DATE\" was measured by that earlier run on the same device "
+          f"and software (--reuse-hf), its % of roofline against this run's bandwidth.\n\n{format_table(rows)}\n\n"
           + "\n".join(f"- {v}" for v in verdicts(rows)) + "\n")
     with open(base + ".md", "w") as f:
         f.write(md)
@@ -329,6 +366,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tag", default="", help="appended to the result files' names")
+    ap.add_argument("--reuse-hf", metavar="DIR", help="take the HF rows that earlier result files in DIR hold "
+                    "for this device and software instead of measuring them again (see reusable_hf_rows)")
     a = ap.parse_args(argv)
     sizes, dtypes, systems = a.sizes.split(","), a.dtypes.split(","), a.systems.split(",")
     for name, values, known in (("size", sizes, SIZES), ("dtype", dtypes, ITEMSIZE), ("system", systems, SYSTEMS)):
@@ -339,7 +378,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     rows, meta = run(sizes, [int(b) for b in a.batches.split(",")], dtypes, systems, a.prompt, a.new_tokens,
-                     a.repeats, a.tag)
+                     a.repeats, a.tag, a.reuse_hf)
     print(f"\n{format_table(rows)}\n" + "\n".join(verdicts(rows)) + f"\nsaved {save(rows, meta)}")
     return 0
 

@@ -84,3 +84,30 @@ def test_decode_steps_feed_back_the_greedy_tokens(rt_odd):
     want = [c.token_ids for c in m.generate(ids.tolist(), max_new_tokens=6, eos_token_id=[])]
     state = g.decode_steps(m, ids, 6)
     assert state.tokens.tolist() == [w[-1] for w in want] and state.positions.tolist() == [10, 10]
+
+
+def test_hf_rows_of_earlier_runs_are_reused(tmp_path):
+    """--reuse-hf: HF rows of earlier result files of the same device and software stand in for a new
+    measurement (newest first); our rows, failed rows, rows reused in turn, other devices or versions never."""
+    def write(name, date, rows, device="NVIDIA H200", transformers=None):
+        meta = dict(device=device, torch="2.11.0+cu130", prompt=32, new_tokens=128, date=date,
+                    **({"transformers": transformers} if transformers else {}))
+        (tmp_path / name).write_text(json.dumps(dict(meta=meta, rows=rows)))
+
+    def row(system, ms, **extra):
+        return {**dict(size="124M", dtype="bf16", batch=1, system=system, ms_per_token=ms), **extra}
+    write("gpu_decode-a.json", "2026-11-29 22:34", [row("hf-eager", 5.2), row("hf-compile", 1.4, ttft_ms=9.0),
+                                                     row("triton", 0.8), row("hf-eager", None, batch=8)])
+    write("gpu_decode-b.json", "2026-12-01 10:00", [row("hf-eager", 5.0), row("hf-compile", 1.1, reused="x")])
+    write("gpu_decode-c.json", "2026-12-02 10:00", [row("hf-eager", 1.0)], device="NVIDIA H100 80GB HBM3")
+    write("gpu_decode-d.json", "2026-12-03 10:00", [row("hf-eager", 2.0)], transformers="4.0")
+    meta = dict(device="NVIDIA H200", torch="2.11.0+cu130", transformers="5.17.0", prompt=32, new_tokens=128)
+    found = g.reusable_hf_rows(str(tmp_path), meta)
+    assert set(found) == {("124M", "bf16", 1, "hf-eager"), ("124M", "bf16", 1, "hf-compile")}
+    assert found[("124M", "bf16", 1, "hf-eager")][0]["ms_per_token"] == 5.0  # the newer run
+    r, date = found[("124M", "bf16", 1, "hf-compile")]
+    assert (r["ms_per_token"], date) == (1.4, "2026-11-29")
+    line = g.format_table([g.make_row("124M", "bf16", 1, "hf-compile", 1.4e-3, BW, 32, 128, None, 9e-3,
+                                      reused=date)]).splitlines()[-1]
+    assert line.startswith("| 124M | bf16 | 1 | hf-compile (run of 2026-11-29) | 1.400 |") and line.endswith("| 9.00 |")
+    assert g.reusable_hf_rows(str(tmp_path / "missing"), meta) == {}
