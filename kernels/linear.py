@@ -27,8 +27,8 @@ shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a
 once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
 shapes of utils.gemv_settings / linear_settings instead. On Hopper some candidates of both (PREFETCH) first ask
 L2 for the program's whole weight slice (utils.prefetch_l2: a bulk prefetch per row), so that every byte is
-requested from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses fixed GEMM
-tiles.
+requested from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses
+fixed GEMM tiles.
 Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _no_wider_than_k(configs, named_args, **kwargs):
 
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a
 # warp per row) to 16-row blocks with long loads; the shapes the H200 run of 2026-11-29 chose also with the
-# program's rows prefetched into L2 up front (Hopper; see _gemv_candidates)
+# program's rows prefetched into L2 up front (Hopper; see _candidates)
 _GEMV_CONFIGS = [(2, 512, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
                  (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
                  (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
