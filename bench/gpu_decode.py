@@ -5,15 +5,16 @@ models of the real GPT-2 shapes (no downloads).
     python bench/gpu_decode.py [--sizes 124M,355M,774M,1.5B] [--batches 1,8] [--dtypes fp32,bf16]
                                [--systems hf-eager,hf-compile,triton,triton-step] [--prompt 32] [--new-tokens 128]
 
-Each system greedily decodes --new-tokens tokens after a --prompt-token prompt (eos off). The time of one
-decode step is (time of generating N tokens - time of generating 1) / (N - 1), medians of --repeats runs, so
-the prefill drops out. Reported per row: ms/token (one decode step; every sequence of the batch gets a
-token), TTFT (time to first token: the median time of generating 1 token, prefill included), tokens/s
-(batch x steps per second), and % of the HBM roofline: tokens/s over batch x bandwidth / bytes read per step, where bytes = the weights (matrices in the row's dtype, biases and LayerNorm in fp32;
-wte read once as the lm_head, embedding rows only indexed) + the KV cache up to the mean context, and the
-bandwidth is measured in the same run (a device-wide sum over a 2 GiB tensor). Results go to
-bench/results/gpu_decode-<device>-<date>.{md,json}. Targets (issue 6): 124M batch 1 >= 5,000 tokens/s on an
-H100 and >= 1.5x the best torch configuration; 774M and 1.5B >= 75% of the HBM roofline.
+Each system greedily decodes --new-tokens tokens after a --prompt-token prompt (eos off). The time of one decode
+step is (time of generating N tokens - time of generating 1) / (N - 1), medians of --repeats runs, so the
+prefill drops out. Reported per row: ms/token (one decode step; every sequence of the batch gets a token), TTFT
+(time to first token: the median time of generating 1 token, prefill included), tokens/s (batch x steps per
+second), and % of the HBM roofline: tokens/s over batch x bandwidth / bytes read per step, where bytes = the
+weights (matrices in the row's dtype, biases and LayerNorm in fp32; wte read once as the lm_head, embedding rows
+only indexed) + the KV cache up to the mean context, and the bandwidth is measured in the same run (a device-
+wide sum over a 2 GiB tensor). Results go to bench/results/gpu_decode-<device>-<date>.{md,json}. Targets (issue
+6): 124M batch 1 >= 5,000 tokens/s on an H100 and >= 1.5x the best torch configuration; 774M and 1.5B >= 75% of
+the HBM roofline.
 """
 from __future__ import annotations
 
