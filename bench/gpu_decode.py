@@ -4,6 +4,7 @@ models of the real GPT-2 shapes (no downloads).
 
     python bench/gpu_decode.py [--sizes 124M,355M,774M,1.5B] [--batches 1,8] [--dtypes fp32,bf16]
                                [--systems hf-eager,hf-compile,triton,triton-step] [--prompt 32] [--new-tokens 128]
+                               [--reuse-hf bench/results]   # HF rows of earlier runs on this device and software
 
 Each system greedily decodes --new-tokens tokens after a --prompt-token prompt (eos off). The time of one decode
 step is (time of generating N tokens - time of generating 1) / (N - 1), medians of --repeats runs, so the
