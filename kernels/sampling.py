@@ -14,18 +14,21 @@ sorting the vocabulary. Exactly aigc_rt/sampling.py `sample_reference` (its docs
 Thresholds are found by a multi-pivot search over the key range: every pass counts (top-k) or weighs (top-p)
 the tokens above N_PIVOTS evenly spaced keys and narrows the range to one gap, so 32-bit keys take about
 32 / log2(N_PIVOTS + 1) passes. Two ways to run it:
-- split (greedy; temperature alone; top-k of up to MAX_CANDIDATES / chunks, with or without top-p): the row is
-  cut into chunks of CHUNK logits, one program each (_sample_chunk_kernel), which holds its chunk in registers
-  and writes its max z, sum of exp(z - its max), first argmax, smallest key and, for top-k, its candidates:
-  the values at or above its own k-th largest key (every token of the row's top k is among them, as the row's
-  k-th largest key is at least any chunk's), compacted in column order. Then one program per row
-  (_sample_merge_kernel) searches the thresholds over the candidates in registers and draws with a running
-  sum over them in column order; without filters it finds the chunk whose running mass passes u * total and
-  the column inside it. A chunk with more candidates than its CAP slots (ties at its threshold) sends the row
-  to the streaming way, decided on the device.
-- streaming (top-p without top-k, large k, a row of one chunk; and the split way's fallback): one program
-  per row streams the row in blocks several times: pass 1 (finiteness, greedy argmax, max z, min key, the
-  online softmax sum), a pass per search step, then one cumulative-sum pass draws.
+- split (greedy; temperature alone; top-k of up to MAX_CANDIDATES / chunks, with or without top-p; top-p
+  alone): the row is cut into chunks of CHUNK logits, one program each (_sample_chunk_kernel), which holds its
+  chunk in registers and writes its max z, sum of exp(z - its max), first argmax, smallest key and, with a
+  filter, its candidates: the values at or above its own k-th largest key (k = top_k; top-p alone,
+  TOP_P_CANDIDATES), compacted in column order, and that key if some value of the chunk is below it (its cut).
+  Every token of the row's top k is a candidate, as the row's k-th largest key is at least any chunk's. Then one
+  program per row (_sample_merge_kernel) searches the thresholds over the candidates in registers and draws with
+  a running sum over them in column order; without filters it finds the chunk whose running mass passes
+  u * total and the column inside it. Top-p alone is exact over the candidates at or above the highest cut
+  when they hold top_p of the row's mass (every other token then has that much above it): peaked rows. The
+  row goes to the streaming way, decided on the device, when a chunk has more candidates than its CAP slots
+  (ties at its threshold) or, top-p alone, when the candidates hold less than top_p (flat rows).
+- streaming (large k, a row of one chunk; and the split way's fallback): one program per row streams the row
+  in blocks several times: pass 1 (finiteness, greedy argmax, max z, min key, the online softmax sum), a pass
+  per search step, then one cumulative-sum pass draws.
 u (one uniform number per row, from the host's (seed, sequence, step) hash) keeps every backend drawing the
 same token; results differ from the reference only where u * total lies within float rounding of a CDF
 boundary. Tokens stay on the device (no host sync).
@@ -42,6 +45,8 @@ from .utils import check_out, check_tensor, device_fn, pdl_begin, pdl_options, s
 
 reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampling.py)
 MAX_CANDIDATES = 4096  # candidate slots the merge may hold in registers (chunks x CAP)
+TOP_P_CANDIDATES = 64  # top-p alone: each chunk's largest values the merge tries first (see _draw_candidates)
+NO_CUT = tl.constexpr(-(1 << 32))  # a cut below every key: all of the chunk's values are candidates
 
 
 @device_fn
@@ -229,8 +234,10 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
                          DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr,
                          HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
     """One chunk of CHUNK logits of one row, held in registers: its count of NaN/inf, max z, sum of
-    exp(z - its max), smallest key, first argmax, and (top-k) its candidates: the values at or above its own
-    k-th largest key (every token of the row's top k is one), compacted in column order into CAP slots."""
+    exp(z - its max), smallest key, first argmax, and (DO_TOP_K) its candidates: the values at or above its own
+    k-th largest key (every token of the row's top k is one), compacted in column order into CAP slots, and its
+    cut: that key if a value of the chunk is below it (every value of the chunk at or above the cut is a
+    candidate), else NO_CUT."""
     pdl_begin(PDL)
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -246,6 +253,7 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
     key_min = tl.min(tl.where(valid, key, 0x7FFFFFFF), axis=0)
     z_sum = 0.0
     count = 0
+    cut = NO_CUT
     if DO_SAMPLE:
         z_sum = tl.sum(tl.where(valid, tl.exp(x - z_max), 0.0), axis=0)
         if DO_TOP_K:
@@ -256,29 +264,34 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
             kept = valid & (key >= floor)
             slot = tl.cumsum(kept.to(tl.int32), axis=0) - 1
             count = tl.sum(kept.to(tl.int32), axis=0)  # > CAP (ties): the merge takes the streaming path
+            if tl.sum((valid & (key < floor)).to(tl.int32), axis=0) > 0:
+                cut = floor
             at = (row * n_chunks + chunk) * CAP + slot
             tl.store(cand_z_ptr + at, x, mask=kept & (slot < CAP))
             tl.store(cand_i_ptr + at, cols, mask=kept & (slot < CAP))
     stats = (row * n_chunks + chunk) * 2
     tl.store(stats_f_ptr + stats, z_max)
     tl.store(stats_f_ptr + stats + 1, z_sum)
-    stats = (row * n_chunks + chunk) * 4
+    stats = (row * n_chunks + chunk) * 5
     tl.store(stats_i_ptr + stats, arg)  # (stores widen to int64)
     tl.store(stats_i_ptr + stats + 1, n_bad)
     tl.store(stats_i_ptr + stats + 2, count)
     tl.store(stats_i_ptr + stats + 3, key_min)
+    tl.store(stats_i_ptr + stats + 4, cut)
 
 
 @triton.jit
 def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr, V,
                          logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
                          HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr,
-                         DO_TOP_P: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr,
-                         BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+                         DO_TOP_P: tl.constexpr, CANDIDATES: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr,
+                         N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr,
+                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
     """One row from its chunks' results: greedy, the first argmax of the first chunk holding the max; sampling
-    with top-k, the thresholds and the draw over the candidates (in column order, so the draw's running sum is
-    the reference's), or, if a chunk had more candidates than CAP, by streaming the row; sampling without
-    filters, the chunk whose running mass passes u * total, then the column within it."""
+    with top-k or top-p (CANDIDATES), the thresholds and the draw over the chunks' candidates (in column order,
+    so the draw's running sum is the reference's), or by streaming the row if the candidates may miss a token
+    that is kept (a chunk had more candidates than CAP; top-p alone: they hold less than top_p of the mass);
+    sampling without filters, the chunk whose running mass passes u * total, then the column within it."""
     pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, N_CHUNKS)
@@ -286,25 +299,25 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stat
     at = row * n_chunks + chunks
     m = tl.load(stats_f_ptr + at * 2, mask=in_row, other=float("-inf"))
     s = tl.load(stats_f_ptr + at * 2 + 1, mask=in_row, other=0.0)
-    n_bad = tl.sum(tl.load(stats_i_ptr + at * 4 + 1, mask=in_row, other=0), axis=0)
+    n_bad = tl.sum(tl.load(stats_i_ptr + at * 5 + 1, mask=in_row, other=0), axis=0)
     z_max = tl.max(m, axis=0)
-    arg = tl.load(stats_i_ptr + at * 4, mask=in_row, other=V).to(tl.int32)
+    arg = tl.load(stats_i_ptr + at * 5, mask=in_row, other=V).to(tl.int32)
     token = tl.min(tl.where(in_row & (m == z_max), arg, V), axis=0)
     token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
     if DO_SAMPLE:
         mass = tl.where(in_row & (m > float("-inf")), s * tl.exp(m - z_max), 0.0)  # per chunk, against z_max
         total = tl.sum(mass, axis=0)
         u = tl.load(u_ptr + row)
-        if DO_TOP_K:
-            counts = tl.load(stats_i_ptr + at * 4 + 2, mask=in_row, other=0)
-            if tl.max(counts, axis=0) > CAP:
-                key_min = tl.min(tl.load(stats_i_ptr + at * 4 + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
+        if CANDIDATES:
+            counts = tl.load(stats_i_ptr + at * 5 + 2, mask=in_row, other=0)
+            cut = tl.max(tl.load(stats_i_ptr + at * 5 + 4, mask=in_row, other=NO_CUT), axis=0)
+            token, held_all = _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, total, cut,
+                                               top_k, top_p, u, DO_TOP_K, DO_TOP_P, CAP, N_CHUNKS, HELD_PIVOTS)
+            if (tl.max(counts, axis=0) > CAP) | (held_all == 0):
+                key_min = tl.min(tl.load(stats_i_ptr + at * 5 + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
                 token = _filter_and_draw(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, V, penalty,
-                                         temperature, top_k, top_p, u, z_max, total, key_min, HAS_PENALTY, True,
+                                         temperature, top_k, top_p, u, z_max, total, key_min, HAS_PENALTY, DO_TOP_K,
                                          DO_TOP_P, BLOCK, N_PIVOTS)
-            else:
-                token = _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, top_k, top_p, u,
-                                         DO_TOP_P, CAP, N_CHUNKS, HELD_PIVOTS)
         else:
             target = u * total
             passed = tl.cumsum(mass, axis=0) > target
@@ -322,26 +335,39 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stat
 
 
 @device_fn
-def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, top_k, top_p, u,
-                     DO_TOP_P: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr, N_PIVOTS: tl.constexpr):
-    """Top-k (and top-p) thresholds and the draw over the chunks' candidates, all held in registers."""
+def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, total, cut, top_k, top_p, u,
+                     DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr,
+                     N_PIVOTS: tl.constexpr):
+    """Top-k and/or top-p thresholds and the draw over the chunks' candidates, all held in registers:
+    (token, 1 if the candidates hold every kept token, else 0). With top-k they do (unless a chunk overflowed
+    its CAP slots, which the caller checks). Top-p alone: every value at or above the highest chunk cut is a
+    candidate; if those hold at least top_p * total (the whole row's mass), every token below them has that
+    much mass above it and is removed, so the top-p set lies among them."""
     slots = tl.arange(0, N_CHUNKS * CAP)  # chunk-major: column order
     chunk = slots // CAP
-    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * 4 + 2, mask=chunk < n_chunks, other=0)
+    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * 5 + 2, mask=chunk < n_chunks, other=0)
     held = (chunk < n_chunks) & (slots % CAP < count)
     at = (row * n_chunks + chunk) * CAP + slots % CAP
     z = tl.load(cand_z_ptr + at, mask=held, other=float("-inf"))
     cols = tl.load(cand_i_ptr + at, mask=held, other=0)
     key = _key(z)
-    lo = tl.min(tl.where(held, key, 0x7FFFFFFF), axis=0)
-    floor = _search_held(key, held.to(tl.float32), lo, _key(z_max), top_k, False, N_PIVOTS)
-    e = tl.where(held & (key >= floor), tl.exp(z - z_max), 0.0)
+    held_all = 1
+    if DO_TOP_K:
+        lo = tl.min(tl.where(held, key, 0x7FFFFFFF), axis=0)
+        floor = _search_held(key, held.to(tl.float32), lo, _key(z_max), top_k, False, N_PIVOTS)
+        e = tl.where(held & (key >= floor), tl.exp(z - z_max), 0.0)
+        need = top_p * tl.sum(e, axis=0)  # top-p over the top-k set, renormalised
+    else:
+        floor = cut
+        e = tl.where(held & (key >= floor), tl.exp(z - z_max), 0.0)
+        need = top_p * total  # top-p over the whole row
+        held_all = (tl.sum(e, axis=0) >= need).to(tl.int32)
     if DO_TOP_P:
-        floor = 1 + _search_held(key, e, floor - 1, _key(z_max), top_p * tl.sum(e, axis=0), True, N_PIVOTS)
+        floor = 1 + _search_held(key, e, floor - 1, _key(z_max), need, True, N_PIVOTS)
         e = tl.where(key >= floor, e, 0.0)
     first = tl.min(tl.where(tl.cumsum(e, axis=0) > u * tl.sum(e, axis=0), slots, N_CHUNKS * CAP), axis=0)
     pick = tl.minimum(first, tl.max(tl.where(e > 0.0, slots, -1), axis=0))
-    return tl.sum(tl.where(slots == pick, cols, 0), axis=0)
+    return tl.sum(tl.where(slots == pick, cols, 0), axis=0), held_all
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: torch.Tensor | None, *,
@@ -374,23 +400,27 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     chunk = s.pop("CHUNK")
     held_pivots = s.pop("HELD_PIVOTS")
     n_chunks = triton.cdiv(V, chunk)
-    cap = max(16, triton.next_power_of_2(params.top_k)) if top_k else 1
+    # candidates per chunk: the top k (ties kept); top-p alone, the TOP_P_CANDIDATES largest values first
+    per_chunk = params.top_k if top_k else TOP_P_CANDIDATES if top_p else 0
+    cap = max(16, triton.next_power_of_2(per_chunk)) if per_chunk else 1
     held = triton.next_power_of_2(n_chunks) * cap  # the merge holds every chunk's candidate slots
-    if n_chunks == 1 or top_p and not top_k or held > MAX_CANDIDATES:  # one program streams each row
+    if n_chunks == 1 or held > MAX_CANDIDATES:  # one program streams each row
         _sample_kernel[(B,)](logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0), *values, **flags,
                              **s)
         return tokens
     stats_f = torch.empty(B, n_chunks, 2, dtype=torch.float32, device=dev)  # max z, sum exp(z - max z)
-    stats_i = torch.empty(B, n_chunks, 4, dtype=torch.int64, device=dev)  # argmax, NaN/inf, candidates, min key
-    cand_z = torch.empty(B, n_chunks, cap, dtype=torch.float32, device=dev) if top_k else stats_f
-    cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if top_k else stats_i
-    temperature, top_k_value, _, penalty = values
-    _sample_chunk_kernel[(n_chunks, B)](  # top-p is the merge's alone
+    # argmax, NaN/inf count, candidates, min key, cut
+    stats_i = torch.empty(B, n_chunks, 5, dtype=torch.int64, device=dev)
+    cand_z = torch.empty(B, n_chunks, cap, dtype=torch.float32, device=dev) if per_chunk else stats_f
+    cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if per_chunk else stats_i
+    temperature, _, _, penalty = values
+    chunk_flags = {k: v for k, v in flags.items() if k not in ("DO_TOP_K", "DO_TOP_P")}  # top-p is the merge's
+    _sample_chunk_kernel[(n_chunks, B)](
         logits, seen_u8, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0), n_chunks,
-        temperature, top_k_value, penalty, **{k: v for k, v in flags.items() if k != "DO_TOP_P"}, CHUNK=chunk,
-        CAP=cap, HELD_PIVOTS=held_pivots, num_warps=s["num_warps"])
+        temperature, float(per_chunk), penalty, **chunk_flags, DO_TOP_K=per_chunk > 0, CHUNK=chunk, CAP=cap,
+        HELD_PIVOTS=held_pivots, num_warps=s["num_warps"])
     _sample_merge_kernel[(B,)](
         logits, seen_u8, u, tokens, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
-        n_chunks, *values, **flags, CHUNK=chunk, CAP=cap, N_CHUNKS=triton.next_power_of_2(n_chunks),
-        HELD_PIVOTS=held_pivots, **s)
+        n_chunks, *values, **flags, CANDIDATES=per_chunk > 0, CHUNK=chunk, CAP=cap,
+        N_CHUNKS=triton.next_power_of_2(n_chunks), HELD_PIVOTS=held_pivots, **s)
     return tokens

@@ -689,6 +689,36 @@ def test_sample_with_the_gpu_settings(gpu_settings, params):
     assert sampling.sample(bad[:1], params, u[:1], None if penalty is None else penalty[:1]).tolist() == [-1]
 
 
+@pytest.mark.skipif(ON_GPU, reason="stubs a device function, which only the interpreter allows")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("vocab", [1003, 50257])
+def test_sample_top_p_alone_over_candidates(request, monkeypatch, vocab):
+    """Top-p without top-k on the split path: the merge first tries each chunk's TOP_P_CANDIDATES largest values.
+    In peaked rows they hold top_p of the mass, so it draws among them and never streams the row (the streaming
+    draw is stubbed to fail); in flat rows they do not, and it streams. Both as the reference. V = 50,257: with
+    a GPU's settings (chunks of 2,048)."""
+    if vocab > 1003:
+        request.getfixturevalue("gpu_settings")
+    params = SamplingParams(do_sample=True, temperature=0.9, top_p=0.9)
+    B = 4
+    peaked = randn(B, vocab, seed=11)
+    peaked[:, 600:640] += 9.0  # 40 tokens hold nearly all the mass, across a chunk boundary at V = 1003
+    peaked[1, 900] = peaked[1, 600]  # a tie among them, in another chunk
+    flat = randn(B, vocab, seed=12, scale=0.1)  # the mass spread over the whole row
+    u = torch.tensor([uniform(7, 0, s) for s in range(B)], device=DEV)
+    stream = sampling._filter_and_draw
+
+    def must_not_stream(*args):
+        raise AssertionError("streamed the row")
+    monkeypatch.setattr(sampling, "_filter_and_draw", must_not_stream)
+    got = sampling.sample(peaked, params, u, None)
+    assert check_draws(got, peaked, params, u, None) <= 1
+    with pytest.raises(Exception, match="streamed the row"):  # (the interpreter wraps it in an InterpreterError)
+        sampling.sample(flat, params, u, None)
+    monkeypatch.setattr(sampling, "_filter_and_draw", stream)
+    assert check_draws(sampling.sample(flat, params, u, None), flat, params, u, None) <= 1
+
+
 def test_sample_multi_block_rows_and_out():
     """Rows several kernel blocks long (V = 2500 > the interpreter's block of 1024) with top-k/top-p
     thresholds in a later block and greedy ties across blocks (the first column wins, whichever lane of the
