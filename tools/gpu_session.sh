@@ -9,9 +9,10 @@
 #   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU (+ with PDL)
 #   bash tools/gpu_session.sh decode     # GPT-2 decode: HF eager / HF static cache + compile / ours
 #                                        #   (SIZES, BATCHES, DTYPES, SYSTEMS narrow it; the full table is ~4 sizes
-#                                        #   x 2 dtypes x 2 batches x 5 systems: several calls' worth). HF rows that
-#                                        #   committed results hold for this device and software are reused, not
-#                                        #   measured again (REUSE_HF= measures them)
+#                                        #   x 2 dtypes x 2 batches x 5 systems: several calls' worth).
+#                                        #   REUSE_HF=bench/results takes the HF rows committed results hold for
+#                                        #   this device and software instead of measuring them (marked in the
+#                                        #   table; off by default: ratios are best measured in one run)
 #   bash tools/gpu_session.sh profile    # a decode step's kernels (with/without PDL); linears vs cuBLAS; sampling
 #   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA) and DCGAN benchmarks
 #
@@ -57,7 +58,7 @@ case "${1:-}" in
     TAG=${TAG:-}
     PYTHONUNBUFFERED=1 $PY bench/gpu_decode.py --sizes "${SIZES:-124M,355M,774M,1.5B}" --batches "${BATCHES:-1,8}" \
       --dtypes "${DTYPES:-fp32,bf16}" --systems "${SYSTEMS:-hf-eager,hf-compile,triton,triton-step,triton-pdl}" \
-      --tag "$TAG" --reuse-hf "${REUSE_HF-bench/results}" \
+      --tag "$TAG" ${REUSE_HF:+--reuse-hf "$REUSE_HF"} \
       2>&1 | tee -a "$OUT/gpu_decode.txt"
     new_results decode-
     ;;
