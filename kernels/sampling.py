@@ -47,6 +47,7 @@ reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampli
 MAX_CANDIDATES = 4096  # candidate slots the merge may hold in registers (chunks x CAP)
 TOP_P_CANDIDATES = 64  # top-p alone: each chunk's largest values the merge tries first (see _draw_candidates)
 NO_CUT = tl.constexpr(-(1 << 32))  # a cut below every key: all of the chunk's values are candidates
+STATS_I = tl.constexpr(5)  # int64 results per chunk: first argmax, NaN/inf count, candidates, min key, cut
 
 
 @device_fn
@@ -272,7 +273,7 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
     stats = (row * n_chunks + chunk) * 2
     tl.store(stats_f_ptr + stats, z_max)
     tl.store(stats_f_ptr + stats + 1, z_sum)
-    stats = (row * n_chunks + chunk) * 5
+    stats = (row * n_chunks + chunk) * STATS_I
     tl.store(stats_i_ptr + stats, arg)  # (stores widen to int64)
     tl.store(stats_i_ptr + stats + 1, n_bad)
     tl.store(stats_i_ptr + stats + 2, count)
@@ -299,9 +300,9 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stat
     at = row * n_chunks + chunks
     m = tl.load(stats_f_ptr + at * 2, mask=in_row, other=float("-inf"))
     s = tl.load(stats_f_ptr + at * 2 + 1, mask=in_row, other=0.0)
-    n_bad = tl.sum(tl.load(stats_i_ptr + at * 5 + 1, mask=in_row, other=0), axis=0)
+    n_bad = tl.sum(tl.load(stats_i_ptr + at * STATS_I + 1, mask=in_row, other=0), axis=0)
     z_max = tl.max(m, axis=0)
-    arg = tl.load(stats_i_ptr + at * 5, mask=in_row, other=V).to(tl.int32)
+    arg = tl.load(stats_i_ptr + at * STATS_I, mask=in_row, other=V).to(tl.int32)
     token = tl.min(tl.where(in_row & (m == z_max), arg, V), axis=0)
     token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
     if DO_SAMPLE:
@@ -309,12 +310,12 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stat
         total = tl.sum(mass, axis=0)
         u = tl.load(u_ptr + row)
         if CANDIDATES:
-            counts = tl.load(stats_i_ptr + at * 5 + 2, mask=in_row, other=0)
-            cut = tl.max(tl.load(stats_i_ptr + at * 5 + 4, mask=in_row, other=NO_CUT), axis=0)
+            counts = tl.load(stats_i_ptr + at * STATS_I + 2, mask=in_row, other=0)
+            cut = tl.max(tl.load(stats_i_ptr + at * STATS_I + 4, mask=in_row, other=NO_CUT), axis=0)
             token, held_all = _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, total, cut,
                                                top_k, top_p, u, DO_TOP_K, DO_TOP_P, CAP, N_CHUNKS, HELD_PIVOTS)
             if (tl.max(counts, axis=0) > CAP) | (held_all == 0):
-                key_min = tl.min(tl.load(stats_i_ptr + at * 5 + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
+                key_min = tl.min(tl.load(stats_i_ptr + at * STATS_I + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
                 token = _filter_and_draw(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, V, penalty,
                                          temperature, top_k, top_p, u, z_max, total, key_min, HAS_PENALTY, DO_TOP_K,
                                          DO_TOP_P, BLOCK, N_PIVOTS)
@@ -345,7 +346,7 @@ def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, 
     much mass above it and is removed, so the top-p set lies among them."""
     slots = tl.arange(0, N_CHUNKS * CAP)  # chunk-major: column order
     chunk = slots // CAP
-    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * 5 + 2, mask=chunk < n_chunks, other=0)
+    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * STATS_I + 2, mask=chunk < n_chunks, other=0)
     held = (chunk < n_chunks) & (slots % CAP < count)
     at = (row * n_chunks + chunk) * CAP + slots % CAP
     z = tl.load(cand_z_ptr + at, mask=held, other=float("-inf"))
@@ -409,8 +410,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
                              **s)
         return tokens
     stats_f = torch.empty(B, n_chunks, 2, dtype=torch.float32, device=dev)  # max z, sum exp(z - max z)
-    # argmax, NaN/inf count, candidates, min key, cut
-    stats_i = torch.empty(B, n_chunks, 5, dtype=torch.int64, device=dev)
+    stats_i = torch.empty(B, n_chunks, STATS_I, dtype=torch.int64, device=dev)
     cand_z = torch.empty(B, n_chunks, cap, dtype=torch.float32, device=dev) if per_chunk else stats_f
     cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if per_chunk else stats_i
     temperature, _, _, penalty = values
