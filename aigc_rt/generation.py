@@ -208,7 +208,7 @@ class DecodeState:
         self.positions = positions  # (B,) int64
         self.u = u  # (B,) fp32, zeros until written (greedy ignores them)
         self.seen = seen  # (B, V) bool or None
-        self._full = (tokens, positions, u, seen)
+        self._full = self.buffers()  # what keep() compacts into
 
     @classmethod
     def allocate(cls, batch: int, vocab_size: int, device: torch.device, penalty: bool) -> "DecodeState":
@@ -221,16 +221,19 @@ class DecodeState:
         if self.seen is not None:
             self.seen.scatter_(1, self.tokens[:, None], True)
 
+    def buffers(self) -> tuple:
+        """(tokens, positions, u, seen) as they stand now."""
+        return self.tokens, self.positions, self.u, self.seen
+
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only rows `rows` (in that order), as the first len(rows) rows of the buffers."""
         n = rows.shape[0]
-        held = (self.tokens, self.positions, self.u, self.seen)
         self.tokens, self.positions, self.u, self.seen = (
-            None if full is None else full[:n].copy_(now[rows]) for full, now in zip(self._full, held))
+            None if full is None else full[:n].copy_(now[rows]) for full, now in zip(self._full, self.buffers()))
 
     def addresses(self) -> tuple[int, ...]:
         """The buffers a step reads and writes (a CUDA graph bakes them in)."""
-        return tuple(0 if t is None else t.data_ptr() for t in (self.tokens, self.positions, self.u, self.seen))
+        return tuple(0 if t is None else t.data_ptr() for t in self.buffers())
 
 
 class _HostTokens:
