@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_tensor, decode_settings,
-                    pdl_begin, pdl_options)
+from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_tensor, check_vector,
+                    decode_settings, pdl_begin, pdl_options)
 
 LOG2E = 1.4426950408889634
 
@@ -129,9 +129,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     dev = q.device
     B, H, D = q.shape
     check_caches(k_cache, v_cache, B, H, D, dev, "q")
-    check_tensor("lengths", lengths, 1, (torch.int64, torch.int32), dev)
-    if lengths.shape[0] != B or not lengths.is_contiguous():
-        raise ValueError(f"lengths must be a contiguous ({B},) tensor, got {tuple(lengths.shape)}")
+    check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
     S = k_cache.shape[2]
     if max_len is not None and not 1 <= max_len <= S:
         raise ValueError(f"max_len={max_len} must be in [1, {S}] (the cache's capacity)")
@@ -211,9 +209,7 @@ def check_new_kv(k, v, positions, B: int, H: int, D: int, device: torch.device) 
         check_tensor(name, t, 3, (torch.float32,), device, last_contiguous=True)
         if t.shape != (B, H, D):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected ({B}, {H}, {D})")
-    check_tensor("positions", positions, 1, (torch.int64, torch.int32), device)
-    if positions.shape[0] != B or not positions.is_contiguous():
-        raise ValueError(f"positions must be a contiguous ({B},) tensor, got {tuple(positions.shape)}")
+    check_vector("positions", positions, B, (torch.int64, torch.int32), device)
 
 
 def reference(q, k_cache, v_cache, lengths):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import check_out, check_tensor, pdl_begin, pdl_options, row_settings
+from .utils import check_out, check_tensor, check_vector, pdl_begin, pdl_options, row_settings
 
 MAX_C = 16384
 
@@ -46,10 +46,8 @@ def layernorm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float, *, 
     C = x.shape[-1]
     if C > MAX_C:
         raise ValueError(f"layernorm supports rows of at most {MAX_C} elements, got {C}")
-    for name, p in (("weight", w), ("bias", b)):
-        check_tensor(name, p, 1, (torch.float32,), dev)
-        if p.shape[0] != C or not p.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous ({C},) tensor, got {tuple(p.shape)}")
+    check_vector("weight", w, C, (torch.float32,), dev)
+    check_vector("bias", b, C, (torch.float32,), dev)
     if not (eps > 0):
         raise ValueError(f"eps must be > 0, got {eps}")
     x2 = x.reshape(-1, C)  # (R, C); a view whenever the rows are evenly strided

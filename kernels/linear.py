@@ -42,8 +42,8 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, pdl_begin, pdl_options,
-                    prefetch_l2)
+                    check_vector, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, pdl_begin,
+                    pdl_options, prefetch_l2)
 
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
@@ -299,9 +299,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     if not w.is_contiguous() or N == 0 or K == 0:
         raise ValueError(f"weight must be a contiguous, non-empty (out, in) matrix, got {tuple(w.shape)}")
     if b is not None:
-        check_tensor("bias", b, 1, (torch.float32,), dev)
-        if b.shape[0] != N or not b.is_contiguous():
-            raise ValueError(f"bias must be a contiguous ({N},) tensor, got {tuple(b.shape)}")
+        check_vector("bias", b, N, (torch.float32,), dev)
     if act not in (None, "gelu_tanh"):
         raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
     if kernel not in (None, "gemv", "gemm"):
@@ -367,10 +365,8 @@ def _check_norm(norm, K: int, dev: torch.device) -> tuple:
     if not (isinstance(norm, tuple) and len(norm) == 3):
         raise ValueError(f"norm must be a (weight, bias, eps) tuple, got {type(norm).__name__}")
     g, beta, eps = norm
-    for name, p in (("norm weight", g), ("norm bias", beta)):
-        check_tensor(name, p, 1, (torch.float32,), dev)
-        if p.shape[0] != K or not p.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous ({K},) tensor, got {tuple(p.shape)}")
+    check_vector("norm weight", g, K, (torch.float32,), dev)
+    check_vector("norm bias", beta, K, (torch.float32,), dev)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"norm eps must be > 0, got {eps!r}")
     return g, beta, eps

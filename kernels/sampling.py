@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..sampling import SamplingParams, sample_reference
-from .utils import check_out, check_tensor, device_fn, pdl_begin, pdl_options, sampling_settings
+from .utils import check_out, check_tensor, check_vector, device_fn, pdl_begin, pdl_options, sampling_settings
 
 reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampling.py)
 MAX_CANDIDATES = 4096  # candidate slots the merge may hold in registers (chunks x CAP)
@@ -382,9 +382,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     B, V = logits.shape
     if V == 0 or V >= 1 << 24:
         raise ValueError(f"the vocabulary must have between 1 and 2^24 - 1 entries, got {V}")
-    check_tensor("u", u, 1, (torch.float32,), dev)
-    if u.shape[0] != B or not u.is_contiguous():
-        raise ValueError(f"u must be a contiguous ({B},) tensor, got {tuple(u.shape)}")
+    check_vector("u", u, B, (torch.float32,), dev)
     penalise = seen is not None and params.repetition_penalty != 1.0
     if seen is not None:
         check_tensor("seen", seen, 2, (torch.bool,), dev, last_contiguous=True)

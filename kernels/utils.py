@@ -129,15 +129,20 @@ def check_tensor(name: str, t, ndim: int | None = None, dtypes=None, device: tor
         raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
 
 
+def check_vector(name: str, t, n: int, dtypes, device: torch.device | None) -> None:
+    """check_tensor for a contiguous (n,) tensor (a bias, a scale, per-row lengths...): ValueError otherwise."""
+    check_tensor(name, t, 1, dtypes, device)
+    if t.shape[0] != n or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous ({n},) tensor, got {tuple(t.shape)}")
+
+
 def check_scale(name: str, t: torch.Tensor, scale, device: torch.device) -> None:
     """int8 tensors come with per-row fp32 scales (rows,), and only they do: ValueError otherwise."""
     if (t.dtype == torch.int8) != (scale is not None):
         raise ValueError(f"a scale is required for int8 {name}s and only for them ({name} {t.dtype}, "
                          f"scale {'given' if scale is not None else 'missing'})")
     if scale is not None:
-        check_tensor("scale", scale, 1, (torch.float32,), device)
-        if scale.shape[0] != t.shape[0] or not scale.is_contiguous():
-            raise ValueError(f"scale must be a contiguous ({t.shape[0]},) tensor, got {tuple(scale.shape)}")
+        check_vector("scale", scale, t.shape[0], (torch.float32,), device)
 
 
 def check_caches(k_cache, v_cache, B: int, H: int, D: int, device: torch.device, like: str) -> None:
