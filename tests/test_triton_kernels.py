@@ -208,8 +208,7 @@ def test_gemv_pdl_and_prefetch_variants_compute_the_same(dtype, monkeypatch):
         x, b = randn(2, K, seed=K), randn(N, seed=N)
         scale = None
         if dtype == "int8":
-            w = torch.randint(-127, 128, (N, K), generator=torch.Generator().manual_seed(K), dtype=torch.int8)
-            scale = torch.rand(N, generator=torch.Generator().manual_seed(1)) / 100
+            w, scale = int8_weights(N, K, (K, 1))
         else:
             w = randn(N, K, seed=K + 1, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
         ys = []
