@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -790,6 +791,16 @@ def test_kernels_compile_for_gpu():
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("-> sm_90") >= 16, r.stdout
+    # Compiled with the specialization a GPT-2 launch gets, the kernels that stream weights, activations or the
+    # KV cache read them 16 bytes at a time (ld.global.v4 or a 16-byte cp.async), never in 1-2 byte pieces:
+    # without the alignment hints, the bf16 GEMV's weight loads had been 2-byte ones
+    streaming = ("_gemv_kernel", "_linear_kernel", "_attention_kernel", "_decode_split_kernel", "_layernorm_kernel",
+                 "_embedding_kernel")
+    lines = [line for line in r.stdout.splitlines() if line.split(" ", 1)[0] in streaming]
+    assert len(lines) >= 20, r.stdout
+    for line in lines:
+        widths = [int(w) for w in re.findall(r"(\d+) B x", line.split(" loads ", 1)[1])]
+        assert 16 in widths and min(widths) >= 4, line
 
 
 def test_interpreter_version_guard():

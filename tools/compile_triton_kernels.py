@@ -7,6 +7,10 @@ memory, registers per thread, bytes spilled.
 
 Run by tests/test_triton_kernels.py::test_kernels_compile_for_gpu. Signatures are derived from each kernel's
 parameters: `*_ptr` -> a pointer (fp32 unless listed), names in FLOATS -> fp32, everything else -> i32.
+Each is compiled with the specialization a GPT-2 launch gets from triton's JIT (tt.divisibility 16 on every
+pointer and on the sizes and strides that are multiples of 16 there: `aligned`), since without it every load
+is scalar; each line also gives the widths of the kernel's global loads (`loads 16 B x 9, 4 B x 4`): a weight or
+KV-cache load narrower than 16 B is a bandwidth bug.
 """
 from __future__ import annotations
 
@@ -149,6 +153,35 @@ def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def aligned(name: str) -> bool:
+    """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the activation
+    and weight row strides, the attention and KV-cache strides: multiples of the head size). Not: the vocabulary
+    (50,257) and strides over it, sequence lengths, head and row counts, the transposed convolution's sizes."""
+    return name in ("C", "K") or (re.fullmatch(r"\w+_stride|(q|k|v|o|kc|vc|nk|nv)_s[bhst]{1,2}", name) is not None
+                                   and name not in ("logits_stride", "seen_stride"))
+
+
+def attributes(kernel) -> dict:
+    return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
+            if not p.is_constexpr and (p.name.endswith("_ptr") or aligned(p.name))}
+
+
+def load_widths(ptx: str) -> str:
+    """The widths of the kernel's reads from global memory, widest first, register loads and asynchronous
+    copies into shared memory (`cp`) counted apart: `16 B x 9, 4 B x 4, cp 16 B x 18`."""
+    bits = {"8": 1, "16": 2, "32": 4, "64": 8}
+    loads: dict[int, int] = {}
+    for vec, kind in re.findall(r"ld\.global(?:\.[a-z]+\d*)*?(?:\.v(\d))?\.[bsuf](\d+)\b", ptx):
+        width = int(vec or 1) * bits[kind]
+        loads[width] = loads.get(width, 0) + 1
+    copies: dict[int, int] = {}
+    for size in re.findall(r"cp\.async\.c[ag]\.shared\.global[^,]*,[^,]*,\s*(0x[0-9a-f]+|\d+)", ptx):
+        copies[int(size, 0)] = copies.get(int(size, 0), 0) + 1
+    parts = [f"{w} B x {n}" for w, n in sorted(loads.items(), reverse=True)]
+    parts += [f"cp {w} B x {n}" for w, n in sorted(copies.items(), reverse=True)]
+    return ", ".join(parts) or "none"
+
+
 def resources(ptx: str, arch: int) -> str:
     """Registers per thread and spilled bytes, as ptxas -v reports them for the kernel's PTX (a spill in a hot
     loop costs a round trip to local memory)."""
@@ -178,10 +211,12 @@ def main(argv=None) -> int:
         for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False)):
             if flag in kernel.arg_names:
                 constexprs = {flag: off, **constexprs}
-        src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs)
+        src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,
+                        attrs=attributes(kernel))
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
-              f"{resources(compiled.asm['ptx'], args.arch)}, {time.perf_counter() - t0:4.1f} s  {constexprs}",
+              f"{resources(compiled.asm['ptx'], args.arch)}, loads {load_widths(compiled.asm['ptx'])}, "
+              f"{time.perf_counter() - t0:4.1f} s  {constexprs}",
               flush=True)
     return 0
 
