@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.aigc_rt-installed
-NATIVE := $(wildcard setup.py pyproject.toml requirements-dev.txt csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp)
+NATIVE := $(wildcard setup.py pyproject.toml requirements-dev.txt csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: demo test build bench clean
 

@@ -1,6 +1,7 @@
 """GPT-2 decode on a GPU, in one run: Hugging Face eager, HF static cache + torch.compile, and aigc_rt's triton
 backend (CUDA-graph decode step) through generate(), and its decode step alone ("triton-step"), on random-init
-models of the real GPT-2 shapes (no downloads).
+models of the real GPT-2 shapes (no downloads). "cuda" / "cuda-step": the same on the cuda backend (the triton
+backend with csrc/cuda's GEMV for the batch-1 decode linears).
 
     python bench/gpu_decode.py [--sizes 124M,355M,774M,1.5B] [--batches 1,8] [--dtypes fp32,bf16]
                                [--systems hf-eager,hf-compile,triton,triton-step] [--prompt 32] [--new-tokens 128]
@@ -35,8 +36,10 @@ SIZES = {  # name -> (n_layer, n_embd, n_head); vocab 50,257, context 1,024
 VOCAB, CONTEXT = 50257, 1024
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
 # triton-step: the decode step without generate(); "-pdl": with programmatic dependent launch (AIGC_RT_PDL);
-# triton-topk: generate() sampling as seed system 1 does (do_sample, temperature 0.7, top-k 50), not greedy
-SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step", "triton-pdl", "triton-step-pdl", "triton-topk")
+# triton-topk: generate() sampling as seed system 1 does (do_sample, temperature 0.7, top-k 50), not greedy;
+# cuda, cuda-step: the cuda backend's
+SYSTEMS = ("hf-eager", "hf-compile", "triton", "triton-step", "triton-pdl", "triton-step-pdl", "triton-topk",
+           "cuda", "cuda-step")
 SEED_SYSTEM_SAMPLING = dict(do_sample=True, temperature=0.7, top_k=50, seed=0)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -83,7 +86,7 @@ def make_row(size, dtype, batch, system, step_seconds, bandwidth, prompt, new_to
     """A result row from the measured seconds per decode step (None when the system failed) and of generating
     one token (TTFT)."""
     # ours: GPT2.kv_dtype's default for the file's dtype; HF's KV cache is in the model dtype
-    kv_itemsize = kv_cache_dtype(dtype).itemsize if system.startswith("triton") else ITEMSIZE[dtype]
+    kv_itemsize = ITEMSIZE[dtype] if system.startswith("hf") else kv_cache_dtype(dtype).itemsize
     context = prompt + (new_tokens + 1) / 2  # mean cached length over the decode steps
     roof = roofline_tokens_per_s(weight_bytes(size, dtype) + kv_bytes(size, batch, context, kv_itemsize), batch,
                                  bandwidth)
@@ -245,12 +248,13 @@ def run_hf(model, dtype: str, prompts, new_tokens: int, repeats: int, compiled: 
         torch.cuda.empty_cache()
 
 
-def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool,
-               pdl: bool = False, sample: bool = False) -> tuple[float, float]:
+def run_ours(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, steps_only: bool,
+             pdl: bool = False, sample: bool = False, backend: str = "triton") -> tuple[float, float]:
     """generate() through the public API; with steps_only, the decode step alone: prefill, then decode +
     greedy sample per token with the tokens fed back on the device and no host sync until the end (what a
     generation loop without per-token host work would reach). pdl: kernels launched with programmatic
-    dependent launch. sample: generate() with seed system 1's sampling instead of greedy."""
+    dependent launch. sample: generate() with seed system 1's sampling instead of greedy. backend: "triton" or
+    "cuda"."""
     import torch
 
     import aigc_rt
@@ -258,7 +262,7 @@ def run_triton(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, 
     utils.PDL_REQUESTED = pdl
     with tempfile.TemporaryDirectory() as tmp:
         m = aigc_rt.load(aigc_rt.convert(folder, os.path.join(tmp, "m.safetensors"), dtype=dtype), device="cuda",
-                         backend="triton")
+                         backend=backend)
     ids = prompts.cuda()
 
     def steps(n):
@@ -323,10 +327,11 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                                                  prompt, new_tokens, None, ttft and ttft / 1e3, reused=date))
                             continue
                         try:
-                            if system.startswith("triton"):
-                                secs, first = run_triton(folder, dtype, prompts, new_tokens, repeats,
-                                                  system.startswith("triton-step"), system.endswith("-pdl"),
-                                                  system == "triton-topk")
+                            if not system.startswith("hf"):  # triton[-step][-pdl], triton-topk, cuda[-step]
+                                backend = system.split("-")[0]
+                                secs, first = run_ours(folder, dtype, prompts, new_tokens, repeats,
+                                                       system.startswith(f"{backend}-step"), system.endswith("-pdl"),
+                                                       system == "triton-topk", backend)
                             else:
                                 secs, first = run_hf(model, dtype, prompts, new_tokens, repeats, system == "hf-compile")
                             error = None

@@ -12,8 +12,9 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    block shapes (AIGC_RT_AUTOTUNE=0), both as the model runs them (qkv, fc and lm_head with the LayerNorm in
    their prologue, proj and mlp_proj adding into the residual), and cuBLAS (the bare F.linear in the weight
    dtype), each as a CUDA graph of one call per copy of the weight over enough copies (>= 256 MiB) that the L2
-   cache never holds the next one, as in a decode step. Reported: us per call, GB/s of weight read, % of the
-   measured read bandwidth.
+   cache never holds the next one, as in a decode step; at M = 1 also the CUDA GEMV of csrc/cuda (the cuda
+   backend's), fused the same way, at its fastest launch configuration. Reported: us per call, GB/s of weight
+   read, % of the measured read bandwidth.
 3. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
    repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
    same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_decode  # noqa: E402  (the model shapes, the checkpoint maker and the bandwidth probe)
 
 import aigc_rt  # noqa: E402
+from aigc_rt import cuda_kernels  # noqa: E402
 from aigc_rt.kernels import linear as triton_linear  # noqa: E402
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,8 +116,12 @@ def step_profile(m, batch: int, prompt: int = 32,
     return replayed, with_pdl, apart, sorted(rows, key=lambda r: -r[2])
 
 
+CUDA_GEMV_CONFIGS = [(r, w) for r in cuda_kernels.ROWS_PER_WARP for w in (4, 8)]  # (rows per warp, warps)
+
+
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
-    """One table row per distinct linear shape of the model: ours tuned / ours fixed / cuBLAS."""
+    """One table row per distinct linear shape of the model: ours tuned / ours fixed / cuBLAS, and at M = 1 the
+    CUDA GEMV (csrc/cuda/gemv.cu, fused as the Triton one; its fastest launch configuration)."""
     blk = m.blocks[0]
     shapes = {"qkv": blk.qkv, "proj": blk.proj, "fc": blk.fc, "mlp_proj": blk.mlp_proj, "lm_head": m.lm_head}
     out = []
@@ -132,20 +138,28 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
         # epilogue of proj and mlp_proj
         norm = (torch.ones(K, device="cuda"), torch.zeros(K, device="cuda"), 1e-5)
 
-        def ours(w_, i):
+        def ours(w_, i, fn=triton_linear.linear, **launch):
             if name in ("proj", "mlp_proj"):
-                return triton_linear.linear(x, w_, b, act, scale=s, residual=ys[i % 2])
-            return triton_linear.linear(x, w_, b, act, scale=s, norm=norm, out=ys[i % 2])
+                return fn(x, w_, b, act, scale=s, residual=ys[i % 2], **launch)
+            return fn(x, w_, b, act, scale=s, norm=norm, out=ys[i % 2], **launch)
         secs = {}
         for mode in ("tuned", "fixed"):
             triton_linear.AUTOTUNE = mode == "tuned"
             secs[mode] = graph_time([lambda w_=w_, i=i: ours(w_, i) for i, w_ in enumerate(ws)]) / copies
         triton_linear.AUTOTUNE = True
+        cuda_best = "-"
+        lib = cuda_kernels.library()
+        if M == 1 and lib is not None and lib.device_ok(w.device) and lib.gemv_fits(w):
+            for rows, warps in CUDA_GEMV_CONFIGS:
+                t = graph_time([lambda w_=w_, i=i: ours(w_, i, lib.gemv, rows_per_warp=rows, warps=warps)
+                                for i, w_ in enumerate(ws)]) / copies
+                if t < secs.get("CUDA GEMV", float("inf")):
+                    secs["CUDA GEMV"], cuda_best = t, f"{rows} rows/warp, {warps} warps"
         if s is None:
             xw = x.to(w.dtype)
             secs["cuBLAS"] = graph_time([lambda w_=w_: F.linear(xw, w_) for w_ in ws]) / copies
         cells = []
-        for mode in ("tuned", "fixed", "cuBLAS"):
+        for mode in ("tuned", "fixed", "cuBLAS", "CUDA GEMV"):
             if mode in secs:
                 gbps = nbytes / secs[mode] / 1e9
                 cells.append(f"{1e6 * secs[mode]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
@@ -153,7 +167,7 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
                 cells.append("-")
         kern = triton_linear._gemv_tuned if M <= triton_linear.GEMV_MAX_M else triton_linear._small_m_tuned
         best = [str(c) for k, c in kern.cache.items() if k[:2] == (N, K)]
-        out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} |")
+        out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} | {cuda_best} |")
         del ws
         torch.cuda.empty_cache()
     return out
@@ -221,8 +235,8 @@ def main(argv=None) -> int:
         except Exception as e:  # a failing part is a line of the report, not the end of the run
             lines.append(f"step profile failed: {type(e).__name__}: {e}")
         lines += ["", "| linear | M | N x K | ours (autotuned, fused as the model runs it) | ours (fixed shapes) "
-                  "| cuBLAS (bare) | tuned config |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| cuBLAS (bare) | CUDA GEMV (fused) | tuned config | CUDA GEMV config |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for M in sorted({a.batch, 8}):
             try:
                 lines += linear_rows(m, M, bandwidth)

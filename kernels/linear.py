@@ -289,34 +289,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     residual (..., N) fp32: residual += y in place, and residual is returned (out must then be None).
     kernel: "gemv" | "gemm" | None (pick by the number of rows); split_k: K splits of the GEMM (None: autotuned
     up to 16 rows, else 1). Tests and benchmarks force them."""
-    check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
-    dev = x.device
-    check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
-    N, K = w.shape
-    check_scale("weight", w, scale, dev)
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in-features {K}")
-    if not w.is_contiguous() or N == 0 or K == 0:
-        raise ValueError(f"weight must be a contiguous, non-empty (out, in) matrix, got {tuple(w.shape)}")
-    if b is not None:
-        check_vector("bias", b, N, (torch.float32,), dev)
-    if act not in (None, "gelu_tanh"):
-        raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
     if kernel not in (None, "gemv", "gemm"):
         raise ValueError(f"kernel must be None, 'gemv' or 'gemm', got {kernel!r}")
     if split_k is not None and not (isinstance(split_k, int) and 1 <= split_k <= 64):
         raise ValueError(f"split_k must be None or an int in [1, 64], got {split_k!r}")
-    g, beta, eps = _check_norm(norm, K, dev) if norm is not None else (x, x, 1.0)  # dummies when NORM is off
-    x2 = x.reshape(-1, K)  # (M, K)
-    M = x2.shape[0]
-    if residual is not None:
-        if out is not None:
-            raise ValueError("linear: give out or residual, not both (with residual the result goes into it)")
-        y = check_out(residual, (*x.shape[:-1], N), torch.float32, dev, name="residual")
-        if _overlaps(residual, x):
-            raise ValueError("linear: residual must not overlap x (it is written while x is read)")
-    else:
-        y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
+    x2, y, N, K = operands(x, w, b, act, scale, norm, residual, out)
+    dev, M = x.device, x2.shape[0]
+    g, beta, eps = norm if norm is not None else (x, x, 1.0)  # dummies when NORM is off
     if M == 0:
         return y
     bias = w if b is None else b  # dummy pointers when HAS_BIAS / SCALED are off
@@ -351,6 +330,35 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
                              PREFETCH=False, **s)
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, **reduce))
     return y
+
+
+def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """linear()'s checks, shared with the CUDA GEMV (aigc_rt/cuda_kernels.py): ValueError naming the problem,
+    else (x as (M, K), the output (residual, out or a new tensor), N, K). On x's device."""
+    check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
+    dev = x.device
+    check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
+    N, K = w.shape
+    check_scale("weight", w, scale, dev)
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in-features {K}")
+    if not w.is_contiguous() or N == 0 or K == 0:
+        raise ValueError(f"weight must be a contiguous, non-empty (out, in) matrix, got {tuple(w.shape)}")
+    if b is not None:
+        check_vector("bias", b, N, (torch.float32,), dev)
+    if act not in (None, "gelu_tanh"):
+        raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
+    if norm is not None:
+        _check_norm(norm, K, dev)
+    if residual is not None:
+        if out is not None:
+            raise ValueError("linear: give out or residual, not both (with residual the result goes into it)")
+        y = check_out(residual, (*x.shape[:-1], N), torch.float32, dev, name="residual")
+        if _overlaps(residual, x):
+            raise ValueError("linear: residual must not overlap x (it is written while x is read)")
+    else:
+        y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
+    return x.reshape(-1, K), y, N, K
 
 
 def _norm_block(norm, K: int, rows: int) -> int:

@@ -15,6 +15,8 @@ BACKENDS = {
     "cpu": ("aigc_rt.backends.cpu", "CpuBackend", "a CPU and the aigc_rt._C extension"),
     "triton": ("aigc_rt.backends.triton_backend", "TritonBackend",
                "a CUDA GPU and the triton package (on a CPU: TRITON_INTERPRET=1, for tests)"),
+    "cuda": ("aigc_rt.backends.cuda_backend", "CudaBackend",
+             "a CUDA GPU, the triton package and aigc_rt's CUDA kernels (built by setup.py where nvcc is found)"),
 }
 
 

@@ -1,0 +1,116 @@
+"""The CUDA kernels of csrc/cuda, called through ctypes.
+
+setup.py builds csrc/cuda/*.cu with nvcc into one shared library, aigc_rt/_cuda_kernels*.so, wherever nvcc is
+found (CUDA runtime linked statically: the library needs only the driver, not the toolkit, where it runs). Each
+kernel file exports a C launch function taking raw pointers and a cudaStream_t, so no torch headers are compiled:
+this module checks the tensors, fills the argument struct and launches on torch's current stream (so the
+launches join CUDA-graph captures like any other).
+
+The same sources compiled for the CPU with csrc/cuda/emulate.h (tests/test_cuda_kernels.py builds that with g++)
+give a library whose kernels run on CPU tensors, one thread per CUDA thread: CudaKernels(path) loads either, and
+`emulated` says which. AIGC_RT_CUDA_LIB names a library to use instead of the installed one.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+
+import torch
+
+from .kernels import linear
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # csrc/cuda/common.cuh Dtype
+ROWS_PER_WARP = (1, 2, 4)  # gemv launch configurations built
+MAX_WARPS = 8
+
+
+class GemvArgs(ctypes.Structure):
+    """csrc/cuda/gemv.cu's GemvArgs, field for field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "scale", "bias", "ln_w", "ln_b", "y")] + \
+               [(name, ctypes.c_int64) for name in ("M", "N", "K", "x_stride", "w_stride", "y_stride")] + \
+               [("eps", ctypes.c_float)] + \
+               [(name, ctypes.c_int32) for name in ("dtype", "gelu", "accumulate", "rows_per_warp", "warps")]
+
+
+class CudaKernels:
+    """One build of csrc/cuda: the nvcc one (GPU tensors) or the CPU emulation (CPU tensors)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        lib.aigc_gemv.argtypes = [ctypes.POINTER(GemvArgs), ctypes.c_void_p]
+        lib.aigc_gemv.restype = ctypes.c_int32
+        lib.aigc_gemv_max_k.argtypes = [ctypes.c_int32]
+        lib.aigc_gemv_max_k.restype = ctypes.c_int64
+        lib.aigc_cuda_error_string.argtypes = [ctypes.c_int32]
+        lib.aigc_cuda_error_string.restype = ctypes.c_char_p
+        lib.aigc_cuda_emulated.restype = ctypes.c_int32
+        self._lib = lib
+        self.emulated = bool(lib.aigc_cuda_emulated())
+
+    def __repr__(self):
+        return f"CudaKernels({self.path!r}{', emulated' if self.emulated else ''})"
+
+    def device_ok(self, device: torch.device) -> bool:
+        """Whether this build's kernels take tensors on `device` (the emulation: the CPU; else a GPU)."""
+        return device.type == ("cpu" if self.emulated else "cuda")
+
+    def gemv_fits(self, w: torch.Tensor) -> bool:
+        """Whether the GEMV takes weights like w: its dtype, and rows short enough to stage in shared memory."""
+        return w.dtype in DTYPES and w.dim() == 2 and w.shape[1] <= self._lib.aigc_gemv_max_k(DTYPES[w.dtype])
+
+    def gemv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
+             scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, rows_per_warp: int = 0, warps: int = 0) -> torch.Tensor:
+        """kernels.linear.linear's contract and checks (x (..., K) fp32, w (N, K), b, act, scale, norm, residual,
+        out), on csrc/cuda/gemv.cu: each row of x streams all of W, so it is for a decode step's row or few.
+        rows_per_warp (1, 2, 4) and warps (1..8) pick the launch configuration (0: the defaults)."""
+        dev = x.device
+        if not self.device_ok(dev):
+            build, wants = ("CPU emulation", "CPU") if self.emulated else ("GPU", "CUDA")
+            raise ValueError(f"x is on {dev}; this build of the CUDA kernels ({build}) takes {wants} tensors")
+        x2, y, N, K = linear.operands(x, w, b, act, scale, norm, residual, out)
+        if not self.gemv_fits(w):
+            raise ValueError(f"weight rows of {K} {w.dtype} values are longer than the CUDA GEMV stages "
+                             f"({self._lib.aigc_gemv_max_k(DTYPES[w.dtype])} at most)")
+        if rows_per_warp not in (0, *ROWS_PER_WARP) or not (isinstance(warps, int) and 0 <= warps <= MAX_WARPS):
+            raise ValueError(f"rows_per_warp must be 0 or one of {ROWS_PER_WARP} and warps in [0, {MAX_WARPS}], "
+                             f"got {rows_per_warp!r}, {warps!r}")
+        M = x2.shape[0]
+        if M > 65535:
+            raise ValueError(f"the CUDA GEMV takes at most 65,535 rows, got {M}")
+        if M == 0:
+            return y
+        ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
+
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K, x2.stride(0),
+                        w.stride(0), N, float(eps), DTYPES[w.dtype], act == "gelu_tanh", residual is not None,
+                        rows_per_warp, warps)
+        self._check(self._lib.aigc_gemv(ctypes.byref(args), self._stream(dev)), "gemv")
+        return y
+
+    def _stream(self, dev: torch.device) -> int | None:
+        return None if self.emulated else torch.cuda.current_stream(dev).cuda_stream
+
+    def _check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"CUDA kernel {what}: {self._lib.aigc_cuda_error_string(status).decode()} "
+                               f"(status {status})")
+
+
+def installed_path() -> str | None:
+    """The library setup.py built beside this module (None where nvcc was not found)."""
+    found = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "_cuda_kernels*.so")))
+    return found[0] if found else None
+
+
+@functools.cache
+def library() -> CudaKernels | None:
+    """The CUDA kernels: AIGC_RT_CUDA_LIB's build if set, else the installed one; None if there is none."""
+    path = os.environ.get("AIGC_RT_CUDA_LIB") or installed_path()
+    return CudaKernels(path) if path else None
