@@ -47,6 +47,10 @@ class CudaKernels:
         lib.aigc_cuda_error_string.argtypes = [ctypes.c_int32]
         lib.aigc_cuda_error_string.restype = ctypes.c_char_p
         lib.aigc_cuda_emulated.restype = ctypes.c_int32
+        lib.aigc_gemv_args_bytes.restype = ctypes.c_int64
+        if lib.aigc_gemv_args_bytes() != ctypes.sizeof(GemvArgs):
+            raise ValueError(f"{path}: its GemvArgs has {lib.aigc_gemv_args_bytes()} bytes, aigc_rt's mirror "
+                             f"{ctypes.sizeof(GemvArgs)}: the library and the package are from different versions")
         self._lib = lib
         self.emulated = bool(lib.aigc_cuda_emulated())
 
@@ -91,13 +95,17 @@ class CudaKernels:
         args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K, x2.stride(0),
                         w.stride(0), N, float(eps), DTYPES[w.dtype], act == "gelu_tanh", residual is not None,
                         rows_per_warp, warps)
-        self._check(self._lib.aigc_gemv(ctypes.byref(args), self._stream(dev)), "gemv")
+        self._launch(self._lib.aigc_gemv, args, dev, "gemv")
         return y
 
-    def _stream(self, dev: torch.device) -> int | None:
-        return None if self.emulated else torch.cuda.current_stream(dev).cuda_stream
-
-    def _check(self, status: int, what: str) -> None:
+    def _launch(self, fn, args: ctypes.Structure, dev: torch.device, what: str) -> None:
+        """fn(&args, stream) on torch's current stream of dev (with dev the current device, which the library's
+        own CUDA runtime takes from the thread); RuntimeError naming the kernel and the error."""
+        if self.emulated:
+            status = fn(ctypes.byref(args), None)
+        else:
+            with torch.cuda.device(dev):
+                status = fn(ctypes.byref(args), torch.cuda.current_stream(dev).cuda_stream)
         if status != 0:
             raise RuntimeError(f"CUDA kernel {what}: {self._lib.aigc_cuda_error_string(status).decode()} "
                                f"(status {status})")

@@ -16,6 +16,10 @@
 #   bash tools/gpu_session.sh profile    # a decode step's kernels (with/without PDL); linears vs cuBLAS; sampling
 #   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA) and DCGAN benchmarks
 #
+# The CUDA kernels (csrc/cuda) are built by `pip install -e .` where the box has nvcc; where it has not, the
+# library built on the CPU machine (`make build`: aigc_rt/_cuda_kernels*.so, git-ignored) must travel with the
+# tree: the device tool's `carry` takes it. The build log says which one the session runs.
+#
 # Logs and result files go to $OUT (the device tool brings that folder back) and bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,13 +46,16 @@ case "${1:-}" in
       tail -30 "$OUT/gpu_build.log"
       source_tree_fallback
     fi
+    { echo "nvcc: $(command -v nvcc || echo none)"
+      $PY -c "from aigc_rt import cuda_kernels as c; print('CUDA kernels:', c.library())" || true; } 2>&1 \
+      | tee -a "$OUT/gpu_build.log"
     if [ -n "${COMPILE_CHECK:-}" ]; then $PY tools/compile_triton_kernels.py | tee -a "$OUT/gpu_build.log"; fi
     ;;
   test)  # in parallel where pytest-xdist is there: compiling the kernels is most of the time
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
     failed=0
     $PY -m pytest -q -ra --tb=short --durations=8 $XDIST tests/test_triton_kernels.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
-      tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
+      tests/test_cuda_kernels.py tests/test_gpu_decode_bench.py 2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models again with programmatic dependent launch (AIGC_RT_PDL=1)" | tee -a "$OUT/gpu_tests.txt"
     AIGC_RT_PDL=1 $PY -m pytest -q -ra --tb=short $XDIST tests/test_triton_model.py 2>&1 | tee -a "$OUT/gpu_tests.txt" \
       || failed=1
@@ -79,12 +86,12 @@ case "${1:-}" in
     timeout 170 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     date +"%T tested"
     TAG=124M SIZES=124M BATCHES=1,8 DTYPES=bf16 \
-      SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl,triton-topk \
+      SYSTEMS=hf-eager,hf-compile,triton,triton-step,triton-pdl,triton-step-pdl,triton-topk,cuda-step \
       timeout 130 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     date +"%T decode 124M"
     timeout 100 bash "$0" profile || echo "gpu_session: profile failed" >&2
     date +"%T profile"
-    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 70 bash "$0" decode \
+    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl,cuda timeout 80 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
     date +"%T decode 1.5B"
     new_results  # rows saved before a time limit too

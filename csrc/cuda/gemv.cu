@@ -158,6 +158,9 @@ int32_t aigc_gemv(const GemvArgs* a, void* stream) {
   }
 }
 
+// sizeof(GemvArgs), which aigc_rt/cuda_kernels.py checks its mirror of the struct against
+int64_t aigc_gemv_args_bytes() { return sizeof(GemvArgs); }
+
 // the longest row aigc_gemv stages for weights of `dtype` (K * its staged element size <= 48 KiB), or 0
 int64_t aigc_gemv_max_k(int32_t dtype) {
   using namespace aigc_rt::cuda;
