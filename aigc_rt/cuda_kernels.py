@@ -20,10 +20,13 @@ import os
 import torch
 
 from .kernels import linear
+from .kernels.utils import l2_prefetchable, pdl_options
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # csrc/cuda/common.cuh Dtype
 ROWS_PER_WARP = (1, 2, 4)  # gemv launch configurations built
 MAX_WARPS = 8
+# (rows per warp, warps per block) the GEMV's autotuning times, each also with the L2 prefetch where it may run
+GEMV_CANDIDATES = [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8)]
 
 
 class GemvArgs(ctypes.Structure):
@@ -31,7 +34,8 @@ class GemvArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "scale", "bias", "ln_w", "ln_b", "y")] + \
                [(name, ctypes.c_int64) for name in ("M", "N", "K", "x_stride", "w_stride", "y_stride")] + \
                [("eps", ctypes.c_float)] + \
-               [(name, ctypes.c_int32) for name in ("dtype", "gelu", "accumulate", "rows_per_warp", "warps")]
+               [(name, ctypes.c_int32) for name in ("dtype", "gelu", "accumulate", "rows_per_warp", "warps", "pdl",
+                                                    "prefetch")]
 
 
 class CudaKernels:
@@ -53,6 +57,7 @@ class CudaKernels:
                              f"{ctypes.sizeof(GemvArgs)}: the library and the package are from different versions")
         self._lib = lib
         self.emulated = bool(lib.aigc_cuda_emulated())
+        self.gemv_configs: dict[tuple, tuple[int, int, bool]] = {}  # autotuned: shape and flags -> config
 
     def __repr__(self):
         return f"CudaKernels({self.path!r}{', emulated' if self.emulated else ''})"
@@ -67,10 +72,14 @@ class CudaKernels:
 
     def gemv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
              scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, rows_per_warp: int = 0, warps: int = 0) -> torch.Tensor:
+             out: torch.Tensor | None = None, rows_per_warp: int = 0, warps: int = 0,
+             prefetch: bool = False, tune: bool = False) -> torch.Tensor:
         """kernels.linear.linear's contract and checks (x (..., K) fp32, w (N, K), b, act, scale, norm, residual,
         out), on csrc/cuda/gemv.cu: each row of x streams all of W, so it is for a decode step's row or few.
-        rows_per_warp (1, 2, 4) and warps (1..8) pick the launch configuration (0: the defaults)."""
+        rows_per_warp (1, 2, 4) and warps (1..8) pick the launch configuration (0: the defaults); prefetch: each
+        warp first asks L2 for its weight rows (Hopper). tune: those three are chosen by timing the candidates
+        (GEMV_CANDIDATES) the first time a shape and set of flags comes, and kept (gemv_configs). Launched with
+        programmatic dependent launch where the Triton kernels are (AIGC_RT_PDL=1 on Hopper: pdl_options)."""
         dev = x.device
         if not self.device_ok(dev):
             build, wants = ("CPU emulation", "CPU") if self.emulated else ("GPU", "CUDA")
@@ -88,24 +97,54 @@ class CudaKernels:
         if M == 0:
             return y
         ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
+        pdl = not self.emulated and pdl_options(dev)["PDL"]
 
         def ptr(t):
             return None if t is None else t.data_ptr()
 
-        args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K, x2.stride(0),
-                        w.stride(0), N, float(eps), DTYPES[w.dtype], act == "gelu_tanh", residual is not None,
-                        rows_per_warp, warps)
-        self._launch(self._lib.aigc_gemv, args, dev, "gemv")
+        def run(rows_per_warp, warps, prefetch):
+            args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K,
+                            x2.stride(0), w.stride(0), N, float(eps), DTYPES[w.dtype], act == "gelu_tanh",
+                            residual is not None, rows_per_warp, warps, pdl, bool(prefetch))
+            self._launch(self._lib.aigc_gemv, args, dev, "gemv")
+
+        if tune:
+            key = (M, N, K, w.dtype, norm is not None, act, b is not None, residual is not None, pdl)
+            if key not in self.gemv_configs:
+                self.gemv_configs[key] = self._tune(run, w, y if residual is not None else None)
+            rows_per_warp, warps, prefetch = self.gemv_configs[key]
+        run(rows_per_warp, warps, prefetch)
         return y
+
+    def _tune(self, run, w: torch.Tensor, accumulated: torch.Tensor | None) -> tuple[int, int, bool]:
+        """The fastest of GEMV_CANDIDATES (with and without the L2 prefetch where it may run) by self.timer; an
+        output the kernel adds into (the residual stream) is put back as it was after the timed runs."""
+        saved = accumulated.clone() if accumulated is not None else None
+        prefetch = (False, True) if l2_prefetchable(w, w.shape[1] * w.element_size()) else (False,)
+        times = {}
+        for rows_per_warp, warps in GEMV_CANDIDATES:
+            for p in prefetch:
+                times[(rows_per_warp, warps, p)] = self.timer(lambda: run(rows_per_warp, warps, p))
+        if saved is not None:
+            accumulated.copy_(saved)
+        return min(times, key=times.get)
+
+    @staticmethod
+    def timer(fn) -> float:
+        """The autotuning's clock: the median time of fn over ~10 ms, the L2 cache flushed before each run."""
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
 
     def _launch(self, fn, args: ctypes.Structure, dev: torch.device, what: str) -> None:
         """fn(&args, stream) on torch's current stream of dev (with dev the current device, which the library's
         own CUDA runtime takes from the thread); RuntimeError naming the kernel and the error."""
         if self.emulated:
             status = fn(ctypes.byref(args), None)
-        else:
+        elif dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
                 status = fn(ctypes.byref(args), torch.cuda.current_stream(dev).cuda_stream)
+        else:
+            status = fn(ctypes.byref(args), torch.cuda.current_stream(dev).cuda_stream)
         if status != 0:
             raise RuntimeError(f"CUDA kernel {what}: {self._lib.aigc_cuda_error_string(status).decode()} "
                                f"(status {status})")

@@ -116,12 +116,10 @@ def step_profile(m, batch: int, prompt: int = 32,
     return replayed, with_pdl, apart, sorted(rows, key=lambda r: -r[2])
 
 
-CUDA_GEMV_CONFIGS = [(r, w) for r in cuda_kernels.ROWS_PER_WARP for w in (4, 8)]  # (rows per warp, warps)
-
-
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
     """One table row per distinct linear shape of the model: ours tuned / ours fixed / cuBLAS, and at M = 1 the
-    CUDA GEMV (csrc/cuda/gemv.cu, fused as the Triton one; its fastest launch configuration)."""
+    CUDA GEMV (csrc/cuda/gemv.cu, fused as the Triton one, its launch configuration autotuned as the cuda
+    backend does)."""
     blk = m.blocks[0]
     shapes = {"qkv": blk.qkv, "proj": blk.proj, "fc": blk.fc, "mlp_proj": blk.mlp_proj, "lm_head": m.lm_head}
     out = []
@@ -147,14 +145,16 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
             triton_linear.AUTOTUNE = mode == "tuned"
             secs[mode] = graph_time([lambda w_=w_, i=i: ours(w_, i) for i, w_ in enumerate(ws)]) / copies
         triton_linear.AUTOTUNE = True
-        cuda_best = "-"
+        cuda_config = "-"
         lib = cuda_kernels.library()
         if M == 1 and lib is not None and lib.device_ok(w.device) and lib.gemv_fits(w):
-            for rows, warps in CUDA_GEMV_CONFIGS:
-                t = graph_time([lambda w_=w_, i=i: ours(w_, i, lib.gemv, rows_per_warp=rows, warps=warps)
-                                for i, w_ in enumerate(ws)]) / copies
-                if t < secs.get("CUDA GEMV", float("inf")):
-                    secs["CUDA GEMV"], cuda_best = t, f"{rows} rows/warp, {warps} warps"
+            lib.gemv_configs.clear()
+            ours(ws[0], 0, lib.gemv, tune=True)  # times the candidates once; graph_time replays the choice
+            (rows, warps, prefetch), = lib.gemv_configs.values()
+            launch = dict(rows_per_warp=rows, warps=warps, prefetch=prefetch)
+            secs["CUDA GEMV"] = graph_time([lambda w_=w_, i=i: ours(w_, i, lib.gemv, **launch)
+                                            for i, w_ in enumerate(ws)]) / copies
+            cuda_config = f"{rows} rows/warp, {warps} warps{', L2 prefetch' if prefetch else ''}"
         if s is None:
             xw = x.to(w.dtype)
             secs["cuBLAS"] = graph_time([lambda w_=w_: F.linear(xw, w_) for w_ in ws]) / copies
@@ -167,7 +167,7 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
                 cells.append("-")
         kern = triton_linear._gemv_tuned if M <= triton_linear.GEMV_MAX_M else triton_linear._small_m_tuned
         best = [str(c) for k, c in kern.cache.items() if k[:2] == (N, K)]
-        out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} | {cuda_best} |")
+        out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} | {cuda_config} |")
         del ws
         torch.cuda.empty_cache()
     return out

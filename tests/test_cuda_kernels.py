@@ -99,7 +99,8 @@ GEMV_SHAPES = shapes([(1, 17, 96), (1, 45, 111), (2, 33, 208), (1, 130, 37), (3,
                          ids=["fp32", "bf16", "fp16", "int8"])
 def test_gemv(kernels, M, N, K, dtype):
     """y = act(x W^T + b), LayerNorm(x) first, residual += y: each against linear.reference, over the launch
-    configurations (rows per warp, warps per block) that split the rows differently."""
+    configurations (rows per warp, warps per block) that split the rows differently, one with the weights
+    prefetched into L2 first (on Hopper; elsewhere the flag changes nothing)."""
     x = randn(M, K, seed=M + N + K, scale=3) + 1  # off-centre rows, as the residual stream's are
     g, beta, b = randn(K, seed=K + 1) + 1, randn(K, seed=K + 2), randn(N, seed=N)
     scale = None
@@ -109,9 +110,9 @@ def test_gemv(kernels, M, N, K, dtype):
         w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
     norm = (g, beta, 1e-5)
     r0 = randn(M, N, seed=M * N)
-    for rows_per_warp, warps in ((0, 0), (1, 1), (4, 8)):
-        what = f"gemv {M}x{N}x{K} {dtype} rows_per_warp={rows_per_warp} warps={warps}"
-        launch = dict(rows_per_warp=rows_per_warp, warps=warps)
+    for rows_per_warp, warps, prefetch in ((0, 0, False), (1, 1, False), (4, 8, True)):
+        launch = dict(rows_per_warp=rows_per_warp, warps=warps, prefetch=prefetch)
+        what = f"gemv {M}x{N}x{K} {dtype} {launch}"
         assert_close(kernels.gemv(x, w, b, "gelu_tanh", scale=scale, **launch),
                      linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, what)
         assert_close(kernels.gemv(x, w, None, scale=scale, norm=norm, **launch),
@@ -120,6 +121,28 @@ def test_gemv(kernels, M, N, K, dtype):
         r = r0.clone()
         assert kernels.gemv(x, w, b, scale=scale, residual=r, **launch) is r
         assert_close(r, linear.reference(x, w, b, scale=scale, residual=r0), *LINEAR_TOL, f"residual {what}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock picks (the cuda backend's tests tune every shape)")
+def test_gemv_autotune(kernels, monkeypatch):
+    """tune=True times every candidate the first time a shape comes (a fake clock here, on which the fourth is
+    fastest), keeps that choice for the shape, and leaves the residual it adds into as one launch would."""
+    x, w, b, r0 = randn(1, 64, seed=1), randn(24, 64, seed=2), randn(24, seed=3), randn(1, 24, seed=4)
+    timed = []
+
+    def fake_timer(fn):
+        fn()
+        timed.append(fn)
+        return 0.5 if len(timed) == 4 else 1.0
+    monkeypatch.setattr(kernels, "timer", fake_timer)
+    monkeypatch.setattr(kernels, "gemv_configs", {})
+    r = r0.clone()
+    for _ in range(2):  # the second call reuses the choice
+        want = linear.reference(x, w, b, residual=r)
+        kernels.gemv(x, w, b, residual=r, tune=True)
+        assert_close(r, want, *LINEAR_TOL, "tuned gemv into the residual")
+    assert len(timed) == len(cuda_kernels.GEMV_CANDIDATES)
+    assert list(kernels.gemv_configs.values()) == [(*cuda_kernels.GEMV_CANDIDATES[3], False)]
 
 
 def test_gemv_errors(kernels):

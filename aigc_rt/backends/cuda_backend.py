@@ -1,7 +1,8 @@
 """The `cuda` backend: the triton backend with the CUDA kernels of csrc/cuda (aigc_rt/cuda_kernels.py) where
 they exist, for now the decode GEMV: a decode step's linears of one row (with their LayerNorm prologue and
-residual epilogue) run csrc/cuda/gemv.cu; everything else, and the CUDA-graph replay of the step, is the triton
-backend's. `auto` still picks `triton` on a GPU until bench/gpu_decode.py shows this one faster.
+residual epilogue) run csrc/cuda/gemv.cu, its launch configuration timed per shape the first time (outside the
+graph capture: the step runs eagerly first); everything else, and the CUDA-graph replay of the step, is the
+triton backend's. `auto` still picks `triton` on a GPU until bench/gpu_decode.py shows this one faster.
 With the CPU emulation of the CUDA kernels (AIGC_RT_CUDA_LIB, built by tests/test_cuda_kernels.py) and
 TRITON_INTERPRET=1 it runs whole models on CPU tensors, as the triton backend does, for tests."""
 from __future__ import annotations
@@ -28,6 +29,7 @@ class CudaBackend(TritonBackend):
                              f"not {device}")
         super().__init__(device)
         self.kernels = kernels
+        self.tune = not kernels.emulated  # the GEMV's launch configuration timed per shape on a GPU
 
     def _gemv(self, x: torch.Tensor, lin: Linear) -> bool:
         return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and self.kernels.gemv_fits(lin.weight)
@@ -36,9 +38,10 @@ class CudaBackend(TritonBackend):
         if not self._gemv(x, lin):
             return super().linear(x, lin, act, out=out, residual=residual)
         return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, residual=residual,
-                                 out=out if residual is None else None)
+                                 out=out if residual is None else None, tune=self.tune)
 
     def layernorm_linear(self, x, ln_w, ln_b, eps, lin: Linear, act=None, *, norm_out=None, out=None):
         if not self._gemv(x, lin):
             return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
-        return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out)
+        return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out,
+                                 tune=self.tune)

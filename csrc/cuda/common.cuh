@@ -1,6 +1,6 @@
-// What every csrc/cuda kernel file includes: the element types, 16-byte loads, warp and block sums, and
-// AIGC_LAUNCH, which is a <<<grid, block>>> launch under nvcc and a launch on CPU threads under emulate.h (the
-// CPU build the tests use: `g++ -x c++ -include csrc/cuda/emulate.h`). Plain CUDA, no torch headers: the
+// What every csrc/cuda kernel file includes: the element types, 16-byte loads, warp and block sums, programmatic
+// dependent launch and L2 prefetch, and launch(), which is cudaLaunchKernelEx under nvcc and a launch on the CPU
+// under emulate.h (the CPU build the tests use: `g++ -x c++ -include csrc/cuda/emulate.h`). Plain CUDA, no torch headers: the
 // Python side (aigc_rt/cuda_kernels.py) calls each file's extern "C" launch function through ctypes with raw
 // pointers and a cudaStream_t.
 #pragma once
@@ -14,7 +14,6 @@
 
 #ifdef __CUDACC__
 #include <cuda_runtime.h>
-#define AIGC_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define AIGC_DYNAMIC_SHARED(T, name)                     \
   extern __shared__ __align__(16) unsigned char aigc_smem_[]; \
   T* name = reinterpret_cast<T*>(aigc_smem_)
@@ -90,6 +89,46 @@ __device__ __forceinline__ float block_sum(float v) {
   __syncthreads();
   v = lane < warps ? partial[lane] : 0.0f;
   return warp_sum(v);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch if pdl (sm_90+: the kernel
+// may start before the one before it has finished; it calls pdl_begin() before it reads what that one wrote)
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                   Args... args) {
+#ifdef __CUDACC__
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+#else
+  aigc_emu::launch(grid, block, smem, [=] { kernel(args...); });
+  return cudaSuccess;
+#endif
+}
+
+// Under programmatic dependent launch: wait until the kernel before has finished and its writes are visible,
+// then let the next kernel launch (it waits in turn). A no-op otherwise, before sm_90 and in the emulation.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Ask L2 for `bytes` bytes from p (both multiples of 16) with one bulk prefetch (the copy engine fetches them;
+// later loads hit L2 or join the request). sm_90+; a no-op before and in the emulation.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 
 __device__ __forceinline__ float gelu_tanh(float y) {

@@ -38,9 +38,8 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 
-// cudaStream_t, cudaError_t and these two's declarations come with the headers above (cuda_runtime_api.h); the
-// emulation defines the two (weak: every kernel file includes this header)
-extern "C" __attribute__((weak)) cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+// cudaStream_t, cudaError_t and cudaGetErrorString's declaration come with the headers above (cuda_runtime_api.h);
+// the emulation defines it (weak: every kernel file includes this header)
 extern "C" __attribute__((weak)) const char* cudaGetErrorString(cudaError_t) { return "no error (CPU emulation)"; }
 
 inline uint3 threadIdx, blockIdx;  // of the running fiber
@@ -169,6 +168,4 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask, int /*width*/ = 32) {
   return other;
 }
 
-#define AIGC_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  aigc_emu::launch(dim3(grid), dim3(block), (smem), [=] { kernel(__VA_ARGS__); })
 #define AIGC_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(aigc_emu::dynamic_smem)

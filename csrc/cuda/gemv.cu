@@ -36,6 +36,8 @@ struct GemvArgs {
   int32_t accumulate;     // 1: y += result
   int32_t rows_per_warp;  // 1, 2 or 4 (0: 2)
   int32_t warps;          // warps per block, 1 to 8 (0: 4)
+  int32_t pdl;            // 1: a programmatic dependent launch (sm_90+)
+  int32_t prefetch;       // 1: each warp first asks L2 for its rows of W (sm_90+; rows 16-byte aligned)
 };
 
 constexpr int64_t kMaxSharedBytes = 48 * 1024;  // the staged row: K x its element size
@@ -70,12 +72,14 @@ __global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a) {
   using X = typename Staged<W>::type;
   constexpr int V = VEC ? 16 / static_cast<int>(sizeof(W)) : 1;  // weights per lane per step
   AIGC_DYNAMIC_SHARED(X, xs);                                      // (K,) the staged row
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp) * ROWS;
+  if (VEC && a.prefetch && lane < ROWS && n0 + lane < a.N)  // before the wait: no kernel writes weights
+    prefetch_l2(static_cast<const W*>(a.w) + (n0 + lane) * a.w_stride, static_cast<uint32_t>(a.K * sizeof(W)));
+  if (a.pdl) pdl_begin();
   const int64_t m = blockIdx.y;
   stage_row<X>(a, a.x + m * a.x_stride, xs);
   __syncthreads();
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp) * ROWS;
   if (n0 >= a.N) return;  // whole warps: no shuffle or barrier follows for them
   const W* rows[ROWS];
 #pragma unroll
@@ -120,8 +124,7 @@ int32_t launch_rows(const GemvArgs& a, cudaStream_t stream) {
   constexpr int64_t V = 16 / sizeof(W);
   const bool vec = a.K % V == 0 && a.w_stride % V == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
   auto kernel = vec ? gemv_kernel<W, ROWS, true> : gemv_kernel<W, ROWS, false>;
-  AIGC_LAUNCH(kernel, grid, dim3(32 * warps), smem, stream, a);
-  return static_cast<int32_t>(cudaGetLastError());
+  return static_cast<int32_t>(launch(kernel, grid, dim3(32 * warps), smem, stream, a.pdl != 0, a));
 }
 
 template <typename W>
