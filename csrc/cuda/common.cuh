@@ -1,8 +1,8 @@
-// What every csrc/cuda kernel file includes: the element types, 16-byte loads, warp and block sums, programmatic
-// dependent launch and L2 prefetch, and launch(), which is cudaLaunchKernelEx under nvcc and a launch on the CPU
-// under emulate.h (the CPU build the tests use: `g++ -x c++ -include csrc/cuda/emulate.h`). Plain CUDA, no torch headers: the
-// Python side (aigc_rt/cuda_kernels.py) calls each file's extern "C" launch function through ctypes with raw
-// pointers and a cudaStream_t.
+// What every csrc/cuda kernel file includes: the element types, 16-byte loads, warp sums and block statistics,
+// programmatic dependent launch and L2 prefetch, and launch(), which is cudaLaunchKernelEx under nvcc and a launch
+// on the CPU under emulate.h (the CPU build the tests use: `g++ -x c++ -include csrc/cuda/emulate.h`). Plain
+// CUDA, no torch headers: the Python side (aigc_rt/cuda_kernels.py) calls each file's extern "C" launch function
+// through ctypes with raw pointers and a cudaStream_t.
 #pragma once
 
 #include <cstdint>
@@ -79,18 +79,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// The sum of v over the block (every thread gets it); blockDim.x a multiple of 32, every thread calls it.
-__device__ __forceinline__ float block_sum(float v) {
-  __shared__ float partial[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  v = warp_sum(v);
-  __syncthreads();  // partial[] may still be read by an earlier call
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = lane < warps ? partial[lane] : 0.0f;
-  return warp_sum(v);
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch if pdl (sm_90+: the kernel
 // may start before the one before it has finished; it calls pdl_begin() before it reads what that one wrote)
 template <typename... Params, typename... Args>
@@ -129,6 +117,57 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 #endif
+}
+
+// Running statistics of a set of values (Welford): how many, their mean, and the sum of squared deviations from
+// it. merge() combines two sets exactly as if one had seen both (Chan et al.), so threads and warps can each
+// take a share of a row in one pass and combine at the end.
+struct Moments {
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+
+  __device__ __forceinline__ void add(float v) {
+    n += 1.0f;
+    const float d = v - mean;
+    mean += d / n;
+    m2 += d * (v - mean);
+  }
+
+  __device__ __forceinline__ void merge(const Moments& o) {
+    const float total = n + o.n;
+    if (total == 0.0f) return;
+    const float d = o.mean - mean, share = o.n / total;
+    mean += d * share;
+    m2 += o.m2 + d * d * n * share;
+    n = total;
+  }
+};
+
+// The moments of every thread's values, combined over the block (every thread gets them); blockDim.x a multiple
+// of 32, every thread calls it. The combining order is fixed: the same result every run.
+__device__ __forceinline__ Moments block_moments(Moments m) {
+  __shared__ float partial[32][3];  // (n, mean, m2) per warp (no constructors in shared memory)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  auto warp_merge = [](Moments& m) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      Moments other;
+      other.n = __shfl_xor_sync(0xffffffffu, m.n, offset);
+      other.mean = __shfl_xor_sync(0xffffffffu, m.mean, offset);
+      other.m2 = __shfl_xor_sync(0xffffffffu, m.m2, offset);
+      m.merge(other);
+    }
+  };
+  warp_merge(m);
+  __syncthreads();  // partial[] may still be read by an earlier call
+  if (lane == 0) {
+    partial[warp][0] = m.n;
+    partial[warp][1] = m.mean;
+    partial[warp][2] = m.m2;
+  }
+  __syncthreads();
+  m = lane < warps ? Moments{partial[lane][0], partial[lane][1], partial[lane][2]} : Moments{};
+  warp_merge(m);
+  return m;
 }
 
 __device__ __forceinline__ float gelu_tanh(float y) {

@@ -10,9 +10,11 @@
 //     act = identity | GELU-tanh, (+)= stores, or adds into y (the residual stream)
 //
 // Products and sums are fp32. One block per (row m, group of warps x ROWS output features): the block stages
-// xr in shared memory (normalising it first if asked), then each warp streams ROWS rows of W, each lane reading
-// 16 bytes of every row per step (VEC: rows 16-byte aligned; else one element), so a warp has ROWS x the
-// unrolled steps' 16-byte loads in flight. A warp's sums are reduced by shuffles; lane r finishes row n0 + r.
+// xr in shared memory (normalising it first if asked: the statistics in one pass), then each warp streams ROWS
+// rows of W, each lane reading 16 bytes of every row per step (VEC: rows 16-byte aligned; else one element), so
+// a warp has ROWS x the unrolled steps' 16-byte loads in flight. A warp's sums are reduced by shuffles; lane r
+// finishes row n0 + r. Optionally (Hopper) each warp first asks L2 for its rows, so that they stream in while
+// the row is staged (and, under programmatic dependent launch, while the kernel before finishes).
 //
 // Called by aigc_rt/cuda_kernels.py (ctypes); tested by tests/test_cuda_kernels.py against the fp32 reference,
 // on the CPU through emulate.h and on a GPU as built by setup.py; benchmarked by bench/gpu_profile.py.
@@ -46,20 +48,17 @@ template <typename W> struct Staged { using type = float; };  // fp32 and int8 w
 template <> struct Staged<__nv_bfloat16> { using type = __nv_bfloat16; };
 template <> struct Staged<__half> { using type = __half; };
 
-// xr for row m into xs (K,): x, or LayerNorm(x) (two passes for the statistics, as F.layer_norm), rounded
+// xr for row m into xs (K,): x, or LayerNorm(x) with the row's statistics from one pass (each thread's share by
+// Welford, combined over the block), then the normalising pass re-reading x from L1; rounded to X
 template <typename X>
 __device__ void stage_row(const GemvArgs& a, const float* __restrict__ x, X* xs) {
   float mean = 0.0f, rstd = 1.0f;
   if (a.ln_w != nullptr) {
-    float sum = 0.0f;
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) sum += x[k];
-    mean = block_sum(sum) / static_cast<float>(a.K);
-    float squares = 0.0f;
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
-      const float d = x[k] - mean;
-      squares += d * d;
-    }
-    rstd = 1.0f / sqrtf(block_sum(squares) / static_cast<float>(a.K) + a.eps);
+    Moments m;
+    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) m.add(x[k]);
+    m = block_moments(m);
+    mean = m.mean;
+    rstd = 1.0f / sqrtf(m.m2 / static_cast<float>(a.K) + a.eps);
   }
   for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
     const float v = a.ln_w != nullptr ? (x[k] - mean) * rstd * a.ln_w[k] + a.ln_b[k] : x[k];
