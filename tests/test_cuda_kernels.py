@@ -184,10 +184,10 @@ def test_cuda_backend_greedy_tokens_identical_to_hf(kernels, rt_odd, monkeypatch
     hf.generation_config.eos_token_id = None  # compare full-length continuations
     ids = m.tokenizer.encode("Beautiful is")
     with torch.no_grad():
-        want = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, len(ids):]
-    assert m.generate(ids, max_new_tokens=10)[0].token_ids == want.tolist()
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert m.generate(ids, max_new_tokens=6)[0].token_ids == want.tolist()
     n_layer = hf.config.n_layer
-    assert len(calls) >= 9 * (4 * n_layer + 1), f"{len(calls)} CUDA GEMV calls for 9 decode steps"
+    assert len(calls) >= 5 * (4 * n_layer + 1), f"{len(calls)} CUDA GEMV calls for 5 decode steps"
 
 
 def test_cuda_backend_needs_the_kernels(monkeypatch):

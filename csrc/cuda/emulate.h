@@ -105,7 +105,8 @@ void launch(dim3 grid, dim3 block, std::size_t smem, Body body) {
   const unsigned threads = block.x * block.y * block.z;
   std::vector<unsigned char> shared(smem + 16);
   dynamic_smem = shared.data() + (16 - reinterpret_cast<std::uintptr_t>(shared.data()) % 16) % 16;
-  std::vector<Fiber> fibers(threads);
+  static std::vector<Fiber> fibers;  // kept between launches: their stacks are the costly part
+  if (fibers.size() < threads) fibers.resize(threads);
   std::vector<Warp> warps((threads + 31) / 32);
   Barrier sync{threads};
   running_body<Body> = &body;
