@@ -21,7 +21,7 @@ import torch
 
 from aigc_rt import cuda_kernels
 from aigc_rt.kernels import linear
-from test_triton_kernels import (DEV, LINEAR_TOL, NORM_TOL, ON_GPU, ROOT, assert_close, int8_weights, randn,
+from test_triton_kernels import (DEV, LINEAR_TOL, NORM_TOL, ON_GPU, ROOT, assert_close, prenorm_operands, randn,
                                  shapes)
 from test_triton_kernels import pytestmark  # noqa: F401  (skip without a GPU / TRITON_INTERPRET=1)
 
@@ -101,15 +101,7 @@ def test_gemv(kernels, M, N, K, dtype):
     """y = act(x W^T + b), LayerNorm(x) first, residual += y: each against linear.reference, over the launch
     configurations (rows per warp, warps per block) that split the rows differently, one with the weights
     prefetched into L2 first (on Hopper; elsewhere the flag changes nothing)."""
-    x = randn(M, K, seed=M + N + K, scale=3) + 1  # off-centre rows, as the residual stream's are
-    g, beta, b = randn(K, seed=K + 1) + 1, randn(K, seed=K + 2), randn(N, seed=N)
-    scale = None
-    if dtype == torch.int8:
-        w, scale = int8_weights(N, K, seeds=(K, N))
-    else:
-        w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
-    norm = (g, beta, 1e-5)
-    r0 = randn(M, N, seed=M * N)
+    x, w, scale, b, norm, r0 = prenorm_operands(M, N, K, dtype)
     for rows_per_warp, warps, prefetch in ((0, 0, False), (1, 1, False), (4, 8, True)):
         launch = dict(rows_per_warp=rows_per_warp, warps=warps, prefetch=prefetch)
         what = f"gemv {M}x{N}x{K} {dtype} {launch}"

@@ -54,6 +54,20 @@ def int8_weights(N: int, K: int, seeds: tuple[int, int]) -> tuple[torch.Tensor, 
     return q.to(DEV), scale.to(DEV)
 
 
+def prenorm_operands(M: int, N: int, K: int, dtype: torch.dtype) -> tuple:
+    """(x, w, scale, b, norm, r0) for a pre-norm block's linear: off-centre rows x (M, K), as the residual
+    stream's are; weights (N, K) of `dtype` (int8 with its per-row scales, else scale None); bias (N,); a
+    LayerNorm (g, beta, eps) over K; a residual r0 (M, N)."""
+    x = randn(M, K, seed=M + N + K, scale=3) + 1
+    g, beta, b = randn(K, seed=K + 1) + 1, randn(K, seed=K + 2), randn(N, seed=N)
+    scale = None
+    if dtype == torch.int8:
+        w, scale = int8_weights(N, K, seeds=(K, N))
+    else:
+        w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
+    return x, w, scale, b, (g, beta, 1e-5), randn(M, N, seed=M * N)
+
+
 # -- layernorm ------------------------------------------------------------------------------------------
 LN_TOL = (1e-5, 1e-5)  # fp32 (the residual stream is always fp32)
 
@@ -129,18 +143,10 @@ NORM_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (5e-3, 5e-3), torch.flo
 def test_linear_norm_and_residual(M, N, K, dtype):
     """The pre-norm fusions: y = linear(LayerNorm(x)) (norm in the prologue) and residual += linear(x) (in the
     epilogue), alone and together, on both kernels (and the split-K GEMM, whose reduction does the adding)."""
-    x = randn(M, K, seed=M + N + K, scale=3) + 1  # off-centre rows, as the residual stream's are
-    g, beta, b = randn(K, seed=K + 1) + 1, randn(K, seed=K + 2), randn(N, seed=N)
-    scale = None
-    if dtype == torch.int8:
-        w, scale = int8_weights(N, K, seeds=(K, N))
-    else:
-        w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
+    x, w, scale, b, norm, r0 = prenorm_operands(M, N, K, dtype)
     tol = NORM_TOL.get(dtype, LINEAR_TOL)
-    r0 = randn(M, N, seed=M * N)
     for kernel, split_k in (("gemv", None), ("gemm", None), ("gemm", 3)):
         what = f"{M}x{N}x{K} {dtype} {kernel} split_k={split_k}"
-        norm = (g, beta, 1e-5)
         want = linear.reference(x, w, b, "gelu_tanh", scale=scale, norm=norm)
         got = linear.linear(x, w, b, "gelu_tanh", scale=scale, norm=norm, kernel=kernel, split_k=split_k)
         assert_close(got, want, *tol, f"linear(LayerNorm(x)) {what}")
