@@ -7,7 +7,7 @@ this module checks the tensors, fills the argument struct and launches on torch'
 launches join CUDA-graph captures like any other).
 
 The same sources compiled for the CPU with csrc/cuda/emulate.h (tests/test_cuda_kernels.py builds that with g++)
-give a library whose kernels run on CPU tensors, one thread per CUDA thread: CudaKernels(path) loads either, and
+give a library whose kernels run on CPU tensors (each CUDA thread a fiber): CudaKernels(path) loads either, and
 `emulated` says which. AIGC_RT_CUDA_LIB names a library to use instead of the installed one.
 """
 from __future__ import annotations
