@@ -4,8 +4,8 @@
 //     g++ -std=c++20 -O1 -shared -fPIC -x c++ -include csrc/cuda/emulate.h -I<cuda>/include -Icsrc F.cu
 //
 // runs the blocks of a launch in turn, each CUDA thread of a block a fiber on the calling thread: __syncthreads
-// is a barrier over the block, __shfl_xor_sync an exchange through the warp's slots between two barriers over
-// the warp, a __shared__ variable a static (one block runs at a time) and the dynamic shared memory a buffer per
+// is a barrier over the block, __shfl_xor_sync an exchange through the warp's slots around a barrier over the
+// warp, a __shared__ variable a static (one block runs at a time) and the dynamic shared memory a buffer per
 // launch. Index arithmetic, masking, reductions and epilogues run as written; a barrier that some threads never
 // reach (a hang on a GPU) aborts with a message. What it cannot show is speed, a data race the barriers happen
 // to hide, or anything in inline PTX (kernels keep that out of the emulated path). One launch at a time.
@@ -64,9 +64,11 @@ struct Barrier {
   unsigned long phase = 0;
 };
 
+// A shuffle writes the lane's value into the slots of the barrier's phase parity, waits, reads its partner's: two
+// sets of slots, since a lane can be at most one shuffle ahead of another (it waits at the next barrier for it)
 struct Warp {
   Barrier sync;
-  unsigned char slots[32][8];
+  unsigned char slots[2][32][8];
 };
 
 inline ucontext_t scheduler;
@@ -161,11 +163,11 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask, int /*width*/ = 32) {
   static_assert(sizeof(T) <= 8, "__shfl_xor_sync: at most 8 bytes");
   aigc_emu::Warp& w = *aigc_emu::warp;
   const unsigned me = aigc_emu::lane();
-  std::memcpy(w.slots[me], &v, sizeof(T));
+  auto& slots = w.slots[w.sync.phase % 2];
+  std::memcpy(slots[me], &v, sizeof(T));
   aigc_emu::arrive_and_wait(w.sync);
   T other;
-  std::memcpy(&other, w.slots[me ^ static_cast<unsigned>(lane_mask)], sizeof(T));
-  aigc_emu::arrive_and_wait(w.sync);
+  std::memcpy(&other, slots[me ^ static_cast<unsigned>(lane_mask)], sizeof(T));
   return other;
 }
 
