@@ -182,6 +182,28 @@ def test_cuda_backend_greedy_tokens_identical_to_hf(kernels, rt_odd, monkeypatch
     assert len(calls) >= 5 * (4 * n_layer + 1), f"{len(calls)} CUDA GEMV calls for 5 decode steps"
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock decides (test_cuda_backend_greedy_tokens_identical_to_hf)")
+def test_cuda_backend_keeps_the_faster_linear(kernels, rt_odd, monkeypatch):
+    """On a GPU the backend times the CUDA GEMV against the Triton linear the first time a shape comes and keeps
+    the faster. With a clock on which the Triton linear is the faster (as if on a GPU, here in the emulation),
+    every decode linear takes it, and the tokens are still HF's: the timed runs left the residual stream as it
+    was."""
+    import aigc_rt
+    monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
+    monkeypatch.setattr(kernels, "timer", lambda fn: (fn(), 1.0 if fn.__name__ == "triton" else 2.0)[1])
+    m = aigc_rt.load(rt_odd[0], device=DEV, backend="cuda")
+    m.backend.tune = True
+    hf = rt_odd[1]
+    hf.generation_config.eos_token_id = None
+    ids = m.tokenizer.encode("def main():")
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert m.generate(ids, max_new_tokens=4)[0].token_ids == want.tolist()
+    # qkv, proj, fc, mlp_proj (the 3 blocks alike) and lm_head: (N, K) of each linear timed
+    assert {key[1:3] for key in m.backend.choices} == {(288, 96), (96, 96), (384, 96), (96, 384), (1000, 96)}
+    assert not any(m.backend.choices.values())
+
+
 def test_cuda_backend_needs_the_kernels(monkeypatch):
     from aigc_rt.backends import get_backend
     monkeypatch.setattr(cuda_kernels, "library", lambda: None)

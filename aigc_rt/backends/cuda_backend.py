@@ -1,15 +1,19 @@
 """The `cuda` backend: the triton backend with the CUDA kernels of csrc/cuda (aigc_rt/cuda_kernels.py) where
 they exist, for now the decode GEMV: a decode step's linears of one row (with their LayerNorm prologue and
-residual epilogue) run csrc/cuda/gemv.cu, its launch configuration timed per shape the first time (outside the
-graph capture: the step runs eagerly first); everything else, and the CUDA-graph replay of the step, is the
-triton backend's. `auto` still picks `triton` on a GPU until bench/gpu_decode.py shows this one faster.
+residual epilogue) run csrc/cuda/gemv.cu or the Triton linear, whichever is faster for that shape: the first
+time a shape comes, the GEMV's launch configurations and the Triton kernel (autotuned itself) are timed, and
+the choice is kept (outside the graph capture: the step runs eagerly first). Everything else, and the
+CUDA-graph replay of the step, is the triton backend's. `auto` still picks `triton` on a GPU until
+bench/gpu_decode.py shows this one faster.
 With the CPU emulation of the CUDA kernels (AIGC_RT_CUDA_LIB, built by tests/test_cuda_kernels.py) and
-TRITON_INTERPRET=1 it runs whole models on CPU tensors, as the triton backend does, for tests."""
+TRITON_INTERPRET=1 it runs whole models on CPU tensors, as the triton backend does, for tests; there nothing is
+timed and every linear the GEMV takes runs it."""
 from __future__ import annotations
 
 import torch
 
 from .. import cuda_kernels
+from ..kernels import linear as triton_linear
 from .torch_backend import Linear
 from .triton_backend import TritonBackend
 
@@ -29,19 +33,51 @@ class CudaBackend(TritonBackend):
                              f"not {device}")
         super().__init__(device)
         self.kernels = kernels
-        self.tune = not kernels.emulated  # the GEMV's launch configuration timed per shape on a GPU
-
-    def _gemv(self, x: torch.Tensor, lin: Linear) -> bool:
-        return x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and self.kernels.gemv_fits(lin.weight)
+        self.tune = not kernels.emulated  # on a GPU: time the GEMV's configurations and the Triton linear
+        self.choices: dict[tuple, bool] = {}  # linear shape and flags -> whether the CUDA GEMV is the faster
 
     def linear(self, x, lin: Linear, act=None, *, out=None, residual=None):
-        if not self._gemv(x, lin):
-            return super().linear(x, lin, act, out=out, residual=residual)
-        return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, residual=residual,
-                                 out=out if residual is None else None, tune=self.tune)
+        out = out if residual is None else None  # with a residual, the result goes into it
+        if self._gemv_runs(x, lin, act, None, out, residual):
+            return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, out=out, residual=residual,
+                                     tune=self.tune)
+        return super().linear(x, lin, act, out=out, residual=residual)
 
     def layernorm_linear(self, x, ln_w, ln_b, eps, lin: Linear, act=None, *, norm_out=None, out=None):
-        if not self._gemv(x, lin):
-            return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
-        return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out,
-                                 tune=self.tune)
+        norm = (ln_w, ln_b, eps)
+        if self._gemv_runs(x, lin, act, norm, out, None):
+            return self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=norm, out=out,
+                                     tune=self.tune)
+        return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
+
+    def _gemv_runs(self, x, lin: Linear, act, norm, out, residual) -> bool:
+        """Whether this linear runs on the CUDA GEMV: it takes it, and (when timing) it is the faster for the
+        shape. The first time a shape comes, both are timed on these operands."""
+        rows = x.numel() // x.shape[-1]
+        if rows > GEMV_MAX_ROWS or not self.kernels.gemv_fits(lin.weight):
+            return False
+        if not self.tune:
+            return True
+
+        key = (rows, *lin.weight.shape, lin.weight.dtype, norm is not None, act, lin.bias is not None,
+               residual is not None)
+        if key not in self.choices:
+            def cuda():
+                self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=norm, out=out,
+                                  residual=residual, tune=True)
+
+            def triton():
+                triton_linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, norm=norm, out=out,
+                                     residual=residual)
+            self.choices[key] = self._cuda_is_faster(cuda, triton, residual)
+        return self.choices[key]
+
+    def _cuda_is_faster(self, cuda, triton, residual) -> bool:
+        """Times both (each run once first: that tunes them) by the GEMV's autotuning clock; an output they add
+        into (the residual stream) is put back as it was."""
+        saved = residual.clone() if residual is not None else None
+        cuda(), triton()
+        seconds = [self.kernels.timer(fn) for fn in (cuda, triton)]
+        if saved is not None:
+            residual.copy_(saved)
+        return seconds[0] <= seconds[1]
