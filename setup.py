@@ -20,7 +20,7 @@ from setuptools import Extension, find_packages, setup
 from torch.utils import cpp_extension
 
 CUDA_LIBRARY = "aigc_rt._cuda_kernels"
-NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", "-Icsrc",
+NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static", "-Icsrc", "--threads", "0",
               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
               "-gencode", "arch=compute_90,code=compute_90"]
 CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]

@@ -32,7 +32,7 @@ GEMV_CANDIDATES = [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8)]
 class GemvArgs(ctypes.Structure):
     """csrc/cuda/gemv.cu's GemvArgs, field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "scale", "bias", "ln_w", "ln_b", "y")] + \
-               [(name, ctypes.c_int64) for name in ("M", "N", "K", "x_stride", "w_stride", "y_stride")] + \
+               [(name, ctypes.c_int64) for name in ("M", "N", "K", "x_stride", "w_stride", "y_stride", "kc")] + \
                [("eps", ctypes.c_float)] + \
                [(name, ctypes.c_int32) for name in ("dtype", "gelu", "accumulate", "rows_per_warp", "warps", "pdl",
                                                     "prefetch")]
@@ -46,8 +46,7 @@ class CudaKernels:
         lib = ctypes.CDLL(path)
         lib.aigc_gemv.argtypes = [ctypes.POINTER(GemvArgs), ctypes.c_void_p]
         lib.aigc_gemv.restype = ctypes.c_int32
-        lib.aigc_gemv_max_k.argtypes = [ctypes.c_int32]
-        lib.aigc_gemv_max_k.restype = ctypes.c_int64
+        lib.aigc_gemv_max_rows.restype = ctypes.c_int64
         lib.aigc_cuda_error_string.argtypes = [ctypes.c_int32]
         lib.aigc_cuda_error_string.restype = ctypes.c_char_p
         lib.aigc_cuda_emulated.restype = ctypes.c_int32
@@ -57,6 +56,7 @@ class CudaKernels:
                              f"{ctypes.sizeof(GemvArgs)}: the library and the package are from different versions")
         self._lib = lib
         self.emulated = bool(lib.aigc_cuda_emulated())
+        self.gemv_max_rows = lib.aigc_gemv_max_rows()  # rows of activations one GEMV launch takes
         self.gemv_configs: dict[tuple, tuple[int, int, bool]] = {}  # autotuned: shape and flags -> config
 
     def __repr__(self):
@@ -66,9 +66,9 @@ class CudaKernels:
         """Whether this build's kernels take tensors on `device` (the emulation: the CPU; else a GPU)."""
         return device.type == ("cpu" if self.emulated else "cuda")
 
-    def gemv_fits(self, w: torch.Tensor) -> bool:
-        """Whether the GEMV takes weights like w: its dtype, and rows short enough to stage in shared memory."""
-        return w.dtype in DTYPES and w.dim() == 2 and w.shape[1] <= self._lib.aigc_gemv_max_k(DTYPES[w.dtype])
+    def gemv_takes(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether the GEMV takes these operands: at most gemv_max_rows rows of x, weights of a dtype it has."""
+        return x.numel() // x.shape[-1] <= self.gemv_max_rows and w.dtype in DTYPES and w.dim() == 2
 
     def gemv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
              scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
@@ -85,15 +85,12 @@ class CudaKernels:
             build, wants = ("CPU emulation", "CPU") if self.emulated else ("GPU", "CUDA")
             raise ValueError(f"x is on {dev}; this build of the CUDA kernels ({build}) takes {wants} tensors")
         x2, y, N, K = linear.operands(x, w, b, act, scale, norm, residual, out)
-        if not self.gemv_fits(w):
-            raise ValueError(f"weight rows of {K} {w.dtype} values are longer than the CUDA GEMV stages "
-                             f"({self._lib.aigc_gemv_max_k(DTYPES[w.dtype])} at most)")
         if rows_per_warp not in (0, *ROWS_PER_WARP) or not (isinstance(warps, int) and 0 <= warps <= MAX_WARPS):
             raise ValueError(f"rows_per_warp must be 0 or one of {ROWS_PER_WARP} and warps in [0, {MAX_WARPS}], "
                              f"got {rows_per_warp!r}, {warps!r}")
         M = x2.shape[0]
-        if M > 65535:
-            raise ValueError(f"the CUDA GEMV takes at most 65,535 rows, got {M}")
+        if M > self.gemv_max_rows:
+            raise ValueError(f"the CUDA GEMV takes at most {self.gemv_max_rows} rows of x, got {M}")
         if M == 0:
             return y
         ln_w, ln_b, eps = norm if norm is not None else (None, None, 0.0)
@@ -104,7 +101,7 @@ class CudaKernels:
 
         def run(rows_per_warp, warps, prefetch):
             args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K,
-                            x2.stride(0), w.stride(0), N, float(eps), DTYPES[w.dtype], act == "gelu_tanh",
+                            x2.stride(0), w.stride(0), N, 0, float(eps), DTYPES[w.dtype], act == "gelu_tanh",
                             residual is not None, rows_per_warp, warps, pdl, bool(prefetch))
             self._launch(self._lib.aigc_gemv, args, dev, "gemv")
 

@@ -1,5 +1,5 @@
 """The `cuda` backend: the triton backend with the CUDA kernels of csrc/cuda (aigc_rt/cuda_kernels.py) where
-they exist, for now the decode GEMV: a decode step's linears of one row (with their LayerNorm prologue and
+they exist, for now the decode GEMV: a decode step's linears (up to 8 rows, with their LayerNorm prologue and
 residual epilogue) run csrc/cuda/gemv.cu or the Triton linear, whichever is faster for that shape: the first
 time a shape comes, the GEMV's launch configurations and the Triton kernel (autotuned itself) are timed, and
 the choice is kept (outside the graph capture: the step runs eagerly first). Everything else, and the
@@ -16,8 +16,6 @@ from .. import cuda_kernels
 from ..kernels import linear as triton_linear
 from .torch_backend import Linear
 from .triton_backend import TritonBackend
-
-GEMV_MAX_ROWS = 1  # the CUDA GEMV streams W once per row; more rows take the Triton GEMM, which streams it once
 
 
 class CudaBackend(TritonBackend):
@@ -53,13 +51,12 @@ class CudaBackend(TritonBackend):
     def _gemv_runs(self, x, lin: Linear, act, norm, out, residual) -> bool:
         """Whether this linear runs on the CUDA GEMV: it takes it, and (when timing) it is the faster for the
         shape. The first time a shape comes, both are timed on these operands."""
-        rows = x.numel() // x.shape[-1]
-        if rows > GEMV_MAX_ROWS or not self.kernels.gemv_fits(lin.weight):
+        if not self.kernels.gemv_takes(x, lin.weight):
             return False
         if not self.tune:
             return True
 
-        key = (rows, *lin.weight.shape, lin.weight.dtype, norm is not None, act, lin.bias is not None,
+        key = (x.numel() // x.shape[-1], *lin.weight.shape, lin.weight.dtype, norm is not None, act, lin.bias is not None,
                residual is not None)
         if key not in self.choices:
             def cuda():

@@ -36,8 +36,7 @@ enum Status : int32_t {
   kOk = 0,
   kBadDtype = -1,
   kBadShape = -2,
-  kTooLong = -3,      // a row longer than the kernel's shared memory holds
-  kBadConfig = -4,    // a launch configuration the kernel was not built for
+  kBadConfig = -3,    // a launch configuration the kernel was not built for
 };
 
 __host__ __device__ inline float to_float(float v) { return v; }
@@ -142,32 +141,40 @@ struct Moments {
   }
 };
 
-// The moments of every thread's values, combined over the block (every thread gets them); blockDim.x a multiple
-// of 32, every thread calls it. The combining order is fixed: the same result every run.
-__device__ __forceinline__ Moments block_moments(Moments m) {
-  __shared__ float partial[32][3];  // (n, mean, m2) per warp (no constructors in shared memory)
+// The moments of every thread's values for each of N sets (rows), combined over the block in place (every thread
+// gets them); blockDim.x a multiple of 32, every thread calls it. The combining order is fixed: the same result
+// every run.
+template <int N>
+__device__ __forceinline__ void block_moments(Moments (&m)[N]) {
+  __shared__ float partial[32][N][3];  // (n, mean, m2) per warp and set (no constructors in shared memory)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  auto warp_merge = [](Moments& m) {
+  auto warp_merge = [](Moments& s) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       Moments other;
-      other.n = __shfl_xor_sync(0xffffffffu, m.n, offset);
-      other.mean = __shfl_xor_sync(0xffffffffu, m.mean, offset);
-      other.m2 = __shfl_xor_sync(0xffffffffu, m.m2, offset);
-      m.merge(other);
+      other.n = __shfl_xor_sync(0xffffffffu, s.n, offset);
+      other.mean = __shfl_xor_sync(0xffffffffu, s.mean, offset);
+      other.m2 = __shfl_xor_sync(0xffffffffu, s.m2, offset);
+      s.merge(other);
     }
   };
-  warp_merge(m);
+#pragma unroll
+  for (int i = 0; i < N; ++i) warp_merge(m[i]);
   __syncthreads();  // partial[] may still be read by an earlier call
   if (lane == 0) {
-    partial[warp][0] = m.n;
-    partial[warp][1] = m.mean;
-    partial[warp][2] = m.m2;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      partial[warp][i][0] = m[i].n;
+      partial[warp][i][1] = m[i].mean;
+      partial[warp][i][2] = m[i].m2;
+    }
   }
   __syncthreads();
-  m = lane < warps ? Moments{partial[lane][0], partial[lane][1], partial[lane][2]} : Moments{};
-  warp_merge(m);
-  return m;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    m[i] = lane < warps ? Moments{partial[lane][i][0], partial[lane][i][1], partial[lane][i][2]} : Moments{};
+    warp_merge(m[i]);
+  }
 }
 
 __device__ __forceinline__ float gelu_tanh(float y) {

@@ -1,6 +1,6 @@
-// Decode GEMV with the epilogues of kernels/linear.py, for a few rows of activations:
+// Decode GEMV with the epilogues of kernels/linear.py, for a decode step's few rows of activations:
 //
-//     y[m, n] (+)= act(s[n] * sum_k W[n, k] * xr[m, k] + b[n]),   m < M (a decode step's rows), n < N
+//     y[m, n] (+)= act(s[n] * sum_k W[n, k] * xr[m, k] + b[n]),   m < M <= 8 (the step's rows), n < N
 //
 //     xr = round(x[m]) or round(LayerNorm(x[m]))   LayerNorm: (x - mean) / sqrt(var + eps) * g + beta, biased
 //                                                  variance; round: to W's dtype for bf16 / fp16 weights (as the
@@ -9,12 +9,14 @@
 //     W (N, K) fp32 | bf16 | fp16 | int8, s (N,) fp32 the int8 rows' scales (else 1), b (N,) fp32 or 0,
 //     act = identity | GELU-tanh, (+)= stores, or adds into y (the residual stream)
 //
-// Products and sums are fp32. One block per (row m, group of warps x ROWS output features): the block stages
-// xr in shared memory (normalising it first if asked: the statistics in one pass), then each warp streams ROWS
-// rows of W, each lane reading 16 bytes of every row per step (VEC: rows 16-byte aligned; else one element), so
-// a warp has ROWS x the unrolled steps' 16-byte loads in flight. A warp's sums are reduced by shuffles; lane r
-// finishes row n0 + r. Optionally (Hopper) each warp first asks L2 for its rows, so that they stream in while
-// the row is staged (and, under programmatic dependent launch, while the kernel before finishes).
+// Products and sums are fp32. A block owns warps x ROWS output features for all M rows, so W is streamed once
+// whatever M: the block stages xr in shared memory, a chunk of kc columns of every row at a time (all of K when
+// it fits in 48 KiB; LayerNorm statistics first, in one pass over each row), and each warp streams its ROWS rows
+// of W, each lane reading 16 bytes of every row per step (VEC: rows 16-byte aligned; else one element) and
+// multiplying them with the M staged rows, so a warp has ROWS x the unrolled steps' 16-byte loads in flight. The
+// warp's ROWS x M sums are reduced in one reduce-scatter (31 shuffles for 32 sums). Optionally (Hopper) each warp
+// first asks L2 for its rows, so that they stream in while the rows are staged (and, under programmatic
+// dependent launch, while the kernel before finishes).
 //
 // Called by aigc_rt/cuda_kernels.py (ctypes); tested by tests/test_cuda_kernels.py against the fp32 reference,
 // on the CPU through emulate.h and on a GPU as built by setup.py; benchmarked by bench/gpu_profile.py.
@@ -32,6 +34,7 @@ struct GemvArgs {
   const float* ln_b;
   float* y;            // (M, N), rows y_stride apart
   int64_t M, N, K, x_stride, w_stride, y_stride;
+  int64_t kc;          // columns staged at a time (set by aigc_gemv)
   float eps;
   int32_t dtype;          // Dtype
   int32_t gelu;           // 1: GELU-tanh
@@ -42,94 +45,156 @@ struct GemvArgs {
   int32_t prefetch;       // 1: each warp first asks L2 for its rows of W (sm_90+; rows 16-byte aligned)
 };
 
-constexpr int64_t kMaxSharedBytes = 48 * 1024;  // the staged row: K x its element size
+constexpr int kMaxRows = 8;                     // M, the rows of activations one launch takes
+constexpr int64_t kMaxSharedBytes = 48 * 1024;  // the staged chunk: M x kc x its element size
+static_assert(kMaxSharedBytes / (kMaxRows * 4) >= 32 * 16, "a chunk holds at least one warp step of any dtype");
 
 template <typename W> struct Staged { using type = float; };  // fp32 and int8 weights: x kept in fp32
 template <> struct Staged<__nv_bfloat16> { using type = __nv_bfloat16; };
 template <> struct Staged<__half> { using type = __half; };
 
-// xr for row m into xs (K,): x, or LayerNorm(x) with the row's statistics from one pass (each thread's share by
-// Welford, combined over the block), then the normalising pass re-reading x from L1; rounded to X
-template <typename X>
-__device__ void stage_row(const GemvArgs& a, const float* __restrict__ x, X* xs) {
-  float mean = 0.0f, rstd = 1.0f;
-  if (a.ln_w != nullptr) {
-    Moments m;
-    for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) m.add(x[k]);
-    m = block_moments(m);
-    mean = m.mean;
-    rstd = 1.0f / sqrtf(m.m2 / static_cast<float>(a.K) + a.eps);
+// The warp-wide sums of N values per lane (N a power of two <= 32), in one reduce-scatter: at each of the first
+// log2(N) steps a lane keeps half of its values and sends its partner the other half, adding what it receives;
+// the rest are plain butterfly steps. Lane l ends with the sum of value l / (32 / N) (31 + 5 - log2(N) shuffles
+// instead of 5 N).
+template <int N>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N: a power of two up to 32");
+#pragma unroll
+  for (int step = 0; step < 5; ++step) {
+    const int offset = 16 >> step, half = (N >> step) / 2;  // half of the values still live: 0 once one is
+    if (half > 0) {
+      const bool upper = (lane & offset) != 0;
+#pragma unroll
+      for (int j = 0; j < N / 2; ++j) {
+        if (j < half) {
+          const float send = upper ? v[j] : v[j + half];
+          const float keep = upper ? v[j + half] : v[j];
+          v[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+        }
+      }
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    }
   }
-  for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) {
-    const float v = a.ln_w != nullptr ? (x[k] - mean) * rstd * a.ln_w[k] + a.ln_b[k] : x[k];
-    xs[k] = round_to<X>(v);
+  return v[0];
+}
+
+// Columns [k0, k0 + count) of the M rows of xr into xs (M, kc): x, or LayerNorm(x) by the rows' statistics;
+// rounded to X
+template <typename X, int MAXM>
+__device__ void stage_chunk(const GemvArgs& a, int64_t k0, int64_t count, const float (&mean)[MAXM],
+                            const float (&rstd)[MAXM], X* xs) {
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) {
+    if (m >= a.M) continue;
+    const float* x = a.x + m * a.x_stride;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+      const int64_t k = k0 + i;
+      const float v = a.ln_w != nullptr ? (x[k] - mean[m]) * rstd[m] * a.ln_w[k] + a.ln_b[k] : x[k];
+      xs[m * a.kc + i] = round_to<X>(v);
+    }
   }
 }
 
-template <typename W, int ROWS, bool VEC>
-__global__ void __launch_bounds__(256) gemv_kernel(const GemvArgs a) {
+template <typename W, int ROWS, int MAXM, bool VEC>
+__global__ void gemv_kernel(const GemvArgs a) {
   using X = typename Staged<W>::type;
   constexpr int V = VEC ? 16 / static_cast<int>(sizeof(W)) : 1;  // weights per lane per step
-  AIGC_DYNAMIC_SHARED(X, xs);                                      // (K,) the staged row
+  AIGC_DYNAMIC_SHARED(X, xs);                                      // (M, kc) the staged chunk
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp) * ROWS;
+  const bool active = n0 < a.N;  // whole warps; the others only help stage and meet the barriers
   if (VEC && a.prefetch && lane < ROWS && n0 + lane < a.N)  // before the wait: no kernel writes weights
     prefetch_l2(static_cast<const W*>(a.w) + (n0 + lane) * a.w_stride, static_cast<uint32_t>(a.K * sizeof(W)));
   if (a.pdl) pdl_begin();
-  const int64_t m = blockIdx.y;
-  stage_row<X>(a, a.x + m * a.x_stride, xs);
-  __syncthreads();
-  if (n0 >= a.N) return;  // whole warps: no shuffle or barrier follows for them
+
+  float mean[MAXM] = {}, rstd[MAXM];
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) rstd[m] = 1.0f;
+  if (a.ln_w != nullptr) {  // every row's statistics in one pass over it, combined over the block together
+    Moments moments[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+      if (m < a.M)
+        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) moments[m].add(a.x[m * a.x_stride + k]);
+    block_moments(moments);
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+      mean[m] = moments[m].mean;
+      rstd[m] = 1.0f / sqrtf(moments[m].m2 / static_cast<float>(a.K) + a.eps);
+    }
+  }
+
   const W* rows[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)  // rows past N read row n0 again, and are not stored
     rows[r] = static_cast<const W*>(a.w) + (n0 + r < a.N ? n0 + r : n0) * a.w_stride;
+  float acc[ROWS * MAXM] = {};  // [r * MAXM + m]
+  for (int64_t k0 = 0; k0 < a.K; k0 += a.kc) {
+    const int64_t count = a.K - k0 < a.kc ? a.K - k0 : a.kc;
+    if (k0 > 0) __syncthreads();  // the chunk before is consumed
+    stage_chunk<X, MAXM>(a, k0, count, mean, rstd, xs);
+    __syncthreads();
+    if (!active) continue;
+#pragma unroll(MAXM == 1 ? 4 : 2)
+    for (int64_t i = static_cast<int64_t>(lane) * V; i < count; i += 32 * V) {
+      float wv[ROWS][V];
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) load_floats<W, V, true>(rows[r] + k0 + i, wv[r]);
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        if (m >= a.M) continue;
+        float xv[V];
+        load_floats<X, V, false>(xs + m * a.kc + i, xv);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[r * MAXM + m] += wv[r][j] * xv[j];
+      }
+    }
+  }
+  if (!active) return;
+  const float total = warp_reduce_scatter<ROWS * MAXM>(acc, lane);
+  constexpr int kLanesPerSum = 32 / (ROWS * MAXM);
+  const int value = lane / kLanesPerSum, r = value / MAXM, m = value % MAXM;
+  const int64_t n = n0 + r;
+  if (lane % kLanesPerSum == 0 && m < a.M && n < a.N) {
+    float v = total;
+    if (a.scale != nullptr) v *= a.scale[n];
+    if (a.bias != nullptr) v += a.bias[n];
+    if (a.gelu) v = gelu_tanh(v);
+    float* out = a.y + m * a.y_stride + n;
+    *out = a.accumulate ? *out + v : v;
+  }
+}
 
-  float acc[ROWS] = {};
-#pragma unroll 4
-  for (int64_t k = static_cast<int64_t>(lane) * V; k < a.K; k += 32 * V) {
-    float xv[V];
-    load_floats<X, V, false>(xs + k, xv);
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      float wv[V];
-      load_floats<W, V, true>(rows[r] + k, wv);
-#pragma unroll
-      for (int j = 0; j < V; ++j) acc[r] += wv[j] * xv[j];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const float total = warp_sum(acc[r]);
-    const int64_t n = n0 + r;
-    if (lane == r && n < a.N) {
-      float v = total;
-      if (a.scale != nullptr) v *= a.scale[n];
-      if (a.bias != nullptr) v += a.bias[n];
-      if (a.gelu) v = gelu_tanh(v);
-      float* out = a.y + m * a.y_stride + n;
-      *out = a.accumulate ? *out + v : v;
-    }
-  }
+template <typename W, int ROWS, int MAXM>
+int32_t launch_config(const GemvArgs& a, cudaStream_t stream) {
+  const int warps = a.warps ? a.warps : 4;
+  const int64_t per_block = static_cast<int64_t>(warps) * ROWS;
+  const dim3 grid(static_cast<unsigned>((a.N + per_block - 1) / per_block));
+  const size_t smem = static_cast<size_t>(a.M * a.kc) * sizeof(typename Staged<W>::type);
+  constexpr int64_t V = 16 / sizeof(W);
+  const bool vec = a.K % V == 0 && a.w_stride % V == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
+  auto kernel = vec ? gemv_kernel<W, ROWS, MAXM, true> : gemv_kernel<W, ROWS, MAXM, false>;
+  return static_cast<int32_t>(launch(kernel, grid, dim3(32 * warps), smem, stream, a.pdl != 0, a));
 }
 
 template <typename W, int ROWS>
 int32_t launch_rows(const GemvArgs& a, cudaStream_t stream) {
-  using X = typename Staged<W>::type;
-  const int warps = a.warps ? a.warps : 4;
-  const int64_t per_block = static_cast<int64_t>(warps) * ROWS;
-  const dim3 grid(static_cast<unsigned>((a.N + per_block - 1) / per_block), static_cast<unsigned>(a.M));
-  const size_t smem = static_cast<size_t>(a.K) * sizeof(X);
-  constexpr int64_t V = 16 / sizeof(W);
-  const bool vec = a.K % V == 0 && a.w_stride % V == 0 && reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
-  auto kernel = vec ? gemv_kernel<W, ROWS, true> : gemv_kernel<W, ROWS, false>;
-  return static_cast<int32_t>(launch(kernel, grid, dim3(32 * warps), smem, stream, a.pdl != 0, a));
+  if (a.M == 1) return launch_config<W, ROWS, 1>(a, stream);
+  if (a.M == 2) return launch_config<W, ROWS, 2>(a, stream);
+  if (a.M <= 4) return launch_config<W, ROWS, 4>(a, stream);
+  return launch_config<W, ROWS, 8>(a, stream);
 }
 
 template <typename W>
-int32_t launch_dtype(const GemvArgs& a, cudaStream_t stream) {
-  using X = typename Staged<W>::type;
-  if (a.K * static_cast<int64_t>(sizeof(X)) > kMaxSharedBytes) return kTooLong;
+int32_t launch_dtype(GemvArgs a, cudaStream_t stream) {
+  // columns staged at a time: all of K if the M rows fit in shared memory, else a multiple of a warp's step
+  const int64_t step = 32 * (16 / static_cast<int64_t>(sizeof(W)));
+  const int64_t fits = kMaxSharedBytes / (a.M * static_cast<int64_t>(sizeof(typename Staged<W>::type)));
+  a.kc = a.K <= fits ? a.K : fits / step * step;
   switch (a.rows_per_warp) {
     case 0:
     case 2: return launch_rows<W, 2>(a, stream);
@@ -148,7 +213,7 @@ extern "C" {
 // y (+)= act(s * W xr + b) for the M rows of x (the formula at the top); 0, a Status or a cudaError_t
 int32_t aigc_gemv(const GemvArgs* a, void* stream) {
   using namespace aigc_rt::cuda;
-  if (a->M < 1 || a->M > 65535 || a->N < 1 || a->K < 1) return kBadShape;
+  if (a->M < 1 || a->M > kMaxRows || a->N < 1 || a->K < 1) return kBadShape;
   if (a->warps < 0 || a->warps > 8) return kBadConfig;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (a->dtype) {
@@ -163,14 +228,7 @@ int32_t aigc_gemv(const GemvArgs* a, void* stream) {
 // sizeof(GemvArgs), which aigc_rt/cuda_kernels.py checks its mirror of the struct against
 int64_t aigc_gemv_args_bytes() { return sizeof(GemvArgs); }
 
-// the longest row aigc_gemv stages for weights of `dtype` (K * its staged element size <= 48 KiB), or 0
-int64_t aigc_gemv_max_k(int32_t dtype) {
-  using namespace aigc_rt::cuda;
-  switch (dtype) {
-    case kF32: case kI8: return kMaxSharedBytes / 4;
-    case kBF16: case kF16: return kMaxSharedBytes / 2;
-    default: return 0;
-  }
-}
+// the most rows of activations one aigc_gemv takes
+int64_t aigc_gemv_max_rows() { return aigc_rt::cuda::kMaxRows; }
 
 }  // extern "C"

@@ -9,7 +9,6 @@ const char* aigc_cuda_error_string(int32_t status) {
     case kOk: return "no error";
     case kBadDtype: return "unsupported weight dtype";
     case kBadShape: return "bad shape";
-    case kTooLong: return "rows too long for the kernel's shared memory";
     case kBadConfig: return "unsupported launch configuration";
     default: return cudaGetErrorString(static_cast<cudaError_t>(status));
   }
