@@ -201,6 +201,25 @@ def test_cuda_backend_greedy_tokens_identical_to_hf(kernels, rt_odd, monkeypatch
     assert len(calls) >= 5 * (4 * n_layer + 1), f"{len(calls)} CUDA GEMV calls for 5 decode steps"
 
 
+def test_cuda_backend_batch_matches_torch_backend(kernels, rt_odd, monkeypatch):
+    """A batch of three prompts of different lengths: the decode linears take the GEMV with 3 rows of x (one
+    pass over each weight), then with fewer once a sequence stops at its eos token and the batch is compacted;
+    the tokens are the torch backend's (the reference)."""
+    import aigc_rt
+    monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
+    rows = []
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda x, *a, **k: rows.append(x.numel() // x.shape[-1]) or gemv(x, *a, **k))
+    m = aigc_rt.load(rt_odd[0], device=DEV, backend="cuda")
+    reference = aigc_rt.load(rt_odd[0], backend="torch")
+    prompts = ["Beautiful is", "落霞与孤鹜齐飞", "def main():"]
+    full = [c.token_ids for c in reference.generate(prompts, max_new_tokens=5, eos_token_id=[])]
+    eos = full[1][2]  # the second sequence stops at its third token (or earlier, if it made that token before)
+    want = [c.token_ids for c in reference.generate(prompts, max_new_tokens=5, eos_token_id=eos)]
+    assert [c.token_ids for c in m.generate(prompts, max_new_tokens=5, eos_token_id=eos)] == want
+    assert 3 in rows and min(rows) < 3, sorted(set(rows))
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock decides (test_cuda_backend_greedy_tokens_identical_to_hf)")
 def test_cuda_backend_keeps_the_faster_linear(kernels, rt_odd, monkeypatch):
     """On a GPU the backend times the CUDA GEMV against the Triton linear the first time a shape comes and keeps
