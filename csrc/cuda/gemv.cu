@@ -80,20 +80,64 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
   return v[0];
 }
 
-// Columns [k0, k0 + count) of the M rows of xr into xs (M, kc): x, or LayerNorm(x) by the rows' statistics;
-// rounded to X
+// A thread's loads of activations are issued kInFlight at a time (over the M rows, kInFlight / MAXM columns of
+// each) before any is used: a loop that used each value as it came would wait for L2 once per element.
+constexpr int kInFlight = 16;
+
+// Each row's LayerNorm statistics over its K columns, in one pass (every thread's share by Welford, combined
+// over the block); rows >= M get (0, 1 / sqrt(eps))
+template <int MAXM>
+__device__ void row_statistics(const GemvArgs& a, float (&mean)[MAXM], float (&rstd)[MAXM]) {
+  constexpr int P = kInFlight / MAXM;  // columns per row per round of loads
+  Moments moments[MAXM];
+  for (int64_t base = threadIdx.x; base < a.K; base += P * blockDim.x) {
+    float v[MAXM][P];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int64_t k = base + p * blockDim.x;
+        v[m][p] = m < a.M && k < a.K ? a.x[m * a.x_stride + k] : 0.0f;
+      }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+      for (int p = 0; p < P; ++p)
+        if (m < a.M && base + p * blockDim.x < a.K) moments[m].add(v[m][p]);
+  }
+  block_moments(moments);
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) {
+    mean[m] = moments[m].mean;
+    rstd[m] = 1.0f / sqrtf(moments[m].m2 / static_cast<float>(a.K) + a.eps);
+  }
+}
+
+// Columns [k0, k0 + count) of the M rows of xr into xs (M, kc): x, or LayerNorm(x) by the rows' statistics
+// (its weight and bias loaded once for all rows); rounded to X
 template <typename X, int MAXM>
 __device__ void stage_chunk(const GemvArgs& a, int64_t k0, int64_t count, const float (&mean)[MAXM],
                             const float (&rstd)[MAXM], X* xs) {
+  constexpr int P = kInFlight / MAXM;
+  const bool norm = a.ln_w != nullptr;
+  for (int64_t base = threadIdx.x; base < count; base += P * blockDim.x) {
+    float v[MAXM][P], g[P], beta[P];
 #pragma unroll
-  for (int m = 0; m < MAXM; ++m) {
-    if (m >= a.M) continue;
-    const float* x = a.x + m * a.x_stride;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      const int64_t k = k0 + i;
-      const float v = a.ln_w != nullptr ? (x[k] - mean[m]) * rstd[m] * a.ln_w[k] + a.ln_b[k] : x[k];
-      xs[m * a.kc + i] = round_to<X>(v);
+    for (int p = 0; p < P; ++p) {
+      const int64_t i = base + p * blockDim.x;
+      g[p] = norm && i < count ? a.ln_w[k0 + i] : 1.0f;
+      beta[p] = norm && i < count ? a.ln_b[k0 + i] : 0.0f;
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) v[m][p] = m < a.M && i < count ? a.x[m * a.x_stride + k0 + i] : 0.0f;
     }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int64_t i = base + p * blockDim.x;
+        if (m < a.M && i < count)
+          xs[m * a.kc + i] = round_to<X>(norm ? (v[m][p] - mean[m]) * rstd[m] * g[p] + beta[p] : v[m][p]);
+      }
   }
 }
 
@@ -112,19 +156,7 @@ __global__ void gemv_kernel(const GemvArgs a) {
   float mean[MAXM] = {}, rstd[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) rstd[m] = 1.0f;
-  if (a.ln_w != nullptr) {  // every row's statistics in one pass over it, combined over the block together
-    Moments moments[MAXM];
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m)
-      if (m < a.M)
-        for (int64_t k = threadIdx.x; k < a.K; k += blockDim.x) moments[m].add(a.x[m * a.x_stride + k]);
-    block_moments(moments);
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-      mean[m] = moments[m].mean;
-      rstd[m] = 1.0f / sqrtf(moments[m].m2 / static_cast<float>(a.K) + a.eps);
-    }
-  }
+  if (a.ln_w != nullptr) row_statistics<MAXM>(a, mean, rstd);
 
   const W* rows[ROWS];
 #pragma unroll
