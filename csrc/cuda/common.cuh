@@ -1,4 +1,4 @@
-// What every csrc/cuda kernel file includes: the element types, 16-byte loads, warp sums and block statistics,
+// What every csrc/cuda kernel file includes: the element types, 16-byte loads, block statistics,
 // programmatic dependent launch and L2 prefetch, and launch(), which is cudaLaunchKernelEx under nvcc and a launch
 // on the CPU under emulate.h (the CPU build the tests use: `g++ -x c++ -include csrc/cuda/emulate.h`). Plain
 // CUDA, no torch headers: the Python side (aigc_rt/cuda_kernels.py) calls each file's extern "C" launch function
@@ -27,7 +27,7 @@
 
 namespace aigc_rt::cuda {
 
-// the element types of a weight matrix (the values of AigcDtype in the launch functions' argument structs)
+// the element types of a weight matrix: the `dtype` field of the argument structs (cuda_kernels.py DTYPES)
 enum Dtype : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2, kI8 = 3 };
 
 // Errors of our own, besides cudaError_t's (positive) values: a launch function returns 0, one of these, or the
@@ -70,12 +70,6 @@ __device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&out
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = to_float(GLOBAL ? AIGC_LDG(p + j) : p[j]);
   }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch if pdl (sm_90+: the kernel
@@ -141,25 +135,24 @@ struct Moments {
   }
 };
 
-// The moments of every thread's values for each of N sets (rows), combined over the block in place (every thread
-// gets them); blockDim.x a multiple of 32, every thread calls it. The combining order is fixed: the same result
-// every run.
+// The moments of every thread's values for each of N sets (rows), combined over the block in place: each warp's
+// by a butterfly, then every thread merges the warps' in warp order, so that all threads get the same values,
+// the same every run. blockDim.x a multiple of 32; every thread calls it.
 template <int N>
 __device__ __forceinline__ void block_moments(Moments (&m)[N]) {
   __shared__ float partial[32][N][3];  // (n, mean, m2) per warp and set (no constructors in shared memory)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  auto warp_merge = [](Moments& s) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
       Moments other;
-      other.n = __shfl_xor_sync(0xffffffffu, s.n, offset);
-      other.mean = __shfl_xor_sync(0xffffffffu, s.mean, offset);
-      other.m2 = __shfl_xor_sync(0xffffffffu, s.m2, offset);
-      s.merge(other);
+      other.n = __shfl_xor_sync(0xffffffffu, m[i].n, offset);
+      other.mean = __shfl_xor_sync(0xffffffffu, m[i].mean, offset);
+      other.m2 = __shfl_xor_sync(0xffffffffu, m[i].m2, offset);
+      m[i].merge(other);
     }
-  };
-#pragma unroll
-  for (int i = 0; i < N; ++i) warp_merge(m[i]);
+  }
   __syncthreads();  // partial[] may still be read by an earlier call
   if (lane == 0) {
 #pragma unroll
@@ -172,8 +165,8 @@ __device__ __forceinline__ void block_moments(Moments (&m)[N]) {
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    m[i] = lane < warps ? Moments{partial[lane][i][0], partial[lane][i][1], partial[lane][i][2]} : Moments{};
-    warp_merge(m[i]);
+    m[i] = Moments{};
+    for (int w = 0; w < warps; ++w) m[i].merge(Moments{partial[w][i][0], partial[w][i][1], partial[w][i][2]});
   }
 }
 
