@@ -9,6 +9,7 @@ register and spill counts.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import os
@@ -89,7 +90,9 @@ def cuobjdump() -> str | None:
 
 def test_cuda_library_built():
     """Where nvcc is found, setup.py has built csrc/cuda (nvcc, sm_80 and sm_90, no GPU needed) into the library
-    aigc_rt loads, and no kernel of it spills registers or uses a stack (cuobjdump's resource usage)."""
+    aigc_rt loads; no kernel of it spills registers or uses a stack, and each one's static shared memory plus the
+    most dynamic shared memory its launches ask for fits the 48 KiB a launch gets without opting in (a launch past
+    it fails on a GPU; the emulation has no such limit). From cuobjdump's resource usage."""
     if nvcc() is None:
         pytest.skip("nvcc not found: setup.py builds no CUDA library here")
     path = cuda_kernels.installed_path()
@@ -100,10 +103,17 @@ def test_cuda_library_built():
         pytest.skip("no cuobjdump to read the library's resource usage")
     report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
     assert {"sm_80", "sm_90"} <= set(re.findall(r"arch = (sm_\d+)", report)), report[:2000]
-    kernels_found = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
+    kernels_found = [(name, reg, stack, local, shared) for name, reg, stack, shared, local in re.findall(
+        r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report)]
     assert len(kernels_found) >= 2 * 96, report[:2000]  # every gemv instantiation, for both architectures
-    spilling = [name for name, _, stack, local in kernels_found if int(stack) or int(local)]
+    spilling = [name for name, _, stack, local, _ in kernels_found if int(stack) or int(local)]
     assert not spilling, f"kernels with a stack or local memory (spills): {spilling}"
+    lib = ctypes.CDLL(path)
+    lib.aigc_gemv_max_dynamic_shared.restype = ctypes.c_int64
+    dynamic = lib.aigc_gemv_max_dynamic_shared()
+    too_much = [(name, int(static)) for name, _, _, _, static in kernels_found
+                if "gemv_kernel" in name and int(static) + dynamic > 48 * 1024]
+    assert not too_much, f"static + {dynamic} B of dynamic shared memory past 48 KiB: {too_much}"
 
 
 # (M, N, K): K a multiple of 16 (rows 16-byte aligned: the 16-byte loads) and not (one element at a time); rows of

@@ -90,6 +90,7 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, args...);
 #else
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;  // as a GPU refuses it without an opt-in attribute
   aigc_emu::launch(grid, block, smem, [=] { kernel(args...); });
   return cudaSuccess;
 #endif

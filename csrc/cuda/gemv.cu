@@ -45,8 +45,11 @@ struct GemvArgs {
   int32_t prefetch;       // 1: each warp first asks L2 for its rows of W (sm_90+; rows 16-byte aligned)
 };
 
-constexpr int kMaxRows = 8;                     // M, the rows of activations one launch takes
-constexpr int64_t kMaxSharedBytes = 48 * 1024;  // the staged chunk: M x kc x its element size
+constexpr int kMaxRows = 8;  // M, the rows of activations one launch takes
+// The staged chunk (M x kc x its element size, dynamic shared memory) at most: with the static shared memory of
+// block_moments (<= 3 KiB) it stays within the 48 KiB a launch gets without opting in (tests/test_cuda_kernels.py
+// checks the sum for every kernel of the build)
+constexpr int64_t kMaxSharedBytes = 44 * 1024;
 static_assert(kMaxSharedBytes / (kMaxRows * 4) >= 32 * 16, "a chunk holds at least one warp step of any dtype");
 
 template <typename W> struct Staged { using type = float; };  // fp32 and int8 weights: x kept in fp32
@@ -262,5 +265,8 @@ int64_t aigc_gemv_args_bytes() { return sizeof(GemvArgs); }
 
 // the most rows of activations one aigc_gemv takes
 int64_t aigc_gemv_max_rows() { return aigc_rt::cuda::kMaxRows; }
+
+// the most dynamic shared memory an aigc_gemv launch asks for (bytes)
+int64_t aigc_gemv_max_dynamic_shared() { return aigc_rt::cuda::kMaxSharedBytes; }
 
 }  // extern "C"
