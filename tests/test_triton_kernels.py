@@ -790,7 +790,7 @@ def test_bad_inputs_raise_value_error(name, call, message):
 
 def test_kernels_compile_for_gpu():
     """Every kernel variant compiles to a cubin for sm_90 (ptxas ships with triton), GPU or not: catches what
-    the interpreter accepts but the compiler rejects."""
+    the interpreter accepts but the compiler rejects, and what compiles but would not run well or at all."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compile_triton_kernels.py")],
@@ -807,6 +807,9 @@ def test_kernels_compile_for_gpu():
     for line in lines:
         widths = [int(w) for w in re.findall(r"(\d+) B x", line.split(" loads ", 1)[1])]
         assert 16 in widths and min(widths) >= 4, line
+    # and every variant's shared memory fits a Hopper block (227 KiB): past it a launch fails on the GPU only
+    shared = [int(n) for n in re.findall(r"(\d+) B shared", r.stdout)]
+    assert shared and max(shared) <= 227 * 1024, r.stdout
 
 
 def test_interpreter_version_guard():
