@@ -114,14 +114,19 @@ class CudaKernels:
         return y
 
     def _tune(self, run, w: torch.Tensor, accumulated: torch.Tensor | None) -> tuple[int, int, bool]:
-        """The fastest of GEMV_CANDIDATES (with and without the L2 prefetch where it may run) by self.timer; an
-        output the kernel adds into (the residual stream) is put back as it was after the timed runs."""
-        saved = accumulated.clone() if accumulated is not None else None
+        """The fastest of GEMV_CANDIDATES, with and without the L2 prefetch where it may run."""
         prefetch = (False, True) if l2_prefetchable(w, w.shape[1] * w.element_size()) else (False,)
-        times = {}
-        for rows_per_warp, warps in GEMV_CANDIDATES:
-            for p in prefetch:
-                times[(rows_per_warp, warps, p)] = self.timer(lambda: run(rows_per_warp, warps, p))
+        return self.fastest({(r, warps, p): (lambda r=r, warps=warps, p=p: run(r, warps, p))
+                             for r, warps in GEMV_CANDIDATES for p in prefetch}, accumulated)
+
+    def fastest(self, candidates: dict, accumulated: torch.Tensor | None):
+        """The key of the candidate fn that self.timer finds fastest (the first of equals), each run once first
+        (a first run may tune or compile it); an output they add into (the residual stream) is put back as it
+        was after all the runs."""
+        saved = accumulated.clone() if accumulated is not None else None
+        for fn in candidates.values():
+            fn()
+        times = {key: self.timer(fn) for key, fn in candidates.items()}
         if saved is not None:
             accumulated.copy_(saved)
         return min(times, key=times.get)

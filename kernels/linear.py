@@ -368,8 +368,9 @@ def _norm_block(norm, K: int, rows: int) -> int:
     return min(triton.next_power_of_2(K), max(16, 8192 // rows)) if norm is not None else 16
 
 
-def _check_norm(norm, K: int, dev: torch.device) -> tuple:
-    """norm = (g, beta, eps): the LayerNorm applied to x's rows first, g and beta contiguous (K,) fp32."""
+def _check_norm(norm, K: int, dev: torch.device) -> None:
+    """norm = (g, beta, eps): the LayerNorm applied to x's rows first, g and beta contiguous (K,) fp32; ValueError
+    otherwise."""
     if not (isinstance(norm, tuple) and len(norm) == 3):
         raise ValueError(f"norm must be a (weight, bias, eps) tuple, got {type(norm).__name__}")
     g, beta, eps = norm
@@ -377,7 +378,6 @@ def _check_norm(norm, K: int, dev: torch.device) -> tuple:
     check_vector("norm bias", beta, K, (torch.float32,), dev)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"norm eps must be > 0, got {eps!r}")
-    return g, beta, eps
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

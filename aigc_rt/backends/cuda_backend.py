@@ -55,9 +55,8 @@ class CudaBackend(TritonBackend):
             return False
         if not self.tune:
             return True
-
-        key = (x.numel() // x.shape[-1], *lin.weight.shape, lin.weight.dtype, norm is not None, act, lin.bias is not None,
-               residual is not None)
+        key = (x.numel() // x.shape[-1], *lin.weight.shape, lin.weight.dtype, norm is not None, act,
+               lin.bias is not None, residual is not None)
         if key not in self.choices:
             def cuda():
                 self.kernels.gemv(x, lin.weight, lin.bias, act, scale=lin.scale, norm=norm, out=out,
@@ -66,15 +65,5 @@ class CudaBackend(TritonBackend):
             def triton():
                 triton_linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, norm=norm, out=out,
                                      residual=residual)
-            self.choices[key] = self._cuda_is_faster(cuda, triton, residual)
+            self.choices[key] = self.kernels.fastest({"cuda": cuda, "triton": triton}, residual) == "cuda"
         return self.choices[key]
-
-    def _cuda_is_faster(self, cuda, triton, residual) -> bool:
-        """Times both (each run once first: that tunes them) by the GEMV's autotuning clock; an output they add
-        into (the residual stream) is put back as it was."""
-        saved = residual.clone() if residual is not None else None
-        cuda(), triton()
-        seconds = [self.kernels.timer(fn) for fn in (cuda, triton)]
-        if saved is not None:
-            residual.copy_(saved)
-        return seconds[0] <= seconds[1]
