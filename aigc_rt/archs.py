@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config
+from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig
 from .errors import FormatError
 from .format import TensorSpec
-from .models import dcgan, gpt2
+from .models import dcgan, gpt2, lstm
 
 
 @dataclass(frozen=True)
@@ -15,10 +15,12 @@ class Arch:
     tensors: "callable"  # (config, dtype) -> TensorSpec
     model: type  # model(config, tensors, backend, tokenizer, dtype)
     text: bool  # needs a tokenizer
+    indexed: tuple[str, ...] = ()  # tensors a decode step only indexes (rows by token or position), never streams
 
 
 ARCHS = {
-    "gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True),
+    "gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True, indexed=("wpe.weight",)),  # wte: lm_head
+    "lstm": Arch(LSTMConfig, lstm.expected_tensors, lstm.LSTM, text=True, indexed=("wte.weight", "wte.weight_scale")),
     "dcgan": Arch(DCGANConfig, dcgan.expected_tensors, dcgan.Generator, text=False),
     "dcgan_d": Arch(DCGANDiscriminatorConfig, dcgan.expected_tensors, dcgan.Discriminator, text=False),
 }

@@ -134,11 +134,13 @@ def make_checkpoint(size: str, folder: str, seed: int = 0):
     return hf
 
 
-def streamed_bytes(config, dtype: str) -> int:
-    """Bytes of weights one decode step reads: everything in the runtime file but wpe (only indexed)."""
-    from .models.gpt2 import expected_tensors
+def streamed_bytes(config, dtype: str, arch: str = "gpt2") -> int:
+    """Bytes of weights one decode step reads: everything in the runtime file but what it only indexes (GPT-2's
+    wpe; the LSTM's embedding)."""
+    from .archs import lookup
+    a = lookup(arch)
     return sum(torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size()
-               for name, (shape, dt) in expected_tensors(config, dtype).items() if not name.startswith("wpe."))
+               for name, (shape, dt) in a.tensors(config, dtype).items() if name not in a.indexed)
 
 
 class HFEager:
@@ -453,7 +455,7 @@ def run_file(path: str, backend: str = "cpu", batches=(1, 8), new_tokens: int = 
         ids = prompts(batch, prompt_len, m.config.vocab_size)
         t, row_bandwidth = round_robin({"aigc-rt": system}, ids, new_tokens, repeats, probe)["aigc-rt"]
         results.append(result(os.path.basename(path), batch, f"aigc-rt/{backend}", m.dtype, t,
-                              streamed_bytes(m.config, m.dtype), row_bandwidth, None, new_tokens))
+                              streamed_bytes(m.config, m.dtype, m.arch), row_bandwidth, None, new_tokens))
         results[-1].attn_sample_pct = system.op_shares(ids, new_tokens)
         log(_row(results[-1]))
     return results, bandwidth

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--arch", default=None)
     c.add_argument("--dtype", default="fp32")
+    c.add_argument("--tokenizer", default=None,
+                   help="lstm: a tokenizer.json or a JSON list of the characters by id (default: tokenizer.json or "
+                        "vocab.json beside SRC)")
     c.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text")
@@ -118,7 +121,7 @@ def _sampling_kwargs(a) -> dict:
 
 def cmd_convert(a):
     import aigc_rt
-    dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype)
+    dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype, tokenizer=a.tokenizer)
     print(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
@@ -160,23 +163,20 @@ def cmd_validate(a):
     m = aigc_rt.load(a.model, backend=a.backend)
     if m.arch in ("dcgan", "dcgan_d"):
         return _validate_dcgan(m, a)
-    from transformers import GPT2LMHeadModel
-    ref = GPT2LMHeadModel.from_pretrained(a.reference, dtype=torch.float32).eval()
-    ref.generation_config.eos_token_id = None  # compare full-length greedy continuations
+    ref_logits, ref_greedy = _text_reference(m, a.reference)
     atol, rtol = VALIDATE_TOL[m.dtype]
     atol, rtol = atol if a.atol is None else a.atol, rtol if a.rtol is None else a.rtol
     ok, worst = True, 0.0
-    for prompt in VALIDATE_PROMPTS:
+    for prompt in _validation_prompts(m):
         ids = m.tokenizer.encode(prompt)[: m.config.n_positions // 2]
         with torch.no_grad():
-            want = ref(torch.tensor([ids])).logits[0]
+            want = ref_logits(ids)
         err = (m.logits(torch.tensor([ids]))[0] - want).abs().max().item()
         tol = atol + rtol * want.abs().max().item()
         n_new = min(16, m.config.n_positions - len(ids))
         got = m.generate(ids, max_new_tokens=n_new, eos_token_id=[])[0].token_ids
         with torch.no_grad():
-            exp = ref.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
-                               pad_token_id=0)[0, len(ids):].tolist()
+            exp = ref_greedy(ids, n_new)
         same = got == exp
         worst = max(worst, err / tol)
         ok &= err <= tol and (same or m.dtype != "fp32")  # low precision may legitimately flip a near-tie
@@ -185,6 +185,40 @@ def cmd_validate(a):
     print(f"{'PASS' if ok else 'FAIL'}: worst logit error {worst:.2f}x its tolerance (dtype {m.dtype}, "
           f"backend {m.backend.name}, atol {atol:g}, rtol {rtol:g})")
     return 0 if ok else 1
+
+
+def _text_reference(m, src: str):
+    """The reference of a text model's checkpoint: (logits(ids) -> (T, V), greedy(ids, n) -> n new ids)."""
+    if m.arch == "lstm":
+        from aigc_rt.convert.lstm import reference_module
+        lstm = reference_module(src)
+
+        def greedy(ids, n):  # the reference's own recurrent state, carried token by token
+            logits, state = lstm(torch.tensor(ids)[:, None])
+            out = []
+            for _ in range(n):
+                out.append(int(logits[-1, 0].argmax()))
+                logits, state = lstm(torch.tensor([[out[-1]]]), state)
+            return out
+        return (lambda ids: lstm(torch.tensor(ids)[:, None])[0][:, 0]), greedy
+    from transformers import GPT2LMHeadModel
+    ref = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None  # compare full-length greedy continuations
+    return (lambda ids: ref(torch.tensor([ids])).logits[0]), \
+        lambda ids, n: ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                    pad_token_id=0)[0, len(ids):].tolist()
+
+
+def _validation_prompts(m) -> list[str]:
+    """VALIDATE_PROMPTS; a character vocabulary cannot spell them all: then its own characters, in runs."""
+    try:
+        for prompt in VALIDATE_PROMPTS:
+            m.tokenizer.encode(prompt)
+        return VALIDATE_PROMPTS
+    except ValueError:
+        alphabet = m.tokenizer.decode(list(range(m.config.vocab_size)))
+        text = alphabet * (40 // max(len(alphabet), 1) + 1)
+        return [text[i: i + 12] for i in (0, 5, 11)]
 
 
 def _validate_dcgan(m, a):

@@ -63,6 +63,34 @@ class GPT2Config:
         return dataclasses.asdict(self)
 
 
+# -- LSTM ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LSTMConfig:
+    """The seed LSTM text generator: Embedding(vocab_size, n_embd) -> LSTM(n_embd, hidden_size, n_layer)
+    -> Linear(hidden_size, vocab_size). Its state is fixed-size, so it has no context length."""
+    vocab_size: int
+    n_embd: int  # the embedding's width, the first LSTM layer's input
+    hidden_size: int
+    n_layer: int
+    eos_token_id: int | None = None
+    n_positions: ClassVar[int] = 1 << 40  # no context limit (generation checks prompts against it)
+
+    def __post_init__(self):
+        for name, hi in (("vocab_size", 1 << 22), ("n_embd", 1 << 16), ("hidden_size", 1 << 16), ("n_layer", 1024)):
+            v = getattr(self, name)
+            if not 1 <= v <= hi:
+                raise FormatError(f"LSTMConfig: {name}={v} is out of range [1, {hi}]")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise FormatError(f"LSTMConfig: eos_token_id={self.eos_token_id} is outside the vocabulary")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LSTMConfig":
+        return cls(**_check_fields(cls, values))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 # -- DCGAN ---------------------------------------------------------------------------------------------
 GENERATOR_ACTS = ("relu", "tanh", "none")
 DISCRIMINATOR_ACTS = ("leaky_relu", "sigmoid", "none")

@@ -1,5 +1,5 @@
-"""Text generation with Hugging Face `generate` semantics, for any model with the GPT2 interface
-(prefill, decode, head, KVCache, tokenizer).
+"""Text generation with Hugging Face `generate` semantics, for any text model (models/text.py: prefill,
+decode_sample, head, new_cache, tokenizer; GPT-2 with its KV cache, the LSTM with its state).
 
 All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
 sequence decodes at its own position in the KV cache, so padding never changes a result. Finished
@@ -136,8 +136,9 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         ids = ids.to(dev)
 
         cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
-        hidden = model.prefill(ids, cache)  # (B, T, C)
-        logits = model.head(hidden[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1])  # (B, V)
+        lengths = torch.tensor(lens, device=dev)
+        hidden = model.prefill(ids, cache, lengths)  # (B, T, C)
+        logits = model.head(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
         state = DecodeState.allocate(B, cfg.vocab_size, dev, params.repetition_penalty != 1.0)
         state.positions.copy_(torch.tensor(lens))  # where each row's next token goes
         if state.seen is not None:  # the prompts' tokens

@@ -1,13 +1,17 @@
-"""Byte-level BPE tokenizer (GPT-2's), on the `tokenizers` library.
+"""Tokenizers on the `tokenizers` library: GPT-2's byte-level BPE, and vocabularies whose tokens are plain text
+(a character vocabulary, as the seed LSTM generator's: the Fuse decoder, tokens concatenated).
 
-Encoding goes through `tokenizers`. Decoding maps each id to its exact bytes (GPT-2's byte<->unicode
-alphabet reversed), so a stream of ids can be turned into text incrementally without ever splitting a
-UTF-8 character: `StreamDecoder` holds back the bytes of an unfinished character.
+Encoding goes through `tokenizers`. Decoding maps each id to its exact bytes (for byte-level BPE, GPT-2's
+byte<->unicode alphabet reversed; otherwise the token's UTF-8), so a stream of ids can be turned into text
+incrementally without ever splitting a UTF-8 character: `StreamDecoder` holds back the bytes of an unfinished
+character. A plain-text vocabulary cannot spell every string: encoding text with a character it lacks raises
+ValueError naming the character (`tokenizers` would silently drop it).
 """
 from __future__ import annotations
 
 import codecs
 import functools
+import json
 
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -36,6 +40,11 @@ class Tokenizer:
             if not is_foreign_error(e):
                 raise
             raise FormatError(f"tokenizer: not a valid `tokenizers` JSON ({e})") from None
+        decoder = (json.loads(tokenizer_json).get("decoder") or {}).get("type")
+        if decoder not in (None, "ByteLevel", "Fuse"):
+            raise FormatError(f"tokenizer: its {decoder} decoder is not supported (aigc_rt decodes byte-level BPE, "
+                              f"and tokens whose texts concatenate: the Fuse decoder)")
+        self.byte_level = decoder != "Fuse"  # no decoder: byte-level BPE, as before decoders were saved
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values(), default=-1) + 1  # ids need not be dense
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
@@ -44,6 +53,9 @@ class Tokenizer:
         for token, i in vocab.items():
             if token in specials:
                 continue  # decoded without special tokens, as skip_special_tokens=True
+            if not self.byte_level:
+                self._bytes[i] = token.encode()
+                continue
             try:
                 self._bytes[i] = bytes(bd[ch] for ch in token)
             except KeyError:
@@ -55,7 +67,16 @@ class Tokenizer:
         self._special_bytes = {self._tok.token_to_id(s): s.encode() for s in specials}
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        enc = self._tok.encode(text, add_special_tokens=False)
+        if not self.byte_level:  # every character must be covered by a token (byte-level BPE covers any text)
+            covered = bytearray(len(text))
+            for start, end in enc.offsets:
+                covered[start:end] = b"\x01" * (end - start)
+            missing = covered.find(0)
+            if missing >= 0:
+                raise ValueError(f"the text has a character the model's vocabulary lacks: {text[missing]!r} at "
+                                 f"index {missing}")
+        return enc.ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of a token; b"" for special tokens and for ids past the tokenizer's vocabulary (a model
@@ -93,9 +114,35 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def char_tokenizer_json(vocab, where: str) -> str:
+    """A `tokenizers` JSON for a character vocabulary: a list of one-character strings (id = index) or a dict
+    {character: id}. Each character is one token (a BPE model without merges, no pre-tokenizer; the Fuse decoder
+    concatenates the tokens' texts)."""
+    from tokenizers import decoders, models
+    if isinstance(vocab, list):
+        twice = next((ch for i, ch in enumerate(vocab) if ch in vocab[:i]), None)
+        if twice is not None:
+            raise FormatError(f"{where}: character {twice!r} appears twice in the vocabulary")
+        vocab = {ch: i for i, ch in enumerate(vocab)}
+    if not isinstance(vocab, dict) or not vocab:
+        raise FormatError(f"{where}: expected a tokenizers tokenizer.json, or a character vocabulary (a JSON list "
+                          f"of characters, or an object {{character: id}}), got {type(vocab).__name__}")
+    for ch, i in vocab.items():
+        if not isinstance(ch, str) or len(ch) != 1:
+            raise FormatError(f"{where}: vocabulary entry {ch!r} is not one character (for multi-character tokens, "
+                              f"give a tokenizers tokenizer.json)")
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise FormatError(f"{where}: the id of {ch!r} must be an int >= 0, got {i!r}")
+    if len(set(vocab.values())) != len(vocab):
+        raise FormatError(f"{where}: two characters share an id")
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    return tok.to_str()
+
+
 def checked_tokenizer(tokenizer_json: str, vocab_size: int, where: str) -> Tokenizer:
     """The Tokenizer of a text model whose embedding has `vocab_size` rows, or FormatError naming `where` (a
-    file) and the problem: not a byte-level BPE `tokenizers` JSON, or more tokens than the model has rows.
+    file) and the problem: not a `tokenizers` JSON we can decode, or more tokens than the model has rows.
     load() checks an embedded tokenizer with it, and the converter the one it is about to embed."""
     try:
         tokenizer = Tokenizer(tokenizer_json)

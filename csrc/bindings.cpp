@@ -35,6 +35,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale") = pybind11::none(),
         pybind11::arg("out") = pybind11::none(), pybind11::arg("pos_table") = pybind11::none(),
         pybind11::arg("positions") = pybind11::none());
+  m.def("lstm_cell", &aigc_rt::cpu::lstm_cell,
+        "the LSTM cell: gates (N, 4H) in torch's order i, f, g, o and c (N, H) -> h_out, c_out (c_out may be c)",
+        pybind11::arg("gates"), pybind11::arg("c"), pybind11::arg("h_out"), pybind11::arg("c_out"));
 
   // step_program.cpp: each method records one op (its arguments as the op's, outputs given); run replays them
   using aigc_rt::cpu::StepProgram;
@@ -50,6 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("positions"), pybind11::arg("k"), pybind11::arg("v"))
       .def("attention_decode", &StepProgram::attention_decode, pybind11::arg("q"), pybind11::arg("k_cache"),
            pybind11::arg("v_cache"), pybind11::arg("lengths"), pybind11::arg("out"))
+      .def("lstm_cell", &StepProgram::lstm_cell, pybind11::arg("gates"), pybind11::arg("c"), pybind11::arg("h_out"),
+           pybind11::arg("c_out"))
       .def("run", &StepProgram::run, "replay every recorded op (without the GIL)", pybind11::arg("max_len"),
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("__len__", &StepProgram::size);

@@ -145,6 +145,15 @@ class CpuBackend(TorchBackend):
             self._recording.attention_decode(q, k_cache, v_cache, lengths, y)
         return y
 
+    def lstm_cell(self, gates, c, *, h_out=None, c_out=None):
+        gates, c = self._contiguous(gates), self._contiguous(c)
+        h_out = torch.empty_like(c) if h_out is None else h_out
+        c_out = torch.empty_like(c) if c_out is None else c_out
+        _C.lstm_cell(gates, c, h_out, c_out)
+        if self._recording is not None:
+            self._recording.lstm_cell(gates, c, h_out, c_out)
+        return h_out, c_out
+
     def sample(self, logits, params, u, seen, *, out=None):
         return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,
                          params.repetition_penalty, u, seen, out=out)

@@ -42,7 +42,7 @@ class DecodeGraph:
         (or replayed) on copies of the inputs with max_len = cache.max_len, which stays the same across a
         generation's steps. The logits are a static buffer that the next call overwrites (as the eager step's
         are)."""
-        key = ("decode", step, tokens.shape[0], cache.k.shape, cache.addresses(tokens.shape[0]))
+        key = ("decode", step, tokens.shape[0], cache.max_len, cache.addresses(tokens.shape[0]))
         e = self._entry(key)
         if not e.inputs:
             e.inputs = tuple(map(torch.empty_like, (tokens, positions, lengths)))

@@ -163,6 +163,16 @@ class TorchBackend:
         scores = scores.masked_fill(~valid[..., 0], -math.inf)
         return _into(out, torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v))
 
+    def lstm_cell(self, gates: torch.Tensor, c: torch.Tensor, *, h_out: torch.Tensor | None = None,
+                  c_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """An LSTM step after its linears. gates (N, 4H) fp32 = x W_ih^T + h W_hh^T + b in torch's order (input,
+        forget, cell, output); c (N, H) fp32 the previous cell state. -> (h', c') with
+        c' = sigmoid(f) * c + sigmoid(i) * tanh(g), h' = sigmoid(o) * tanh(c'). c_out may be c (in place)."""
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        return _into(h_out, h_new), _into(c_out, c_new)
+
     def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
                    max_len: int) -> torch.Tensor:
         """Run a model's decode step, step(tokens, positions, lengths, cache, max_len) -> logits; a backend may

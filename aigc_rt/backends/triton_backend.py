@@ -75,7 +75,7 @@ class TritonBackend(TorchBackend):
 
     def run_decode_sample(self, step, state, cache, max_len, params):
         B = state.tokens.shape[0]
-        key = ("sample", step, B, cache.k.shape, cache.addresses(B), state.addresses(), params)
+        key = ("sample", step, B, cache.max_len, cache.addresses(B), state.addresses(), params)
         self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache, cache.max_len,
                                                                        params))
 

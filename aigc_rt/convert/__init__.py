@@ -7,13 +7,18 @@ import os
 from .. import format as fmt
 from ..errors import FormatError
 from .dcgan import VARIANTS as DCGAN_VARIANTS
-from .dcgan import convert_dcgan, is_torch_checkpoint
+from .dcgan import convert_dcgan, is_torch_checkpoint, read_state_dict
 from .dcgan import detect_arch as detect_dcgan_arch
 from .gpt2 import convert_gpt2, is_hf_gpt2_dir
+from .lstm import convert_lstm, is_lstm_state_dict
 
 
 def _gpt2(src: str, dtype: str):
     return ("gpt2", *convert_gpt2(src, dtype))
+
+
+def _lstm(src: str, dtype: str, tokenizer=None):
+    return ("lstm", *convert_lstm(src, dtype, tokenizer))
 
 
 def _dcgan(src: str, dtype: str, variant: str):
@@ -21,31 +26,37 @@ def _dcgan(src: str, dtype: str, variant: str):
 
 
 # arch -> converter(src, dtype) -> (runtime arch, config dict, tensors, tokenizer JSON or None)
-CONVERTERS = {"gpt2": _gpt2, **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
+CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
+TAKES_TOKENIZER = ("lstm",)  # converters whose checkpoints hold no vocabulary: convert(..., tokenizer=PATH)
 
 
 def detect_arch(src: str) -> str:
     if is_hf_gpt2_dir(src):
         return "gpt2"
     if is_torch_checkpoint(src):
-        return detect_dcgan_arch(src)
+        return "lstm" if is_lstm_state_dict(read_state_dict(src)) else detect_dcgan_arch(src)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: cannot tell what this checkpoint is (expected a Hugging Face GPT-2 folder with "
-                      f"config.json, or a DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
+                      f"config.json, or an LSTM or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
 
 
-def convert(src, dst, arch: str | None = None, dtype: str = "fp32") -> str:
-    """Convert checkpoint `src` to the runtime file `dst`; returns dst."""
+def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None) -> str:
+    """Convert checkpoint `src` to the runtime file `dst`; returns dst. tokenizer: for checkpoints without a
+    vocabulary of their own (lstm), a tokenizer.json or a character vocabulary (see convert/lstm.py)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in fmt.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.DTYPES)}, got {dtype!r}")
-    arch = arch or detect_arch(src)
-    if arch not in CONVERTERS:
+    if arch is not None and arch not in CONVERTERS:
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(CONVERTERS)}")
+    arch = arch or detect_arch(src)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
-    runtime_arch, config, tensors, tokenizer = CONVERTERS[arch](src, dtype)
+    if tokenizer is not None and arch not in TAKES_TOKENIZER:
+        raise ValueError(f"tokenizer= is for checkpoints without a vocabulary ({', '.join(TAKES_TOKENIZER)}); "
+                         f"a {arch} checkpoint has its own or none")
+    extra = {"tokenizer": tokenizer} if arch in TAKES_TOKENIZER else {}
+    runtime_arch, config, tensors, tokenizer_json = CONVERTERS[arch](src, dtype, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    fmt.save(dst, runtime_arch, dtype, config, tensors, tokenizer)
+    fmt.save(dst, runtime_arch, dtype, config, tensors, tokenizer_json)
     return dst

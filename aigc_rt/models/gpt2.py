@@ -17,6 +17,7 @@ import torch
 from ..config import GPT2Config
 from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
 from ..tokenizer import Tokenizer
+from .text import TextModel
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
@@ -124,7 +125,7 @@ class Block:
     mlp_proj: object
 
 
-class GPT2:
+class GPT2(TextModel):
     arch = "gpt2"
 
     def __init__(self, config: GPT2Config, tensors: dict[str, torch.Tensor], backend, tokenizer: Tokenizer,
@@ -178,9 +179,9 @@ class GPT2:
         """ws.r = wte[ids] + wpe[positions]; ids, positions (N,) int64."""
         self.backend.embedding(self.wte, ids, scale=self.wte_scale, pos_table=self.wpe, positions=positions, out=ws.r)
 
-    def prefill(self, ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """ids (B, T) int64 (rows right-padded; padding never reaches a real position's result).
-        Fills cache[:, :, :, :T] and returns ln_f(hidden) for every position, (B, T, C)."""
+    def prefill(self, ids: torch.Tensor, cache: KVCache | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) int64 (rows right-padded; padding never reaches a real position's result, so the rows'
+        lengths are not needed). Fills cache[:, :, :, :T] and returns ln_f(hidden) for every position, (B, T, C)."""
         B, T = ids.shape
         C, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
         ws = Workspace.allocate(self.config, B * T, ids.device, logits=False)
@@ -231,34 +232,3 @@ class GPT2:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> logits (N, V) fp32."""
         return self.backend.linear(hidden, self.lm_head)
-
-    # -- public --------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def logits(self, input_ids) -> torch.Tensor:
-        """Full forward for validation: LongTensor (B, T) -> float32 (B, T, V)."""
-        ids = self.check_ids(torch.as_tensor(input_ids))
-        B, T = ids.shape
-        return self.head(self.prefill(ids.to(self.device), None).view(B * T, -1)).view(B, T, -1)
-
-    def check_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor (B, T), got {tuple(ids.shape)} {ids.dtype}")
-        if ids.shape[1] == 0 or ids.shape[0] == 0:
-            raise ValueError("input_ids is empty")
-        if ids.shape[1] > c.n_positions:
-            raise ValueError(f"input of {ids.shape[1]} tokens exceeds the context length {c.n_positions}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= c.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {c.vocab_size})")
-        return ids.long()
-
-    def generate(self, prompts, **kwargs):
-        from ..generation import generate
-        return generate(self, prompts, **kwargs)
-
-    def stream(self, prompt, **kwargs):
-        from ..generation import stream
-        return stream(self, prompt, **kwargs)

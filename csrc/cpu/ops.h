@@ -25,6 +25,9 @@ void set_linear_isa(const std::string& cap);
 // kv_cache.cpp
 void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& positions, const torch::Tensor& k,
               const torch::Tensor& v);
+// lstm.cpp: h_out, c_out = the LSTM cell of gates (N, 4H) and c (N, H); c_out may be c
+void lstm_cell(const torch::Tensor& gates, const torch::Tensor& c, const torch::Tensor& h_out,
+               const torch::Tensor& c_out);
 // embedding.cpp
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
                         const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& pos_table,
@@ -45,6 +48,8 @@ class __attribute__((visibility("hidden"))) StepProgram {
                 const torch::Tensor& k, const torch::Tensor& v);
   void attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                         const torch::Tensor& lengths, const torch::Tensor& out);
+  void lstm_cell(const torch::Tensor& gates, const torch::Tensor& c, const torch::Tensor& h_out,
+                 const torch::Tensor& c_out);
   void run(int64_t max_len) const;  // every op in the order recorded; max_len goes to attention_decode
   size_t size() const { return ops_.size(); }
 

@@ -38,6 +38,11 @@ void StepProgram::attention_decode(const torch::Tensor& q, const torch::Tensor& 
   ops_.push_back([=](int64_t max_len) { cpu::attention_decode(q, k_cache, v_cache, lengths, max_len, out, 0); });
 }
 
+void StepProgram::lstm_cell(const torch::Tensor& gates, const torch::Tensor& c, const torch::Tensor& h_out,
+                            const torch::Tensor& c_out) {
+  ops_.push_back([=](int64_t) { cpu::lstm_cell(gates, c, h_out, c_out); });
+}
+
 void StepProgram::run(int64_t max_len) const {
   for (const auto& op : ops_) op(max_len);
 }

@@ -1,0 +1,175 @@
+"""The seed LSTM text generator, written once against a backend's op set; read it top to bottom.
+
+    Embedding(V, E) -> LSTM(E, H, L) -> Linear(H, V)        (torch.nn, sequence-first, zero initial state)
+
+Each layer l at step t, with x its input (the embedded token for l = 0, layer l - 1's h otherwise) and torch's
+gate order (input, forget, cell, output):
+    gates = x W_ih^T + h W_hh^T + b          (b = b_ih + b_hh, summed by the converter)
+    c = sigmoid(f) * c + sigmoid(i) * tanh(g);   h = sigmoid(o) * tanh(c)
+Two linears per layer (the second adds into the first's output: backend.linear's residual) and one
+backend.lstm_cell. Prefill runs W_ih over the whole prompt at once and only the recurrence step by step.
+A sequence's state is (h, c) per layer, fixed-size: the LSTM counterpart of GPT-2's KV cache (LSTMState), so
+generation (generation.py) drives it the same way, and it has no context limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from ..config import LSTMConfig
+from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
+from ..tokenizer import Tokenizer
+from .text import TextModel
+
+
+def expected_tensors(c: LSTMConfig, dtype: str) -> TensorSpec:
+    """Matrices in the file's dtype (int8: with a (rows,) fp32 NAME_scale beside each); biases fp32.
+    layers.l.ih.weight (4H, in) = W_ih, layers.l.hh.weight (4H, H) = W_hh, layers.l.bias (4H,) = b_ih + b_hh."""
+    wd, f32, H = DTYPES[dtype], torch.float32, c.hidden_size
+    spec = {}
+
+    def matrix(name: str, shape: tuple[int, int]) -> None:
+        spec[name] = (shape, wd)
+        if dtype == "int8":
+            spec[name + SCALE_SUFFIX] = ((shape[0],), f32)
+
+    matrix("wte.weight", (c.vocab_size, c.n_embd))
+    for i in range(c.n_layer):
+        matrix(f"layers.{i}.ih.weight", (4 * H, c.n_embd if i == 0 else H))
+        matrix(f"layers.{i}.hh.weight", (4 * H, H))
+        spec[f"layers.{i}.bias"] = ((4 * H,), f32)
+    matrix("lm_head.weight", (c.vocab_size, H))
+    spec["lm_head.bias"] = ((c.vocab_size,), f32)
+    return spec
+
+
+@dataclass
+class Workspace:
+    """The decode step's preallocated fp32 buffers for N rows."""
+    x: torch.Tensor  # (N, E) the embedded tokens
+    gates: torch.Tensor  # (N, 4H)
+    scratch: torch.Tensor  # (N, 4H) where h W_hh^T may go on its way into gates (see backend.linear's residual)
+    logits: torch.Tensor  # (N, V)
+    lengths: torch.Tensor  # (N,) int64: the generation loop's positions + 1 (unused by the recurrence)
+
+    @classmethod
+    def allocate(cls, c: LSTMConfig, n: int, device) -> "Workspace":
+        f32 = torch.float32
+        return cls(*(torch.empty(n, w, device=device, dtype=f32) for w in (c.n_embd, 4 * c.hidden_size,
+                                                                            4 * c.hidden_size, c.vocab_size)),
+                   lengths=torch.empty(n, device=device, dtype=torch.int64))
+
+    def rows(self, n: int) -> "Workspace":
+        return Workspace(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+
+class LSTMState:
+    """Each sequence's (h, c), (n_layer, B, H) fp32 each, zeros until a prefill writes them; beside them, the
+    decode step's Workspace. The interface of GPT-2's KVCache (workspace, addresses, keep, max_len), so that the
+    generation loop and the backends' decode replay treat both alike."""
+
+    def __init__(self, c: LSTMConfig, batch: int, max_len: int, device):
+        self.h = torch.zeros(c.n_layer, batch, c.hidden_size, device=device)
+        self.c = torch.zeros_like(self.h)
+        self.max_len = max_len  # positions a generation may reach (nothing is sized by it)
+        self._workspaces = {batch: Workspace.allocate(c, batch, device)}
+
+    def workspace(self, batch: int) -> Workspace:
+        if batch not in self._workspaces:
+            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
+        return self._workspaces[batch]
+
+    def addresses(self, batch: int) -> tuple[int, ...]:
+        """Where a decode step over `batch` rows reads and writes (a recorded or captured step bakes them in)."""
+        ws = self.workspace(batch)
+        return (self.h.data_ptr(), self.c.data_ptr(), *(getattr(ws, f.name).data_ptr() for f in fields(ws)))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences: keep only batch rows `rows` (in that order)."""
+        self.h = self.h[:, rows].contiguous()
+        self.c = self.c[:, rows].contiguous()
+
+
+@dataclass
+class Layer:
+    ih: object  # backend-prepared linears; ih carries the summed bias
+    hh: object
+
+
+class LSTM(TextModel):
+    arch = "lstm"
+
+    def __init__(self, config: LSTMConfig, tensors: dict[str, torch.Tensor], backend, tokenizer: Tokenizer,
+                 dtype: str = "fp32"):
+        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
+        self.device = backend.device
+        t = {k: v.to(self.device) for k, v in tensors.items()}
+
+        def linear(name: str, bias: torch.Tensor | None):
+            return backend.prepare_linear(t[name], bias, t.get(name + SCALE_SUFFIX))
+
+        self.wte, self.wte_scale = t["wte.weight"], t.get("wte.weight" + SCALE_SUFFIX)  # (V, E), (V,) or None
+        self.layers = [Layer(ih=linear(f"layers.{i}.ih.weight", t[f"layers.{i}.bias"]),
+                             hh=linear(f"layers.{i}.hh.weight", None)) for i in range(config.n_layer)]
+        self.lm_head = linear("lm_head.weight", t["lm_head.bias"])
+
+    @property
+    def n_params(self) -> int:
+        """As torch counts the module's (two bias vectors per layer)."""
+        c, H = self.config, self.config.hidden_size
+        lstm = sum(4 * H * ((c.n_embd if i == 0 else H) + H + 2) for i in range(c.n_layer))
+        return c.vocab_size * c.n_embd + lstm + c.vocab_size * (H + 1)
+
+    def new_cache(self, batch: int, max_len: int) -> LSTMState:
+        return LSTMState(self.config, batch, max_len, self.device)
+
+    # -- the recurrence --------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor, cache: LSTMState | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) int64, rows right-padded; lengths (B,) int64 each row's length (None: all T). Returns the
+        last layer's h at every position, (B, T, H) (padding positions hold garbage), and leaves each row's
+        state after its last real token in cache."""
+        B, T = ids.shape
+        H, be, dev = self.config.hidden_size, self.backend, ids.device
+        x = be.embedding(self.wte, ids.t().reshape(-1), scale=self.wte_scale)  # (T*B, E), time-major
+        scratch = torch.empty(B, 4 * H, device=dev)
+        for i, layer in enumerate(self.layers):
+            gates = be.linear(x, layer.ih).view(T, B, 4 * H)  # the input's part of every step at once
+            ys = torch.empty(T, B, H, device=dev)  # h at each step
+            cs = torch.empty(T, B, H, device=dev)  # c at each step
+            h, c = torch.zeros(B, H, device=dev), torch.zeros(B, H, device=dev)  # torch's default initial state
+            for t in range(T):
+                be.linear(h, layer.hh, out=scratch, residual=gates[t])  # gates[t] += h W_hh^T
+                h, c = be.lstm_cell(gates[t], c, h_out=ys[t], c_out=cs[t])
+            if cache is not None:
+                last = (torch.full((B,), T, device=dev) if lengths is None else lengths.to(dev)) - 1
+                rows = torch.arange(B, device=dev)
+                cache.h[i] = ys[last, rows]
+                cache.c[i] = cs[last, rows]
+            x = ys.view(T * B, H)
+        return x.view(T, B, H).transpose(0, 1)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LSTMState, max_len: int) -> torch.Tensor:
+        """One new token per sequence (positions are where they go; the recurrence does not need them). Returns
+        logits (B, V) fp32: a buffer of the state's workspace, overwritten by the next step."""
+        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)
+        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
+
+    def decode_sample(self, state, cache: LSTMState, max_len: int, params) -> None:
+        """generate()'s step in place on state (a generation.DecodeState); see GPT2.decode_sample."""
+        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
+
+    def _decode_step(self, tokens, positions, lengths, cache: LSTMState, max_len: int) -> torch.Tensor:
+        """Backend ops only, on its inputs, the state and the state's Workspace (so that a backend can replay it)."""
+        be, ws = self.backend, cache.workspace(tokens.shape[0])
+        x = be.embedding(self.wte, tokens, scale=self.wte_scale, out=ws.x)  # (B, E)
+        for i, layer in enumerate(self.layers):
+            h, c = cache.h[i], cache.c[i]  # (B, H) views, updated in place
+            be.linear(x, layer.ih, out=ws.gates)
+            be.linear(h, layer.hh, out=ws.scratch, residual=ws.gates)  # gates += h W_hh^T
+            x, _ = be.lstm_cell(ws.gates, c, h_out=h, c_out=c)
+        return be.linear(x, self.lm_head, out=ws.logits)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> logits (N, V) fp32."""
+        return self.backend.linear(hidden.contiguous(), self.lm_head)
