@@ -257,3 +257,34 @@ def test_cli_convert_and_validate(tmp_path, capsys):
     assert "PASS" in out and "greedy 16 tokens identical" in out
     assert main(["generate", "落霞与孤鹜齐飞", "--model", dst, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("落霞与孤鹜齐飞")
+
+
+def test_bench_cli_times_an_lstm_file(seed_lstm, tmp_path, capsys):
+    """`aigc-rt bench --model` on an LSTM file: the weights a step streams are every matrix but the embedding."""
+    from aigc_rt import bench
+    from aigc_rt.cli import main
+    from aigc_rt.config import LSTMConfig
+    assert main(["bench", "--model", seed_lstm[0], "--batches", "1", "--new-tokens", "5", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    assert "| 1 | aigc-rt/cpu | fp32 |" in capsys.readouterr().out
+    c = LSTMConfig(vocab_size=46, n_embd=13, hidden_size=23, n_layer=3)
+    matrices = 4 * 23 * (13 + 23) + 2 * 4 * 23 * (23 + 23) + 46 * 23  # W_ih + W_hh per layer, the head
+    assert bench.streamed_bytes(c, "fp32", "lstm") == 4 * (matrices + 3 * 4 * 23 + 46)  # + the biases
+
+
+def test_lstm_benchmark_script(monkeypatch):
+    """bench/bench_lstm.py on a tiny shape: every system runs, and ours in fp32 decodes torch's greedy tokens."""
+    import os
+    import sys
+    from aigc_rt.config import LSTMConfig
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        import bench_lstm
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setitem(bench_lstm.SHAPES, "tiny", LSTMConfig(vocab_size=50, n_embd=8, hidden_size=16, n_layer=2))
+    rows, _ = bench_lstm.run(["tiny"], [2], repeats=1, new_tokens=6, prompt_len=5, log=lambda *_: None)
+    by = {(r.system, r.dtype): r for r in rows}
+    assert len(by) == len(bench_lstm.SYSTEMS) and all(r.tokens_per_s > 0 for r in rows)
+    assert by["aigc-rt", "fp32"].same_tokens_as_hf == 1.0
+    assert max(by["torch", "fp32"].vs_hf_eager, by["torch-native", "fp32"].vs_hf_eager) == pytest.approx(1.0)
