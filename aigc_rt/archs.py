@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig
+from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig, TransformerDecoderConfig
 from .errors import FormatError
 from .format import TensorSpec
-from .models import dcgan, gpt2, lstm
+from .models import dcgan, gpt2, lstm, transformer_decoder
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class Arch:
 ARCHS = {
     "gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True, indexed=("wpe.weight",)),  # wte: lm_head
     "lstm": Arch(LSTMConfig, lstm.expected_tensors, lstm.LSTM, text=True, indexed=("wte.weight", "wte.weight_scale")),
+    "transformer_decoder": Arch(TransformerDecoderConfig, transformer_decoder.expected_tensors,
+                                transformer_decoder.TransformerDecoder, text=True,
+                                indexed=("wte.weight", "wte.weight_scale")),
     "dcgan": Arch(DCGANConfig, dcgan.expected_tensors, dcgan.Generator, text=False),
     "dcgan_d": Arch(DCGANDiscriminatorConfig, dcgan.expected_tensors, dcgan.Discriminator, text=False),
 }

@@ -99,7 +99,7 @@ class BandwidthProbe:
             return self.bytes / statistics.median(times) / 1e9
 
         return max(median_gbps(lambda: self.ones.sum()), median_gbps(lambda: torch.dot(self.ones, self.ones)),
-                   median_gbps(lambda: _C.linear(self.x, self.gemv, False, self.y)))
+                   median_gbps(lambda: _C.linear(self.x, self.gemv, 0, self.y)))
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:

@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", default=None)
     c.add_argument("--dtype", default="fp32")
     c.add_argument("--tokenizer", default=None,
-                   help="lstm: a tokenizer.json or a JSON list of the characters by id (default: tokenizer.json or "
-                        "vocab.json beside SRC)")
+                   help="lstm, transformer_decoder: a tokenizer.json or a JSON list of the characters by id "
+                        "(default: tokenizer.json or vocab.json beside SRC)")
+    c.add_argument("--n-head", type=int, default=None, help="transformer_decoder: attention heads per layer")
+    c.add_argument("--norm-first", action="store_true", help="transformer_decoder: pre-norm layers (norm_first=True)")
     c.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text")
@@ -121,7 +123,8 @@ def _sampling_kwargs(a) -> dict:
 
 def cmd_convert(a):
     import aigc_rt
-    dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype, tokenizer=a.tokenizer)
+    config = {**({"n_head": a.n_head} if a.n_head is not None else {}), **({"norm_first": True} if a.norm_first else {})}
+    dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype, tokenizer=a.tokenizer, config=config or None)
     print(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
 
@@ -189,6 +192,19 @@ def cmd_validate(a):
 
 def _text_reference(m, src: str):
     """The reference of a text model's checkpoint: (logits(ids) -> (T, V), greedy(ids, n) -> n new ids)."""
+    if m.arch == "transformer_decoder":
+        from aigc_rt.convert.transformer_decoder import reference_module
+        decoder = reference_module(src, m.config.to_dict())
+
+        def full(ids):  # (T, V): the reference recomputes the whole sequence (it keeps no cache)
+            return decoder(torch.tensor(ids)[:, None])[:, 0]
+
+        def greedy(ids, n):
+            ids = list(ids)
+            for _ in range(n):
+                ids.append(int(full(ids)[-1].argmax()))
+            return ids[len(ids) - n:]
+        return full, greedy
     if m.arch == "lstm":
         from aigc_rt.convert.lstm import reference_module
         lstm = reference_module(src)

@@ -20,9 +20,9 @@ def _check_fields(cls, values: dict) -> dict:
                 raise FormatError(f"{cls.__name__}: config lacks '{f.name}'")
             continue
         v = values[f.name]
-        want = {"int": int, "float": (int, float), "int | None": (int, type(None)), "str": str,
+        want = {"int": int, "float": (int, float), "int | None": (int, type(None)), "str": str, "bool": bool,
                 "tuple[ConvLayer, ...]": list}[f.type]
-        if isinstance(v, bool) or not isinstance(v, want):
+        if isinstance(v, bool) != (f.type == "bool") or not isinstance(v, want):
             raise FormatError(f"{cls.__name__}: config '{f.name}' must be {f.type}, got {v!r}")
         out[f.name] = v
     return out
@@ -85,6 +85,51 @@ class LSTMConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "LSTMConfig":
+        return cls(**_check_fields(cls, values))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- Transformer decoder ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TransformerDecoderConfig:
+    """The seed Transformer decoder text model: Embedding(vocab_size, d_model) -> nn.TransformerDecoder(
+    nn.TransformerDecoderLayer(d_model, n_head, d_ff), n_layer) -> Linear(d_model, vocab_size), used as a decoder-only
+    generator: the embedded tokens are both the target and the memory, under causal masks (see models/
+    transformer_decoder.py). ReLU feed-forward; post-norm unless norm_first; final_norm: the TransformerDecoder's
+    optional `norm`. No positional encoding, so no context length (the KV caches grow with the generation)."""
+    vocab_size: int
+    d_model: int
+    n_head: int
+    n_layer: int
+    d_ff: int
+    layer_norm_eps: float = 1e-5
+    norm_first: bool = False
+    final_norm: bool = False
+    eos_token_id: int | None = None
+    n_positions: ClassVar[int] = 1 << 40  # no context limit (generation checks prompts against it)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field, hi in (("vocab_size", 1 << 22), ("d_model", 1 << 16), ("n_head", 1024), ("n_layer", 1024),
+                          ("d_ff", 1 << 18)):
+            v = getattr(self, field)
+            if not 1 <= v <= hi:
+                raise FormatError(f"{name}: {field}={v} is out of range [1, {hi}]")
+        if self.d_model % self.n_head:
+            raise FormatError(f"{name}: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if not (math.isfinite(self.layer_norm_eps) and 0 < self.layer_norm_eps < 1):
+            raise FormatError(f"{name}: layer_norm_eps={self.layer_norm_eps} must be in (0, 1)")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise FormatError(f"{name}: eos_token_id={self.eos_token_id} is outside the vocabulary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TransformerDecoderConfig":
         return cls(**_check_fields(cls, values))
 
     def to_dict(self) -> dict:

@@ -110,7 +110,7 @@ def test_linear(benchmark, block_weights, impl, rows, dtype):
         lins = [cpu_linear(w, dtype) for w in block_weights]
         calls = [(lin, x[lin.in_features], torch.empty(rows, lin.out_features)) for lin in lins]
         measure(benchmark, group, f"cpu {impl}",
-                lambda: [_C.linear(xi, lin, False, out) for lin, xi, out in calls])
+                lambda: [_C.linear(xi, lin, 0, out) for lin, xi, out in calls])
     finally:
         _C.set_linear_isa("auto")
 

@@ -23,8 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("out_features", &aigc_rt::cpu::PackedLinear::out_features)
       .def_property_readonly("dtype", &aigc_rt::cpu::PackedLinear::dtype);
   m.def("linear", &aigc_rt::cpu::linear,
-        "y = act(x @ W^T * scale + bias), act GELU(tanh) if gelu; with a residual, also residual += y; returns y",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu") = false,
+        "y = act(x @ W^T * scale + bias), act 0 identity, 1 GELU(tanh), 2 ReLU; with a residual, also residual += y; "
+        "returns y",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("act") = 0,
         pybind11::arg("out") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
   m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8)",
         pybind11::arg("weight_dtype"));
@@ -47,7 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("out"), pybind11::arg("pos_table"), pybind11::arg("positions"))
       .def("layernorm", &StepProgram::layernorm, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
            pybind11::arg("eps"), pybind11::arg("out"))
-      .def("linear", &StepProgram::linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("gelu"),
+      .def("linear", &StepProgram::linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("act"),
            pybind11::arg("out"), pybind11::arg("residual"))
       .def("write_kv", &StepProgram::write_kv, pybind11::arg("k_cache"), pybind11::arg("v_cache"),
            pybind11::arg("positions"), pybind11::arg("k"), pybind11::arg("v"))

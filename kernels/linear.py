@@ -1,7 +1,7 @@
 """Linear layer with a fused epilogue: y = act(x W^T + b).
 
     x (M, K) fp32 activations, W (N, K) fp32 | bf16 | fp16 weights, b (N,) fp32 or none,
-    act = identity | GELU-tanh: 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))).
+    act = identity | GELU-tanh: 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))) | ReLU: max(y, 0).
     x is rounded to W's dtype first (as the torch backend's F.linear(x.to(w.dtype), w)); products and the
     accumulation are fp32, so low-precision weights lose nothing more than that rounding.
     int8 weights (weight-only quantisation, the file's per-row scales s (N,)): y = act(s * (x q^T) + b), x kept
@@ -45,6 +45,7 @@ from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, che
                     check_vector, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, pdl_begin,
                     pdl_options, prefetch_l2)
 
+ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
 
 
@@ -91,13 +92,16 @@ def _store(y_ptrs, y, mask, ACCUMULATE: tl.constexpr):
 
 
 @device_fn
-def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr):
+def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+              RELU: tl.constexpr):
     if SCALED:
         acc *= tl.load(s_ptr + cols, mask=cols < N, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0)
     if GELU:
         acc = gelu_tanh(acc)
+    if RELU:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu (max.f32 would drop it)
     return acc
 
 
@@ -106,7 +110,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
                    y_stride, eps, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr,
                    WIDEN_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                   SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False):
     n0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(2)
     k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K range per split, whole K blocks (maybe none)
@@ -137,7 +141,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
         w_ptrs += BLOCK_K
     in_tile = (rows[:, None] < M) & (cols[None, :] < N)
     if SPLIT_K == 1:
-        acc = _epilogue(acc, s_ptr, b_ptr, cols[None, :], N, SCALED, HAS_BIAS, GELU)
+        acc = _epilogue(acc, s_ptr, b_ptr, cols[None, :], N, SCALED, HAS_BIAS, GELU, RELU)
         _store(y_ptr + rows[:, None].to(tl.int64) * y_stride + cols[None, :], acc, in_tile, ACCUMULATE)
     else:  # partial sums (SPLIT_K, M, N); _split_k_reduce_kernel finishes
         tl.store(part_ptr + ((split * M + rows[:, None]).to(tl.int64) * N + cols[None, :]), acc, mask=in_tile)
@@ -146,14 +150,14 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
 @triton.jit
 def _split_k_reduce_kernel(part_ptr, s_ptr, b_ptr, y_ptr, M, N, y_stride, SCALED: tl.constexpr,
                            HAS_BIAS: tl.constexpr, GELU: tl.constexpr, ACCUMULATE: tl.constexpr,
-                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                           SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False):
     pdl_begin(PDL)
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for split in tl.static_range(SPLIT_K):  # in split order: the same sum every run
         acc += tl.load(part_ptr + (split * M + row) * N + cols, mask=cols < N, other=0.0)
-    acc = _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
+    acc = _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU, RELU)
     _store(y_ptr + row * y_stride + cols, acc, cols < N, ACCUMULATE)
 
 
@@ -165,7 +169,8 @@ def _split_k_reduce(args: dict) -> None:
     M, N = args["M"], args["N"]
     _split_k_reduce_kernel[(triton.cdiv(N, 1024), M)](
         args["part_ptr"], args["s_ptr"], args["b_ptr"], args["y_ptr"], M, N, args["y_stride"],
-        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], ACCUMULATE=args["ACCUMULATE"],
+        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], RELU=args.get("RELU", False),
+        ACCUMULATE=args["ACCUMULATE"],
         SPLIT_K=args["SPLIT_K"], BLOCK=1024,
         num_warps=4, PDL=args["PDL"], **({"launch_pdl": True} if args["PDL"] else {}))
 
@@ -174,7 +179,7 @@ def _split_k_reduce(args: dict) -> None:
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                  NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False):
     row = tl.program_id(1).to(tl.int64)
     n0 = tl.program_id(0) * BLOCK_N
     cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
@@ -207,7 +212,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
             x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, (ks + k0 < K)[None, :], K)
         acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)
         w_ptrs += BLOCK_K
-    y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU)
+    y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU, RELU)
     _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
 
 
@@ -284,7 +289,7 @@ _small_m_lock = threading.Lock()  # best_config is read back right after the lau
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
            scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
            out=None, kernel: str | None = None, split_k: int | None = None) -> torch.Tensor:
-    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" -> y (..., N) fp32; scale (N,)
+    """x (..., K) fp32, w (N, K), b (N,) fp32 or None, act None | "gelu_tanh" | "relu" -> y (..., N) fp32; scale (N,)
     fp32 for int8 weights and only for them. norm (g, beta, eps), g and beta (K,) fp32: y = linear(LayerNorm(x)).
     residual (..., N) fp32: residual += y in place, and residual is returned (out must then be None).
     kernel: "gemv" | "gemm" | None (pick by the number of rows); split_k: K splits of the GEMM (None: autotuned
@@ -300,8 +305,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         return y
     bias = w if b is None else b  # dummy pointers when HAS_BIAS / SCALED are off
     scales = w if scale is None else scale
-    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh", NORM=norm is not None,
-                 ACCUMULATE=residual is not None, **pdl_options(dev))
+    flags = dict(SCALED=scale is not None, HAS_BIAS=b is not None, GELU=act == "gelu_tanh", RELU=act == "relu",
+                 NORM=norm is not None, ACCUMULATE=residual is not None, **pdl_options(dev))
     if kernel == "gemv" or kernel is None and M <= GEMV_MAX_M:
         args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
         norm_block = _norm_block(norm, K, 1)
@@ -346,8 +351,8 @@ def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, to
         raise ValueError(f"weight must be a contiguous, non-empty (out, in) matrix, got {tuple(w.shape)}")
     if b is not None:
         check_vector("bias", b, N, (torch.float32,), dev)
-    if act not in (None, "gelu_tanh"):
-        raise ValueError(f"act must be None or 'gelu_tanh', got {act!r}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if norm is not None:
         _check_norm(norm, K, dev)
     if residual is not None:
@@ -403,4 +408,4 @@ def reference(x, w, b=None, act=None, scale=None, norm=None, residual=None):
         y = x.to(w.dtype).float() @ w.float().t()
     if b is not None:
         y = y + b.float()
-    return torch.nn.functional.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+    return torch.nn.functional.gelu(y, approximate="tanh") if act == "gelu_tanh" else y.relu() if act == "relu" else y

@@ -29,7 +29,8 @@ GELU_SLOPE = 1.13  # max |d GELU(y) / dy|: the epilogue can grow an input error 
 SHAPES = [(1, 1, 1), (1, 17, 3), (3, 3, 17), (17, 111, 500), (64, 500, 111), (111, 1023, 17), (1, 1023, 1023),
           (3, 500, 1023), (64, 17, 111), (111, 111, 3)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
-EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_tanh"), "bias+gelu": (True, "gelu_tanh")}
+EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_tanh"), "bias+gelu": (True, "gelu_tanh"),
+             "bias+relu": (True, "relu")}
 CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 
 
@@ -117,8 +118,10 @@ def test_linear_matches_reference(kernel, N, K, O, epilogue):
         exact = quantized_activations(x) @ _dense(ref_lin).double().T
         if bias:
             exact = exact + ref_lin.bias.double()
-        if act:
+        if act == "gelu_tanh":
             exact = torch.nn.functional.gelu(exact, approximate="tanh")
+        elif act == "relu":
+            exact = exact.relu()
         _check(got, exact, SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6,
                f"{isa} int8 {N}x{K}x{O} {epilogue} vs its quantised-activation math")
     _check(got, want, tol, f"{isa} {dtype} {N}x{K}x{O} {epilogue} vs the torch backend")
@@ -161,7 +164,7 @@ def test_linear_adds_into_residual(kernel, N, K, O):
     dtype = kernel[1]
     x, ref_lin, cpu_lin = _problem(N, K, O, dtype, bias=True)
     r0 = torch.randn(N, O, generator=torch.Generator().manual_seed(N + K + O))
-    for act in (None, "gelu_tanh"):
+    for act in (None, "gelu_tanh", "relu"):
         y = CPU.linear(x, cpu_lin, act=act)
         r, out = r0.clone(), torch.empty(N, O)
         assert CPU.linear(x, cpu_lin, act=act, out=out, residual=r) is r
@@ -257,8 +260,8 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.PackedLinear(torch.full((5, 8), -128, dtype=torch.int8), scale=s), r"lie in \[-127, 127\]"),
         (lambda: _C.PackedLinear(w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
         (lambda: _C.PackedLinear(w, b.double()), "bias must be a contiguous float32"),
-        (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
-        (lambda: REF.linear(x, REF.prepare_linear(w, b), act="relu"), "unknown activation 'relu'"),
+        (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="gelu"), "unknown activation 'gelu'"),
+        (lambda: REF.linear(x, REF.prepare_linear(w, b), act="gelu"), "unknown activation 'gelu'"),
         (lambda: CPU.prepare_linear(q, b), "scale is required for int8 weights"),
         (lambda: _C.embedding(w, torch.tensor([5])), r"id 5 is outside \[0, 5\)"),
         (lambda: _C.embedding(w, torch.tensor([-1])), "id -1 is outside"),
@@ -345,3 +348,13 @@ def test_decode_step_allocates_nothing_for_linear_and_layernorm(hf_odd, tmp_path
         e = ops[f"op::{op}"]
         assert e.count == 3 * calls, f"op::{op} ran {e.count} times, expected {3 * calls}"
         assert e.cpu_memory_usage == 0, f"op::{op} allocated {e.cpu_memory_usage} bytes during 3 decode steps"
+
+
+def test_relu_keeps_nan_and_bad_codes_are_refused():
+    x = torch.randn(2, 9)
+    x[1, 3] = float("nan")
+    lin = CPU.prepare_linear(torch.randn(5, 9), torch.zeros(5))
+    y = CPU.linear(x, lin, act="relu")
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any() and (y[0] >= 0).all()
+    with pytest.raises(ValueError, match="unknown activation code 3"):
+        _C.linear(x, lin, 3)

@@ -172,7 +172,8 @@ def test_gemv_errors(kernels):
     cases = [
         (dict(rows_per_warp=3), "rows_per_warp must be"),
         (dict(warps=9), "warps in"),
-        (dict(act="relu"), "act must be"),
+        (dict(act="gelu"), "act must be one of"),
+        (dict(act="relu"), "the CUDA GEMV's epilogue has the activations \\(None, 'gelu_tanh'\\), not 'relu'"),
         (dict(norm=(x[0], x[0], 0.0)), "norm eps must be > 0"),
         (dict(residual=torch.zeros(1, 4, device=DEV)), r"residual must be a contiguous \(1, 5\)"),
     ]
@@ -228,6 +229,24 @@ def test_cuda_backend_batch_matches_torch_backend(kernels, rt_odd, monkeypatch):
     want = [c.token_ids for c in reference.generate(prompts, max_new_tokens=5, eos_token_id=eos)]
     assert [c.token_ids for c in m.generate(prompts, max_new_tokens=5, eos_token_id=eos)] == want
     assert 3 in rows and min(rows) < 3, sorted(set(rows))
+
+
+def test_cuda_backend_runs_relu_linears_on_triton(kernels, tmp_path, monkeypatch):
+    """The Transformer decoder's feed-forward (a ReLU epilogue, which the CUDA GEMV lacks) runs on the Triton
+    linear, its other decode linears on the GEMV; the greedy tokens are the torch backend's."""
+    import aigc_rt
+    from test_transformer_decoder import make_checkpoint
+    monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
+    acts = []
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: acts.append(a[3] if len(a) > 3 else k.get("act"))
+                        or gemv(*a, **k))
+    make_checkpoint(tmp_path)
+    path = aigc_rt.convert(tmp_path / "model.pt", tmp_path / "m.safetensors", config={"n_head": 3})
+    m = aigc_rt.load(path, device=DEV, backend="cuda")
+    want = aigc_rt.load(path, backend="torch").generate(["abc", "落霞与"], max_new_tokens=4)
+    assert [c.token_ids for c in m.generate(["abc", "落霞与"], max_new_tokens=4)] == [c.token_ids for c in want]
+    assert acts and "relu" not in acts
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock decides (test_cuda_backend_greedy_tokens_identical_to_hf)")

@@ -105,7 +105,7 @@ def test_linear(M, N, K, dtype):
     x = randn(M, K, seed=M * N + K)
     w = randn(N, K, seed=K, scale=K ** -0.5, dtype=dtype)
     b = randn(N, seed=N)
-    for bias, act in ((b, "gelu_tanh"), (None, None)):
+    for bias, act in ((b, "gelu_tanh"), (None, None), (b, "relu")):
         want = linear.reference(x, w, bias, act)
         assert_close(linear.linear(x, w, bias, act), want, *LINEAR_TOL, f"linear {M}x{N}x{K} {dtype} {act}")
         # both kernels at any row count: the GEMM at M = 1, the GEMV over several rows
@@ -121,7 +121,7 @@ def test_linear_int8(M, N, K):
     and scales after; the reference dequantises first, so they differ by fp32 rounding only."""
     x, b = randn(M, K, seed=M + K), randn(N, seed=N)
     q, scale = int8_weights(N, K, seeds=(K, N))
-    for bias, act in ((b, "gelu_tanh"), (None, None)):
+    for bias, act in ((b, "gelu_tanh"), (None, None), (b, "relu")):
         want = linear.reference(x, q, bias, act, scale=scale)
         for kernel in ("gemv", "gemm"):
             assert_close(linear.linear(x, q, bias, act, scale=scale, kernel=kernel), want, *LINEAR_TOL,
@@ -193,7 +193,7 @@ def test_linear_split_k(split_k, dtype):
         w, scale = int8_weights(N, K, seeds=(23, 24))
     else:
         w = randn(N, K, seed=23, scale=K ** -0.5, dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype]))
-    for bias, act in ((b, "gelu_tanh"), (None, None)):
+    for bias, act in ((b, "gelu_tanh"), (None, None), (b, "relu")):
         want = linear.reference(x, w, bias, act, scale=scale)
         got = linear.linear(x, w, bias, act, scale=scale, kernel="gemm", split_k=split_k)
         assert_close(got, want, *LINEAR_TOL, f"linear split_k={split_k} {dtype} {act}")
@@ -756,7 +756,7 @@ def _bad_calls():
          "x must be one of"),
         ("linear in-features", lambda: linear.linear(torch.randn(2, 7, **f32), w, b), "in-features 8"),
         ("linear bias", lambda: linear.linear(x, w, torch.randn(5, **f32)), "bias must be"),
-        ("linear act", lambda: linear.linear(x, w, b, "relu"), "act must be"),
+        ("linear act", lambda: linear.linear(x, w, b, "gelu"), "act must be one of"),
         ("linear int8 without scale", lambda: linear.linear(x, w.to(torch.int8), b), "scale is required for int8"),
         ("linear int64", lambda: linear.linear(x, w.long(), b), "weight must be one of"),
         ("linear non-contiguous x", lambda: linear.linear(torch.randn(8, 2, **f32).t(), w, b),
@@ -820,3 +820,13 @@ def test_interpreter_version_guard():
     assert interpreter_problem("3.6.0", "2.2.6") is None
     assert interpreter_problem("3.7.0", "2.4.0") is None
     assert interpreter_problem("3.10.1", "2.5.0") is None
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_linear_relu_keeps_nan(kernel):
+    """ReLU's epilogue passes NaN on, as torch.relu does (a max would turn it into 0 and hide bad weights)."""
+    x, w = randn(2, 9, seed=1), randn(5, 9, seed=2)
+    x[1, 3] = float("nan")
+    y = linear.linear(x, w, None, "relu", kernel=kernel)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+    assert_close(y[0], linear.reference(x[:1], w, None, "relu")[0], *LINEAR_TOL, f"relu {kernel}")

@@ -60,6 +60,8 @@ VARIANTS = [
     (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
                                            ACCUMULATE=True, BLOCK_N=4, BLOCK_K=1024, PDL=True), 4),  # both fusions
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, RELU=True, BLOCK_N=8,
+                                            BLOCK_K=512), 4),  # the Transformer decoder's feed-forward
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
     (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32,
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
             constexprs = {"PDL": False, **constexprs}
         if "SPLIT_K" in kernel.arg_names:
             constexprs = {"SPLIT_K": 1, **constexprs}
-        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False)):
+        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False),
+                          ("RELU", False)):
             if flag in kernel.arg_names:
                 constexprs = {flag: off, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,

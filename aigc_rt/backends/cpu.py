@@ -24,6 +24,9 @@ from .. import _C
 from .torch_backend import TorchBackend, check_activation
 
 
+ACT_CODES = {None: 0, "gelu_tanh": 1, "relu": 2}  # _C.linear's act (csrc/cpu/ops.h kActNone, ...)
+
+
 @dataclass
 class _Replay:
     key: tuple  # (step, batch, the cache's and its Workspace's addresses)
@@ -111,9 +114,9 @@ class CpuBackend(TorchBackend):
     def linear(self, x, lin: _C.PackedLinear, act=None, *, out=None, residual=None):
         check_activation(act)
         x = self._contiguous(x)
-        y = _C.linear(x, lin, act == "gelu_tanh", out, residual)  # residual += y in the epilogue
+        y = _C.linear(x, lin, ACT_CODES[act], out, residual)  # residual += y in the epilogue
         if self._recording is not None:
-            self._recording.linear(x, lin, act == "gelu_tanh", y, residual)
+            self._recording.linear(x, lin, ACT_CODES[act], y, residual)
         return y if residual is None else residual
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..format import dequantize_int8
 from ..sampling import SamplingParams, sample_reference
 
-ACTIVATIONS = (None, "gelu_tanh")
+ACTIVATIONS = (None, "gelu_tanh", "relu")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class TorchBackend:
     # -- ops -----------------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *, out: torch.Tensor | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., in) fp32 -> y (..., out) fp32; act None or "gelu_tanh". fp32 math: int8 weights are
+        """x (..., in) fp32 -> y (..., out) fp32; act None, "gelu_tanh" or "relu". fp32 math: int8 weights are
         dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
         (the math of a bf16 x bf16 -> fp32 dot product). With residual ((..., out) fp32, contiguous; a
         pre-norm block's residual stream): residual += y in place, and residual is returned; out is then scratch
@@ -101,7 +101,7 @@ class TorchBackend:
         else:
             w, x = lin.weight.float(), x.to(lin.weight.dtype).float()
         y = F.linear(x, w, lin.bias)
-        y = F.gelu(y, approximate="tanh") if act == "gelu_tanh" else y
+        y = F.gelu(y, approximate="tanh") if act == "gelu_tanh" else F.relu(y) if act == "relu" else y
         return _into(out, y) if residual is None else residual.add_(y)
 
     def layernorm_linear(self, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, lin,

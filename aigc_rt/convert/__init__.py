@@ -11,6 +11,7 @@ from .dcgan import convert_dcgan, is_torch_checkpoint, read_state_dict
 from .dcgan import detect_arch as detect_dcgan_arch
 from .gpt2 import convert_gpt2, is_hf_gpt2_dir
 from .lstm import convert_lstm, is_lstm_state_dict
+from .transformer_decoder import convert_transformer_decoder, is_transformer_decoder_state_dict
 
 
 def _gpt2(src: str, dtype: str):
@@ -21,29 +22,39 @@ def _lstm(src: str, dtype: str, tokenizer=None):
     return ("lstm", *convert_lstm(src, dtype, tokenizer))
 
 
+def _transformer_decoder(src: str, dtype: str, tokenizer=None, config: dict | None = None):
+    return ("transformer_decoder", *convert_transformer_decoder(src, dtype, tokenizer, config))
+
+
 def _dcgan(src: str, dtype: str, variant: str):
     return (*convert_dcgan(src, dtype, variant), None)
 
 
 # arch -> converter(src, dtype) -> (runtime arch, config dict, tensors, tokenizer JSON or None)
-CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
-TAKES_TOKENIZER = ("lstm",)  # converters whose checkpoints hold no vocabulary: convert(..., tokenizer=PATH)
+CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, "transformer_decoder": _transformer_decoder,
+              **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
+TAKES_TOKENIZER = ("lstm", "transformer_decoder")  # checkpoints without a vocabulary: convert(..., tokenizer=PATH)
+TAKES_CONFIG = ("transformer_decoder",)  # checkpoints lacking sizes their shapes do not show: convert(..., config=)
 
 
 def detect_arch(src: str) -> str:
     if is_hf_gpt2_dir(src):
         return "gpt2"
     if is_torch_checkpoint(src):
-        return "lstm" if is_lstm_state_dict(read_state_dict(src)) else detect_dcgan_arch(src)
+        sd = read_state_dict(src)
+        if is_lstm_state_dict(sd):
+            return "lstm"
+        return "transformer_decoder" if is_transformer_decoder_state_dict(sd) else detect_dcgan_arch(src)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: cannot tell what this checkpoint is (expected a Hugging Face GPT-2 folder with "
-                      f"config.json, or an LSTM or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
+                      f"config.json, or an LSTM, Transformer decoder or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
 
 
-def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None) -> str:
+def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None, config: dict | None = None) -> str:
     """Convert checkpoint `src` to the runtime file `dst`; returns dst. tokenizer: for checkpoints without a
-    vocabulary of their own (lstm), a tokenizer.json or a character vocabulary (see convert/lstm.py)."""
+    vocabulary of their own (lstm, transformer_decoder), a tokenizer.json or a character vocabulary (see
+    convert/lstm.py). config: what a state_dict does not hold (transformer_decoder: n_head, norm_first, ...)."""
     src, dst = os.fspath(src), os.fspath(dst)
     if dtype not in fmt.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.DTYPES)}, got {dtype!r}")
@@ -55,8 +66,13 @@ def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=No
     if tokenizer is not None and arch not in TAKES_TOKENIZER:
         raise ValueError(f"tokenizer= is for checkpoints without a vocabulary ({', '.join(TAKES_TOKENIZER)}); "
                          f"a {arch} checkpoint has its own or none")
+    if config is not None and arch not in TAKES_CONFIG:
+        raise ValueError(f"config= is for checkpoints that lack part of their configuration "
+                         f"({', '.join(TAKES_CONFIG)}); a {arch} checkpoint has all of it")
     extra = {"tokenizer": tokenizer} if arch in TAKES_TOKENIZER else {}
-    runtime_arch, config, tensors, tokenizer_json = CONVERTERS[arch](src, dtype, **extra)
+    if arch in TAKES_CONFIG:
+        extra["config"] = config
+    runtime_arch, file_config, tensors, tokenizer_json = CONVERTERS[arch](src, dtype, **extra)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    fmt.save(dst, runtime_arch, dtype, config, tensors, tokenizer_json)
+    fmt.save(dst, runtime_arch, dtype, file_config, tensors, tokenizer_json)
     return dst

@@ -1,6 +1,6 @@
 // Linear layer on the CPU, streaming the weight from memory once per call:
 //
-//   y[n, o] = act( sum_k x[n, k] * W[o, k] * scale[o] + bias[o] ),   act = identity or GELU(tanh)
+//   y[n, o] = act( sum_k x[n, k] * W[o, k] * scale[o] + bias[o] ),   act = identity, GELU(tanh) or ReLU
 //   and with a residual (a transformer sub-layer's output added into the residual stream): residual[n, o] += y[n, o]
 //
 // x (N, K) fp32; W (O, K) from the weights file: fp32, bf16 (activations rounded to bf16, fp32
@@ -206,14 +206,16 @@ inline float gelu_tanh(float v) {
 // scale, bias and residual may be null.
 __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue(float* y, int64_t count,
                                                                            const float* scale, float shift,
-                                                                           const float* bias, bool gelu,
+                                                                           const float* bias, int64_t act,
                                                                            float* residual) {
   if (scale)
     for (int64_t i = 0; i < count; ++i) y[i] = (y[i] - shift) * scale[i];
   if (bias)
     for (int64_t i = 0; i < count; ++i) y[i] += bias[i];
-  if (gelu)
+  if (act == kActGeluTanh)
     for (int64_t i = 0; i < count; ++i) y[i] = gelu_tanh(y[i]);
+  if (act == kActRelu)
+    for (int64_t i = 0; i < count; ++i) y[i] = y[i] < 0.f ? 0.f : y[i];  // NaN stays NaN, as torch.relu
   if (residual)
     for (int64_t i = 0; i < count; ++i) residual[i] += y[i];
 }
@@ -299,9 +301,11 @@ std::string PackedLinear::dtype() const {
   return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : "int8";
 }
 
-torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu, const c10::optional<torch::Tensor>& out,
-                     const c10::optional<torch::Tensor>& residual) {
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t act,
+                     const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& residual) {
   AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
+  AIGC_CHECK(act == kActNone || act == kActGeluTanh || act == kActRelu, "linear: unknown activation code ", act,
+             " (0 none, 1 GELU-tanh, 2 ReLU)");
   AIGC_CHECK(x.dim() >= 1 && x.size(-1) == lin.in_features, "linear: x ", x.sizes(), " does not have ",
              lin.in_features, " input features");
   const WeightType t = packed_type(lin.weight);
@@ -375,10 +379,10 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, bool gelu,
     for (int64_t n0 = 0; n0 < N && p0 < p1; n0 += n_block) {
       const int64_t n1 = std::min(N, n0 + n_block);
       kernel(p, n0, n1, p0, p1);
-      if (scale || bias || gelu || res)
+      if (scale || bias || act != kActNone || res)
         for (int64_t n = n0; n < n1; ++n)
           epilogue(p.y + n * O + o0, o1 - o0, scale ? scale + o0 : nullptr, scale && !signed_int8 ? shift[n] : 0.f,
-                   bias ? bias + o0 : nullptr, gelu, res ? res + n * O + o0 : nullptr);
+                   bias ? bias + o0 : nullptr, act, res ? res + n * O + o0 : nullptr);
     }
   }
   return y;

@@ -17,8 +17,10 @@ struct __attribute__((visibility("hidden"))) PackedLinear {
   c10::optional<torch::Tensor> bias, scale;  // (out,) fp32
   int64_t in_features = 0, out_features = 0;
 };
-// y = act(x W^T * scale + bias) into out (or a new tensor); with a residual, also residual += y (returns y)
-torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const c10::optional<torch::Tensor>& out,
+// y = act(x W^T * scale + bias) into out (or a new tensor); with a residual, also residual += y (returns y).
+// act: one of these codes (aigc_rt/backends/cpu.py ACT_CODES)
+constexpr int64_t kActNone = 0, kActGeluTanh = 1, kActRelu = 2;
+torch::Tensor linear(const torch::Tensor& x, const PackedLinear& w, int64_t act, const c10::optional<torch::Tensor>& out,
                      const c10::optional<torch::Tensor>& residual);
 std::string linear_isa(const std::string& weight_dtype);
 void set_linear_isa(const std::string& cap);
@@ -42,7 +44,7 @@ class __attribute__((visibility("hidden"))) StepProgram {
                  const c10::optional<torch::Tensor>& positions);
   void layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
                  const torch::Tensor& out);
-  void linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const torch::Tensor& out,
+  void linear(const torch::Tensor& x, const PackedLinear& w, int64_t act, const torch::Tensor& out,
               const c10::optional<torch::Tensor>& residual);
   void write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& positions,
                 const torch::Tensor& k, const torch::Tensor& v);

@@ -23,9 +23,9 @@ void StepProgram::layernorm(const torch::Tensor& x, const torch::Tensor& weight,
   ops_.push_back([=](int64_t) { cpu::layernorm(x, weight, bias, eps, out); });
 }
 
-void StepProgram::linear(const torch::Tensor& x, const PackedLinear& w, bool gelu, const torch::Tensor& out,
+void StepProgram::linear(const torch::Tensor& x, const PackedLinear& w, int64_t act, const torch::Tensor& out,
                          const c10::optional<torch::Tensor>& residual) {
-  ops_.push_back([=](int64_t) { cpu::linear(x, w, gelu, out, residual); });
+  ops_.push_back([=](int64_t) { cpu::linear(x, w, act, out, residual); });
 }
 
 void StepProgram::write_kv(const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& positions,
