@@ -123,6 +123,24 @@ def check_tensors(found: dict[str, tuple], spec: TensorSpec, where: str) -> None
             raise FormatError(f"{where}: tensor '{name}' has dtype {got_dtype}, expected {dtype}")
 
 
+def add_matrix(spec: TensorSpec, name: str, shape: tuple[int, int], dtype: str) -> None:
+    """Expect a weight matrix in a file of `dtype`: in that dtype, and for int8 with its (rows,) fp32 scale beside."""
+    spec[name] = (shape, DTYPES[dtype])
+    if dtype == "int8":
+        spec[name + SCALE_SUFFIX] = ((shape[0],), torch.float32)
+
+
+def to_file_layout(tensors: dict[str, torch.Tensor], spec: TensorSpec, where: str) -> dict[str, torch.Tensor]:
+    """A converter's fp32 tensors in the dtypes `spec` expects (int8 matrices quantized, with their scales), checked
+    against it (check_tensors: FormatError naming what is missing, extra or misshapen)."""
+    out = dict(tensors)
+    for name in [k for k in out if k in spec and spec[k][1] == torch.int8]:
+        out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
+    out = {k: v.to(spec[k][1]).contiguous() if k in spec else v for k, v in out.items()}
+    check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=where)
+    return out
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (out, in) float -> q (out, in) int8 in [-127, 127], scale (out,) fp32 with
     w ~= q * scale[:, None]; scale = max |w_row| / 127 (0 for an all-zero row), q = round(w / scale)."""

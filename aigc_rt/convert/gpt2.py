@@ -16,7 +16,7 @@ import torch
 
 from ..config import GPT2Config
 from ..errors import FormatError, is_foreign_error
-from ..format import SCALE_SUFFIX, check_tensors, quantize_int8
+from ..format import to_file_layout
 from ..models.gpt2 import expected_tensors
 from ..tokenizer import checked_tokenizer
 
@@ -152,12 +152,8 @@ def convert_gpt2(src: str, dtype: str) -> tuple[dict, dict[str, torch.Tensor], s
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers, not weights
         out[_rename(name, src)] = _to_layout(name, t)
-    spec = expected_tensors(config, dtype)  # matrices in `dtype`; biases and LayerNorm parameters in fp32
-    for name in [k for k in out if k in spec and spec[k][1] == torch.int8]:
-        out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
-    out = {k: v.to(spec[k][1]).contiguous() if k in spec else v for k, v in out.items()}
-    check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=src)
-    return config.to_dict(), out, tokenizer_json
+    # matrices in `dtype`; biases and LayerNorm parameters in fp32
+    return config.to_dict(), to_file_layout(out, expected_tensors(config, dtype), src), tokenizer_json
 
 
 def _rename(name: str, src: str) -> str:

@@ -17,21 +17,19 @@ char-RNN `chars` / `char_to_idx`), found beside the checkpoint as tokenizer.json
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 
 import torch
 
 from ..config import LSTMConfig
 from ..errors import FormatError
-from ..format import SCALE_SUFFIX, check_tensors, quantize_int8
+from ..format import to_file_layout
 from ..models.lstm import expected_tensors
-from ..tokenizer import char_tokenizer_json, checked_tokenizer
 from .dcgan import read_state_dict
+from .torch_text import embedding_and_head, read_tokenizer, split_state_dict
 
-_LSTM_KEY = re.compile(r"^(.*?)(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # looked for beside the checkpoint
+_LSTM_KEY = re.compile(r"^(?P<prefix>.*?)(?P<name>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(?P<index>\d+)"
+                       r"(?P<reverse>_reverse)?$")
 
 
 def is_lstm_state_dict(sd: dict[str, torch.Tensor]) -> bool:
@@ -40,29 +38,14 @@ def is_lstm_state_dict(sd: dict[str, torch.Tensor]) -> bool:
 
 def _parse(sd: dict[str, torch.Tensor], src: str):
     """-> (config without eos, embedding weight, [(W_ih, W_hh, b_ih + b_hh)] per layer, head weight, head bias)."""
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    lstm_prefix, order, first_lstm, other = None, {}, None, {}
-    for pos, (key, t) in enumerate(sd.items()):
+    for key in sd:
         m = _LSTM_KEY.match(key)
-        if m:
-            prefix, kind, idx, reverse = m.groups()
-            if reverse:
-                raise FormatError(f"{src}: {key}: a bidirectional LSTM cannot generate text left to right")
-            if kind == "weight_hr":
-                raise FormatError(f"{src}: {key}: LSTMs with projections (proj_size > 0) are not supported")
-            if lstm_prefix not in (None, prefix):
-                raise FormatError(f"{src}: LSTM weights under two prefixes ({lstm_prefix!r}, {prefix!r}); "
-                                  f"expected one nn.LSTM")
-            lstm_prefix, first_lstm = prefix, pos if first_lstm is None else first_lstm
-            layers.setdefault(int(idx), {})[kind] = t
-        else:
-            module, _, leaf = key.rpartition(".")
-            other.setdefault(module, {})[leaf] = t
-            order.setdefault(module, pos)
-    if not layers:
-        raise FormatError(f"{src}: no LSTM weights (weight_ih_l0, ...) in the state_dict")
-    if sorted(layers) != list(range(len(layers))):
-        raise FormatError(f"{src}: LSTM layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
+        if m and m["reverse"]:
+            raise FormatError(f"{src}: {key}: a bidirectional LSTM cannot generate text left to right")
+        if m and m["name"] == "weight_hr":
+            raise FormatError(f"{src}: {key}: LSTMs with projections (proj_size > 0) are not supported")
+    split = split_state_dict(sd, _LSTM_KEY, src, "LSTM (weight_ih_l0, ...)")
+    layers, lstm_prefix = split.layers, split.prefix
     w0 = layers[0].get("weight_ih")
     if w0 is None or w0.dim() != 2 or w0.shape[0] % 4:
         raise FormatError(f"{src}: {lstm_prefix}weight_ih_l0 must be (4 * hidden, input), got "
@@ -83,54 +66,13 @@ def _parse(sd: dict[str, torch.Tensor], src: str):
         cells.append((g["weight_ih"].float(), g["weight_hh"].float(), bias))
 
     # the embedding: a weight-only module of width E saved before the LSTM; the head: (V, H) [+ (V,)] after it
-    before = [m for m in other if order[m] < first_lstm]
-    after = [m for m in other if order[m] > first_lstm]
-    emb = [m for m in before if set(other[m]) == {"weight"} and other[m]["weight"].dim() == 2
-           and other[m]["weight"].shape[1] == E]
-    head = [m for m in after if set(other[m]) in ({"weight"}, {"weight", "bias"}) and other[m]["weight"].dim() == 2
-            and other[m]["weight"].shape[1] == H]
-    if len(emb) != 1 or len(head) != 1:
-        shapes = ", ".join(f"{m}.{leaf} {list(t.shape)}" for m in other for leaf, t in other[m].items())
-        raise FormatError(f"{src}: expected Embedding(V, {E}) -> LSTM({E}, {H}, {len(layers)}) -> Linear({H}, V), "
-                          f"with the embedding saved before the LSTM and the Linear after it; besides the LSTM "
-                          f"found: {shapes or 'nothing'}")
-    extra = sorted(set(other) - {emb[0], head[0]})
-    if extra:
-        raise FormatError(f"{src}: unexpected modules {extra} in an Embedding -> LSTM -> Linear state_dict")
-    wte, hw = other[emb[0]]["weight"].float(), other[head[0]]["weight"].float()
-    hb = other[head[0]].get("bias")
+    wte, hw, hb = embedding_and_head(split, E, H, src, f"LSTM({E}, {H}, {len(layers)})", "the LSTM")
     V = wte.shape[0]
-    if hw.shape[0] != V or (hb is not None and tuple(hb.shape) != (V,)):
-        raise FormatError(f"{src}: the embedding has {V} rows but the output Linear {head[0]} makes "
-                          f"{hw.shape[0]} logits (bias {None if hb is None else list(hb.shape)})")
     try:
         config = LSTMConfig(vocab_size=V, n_embd=E, hidden_size=H, n_layer=len(layers))
     except FormatError as e:
         raise FormatError(f"{src}: {e}") from None
-    return config, wte, cells, hw, (torch.zeros(V) if hb is None else hb.float())
-
-
-def read_tokenizer(src: str, tokenizer, vocab_size: int) -> str:
-    """The tokenizers JSON to embed, from `tokenizer` (a path) or a tokenizer.json / vocab.json beside src,
-    checked as load() will check it."""
-    if tokenizer is None:
-        found = [p for p in (os.path.join(os.path.dirname(os.path.abspath(src)), n) for n in TOKENIZER_FILES)
-                 if os.path.isfile(p)]
-        if not found:
-            raise FormatError(f"{src}: an LSTM state_dict holds no vocabulary: pass tokenizer= (a tokenizers "
-                              f"tokenizer.json, or a JSON list of the characters by id), or put tokenizer.json or "
-                              f"vocab.json beside the checkpoint")
-        tokenizer = found[0]
-    path = os.fspath(tokenizer)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read the tokenizer ({e})") from None
-    tokenizer_json = json.dumps(value) if isinstance(value, dict) and "model" in value \
-        else char_tokenizer_json(value, path)
-    checked_tokenizer(tokenizer_json, vocab_size, path)
-    return tokenizer_json
+    return config, wte, cells, hw, hb
 
 
 def convert_lstm(src: str, dtype: str, tokenizer=None) -> tuple[dict, dict[str, torch.Tensor], str]:
@@ -140,12 +82,8 @@ def convert_lstm(src: str, dtype: str, tokenizer=None) -> tuple[dict, dict[str, 
     out = {"wte.weight": wte, "lm_head.weight": head_w, "lm_head.bias": head_b}
     for i, (w_ih, w_hh, b) in enumerate(cells):
         out[f"layers.{i}.ih.weight"], out[f"layers.{i}.hh.weight"], out[f"layers.{i}.bias"] = w_ih, w_hh, b
-    spec = expected_tensors(config, dtype)  # matrices in `dtype`; biases fp32
-    for name in [k for k in out if spec[k][1] == torch.int8]:
-        out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
-    out = {k: v.to(spec[k][1]).contiguous() for k, v in out.items()}
-    check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=src)
-    return config.to_dict(), out, tokenizer_json
+    # matrices in `dtype`; biases fp32
+    return config.to_dict(), to_file_layout(out, expected_tensors(config, dtype), src), tokenizer_json
 
 
 class ReferenceLSTM(torch.nn.Module):

@@ -14,7 +14,7 @@ Owns every checkpoint quirk:
   n_head (required: it does not change any shape), norm_first (default False, torch's default) and
   layer_norm_eps (default 1e-5). The feed-forward must be torch's default ReLU (a GELU one has the same tensors:
   the converter cannot tell, so say so with activation="gelu" and it refuses).
-The vocabulary comes as for the LSTM (convert/lstm.py read_tokenizer).
+The vocabulary comes as for the LSTM (convert/torch_text.py read_tokenizer).
 """
 from __future__ import annotations
 
@@ -24,17 +24,18 @@ import torch
 
 from ..config import TransformerDecoderConfig
 from ..errors import FormatError
-from ..format import SCALE_SUFFIX, check_tensors, quantize_int8
+from ..format import to_file_layout
 from ..models.transformer_decoder import NORMS, expected_tensors
 from .dcgan import read_state_dict
-from .lstm import read_tokenizer
+from .torch_text import embedding_and_head, read_tokenizer, split_state_dict
 
-_LAYER_KEY = re.compile(r"^(.*?)layers\.(\d+)\.(self_attn|multihead_attn|linear1|linear2|norm1|norm2|norm3)\.(.+)$")
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)layers\.(?P<index>\d+)\."
+                        r"(?P<name>(?P<module>self_attn|multihead_attn|linear1|linear2|norm1|norm2|norm3)\..+)$")
 OPTIONS = {"n_head": int, "norm_first": bool, "layer_norm_eps": float, "activation": str}  # config= keys
 
 
 def is_transformer_decoder_state_dict(sd: dict[str, torch.Tensor]) -> bool:
-    return any((m := _LAYER_KEY.match(k)) and m.group(3) == "multihead_attn" for k in sd)
+    return any((m := _LAYER_KEY.match(k)) and m["module"] == "multihead_attn" for k in sd)
 
 
 def _check_options(config: dict | None, src: str) -> dict:
@@ -57,24 +58,8 @@ def _check_options(config: dict | None, src: str) -> dict:
 
 def _parse(sd: dict[str, torch.Tensor], options: dict, src: str):
     """-> (config, {runtime name: fp32 tensor}) with the cross-attention's in_proj split and biases filled in."""
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    prefix, first, other, order = None, None, {}, {}
-    for pos, (key, t) in enumerate(sd.items()):
-        m = _LAYER_KEY.match(key)
-        if m:
-            p, idx, module, leaf = m.groups()
-            if prefix not in (None, p):
-                raise FormatError(f"{src}: decoder layers under two prefixes ({prefix!r}, {p!r})")
-            prefix, first = p, pos if first is None else first
-            layers.setdefault(int(idx), {})[f"{module}.{leaf}"] = t
-        else:
-            module, _, leaf = key.rpartition(".")
-            other.setdefault(module, {})[leaf] = t
-            order.setdefault(module, pos)
-    if not layers:
-        raise FormatError(f"{src}: no nn.TransformerDecoder layers (layers.0.self_attn.in_proj_weight, ...)")
-    if sorted(layers) != list(range(len(layers))):
-        raise FormatError(f"{src}: decoder layers {sorted(layers)} are not numbered 0..{len(layers) - 1}")
+    split = split_state_dict(sd, _LAYER_KEY, src, "nn.TransformerDecoder (layers.0.self_attn.in_proj_weight, ...)")
+    layers, prefix, other = split.layers, split.prefix, split.other
     g0 = layers[0]
     w = g0.get("self_attn.in_proj_weight")
     if w is None or w.dim() != 2 or w.shape[0] != 3 * w.shape[1]:
@@ -100,8 +85,8 @@ def _parse(sd: dict[str, torch.Tensor], options: dict, src: str):
         return t.float()
 
     tensors = {}
-    for i in range(len(layers)):
-        g, L = layers[i], f"layers.{i}."
+    for i, g in enumerate(layers):
+        L = f"layers.{i}."
         known = {f"{a}.{b}" for a in ("self_attn", "multihead_attn") for b in
                  ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")} | \
             {f"{m}.{leaf}" for m in ("linear1", "linear2", *NORMS) for leaf in ("weight", "bias")}
@@ -130,30 +115,10 @@ def _parse(sd: dict[str, torch.Tensor], options: dict, src: str):
         if "weight" not in final or tuple(final["weight"].shape) != (d,) or set(final) - {"weight", "bias"}:
             raise FormatError(f"{src}: {prefix}norm must be a LayerNorm({d})")
         tensors["norm.weight"], tensors["norm.bias"] = final["weight"].float(), final.get("bias", torch.zeros(d)).float()
-    before = [m for m in other if order[m] < first]
-    after = [m for m in other if order[m] > first]
-    emb = [m for m in before if set(other[m]) == {"weight"} and other[m]["weight"].dim() == 2
-           and other[m]["weight"].shape[1] == d]
-    head = [m for m in after if set(other[m]) in ({"weight"}, {"weight", "bias"}) and other[m]["weight"].dim() == 2
-            and other[m]["weight"].shape[1] == d]
-    if len(emb) != 1 or len(head) != 1:
-        shapes = ", ".join(f"{m}.{leaf} {list(t.shape)}" for m in other for leaf, t in other[m].items())
-        raise FormatError(f"{src}: expected Embedding(V, {d}) -> TransformerDecoder -> Linear({d}, V), with the "
-                          f"embedding saved before the decoder and the Linear after it; besides the decoder found: "
-                          f"{shapes or 'nothing'}")
-    extra = sorted(set(other) - {emb[0], head[0]})
-    if extra:
-        raise FormatError(f"{src}: unexpected modules {extra} in an Embedding -> TransformerDecoder -> Linear "
-                          f"state_dict")
-    wte, hw, hb = other[emb[0]]["weight"].float(), other[head[0]]["weight"].float(), other[head[0]].get("bias")
-    V = wte.shape[0]
-    if hw.shape[0] != V or (hb is not None and tuple(hb.shape) != (V,)):
-        raise FormatError(f"{src}: the embedding has {V} rows but the output Linear {head[0]} makes {hw.shape[0]} "
-                          f"logits")
-    tensors.update({"wte.weight": wte, "lm_head.weight": hw,
-                    "lm_head.bias": torch.zeros(V) if hb is None else hb.float()})
+    wte, hw, hb = embedding_and_head(split, d, d, src, "TransformerDecoder", "the decoder")
+    tensors.update({"wte.weight": wte, "lm_head.weight": hw, "lm_head.bias": hb})
     try:
-        config = TransformerDecoderConfig(vocab_size=V, d_model=d, n_layer=len(layers), d_ff=d_ff,
+        config = TransformerDecoderConfig(vocab_size=wte.shape[0], d_model=d, n_layer=len(layers), d_ff=d_ff,
                                           final_norm=final is not None, **options)
     except FormatError as e:
         raise FormatError(f"{src}: {e}") from None
@@ -165,12 +130,8 @@ def convert_transformer_decoder(src: str, dtype: str, tokenizer=None, config: di
     options = _check_options(config, src)
     cfg, tensors = _parse(read_state_dict(src), options, src)
     tokenizer_json = read_tokenizer(src, tokenizer, cfg.vocab_size)
-    spec = expected_tensors(cfg, dtype)  # matrices in `dtype`; biases and norms fp32
-    for name in [k for k in tensors if spec[k][1] == torch.int8]:
-        tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(tensors[name])
-    tensors = {k: v.to(spec[k][1]).contiguous() for k, v in tensors.items()}
-    check_tensors({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, spec, where=src)
-    return cfg.to_dict(), tensors, tokenizer_json
+    # matrices in `dtype`; biases and norms fp32
+    return cfg.to_dict(), to_file_layout(tensors, expected_tensors(cfg, dtype), src), tokenizer_json
 
 
 class ReferenceTransformerDecoder(torch.nn.Module):

@@ -10,14 +10,15 @@ cache, so a decode step allocates no tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..config import GPT2Config
-from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
+from ..format import DTYPES, SCALE_SUFFIX, TensorSpec, add_matrix
 from ..tokenizer import Tokenizer
-from .text import TextModel
+from .text import DecodeCache, StepBuffers, TextModel
 
 LINEARS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
@@ -35,12 +36,7 @@ def expected_tensors(c: GPT2Config, dtype: str) -> TensorSpec:
     wd, f32, C = DTYPES[dtype], torch.float32, c.n_embd
     spec = {"wpe.weight": ((c.n_positions, C), f32 if dtype == "int8" else wd),
             "ln_f.weight": ((C,), f32), "ln_f.bias": ((C,), f32)}
-
-    def matrix(name: str, shape: tuple[int, int]) -> None:
-        spec[name] = (shape, wd)
-        if dtype == "int8":
-            spec[name + SCALE_SUFFIX] = ((shape[0],), f32)
-
+    matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
     matrix("wte.weight", (c.vocab_size, C))
     for i in range(c.n_layer):
         for ln in ("ln_1", "ln_2"):
@@ -59,7 +55,7 @@ def kv_cache_dtype(file_dtype: str) -> torch.dtype:
 
 
 @dataclass
-class Workspace:
+class Workspace(StepBuffers):
     """Preallocated fp32 buffers for a forward pass over N rows (tokens); every op writes into one."""
     r: torch.Tensor  # (N, C) residual stream
     h: torch.Tensor  # (N, C) LayerNorm(r), the input of the next sub-layer (scratch where it is fused)
@@ -77,42 +73,17 @@ class Workspace:
                    logits=torch.empty(n if logits else 0, c.vocab_size, device=device, dtype=f32),
                    lengths=torch.empty(n, device=device, dtype=torch.int64))
 
-    def rows(self, n: int) -> "Workspace":
-        """Views of the first n rows (no new memory)."""
-        return Workspace(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
-
-class KVCache:
+class KVCache(DecodeCache):
     """Preallocated keys and values, (n_layer, B, H, S, D) each, fp32 or bf16 (GPT2.kv_dtype). Sequence b's
-    position p lives at [:, b, :, p]. Beside them, the decode step's Workspace, for B rows (and views of it for
-    fewer, as sequences finish)."""
+    position p lives at [:, b, :, p]. Beside them, the decode step's Workspace."""
+    STATE = ("k", "v")
 
     def __init__(self, c: GPT2Config, batch: int, max_len: int, device, dtype=torch.float32):
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self._workspaces = {batch: Workspace.allocate(c, batch, device, logits=True)}
-
-    def workspace(self, batch: int) -> Workspace:
-        """The decode buffers for `batch` rows (made once per batch size)."""
-        if batch not in self._workspaces:
-            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
-        return self._workspaces[batch]
-
-    def addresses(self, batch: int) -> tuple[int, ...]:
-        """Where a decode step over `batch` rows reads and writes: the caches and that batch's Workspace (a
-        CUDA graph bakes these in, so it may be replayed only while all of them are the same)."""
-        ws = self.workspace(batch)
-        return (self.k.data_ptr(), self.v.data_ptr(), *(getattr(ws, f.name).data_ptr() for f in fields(ws)))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences: keep only batch rows `rows` (in that order)."""
-        self.k = self.k[:, rows].contiguous()
-        self.v = self.v[:, rows].contiguous()
+        super().__init__(Workspace.allocate(c, batch, device, logits=True), batch, max_len)
 
 
 @dataclass

@@ -13,27 +13,23 @@ generation (generation.py) drives it the same way, and it has no context limit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..config import LSTMConfig
-from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
+from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
 from ..tokenizer import Tokenizer
-from .text import TextModel
+from .text import DecodeCache, StepBuffers, TextModel
 
 
 def expected_tensors(c: LSTMConfig, dtype: str) -> TensorSpec:
     """Matrices in the file's dtype (int8: with a (rows,) fp32 NAME_scale beside each); biases fp32.
     layers.l.ih.weight (4H, in) = W_ih, layers.l.hh.weight (4H, H) = W_hh, layers.l.bias (4H,) = b_ih + b_hh."""
-    wd, f32, H = DTYPES[dtype], torch.float32, c.hidden_size
+    f32, H = torch.float32, c.hidden_size
     spec = {}
-
-    def matrix(name: str, shape: tuple[int, int]) -> None:
-        spec[name] = (shape, wd)
-        if dtype == "int8":
-            spec[name + SCALE_SUFFIX] = ((shape[0],), f32)
-
+    matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
     matrix("wte.weight", (c.vocab_size, c.n_embd))
     for i in range(c.n_layer):
         matrix(f"layers.{i}.ih.weight", (4 * H, c.n_embd if i == 0 else H))
@@ -45,7 +41,7 @@ def expected_tensors(c: LSTMConfig, dtype: str) -> TensorSpec:
 
 
 @dataclass
-class Workspace:
+class Workspace(StepBuffers):
     """The decode step's preallocated fp32 buffers for N rows."""
     x: torch.Tensor  # (N, E) the embedded tokens
     gates: torch.Tensor  # (N, 4H)
@@ -60,35 +56,16 @@ class Workspace:
                                                                             4 * c.hidden_size, c.vocab_size)),
                    lengths=torch.empty(n, device=device, dtype=torch.int64))
 
-    def rows(self, n: int) -> "Workspace":
-        return Workspace(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
-
-class LSTMState:
+class LSTMState(DecodeCache):
     """Each sequence's (h, c), (n_layer, B, H) fp32 each, zeros until a prefill writes them; beside them, the
-    decode step's Workspace. The interface of GPT-2's KVCache (workspace, addresses, keep, max_len), so that the
-    generation loop and the backends' decode replay treat both alike."""
+    decode step's Workspace. Nothing is sized by max_len: the state is fixed-size."""
+    STATE = ("h", "c")
 
     def __init__(self, c: LSTMConfig, batch: int, max_len: int, device):
         self.h = torch.zeros(c.n_layer, batch, c.hidden_size, device=device)
         self.c = torch.zeros_like(self.h)
-        self.max_len = max_len  # positions a generation may reach (nothing is sized by it)
-        self._workspaces = {batch: Workspace.allocate(c, batch, device)}
-
-    def workspace(self, batch: int) -> Workspace:
-        if batch not in self._workspaces:
-            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
-        return self._workspaces[batch]
-
-    def addresses(self, batch: int) -> tuple[int, ...]:
-        """Where a decode step over `batch` rows reads and writes (a recorded or captured step bakes them in)."""
-        ws = self.workspace(batch)
-        return (self.h.data_ptr(), self.c.data_ptr(), *(getattr(ws, f.name).data_ptr() for f in fields(ws)))
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences: keep only batch rows `rows` (in that order)."""
-        self.h = self.h[:, rows].contiguous()
-        self.c = self.c[:, rows].contiguous()
+        super().__init__(Workspace.allocate(c, batch, device), batch, max_len)
 
 
 @dataclass

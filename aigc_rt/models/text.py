@@ -1,8 +1,49 @@
 """What every text model shares on top of its prefill / decode / head: the public calls (logits, generate,
-stream) and the check of token ids."""
+stream), the check of token ids, and the shape of its decode state (DecodeCache, StepBuffers)."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
+
+
+class StepBuffers:
+    """Base of a model's Workspace dataclass (preallocated buffers, one row per token): views of its first rows,
+    and where its buffers are."""
+
+    def rows(self, n: int):
+        """Views of the first n rows (no new memory)."""
+        return type(self)(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
+
+    def addresses(self) -> tuple[int, ...]:
+        return tuple(getattr(self, f.name).data_ptr() for f in fields(self))
+
+
+class DecodeCache:
+    """A batch's decode state between steps (GPT-2's keys and values, the LSTM's (h, c)): the tensors named in
+    STATE, each with the batch in dim 1, and the decode step's Workspace for the batch (views of it for fewer
+    rows, as sequences finish). generation.py and the backends' step replays use only this interface."""
+    STATE: tuple[str, ...] = ()
+
+    def __init__(self, workspace: StepBuffers, batch: int, max_len: int):
+        self.max_len = max_len  # positions a generation may reach
+        self._workspaces = {batch: workspace}
+
+    def workspace(self, batch: int):
+        """The decode buffers for `batch` rows (made once per batch size)."""
+        if batch not in self._workspaces:
+            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
+        return self._workspaces[batch]
+
+    def addresses(self, batch: int) -> tuple[int, ...]:
+        """Where a decode step over `batch` rows reads and writes: the state and that batch's Workspace (a CUDA
+        graph or a recorded cpu step bakes these in, so it may be replayed only while all of them are the same)."""
+        return (*(getattr(self, name).data_ptr() for name in self.STATE), *self.workspace(batch).addresses())
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences: keep only batch rows `rows` (in that order)."""
+        for name in self.STATE:
+            setattr(self, name, getattr(self, name)[:, rows].contiguous())
 
 
 class TextModel:

@@ -17,15 +17,16 @@ computed once per position and cached, so a decode step costs one token's work (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..config import TransformerDecoderConfig
-from ..format import DTYPES, SCALE_SUFFIX, TensorSpec
+from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
 from ..tokenizer import Tokenizer
 from .gpt2 import kv_cache_dtype
-from .text import TextModel
+from .text import DecodeCache, StepBuffers, TextModel
 
 
 def linear_shapes(c: TransformerDecoderConfig) -> dict[str, tuple[int, int]]:
@@ -40,14 +41,9 @@ NORMS = ("norm1", "norm2", "norm3")
 
 def expected_tensors(c: TransformerDecoderConfig, dtype: str) -> TensorSpec:
     """Matrices in the file's dtype (int8: with a (rows,) fp32 NAME_scale beside each); biases, norms fp32."""
-    wd, f32, d = DTYPES[dtype], torch.float32, c.d_model
+    f32, d = torch.float32, c.d_model
     spec = {}
-
-    def matrix(name: str, shape: tuple[int, int]) -> None:
-        spec[name] = (shape, wd)
-        if dtype == "int8":
-            spec[name + SCALE_SUFFIX] = ((shape[0],), f32)
-
+    matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
     matrix("wte.weight", (c.vocab_size, d))
     for i in range(c.n_layer):
         for name, shape in linear_shapes(c).items():
@@ -64,7 +60,7 @@ def expected_tensors(c: TransformerDecoderConfig, dtype: str) -> TensorSpec:
 
 
 @dataclass
-class Workspace:
+class Workspace(StepBuffers):
     """Preallocated fp32 buffers for a forward pass over N rows (tokens); every op writes into one."""
     e: torch.Tensor  # (N, d) the embedded tokens: the memory
     x: torch.Tensor  # (N, d) the stream (post-norm: alternates with h, one LayerNorm writing the other)
@@ -85,38 +81,21 @@ class Workspace:
                    logits=torch.empty(n if logits else 0, c.vocab_size, device=device, dtype=f32),
                    lengths=torch.empty(n, device=device, dtype=torch.int64))
 
-    def rows(self, n: int) -> "Workspace":
-        return Workspace(**{f.name: getattr(self, f.name)[:n] for f in fields(self)})
 
-
-class DecoderCache:
-    """The self-attention's and the cross-attention's keys and values, (n_layer, B, H, S, D) each, and the decode
-    step's Workspace: GPT-2's KVCache interface (workspace, addresses, keep, max_len) with two caches."""
+class DecoderCache(DecodeCache):
+    """The self-attention's and the cross-attention's keys and values, (n_layer, B, H, S, D) each (GPT-2's KVCache
+    twice), and the decode step's Workspace."""
+    STATE = ("self_k", "self_v", "cross_k", "cross_v")
 
     def __init__(self, c: TransformerDecoderConfig, batch: int, max_len: int, device, dtype=torch.float32):
         shape = (c.n_layer, batch, c.n_head, max_len, c.head_dim)
-        self.caches = [torch.empty(shape, device=device, dtype=dtype) for _ in range(4)]  # self k, v; cross k, v
-        self.max_len = max_len
-        self._workspaces = {batch: Workspace.allocate(c, batch, device, logits=True)}
+        for name in self.STATE:
+            setattr(self, name, torch.empty(shape, device=device, dtype=dtype))
+        super().__init__(Workspace.allocate(c, batch, device, logits=True), batch, max_len)
 
     def layer(self, i: int, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of layer i's self- or cross-attention, (B, H, S, D) each."""
-        k, v = self.caches[2:] if cross else self.caches[:2]
-        return k[i], v[i]
-
-    def workspace(self, batch: int) -> Workspace:
-        if batch not in self._workspaces:
-            self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
-        return self._workspaces[batch]
-
-    def addresses(self, batch: int) -> tuple[int, ...]:
-        """Where a decode step over `batch` rows reads and writes (a recorded or captured step bakes them in)."""
-        ws = self.workspace(batch)
-        return (*(t.data_ptr() for t in self.caches), *(getattr(ws, f.name).data_ptr() for f in fields(ws)))
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences: keep only batch rows `rows` (in that order)."""
-        self.caches = [t[:, rows].contiguous() for t in self.caches]
+        return (self.cross_k[i], self.cross_v[i]) if cross else (self.self_k[i], self.self_v[i])
 
 
 @dataclass
