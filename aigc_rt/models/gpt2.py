@@ -169,21 +169,6 @@ class GPT2(TextModel):
         r = self._blocks(ws, attend)
         return self.backend.layernorm(r, *self.ln_f, self.config.layer_norm_epsilon, out=ws.h).view(B, T, C)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, max_len: int) -> torch.Tensor:
-        """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
-        >= max(positions) + 1. Writes the token's k, v at its position and returns logits (B, V) fp32: a buffer
-        of the cache's workspace, overwritten by the next decode step (clone it to keep it). The backend runs
-        the step (the triton backend replays it from a CUDA graph, the cpu backend from its recorded ops)."""
-        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)  # cached positions after it
-        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
-
-    def decode_sample(self, state, cache: KVCache, max_len: int, params) -> None:
-        """generate()'s step, in place on state (a generation.DecodeState): decode state.tokens at
-        state.positions, sample the next tokens into state.tokens (backend.sample with state.u and state.seen),
-        advance the positions and add the new tokens to state.seen. The triton backend replays it all from one
-        CUDA graph."""
-        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
-
     def _decode_step(self, tokens, positions, lengths, cache: KVCache, max_len: int) -> torch.Tensor:
         """All its work is backend ops on its inputs, the cache and the cache's Workspace (so that a backend can
         replay it, see TorchBackend.run_decode)."""
@@ -199,7 +184,3 @@ class GPT2(TextModel):
         r = self._blocks(ws, attend)
         return self.backend.layernorm_linear(r, *self.ln_f, self.config.layer_norm_epsilon, self.lm_head, norm_out=ws.h,
                                              out=ws.logits)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, C) -> logits (N, V) fp32."""
-        return self.backend.linear(hidden, self.lm_head)

@@ -126,16 +126,6 @@ class LSTM(TextModel):
             x = ys.view(T * B, H)
         return x.view(T, B, H).transpose(0, 1)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: LSTMState, max_len: int) -> torch.Tensor:
-        """One new token per sequence (positions are where they go; the recurrence does not need them). Returns
-        logits (B, V) fp32: a buffer of the state's workspace, overwritten by the next step."""
-        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)
-        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
-
-    def decode_sample(self, state, cache: LSTMState, max_len: int, params) -> None:
-        """generate()'s step in place on state (a generation.DecodeState); see GPT2.decode_sample."""
-        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
-
     def _decode_step(self, tokens, positions, lengths, cache: LSTMState, max_len: int) -> torch.Tensor:
         """Backend ops only, on its inputs, the state and the state's Workspace (so that a backend can replay it)."""
         be, ws = self.backend, cache.workspace(tokens.shape[0])
@@ -146,7 +136,3 @@ class LSTM(TextModel):
             be.linear(h, layer.hh, out=ws.scratch, residual=ws.gates)  # gates += h W_hh^T
             x, _ = be.lstm_cell(ws.gates, c, h_out=h, c_out=c)
         return be.linear(x, self.lm_head, out=ws.logits)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> logits (N, V) fp32."""
-        return self.backend.linear(hidden.contiguous(), self.lm_head)

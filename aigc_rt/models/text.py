@@ -47,8 +47,31 @@ class DecodeCache:
 
 
 class TextModel:
-    """A model with config (vocab_size, n_positions), device, tokenizer, prefill(ids, cache, lengths) -> hidden
-    (B, T, C) and head(hidden (N, C)) -> logits (N, V); generation.py drives its decode steps."""
+    """A model with config (vocab_size, n_positions), device, backend, tokenizer, lm_head (a backend linear),
+    new_cache(batch, max_len) -> a DecodeCache, prefill(ids, cache, lengths) -> hidden (B, T, C), and
+    _decode_step(tokens, positions, lengths, cache, max_len) -> logits (B, V) doing all its work in backend ops on
+    its inputs, the cache and the cache's Workspace (so that a backend can replay it: TorchBackend.run_decode).
+    generation.py drives it through decode_sample."""
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> logits (N, V) fp32."""
+        return self.backend.linear(hidden.contiguous(), self.lm_head)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: DecodeCache, max_len: int) -> torch.Tensor:
+        """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
+        >= max(positions) + 1. Advances the cache by the token (GPT-2: writes its k, v at its position) and
+        returns logits (B, V) fp32: a buffer of the cache's workspace, overwritten by the next decode step (clone it
+        to keep it). The backend runs the step (the triton backend replays it from a CUDA graph, the cpu backend
+        from its recorded ops)."""
+        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)  # cached positions after it
+        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
+
+    def decode_sample(self, state, cache: DecodeCache, max_len: int, params) -> None:
+        """generate()'s step, in place on state (a generation.DecodeState): decode state.tokens at
+        state.positions, sample the next tokens into state.tokens (backend.sample with state.u and state.seen),
+        advance the positions and add the new tokens to state.seen. The triton backend replays it all from one
+        CUDA graph."""
+        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -79,3 +102,6 @@ class TextModel:
     def stream(self, prompt, **kwargs):
         from ..generation import stream
         return stream(self, prompt, **kwargs)
+
+
+

@@ -201,16 +201,6 @@ class TransformerDecoder(TextModel):
 
         return self._layers(ws, attend).view(B, T, c.d_model)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: DecoderCache, max_len: int):
-        """One new token per sequence at its position; returns logits (B, V) fp32, a buffer of the cache's
-        workspace that the next step overwrites (see GPT2.decode)."""
-        lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)
-        return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
-
-    def decode_sample(self, state, cache: DecoderCache, max_len: int, params) -> None:
-        """generate()'s step in place on state (a generation.DecodeState); see GPT2.decode_sample."""
-        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
-
     def _decode_step(self, tokens, positions, lengths, cache: DecoderCache, max_len: int) -> torch.Tensor:
         """Backend ops only, on its inputs, the caches and the cache's Workspace (so that a backend can replay it)."""
         B, H, D = tokens.shape[0], self.config.n_head, self.config.head_dim
@@ -223,7 +213,3 @@ class TransformerDecoder(TextModel):
             return out
 
         return self.backend.linear(self._layers(ws, attend), self.lm_head, out=ws.logits)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> logits (N, V) fp32."""
-        return self.backend.linear(hidden.contiguous(), self.lm_head)
