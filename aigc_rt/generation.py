@@ -1,5 +1,6 @@
 """Text generation with Hugging Face `generate` semantics, for any text model (models/text.py: prefill,
-decode_sample, head, new_cache, tokenizer; GPT-2 with its KV cache, the LSTM with its state).
+decode_sample, head, new_cache, tokenizer; GPT-2 and the Transformer decoder with their KV caches, the LSTM with
+its (h, c) state).
 
 All sequences run as one batch: prompts of different lengths are right-padded for the prefill, then every
 sequence decodes at its own position in the KV cache, so padding never changes a result. Finished

@@ -42,8 +42,8 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, pdl_begin,
-                    pdl_options, prefetch_l2)
+                    check_vector, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, overlaps,
+                    pdl_begin, pdl_options, prefetch_l2)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
@@ -359,7 +359,7 @@ def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, to
         if out is not None:
             raise ValueError("linear: give out or residual, not both (with residual the result goes into it)")
         y = check_out(residual, (*x.shape[:-1], N), torch.float32, dev, name="residual")
-        if _overlaps(residual, x):
+        if overlaps(residual, x):
             raise ValueError("linear: residual must not overlap x (it is written while x is read)")
     else:
         y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
@@ -383,15 +383,6 @@ def _check_norm(norm, K: int, dev: torch.device) -> None:
     check_vector("norm bias", beta, K, (torch.float32,), dev)
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"norm eps must be > 0, got {eps!r}")
-
-
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two non-empty tensors' byte spans intersect."""
-    def span(t):
-        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
 def reference(x, w, b=None, act=None, scale=None, norm=None, residual=None):

@@ -155,6 +155,15 @@ def check_caches(k_cache, v_cache, B: int, H: int, D: int, device: torch.device,
         raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}, k_cache has {tuple(k_cache.shape)}")
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors' byte spans intersect (first to last element, strides included)."""
+    def span(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
+
+
 def check_out(out, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
               strided: bool = False, name: str = "out") -> torch.Tensor:
     """The output tensor: `out` when given (checked: shape, dtype, device, contiguous; with strided, a kernel

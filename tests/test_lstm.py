@@ -270,3 +270,31 @@ def test_bench_cli_times_an_lstm_file(seed_lstm, tmp_path, capsys):
     c = LSTMConfig(vocab_size=46, n_embd=13, hidden_size=23, n_layer=3)
     matrices = 4 * 23 * (13 + 23) + 2 * 4 * 23 * (23 + 23) + 46 * 23  # W_ih + W_hh per layer, the head
     assert bench.streamed_bytes(c, "fp32", "lstm") == 4 * (matrices + 3 * 4 * 23 + 46)  # + the biases
+
+
+@pytest.mark.parametrize("N,H", [(1, 1), (3, 17), (2, 300), (5, 1023)])
+def test_triton_lstm_cell_matches_the_reference(N, H):
+    """kernels/lstm.py on odd shapes, saturated and zero inputs, strided rows (a prefill time step), c updated in
+    place; fp32, atol 1e-6 + rtol 1e-6 (tanh and sigmoid from exp; |c| reaches ~20)."""
+    from aigc_rt.kernels import lstm
+    g = torch.Generator().manual_seed(N * H)
+    gates = torch.randn(N, 2, 4 * H, generator=g)[:, 0] * 6  # rows at stride 8H
+    gates[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])[: min(4, 4 * H)]
+    c = torch.randn(N, H, generator=g) * 4
+    want_h, want_c = lstm.reference(gates, c)
+    h, c_new = lstm.lstm_cell(gates, c, c_out=c)
+    assert c_new is c
+    for name, got, want in (("h", h, want_h), ("c", c, want_c)):
+        err = ((got - want).abs() - 1e-6 * want.abs()).max().item()
+        assert err <= 1e-6, f"{N}x{H}: max |{name} error| - 1e-6 |{name}| = {err:.3g} > 1e-6"
+
+
+def test_triton_lstm_cell_refuses_bad_buffers():
+    from aigc_rt.kernels import lstm
+    gates, c = torch.zeros(2, 12), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"gates has shape \(2, 8\), expected \(2, 12\)"):
+        lstm.lstm_cell(torch.zeros(2, 8), c)
+    with pytest.raises(ValueError, match="h_out must not overlap"):
+        lstm.lstm_cell(gates, c, h_out=c)
+    with pytest.raises(ValueError, match="c_out must be c itself or apart"):
+        lstm.lstm_cell(gates, c, c_out=gates[:, :3])

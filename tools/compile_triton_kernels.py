@@ -28,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aigc_rt.kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, sampling  # noqa: E402
+from aigc_rt.kernels import (attention, conv_transpose, decode_attention, embedding, layernorm,  # noqa: E402
+                             linear, lstm, sampling)
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty"}
 FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
@@ -130,6 +131,7 @@ VARIANTS = [
      dict(SCALED=False, HAS_POS=True, BLOCK_C=1024, PDL=True), 4),
     (embedding._embedding_kernel, {"table_ptr": "*i8", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "int8",
      dict(SCALED=True, HAS_POS=True, BLOCK_C=2048), 8),
+    (lstm._lstm_cell_kernel, {}, "fp32", dict(BLOCK=256, PDL=True), 2),
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",

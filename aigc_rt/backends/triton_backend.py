@@ -2,6 +2,8 @@
 replayed from a CUDA graph (decode_graph.py). On a CPU it runs only under TRITON_INTERPRET=1 (set before the
 kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Ops the
 kernels do not cover fall back to the torch reference (TorchBackend), e.g. the DCGAN discriminator's conv2d.
+The seed LSTM's cell is kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's
+epilogue).
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 
 import torch
 
-from ..kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, sampling
+from ..kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, lstm, sampling
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
@@ -66,6 +68,9 @@ class TritonBackend(TorchBackend):
 
     def attention_decode(self, q, k_cache, v_cache, lengths, max_len, *, out=None):
         return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
+
+    def lstm_cell(self, gates, c, *, h_out=None, c_out=None):
+        return lstm.lstm_cell(gates, c, h_out=h_out, c_out=c_out)
 
     def sample(self, logits, params, u, seen, *, out=None):
         return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
