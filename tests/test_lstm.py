@@ -298,3 +298,21 @@ def test_triton_lstm_cell_refuses_bad_buffers():
         lstm.lstm_cell(gates, c, h_out=c)
     with pytest.raises(ValueError, match="c_out must be c itself or apart"):
         lstm.lstm_cell(gates, c, c_out=gates[:, :3])
+
+
+def test_tokenizer_json_whose_decoder_we_cannot_follow(tmp_path):
+    """A tokenizers JSON is taken as it is when its tokens decode by concatenation (the Fuse decoder) or as
+    byte-level BPE; another decoder (WordPiece's "##" joins, say) is refused by name, not decoded wrongly."""
+    from tokenizers import Tokenizer, decoders, models
+    make_checkpoint(tmp_path)
+    tok = Tokenizer(models.WordLevel({ch: i for i, ch in enumerate(CHARS)}, unk_token="a"))
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(tmp_path / "wordpiece.json"))
+    with pytest.raises(FormatError, match="its WordPiece decoder is not supported"):
+        aigc_rt.convert(tmp_path / "model.pt", tmp_path / "m.safetensors", tokenizer=tmp_path / "wordpiece.json")
+    tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(CHARS)}, []))  # a character per token
+    tok.decoder = decoders.Fuse()
+    tok.save(str(tmp_path / "fuse.json"))
+    m = aigc_rt.load(aigc_rt.convert(tmp_path / "model.pt", tmp_path / "m.safetensors",
+                                     tokenizer=tmp_path / "fuse.json"), backend="torch")
+    assert m.tokenizer.decode(m.tokenizer.encode("ab")) == "ab"
