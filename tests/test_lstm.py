@@ -13,8 +13,10 @@ import aigc_rt
 from aigc_rt import FormatError
 from aigc_rt.backends.torch_backend import TorchBackend
 
+from test_triton_kernels import DEV
+
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?\n") + list("落霞与孤鹜齐飞秋水共长天一色")  # 46 characters
-BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU
+BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU (DEV)
 ATOL = 2e-5  # fp32 logits vs torch.nn: same math, other summation orders and exp/tanh approximations
 
 
@@ -64,14 +66,19 @@ def reference_greedy(model: CharLSTM, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def load_on(path, backend: str):
+    """The file on `backend`: the triton one on DEV (a GPU when there is one), the others on the CPU."""
+    return aigc_rt.load(path, device=DEV if backend == "triton" else "cpu", backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_the_torch_module(seed_lstm, backend):
     path, ref = seed_lstm
-    m = aigc_rt.load(path, backend=backend)
+    m = load_on(path, backend)
     ids = torch.randint(0, len(CHARS), (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids.t())[0].transpose(0, 1)  # (B, T, V)
-    got = m.logits(ids)
+    got = m.logits(ids).cpu()
     err = (got - want).abs().max().item()
     assert got.shape == want.shape and err <= ATOL, f"{backend}: max |logit error| {err:.3g} > {ATOL}"
 
@@ -81,7 +88,7 @@ def test_greedy_batch_matches_the_reference(seed_lstm, backend):
     """A ragged batch (right-padded prefill: each row's state is taken after its own last token) gives each
     prompt the continuation the torch module gives it alone."""
     path, ref = seed_lstm
-    m = aigc_rt.load(path, backend=backend)
+    m = load_on(path, backend)
     prompts = ["落霞与孤鹜齐飞", "hello, world", "a"]
     outs = m.generate(prompts, max_new_tokens=12)
     for p, o in zip(prompts, outs):
@@ -282,18 +289,19 @@ def test_triton_lstm_cell_matches_the_reference(N, H):
     gates[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])[: min(4, 4 * H)]
     c = torch.randn(N, H, generator=g) * 4
     want_h, want_c = lstm.reference(gates, c)
+    gates, c = gates.to(DEV), c.to(DEV)
     h, c_new = lstm.lstm_cell(gates, c, c_out=c)
     assert c_new is c
-    for name, got, want in (("h", h, want_h), ("c", c, want_c)):
+    for name, got, want in (("h", h.cpu(), want_h), ("c", c.cpu(), want_c)):
         err = ((got - want).abs() - 1e-6 * want.abs()).max().item()
         assert err <= 1e-6, f"{N}x{H}: max |{name} error| - 1e-6 |{name}| = {err:.3g} > 1e-6"
 
 
 def test_triton_lstm_cell_refuses_bad_buffers():
     from aigc_rt.kernels import lstm
-    gates, c = torch.zeros(2, 12), torch.zeros(2, 3)
+    gates, c = torch.zeros(2, 12, device=DEV), torch.zeros(2, 3, device=DEV)
     with pytest.raises(ValueError, match=r"gates has shape \(2, 8\), expected \(2, 12\)"):
-        lstm.lstm_cell(torch.zeros(2, 8), c)
+        lstm.lstm_cell(torch.zeros(2, 8, device=DEV), c)
     with pytest.raises(ValueError, match="h_out must not overlap"):
         lstm.lstm_cell(gates, c, h_out=c)
     with pytest.raises(ValueError, match="c_out must be c itself or apart"):

@@ -13,8 +13,10 @@ from torch import nn
 import aigc_rt
 from aigc_rt import FormatError
 
+from test_triton_kernels import DEV
+
 CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?\n") + list("落霞与孤鹜齐飞秋水共长天一色")  # 46 characters
-BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU
+BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU (DEV)
 ATOL = 5e-5  # fp32 logits vs torch.nn: same math, other summation orders and softmax implementations
 
 
@@ -65,14 +67,19 @@ def reference_greedy(model: CharDecoder, ids: list[int], n: int) -> list[int]:
     return ids[len(ids) - n:]
 
 
+def load_on(path, backend: str):
+    """The file on `backend`: the triton one on DEV (a GPU when there is one), the others on the CPU."""
+    return aigc_rt.load(path, device=DEV if backend == "triton" else "cpu", backend=backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logits_match_the_torch_module(seed_decoder, backend):
     path, ref = seed_decoder
-    m = aigc_rt.load(path, backend=backend)
+    m = load_on(path, backend)
     ids = torch.randint(0, len(CHARS), (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids.t()).transpose(0, 1)  # (B, T, V)
-    got = m.logits(ids)
+    got = m.logits(ids).cpu()
     err = (got - want).abs().max().item()
     assert got.shape == want.shape and err <= ATOL, f"{backend}: max |logit error| {err:.3g} > {ATOL}"
 
@@ -81,7 +88,7 @@ def test_logits_match_the_torch_module(seed_decoder, backend):
 def test_greedy_batch_matches_the_reference(seed_decoder, backend):
     """A ragged batch gives each prompt the continuation the torch module gives it alone."""
     path, ref = seed_decoder
-    m = aigc_rt.load(path, backend=backend)
+    m = load_on(path, backend)
     prompts = ["落霞与孤鹜齐飞", "hello, world", "a"]
     for p, o in zip(prompts, m.generate(prompts, max_new_tokens=10)):
         want = reference_greedy(ref, m.tokenizer.encode(p), 10)
