@@ -25,7 +25,7 @@ from .kernels.utils import l2_prefetchable, pdl_options
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # csrc/cuda/common.cuh Dtype
 ROWS_PER_WARP = (1, 2, 4)  # gemv launch configurations built
 MAX_WARPS = 8
-GEMV_ACTIVATIONS = (None, "gelu_tanh")  # csrc/cuda/gemv.cu epilogue (a ReLU linear runs on the Triton kernel)
+ACT_CODES = {None: 0, "gelu_tanh": 1, "relu": 2}  # GemvArgs.act (csrc/cuda/gemv.cu kActNone, ...)
 # (rows per warp, warps per block) the GEMV's autotuning times, each also with the L2 prefetch where it may run
 GEMV_CANDIDATES = [(1, 4), (2, 4), (4, 4), (2, 8), (4, 8)]
 
@@ -35,7 +35,7 @@ class GemvArgs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "scale", "bias", "ln_w", "ln_b", "y")] + \
                [(name, ctypes.c_int64) for name in ("M", "N", "K", "x_stride", "w_stride", "y_stride", "kc")] + \
                [("eps", ctypes.c_float)] + \
-               [(name, ctypes.c_int32) for name in ("dtype", "gelu", "accumulate", "rows_per_warp", "warps", "pdl",
+               [(name, ctypes.c_int32) for name in ("dtype", "act", "accumulate", "rows_per_warp", "warps", "pdl",
                                                     "prefetch")]
 
 
@@ -67,11 +67,9 @@ class CudaKernels:
         """Whether this build's kernels take tensors on `device` (the emulation: the CPU; else a GPU)."""
         return device.type == ("cpu" if self.emulated else "cuda")
 
-    def gemv_takes(self, x: torch.Tensor, w: torch.Tensor, act: str | None = None) -> bool:
-        """Whether the GEMV takes these operands: at most gemv_max_rows rows of x, weights of a dtype it has, an
-        activation its epilogue has."""
-        return (x.numel() // x.shape[-1] <= self.gemv_max_rows and w.dtype in DTYPES and w.dim() == 2
-                and act in GEMV_ACTIVATIONS)
+    def gemv_takes(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether the GEMV takes these operands: at most gemv_max_rows rows of x, weights of a dtype it has."""
+        return x.numel() // x.shape[-1] <= self.gemv_max_rows and w.dtype in DTYPES and w.dim() == 2
 
     def gemv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act: str | None = None, *,
              scale: torch.Tensor | None = None, norm: tuple | None = None, residual: torch.Tensor | None = None,
@@ -88,8 +86,6 @@ class CudaKernels:
             build, wants = ("CPU emulation", "CPU") if self.emulated else ("GPU", "CUDA")
             raise ValueError(f"x is on {dev}; this build of the CUDA kernels ({build}) takes {wants} tensors")
         x2, y, N, K = linear.operands(x, w, b, act, scale, norm, residual, out)
-        if act not in GEMV_ACTIVATIONS:
-            raise ValueError(f"the CUDA GEMV's epilogue has the activations {GEMV_ACTIVATIONS}, not {act!r}")
         if rows_per_warp not in (0, *ROWS_PER_WARP) or not (isinstance(warps, int) and 0 <= warps <= MAX_WARPS):
             raise ValueError(f"rows_per_warp must be 0 or one of {ROWS_PER_WARP} and warps in [0, {MAX_WARPS}], "
                              f"got {rows_per_warp!r}, {warps!r}")
@@ -106,7 +102,7 @@ class CudaKernels:
 
         def run(rows_per_warp, warps, prefetch):
             args = GemvArgs(ptr(x2), ptr(w), ptr(scale), ptr(b), ptr(ln_w), ptr(ln_b), ptr(y), M, N, K,
-                            x2.stride(0), w.stride(0), N, 0, float(eps), DTYPES[w.dtype], act == "gelu_tanh",
+                            x2.stride(0), w.stride(0), N, 0, float(eps), DTYPES[w.dtype], ACT_CODES[act],
                             residual is not None, rows_per_warp, warps, pdl, bool(prefetch))
             self._launch(self._lib.aigc_gemv, args, dev, "gemv")
 

@@ -135,8 +135,9 @@ def test_gemv(kernels, M, N, K, dtype):
     for rows_per_warp, warps, prefetch in ((0, 0, False), (1, 1, False), (4, 8, True)):
         launch = dict(rows_per_warp=rows_per_warp, warps=warps, prefetch=prefetch)
         what = f"gemv {M}x{N}x{K} {dtype} {launch}"
-        assert_close(kernels.gemv(x, w, b, "gelu_tanh", scale=scale, **launch),
-                     linear.reference(x, w, b, "gelu_tanh", scale=scale), *LINEAR_TOL, what)
+        for act in ("gelu_tanh", "relu"):
+            assert_close(kernels.gemv(x, w, b, act, scale=scale, **launch),
+                         linear.reference(x, w, b, act, scale=scale), *LINEAR_TOL, f"{act} {what}")
         assert_close(kernels.gemv(x, w, None, scale=scale, norm=norm, **launch),
                      linear.reference(x, w, None, scale=scale, norm=norm), *NORM_TOL.get(dtype, LINEAR_TOL),
                      f"LayerNorm {what}")
@@ -173,7 +174,6 @@ def test_gemv_errors(kernels):
         (dict(rows_per_warp=3), "rows_per_warp must be"),
         (dict(warps=9), "warps in"),
         (dict(act="gelu"), "act must be one of"),
-        (dict(act="relu"), "the CUDA GEMV's epilogue has the activations \\(None, 'gelu_tanh'\\), not 'relu'"),
         (dict(norm=(x[0], x[0], 0.0)), "norm eps must be > 0"),
         (dict(residual=torch.zeros(1, 4, device=DEV)), r"residual must be a contiguous \(1, 5\)"),
     ]
@@ -231,9 +231,9 @@ def test_cuda_backend_batch_matches_torch_backend(kernels, rt_odd, monkeypatch):
     assert 3 in rows and min(rows) < 3, sorted(set(rows))
 
 
-def test_cuda_backend_runs_relu_linears_on_triton(kernels, tmp_path, monkeypatch):
-    """The Transformer decoder's feed-forward (a ReLU epilogue, which the CUDA GEMV lacks) runs on the Triton
-    linear, its other decode linears on the GEMV; the greedy tokens are the torch backend's."""
+def test_cuda_backend_runs_the_transformer_decoder(kernels, tmp_path, monkeypatch):
+    """The seed Transformer decoder on the cuda backend: every decode linear on the GEMV, the feed-forward's with
+    its ReLU epilogue; the greedy tokens are the torch backend's."""
     import aigc_rt
     from test_transformer_decoder import make_checkpoint
     monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
@@ -246,7 +246,7 @@ def test_cuda_backend_runs_relu_linears_on_triton(kernels, tmp_path, monkeypatch
     m = aigc_rt.load(path, device=DEV, backend="cuda")
     want = aigc_rt.load(path, backend="torch").generate(["abc", "落霞与"], max_new_tokens=4)
     assert [c.token_ids for c in m.generate(["abc", "落霞与"], max_new_tokens=4)] == [c.token_ids for c in want]
-    assert acts and "relu" not in acts
+    assert acts.count("relu") >= 3 * 2, acts  # 3 decode steps x 2 layers (at least: the prefill adds none)
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock decides (test_cuda_backend_greedy_tokens_identical_to_hf)")

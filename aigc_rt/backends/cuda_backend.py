@@ -51,7 +51,7 @@ class CudaBackend(TritonBackend):
     def _gemv_runs(self, x, lin: Linear, act, norm, out, residual) -> bool:
         """Whether this linear runs on the CUDA GEMV: it takes it, and (when timing) it is the faster for the
         shape. The first time a shape comes, both are timed on these operands."""
-        if not self.kernels.gemv_takes(x, lin.weight, act):
+        if not self.kernels.gemv_takes(x, lin.weight):
             return False
         if not self.tune:
             return True

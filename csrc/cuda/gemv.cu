@@ -7,7 +7,7 @@
 //                                                  torch reference runs F.linear(x.to(w.dtype), w)), none for
 //                                                  fp32 and int8 weights
 //     W (N, K) fp32 | bf16 | fp16 | int8, s (N,) fp32 the int8 rows' scales (else 1), b (N,) fp32 or 0,
-//     act = identity | GELU-tanh, (+)= stores, or adds into y (the residual stream)
+//     act = identity | GELU-tanh | ReLU (NaN kept, as torch.relu), (+)= stores, or adds into y (the residual stream)
 //
 // Products and sums are fp32. A block owns warps x ROWS output features for all M rows, so W is streamed once
 // whatever M: the block stages xr in shared memory, a chunk of kc columns of every row at a time (all of K when
@@ -37,7 +37,7 @@ struct GemvArgs {
   int64_t kc;          // columns staged at a time (set by aigc_gemv)
   float eps;
   int32_t dtype;          // Dtype
-  int32_t gelu;           // 1: GELU-tanh
+  int32_t act;            // kActNone, kActGeluTanh or kActRelu
   int32_t accumulate;     // 1: y += result
   int32_t rows_per_warp;  // 1, 2 or 4 (0: 2)
   int32_t warps;          // warps per block, 1 to 8 (0: 4)
@@ -45,6 +45,7 @@ struct GemvArgs {
   int32_t prefetch;       // 1: each warp first asks L2 for its rows of W (sm_90+; rows 16-byte aligned)
 };
 
+constexpr int32_t kActNone = 0, kActGeluTanh = 1, kActRelu = 2;  // GemvArgs::act (cuda_kernels.py ACT_CODES)
 constexpr int kMaxRows = 8;  // M, the rows of activations one launch takes
 // The staged chunk (M x kc x its element size, dynamic shared memory) at most: with the static shared memory of
 // block_moments (<= 3 KiB) it stays within the 48 KiB a launch gets without opting in (tests/test_cuda_kernels.py
@@ -198,7 +199,8 @@ __global__ void gemv_kernel(const GemvArgs a) {
     float v = total;
     if (a.scale != nullptr) v *= a.scale[n];
     if (a.bias != nullptr) v += a.bias[n];
-    if (a.gelu) v = gelu_tanh(v);
+    if (a.act == kActGeluTanh) v = gelu_tanh(v);
+    if (a.act == kActRelu) v = v < 0.f ? 0.f : v;
     float* out = a.y + m * a.y_stride + n;
     *out = a.accumulate ? *out + v : v;
   }
@@ -249,7 +251,7 @@ extern "C" {
 int32_t aigc_gemv(const GemvArgs* a, void* stream) {
   using namespace aigc_rt::cuda;
   if (a->M < 1 || a->M > kMaxRows || a->N < 1 || a->K < 1) return kBadShape;
-  if (a->warps < 0 || a->warps > 8) return kBadConfig;
+  if (a->warps < 0 || a->warps > 8 || a->act < kActNone || a->act > kActRelu) return kBadConfig;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (a->dtype) {
     case kF32: return launch_dtype<float>(*a, s);
