@@ -249,6 +249,23 @@ def test_cuda_backend_runs_the_transformer_decoder(kernels, tmp_path, monkeypatc
     assert acts.count("relu") >= 3 * 2, acts  # 3 decode steps x 2 layers (at least: the prefill adds none)
 
 
+def test_cuda_backend_runs_the_lstm(kernels, tmp_path, monkeypatch):
+    """The seed LSTM on the cuda backend: its decode linears on the GEMV (the hidden-state one adding into the
+    gates in its epilogue), the cell on kernels/lstm.py; the greedy tokens are the torch backend's."""
+    import aigc_rt
+    from test_lstm import make_checkpoint
+    monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
+    calls = []
+    gemv = kernels.gemv
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **k: calls.append(k.get("residual") is not None) or gemv(*a, **k))
+    make_checkpoint(tmp_path)
+    path = aigc_rt.convert(tmp_path / "model.pt", tmp_path / "m.safetensors")
+    m = aigc_rt.load(path, device=DEV, backend="cuda")
+    want = aigc_rt.load(path, backend="torch").generate(["abc", "落霞与"], max_new_tokens=4)
+    assert [c.token_ids for c in m.generate(["abc", "落霞与"], max_new_tokens=4)] == [c.token_ids for c in want]
+    assert calls.count(True) >= 3 * 3, calls  # 3 decode steps x 3 layers: h W_hh^T added into the gates
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real clock decides (test_cuda_backend_greedy_tokens_identical_to_hf)")
 def test_cuda_backend_keeps_the_faster_linear(kernels, rt_odd, monkeypatch):
     """On a GPU the backend times the CUDA GEMV against the Triton linear the first time a shape comes and keeps
