@@ -119,8 +119,10 @@ def test_cached_decode_equals_full_recompute(model):
             logits = model.decode(tok, torch.full((seq.shape[0],), pos, device=DEV), cache, pos + 1)
             key, entry = next(reversed(model.backend.decode_graph.entries.items()))  # the static path ran
             assert key[2] == seq.shape[0] and torch.equal(entry.inputs[0], tok)
-            # a capture is keyed by every buffer it bakes in: the caches and this batch's Workspace
+            # a capture is keyed by every buffer it bakes in: the caches (with their dtype: a cache of another
+            # dtype may land where a freed one was) and this batch's Workspace
             assert key[4] == cache.addresses(seq.shape[0]) and cache.workspace(seq.shape[0]).logits.data_ptr() in key[4]
+            assert (cache.k.data_ptr(), cache.k.dtype) in key[4]
             steps.append(logits.clone())  # decode returns a workspace buffer the next step overwrites
     full = model.logits(seq)[:, 5:]  # (2, 7, V): logits after positions 5..11, recomputed without a cache
     err = (torch.stack(steps, dim=1) - full).abs().max().item()

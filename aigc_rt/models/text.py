@@ -35,10 +35,12 @@ class DecodeCache:
             self._workspaces[batch] = self._workspaces[max(self._workspaces)].rows(batch)
         return self._workspaces[batch]
 
-    def addresses(self, batch: int) -> tuple[int, ...]:
-        """Where a decode step over `batch` rows reads and writes: the state and that batch's Workspace (a CUDA
-        graph or a recorded cpu step bakes these in, so it may be replayed only while all of them are the same)."""
-        return (*(getattr(self, name).data_ptr() for name in self.STATE), *self.workspace(batch).addresses())
+    def addresses(self, batch: int) -> tuple:
+        """Where a decode step over `batch` rows reads and writes: the state (with its dtypes: a KV cache of
+        another dtype may land where a freed one was) and that batch's Workspace. A CUDA graph or a recorded cpu
+        step bakes these in, so it may be replayed only while all of them are the same."""
+        state = (getattr(self, name) for name in self.STATE)
+        return (*((t.data_ptr(), t.dtype) for t in state), *self.workspace(batch).addresses())
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished sequences: keep only batch rows `rows` (in that order)."""
