@@ -28,8 +28,41 @@ def _check_fields(cls, values: dict) -> dict:
     return out
 
 
+class TextConfig:
+    """What the text models' configs share: from_dict / to_dict, and the checks of their sizes (LIMITS: each field
+    in [1, max]) and eos token, with the arch's own checks (_check_more) between them."""
+    LIMITS: ClassVar[tuple[tuple[str, int], ...]] = ()
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field, hi in self.LIMITS:
+            v = getattr(self, field)
+            if not 1 <= v <= hi:
+                raise FormatError(f"{name}: {field}={v} is out of range [1, {hi}]")
+        self._check_more(name)
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
+            raise FormatError(f"{name}: eos_token_id={self.eos_token_id} is outside the vocabulary")
+
+    def _check_more(self, name: str) -> None:
+        pass
+
+    def _check_heads_and_eps(self, name: str, width: str, eps: str) -> None:
+        """The width divides into n_head heads; the LayerNorm epsilon is in (0, 1)."""
+        if getattr(self, width) % self.n_head:
+            raise FormatError(f"{name}: {width}={getattr(self, width)} is not divisible by n_head={self.n_head}")
+        if not (math.isfinite(getattr(self, eps)) and 0 < getattr(self, eps) < 1):
+            raise FormatError(f"{name}: {eps}={getattr(self, eps)} must be in (0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        return cls(**_check_fields(cls, values))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(TextConfig):
     vocab_size: int
     n_positions: int  # context length
     n_embd: int
@@ -37,35 +70,20 @@ class GPT2Config:
     n_head: int
     layer_norm_epsilon: float = 1e-5
     eos_token_id: int | None = None
+    LIMITS: ClassVar = (("vocab_size", 1 << 22), ("n_positions", 1 << 20), ("n_embd", 1 << 16), ("n_layer", 1024),
+                        ("n_head", 1024))
 
-    def __post_init__(self):
-        for name, hi in (("vocab_size", 1 << 22), ("n_positions", 1 << 20), ("n_embd", 1 << 16),
-                         ("n_layer", 1024), ("n_head", 1024)):
-            v = getattr(self, name)
-            if not 1 <= v <= hi:
-                raise FormatError(f"GPT2Config: {name}={v} is out of range [1, {hi}]")
-        if self.n_embd % self.n_head:
-            raise FormatError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not (math.isfinite(self.layer_norm_epsilon) and 0 < self.layer_norm_epsilon < 1):
-            raise FormatError(f"GPT2Config: layer_norm_epsilon={self.layer_norm_epsilon} must be in (0, 1)")
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
-            raise FormatError(f"GPT2Config: eos_token_id={self.eos_token_id} is outside the vocabulary")
+    def _check_more(self, name: str) -> None:
+        self._check_heads_and_eps(name, "n_embd", "layer_norm_epsilon")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "GPT2Config":
-        return cls(**_check_fields(cls, values))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 # -- LSTM ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LSTMConfig:
+class LSTMConfig(TextConfig):
     """The seed LSTM text generator: Embedding(vocab_size, n_embd) -> LSTM(n_embd, hidden_size, n_layer)
     -> Linear(hidden_size, vocab_size). Its state is fixed-size, so it has no context length."""
     vocab_size: int
@@ -74,26 +92,12 @@ class LSTMConfig:
     n_layer: int
     eos_token_id: int | None = None
     n_positions: ClassVar[int] = 1 << 40  # no context limit (generation checks prompts against it)
-
-    def __post_init__(self):
-        for name, hi in (("vocab_size", 1 << 22), ("n_embd", 1 << 16), ("hidden_size", 1 << 16), ("n_layer", 1024)):
-            v = getattr(self, name)
-            if not 1 <= v <= hi:
-                raise FormatError(f"LSTMConfig: {name}={v} is out of range [1, {hi}]")
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
-            raise FormatError(f"LSTMConfig: eos_token_id={self.eos_token_id} is outside the vocabulary")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "LSTMConfig":
-        return cls(**_check_fields(cls, values))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    LIMITS: ClassVar = (("vocab_size", 1 << 22), ("n_embd", 1 << 16), ("hidden_size", 1 << 16), ("n_layer", 1024))
 
 
 # -- Transformer decoder ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TransformerDecoderConfig:
+class TransformerDecoderConfig(TextConfig):
     """The seed Transformer decoder text model: Embedding(vocab_size, d_model) -> nn.TransformerDecoder(
     nn.TransformerDecoderLayer(d_model, n_head, d_ff), n_layer) -> Linear(d_model, vocab_size), used as a decoder-only
     generator: the embedded tokens are both the target and the memory, under causal masks (see models/
@@ -109,31 +113,15 @@ class TransformerDecoderConfig:
     final_norm: bool = False
     eos_token_id: int | None = None
     n_positions: ClassVar[int] = 1 << 40  # no context limit (generation checks prompts against it)
+    LIMITS: ClassVar = (("vocab_size", 1 << 22), ("d_model", 1 << 16), ("n_head", 1024), ("n_layer", 1024),
+                        ("d_ff", 1 << 18))
 
-    def __post_init__(self):
-        name = type(self).__name__
-        for field, hi in (("vocab_size", 1 << 22), ("d_model", 1 << 16), ("n_head", 1024), ("n_layer", 1024),
-                          ("d_ff", 1 << 18)):
-            v = getattr(self, field)
-            if not 1 <= v <= hi:
-                raise FormatError(f"{name}: {field}={v} is out of range [1, {hi}]")
-        if self.d_model % self.n_head:
-            raise FormatError(f"{name}: d_model={self.d_model} is not divisible by n_head={self.n_head}")
-        if not (math.isfinite(self.layer_norm_eps) and 0 < self.layer_norm_eps < 1):
-            raise FormatError(f"{name}: layer_norm_eps={self.layer_norm_eps} must be in (0, 1)")
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < self.vocab_size:
-            raise FormatError(f"{name}: eos_token_id={self.eos_token_id} is outside the vocabulary")
+    def _check_more(self, name: str) -> None:
+        self._check_heads_and_eps(name, "d_model", "layer_norm_eps")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TransformerDecoderConfig":
-        return cls(**_check_fields(cls, values))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # -- DCGAN ---------------------------------------------------------------------------------------------

@@ -101,8 +101,7 @@ class GPT2(TextModel):
 
     def __init__(self, config: GPT2Config, tensors: dict[str, torch.Tensor], backend, tokenizer: Tokenizer,
                  dtype: str = "fp32"):
-        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
-        self.device = backend.device
+        super().__init__(config, backend, tokenizer, dtype)
         self.kv_dtype = kv_cache_dtype(dtype)  # settable before generating
         dev = self.device
         t = {k: v.to(dev) for k, v in tensors.items()}

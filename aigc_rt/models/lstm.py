@@ -79,8 +79,7 @@ class LSTM(TextModel):
 
     def __init__(self, config: LSTMConfig, tensors: dict[str, torch.Tensor], backend, tokenizer: Tokenizer,
                  dtype: str = "fp32"):
-        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
-        self.device = backend.device
+        super().__init__(config, backend, tokenizer, dtype)
         t = {k: v.to(self.device) for k, v in tensors.items()}
 
         def linear(name: str, bias: torch.Tensor | None):

@@ -55,6 +55,10 @@ class TextModel:
     its inputs, the cache and the cache's Workspace (so that a backend can replay it: TorchBackend.run_decode).
     generation.py drives it through decode_sample."""
 
+    def __init__(self, config, backend, tokenizer, dtype: str):
+        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
+        self.device = backend.device
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> logits (N, V) fp32."""
         return self.backend.linear(hidden.contiguous(), self.lm_head)

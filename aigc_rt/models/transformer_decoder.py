@@ -115,8 +115,7 @@ class TransformerDecoder(TextModel):
 
     def __init__(self, config: TransformerDecoderConfig, tensors: dict[str, torch.Tensor], backend,
                  tokenizer: Tokenizer, dtype: str = "fp32"):
-        self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
-        self.device = backend.device
+        super().__init__(config, backend, tokenizer, dtype)
         self.kv_dtype = kv_cache_dtype(dtype)  # settable before generating
         t = {k: v.to(self.device) for k, v in tensors.items()}
 
