@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig, TransformerDecoderConfig
 from .errors import FormatError
-from .format import TensorSpec
+from .format import SCALE_SUFFIX, TensorSpec
 from .models import dcgan, gpt2, lstm, transformer_decoder
 
 
@@ -18,12 +18,13 @@ class Arch:
     indexed: tuple[str, ...] = ()  # tensors a decode step only indexes (rows by token or position), never streams
 
 
+EMBEDDING = ("wte.weight", "wte.weight" + SCALE_SUFFIX)  # an embedding that is not also the lm_head (int8: + scales)
 ARCHS = {
     "gpt2": Arch(GPT2Config, gpt2.expected_tensors, gpt2.GPT2, text=True, indexed=("wpe.weight",)),  # wte: lm_head
-    "lstm": Arch(LSTMConfig, lstm.expected_tensors, lstm.LSTM, text=True, indexed=("wte.weight", "wte.weight_scale")),
+    "lstm": Arch(LSTMConfig, lstm.expected_tensors, lstm.LSTM, text=True, indexed=EMBEDDING),
     "transformer_decoder": Arch(TransformerDecoderConfig, transformer_decoder.expected_tensors,
                                 transformer_decoder.TransformerDecoder, text=True,
-                                indexed=("wte.weight", "wte.weight_scale")),
+                                indexed=EMBEDDING),
     "dcgan": Arch(DCGANConfig, dcgan.expected_tensors, dcgan.Generator, text=False),
     "dcgan_d": Arch(DCGANDiscriminatorConfig, dcgan.expected_tensors, dcgan.Discriminator, text=False),
 }

@@ -141,7 +141,7 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         hidden = model.prefill(ids, cache, lengths)  # (B, T, C)
         logits = model.head(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
         state = DecodeState.allocate(B, cfg.vocab_size, dev, params.repetition_penalty != 1.0)
-        state.positions.copy_(torch.tensor(lens))  # where each row's next token goes
+        state.positions.copy_(lengths)  # where each row's next token goes
         if state.seen is not None:  # the prompts' tokens
             seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
             for b, p in enumerate(batch):

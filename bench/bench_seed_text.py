@@ -22,6 +22,7 @@ bench/results/seed_text_<cpu>.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -67,7 +68,7 @@ class TorchLoop:
     token; the Transformer decoder (no cache) runs the whole sequence again for every token."""
 
     def __init__(self, module: torch.nn.Module, dtype: str, onednn: bool = True):
-        self.module = module if dtype == "fp32" else _copy_in(module, torch.bfloat16)
+        self.module = module if dtype == "fp32" else copy.deepcopy(module).to(torch.bfloat16)
         self.recurrent = isinstance(module, ReferenceLSTM)
         self.onednn = onednn
 
@@ -95,11 +96,6 @@ class TorchLoop:
 
     def _forward(self, ids, state):
         return self.module(ids, state) if self.recurrent else (self.module(ids), None)
-
-
-def _copy_in(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    import copy
-    return copy.deepcopy(module).to(dtype)
 
 
 def run(shapes, batches, repeats: int, new_tokens: int = 128, prompt_len: int = 32, log=print):

@@ -13,10 +13,8 @@ from torch import nn
 import aigc_rt
 from aigc_rt import FormatError
 
-from test_triton_kernels import DEV
+from test_lstm import BACKENDS, CHARS, load_on
 
-CHARS = list("abcdefghijklmnopqrstuvwxyz .,!?\n") + list("落霞与孤鹜齐飞秋水共长天一色")  # 46 characters
-BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU (DEV)
 ATOL = 5e-5  # fp32 logits vs torch.nn: same math, other summation orders and softmax implementations
 
 
@@ -65,11 +63,6 @@ def reference_greedy(model: CharDecoder, ids: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor(ids)[:, None])[-1, 0].argmax()))
     return ids[len(ids) - n:]
-
-
-def load_on(path, backend: str):
-    """The file on `backend`: the triton one on DEV (a GPU when there is one), the others on the CPU."""
-    return aigc_rt.load(path, device=DEV if backend == "triton" else "cpu", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -84,7 +84,7 @@ def read_tokenizer(src: str, tokenizer, vocab_size: int) -> str:
         found = [p for p in (os.path.join(os.path.dirname(os.path.abspath(src)), n) for n in TOKENIZER_FILES)
                  if os.path.isfile(p)]
         if not found:
-            raise FormatError(f"{src}: an LSTM state_dict holds no vocabulary: pass tokenizer= (a tokenizers "
+            raise FormatError(f"{src}: a state_dict holds no vocabulary: pass tokenizer= (a tokenizers "
                               f"tokenizer.json, or a JSON list of the characters by id), or put tokenizer.json or "
                               f"vocab.json beside the checkpoint")
         tokenizer = found[0]
