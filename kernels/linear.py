@@ -169,7 +169,7 @@ def _split_k_reduce(args: dict) -> None:
     M, N = args["M"], args["N"]
     _split_k_reduce_kernel[(triton.cdiv(N, 1024), M)](
         args["part_ptr"], args["s_ptr"], args["b_ptr"], args["y_ptr"], M, N, args["y_stride"],
-        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], RELU=args["RELU"],
+        SCALED=args["SCALED"], HAS_BIAS=args["HAS_BIAS"], GELU=args["GELU"], RELU=args.get("RELU", False),
         ACCUMULATE=args["ACCUMULATE"],
         SPLIT_K=args["SPLIT_K"], BLOCK=1024,
         num_warps=4, PDL=args["PDL"], **({"launch_pdl": True} if args["PDL"] else {}))
