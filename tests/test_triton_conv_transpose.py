@@ -75,7 +75,7 @@ def test_bad_arguments_raise_value_error():
 def test_whole_seed_generator_on_the_triton_backend(tmp_path):
     """The 32x32 seed generator, converted (BatchNorm folded), loaded with backend="triton" (every layer on the
     Triton kernel) vs the eval-mode torch module with non-trivial BatchNorm statistics (fp32, atol 1e-4); its
-    discriminator runs there too (conv2d: the torch reference's)."""
+    discriminator runs there too (kernels/conv2d.py)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     from dcgan_reference import randomize_batchnorm, seed_discriminator, seed_generator
 

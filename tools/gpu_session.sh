@@ -55,6 +55,7 @@ case "${1:-}" in
     XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
     failed=0
     $PY -m pytest -q -ra --tb=short --durations=8 $XDIST tests/test_triton_kernels.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
+      tests/test_triton_conv2d.py \
       tests/test_cuda_kernels.py tests/test_gpu_decode_bench.py tests/test_lstm.py tests/test_transformer_decoder.py \
       2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models and the CUDA GEMV again with programmatic dependent launch (AIGC_RT_PDL=1)" \

@@ -1,9 +1,10 @@
 """The `triton` backend: the Triton kernels of aigc_rt.kernels (kernels/) on a CUDA GPU, with the decode step
 replayed from a CUDA graph (decode_graph.py). On a CPU it runs only under TRITON_INTERPRET=1 (set before the
-kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Ops the
-kernels do not cover fall back to the torch reference (TorchBackend), e.g. the DCGAN discriminator's conv2d.
-The seed LSTM's cell is kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's
-epilogue).
+kernels are imported), slowly, so that CI validates the kernels and whole models without a GPU. Every op runs
+on a kernel; from TorchBackend it takes only what composes ops (layernorm_linear past the prologue's rows,
+decode_sample_steps). The DCGAN generator's transposed convolutions are kernels/conv_transpose.py, the
+discriminator's convolutions kernels/conv2d.py (bias and activation fused in both); the seed LSTM's cell is
+kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's epilogue).
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
 from __future__ import annotations
@@ -12,7 +13,8 @@ import os
 
 import torch
 
-from ..kernels import attention, conv_transpose, decode_attention, embedding, layernorm, linear, lstm, sampling
+from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm,
+                       sampling)
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
@@ -94,6 +96,16 @@ class TritonBackend(TorchBackend):
     def conv_transpose(self, x, layer: Conv, act):
         return conv_transpose.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
                                                layer.output_padding, act)
+
+    # DCGAN discriminator: kernels/conv2d.py
+    def prepare_conv2d(self, weight, bias, stride, padding) -> Conv:
+        layer = super().prepare_conv2d(weight, bias, stride, padding)
+        # logically (C_out, C_in, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
+        w = layer.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+        return Conv(w, layer.bias.contiguous(), stride, padding)
+
+    def conv2d(self, x, layer: Conv, act, leaky_slope=0.2):
+        return conv2d.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, act, leaky_slope)
 
 
 def _eager(step, *args):

@@ -1,0 +1,123 @@
+"""Convolution with fused bias + activation, as an implicit GEMM in Triton (fp32): the DCGAN discriminator's layers.
+
+    out[n, co, oy, ox] = act(bias[co] + sum_{ci,ky,kx} x[n, ci, oy*s - p + ky, ox*s - p + kx] * w[co, ci, ky, kx])
+    (x is zero outside the image); H_out = (H + 2p - k) // s + 1 (likewise W_out);
+    act: "none", "leaky_relu" (negative slope `slope`, a runtime float) or "sigmoid".
+
+Program axes 0 and 1 tile the GEMM: M = N x H_out x W_out output pixels (BLOCK_M), N = C_out (BLOCK_N),
+K = k x k taps x C_in (BLOCK_K channels of one tap per tl.dot). tl.dot needs >= 16 on every side, so a layer with
+fewer output channels (the discriminator's last, C_out = 1) runs BLOCK_N = 16 with the extra columns masked.
+All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
+memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise.
+The sigmoid never overflows: with e = exp(-|y|) <= 1 it is 1 / (1 + e) for y >= 0 and e / (1 + e) below.
+
+Reference: conv2d_reference below (plain PyTorch, fp32).
+Test: python -m pytest tests/test_triton_conv2d.py (under TRITON_INTERPRET=1 on a CPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .conv_transpose import _block_sizes  # one block-size rule for both convolutions' implicit GEMMs
+
+ACTS = {"none": 0, "leaky_relu": 1, "sigmoid": 2}
+
+
+@triton.jit
+def _conv2d_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, C_in, H, W, C_out, H_out, W_out,
+    sxn, sxc, sxh, sxw,  # x strides
+    swo, swi, swh, sww,  # w strides: (C_out, C_in, k, k)
+    son, soc, soh, sow,  # out strides
+    stride, padding, slope,
+    KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) output pixel: (n, oy, ox)
+    m_ok = m < N * H_out * W_out
+    ox = m % W_out
+    oy = (m // W_out) % H_out
+    n = m // (W_out * H_out)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    co_ok = co < C_out
+    ck = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # masks combine vectors only (the interpreter mistypes vector & scalar booleans): a tap's bounds are per pixel
+    for ky in range(0, KERNEL):
+        iy = oy * stride - padding + ky  # (BLOCK_M,)
+        for kx in range(0, KERNEL):
+            ix = ox * stride - padding + kx
+            row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
+            x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
+            w_tap = w_ptr + ky * swh + kx * sww
+            for c0 in range(0, C_in, BLOCK_K):
+                ci = c0 + ck  # (BLOCK_K,)
+                ci_ok = ci < C_in
+                a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+                b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :],
+                            other=0.0)
+                acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if ACT == 1:
+        acc = tl.where(acc >= 0.0, acc, acc * slope)  # leaky ReLU
+    elif ACT == 2:
+        e = tl.exp(-tl.abs(acc))  # sigmoid without overflow: e in (0, 1]
+        acc = tl.where(acc >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+    out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
+    tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1, padding: int = 0,
+           act: str = "none", slope: float = 0.2, input_precision: str = "ieee") -> torch.Tensor:
+    """act(F.conv2d(x, w, bias, stride, padding)) on the Triton kernel; slope: leaky_relu's negative slope.
+    x (N, C_in, H, W) fp32, w (C_out, C_in, k, k) fp32 (any strides), bias (C_out,) or None
+    -> (N, C_out, H_out, W_out) fp32, contiguous. input_precision "tf32" trades accuracy for tensor cores."""
+    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
+        raise ValueError(f"x (N, C_in, H, W) and w (C_out, C_in, k, k) must be float32, got {x.dtype} "
+                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
+    n, c_in, h, wd = x.shape
+    c_out, k = w.shape[0], w.shape[2]
+    if w.shape[1] != c_in or w.shape[3] != k:
+        raise ValueError(f"w {tuple(w.shape)} must be (C_out, C_in={c_in}, k, k) with a square kernel")
+    if bias is not None and (bias.shape != (c_out,) or bias.dtype != torch.float32):
+        raise ValueError(f"bias must be float32 ({c_out},), got {bias.dtype} {tuple(bias.shape)}")
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    if not (stride >= 1 and padding >= 0):
+        raise ValueError(f"need stride >= 1 and padding >= 0; got {stride}, {padding}")
+    h_out = (h + 2 * padding - k) // stride + 1
+    w_out = (wd + 2 * padding - k) // stride + 1
+    if h_out < 1 or w_out < 1 or n < 1 or c_out < 1:
+        raise ValueError(f"input {tuple(x.shape)} and w {tuple(w.shape)} give an empty output "
+                         f"({n}, {c_out}, {h_out}, {w_out})")
+    out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=torch.float32)
+    block_m, block_n, block_k = _block_sizes(c_in, c_out)
+    grid = (triton.cdiv(n * h_out * w_out, block_m), triton.cdiv(c_out, block_n))
+    _conv2d_kernel[grid](
+        x, w, bias if bias is not None else out, out,
+        n, c_in, h, wd, c_out, h_out, w_out,
+        *x.stride(), *w.stride(), *out.stride(),
+        stride, padding, float(slope),
+        KERNEL=k, HAS_BIAS=bias is not None,
+        ACT=ACTS[act], PRECISION=input_precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8,  # 4 warps spill at sm_90 (255 registers; tools/compile_triton_kernels.py), 8 do not
+    )
+    return out
+
+
+def conv2d_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                     padding: int = 0, act: str = "none", slope: float = 0.2) -> torch.Tensor:
+    """Plain PyTorch, fp32 (not TF32, also on a GPU): F.conv2d without bias, + bias, act."""
+    from aigc_rt.backends.torch_backend import fp32_convolutions  # cuDNN's default for fp32 is TF32
+    with fp32_convolutions():
+        y = F.conv2d(x.float(), w.float(), None, stride, padding)
+    if bias is not None:
+        y = y + bias.float()[:, None, None]
+    return {"none": y, "leaky_relu": F.leaky_relu(y, slope), "sigmoid": torch.sigmoid(y)}[act]

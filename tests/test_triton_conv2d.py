@@ -1,0 +1,120 @@
+"""Triton convolution (kernels/conv2d.py) vs its plain-PyTorch fp32 reference and F.conv2d, on small odd shapes,
+and the DCGAN discriminators on the triton backend (runs under TRITON_INTERPRET=1 on a CPU; at speed on a GPU)."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aigc_rt
+from aigc_rt.backends.torch_backend import fp32_convolutions
+from aigc_rt.kernels import conv2d as conv2d_module
+from aigc_rt.kernels.conv2d import conv2d, conv2d_reference
+from test_triton_kernels import DEV as DEVICE, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
+
+ATOL, RTOL = 1e-4, 1e-5  # fp32 ("ieee" dot)
+SLOPE = 0.13  # leaky_relu's negative slope: not the default 0.2, so that a dropped argument shows
+TORCH_ACTS = {"none": lambda y: y, "leaky_relu": lambda y: F.leaky_relu(y, SLOPE), "sigmoid": torch.sigmoid}
+
+# (N, C_in, C_out, H, W, k, stride, padding)
+SHAPES = [
+    (2, 3, 16, 16, 15, 4, 2, 1),  # DCGAN's first layer (RGB in), two BLOCK_M tiles of pixels
+    (2, 16, 40, 8, 8, 4, 2, 1),  # DCGAN's stride-2 layers at small channel counts
+    (3, 33, 1, 4, 4, 4, 1, 0),  # DCGAN's last layer: 4x4 -> 1x1, one output channel (BLOCK_N 16, masked)
+    (1, 17, 1, 5, 4, 4, 1, 0),  # ... on a non-square input: a 2x1 output
+    (3, 1, 5, 7, 5, 3, 1, 1),  # one input channel
+    (2, 17, 40, 9, 6, 5, 3, 2),
+    (1, 3, 5, 6, 11, 2, 2, 0),
+    (2, 33, 16, 5, 7, 1, 1, 0),  # a 1x1 kernel: a plain GEMM over channels
+    (2, 3, 5, 7, 9, 1, 3, 0),  # stride > kernel: input pixels skipped
+    (3, 17, 1, 3, 5, 3, 2, 2),  # padding large enough that corner outputs see only zeros (bias only)
+    (1, 5, 70, 2, 3, 5, 1, 2),  # a kernel larger than the image; C_out over two BLOCK_N tiles
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape):
+    n, cin, cout, h, w_, k, s, p = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, cin, h, w_, generator=g).to(DEVICE)
+    w = (torch.randn(cout, cin, k, k, generator=g) * 2 / (cin * k * k) ** 0.5).to(DEVICE)
+    b = torch.randn(cout, generator=g).to(DEVICE)
+    with fp32_convolutions():  # the reference is F.conv2d itself (fp32; cuDNN's default is TF32)
+        torch_out = F.conv2d(x, w, b, s, p)
+    for act in ("none", "leaky_relu", "sigmoid"):
+        want = conv2d_reference(x, w, b, s, p, act, SLOPE)
+        torch.testing.assert_close(want, TORCH_ACTS[act](torch_out), atol=1e-5, rtol=1e-5)
+        got = conv2d(x, w, b, s, p, act, SLOPE)
+        assert got.shape == want.shape and got.is_contiguous()
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{act}: max abs err {(got - want).abs().max():.3g}"
+
+
+def test_strided_weight_and_input_no_bias():
+    """A weight kept as [k, k, C_in, C_out] in memory (viewed as (C_out, C_in, k, k)), a non-contiguous input."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 7, generator=g).transpose(2, 3).to(DEVICE)  # (2, 5, 7, 9), strided
+    w = torch.randn(4, 4, 5, 6, generator=g).permute(3, 2, 0, 1).to(DEVICE)  # (6, 5, 4, 4)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    want = conv2d_reference(x, w, None, 2, 1, "leaky_relu")
+    got = conv2d(x, w, None, 2, 1, "leaky_relu")
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+def test_sigmoid_at_large_magnitudes():
+    """exp(-|y|) never overflows: a bias of +-100 (and +-30, 0) gives finite values, equal to torch.sigmoid."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, generator=g).to(DEVICE)
+    w = (torch.randn(5, 3, 4, 4, generator=g) * 0.01).to(DEVICE)
+    b = torch.tensor([100.0, -100.0, 30.0, -30.0, 0.0]).to(DEVICE)
+    got = conv2d(x, w, b, 1, 0, "sigmoid")
+    want = torch.sigmoid(conv2d_reference(x, w, b, 1, 0))
+    assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
+    assert (got[:, 0] == 1).all(), "sigmoid(100) rounds to 1 in fp32"
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+def test_bad_arguments_raise_value_error():
+    x, w = torch.randn(1, 4, 3, 3), torch.randn(6, 4, 3, 3)
+    for kwargs, message in [
+        (dict(x=x.double()), "must be float32"),
+        (dict(x=x[0]), "must be float32"),  # 3-d
+        (dict(w=torch.randn(6, 5, 3, 3)), "C_in=4"),
+        (dict(w=torch.randn(6, 4, 3, 2)), "square"),
+        (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),
+        (dict(bias=torch.zeros(6, dtype=torch.float64)), r"bias must be float32 \(6,\)"),
+        (dict(act="relu"), "act must be one of"),
+        (dict(stride=0), "stride >= 1"),
+        (dict(padding=-1), "padding >= 0"),
+        (dict(w=torch.randn(6, 4, 5, 5)), "empty output"),
+        (dict(x=torch.randn(0, 4, 3, 3)), "empty output"),
+    ]:
+        args = dict(x=x, w=w, bias=None, stride=1, padding=0, act="none") | kwargs
+        with pytest.raises(ValueError, match=message):
+            conv2d(**args)
+
+
+@pytest.mark.parametrize("variant", ["seed32", "tutorial64"])
+def test_whole_discriminator_on_the_triton_backend(variant, tmp_path, monkeypatch):
+    """The 32x32 seed discriminator and the 64x64 one of the PyTorch DCGAN tutorial (one more 256->512 layer),
+    converted through aigc_rt.convert (BatchNorm folded), loaded with backend="triton" (every layer on the Triton
+    kernel) vs the eval-mode torch module with non-trivial BatchNorm running statistics; fp32, atol 1e-4."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from dcgan_reference import randomize_batchnorm, seed_discriminator, tutorial_discriminator
+
+    torch.manual_seed(6)
+    d_module = randomize_batchnorm(seed_discriminator() if variant == "seed32" else tutorial_discriminator(), 7)
+    torch.save(d_module.state_dict(), tmp_path / "d.pt")
+    d = aigc_rt.load(aigc_rt.convert(tmp_path / "d.pt", tmp_path / "d.safetensors"), device=DEVICE, backend="triton")
+    size = d.config.image_size
+    assert d.backend.name == "triton" and size == (32 if variant == "seed32" else 64)
+    calls = []
+    monkeypatch.setattr(conv2d_module, "conv2d", lambda *args, **kw: calls.append(1) or conv2d(*args, **kw))
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with torch.no_grad():
+        want = d_module(images)
+    got = d.score(images.to(DEVICE)).cpu()
+    assert len(calls) == len(d.config.layers), "a layer did not run on the Triton kernel"
+    assert got.shape == want.shape == (2,) and got.dtype == torch.float32
+    assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
