@@ -78,23 +78,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_simd_isa", &aigc_rt::cpu::set_simd_isa,
         "Make the kernels use this instruction set (one the CPU supports); returns the previous one", arg("name"));
 
-  // conv_transpose.cpp (gan)
-  using aigc_rt::cpu::ConvTransposeWeights;
-  pybind11::class_<ConvTransposeWeights>(m, "ConvTransposeWeights", "a ConvTranspose2d's weights, repacked")
-      .def_readonly("cin", &ConvTransposeWeights::cin)
-      .def_readonly("cout", &ConvTransposeWeights::cout)
-      .def_readonly("kernel", &ConvTransposeWeights::kernel)
-      .def_readonly("stride", &ConvTransposeWeights::stride)
-      .def_readonly("padding", &ConvTransposeWeights::padding)
-      .def_readonly("output_padding", &ConvTransposeWeights::output_padding)
-      .def_readonly("col2im", &ConvTransposeWeights::col2im)
-      .def_readonly("isa", &ConvTransposeWeights::isa);
+  // conv.cpp (gan)
+  using aigc_rt::cpu::ConvWeights;
+  pybind11::class_<ConvWeights>(m, "ConvWeights", "a Conv2d's or ConvTranspose2d's weights, repacked")
+      .def_readonly("cin", &ConvWeights::cin)
+      .def_readonly("cout", &ConvWeights::cout)
+      .def_readonly("kernel", &ConvWeights::kernel)
+      .def_readonly("stride", &ConvWeights::stride)
+      .def_readonly("padding", &ConvWeights::padding)
+      .def_readonly("output_padding", &ConvWeights::output_padding)
+      .def_readonly("transposed", &ConvWeights::transposed)
+      .def_readonly("col2im", &ConvWeights::col2im)
+      .def_readonly("isa", &ConvWeights::isa);
+  m.def("conv2d_prepare", &aigc_rt::cpu::conv2d_prepare,
+        "repack Conv2d weights (C_out, C_in, k, k) fp32 + bias (C_out,) for conv2d", pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("isa") = "auto");
   m.def("conv_transpose_prepare", &aigc_rt::cpu::conv_transpose_prepare,
         "repack ConvTranspose2d weights (C_in, C_out, k, k) fp32 + bias (C_out,) for conv_transpose",
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("output_padding") = 0, pybind11::arg("isa") = "auto");
+  // act: none, relu, tanh, leaky_relu (negative slope `slope`, torch's default 0.01) or sigmoid
+  m.def("conv2d", &aigc_rt::cpu::conv2d,
+        "act(conv2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last",
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01);
   m.def("conv_transpose", &aigc_rt::cpu::conv_transpose,
         "act(conv_transpose2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last "
         "(NCHW when C_out is below one vector: an image)",
-        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none");
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01);
 }

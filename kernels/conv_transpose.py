@@ -4,7 +4,7 @@
                                         of x[n, ci, iy, ix] * w[ci, co, ky, kx])
     H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out); act: "none", "relu" or "tanh".
 
-Sub-pixel decomposition, as csrc/cpu/conv_transpose.cpp: output row oy only gets the taps ky with
+Sub-pixel decomposition, as csrc/cpu/conv.cpp: output row oy only gets the taps ky with
 (oy + p - ky) % s == 0, so the outputs split into s x s phases (oy % s, ox % s), each a dense convolution with
 at most ceil(k / s) x ceil(k / s) taps: ky = (py + p) % s + j * s < k, input row iy = qy + (py + p - ky) / s for output row
 oy = py + s * qy. Program axis 2 is the phase; axes 0 and 1 tile its GEMM: M = N x phase pixels (BLOCK_M),

@@ -161,11 +161,17 @@ class CpuBackend(TorchBackend):
         return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,
                          params.repetition_penalty, u, seen, out=out)
 
-    # DCGAN: transposed convs on csrc/cpu/conv_transpose.cpp (activations stay channels_last between layers);
-    # the discriminator's conv2d is the torch reference's.
+    # DCGAN: the generator's transposed convs and the discriminator's convs on csrc/cpu/conv.cpp (activations stay
+    # channels_last between layers)
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
         return _C.conv_transpose_prepare(weight.float().contiguous(), bias.float().contiguous(), stride, padding,
                                          output_padding)
 
     def conv_transpose(self, x, layer, act):
         return _C.conv_transpose(x, layer, act)
+
+    def prepare_conv2d(self, weight, bias, stride, padding):
+        return _C.conv2d_prepare(weight.float().contiguous(), bias.float().contiguous(), stride, padding)
+
+    def conv2d(self, x, layer, act, leaky_slope=0.2):
+        return _C.conv2d(x, layer, act, leaky_slope)

@@ -71,18 +71,23 @@ torch::Tensor sample(const torch::Tensor& logits, bool do_sample, double tempera
 std::string simd_isa();
 std::string set_simd_isa(const std::string& name);
 
-// conv_transpose.cpp
+// conv.cpp
 // hidden, as pybind11's own types: the class is bound in bindings.cpp
-struct __attribute__((visibility("hidden"))) ConvTransposeWeights {  // ConvTranspose2d weights, repacked once
-  torch::Tensor packed;        // weight panels (layout: conv_transpose.cpp)
+struct __attribute__((visibility("hidden"))) ConvWeights {  // Conv2d or ConvTranspose2d weights, repacked once
+  torch::Tensor packed;        // weight panels (layout: conv.cpp)
   torch::Tensor bias;          // (>= C_out,) fp32, zero-padded
   int64_t cin, cout, kernel, stride, padding, output_padding;
   int64_t nv;                  // vectors per panel row
-  bool col2im;                 // few output channels: GEMM over input pixels, then col2im
+  bool transposed;             // prepared by conv_transpose_prepare (else conv2d_prepare)
+  bool col2im;                 // transposed, few output channels: GEMM over input pixels, then col2im
   std::string isa;             // "avx512" or "avx2"
-  mutable c10::Storage out_cache, scratch_cache;  // recycled buffers (conv_transpose.cpp: recycled)
+  mutable c10::Storage out_cache, scratch_cache;  // recycled buffers (conv.cpp: recycled)
 };
-ConvTransposeWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
-                                            int64_t padding, int64_t output_padding, const std::string& isa);
-torch::Tensor conv_transpose(const torch::Tensor& x, const ConvTransposeWeights& weights, const std::string& act);
+ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride, int64_t padding,
+                           const std::string& isa);
+ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
+                                   int64_t padding, int64_t output_padding, const std::string& isa);
+torch::Tensor conv2d(const torch::Tensor& x, const ConvWeights& weights, const std::string& act, double slope);
+torch::Tensor conv_transpose(const torch::Tensor& x, const ConvWeights& weights, const std::string& act,
+                             double slope);
 }  // namespace aigc_rt::cpu

@@ -1,6 +1,7 @@
-"""C++ transposed convolution (csrc/cpu/conv_transpose.cpp) vs torch.nn.functional.conv_transpose2d (through the
-plain-PyTorch reference of kernels/conv_transpose.py, which also handles paddings torch rejects), fp32, on odd
-shapes (channels, kernel, stride, padding, output_padding), both micro-kernel ISAs, every activation."""
+"""C++ convolutions (csrc/cpu/conv.cpp): conv_transpose vs torch.nn.functional.conv_transpose2d (through the
+plain-PyTorch reference of kernels/conv_transpose.py, which also handles paddings torch rejects) and conv2d vs
+F.conv2d, fp32, on odd shapes (channels, kernel, stride, padding, output_padding), both micro-kernel ISAs, every
+activation (torch's relu, tanh, leaky_relu, sigmoid)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,9 @@ from aigc_rt import _C
 from aigc_rt.kernels.conv_transpose import conv_transpose2d_reference as reference
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32
-ACTS = ("none", "relu", "tanh")
+SLOPE = 0.2  # the DCGAN discriminator's LeakyReLU
+TORCH_ACTS = {"none": lambda y: y, "relu": torch.relu, "tanh": torch.tanh,
+              "leaky_relu": lambda y: F.leaky_relu(y, SLOPE), "sigmoid": torch.sigmoid}
 
 # (N, C_in, C_out, H, W, k, stride, padding, output_padding)
 SHAPES = [
@@ -28,6 +31,21 @@ SHAPES = [
     (1, 7, 9, 6, 5, 1, 1, 0, 0),
     (2, 1, 16, 4, 3, 3, 1, 2, 0),  # padding that crops (torch itself rejects these)
     (1, 33, 50, 5, 6, 4, 1, 3, 0),
+]
+
+# conv2d: (N, C_in, C_out, H, W, k, stride, padding)
+SHAPES_2D = [
+    (2, 3, 64, 32, 32, 4, 2, 1),  # DCGAN discriminator: the RGB layer (3 floats per tap)
+    (3, 64, 128, 16, 16, 4, 2, 1),  # its middle layers
+    (5, 256, 1, 4, 4, 4, 1, 0),  # its last layer: one output pixel and one channel
+    (2, 17, 33, 7, 5, 3, 2, 1),
+    (1, 5, 1, 6, 9, 5, 3, 2),
+    (2, 1, 16, 4, 3, 3, 1, 2),  # padding wider than the image on both sides: edge outputs read zeros only
+    (1, 7, 9, 6, 5, 1, 1, 0),
+    (1, 33, 50, 5, 6, 4, 1, 3),
+    (2, 19, 40, 9, 8, 2, 3, 0),  # stride > kernel: some inputs are never read
+    (1, 3, 20, 16, 17, 16, 1, 0),  # the largest kernel
+    (3, 4, 17, 3, 3, 3, 2, 0),  # a 1x1 output
 ]
 
 
@@ -48,7 +66,7 @@ def tile_isa_missing(isa: str) -> str | None:
 
 # the tests that use isa "auto" need some tiles; the ISA-parametrized ones skip per ISA (tile_isa)
 pytestmark = pytest.mark.skipif(all(tile_isa_missing(isa) for isa in TILE_ISAS),
-                                reason="this CPU has neither AVX2 + FMA nor AVX-512: no conv_transpose tiles")
+                                reason="this CPU has neither AVX2 + FMA nor AVX-512: no convolution tiles")
 
 
 @pytest.fixture(params=TILE_ISAS)
@@ -78,7 +96,7 @@ def test_tile_isa_missing_reports_only_a_missing_isa(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_torch(shape, tile_isa):
+def test_conv_transpose_matches_torch(shape, tile_isa):
     isa = tile_isa
     n, cin, cout, h, w_, k, s, p, op = shape
     g = torch.Generator().manual_seed(sum(shape))
@@ -90,12 +108,51 @@ def test_matches_torch(shape, tile_isa):
         assert torch.allclose(reference(x, w, b, s, p, op, "none"), want, atol=1e-5)
     weights = _C.conv_transpose_prepare(w, b, s, p, op, isa)
     assert weights.isa == isa and weights.col2im == (cout < (16 if isa == "avx512" else 8))
-    for act in ACTS:
-        want = reference(x, w, b, s, p, op, act)
-        got = _C.conv_transpose(x, weights, act)
+    for act, torch_act in TORCH_ACTS.items():
+        want = torch_act(reference(x, w, b, s, p, op, "none"))
+        got = _C.conv_transpose(x, weights, act, SLOPE)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
             f"{act}: max abs err {(got - want).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
+def test_conv2d_matches_torch(shape, tile_isa):
+    n, cin, cout, h, w_, k, s, p = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(n, cin, h, w_, generator=g)
+    w = torch.randn(cout, cin, k, k, generator=g) * 2 / (cin * k * k) ** 0.5  # pre-activations of a few units
+    b = torch.randn(cout, generator=g)
+    weights = _C.conv2d_prepare(w, b, s, p, tile_isa)
+    assert weights.isa == tile_isa and not weights.transposed and not weights.col2im
+    for act, torch_act in TORCH_ACTS.items():
+        want = torch_act(F.conv2d(x, w, b, s, p))
+        got = _C.conv2d(x, weights, act, SLOPE)
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
+            f"{act}: max abs err {(got - want).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose"])
+def test_activations_over_their_whole_range(op, tile_isa):
+    """Each activation alone (a 1x1 kernel of identity weights) on pre-activations from -100 to 100: sigmoid
+    to a relative 1e-6 also where it is tiny (no cancellation, no overflow; below e^-87 ~ 1.6e-38, where torch
+    returns denormals or 0, to an absolute 1e-37), tanh to 2e-7, leaky_relu exact for any slope (negative, above
+    1)."""
+    c = 24 * 7
+    z = torch.linspace(-100, 100, c).view(1, c, 1, 1)
+    z = torch.cat([z, z / 100, z / 1000])  # also the small pre-activations
+    eye = torch.eye(c).view(c, c, 1, 1)
+    prepare, run = ((_C.conv2d_prepare, _C.conv2d) if op == "conv2d" else
+                    (lambda *a: _C.conv_transpose_prepare(*a[:4], 0, a[4]), _C.conv_transpose))
+    weights = prepare(eye, torch.zeros(c), 1, 0, tile_isa)
+    checks = [("sigmoid", None, torch.sigmoid(z), 1e-37, 1e-6), ("tanh", None, torch.tanh(z), 2e-7, 0),
+              ("relu", None, torch.relu(z), 0, 0)]
+    checks += [("leaky_relu", slope, F.leaky_relu(z, slope), 0, 0) for slope in (0.2, -0.5, 1.7, 0.0)]
+    for act, slope, want, atol, rtol in checks:
+        got = run(z, weights, act) if slope is None else run(z, weights, act, slope)
+        assert torch.allclose(got, want, atol=atol, rtol=rtol), \
+            f"{act} {slope}: max abs err {(got - want).abs().max():.3g}, rel {((got - want) / want).abs().max():.3g}"
 
 
 def test_layouts_and_tanh_range():
@@ -139,6 +196,31 @@ def test_bad_arguments_raise_value_error():
             call()
 
 
+def test_conv2d_bad_arguments_raise_value_error():
+    w, b = torch.randn(6, 4, 3, 3), torch.zeros(6)
+    weights = _C.conv2d_prepare(w, b, 2, 1)
+    cases = [
+        (lambda: _C.conv2d_prepare(w.double(), b, 2, 1), r"weight must be a float32 CPU tensor \(C_out, C_in"),
+        (lambda: _C.conv2d_prepare(torch.randn(6, 4, 3, 2), b, 2, 1), "kernel must be square"),
+        (lambda: _C.conv2d_prepare(w, torch.zeros(4), 2, 1), "bias must be a float32 CPU tensor of 6"),
+        (lambda: _C.conv2d_prepare(w, b, 0, 1), "stride >= 1"),
+        (lambda: _C.conv2d_prepare(w, b, 1, -1), "padding >= 0"),
+        (lambda: _C.conv2d_prepare(torch.randn(6, 4, 17, 17), b, 2, 1), "k <= 16"),
+        (lambda: _C.conv2d_prepare(w, b, 2, 1, "sse"), "conv2d_prepare: unknown isa 'sse'"),
+        (lambda: _C.conv2d(torch.randn(1, 5, 3, 3), weights), "x has 5 channels, the weights take 4"),
+        (lambda: _C.conv2d(torch.randn(4, 3, 3), weights), r"\(N, C_in, H, W\)"),
+        (lambda: _C.conv2d(torch.randn(1, 4, 3, 3).half(), weights), "float32"),
+        (lambda: _C.conv2d(torch.randn(1, 4, 3, 3), weights, "gelu"), "conv2d: unknown activation 'gelu'"),
+        (lambda: _C.conv2d(torch.randn(1, 4, 1, 4), _C.conv2d_prepare(w, b, 1, 0)), "smaller than the kernel"),
+        (lambda: _C.conv2d(torch.randn(1, 6, 3, 3), _C.conv_transpose_prepare(w, b[:4], 1, 0)),
+         "prepared by conv_transpose_prepare"),
+        (lambda: _C.conv_transpose(torch.randn(1, 4, 3, 3), weights), "prepared by conv2d_prepare"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_auto_isa_follows_the_extension_switch(tile_isa):
     """isa "auto" takes the ISA _C.set_simd_isa selected (vec.h), for every kernel of the extension at once;
     there are no scalar tiles, so a scalar switch makes "auto" a ValueError (an explicit ISA still works)."""
@@ -146,26 +228,34 @@ def test_auto_isa_follows_the_extension_switch(tile_isa):
     previous = _C.set_simd_isa(tile_isa)  # the CPU has the tiles, so it has this switch too
     try:
         assert _C.conv_transpose_prepare(w, b, 2, 1, 0).isa == tile_isa
+        assert _C.conv2d_prepare(w.transpose(0, 1), b, 2, 1).isa == tile_isa
         _C.set_simd_isa("scalar")
         with pytest.raises(ValueError, match="no scalar kernel"):
             _C.conv_transpose_prepare(w, b, 2, 1, 0)
+        with pytest.raises(ValueError, match="conv2d_prepare: no scalar kernel"):
+            _C.conv2d_prepare(w.transpose(0, 1), b, 2, 1)
         assert _C.conv_transpose_prepare(w, b, 2, 1, 0, tile_isa).isa == tile_isa
     finally:
         _C.set_simd_isa(previous)
 
 
 def test_outputs_the_caller_holds_are_never_recycled():
-    """The op reuses a layer's output buffer only once the caller has dropped it (and every view of it)."""
+    """The ops reuse a layer's output buffer only once the caller has dropped it (and every view of it)."""
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(6, 20, 4, 4, generator=g), torch.randn(20, generator=g)
-    for weights in (_C.conv_transpose_prepare(w, b, 2, 1, 0), _C.conv_transpose_prepare(w[:, :3], b[:3], 2, 1, 0)):
+    layers = [(_C.conv_transpose, _C.conv_transpose_prepare(w, b, 2, 1, 0),
+               lambda x: reference(x, w, b, 2, 1, 0, "relu")),
+              (_C.conv_transpose, _C.conv_transpose_prepare(w[:, :3], b[:3], 2, 1, 0),  # col2im
+               lambda x: reference(x, w[:, :3], b[:3], 2, 1, 0, "relu")),
+              (_C.conv2d, _C.conv2d_prepare(w.transpose(0, 1).contiguous(), b, 2, 1),
+               lambda x: torch.relu(F.conv2d(x, w.transpose(0, 1), b, 2, 1)))]
+    for run, weights, want_of in layers:
         xs = [torch.randn(2, 6, 5, 5, generator=g) for _ in range(3)]
-        first = _C.conv_transpose(xs[0], weights, "relu")
-        view = _C.conv_transpose(xs[1], weights, "relu")[0]  # only a view survives
-        last = _C.conv_transpose(xs[2], weights, "relu")
+        first = run(xs[0], weights, "relu")
+        view = run(xs[1], weights, "relu")[0]  # only a view survives
+        last = run(xs[2], weights, "relu")
         for x, got in ((xs[0], first), (xs[1], view[None]), (xs[2], last)):
-            want = reference(x, w[:, :weights.cout], b[:weights.cout], 2, 1, 0, "relu")
-            assert torch.allclose(got[:1], want[:1], atol=ATOL, rtol=RTOL)
+            assert torch.allclose(got[:1], want_of(x)[:1], atol=ATOL, rtol=RTOL)
         ptr = last.data_ptr()
         del last, got
-        assert _C.conv_transpose(xs[0], weights, "relu").data_ptr() == ptr  # dropped: recycled
+        assert run(xs[0], weights, "relu").data_ptr() == ptr  # dropped: recycled

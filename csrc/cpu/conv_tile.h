@@ -1,22 +1,22 @@
-// The transposed-convolution micro-kernel, written once over a vector type V and included by each
-// per-ISA translation unit (conv_transpose_avx512.cpp, conv_transpose_avx2.cpp) after its
-// `#pragma GCC target` and its V. Everything here has internal linkage, so the two copies never mix.
+// The convolution micro-kernel (conv2d and conv_transpose), written once over a vector type V and included by
+// each per-ISA translation unit (conv_avx512.cpp, conv_avx2.cpp) after its `#pragma GCC target` and its V.
+// Everything here has internal linkage, so the two copies never mix.
 //
 // V provides: T (the register type), L (floats per register), zero(), set1(f), load(p), store(p, x),
 // store_n(p, x, n) (first n lanes), fmadd(a, b, c) = a * b + c, add, sub, mul, div, max, abs,
-// copysign(magnitude, sign), exp_nonpositive(x) (e^x for x <= 0, 1-2 ulp, flushes below e^-87 to 0).
+// copysign(magnitude, sign), select_negative(x, a, b) (a where x's sign bit is set, else b), exp_nonpositive(x)
+// (e^x for x <= 0, 1-2 ulp, 0 below -87: never a denormal).
 //
 // tile<V, MR, NV>: c[r][0:nr] = act(bias + sum over taps t, i < cin of a[t][r][i] * b[t][i][0:nr]), with
-// MR x NV accumulator registers, nr = NV * L (see conv_transpose_isa.h). Tests:
-// tests/test_cpu_conv_transpose.py.
+// MR x NV accumulator registers, nr = NV * L (see conv_isa.h). Tests: tests/test_cpu_conv.py.
 #pragma once
 
 namespace {
 
-using aigc_rt::cpu::convt::Act;
-using aigc_rt::cpu::convt::Isa;
-using aigc_rt::cpu::convt::TileArgs;
-using aigc_rt::cpu::convt::TileFn;
+using aigc_rt::cpu::conv::Act;
+using aigc_rt::cpu::conv::Isa;
+using aigc_rt::cpu::conv::TileArgs;
+using aigc_rt::cpu::conv::TileFn;
 
 // tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow, absolute error ~1e-7.
 template <class V>
@@ -26,10 +26,21 @@ inline typename V::T tanh_v(typename V::T x) {
   return V::copysign(V::div(V::sub(one, e), V::add(one, e)), x);
 }
 
+// 1 / (1 + e^-x) from e = exp(-|x|) in (0, 1]: 1 / (1 + e) for x >= 0, e / (1 + e) below (no cancellation
+// where the result is tiny, no overflow); relative error ~1e-7.
 template <class V>
-inline typename V::T activate(typename V::T x, int act) {
+inline typename V::T sigmoid_v(typename V::T x) {
+  const typename V::T e = V::exp_nonpositive(V::sub(V::zero(), V::abs(x)));
+  const typename V::T r = V::div(V::set1(1.f), V::add(V::set1(1.f), e));
+  return V::select_negative(x, V::mul(e, r), r);
+}
+
+template <class V>
+inline typename V::T activate(typename V::T x, int act, float slope) {
   if (act == Act::kRelu) return V::max(x, V::zero());
   if (act == Act::kTanh) return tanh_v<V>(x);
+  if (act == Act::kLeakyRelu) return V::select_negative(x, V::mul(x, V::set1(slope)), x);
+  if (act == Act::kSigmoid) return sigmoid_v<V>(x);
   return x;
 }
 
@@ -57,7 +68,7 @@ void tile(const TileArgs& p) {
     if (n <= 0) break;
     const typename V::T bias = p.bias ? V::load(p.bias + v * V::L) : V::zero();
     for (int r = 0; r < MR; ++r) {
-      const typename V::T y = activate<V>(V::add(acc[r][v], bias), p.act);
+      const typename V::T y = activate<V>(V::add(acc[r][v], bias), p.act, p.slope);
       if (n >= V::L)
         V::store(p.c[r] + v * V::L, y);
       else
@@ -67,20 +78,20 @@ void tile(const TileArgs& p) {
 }
 
 template <class V>
-void act_run(float* x, int64_t n, int act) {
+void act_run(float* x, int64_t n, int act, float slope) {
   if (act == Act::kNone) return;
   int64_t i = 0;
-  for (; i + V::L <= n; i += V::L) V::store(x + i, activate<V>(V::load(x + i), act));
+  for (; i + V::L <= n; i += V::L) V::store(x + i, activate<V>(V::load(x + i), act, slope));
   if (i < n) {
     float tail[V::L] = {};
     for (int64_t j = i; j < n; ++j) tail[j - i] = x[j];
-    V::store_n(x + i, activate<V>(V::load(tail), act), (int)(n - i));
+    V::store_n(x + i, activate<V>(V::load(tail), act, slope), (int)(n - i));
   }
 }
 
 // The table of tile kernels with NV vectors per row, for 1..RMAX rows (entry 0 and those above RMAX unused).
 template <class V, int NV, int RMAX, int MR = 1>
-void fill_tiles(TileFn (&row)[aigc_rt::cpu::convt::kMaxRows + 1]) {
+void fill_tiles(TileFn (&row)[aigc_rt::cpu::conv::kMaxRows + 1]) {
   if constexpr (MR <= RMAX) {
     row[MR] = &tile<V, MR, NV>;
     fill_tiles<V, NV, RMAX, MR + 1>(row);
@@ -90,8 +101,8 @@ void fill_tiles(TileFn (&row)[aigc_rt::cpu::convt::kMaxRows + 1]) {
 // R1..R4: rows of the tile kernel with 1..4 vectors per row (accumulators + NV + 1 must fit the registers).
 template <class V, int R1, int R2, int R3, int R4>
 Isa make_isa(const char* name) {
-  static_assert(R1 <= aigc_rt::cpu::convt::kMaxRows && R2 <= aigc_rt::cpu::convt::kMaxRows &&
-                R3 <= aigc_rt::cpu::convt::kMaxRows && R4 <= aigc_rt::cpu::convt::kMaxRows);
+  static_assert(R1 <= aigc_rt::cpu::conv::kMaxRows && R2 <= aigc_rt::cpu::conv::kMaxRows &&
+                R3 <= aigc_rt::cpu::conv::kMaxRows && R4 <= aigc_rt::cpu::conv::kMaxRows);
   Isa isa{};
   isa.name = name;
   isa.lanes = V::L;

@@ -1,12 +1,12 @@
-// AVX2 + FMA micro-kernels of the transposed convolution (the fallback where AVX-512 is missing): 8 floats
-// per register, 16 registers, so tiles of 8 rows x 1 vector, 6 x 2, 4 x 3 and 2 x 4. Compiled for AVX2 by
-// the pragma below whatever the build flags. Kernel: conv_transpose_tile.h.
-// Tests: tests/test_cpu_conv_transpose.py (isa="avx2").
+// AVX2 + FMA micro-kernels of the convolutions, conv2d and conv_transpose (the fallback where AVX-512 is
+// missing): 8 floats per register, 16 registers, so tiles of 8 rows x 1 vector, 6 x 2, 4 x 3 and 2 x 4.
+// Compiled for AVX2 by the pragma below whatever the build flags. Kernel: conv_tile.h.
+// Tests: tests/test_cpu_conv.py (isa="avx2").
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "cpu/conv_transpose_isa.h"
+#include "cpu/conv_isa.h"
 
 #pragma GCC target("avx2,fma")
 
@@ -34,8 +34,10 @@ struct V256 {
     const T s = _mm256_set1_ps(-0.f);
     return _mm256_or_ps(_mm256_and_ps(sign, s), _mm256_andnot_ps(s, mag));
   }
+  static T select_negative(T x, T a, T b) { return _mm256_blendv_ps(b, a, x); }  // by x's sign bit
   // As V512::exp_nonpositive; 2^n built in the exponent bits (n >= -126 after the clamp).
   static T exp_nonpositive(T x) {
+    const T keep = x;  // 0 below -87 (e^-87 ~ 1.6e-38, just above FLT_MIN): no denormals
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
     const T n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -49,14 +51,15 @@ struct V256 {
     q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(5.0000001201e-1f));
     q = _mm256_fmadd_ps(_mm256_mul_ps(q, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(q, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(_mm256_mul_ps(q, _mm256_castsi256_ps(e)),
+                         _mm256_cmp_ps(keep, _mm256_set1_ps(-87.f), _CMP_GE_OQ));
   }
 };
 
 }  // namespace
 
-#include "cpu/conv_transpose_tile.h"
+#include "cpu/conv_tile.h"
 
-namespace aigc_rt::cpu::convt {
+namespace aigc_rt::cpu::conv {
 const Isa kAvx2 = make_isa<V256, 8, 6, 4, 2>("avx2");
 }

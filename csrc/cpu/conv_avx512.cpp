@@ -1,12 +1,12 @@
-// AVX-512 micro-kernels of the transposed convolution: 16 floats per register, 32 registers, so tiles of
-// 12 rows x 1-2 vectors, 8 x 3 and 6 x 4 (accumulators + the weight vectors + one broadcast <= 32).
-// Compiled for AVX-512 by the pragma below whatever the build flags; conv_transpose.cpp calls it only
-// where the CPU has AVX-512. Kernel: conv_transpose_tile.h. Tests: tests/test_cpu_conv_transpose.py.
+// AVX-512 micro-kernels of the convolutions, conv2d and conv_transpose: 16 floats per register, 32 registers,
+// so tiles of 12 rows x 1-2 vectors, 8 x 3 and 6 x 4 (accumulators + the weight vectors + one broadcast <= 32).
+// Compiled for AVX-512 by the pragma below whatever the build flags; conv.cpp calls it only where the CPU has
+// AVX-512. Kernel: conv_tile.h. Tests: tests/test_cpu_conv.py.
 #include <immintrin.h>
 
 #include <cstdint>
 
-#include "cpu/conv_transpose_isa.h"
+#include "cpu/conv_isa.h"
 
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,fma,avx2")
 // GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (its _mm512_undefined_ps placeholders)
@@ -33,8 +33,12 @@ struct V512 {
     const T s = _mm512_set1_ps(-0.f);
     return _mm512_or_ps(_mm512_and_ps(sign, s), _mm512_andnot_ps(s, mag));
   }
+  static T select_negative(T x, T a, T b) {  // by x's sign bit
+    return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(x)), b, a);
+  }
   // e^x = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (two-part ln 2); e^r by Cephes' expf polynomial.
   static T exp_nonpositive(T x) {
+    const T keep = x;  // 0 below -87 (e^-87 ~ 1.6e-38, just above FLT_MIN): no denormals
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
     T r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -46,14 +50,15 @@ struct V512 {
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
     q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
     q = _mm512_fmadd_ps(_mm512_mul_ps(q, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    return _mm512_scalef_ps(q, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(keep, _mm512_set1_ps(-87.f), _CMP_GE_OQ),
+                               _mm512_scalef_ps(q, n));
   }
 };
 
 }  // namespace
 
-#include "cpu/conv_transpose_tile.h"
+#include "cpu/conv_tile.h"
 
-namespace aigc_rt::cpu::convt {
+namespace aigc_rt::cpu::conv {
 const Isa kAvx512 = make_isa<V512, 12, 12, 8, 6>("avx512");
 }

@@ -1,17 +1,18 @@
-// The contract between the transposed-convolution host code (conv_transpose.cpp) and its per-ISA
-// micro-kernels (conv_transpose_avx512.cpp, conv_transpose_avx2.cpp). Plain C++: no torch, no intrinsics,
-// so it is safe to include from translation units compiled for different instruction sets.
+// The contract between the convolution host code (conv.cpp: conv2d and conv_transpose) and its per-ISA
+// micro-kernels (conv_avx512.cpp, conv_avx2.cpp). Plain C++: no torch, no intrinsics, so it is safe to include
+// from translation units compiled for different instruction sets.
 //
 // One tile computes, for mr output pixels (rows) and one block of nr output channels (columns):
 //   c[r][j] = act(bias[j] + sum_t sum_i a[t * mr + r][i] * b[t][i * nr + j])     i < cin, j < n_valid
 // where t runs over the taps (input pixels) feeding the tile and a row pointer may point at zeros.
-// Tests: tests/test_cpu_conv_transpose.py.
+// Tests: tests/test_cpu_conv.py.
 #pragma once
 #include <cstdint>
 
-namespace aigc_rt::cpu::convt {
+namespace aigc_rt::cpu::conv {
 
-enum Act : int { kNone = 0, kRelu = 1, kTanh = 2 };
+// y = x, max(x, 0), tanh(x), x >= 0 ? x : slope * x, 1 / (1 + e^-x)
+enum Act : int { kNone = 0, kRelu = 1, kTanh = 2, kLeakyRelu = 3, kSigmoid = 4 };
 constexpr int kMaxRows = 12;    // largest mr of any ISA
 constexpr int kMaxVectors = 4;  // nr = lanes * nv, nv in 1..kMaxVectors
 
@@ -24,9 +25,10 @@ struct TileArgs {
   float* const* c;         // [mr] output rows; the first n_valid floats of each are written
   int n_valid;             // 1..nr
   int act;                 // Act
+  float slope;             // kLeakyRelu's negative slope
 };
 using TileFn = void (*)(const TileArgs&);
-using ActFn = void (*)(float* x, int64_t n, int act);  // x[0:n] = act(x[0:n]) in place
+using ActFn = void (*)(float* x, int64_t n, int act, float slope);  // x[0:n] = act(x[0:n]) in place
 
 struct Isa {
   const char* name;
@@ -39,4 +41,4 @@ struct Isa {
 extern const Isa kAvx512;
 extern const Isa kAvx2;
 
-}  // namespace aigc_rt::cpu::convt
+}  // namespace aigc_rt::cpu::conv

@@ -1,0 +1,426 @@
+// Convolutions with fused bias + activation (fp32), the cpu backend's conv2d and conv_transpose:
+//
+//   conv2d:          out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx of x[n, ci, oy*s - p + ky, ox*s - p + kx]
+//                                                                             * w[co, ci, ky, kx])   (0 outside x)
+//                    H_out = (H + 2p - k) / s + 1 (likewise W_out)
+//   conv_transpose:  out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx, iy, ix with oy = iy*s - p + ky,
+//                                             ox = ix*s - p + kx of x[n, ci, iy, ix] * w[ci, co, ky, kx])
+//                    H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out)
+//   act: none, relu, tanh, leaky_relu (negative slope `slope`) or sigmoid.
+//
+// Both are implicit GEMMs over taps: output pixels (rows) x output channels (columns), each tap (ky, kx) adding
+// the input pixel it reads (C_in floats, or zeros outside the image) times its weight panel (C_in x C_out), done
+// by register-blocked tiles (conv_tile.h), OpenMP over tiles. One dimension's outputs come in phases (Phase1D):
+// output coordinate first + step * q reads input coordinate q * in_step + d[t] through kernel offset k[t].
+// conv2d has one phase per dimension: step 1, in_step s, every tap, d = ky - p.
+// conv_transpose uses the sub-pixel decomposition: output row oy only gets the taps ky with (oy + p - ky) % s == 0,
+// from input row iy = (oy + p - ky) / s. So the outputs split into s x s phases (oy % s, ox % s) and each phase is
+// a dense convolution: out[n, py + s*qy, px + s*qx, :] = sum over the phase's taps of x[n, qy + dy, qx + dx, :] @ W_tap
+// with dy = (py + p - ky) / s (in_step 1): no work on inserted zeros. A 1x1 input (a generator's first layer) is a
+// plain GEMM: with one input pixel the stride is irrelevant, so that dimension is split with stride k instead:
+// k x k phases of one tap each, z @ W[:, :, ky, kx].
+// A transposed convolution with few output channels (C_out < one vector, e.g. the RGB layer): a GEMM of the input
+// pixels with all k*k*C_out (tap, channel) columns into P, then col2im: out[n, oy, ox, :] = act(bias + the P
+// entries landing there).
+//
+// Weights are repacked once (conv2d_prepare, conv_transpose_prepare) into panels of nr = lanes * nv output columns:
+//   by tap [k*k taps][ceil(C_out / nr) blocks][C_in][nr]; col2im [ceil(k*k*C_out / nr) blocks][C_in][nr]
+// (column (ky*k + kx)*C_out + co). Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except
+// a col2im layer's output, an image, which is NCHW. Output buffers are recycled between calls (`recycled`).
+// References: torch.nn.functional.conv2d, conv_transpose2d. Tests: tests/test_cpu_conv.py.
+#include <c10/util/strides.h>
+#include <omp.h>
+
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "cpu/conv_isa.h"
+#include "cpu/ops.h"
+#include "cpu/vec.h"
+
+namespace aigc_rt::cpu {
+namespace {
+
+using conv::Isa;
+using conv::TileArgs;
+constexpr int64_t kMaxKernel = 16;
+
+// The tile kernels for an ISA name. "auto" follows the extension's one ISA switch (vec.h: active_isa(), set by
+// _C.set_simd_isa); there are no scalar tiles, so below AVX2 it is a ValueError. AVX-512 tiles also need BW.
+const Isa& isa_named(const std::string& name, const char* op) {
+  static const bool avx512 = detected_isa() == cpu::Isa::avx512 && __builtin_cpu_supports("avx512bw");
+  static const bool avx2 = detected_isa() >= cpu::Isa::avx2;
+  AIGC_CHECK(name == "auto" || name == "avx512" || name == "avx2", op, ": unknown isa '", name,
+             "' (expected auto, avx512 or avx2)");
+  const cpu::Isa active = active_isa();
+  AIGC_CHECK(name != "auto" || active != cpu::Isa::scalar,
+             op, ": no scalar kernel; the active ISA (_C.set_simd_isa) must be avx2 or avx512");
+  if (name == "avx512" || (name == "auto" && active == cpu::Isa::avx512 && avx512)) {
+    AIGC_CHECK(avx512, op, ": this CPU lacks AVX-512 (F, DQ, VL, BW)");
+    return conv::kAvx512;
+  }
+  AIGC_CHECK(avx2, op, ": this CPU lacks AVX2 + FMA");
+  return conv::kAvx2;
+}
+
+int act_code(const std::string& act, const char* op) {
+  if (act == "none") return conv::kNone;
+  if (act == "relu") return conv::kRelu;
+  if (act == "tanh") return conv::kTanh;
+  if (act == "leaky_relu") return conv::kLeakyRelu;
+  if (act == "sigmoid") return conv::kSigmoid;
+  AIGC_CHECK(false, op, ": unknown activation '", act, "' (expected none, relu, tanh, leaky_relu or sigmoid)");
+  return 0;
+}
+
+// Vectors per panel row for `columns` output columns: the fewest padded vectors, counting narrow tiles
+// (which do fewer multiply-adds per load) as slower.
+int64_t choose_nv(int64_t columns, int lanes) {
+  static const double speed[conv::kMaxVectors + 1] = {0, 0.6, 0.9, 0.95, 1.0};
+  const int64_t vectors = (columns + lanes - 1) / lanes;
+  int64_t best = 1;
+  double best_cost = 1e300;
+  for (int64_t nv = conv::kMaxVectors; nv >= 1; --nv) {
+    const double cost = (double)((vectors + nv - 1) / nv * nv) / speed[nv];
+    if (cost < best_cost) best = nv, best_cost = cost;
+  }
+  return best;
+}
+
+// The output coordinates of one dimension split into phases: first + step * q for q < count, each fed by
+// ntaps kernel offsets k[t] from input coordinate q * in_step + d[t].
+struct Phase1D {
+  int64_t first, step, count, in_step;
+  int ntaps;
+  int64_t k[kMaxKernel], d[kMaxKernel];
+};
+
+// conv2d: one phase, every output coordinate reads input oy * s - p + ky through offset ky.
+Phase1D phase_conv2d(int64_t out, int64_t k, int64_t s, int64_t p) {
+  Phase1D ph{0, 1, out, s, (int)k, {}, {}};
+  for (int64_t ky = 0; ky < k; ++ky) ph.k[ky] = ky, ph.d[ky] = ky - p;
+  return ph;
+}
+
+// conv_transpose: the sub-pixel phases (see the header).
+std::vector<Phase1D> phases_transposed(int64_t in, int64_t out, int64_t k, int64_t s, int64_t p) {
+  const int64_t step = in == 1 ? k : s;  // one input pixel: the stride does not matter (see the header)
+  std::vector<Phase1D> phases;
+  for (int64_t first = 0; first < step && first < out; ++first) {
+    Phase1D ph{first, step, (out - first + step - 1) / step, 1, 0, {}, {}};
+    for (int64_t ky = 0; ky < k; ++ky) {
+      const int64_t num = first + p - ky;
+      if (num % step == 0) ph.k[ph.ntaps] = ky, ph.d[ph.ntaps++] = num / step;
+    }
+    phases.push_back(ph);
+  }
+  return phases;
+}
+
+// Splits [0, len) into ceil(len / max_rows) runs of near-equal size: (start, rows) pairs appended to `runs`.
+void split_rows(int64_t base, int64_t len, int max_rows, std::vector<std::pair<int64_t, int>>& runs) {
+  const int64_t pieces = (len + max_rows - 1) / max_rows;
+  for (int64_t i = 0, start = 0; i < pieces; ++i) {
+    const int rows = (int)(len / pieces + (i < len % pieces));
+    runs.emplace_back(base + start, rows);
+    start += rows;
+  }
+}
+
+struct Geometry {
+  int64_t n, cin, h, w, ho, wo;
+};
+
+// The implicit GEMMs of the phases ph_y x ph_x, with the by-tap weight panels.
+void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+              float slope, const std::vector<Phase1D>& ph_y, const std::vector<Phase1D>& ph_x) {
+  const int64_t k = wt.kernel, cout = wt.cout, nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
+  const int mr = isa.rows[wt.nv];
+  // Tiles of <= mr output pixels of one phase; pixel m = (n * qy_count + qy) * qx_count + qx. Tiles within a row
+  // of the phase share the row's y taps, so a tile on the top or bottom edge skips the taps that fall outside
+  // the image; rows too short for half a tile are packed together instead.
+  struct Tile {
+    const Phase1D *y, *x;
+    int64_t m0;
+    int rows;
+  };
+  std::vector<Tile> tiles;
+  std::vector<std::pair<int64_t, int>> runs;
+  std::vector<std::pair<size_t, size_t>> phase_tiles;  // [begin, end) in `tiles` of each phase
+  for (const auto& py : ph_y)
+    for (const auto& px : ph_x) {
+      runs.clear();
+      if (2 * px.count >= mr)
+        for (int64_t row = 0; row < g.n * py.count; ++row) split_rows(row * px.count, px.count, mr, runs);
+      else
+        split_rows(0, g.n * py.count * px.count, mr, runs);
+      phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
+      for (auto [m0, rows] : runs) tiles.push_back({&py, &px, m0, rows});
+    }
+  // Work items: (a run of <= kTilesPerItem tiles of one phase, one block of nr output channels). A thread
+  // works through consecutive items, so the block's weight panels (taps x C_in x nr) stay in its L2 cache
+  // while the tiles stream past them.
+  constexpr size_t kTilesPerItem = 16;
+  struct Item {
+    size_t tile0, tile1;
+    int64_t block;
+  };
+  std::vector<Item> items;
+  for (auto [begin, end] : phase_tiles)
+    for (int64_t j = 0; j < blocks; ++j)
+      for (size_t t = begin; t < end; t += kTilesPerItem) items.push_back({t, std::min(end, t + kTilesPerItem), j});
+  const std::vector<float> zeros(g.cin, 0.f);  // the input row of a tap that falls outside the image
+  const float* packed = wt.packed.data_ptr<float>();
+  const float* bias = wt.bias.data_ptr<float>();
+  const int64_t max_taps = k * k;
+#pragma omp parallel if (items.size() > 1)
+  {
+    std::vector<const float*> a(max_taps * mr), b(max_taps);
+    float* c[conv::kMaxRows];
+    int64_t qy[conv::kMaxRows], qx[conv::kMaxRows], nn[conv::kMaxRows];
+#pragma omp for schedule(static)
+    for (size_t it = 0; it < items.size(); ++it) {
+      const int64_t j = items[it].block;
+      for (size_t ti = items[it].tile0; ti < items[it].tile1; ++ti) {
+        const Tile& tile = tiles[ti];
+        const Phase1D &py = *tile.y, &px = *tile.x;
+        const int rows = tile.rows;
+        for (int r = 0; r < rows; ++r) {
+          const int64_t m = tile.m0 + r;
+          qx[r] = m % px.count;
+          qy[r] = (m / px.count) % py.count;
+          nn[r] = m / (px.count * py.count);
+          const int64_t oy = py.first + py.step * qy[r], ox = px.first + px.step * qx[r];
+          c[r] = out + ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr;
+        }
+        int taps = 0;  // taps that reach at least one pixel of the tile
+        for (int ty = 0; ty < py.ntaps; ++ty)
+          for (int tx = 0; tx < px.ntaps; ++tx) {
+            bool any = false;
+            for (int r = 0; r < rows; ++r) {
+              const int64_t iy = qy[r] * py.in_step + py.d[ty], ix = qx[r] * px.in_step + px.d[tx];
+              const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+              a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
+              any |= inside;
+            }
+            if (any) b[taps++] = packed + ((py.k[ty] * k + px.k[tx]) * blocks + j) * g.cin * nr;
+          }
+        const TileArgs args{taps, (int)g.cin, a.data(), b.data(), bias + j * nr, c, (int)std::min(nr, cout - j * nr),
+                            act, slope};
+        isa.tile[wt.nv][rows](args);
+      }
+    }
+  }
+}
+
+void run_col2im(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+                float slope, float* cols) {
+  const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
+  const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
+  const int mr = isa.rows[wt.nv];
+  const int64_t m = g.n * g.h * g.w;
+  std::vector<std::pair<int64_t, int>> runs;
+  split_rows(0, m, mr, runs);
+  const float* packed = wt.packed.data_ptr<float>();
+#pragma omp parallel for schedule(static) if (runs.size() > 1)
+  for (size_t it = 0; it < runs.size(); ++it) {
+    const auto [m0, rows] = runs[it];
+    const float* a[conv::kMaxRows];
+    float* c[conv::kMaxRows];
+    for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
+    for (int64_t j = 0; j < blocks; ++j) {
+      const float* b = packed + j * g.cin * nr;
+      for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
+      const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f};
+      isa.tile[wt.nv][rows](args);
+    }
+  }
+  // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
+  const float* bias = wt.bias.data_ptr<float>();
+#pragma omp parallel if (g.n * g.ho > 1)
+  {
+    std::vector<float> o(g.wo * cout);  // one output row (W_out, C_out), then written to the NCHW planes
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < g.n * g.ho; ++row) {
+      const int64_t n = row / g.ho, oy = row % g.ho;
+      for (int64_t ox = 0; ox < g.wo; ++ox)
+        for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
+      for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
+        const int64_t iy = (oy + p - ky) / s;
+        if (iy < 0 || iy >= g.h) continue;
+        const float* p_row = cols + (n * g.h + iy) * g.w * ldp;  // (W, ldp)
+        for (int64_t kx = 0; kx < k; ++kx) {
+          // inputs ix with 0 <= ox = ix*s - p + kx < W_out
+          const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
+          const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
+          const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
+          const float* src = p_row + (ky * k + kx) * cout;
+          for (int64_t ix = ix0; ix < ix1; ++ix) {
+            float* dst = o.data() + (ix * s - p + kx) * cout;
+            const float* sp = src + ix * ldp;
+            for (int64_t co = 0; co < cout; ++co) dst[co] += sp[co];
+          }
+        }
+      }
+      isa.act(o.data(), g.wo * cout, act, slope);
+      for (int64_t co = 0; co < cout; ++co) {
+        float* plane_row = out + ((n * cout + co) * g.ho + oy) * g.wo;
+        for (int64_t ox = 0; ox < g.wo; ++ox) plane_row[ox] = o[ox * cout + co];
+      }
+    }
+  }
+}
+
+// A float32 tensor of this shape and format on the storage `cache` if that has exactly its size and no one else
+// holds it (a returned tensor or a view of it), else on a new storage that becomes the cache: a layer's output
+// buffer is recycled once the caller has dropped the previous one, so a steady stream of same-size batches allocates
+// nothing (fresh large allocations cost a page fault per 4 KiB). Only the storage is cached, never a tensor:
+// the returned tensor is the caller's alone (torch keeps a Python tensor's C++ half alive while C++ holds it).
+torch::Tensor recycled(c10::Storage& cache, at::IntArrayRef sizes, at::MemoryFormat format) {
+  const auto options = torch::dtype(torch::kFloat32);
+  const int64_t bytes = c10::multiply_integers(sizes) * (int64_t)sizeof(float);
+  if (!cache || cache.use_count() != 1 || (int64_t)cache.nbytes() != bytes) {
+    cache = torch::empty({bytes / (int64_t)sizeof(float)}, options).storage();
+  }
+  const c10::DimVector strides = format == at::MemoryFormat::ChannelsLast
+                                     ? c10::DimVector(c10::get_channels_last_strides_2d(sizes))
+                                     : c10::contiguous_strides(sizes);
+  return torch::empty({0}, options).set_(cache, 0, sizes, strides);
+}
+
+// Checks shared by conv2d_prepare and conv_transpose_prepare; weight is (C_in, C_out, k, k) when transposed,
+// else (C_out, C_in, k, k).
+void check_prepare(const char* op, const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
+                   int64_t padding, bool transposed) {
+  const char* layout = transposed ? "(C_in, C_out, k, k)" : "(C_out, C_in, k, k)";
+  AIGC_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && weight.dim() == 4, op,
+             ": weight must be a float32 CPU tensor ", layout, ", got ", weight.scalar_type(), " ", weight.sizes(),
+             " on ", weight.device());
+  const int64_t k = weight.size(2), cout = weight.size(transposed ? 1 : 0);
+  AIGC_CHECK(weight.size(3) == k, op, ": kernel must be square, got ", weight.sizes());
+  AIGC_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1 && k >= 1 && k <= kMaxKernel, op, ": weight ",
+             weight.sizes(), " must have C_in, C_out >= 1 and 1 <= k <= ", kMaxKernel);
+  AIGC_CHECK(bias.device().is_cpu() && bias.scalar_type() == torch::kFloat32 && bias.dim() == 1 &&
+                 bias.size(0) == cout,
+             op, ": bias must be a float32 CPU tensor of ", cout, " elements, got ", bias.scalar_type(), " ",
+             bias.sizes());
+  AIGC_CHECK(stride >= 1 && padding >= 0, op, ": need stride >= 1 and padding >= 0, got stride ", stride,
+             ", padding ", padding);
+}
+
+// The weights' geometry, panel width, zero-padded bias and zeroed panels (filled by the caller).
+ConvWeights new_weights(const torch::Tensor& bias, int64_t cin, int64_t cout, int64_t k, int64_t stride,
+                        int64_t padding, bool transposed, bool col2im, const Isa& isa) {
+  ConvWeights wt;
+  wt.cin = cin, wt.cout = cout, wt.kernel = k, wt.stride = stride, wt.padding = padding, wt.output_padding = 0;
+  wt.transposed = transposed, wt.col2im = col2im, wt.isa = isa.name;
+  const int64_t columns = col2im ? k * k * cout : cout;
+  wt.nv = choose_nv(columns, isa.lanes);
+  const int64_t nr = wt.nv * isa.lanes, blocks = (columns + nr - 1) / nr;
+  const std::vector<int64_t> panels = col2im ? std::vector<int64_t>{blocks, cin, nr}
+                                             : std::vector<int64_t>{k * k, blocks, cin, nr};
+  wt.packed = torch::zeros(panels, torch::kFloat32);
+  wt.bias = torch::zeros({std::max(cout, blocks * nr)}, torch::kFloat32);
+  wt.bias.narrow(0, 0, cout).copy_(bias);
+  return wt;
+}
+
+// x as channels_last float32 with the weights' channels, and its geometry (the output size left to the caller).
+std::pair<torch::Tensor, Geometry> input(const char* op, const torch::Tensor& x_in, const ConvWeights& wt,
+                                         bool transposed) {
+  AIGC_CHECK(wt.transposed == transposed, op, ": the weights were prepared by ",
+             wt.transposed ? "conv_transpose_prepare" : "conv2d_prepare");
+  AIGC_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4, op,
+             ": x must be a float32 CPU tensor (N, C_in, H, W), got ", x_in.scalar_type(), " ", x_in.sizes(), " on ",
+             x_in.device());
+  AIGC_CHECK(x_in.size(1) == wt.cin, op, ": x has ", x_in.size(1), " channels, the weights take ", wt.cin);
+  torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const Geometry g{x.size(0), wt.cin, x.size(2), x.size(3), 0, 0};
+  return {x, g};
+}
+
+}  // namespace
+
+ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride, int64_t padding,
+                           const std::string& isa_name) {
+  check_prepare("conv2d_prepare", weight, bias, stride, padding, false);
+  const conv::Isa& isa = isa_named(isa_name, "conv2d_prepare");
+  const int64_t cout = weight.size(0), cin = weight.size(1), k = weight.size(2);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, isa);
+  const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
+  const torch::Tensor weight_c = weight.contiguous();
+  const auto w = weight_c.accessor<float, 4>();
+  float* pk = wt.packed.data_ptr<float>();
+  for (int64_t co = 0; co < cout; ++co)
+    for (int64_t ci = 0; ci < cin; ++ci)
+      for (int64_t tap = 0; tap < k * k; ++tap)
+        pk[((tap * blocks + co / nr) * cin + ci) * nr + co % nr] = w[co][ci][tap / k][tap % k];
+  return wt;
+}
+
+ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
+                                   int64_t padding, int64_t output_padding, const std::string& isa_name) {
+  check_prepare("conv_transpose_prepare", weight, bias, stride, padding, true);
+  AIGC_CHECK(output_padding >= 0 && output_padding < stride,
+             "conv_transpose_prepare: need 0 <= output_padding < stride, got output_padding ", output_padding,
+             " with stride ", stride);
+  const conv::Isa& isa = isa_named(isa_name, "conv_transpose_prepare");
+  const int64_t cin = weight.size(0), cout = weight.size(1), k = weight.size(2);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, isa);
+  wt.output_padding = output_padding;
+  const int64_t nr = wt.nv * isa.lanes, blocks = wt.packed.size(wt.col2im ? 0 : 1);
+  const torch::Tensor weight_c = weight.contiguous();
+  const auto w = weight_c.accessor<float, 4>();
+  float* pk = wt.packed.data_ptr<float>();
+  for (int64_t ci = 0; ci < cin; ++ci)
+    for (int64_t co = 0; co < cout; ++co)
+      for (int64_t tap = 0; tap < k * k; ++tap) {
+        const int64_t col = wt.col2im ? tap * cout + co : co;
+        const int64_t panel = wt.col2im ? col / nr : tap * blocks + col / nr;
+        pk[(panel * cin + ci) * nr + col % nr] = w[ci][co][tap / k][tap % k];
+      }
+  return wt;
+}
+
+torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std::string& act_name, double slope) {
+  const int act = act_code(act_name, "conv2d");
+  auto [x, g] = input("conv2d", x_in, wt, false);
+  const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
+  AIGC_CHECK(g.h + 2 * p >= k && g.w + 2 * p >= k, "conv2d: input ", x.sizes(), " is smaller than the kernel (", k,
+             " x ", k, ") with padding ", p);
+  g.ho = (g.h + 2 * p - k) / s + 1;
+  g.wo = (g.w + 2 * p - k) / s + 1;
+  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
+  if (g.n == 0) return out;
+  run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa_named(wt.isa, "conv2d"), act, (float)slope,
+           {phase_conv2d(g.ho, k, s, p)}, {phase_conv2d(g.wo, k, s, p)});
+  return out;
+}
+
+torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, const std::string& act_name,
+                             double slope) {
+  const int act = act_code(act_name, "conv_transpose");
+  auto [x, g] = input("conv_transpose", x_in, wt, true);
+  g.ho = (g.h - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
+  g.wo = (g.w - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
+  AIGC_CHECK(g.h >= 1 && g.w >= 1 && g.ho >= 1 && g.wo >= 1, "conv_transpose: input ", x.sizes(),
+             " gives an empty output (", g.ho, " x ", g.wo, ")");
+  // channels_last for the next layer; a col2im layer (few channels: an image) writes plain NCHW
+  const auto format = wt.col2im ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format);
+  if (g.n == 0) return out;
+  const conv::Isa& isa = isa_named(wt.isa, "conv_transpose");
+  if (wt.col2im) {
+    const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
+    torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
+    run_col2im(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope, cols.data_ptr<float>());
+  } else {
+    const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
+    run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope,
+             phases_transposed(g.h, g.ho, k, s, p), phases_transposed(g.w, g.wo, k, s, p));
+  }
+  return out;
+}
+
+}  // namespace aigc_rt::cpu
