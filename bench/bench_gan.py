@@ -1,7 +1,9 @@
-"""DCGAN generators, images/s and GFLOP/s in one run: torch eager, torch.compile (default, and with inductor's
-freezing pass) and aigc_rt's cpu backend on the CPU; on a GPU (when there is one) Triton vs cuDNN (torch eager)
-and torch.compile. The 32x32 seed generator (0.036 GFLOP/image) and the 64x64 tutorial generator (0.209), batch
-1 and 64, random weights with non-trivial BatchNorm statistics (the runtime folds them; torch runs the eval-mode module).
+"""DCGAN generators and discriminators, images/s and GFLOP/s in one run: torch eager, torch.compile (default, and
+with inductor's freezing pass) and aigc_rt's cpu backend on the CPU; on a GPU (when there is one) Triton vs cuDNN
+(torch eager) and torch.compile. The 32x32 seed generator (0.036 GFLOP/image) and discriminator (0.035), the 64x64
+tutorial generator (0.209) and discriminator (0.208), batch 1 and 64, random weights with non-trivial BatchNorm
+statistics (the runtime folds them; torch runs the eval-mode module). A generator maps z (N, 100, 1, 1) to images,
+a discriminator images (N, 3, S, S) in [-1, 1] to probabilities (N,).
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_gan.py --benchmark-enable
 
@@ -24,9 +26,12 @@ import torch
 import aigc_rt
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-from dcgan_reference import gflop_per_image, randomize_batchnorm, seed_generator, tutorial_generator  # noqa: E402
+from dcgan_reference import (gflop_per_image, randomize_batchnorm, seed_discriminator, seed_generator,  # noqa: E402
+                             tutorial_discriminator, tutorial_generator)
 
-ARCHS = {"seed32": seed_generator, "tutorial64": tutorial_generator}
+ARCHS = {"seed32": seed_generator, "tutorial64": tutorial_generator,
+         "seed32_d": seed_discriminator, "tutorial64_d": tutorial_discriminator}
+IMAGE_SIZE = {"seed32_d": 32, "tutorial64_d": 64}  # the discriminators' input
 BATCHES = (1, 64)
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 RESULTS: dict[tuple[str, str, str, int], float] = {}  # (device, impl, arch, batch) -> median seconds per call
@@ -40,13 +45,22 @@ def models(tmp_path_factory):
         torch.manual_seed(i)
         module = randomize_batchnorm(make(), seed=i)
         folder = tmp_path_factory.mktemp(name)
-        torch.save(module.state_dict(), folder / "g.pt")
-        out[name] = (module, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"))
+        torch.save(module.state_dict(), folder / "m.pt")
+        out[name] = (module, aigc_rt.convert(folder / "m.pt", folder / "m.safetensors"))
     return out
 
 
+def _input(arch: str, batch: int) -> torch.Tensor:
+    """z (batch, 100, 1, 1) for a generator, images (batch, 3, S, S) in [-1, 1] for a discriminator."""
+    g = torch.Generator().manual_seed(batch)
+    if arch in IMAGE_SIZE:
+        return torch.rand(batch, 3, IMAGE_SIZE[arch], IMAGE_SIZE[arch], generator=g) * 2 - 1
+    return torch.randn(batch, 100, 1, 1, generator=g)
+
+
 def _runner(impl: str, module, path, device, z):
-    """-> a callable z -> images for the implementation (compiled ones compile for z's shape here)."""
+    """-> the module's forward for the implementation (compiled ones compile for z's shape here): z -> images for a
+    generator, images -> probabilities for a discriminator (aigc_rt's Discriminator is called as score)."""
     if impl == "eager":
         return module.to(device)
     if impl == "compile":
@@ -64,7 +78,7 @@ def _runner(impl: str, module, path, device, z):
 
 def _bench(benchmark, models, impl, arch, batch, device):
     module, path = models[arch]
-    z = torch.randn(batch, 100, 1, 1, generator=torch.Generator().manual_seed(batch)).to(device)
+    z = _input(arch, batch).to(device)
     run = _runner(impl, module, path, device, z)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
@@ -83,7 +97,7 @@ def _bench(benchmark, models, impl, arch, batch, device):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("impl", ["eager", "compile", "compile-freezing", "aigc_rt-cpu"])
-def test_cpu_generator(benchmark, models, impl, arch, batch):
+def test_cpu_dcgan(benchmark, models, impl, arch, batch):
     benchmark.group = f"dcgan-cpu {arch} batch {batch}"
     _bench(benchmark, models, impl, arch, batch, "cpu")
 
@@ -93,7 +107,7 @@ def test_cpu_generator(benchmark, models, impl, arch, batch):
 @pytest.mark.parametrize("batch", BATCHES + (1024,))
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("impl", ["eager", "compile", "triton"])
-def test_gpu_generator(benchmark, models, impl, arch, batch):
+def test_gpu_dcgan(benchmark, models, impl, arch, batch):
     benchmark.group = f"dcgan-gpu {arch} batch {batch}"
     _bench(benchmark, models, impl, arch, batch, "cuda")
 
@@ -131,7 +145,7 @@ def teardown_module():
         if not table:
             continue
         name = _device_name(device)
-        text = (f"# DCGAN generators on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
+        text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
                 f"(bench/bench_gan.py).\n\n{table}\n")
         print("\n" + text)

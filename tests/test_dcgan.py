@@ -404,8 +404,8 @@ def test_bench_cli_times_image_models(capsys):
     derives from the runtime config equals the one counted on the torch modules."""
     from aigc_rt.bench_images import gflop_per_image
     from dcgan_reference import gflop_per_image as module_gflop
-    g = aigc_rt.load("dcgan-digits")
-    assert gflop_per_image(g.config) == pytest.approx(module_gflop(seed_generator()), rel=1e-12)
+    for name, module in (("dcgan-digits", seed_generator()), ("dcgan-digits-d", seed_discriminator())):
+        assert gflop_per_image(aigc_rt.load(name).config) == pytest.approx(module_gflop(module), rel=1e-12)
     for name, arch in (("dcgan-digits", "dcgan"), ("dcgan-digits-d", "dcgan_d")):
         assert main(["bench", "--model", name, "--batches", "1,3"]) == 0
         rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith(f"| {name} |")]

@@ -80,11 +80,18 @@ def randomize_batchnorm(module: DCGAN, seed: int) -> DCGAN:
     return module.eval()
 
 
-def gflop_per_image(generator: DCGAN) -> float:
-    """Multiply-adds x 2 of a generator's transposed convs (each input pixel times the whole kernel)."""
-    flops, size = 0, 1
-    for m in generator.main:
-        if isinstance(m, nn.ConvTranspose2d):
-            flops += 2 * m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * size * size
-            size = (size - 1) * m.stride[0] - 2 * m.padding[0] + m.kernel_size[0] + m.output_padding[0]
+def gflop_per_image(module: DCGAN) -> float:
+    """Multiply-adds x 2 of a generator's transposed convs (each input pixel times the whole kernel) or a
+    discriminator's convs (each output pixel times the whole kernel)."""
+    convs = [m for m in module.main if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    transposed = isinstance(convs[0], nn.ConvTranspose2d)
+    flops, size = 0, 1 if transposed else 4 * 2 ** (len(convs) - 1)  # a z vector / the image
+    for m in convs:
+        k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
+        if transposed:
+            flops += 2 * m.in_channels * m.out_channels * k * k * size * size
+            size = (size - 1) * s - 2 * p + k + m.output_padding[0]
+        else:
+            size = (size + 2 * p - k) // s + 1
+            flops += 2 * m.in_channels * m.out_channels * k * k * size * size
     return flops / 1e9
