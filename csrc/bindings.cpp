@@ -89,6 +89,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("output_padding", &ConvWeights::output_padding)
       .def_readonly("transposed", &ConvWeights::transposed)
       .def_readonly("col2im", &ConvWeights::col2im)
+      .def_readonly("im2col", &ConvWeights::im2col)
       .def_readonly("isa", &ConvWeights::isa);
   m.def("conv2d_prepare", &aigc_rt::cpu::conv2d_prepare,
         "repack Conv2d weights (C_out, C_in, k, k) fp32 + bias (C_out,) for conv2d", pybind11::arg("weight"),

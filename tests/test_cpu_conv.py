@@ -35,7 +35,7 @@ SHAPES = [
 
 # conv2d: (N, C_in, C_out, H, W, k, stride, padding)
 SHAPES_2D = [
-    (2, 3, 64, 32, 32, 4, 2, 1),  # DCGAN discriminator: the RGB layer (3 floats per tap)
+    (2, 3, 64, 32, 32, 4, 2, 1),  # DCGAN discriminator: the RGB layer (im2col: 3 floats per tap)
     (3, 64, 128, 16, 16, 4, 2, 1),  # its middle layers
     (5, 256, 1, 4, 4, 4, 1, 0),  # its last layer: one output pixel and one channel
     (2, 17, 33, 7, 5, 3, 2, 1),
@@ -45,6 +45,7 @@ SHAPES_2D = [
     (1, 33, 50, 5, 6, 4, 1, 3),
     (2, 19, 40, 9, 8, 2, 3, 0),  # stride > kernel: some inputs are never read
     (1, 3, 20, 16, 17, 16, 1, 0),  # the largest kernel
+    (2, 12, 37, 7, 6, 3, 1, 1),  # im2col on AVX-512, by tap on AVX2
     (3, 4, 17, 3, 3, 3, 2, 0),  # a 1x1 output
 ]
 
@@ -124,7 +125,9 @@ def test_conv2d_matches_torch(shape, tile_isa):
     w = torch.randn(cout, cin, k, k, generator=g) * 2 / (cin * k * k) ** 0.5  # pre-activations of a few units
     b = torch.randn(cout, generator=g)
     weights = _C.conv2d_prepare(w, b, s, p, tile_isa)
+    lanes = 16 if tile_isa == "avx512" else 8
     assert weights.isa == tile_isa and not weights.transposed and not weights.col2im
+    assert weights.im2col == (cin < lanes)  # few input channels: the inputs gathered, then one GEMM
     for act, torch_act in TORCH_ACTS.items():
         want = torch_act(F.conv2d(x, w, b, s, p))
         got = _C.conv2d(x, weights, act, SLOPE)

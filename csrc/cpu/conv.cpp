@@ -12,7 +12,9 @@
 // the input pixel it reads (C_in floats, or zeros outside the image) times its weight panel (C_in x C_out), done
 // by register-blocked tiles (conv_tile.h), OpenMP over tiles. One dimension's outputs come in phases (Phase1D):
 // output coordinate first + step * q reads input coordinate q * in_step + d[t] through kernel offset k[t].
-// conv2d has one phase per dimension: step 1, in_step s, every tap, d = ky - p.
+// conv2d has one phase per dimension: step 1, in_step s, every tap, d = ky - p. With few input channels (an
+// image: C_in < one vector, where a tap's C_in multiply-adds would not pay for its setup) the taps' inputs are
+// gathered first (im2col: rows of k*k*C_in floats, zeros outside the image), then multiplied as one tap.
 // conv_transpose uses the sub-pixel decomposition: output row oy only gets the taps ky with (oy + p - ky) % s == 0,
 // from input row iy = (oy + p - ky) / s. So the outputs split into s x s phases (oy % s, ox % s) and each phase is
 // a dense convolution: out[n, py + s*qy, px + s*qx, :] = sum over the phase's taps of x[n, qy + dy, qx + dx, :] @ W_tap
@@ -25,8 +27,9 @@
 //
 // Weights are repacked once (conv2d_prepare, conv_transpose_prepare) into panels of nr = lanes * nv output columns:
 //   by tap [k*k taps][ceil(C_out / nr) blocks][C_in][nr]; col2im [ceil(k*k*C_out / nr) blocks][C_in][nr]
-// (column (ky*k + kx)*C_out + co). Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except
-// a col2im layer's output, an image, which is NCHW. Output buffers are recycled between calls (`recycled`).
+// (column (ky*k + kx)*C_out + co); im2col [ceil(C_out / nr) blocks][k*k*C_in][nr] (row (ky*k + kx)*C_in + ci).
+// Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except a col2im layer's output, an image,
+// which is NCHW. Output buffers (and col2im's scratch) are recycled between calls (`recycled`).
 // References: torch.nn.functional.conv2d, conv_transpose2d. Tests: tests/test_cpu_conv.py.
 #include <c10/util/strides.h>
 #include <omp.h>
@@ -214,6 +217,58 @@ void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& 
   }
 }
 
+// conv2d with few input channels: each output pixel's k*k*C_in inputs gathered into one row (zeros outside the
+// image), then the GEMM of those rows with the panels, bias and act fused. A thread gathers the rows of one tile
+// at a time into its own buffer, so they never leave its L1/L2 cache.
+void run_im2col(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+                float slope) {
+  const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cin = g.cin, cout = wt.cout, row_len = k * k * cin;
+  const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
+  std::vector<std::pair<int64_t, int>> runs;
+  split_rows(0, g.n * g.ho * g.wo, isa.rows[wt.nv], runs);
+  const float* packed = wt.packed.data_ptr<float>();
+  const float* bias = wt.bias.data_ptr<float>();
+#pragma omp parallel if (runs.size() > 1)
+  {
+    std::vector<float> patches(conv::kMaxRows * row_len);
+    const float* a[conv::kMaxRows];
+    float* c[conv::kMaxRows];
+#pragma omp for schedule(static)
+    for (size_t it = 0; it < runs.size(); ++it) {
+      const auto [m0, rows] = runs[it];
+      for (int r = 0; r < rows; ++r) {
+        const int64_t m = m0 + r, ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
+        const int64_t ix0 = ox * s - p;
+        float* dst = patches.data() + r * row_len;
+        a[r] = dst;
+        for (int64_t ky = 0; ky < k; ++ky, dst += k * cin) {  // the k taps (ky, 0..k-1)
+          const int64_t iy = oy * s - p + ky;
+          const float* x_row = x + (n * g.h + iy) * g.w * cin;  // (W, C_in), when 0 <= iy < H
+          if (iy < 0 || iy >= g.h) {
+            std::fill(dst, dst + k * cin, 0.f);
+          } else if (ix0 >= 0 && ix0 + k <= g.w) {
+            std::copy_n(x_row + ix0 * cin, k * cin, dst);  // inside the image: one contiguous run
+          } else {
+            for (int64_t kx = 0; kx < k; ++kx) {
+              const int64_t ix = ix0 + kx;
+              if (ix < 0 || ix >= g.w)
+                std::fill(dst + kx * cin, dst + (kx + 1) * cin, 0.f);
+              else
+                std::copy_n(x_row + ix * cin, cin, dst + kx * cin);
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < blocks; ++j) {
+        const float* b = packed + j * row_len * nr;
+        for (int r = 0; r < rows; ++r) c[r] = out + (m0 + r) * cout + j * nr;
+        const TileArgs args{1, (int)row_len, a, &b, bias + j * nr, c, (int)std::min(nr, cout - j * nr), act, slope};
+        isa.tile[wt.nv][rows](args);
+      }
+    }
+  }
+}
+
 void run_col2im(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
                 float slope, float* cols) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
@@ -309,17 +364,19 @@ void check_prepare(const char* op, const torch::Tensor& weight, const torch::Ten
              ", padding ", padding);
 }
 
-// The weights' geometry, panel width, zero-padded bias and zeroed panels (filled by the caller).
+// The weights' geometry, panel width, zero-padded bias and zeroed panels in the layout its flags say (see the
+// header), filled by the caller.
 ConvWeights new_weights(const torch::Tensor& bias, int64_t cin, int64_t cout, int64_t k, int64_t stride,
-                        int64_t padding, bool transposed, bool col2im, const Isa& isa) {
+                        int64_t padding, bool transposed, bool col2im, bool im2col, const Isa& isa) {
   ConvWeights wt;
   wt.cin = cin, wt.cout = cout, wt.kernel = k, wt.stride = stride, wt.padding = padding, wt.output_padding = 0;
-  wt.transposed = transposed, wt.col2im = col2im, wt.isa = isa.name;
+  wt.transposed = transposed, wt.col2im = col2im, wt.im2col = im2col, wt.isa = isa.name;
   const int64_t columns = col2im ? k * k * cout : cout;
   wt.nv = choose_nv(columns, isa.lanes);
   const int64_t nr = wt.nv * isa.lanes, blocks = (columns + nr - 1) / nr;
-  const std::vector<int64_t> panels = col2im ? std::vector<int64_t>{blocks, cin, nr}
-                                             : std::vector<int64_t>{k * k, blocks, cin, nr};
+  const std::vector<int64_t> panels = col2im   ? std::vector<int64_t>{blocks, cin, nr}
+                                      : im2col ? std::vector<int64_t>{blocks, k * k * cin, nr}
+                                               : std::vector<int64_t>{k * k, blocks, cin, nr};
   wt.packed = torch::zeros(panels, torch::kFloat32);
   wt.bias = torch::zeros({std::max(cout, blocks * nr)}, torch::kFloat32);
   wt.bias.narrow(0, 0, cout).copy_(bias);
@@ -347,15 +404,17 @@ ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bia
   check_prepare("conv2d_prepare", weight, bias, stride, padding, false);
   const conv::Isa& isa = isa_named(isa_name, "conv2d_prepare");
   const int64_t cout = weight.size(0), cin = weight.size(1), k = weight.size(2);
-  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, isa);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, cin < isa.lanes, isa);
   const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   const torch::Tensor weight_c = weight.contiguous();
   const auto w = weight_c.accessor<float, 4>();
   float* pk = wt.packed.data_ptr<float>();
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t tap = 0; tap < k * k; ++tap)
-        pk[((tap * blocks + co / nr) * cin + ci) * nr + co % nr] = w[co][ci][tap / k][tap % k];
+      for (int64_t tap = 0; tap < k * k; ++tap) {
+        const int64_t panel_row = wt.im2col ? (co / nr * k * k + tap) * cin + ci : (tap * blocks + co / nr) * cin + ci;
+        pk[panel_row * nr + co % nr] = w[co][ci][tap / k][tap % k];
+      }
   return wt;
 }
 
@@ -367,7 +426,7 @@ ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Ten
              " with stride ", stride);
   const conv::Isa& isa = isa_named(isa_name, "conv_transpose_prepare");
   const int64_t cin = weight.size(0), cout = weight.size(1), k = weight.size(2);
-  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, isa);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, false, isa);
   wt.output_padding = output_padding;
   const int64_t nr = wt.nv * isa.lanes, blocks = wt.packed.size(wt.col2im ? 0 : 1);
   const torch::Tensor weight_c = weight.contiguous();
@@ -393,8 +452,13 @@ torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std
   g.wo = (g.w + 2 * p - k) / s + 1;
   torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
   if (g.n == 0) return out;
-  run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa_named(wt.isa, "conv2d"), act, (float)slope,
-           {phase_conv2d(g.ho, k, s, p)}, {phase_conv2d(g.wo, k, s, p)});
+  const conv::Isa& isa = isa_named(wt.isa, "conv2d");
+  if (wt.im2col) {
+    run_im2col(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope);
+  } else {
+    run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope, {phase_conv2d(g.ho, k, s, p)},
+             {phase_conv2d(g.wo, k, s, p)});
+  }
   return out;
 }
 
