@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .conv_transpose import _block_sizes  # one block-size rule for both convolutions' implicit GEMMs
+from .utils import conv_settings, conv_tap
 
 ACTS = {"none": 0, "leaky_relu": 1, "sigmoid": 2}
 
@@ -46,7 +46,6 @@ def _conv2d_kernel(
     n = m // (W_out * H_out)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     co_ok = co < C_out
-    ck = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # masks combine vectors only (the interpreter mistypes vector & scalar booleans): a tap's bounds are per pixel
     for ky in range(0, KERNEL):
@@ -55,14 +54,8 @@ def _conv2d_kernel(
             ix = ox * stride - padding + kx
             row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
             x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
-            w_tap = w_ptr + ky * swh + kx * sww
-            for c0 in range(0, C_in, BLOCK_K):
-                ci = c0 + ck  # (BLOCK_K,)
-                ci_ok = ci < C_in
-                a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
-                b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :],
-                            other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+            acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
+                           PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
     if ACT == 1:
@@ -98,16 +91,15 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
         raise ValueError(f"input {tuple(x.shape)} and w {tuple(w.shape)} give an empty output "
                          f"({n}, {c_out}, {h_out}, {w_out})")
     out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=torch.float32)
-    block_m, block_n, block_k = _block_sizes(c_in, c_out)
-    grid = (triton.cdiv(n * h_out * w_out, block_m), triton.cdiv(c_out, block_n))
+    settings = conv_settings(c_in, c_out)
+    grid = (triton.cdiv(n * h_out * w_out, settings["BLOCK_M"]), triton.cdiv(c_out, settings["BLOCK_N"]))
     _conv2d_kernel[grid](
         x, w, bias if bias is not None else out, out,
         n, c_in, h, wd, c_out, h_out, w_out,
         *x.stride(), *w.stride(), *out.stride(),
         stride, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=ACTS[act], PRECISION=input_precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8,  # 4 warps spill at sm_90 (255 registers; tools/compile_triton_kernels.py), 8 do not
+        ACT=ACTS[act], PRECISION=input_precision, **settings,
     )
     return out
 

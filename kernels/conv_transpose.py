@@ -6,8 +6,8 @@
 
 Sub-pixel decomposition, as csrc/cpu/conv.cpp: output row oy only gets the taps ky with
 (oy + p - ky) % s == 0, so the outputs split into s x s phases (oy % s, ox % s), each a dense convolution with
-at most ceil(k / s) x ceil(k / s) taps: ky = (py + p) % s + j * s < k, input row iy = qy + (py + p - ky) / s for output row
-oy = py + s * qy. Program axis 2 is the phase; axes 0 and 1 tile its GEMM: M = N x phase pixels (BLOCK_M),
+at most ceil(k / s) x ceil(k / s) taps: ky = (py + p) % s + j * s < k, input row iy = qy + (py + p - ky) / s for
+output row oy = py + s * qy. Program axis 2 is the phase; axes 0 and 1 tile its GEMM: M = N x phase pixels (BLOCK_M),
 N = C_out (BLOCK_N), K = taps x C_in (BLOCK_K per tl.dot). A dimension with one input pixel (a generator's
 first layer: z as (N, nz, 1, 1)) has the stride replaced by k: k phases of one tap each, a plain GEMM.
 All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .utils import conv_settings, conv_tap
 
 ACTS = {"none": 0, "relu": 1, "tanh": 2}
 
@@ -49,7 +51,6 @@ def _conv_transpose_kernel(
     n = m // tl.maximum(qw * qh, 1)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     co_ok = co < C_out
-    ck = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ry, rx = (py + padding) % step_y, (px + padding) % step_x  # first tap of the phase in each dim
     # masks combine vectors only (the interpreter mistypes vector & scalar booleans), so the tap loops stop at
@@ -62,14 +63,8 @@ def _conv_transpose_kernel(
             ix = qx + (px + padding - kx) // step_x
             row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
             x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
-            w_tap = w_ptr + ky * swh + kx * sww
-            for c0 in range(0, C_in, BLOCK_K):
-                ci = c0 + ck  # (BLOCK_K,)
-                ci_ok = ci < C_in
-                a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
-                b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :],
-                            other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+            acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
+                           PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
     if ACT == 1:
@@ -79,11 +74,6 @@ def _conv_transpose_kernel(
     oy, ox = py + step_y * qy, px + step_x * qx
     out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
     tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
-
-
-def _block_sizes(c_in: int, c_out: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): tl.dot needs >= 16 on every side; wider where the channels are."""
-    return 64, max(16, min(64, triton.next_power_of_2(c_out))), max(16, min(32, triton.next_power_of_2(c_in)))
 
 
 def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
@@ -112,16 +102,17 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"input {tuple(x.shape)} gives an empty output ({h_out} x {w_out})")
     out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=torch.float32)
     step_y, step_x = (k if h == 1 else stride), (k if wd == 1 else stride)
-    block_m, block_n, block_k = _block_sizes(c_in, c_out)
+    settings = conv_settings(c_in, c_out)
     max_pixels = n * triton.cdiv(h_out, step_y) * triton.cdiv(w_out, step_x)  # phase (0, 0) is the largest
-    grid = (triton.cdiv(max_pixels, block_m), triton.cdiv(c_out, block_n), step_y * step_x)
+    grid = (triton.cdiv(max_pixels, settings["BLOCK_M"]), triton.cdiv(c_out, settings["BLOCK_N"]),
+            step_y * step_x)
     _conv_transpose_kernel[grid](
         x, w, bias if bias is not None else out, out,
         n, c_in, h, wd, c_out, h_out, w_out,
         *x.stride(), *w.stride(), *out.stride(),
         step_y, step_x, padding,
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=ACTS[act], PRECISION=input_precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        ACT=ACTS[act], PRECISION=input_precision, **settings,
     )
     return out
 

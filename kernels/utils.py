@@ -265,6 +265,30 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
                 num_warps=1 if interpreter else 4)
 
 
+def conv_settings(c_in: int, c_out: int) -> dict:
+    """Block sizes and warps of the convolutions' implicit GEMMs (kernels/conv2d.py, conv_transpose.py): tl.dot
+    needs >= 16 on every side; wider where the channels are. 8 warps: with 4, the 64 x 64 fp32 tiles spill at
+    sm_90 (255 registers, 12-176 B; tools/compile_triton_kernels.py)."""
+    return dict(BLOCK_M=64, BLOCK_N=max(16, min(64, triton.next_power_of_2(c_out))),
+                BLOCK_K=max(16, min(32, triton.next_power_of_2(c_in))), num_warps=8)
+
+
+@device_fn
+def conv_tap(acc, x_row, row_ok, w_tap, co, co_ok, C_in, sxc, swi, swo, BLOCK_K: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """One tap of a convolution as an implicit GEMM: acc (BLOCK_M, BLOCK_N) + x[pixel, 0:C_in] @ w[0:C_in, co],
+    where x_row (BLOCK_M,) points at each output pixel's input pixel for this tap (rows not row_ok read zeros:
+    outside the image), w_tap at the tap's (C_in, C_out) weights (strides swi, swo), in BLOCK_K channel steps."""
+    ck = tl.arange(0, BLOCK_K)
+    for c0 in range(0, C_in, BLOCK_K):
+        ci = c0 + ck  # (BLOCK_K,)
+        ci_ok = ci < C_in
+        a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
+        b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    return acc
+
+
 @device_fn
 def gelu_tanh(y):
     """GELU, tanh approximation (GPT-2's): 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))), with

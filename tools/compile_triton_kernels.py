@@ -135,9 +135,9 @@ VARIANTS = [
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
-     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 4),
+     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
-     dict(KERNEL=4, HAS_BIAS=True, ACT=2, PRECISION="tf32", BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), 4),
+     dict(KERNEL=4, HAS_BIAS=True, ACT=2, PRECISION="tf32", BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # the seed discriminator's RGB layer, 3 -> 64
      dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=16), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 64 -> 128, 128 -> 256
