@@ -315,9 +315,9 @@ class TorchCompiled:
 
 
 class AigcRt:
-    def __init__(self, path: str, backend: str):
+    def __init__(self, path: str, backend: str, device: str = "cpu"):
         import aigc_rt
-        self.model = aigc_rt.load(path, backend=backend)
+        self.model = aigc_rt.load(path, device=device, backend=backend)
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
         from .generation import run

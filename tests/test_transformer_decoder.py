@@ -176,9 +176,11 @@ def test_cli_convert_validate_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("落霞与孤鹜齐飞")
 
 
-def test_seed_text_benchmark_script(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_seed_text_benchmark_script(monkeypatch, backend):
     """bench/bench_seed_text.py on tiny shapes of both archs: every system runs, ours in fp32 decodes the
-    reference's greedy tokens, and the ratios are to the fastest fp32 torch system."""
+    reference's greedy tokens, and the ratios are to the fastest fp32 torch system. backend "triton" (under the
+    interpreter here) is what `--device cuda` runs."""
     import os
     import sys
     from aigc_rt.config import LSTMConfig, TransformerDecoderConfig
@@ -190,10 +192,12 @@ def test_seed_text_benchmark_script(monkeypatch):
     monkeypatch.setitem(b.SHAPES, "lstm-tiny", LSTMConfig(vocab_size=50, n_embd=8, hidden_size=16, n_layer=2))
     monkeypatch.setitem(b.SHAPES, "tdec-tiny", TransformerDecoderConfig(vocab_size=50, d_model=16, n_head=2,
                                                                         n_layer=2, d_ff=24))
-    rows, _ = b.run(["lstm-tiny", "tdec-tiny"], [2], repeats=1, new_tokens=6, prompt_len=5, log=lambda *_: None)
+    rows, _ = b.run(["lstm-tiny", "tdec-tiny"], [2], repeats=1, new_tokens=6, prompt_len=5, log=lambda *_: None,
+                    backend=backend)
     for shape, arch in (("lstm-tiny", "lstm"), ("tdec-tiny", "transformer_decoder")):
         by = {(r.system, r.dtype): r for r in rows if r.size == shape}
         assert len(by) == len(b.SYSTEMS[arch]) and all(r.tokens_per_s > 0 for r in by.values())
+        assert b.systems_for(arch, "cuda") == tuple(s for s in b.SYSTEMS[arch] if s != "torch-native:fp32")
         assert by["aigc-rt", "fp32"].same_tokens_as_hf == 1.0, shape
         refs = [r.vs_hf_eager for (name, dtype), r in by.items() if f"{name}:{dtype}" in b.REFERENCES]
         assert max(refs) == pytest.approx(1.0), shape
