@@ -2,14 +2,15 @@
 
     out[n, co, oy, ox] = act(bias[co] + sum_{ci,ky,kx} x[n, ci, oy*s - p + ky, ox*s - p + kx] * w[co, ci, ky, kx])
     (x is zero outside the image); H_out = (H + 2p - k) // s + 1 (likewise W_out);
-    act: "none", "leaky_relu" (negative slope `slope`, a runtime float) or "sigmoid".
+    act: "none", "relu", "tanh", "leaky_relu" (negative slope `slope`, a runtime float) or "sigmoid"
+    (utils.CONV_ACTS; the discriminator's are leaky_relu and sigmoid).
 
 Program axes 0 and 1 tile the GEMM: M = N x H_out x W_out output pixels (BLOCK_M), N = C_out (BLOCK_N),
 K = k x k taps x C_in (BLOCK_K channels of one tap per tl.dot). tl.dot needs >= 16 on every side, so a layer with
 fewer output channels (the discriminator's last, C_out = 1) runs BLOCK_N = 16 with the extra columns masked.
 All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
 memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise.
-The sigmoid never overflows: with e = exp(-|y|) <= 1 it is 1 / (1 + e) for y >= 0 and e / (1 + e) below.
+Bias and activation: utils.conv_epilogue (the sigmoid never overflows).
 
 Reference: conv2d_reference below (plain PyTorch, fp32).
 Test: python -m pytest tests/test_triton_conv2d.py (under TRITON_INTERPRET=1 on a CPU).
@@ -21,9 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import conv_settings, conv_tap
-
-ACTS = {"none": 0, "leaky_relu": 1, "sigmoid": 2}
+from .utils import CONV_ACTS, check_conv, conv_epilogue, conv_settings, conv_tap
 
 
 @triton.jit
@@ -56,13 +55,7 @@ def _conv2d_kernel(
             x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
             acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
                            PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
-    if ACT == 1:
-        acc = tl.where(acc >= 0.0, acc, acc * slope)  # leaky ReLU
-    elif ACT == 2:
-        e = tl.exp(-tl.abs(acc))  # sigmoid without overflow: e in (0, 1]
-        acc = tl.where(acc >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
+    acc = conv_epilogue(acc, b_ptr, co, co_ok, slope, HAS_BIAS, ACT)
     out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
     tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
 
@@ -72,17 +65,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
     """act(F.conv2d(x, w, bias, stride, padding)) on the Triton kernel; slope: leaky_relu's negative slope.
     x (N, C_in, H, W) fp32, w (C_out, C_in, k, k) fp32 (any strides), bias (C_out,) or None
     -> (N, C_out, H_out, W_out) fp32, contiguous. input_precision "tf32" trades accuracy for tensor cores."""
-    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
-        raise ValueError(f"x (N, C_in, H, W) and w (C_out, C_in, k, k) must be float32, got {x.dtype} "
-                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
-    n, c_in, h, wd = x.shape
-    c_out, k = w.shape[0], w.shape[2]
-    if w.shape[1] != c_in or w.shape[3] != k:
-        raise ValueError(f"w {tuple(w.shape)} must be (C_out, C_in={c_in}, k, k) with a square kernel")
-    if bias is not None and (bias.shape != (c_out,) or bias.dtype != torch.float32):
-        raise ValueError(f"bias must be float32 ({c_out},), got {bias.dtype} {tuple(bias.shape)}")
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    n, c_in, h, wd, c_out, k = check_conv(x, w, bias, act, transposed=False)
     if not (stride >= 1 and padding >= 0):
         raise ValueError(f"need stride >= 1 and padding >= 0; got {stride}, {padding}")
     h_out = (h + 2 * padding - k) // stride + 1
@@ -99,7 +82,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
         *x.stride(), *w.stride(), *out.stride(),
         stride, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=ACTS[act], PRECISION=input_precision, **settings,
+        ACT=CONV_ACTS[act], PRECISION=input_precision, **settings,
     )
     return out
 
@@ -107,9 +90,9 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
 def conv2d_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, act: str = "none", slope: float = 0.2) -> torch.Tensor:
     """Plain PyTorch, fp32 (not TF32, also on a GPU): F.conv2d without bias, + bias, act."""
-    from aigc_rt.backends.torch_backend import fp32_convolutions  # cuDNN's default for fp32 is TF32
+    from aigc_rt.backends.torch_backend import CONV_ACTIVATIONS, fp32_convolutions  # cuDNN's fp32 default is TF32
     with fp32_convolutions():
         y = F.conv2d(x.float(), w.float(), None, stride, padding)
     if bias is not None:
         y = y + bias.float()[:, None, None]
-    return {"none": y, "leaky_relu": F.leaky_relu(y, slope), "sigmoid": torch.sigmoid(y)}[act]
+    return CONV_ACTIVATIONS[act](y, slope)

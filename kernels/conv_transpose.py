@@ -2,7 +2,9 @@
 
     out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx, iy, ix with oy = iy*s - p + ky, ox = ix*s - p + kx
                                         of x[n, ci, iy, ix] * w[ci, co, ky, kx])
-    H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out); act: "none", "relu" or "tanh".
+    H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out); act: "none", "relu", "tanh", "leaky_relu"
+    (negative slope `slope`) or "sigmoid" (utils.CONV_ACTS, applied by utils.conv_epilogue; a generator's are relu
+    and tanh).
 
 Sub-pixel decomposition, as csrc/cpu/conv.cpp: output row oy only gets the taps ky with
 (oy + p - ky) % s == 0, so the outputs split into s x s phases (oy % s, ox % s), each a dense convolution with
@@ -23,9 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import conv_settings, conv_tap
-
-ACTS = {"none": 0, "relu": 1, "tanh": 2}
+from .utils import CONV_ACTS, check_conv, conv_epilogue, conv_settings, conv_tap
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _conv_transpose_kernel(
     sxn, sxc, sxh, sxw,  # x strides
     swi, swo, swh, sww,  # w strides: (C_in, C_out, k, k)
     son, soc, soh, sow,  # out strides
-    step_y, step_x, padding,  # phase steps: the stride, or k for a dimension with one input pixel
+    step_y, step_x, padding, slope,  # phase steps: the stride, or k for a dimension with one input pixel
     KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -65,34 +65,19 @@ def _conv_transpose_kernel(
             x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
             acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
                            PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
-    if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
-    elif ACT == 2:
-        acc = 1.0 - 2.0 / (tl.exp(2.0 * acc) + 1.0)  # tanh; exp overflow -> inf gives exactly 1
+    acc = conv_epilogue(acc, b_ptr, co, co_ok, slope, HAS_BIAS, ACT)
     oy, ox = py + step_y * qy, px + step_x * qx
     out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
     tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
 
 
 def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-                     padding: int = 0, output_padding: int = 0, act: str = "none",
+                     padding: int = 0, output_padding: int = 0, act: str = "none", slope: float = 0.2,
                      input_precision: str = "ieee") -> torch.Tensor:
     """act(F.conv_transpose2d(x, w, bias, stride, padding, output_padding)) on the Triton kernel.
     x (N, C_in, H, W) fp32, w (C_in, C_out, k, k) fp32 (any strides), bias (C_out,) or None
     -> (N, C_out, H_out, W_out) fp32, contiguous. input_precision "tf32" trades accuracy for tensor cores."""
-    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
-        raise ValueError(f"x (N, C_in, H, W) and w (C_in, C_out, k, k) must be float32, got {x.dtype} "
-                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
-    n, c_in, h, wd = x.shape
-    c_out, k = w.shape[1], w.shape[2]
-    if w.shape[0] != c_in or w.shape[3] != k:
-        raise ValueError(f"w {tuple(w.shape)} must be (C_in={c_in}, C_out, k, k) with a square kernel")
-    if bias is not None and (bias.shape != (c_out,) or bias.dtype != torch.float32):
-        raise ValueError(f"bias must be float32 ({c_out},), got {bias.dtype} {tuple(bias.shape)}")
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {sorted(ACTS)}, got {act!r}")
+    n, c_in, h, wd, c_out, k = check_conv(x, w, bias, act, transposed=True)
     if not (stride >= 1 and padding >= 0 and 0 <= output_padding < stride):
         raise ValueError(f"need stride >= 1, padding >= 0, 0 <= output_padding < stride; got {stride}, {padding}, "
                          f"{output_padding}")
@@ -110,22 +95,24 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         x, w, bias if bias is not None else out, out,
         n, c_in, h, wd, c_out, h_out, w_out,
         *x.stride(), *w.stride(), *out.stride(),
-        step_y, step_x, padding,
+        step_y, step_x, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=ACTS[act], PRECISION=input_precision, **settings,
+        ACT=CONV_ACTS[act], PRECISION=input_precision, **settings,
     )
     return out
 
 
 def conv_transpose2d_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-                               padding: int = 0, output_padding: int = 0, act: str = "none") -> torch.Tensor:
-    """Plain PyTorch, fp32 (not TF32, also on a GPU): F.conv_transpose2d without padding, cropped by `padding` and extended by
-    `output_padding` as the definition says (torch's own padded path rejects some paddings), + bias, act."""
-    from aigc_rt.backends.torch_backend import fp32_convolutions  # cuDNN's default for fp32 is TF32
+                               padding: int = 0, output_padding: int = 0, act: str = "none",
+                               slope: float = 0.2) -> torch.Tensor:
+    """Plain PyTorch, fp32 (not TF32, also on a GPU): F.conv_transpose2d without padding, cropped by `padding` and
+    extended by `output_padding` as the definition says (torch's own padded path rejects some paddings), + bias,
+    act."""
+    from aigc_rt.backends.torch_backend import CONV_ACTIVATIONS, fp32_convolutions  # cuDNN's fp32 default is TF32
     with fp32_convolutions():
         full = F.pad(F.conv_transpose2d(x.float(), w.float(), None, stride), (0, output_padding, 0, output_padding))
     h, wd = full.shape[2] - 2 * padding, full.shape[3] - 2 * padding
     y = full[:, :, padding:padding + h, padding:padding + wd]
     if bias is not None:
         y = y + bias.float()[:, None, None]
-    return {"none": y, "relu": torch.relu(y), "tanh": torch.tanh(y)}[act]
+    return CONV_ACTIVATIONS[act](y, slope)

@@ -265,6 +265,27 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
                 num_warps=1 if interpreter else 4)
 
 
+CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # as csrc/cpu/conv_isa.h's Act
+
+
+def check_conv(x: torch.Tensor, w: torch.Tensor, bias, act: str, transposed: bool) -> tuple[int, ...]:
+    """The convolutions' shared argument checks -> (N, C_in, H, W, C_out, k). w is (C_in, C_out, k, k) when
+    transposed, else (C_out, C_in, k, k)."""
+    layout = "(C_in, C_out, k, k)" if transposed else "(C_out, C_in, k, k)"
+    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
+        raise ValueError(f"x (N, C_in, H, W) and w {layout} must be float32, got {x.dtype} {tuple(x.shape)} and "
+                         f"{w.dtype} {tuple(w.shape)}")
+    n, c_in, h, wd = x.shape
+    c_out, k = w.shape[1 if transposed else 0], w.shape[2]
+    if w.shape[0 if transposed else 1] != c_in or w.shape[3] != k:
+        raise ValueError(f"w {tuple(w.shape)} must be {layout.replace('C_in', f'C_in={c_in}')} with a square kernel")
+    if bias is not None and (bias.shape != (c_out,) or bias.dtype != torch.float32):
+        raise ValueError(f"bias must be float32 ({c_out},), got {bias.dtype} {tuple(bias.shape)}")
+    if act not in CONV_ACTS:
+        raise ValueError(f"act must be one of {sorted(CONV_ACTS)}, got {act!r}")
+    return n, c_in, h, wd, c_out, k
+
+
 def conv_settings(c_in: int, c_out: int) -> dict:
     """Block sizes and warps of the convolutions' implicit GEMMs (kernels/conv2d.py, conv_transpose.py): tl.dot
     needs >= 16 on every side; wider where the channels are. 8 warps: with 4, the 64 x 64 fp32 tiles spill at
@@ -286,6 +307,25 @@ def conv_tap(acc, x_row, row_ok, w_tap, co, co_ok, C_in, sxc, swi, swo, BLOCK_K:
         a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
         b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    return acc
+
+
+@device_fn
+def conv_epilogue(acc, b_ptr, co, co_ok, slope, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """act(acc + bias[co]) for the convolutions, ACT a CONV_ACTS code: tanh as 1 - 2 / (e^2y + 1) (exp overflow ->
+    inf gives exactly 1), sigmoid from e = exp(-|y|) in (0, 1] (1 / (1 + e) for y >= 0, e / (1 + e) below: no
+    overflow, no cancellation where it is tiny), leaky ReLU with the runtime `slope`."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:
+        acc = 1.0 - 2.0 / (tl.exp(2.0 * acc) + 1.0)
+    elif ACT == 3:
+        acc = tl.where(acc >= 0.0, acc, acc * slope)
+    elif ACT == 4:
+        e = tl.exp(-tl.abs(acc))
+        acc = tl.where(acc >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
     return acc
 
 

@@ -1,5 +1,6 @@
 """Triton convolution (kernels/conv2d.py) vs its plain-PyTorch fp32 reference and F.conv2d, on small odd shapes,
-and the DCGAN discriminators on the triton backend (runs under TRITON_INTERPRET=1 on a CPU; at speed on a GPU)."""
+every activation of both Triton convolutions (their shared epilogue), and the DCGAN discriminators on the triton
+backend (runs under TRITON_INTERPRET=1 on a CPU; at speed on a GPU)."""
 import os
 import sys
 
@@ -10,7 +11,10 @@ import torch.nn.functional as F
 import aigc_rt
 from aigc_rt.backends.torch_backend import fp32_convolutions
 from aigc_rt.kernels import conv2d as conv2d_module
+from aigc_rt.backends.torch_backend import CONV_ACTIVATIONS
 from aigc_rt.kernels.conv2d import conv2d, conv2d_reference
+from aigc_rt.kernels.conv_transpose import conv_transpose2d, conv_transpose2d_reference
+from aigc_rt.kernels.utils import CONV_ACTS
 from test_triton_kernels import DEV as DEVICE, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32 ("ieee" dot)
@@ -61,17 +65,34 @@ def test_strided_weight_and_input_no_bias():
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
 
 
-def test_sigmoid_at_large_magnitudes():
-    """exp(-|y|) never overflows: a bias of +-100 (and +-30, 0) gives finite values, equal to torch.sigmoid."""
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # tanh's e^2y -> inf, by design
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_every_activation_at_large_magnitudes(transposed):
+    """Both convolutions take every activation (utils.CONV_ACTS, applied by utils.conv_epilogue): biases of +-100,
+    +-30 and 0 give finite values equal to torch's; the sigmoid to a relative 1e-5 also where it is tiny
+    (sigmoid(-30) ~ 1e-13: e / (1 + e), no cancellation; below FLT_MIN, where a GPU flushes denormals, to an
+    absolute 1e-37), tanh and sigmoid exactly 1 where they round to it."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 4, 4, generator=g).to(DEVICE)
-    w = (torch.randn(5, 3, 4, 4, generator=g) * 0.01).to(DEVICE)
     b = torch.tensor([100.0, -100.0, 30.0, -30.0, 0.0]).to(DEVICE)
-    got = conv2d(x, w, b, 1, 0, "sigmoid")
-    want = torch.sigmoid(conv2d_reference(x, w, b, 1, 0))
-    assert torch.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
-    assert (got[:, 0] == 1).all(), "sigmoid(100) rounds to 1 in fp32"
-    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+    if transposed:
+        w = (torch.randn(3, 5, 3, 3, generator=g) * 0.01).to(DEVICE)
+        run, ref = conv_transpose2d, lambda act: conv_transpose2d_reference(x, w, b, 2, 1, 1, act, SLOPE)
+        got_of = lambda act: run(x, w, b, 2, 1, 1, act, SLOPE)  # noqa: E731
+    else:
+        w = (torch.randn(5, 3, 4, 4, generator=g) * 0.01).to(DEVICE)
+        ref = lambda act: conv2d_reference(x, w, b, 1, 1, act, SLOPE)  # noqa: E731
+        got_of = lambda act: conv2d(x, w, b, 1, 1, act, SLOPE)  # noqa: E731
+    pre = ref("none")
+    for act in CONV_ACTS:
+        got, want = got_of(act), ref(act)
+        torch.testing.assert_close(want, CONV_ACTIVATIONS[act](pre, SLOPE))  # the reference applies torch's act
+        assert torch.isfinite(got).all(), act
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{act}: max abs err {(got - want).abs().max():.3g}"
+    sig = got_of("sigmoid")
+    assert torch.allclose(sig, torch.sigmoid(pre), atol=1e-37, rtol=1e-5), \
+        f"sigmoid: max rel err {((sig - torch.sigmoid(pre)) / torch.sigmoid(pre)).abs().max():.3g}"
+    assert (sig[:, 0] == 1).all() and (got_of("tanh")[:, 0] == 1).all(), "sigmoid / tanh (100) round to 1 in fp32"
 
 
 def test_bad_arguments_raise_value_error():
@@ -83,7 +104,7 @@ def test_bad_arguments_raise_value_error():
         (dict(w=torch.randn(6, 4, 3, 2)), "square"),
         (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),
         (dict(bias=torch.zeros(6, dtype=torch.float64)), r"bias must be float32 \(6,\)"),
-        (dict(act="relu"), "act must be one of"),
+        (dict(act="gelu"), "act must be one of"),
         (dict(stride=0), "stride >= 1"),
         (dict(padding=-1), "padding >= 0"),
         (dict(w=torch.randn(6, 4, 5, 5)), "empty output"),

@@ -30,10 +30,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from aigc_rt.kernels import (attention, conv2d, conv_transpose, decode_attention, embedding,  # noqa: E402
                              layernorm, linear, lstm, sampling)
+from aigc_rt.kernels.utils import CONV_ACTS  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty", "slope"}
 FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
 W16 = {"w_ptr": "*bf16"}
+CONV = dict(KERNEL=4, HAS_BIAS=True, BLOCK_M=64)  # the DCGAN layers' (kernels/utils.py conv_settings)
 W8 = {"w_ptr": "*i8"}
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
 KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
@@ -135,17 +137,17 @@ VARIANTS = [
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
-     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
-     dict(KERNEL=4, HAS_BIAS=True, ACT=2, PRECISION="tf32", BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="tf32", BLOCK_N=16, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # the seed discriminator's RGB layer, 3 -> 64
-     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=16), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=16), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 64 -> 128, 128 -> 256
-     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # ... asked for in tf32
-     dict(KERNEL=4, HAS_BIAS=True, ACT=1, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="tf32", BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 256 -> 1, sigmoid: one channel in a BLOCK_N of 16
-     dict(KERNEL=4, HAS_BIAS=True, ACT=2, PRECISION="ieee", BLOCK_M=64, BLOCK_N=16, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="ieee", BLOCK_N=16, BLOCK_K=32), 8),
 ]
 
 
