@@ -314,7 +314,8 @@ def _load_arch(path, arch: str, a):
     return m
 
 
-def _imagine(g, n: int, seed: int, output: str, nrow: int) -> str:
+def _imagine(g, n: int, seed: int, output: str, nrow: int) -> tuple[str, torch.Tensor]:
+    """-> (what was written, the images (n, C, S, S))."""
     from aigc_rt.images import check_writable, save_grid
     check_writable(output)
     t0 = time.perf_counter()
@@ -322,12 +323,12 @@ def _imagine(g, n: int, seed: int, output: str, nrow: int) -> str:
     dt = time.perf_counter() - t0
     save_grid(images, output, nrow=nrow)
     return (f"wrote {output}: {n} images of {images.shape[-1]}x{images.shape[-1]} in {dt * 1e3:.0f} ms "
-            f"({n / dt:.0f} images/s, backend {g.backend.name})")
+            f"({n / dt:.0f} images/s, backend {g.backend.name})"), images
 
 
 def cmd_imagine(a):
     from aigc_rt.api import DEFAULT_IMAGE_MODEL
-    print(_imagine(_load_arch(a.model or DEFAULT_IMAGE_MODEL, "dcgan", a), a.n, a.seed, a.output, a.nrow))
+    print(_imagine(_load_arch(a.model or DEFAULT_IMAGE_MODEL, "dcgan", a), a.n, a.seed, a.output, a.nrow)[0])
 
 
 def cmd_score(a):
@@ -359,7 +360,16 @@ def cmd_demo(a):
         print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
               f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")
     os.makedirs(os.path.dirname(os.path.abspath(a.image_output)), exist_ok=True)
-    print(_imagine(_load_arch(DEFAULT_IMAGE_MODEL, "dcgan", a), 64, 0, a.image_output, 8))
+    text, images = _imagine(_load_arch(DEFAULT_IMAGE_MODEL, "dcgan", a), 64, 0, a.image_output, 8)
+    print(text)
+    d = _load_arch(DEFAULT_IMAGE_MODEL + "-d", "dcgan_d", a)  # its discriminator, the other player of the GAN
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t0 = time.perf_counter()
+    fake = d.score(images)  # (64,) D(G(z)): the probability that each generated digit is real
+    dt = time.perf_counter() - t0
+    print(f"scored by {DEFAULT_IMAGE_MODEL}-d: mean D(G(z)) {fake.mean():.3f}, uniform noise "
+          f"{d.score(noise).mean():.3f}; E[log(1 - D(G(z)))] {torch.log1p(-fake).mean():.3f} "
+          f"({len(fake) / dt:.0f} images/s, backend {d.backend.name})")
 
 
 if __name__ == "__main__":

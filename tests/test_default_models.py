@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 import torch
@@ -93,6 +94,11 @@ def test_imagine_and_demo_use_the_embedded_generator(tmp_path, capsys, monkeypat
     out = capsys.readouterr().out
     assert "tokens/s" in out and os.path.join("out", "digits.png") in out and "images/s" in out
     assert (tmp_path / "out" / "digits.png").is_file()
+    scores = re.search(r"mean D\(G\(z\)\) ([0-9.]+), uniform noise ([0-9.]+); "
+                       r"E\[log\(1 - D\(G\(z\)\)\)\] (-?[0-9.]+)", out)
+    assert scores, out
+    fake, noise, value = map(float, scores.groups())
+    assert 0 <= noise < fake <= 1 and value <= 0, out  # the digits look more real to it than noise
 
 
 def test_embedded_files_fit_the_size_budget():
