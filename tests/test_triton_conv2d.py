@@ -15,7 +15,8 @@ from aigc_rt.backends.torch_backend import CONV_ACTIVATIONS
 from aigc_rt.kernels.conv2d import conv2d, conv2d_reference
 from aigc_rt.kernels.conv_transpose import conv_transpose2d, conv_transpose2d_reference
 from aigc_rt.kernels.utils import CONV_ACTS
-from test_triton_kernels import DEV as DEVICE, pytestmark  # noqa: F401  (pytestmark: skip without a GPU/interpreter)
+from test_triton_kernels import DEV as DEVICE, ON_GPU
+from test_triton_kernels import pytestmark  # noqa: F401  (skip without a GPU/interpreter)
 
 ATOL, RTOL = 1e-4, 1e-5  # fp32 ("ieee" dot)
 SLOPE = 0.13  # leaky_relu's negative slope: not the default 0.2, so that a dropped argument shows
@@ -139,3 +140,60 @@ def test_whole_discriminator_on_the_triton_backend(variant, tmp_path, monkeypatc
     assert got.shape == want.shape == (2,) and got.dtype == torch.float32
     assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def seed_gan(tmp_path_factory):
+    """The 32x32 seed generator and discriminator (torch modules, eval mode) and their runtime files."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from dcgan_reference import randomize_batchnorm, seed_discriminator, seed_generator
+    folder = tmp_path_factory.mktemp("gan")
+    torch.manual_seed(9)
+    out = []
+    for name, module in (("g", randomize_batchnorm(seed_generator(), 10)),
+                         ("d", randomize_batchnorm(seed_discriminator(), 11))):
+        torch.save(module.state_dict(), folder / f"{name}.pt")
+        out += [module, aigc_rt.convert(folder / f"{name}.pt", folder / f"{name}.safetensors")]
+    return out
+
+
+def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
+    """The triton backend runs a DCGAN's whole forward through run_layers (one CUDA graph per model and input
+    shape on a GPU, replayed from static buffers): each call's result stays the caller's and matches the torch
+    module, across calls with other inputs and other batch sizes; fp32, atol 1e-4."""
+    g_module, g_file, d_module, d_file = seed_gan
+    g = aigc_rt.load(g_file, device=DEVICE, backend="triton")
+    d = aigc_rt.load(d_file, device=DEVICE, backend="triton")
+    gen = torch.Generator().manual_seed(12)
+    zs = [torch.randn(n, 100, generator=gen) for n in (2, 2, 3, 2)]
+    images = [g(z) for z in zs]  # all held at once
+    scores = [d(x) for x in images]
+    with torch.no_grad():
+        for z, x, p in zip(zs, images, scores):
+            want_x = g_module(z[:, :, None, None])
+            err = (x.cpu() - want_x).abs().max()
+            assert torch.allclose(x.cpu(), want_x, atol=ATOL, rtol=RTOL), f"images: max abs err {err:.3g}"
+            want_p = d_module(x.cpu())
+            err = (p.cpu() - want_p).abs().max()
+            assert torch.allclose(p.cpu(), want_p, atol=ATOL, rtol=RTOL), f"scores: max abs err {err:.3g}"
+    for m in (g, d):  # one entry per input shape: batches 2 and 3
+        assert sorted(key[2][0] for key in m.backend.layer_graphs.entries) == [2, 3]
+        assert all(key[1] is m for key in m.backend.layer_graphs.entries)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (AIGC_RT_GPU=1)")
+def test_image_model_graph_replay_equals_eager(seed_gan):
+    """On a GPU the forwards are captured, and a replay gives bitwise the eager run's images and scores."""
+    _, g_file, _, d_file = seed_gan
+    z = torch.randn(3, 100, generator=torch.Generator().manual_seed(13))
+    for file, make_input in ((g_file, lambda: z), (d_file, lambda: torch.rand(3, 3, 32, 32) * 2 - 1)):
+        m = aigc_rt.load(file, device="cuda", backend="triton")
+        assert m.backend.layer_graphs.capture
+        x = make_input().cuda()
+        first, replayed = m(x), m(x)  # eager + capture, then a replay
+        assert any(e.graph is not None for e in m.backend.layer_graphs.entries.values()), "never captured"
+        m.backend.layer_graphs.capture = False
+        m.backend.layer_graphs.entries.clear()
+        eager = m(x)
+        assert torch.equal(first, eager) and torch.equal(replayed, eager)

@@ -1,11 +1,13 @@
-"""CUDA-graph replay of a model's decode step (used by the triton backend on a GPU).
+"""CUDA-graph replay of a model's decode step, or of an image model's forward (used by the triton backend on a GPU).
 
 A capture bakes in the addresses of everything the step reads and writes, so it is keyed by them: the KV cache
 and its decode Workspace, and the step's inputs. Two kinds of steps are replayed:
 - decode(): the model's decode step on token ids, positions and lengths the caller gives (model.decode, for
   validation): they are copied into static buffers the graph reads, and its logits are a static buffer too;
 - replay(): a step that works in place on buffers that stay put, generate()'s decode + sampling on its
-  DecodeState (model.decode_sample): nothing is copied in or out.
+  DecodeState (model.decode_sample): nothing is copied in or out;
+- run(): any function of tensors, keyed by the caller: its inputs are copied into static buffers, as decode()'s
+  (a DCGAN's forward: TritonBackend.run_layers).
 The per-layer attention launches depend only on the cache's capacity (cache.max_len), never on a host-side
 length that changes per step, so one capture serves every step of a generation. A new batch size or a
 compacted cache gets its own entry, and a later generation whose buffers all land at the same addresses (the
@@ -27,7 +29,7 @@ MAX_GRAPHS = 4  # captures kept (least recently used dropped first), each with i
 
 @dataclass
 class _Entry:
-    inputs: tuple[torch.Tensor, ...] = ()  # decode(): static token ids, positions, lengths (B,) int64
+    inputs: tuple[torch.Tensor, ...] = ()  # decode() / run(): static copies of the inputs
     graph: "torch.cuda.CUDAGraph | None" = None
     out: object = None  # what the captured step returns (decode(): its logits (B, V), a static buffer)
 
@@ -43,12 +45,18 @@ class DecodeGraph:
         generation's steps. The logits are a static buffer that the next call overwrites (as the eager step's
         are)."""
         key = ("decode", step, tokens.shape[0], cache.max_len, cache.addresses(tokens.shape[0]))
+        return self.run(key, lambda *static: step(*static, cache, cache.max_len), tokens, positions, lengths)
+
+    def run(self, key: tuple, fn, *inputs: torch.Tensor):
+        """fn(*inputs) run (or replayed) on static copies of the inputs; key: everything else that decides the
+        launches, with the inputs' shapes. What fn returns is a static buffer once captured: the next call
+        overwrites it."""
         e = self._entry(key)
         if not e.inputs:
-            e.inputs = tuple(map(torch.empty_like, (tokens, positions, lengths)))
-        for static, given in zip(e.inputs, (tokens, positions, lengths)):
+            e.inputs = tuple(map(torch.empty_like, inputs))
+        for static, given in zip(e.inputs, inputs):
             static.copy_(given)
-        return self._replay(e, lambda: step(*e.inputs, cache, cache.max_len))
+        return self._replay(e, lambda: fn(*e.inputs))
 
     def replay(self, key: tuple, fn):
         """fn(): a step that reads and writes only buffers whose addresses `key` holds (with everything else

@@ -34,8 +34,10 @@ class TritonBackend(TorchBackend):
             raise ValueError(f"backend 'triton' needs a CUDA GPU, not {device} (on a CPU it runs only under "
                              f"TRITON_INTERPRET=1, set before aigc_rt.kernels is imported; slow, for tests)")
         super().__init__(device)
-        # AIGC_RT_CUDA_GRAPHS=0 runs the decode step eagerly (same static buffers, no capture)
-        self.decode_graph = DecodeGraph(capture=device.type == "cuda" and os.environ.get("AIGC_RT_CUDA_GRAPHS") != "0")
+        # AIGC_RT_CUDA_GRAPHS=0 runs the decode step and the image models eagerly (same static buffers, no capture)
+        capture = device.type == "cuda" and os.environ.get("AIGC_RT_CUDA_GRAPHS") != "0"
+        self.decode_graph = DecodeGraph(capture)
+        self.layer_graphs = DecodeGraph(capture)  # the image models' forwards, apart from the decode steps' LRU
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
@@ -85,6 +87,11 @@ class TritonBackend(TorchBackend):
         key = ("sample", step, B, cache.max_len, cache.addresses(B), state.addresses(), params)
         self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache, cache.max_len,
                                                                        params))
+
+    def run_layers(self, model, forward, x):
+        """A DCGAN's whole forward as one CUDA graph per model, input shape and dtype (a generator's 4-5 launches
+        at batch 1 cost more on the host than on the GPU); the output is cloned out of the graph's pool."""
+        return self.layer_graphs.run(("layers", model, tuple(x.shape), x.dtype), forward, x).clone()
 
     # DCGAN generator: kernels/conv_transpose.py
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:

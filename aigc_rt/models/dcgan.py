@@ -63,6 +63,9 @@ class Generator:
         if z.shape[0] < 1:
             raise ValueError("latent z holds no samples (n = 0)")
         x = z.reshape(-1, self.nz, 1, 1).to(self.device)  # (N, nz, 1, 1)
+        return self.backend.run_layers(self, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, nz, 1, 1) on the device -> images (N, C, S, S)
         for layer, act in self.layers:
             x = self.backend.conv_transpose(x, layer, act)  # (N, C_out, H_out, W_out)
         return x.contiguous()
@@ -101,9 +104,11 @@ class Discriminator:
         x = _float_input(images, "images", hint)
         if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size) or x.shape[0] < 1:
             raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
-        x = x.to(self.device)
+        return self.backend.run_layers(self, self._forward, x.to(self.device))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # images (N, C, S, S) on the device -> (N,)
         for layer, act in self.layers:
-            x = self.backend.conv2d(x, layer, act, c.leaky_slope)  # (N, C_out, H_out, W_out)
+            x = self.backend.conv2d(x, layer, act, self.config.leaky_slope)  # (N, C_out, H_out, W_out)
         return x.reshape(-1)
 
     __call__ = score
