@@ -6,8 +6,10 @@
     (utils.CONV_ACTS; the discriminator's are leaky_relu and sigmoid).
 
 Program axes 0 and 1 tile the GEMM: M = N x H_out x W_out output pixels (BLOCK_M), N = C_out (BLOCK_N),
-K = k x k taps x C_in (BLOCK_K channels of one tap per tl.dot). tl.dot needs >= 16 on every side, so a layer with
-fewer output channels (the discriminator's last, C_out = 1) runs BLOCK_N = 16 with the extra columns masked.
+K = k x k taps x C_in (BLOCK_K channels of one tap per tl.dot; with fewer than 16 input channels, an RGB layer,
+BLOCK_K of the flattened (tap, channel) dimension per tl.dot instead, so that 3 channels are not padded to 16 in
+every tap). tl.dot needs >= 16 on every side, so a layer with fewer output channels (the discriminator's last,
+C_out = 1) runs BLOCK_N = 16 with the extra columns masked.
 All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
 memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise.
 Bias and activation: utils.conv_epilogue (the sigmoid never overflows).
@@ -24,6 +26,8 @@ import triton.language as tl
 
 from .utils import CONV_ACTS, check_conv, conv_epilogue, conv_settings, conv_tap
 
+FLAT_K_BELOW = 16  # input channels under one BLOCK_K: the taps' channels are packed together (an RGB layer)
+
 
 @triton.jit
 def _conv2d_kernel(
@@ -34,7 +38,7 @@ def _conv2d_kernel(
     son, soc, soh, sow,  # out strides
     stride, padding, slope,
     KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, FLAT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -47,14 +51,27 @@ def _conv2d_kernel(
     co_ok = co < C_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # masks combine vectors only (the interpreter mistypes vector & scalar booleans): a tap's bounds are per pixel
-    for ky in range(0, KERNEL):
-        iy = oy * stride - padding + ky  # (BLOCK_M,)
-        for kx in range(0, KERNEL):
-            ix = ox * stride - padding + kx
-            row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
-            x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
-            acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
-                           PRECISION)
+    if FLAT_K:  # few input channels: K = (tap, channel) as one dimension, BLOCK_K of it per dot, no per-tap padding
+        y0, x0 = oy * stride - padding, ox * stride - padding  # (BLOCK_M,) the window's corner
+        for k0 in range(0, KERNEL * KERNEL * C_in, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+            k_ok = kk < KERNEL * KERNEL * C_in
+            ci, ky, kx = kk % C_in, kk // C_in // KERNEL, kk // C_in % KERNEL
+            iy, ix = y0[:, None] + ky[None, :], x0[:, None] + kx[None, :]  # (BLOCK_M, BLOCK_K)
+            ok = m_ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a = tl.load(x_ptr + n[:, None] * sxn + ci[None, :] * sxc + iy * sxh + ix * sxw, mask=ok, other=0.0)
+            b = tl.load(w_ptr + (ky * swh + kx * sww + ci * swi)[:, None] + co[None, :] * swo,
+                        mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+            acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+    else:
+        for ky in range(0, KERNEL):
+            iy = oy * stride - padding + ky  # (BLOCK_M,)
+            for kx in range(0, KERNEL):
+                ix = ox * stride - padding + kx
+                row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
+                x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
+                acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo,
+                               BLOCK_K, PRECISION)
     acc = conv_epilogue(acc, b_ptr, co, co_ok, slope, HAS_BIAS, ACT)
     out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
     tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
@@ -82,7 +99,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
         *x.stride(), *w.stride(), *out.stride(),
         stride, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=CONV_ACTS[act], PRECISION=input_precision, **settings,
+        ACT=CONV_ACTS[act], PRECISION=input_precision, FLAT_K=c_in < FLAT_K_BELOW, **settings,
     )
     return out
 

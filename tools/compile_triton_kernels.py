@@ -141,13 +141,13 @@ VARIANTS = [
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
      dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="tf32", BLOCK_N=16, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # the seed discriminator's RGB layer, 3 -> 64
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=16), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 64 -> 128, 128 -> 256
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # ... asked for in tf32
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="tf32", BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="tf32", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 256 -> 1, sigmoid: one channel in a BLOCK_N of 16
-     dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="ieee", BLOCK_N=16, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="ieee", FLAT_K=False, BLOCK_N=16, BLOCK_K=32), 8),
 ]
 
 
