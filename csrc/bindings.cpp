@@ -90,12 +90,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("transposed", &ConvWeights::transposed)
       .def_readonly("col2im", &ConvWeights::col2im)
       .def_readonly("im2col", &ConvWeights::im2col)
+      .def_readonly("bf16", &ConvWeights::bf16)
       .def_readonly("isa", &ConvWeights::isa);
   m.def("conv2d_prepare", &aigc_rt::cpu::conv2d_prepare,
-        "repack Conv2d weights (C_out, C_in, k, k) fp32 + bias (C_out,) for conv2d", pybind11::arg("weight"),
+        "repack Conv2d weights (C_out, C_in, k, k) fp32 or bf16 + bias (C_out,) fp32 for conv2d", pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("isa") = "auto");
   m.def("conv_transpose_prepare", &aigc_rt::cpu::conv_transpose_prepare,
-        "repack ConvTranspose2d weights (C_in, C_out, k, k) fp32 + bias (C_out,) for conv_transpose",
+        "repack ConvTranspose2d weights (C_in, C_out, k, k) fp32 or bf16 + bias (C_out,) fp32 for "
+        "conv_transpose",
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("output_padding") = 0, pybind11::arg("isa") = "auto");
   // act: none, relu, tanh, leaky_relu (negative slope `slope`, torch's default 0.01) or sigmoid

@@ -50,7 +50,8 @@ SHAPES_2D = [
 ]
 
 
-TILE_ISAS = ("avx512", "avx2")  # the conv tiles: no scalar ones
+TILE_ISAS = ("avx512_bf16", "avx512", "avx2")  # the conv tiles (avx512_bf16: native bf16 ones): no scalar ones
+LANES = {"avx512_bf16": 16, "avx512": 16, "avx2": 8}
 
 
 def tile_isa_missing(isa: str) -> str | None:
@@ -96,8 +97,18 @@ def test_tile_isa_missing_reports_only_a_missing_isa(monkeypatch):
         tile_isa_missing("avx512")
 
 
+def operands(w: torch.Tensor, x: torch.Tensor, dtype: str):
+    """(the weight to prepare, the weight and input the fp32 reference multiplies): bf16 weights are given as
+    bf16, and a bf16 layer rounds its input to bf16; the products of bf16 values are exact in fp32, so the
+    tolerances stay fp32's."""
+    if dtype == "fp32":
+        return w, w, x
+    return w.bfloat16(), w.bfloat16().float(), x.bfloat16().float()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_conv_transpose_matches_torch(shape, tile_isa):
+def test_conv_transpose_matches_torch(shape, tile_isa, dtype):
     isa = tile_isa
     n, cin, cout, h, w_, k, s, p, op = shape
     g = torch.Generator().manual_seed(sum(shape))
@@ -107,29 +118,32 @@ def test_conv_transpose_matches_torch(shape, tile_isa):
     if p < k - 1:  # where torch can: the crop-based reference is F.conv_transpose2d itself
         want = F.conv_transpose2d(x, w, b, s, p, op)
         assert torch.allclose(reference(x, w, b, s, p, op, "none"), want, atol=1e-5)
-    weights = _C.conv_transpose_prepare(w, b, s, p, op, isa)
-    assert weights.isa == isa and weights.col2im == (cout < (16 if isa == "avx512" else 8))
+    w_given, w_ref, x_ref = operands(w, x, dtype)
+    weights = _C.conv_transpose_prepare(w_given, b, s, p, op, isa)
+    assert weights.isa == isa and weights.col2im == (cout < LANES[isa]) and weights.bf16 == (dtype == "bf16")
     for act, torch_act in TORCH_ACTS.items():
-        want = torch_act(reference(x, w, b, s, p, op, "none"))
+        want = torch_act(reference(x_ref, w_ref, b, s, p, op, "none"))
         got = _C.conv_transpose(x, weights, act, SLOPE)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
             f"{act}: max abs err {(got - want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES_2D, ids=lambda s: "x".join(map(str, s)))
-def test_conv2d_matches_torch(shape, tile_isa):
+def test_conv2d_matches_torch(shape, tile_isa, dtype):
     n, cin, cout, h, w_, k, s, p = shape
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(n, cin, h, w_, generator=g)
     w = torch.randn(cout, cin, k, k, generator=g) * 2 / (cin * k * k) ** 0.5  # pre-activations of a few units
     b = torch.randn(cout, generator=g)
-    weights = _C.conv2d_prepare(w, b, s, p, tile_isa)
-    lanes = 16 if tile_isa == "avx512" else 8
+    w_given, w_ref, x_ref = operands(w, x, dtype)
+    weights = _C.conv2d_prepare(w_given, b, s, p, tile_isa)
     assert weights.isa == tile_isa and not weights.transposed and not weights.col2im
-    assert weights.im2col == (cin < lanes)  # few input channels: the inputs gathered, then one GEMM
+    assert weights.im2col == (cin < LANES[tile_isa])  # few input channels: the inputs gathered, then one GEMM
+    assert weights.bf16 == (dtype == "bf16")
     for act, torch_act in TORCH_ACTS.items():
-        want = torch_act(F.conv2d(x, w, b, s, p))
+        want = torch_act(F.conv2d(x_ref, w_ref, b, s, p))
         got = _C.conv2d(x, weights, act, SLOPE)
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
@@ -203,7 +217,7 @@ def test_conv2d_bad_arguments_raise_value_error():
     w, b = torch.randn(6, 4, 3, 3), torch.zeros(6)
     weights = _C.conv2d_prepare(w, b, 2, 1)
     cases = [
-        (lambda: _C.conv2d_prepare(w.double(), b, 2, 1), r"weight must be a float32 CPU tensor \(C_out, C_in"),
+        (lambda: _C.conv2d_prepare(w.double(), b, 2, 1), r"weight must be a float32 or bfloat16 CPU tensor \(C_out, C_in"),
         (lambda: _C.conv2d_prepare(torch.randn(6, 4, 3, 2), b, 2, 1), "kernel must be square"),
         (lambda: _C.conv2d_prepare(w, torch.zeros(4), 2, 1), "bias must be a float32 CPU tensor of 6"),
         (lambda: _C.conv2d_prepare(w, b, 0, 1), "stride >= 1"),
@@ -225,13 +239,18 @@ def test_conv2d_bad_arguments_raise_value_error():
 
 
 def test_auto_isa_follows_the_extension_switch(tile_isa):
-    """isa "auto" takes the ISA _C.set_simd_isa selected (vec.h), for every kernel of the extension at once;
-    there are no scalar tiles, so a scalar switch makes "auto" a ValueError (an explicit ISA still works)."""
+    """isa "auto" takes the ISA _C.set_simd_isa selected (vec.h), for every kernel of the extension at once, and
+    for bf16 weights the native bf16 tiles where the CPU has AVX512-BF16; there are no scalar tiles, so a scalar
+    switch makes "auto" a ValueError (an explicit ISA still works)."""
     w, b = torch.randn(4, 6, 3, 3), torch.zeros(6)
-    previous = _C.set_simd_isa(tile_isa)  # the CPU has the tiles, so it has this switch too
+    switch = "avx512" if tile_isa == "avx512_bf16" else tile_isa  # the extension's switch knows no avx512_bf16
+    previous = _C.set_simd_isa(switch)  # the CPU has the tiles, so it has this switch too
     try:
-        assert _C.conv_transpose_prepare(w, b, 2, 1, 0).isa == tile_isa
-        assert _C.conv2d_prepare(w.transpose(0, 1), b, 2, 1).isa == tile_isa
+        assert _C.conv_transpose_prepare(w, b, 2, 1, 0).isa == switch
+        assert _C.conv2d_prepare(w.transpose(0, 1), b, 2, 1).isa == switch
+        native_bf16 = tile_isa_missing("avx512_bf16") is None and switch == "avx512"
+        assert _C.conv2d_prepare(w.transpose(0, 1).bfloat16(), b, 2, 1).isa == ("avx512_bf16" if native_bf16
+                                                                                else switch)
         _C.set_simd_isa("scalar")
         with pytest.raises(ValueError, match="no scalar kernel"):
             _C.conv_transpose_prepare(w, b, 2, 1, 0)

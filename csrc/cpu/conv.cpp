@@ -50,15 +50,22 @@ using conv::TileArgs;
 constexpr int64_t kMaxKernel = 16;
 
 // The tile kernels for an ISA name. "auto" follows the extension's one ISA switch (vec.h: active_isa(), set by
-// _C.set_simd_isa); there are no scalar tiles, so below AVX2 it is a ValueError. AVX-512 tiles also need BW.
-const Isa& isa_named(const std::string& name, const char* op) {
+// _C.set_simd_isa), and for bf16 weights takes the native bf16 tiles where the CPU has AVX512-BF16; there are no
+// scalar tiles, so below AVX2 it is a ValueError. AVX-512 tiles also need BW. "avx512" and "avx2" run bf16
+// weights on emulated bf16 tiles (the same sums, two FMAs a pair).
+const Isa& isa_named(const std::string& name, const char* op, bool bf16 = false) {
   static const bool avx512 = detected_isa() == cpu::Isa::avx512 && __builtin_cpu_supports("avx512bw");
+  static const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
   static const bool avx2 = detected_isa() >= cpu::Isa::avx2;
-  AIGC_CHECK(name == "auto" || name == "avx512" || name == "avx2", op, ": unknown isa '", name,
-             "' (expected auto, avx512 or avx2)");
+  AIGC_CHECK(name == "auto" || name == "avx512_bf16" || name == "avx512" || name == "avx2", op, ": unknown isa '",
+             name, "' (expected auto, avx512_bf16, avx512 or avx2)");
   const cpu::Isa active = active_isa();
   AIGC_CHECK(name != "auto" || active != cpu::Isa::scalar,
              op, ": no scalar kernel; the active ISA (_C.set_simd_isa) must be avx2 or avx512");
+  if (name == "avx512_bf16" || (name == "auto" && bf16 && active == cpu::Isa::avx512 && avx512_bf16)) {
+    AIGC_CHECK(avx512_bf16, op, ": this CPU lacks AVX512-BF16");
+    return conv::kAvx512Bf16;
+  }
   if (name == "avx512" || (name == "auto" && active == cpu::Isa::avx512 && avx512)) {
     AIGC_CHECK(avx512, op, ": this CPU lacks AVX-512 (F, DQ, VL, BW)");
     return conv::kAvx512;
@@ -135,8 +142,22 @@ struct Geometry {
   int64_t n, cin, h, w, ho, wo;
 };
 
+// Panel `index` of the packed weights, each panel `rows` x nr: floats, or for bf16 weights ceil(rows / 2) x nr
+// pairs (conv_isa.h).
+const void* panel(const ConvWeights& wt, int64_t index, int64_t rows, int64_t nr) {
+  if (!wt.bf16) return wt.packed.data_ptr<float>() + index * rows * nr;
+  return static_cast<const uint16_t*>(wt.packed.data_ptr()) + index * ((rows + 1) / 2 * 2) * nr;
+}
+
+// The tile kernel for `rows` rows of these weights' panel width and element type.
+conv::TileFn tile_fn(const Isa& isa, const ConvWeights& wt, int rows) {
+  return wt.bf16 ? isa.tile_bf16[wt.nv][rows] : isa.tile[wt.nv][rows];
+}
+
 // The implicit GEMMs of the phases ph_y x ph_x, with the by-tap weight panels.
-void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+// TA: the input's element type, float or (bf16 weights) uint16_t holding bf16.
+template <class TA>
+void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
               float slope, const std::vector<Phase1D>& ph_y, const std::vector<Phase1D>& ph_x) {
   const int64_t k = wt.kernel, cout = wt.cout, nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   const int mr = isa.rows[wt.nv];
@@ -173,13 +194,12 @@ void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& 
   for (auto [begin, end] : phase_tiles)
     for (int64_t j = 0; j < blocks; ++j)
       for (size_t t = begin; t < end; t += kTilesPerItem) items.push_back({t, std::min(end, t + kTilesPerItem), j});
-  const std::vector<float> zeros(g.cin, 0.f);  // the input row of a tap that falls outside the image
-  const float* packed = wt.packed.data_ptr<float>();
+  const std::vector<TA> zeros(g.cin, TA(0));  // the input row of a tap that falls outside the image
   const float* bias = wt.bias.data_ptr<float>();
   const int64_t max_taps = k * k;
 #pragma omp parallel if (items.size() > 1)
   {
-    std::vector<const float*> a(max_taps * mr), b(max_taps);
+    std::vector<const void*> a(max_taps * mr), b(max_taps);
     float* c[conv::kMaxRows];
     int64_t qy[conv::kMaxRows], qx[conv::kMaxRows], nn[conv::kMaxRows];
 #pragma omp for schedule(static)
@@ -207,11 +227,11 @@ void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& 
               a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
               any |= inside;
             }
-            if (any) b[taps++] = packed + ((py.k[ty] * k + px.k[tx]) * blocks + j) * g.cin * nr;
+            if (any) b[taps++] = panel(wt, (py.k[ty] * k + px.k[tx]) * blocks + j, g.cin, nr);
           }
         const TileArgs args{taps, (int)g.cin, a.data(), b.data(), bias + j * nr, c, (int)std::min(nr, cout - j * nr),
                             act, slope};
-        isa.tile[wt.nv][rows](args);
+        tile_fn(isa, wt, rows)(args);
       }
     }
   }
@@ -220,18 +240,18 @@ void run_taps(const float* x, float* out, const Geometry& g, const ConvWeights& 
 // conv2d with few input channels: each output pixel's k*k*C_in inputs gathered into one row (zeros outside the
 // image), then the GEMM of those rows with the panels, bias and act fused. A thread gathers the rows of one tile
 // at a time into its own buffer, so they never leave its L1/L2 cache.
-void run_im2col(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+template <class TA>
+void run_im2col(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
                 float slope) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cin = g.cin, cout = wt.cout, row_len = k * k * cin;
   const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   std::vector<std::pair<int64_t, int>> runs;
   split_rows(0, g.n * g.ho * g.wo, isa.rows[wt.nv], runs);
-  const float* packed = wt.packed.data_ptr<float>();
   const float* bias = wt.bias.data_ptr<float>();
 #pragma omp parallel if (runs.size() > 1)
   {
-    std::vector<float> patches(conv::kMaxRows * row_len);
-    const float* a[conv::kMaxRows];
+    std::vector<TA> patches(conv::kMaxRows * row_len);
+    const void* a[conv::kMaxRows];
     float* c[conv::kMaxRows];
 #pragma omp for schedule(static)
     for (size_t it = 0; it < runs.size(); ++it) {
@@ -239,20 +259,20 @@ void run_im2col(const float* x, float* out, const Geometry& g, const ConvWeights
       for (int r = 0; r < rows; ++r) {
         const int64_t m = m0 + r, ox = m % g.wo, oy = (m / g.wo) % g.ho, n = m / (g.wo * g.ho);
         const int64_t ix0 = ox * s - p;
-        float* dst = patches.data() + r * row_len;
+        TA* dst = patches.data() + r * row_len;
         a[r] = dst;
         for (int64_t ky = 0; ky < k; ++ky, dst += k * cin) {  // the k taps (ky, 0..k-1)
           const int64_t iy = oy * s - p + ky;
-          const float* x_row = x + (n * g.h + iy) * g.w * cin;  // (W, C_in), when 0 <= iy < H
+          const TA* x_row = x + (n * g.h + iy) * g.w * cin;  // (W, C_in), when 0 <= iy < H
           if (iy < 0 || iy >= g.h) {
-            std::fill(dst, dst + k * cin, 0.f);
+            std::fill(dst, dst + k * cin, TA(0));
           } else if (ix0 >= 0 && ix0 + k <= g.w) {
             std::copy_n(x_row + ix0 * cin, k * cin, dst);  // inside the image: one contiguous run
           } else {
             for (int64_t kx = 0; kx < k; ++kx) {
               const int64_t ix = ix0 + kx;
               if (ix < 0 || ix >= g.w)
-                std::fill(dst + kx * cin, dst + (kx + 1) * cin, 0.f);
+                std::fill(dst + kx * cin, dst + (kx + 1) * cin, TA(0));
               else
                 std::copy_n(x_row + ix * cin, cin, dst + kx * cin);
             }
@@ -260,16 +280,17 @@ void run_im2col(const float* x, float* out, const Geometry& g, const ConvWeights
         }
       }
       for (int64_t j = 0; j < blocks; ++j) {
-        const float* b = packed + j * row_len * nr;
+        const void* b = panel(wt, j, row_len, nr);
         for (int r = 0; r < rows; ++r) c[r] = out + (m0 + r) * cout + j * nr;
         const TileArgs args{1, (int)row_len, a, &b, bias + j * nr, c, (int)std::min(nr, cout - j * nr), act, slope};
-        isa.tile[wt.nv][rows](args);
+        tile_fn(isa, wt, rows)(args);
       }
     }
   }
 }
 
-void run_col2im(const float* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+template <class TA>
+void run_col2im(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
                 float slope, float* cols) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
   const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
@@ -277,18 +298,17 @@ void run_col2im(const float* x, float* out, const Geometry& g, const ConvWeights
   const int64_t m = g.n * g.h * g.w;
   std::vector<std::pair<int64_t, int>> runs;
   split_rows(0, m, mr, runs);
-  const float* packed = wt.packed.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (runs.size() > 1)
   for (size_t it = 0; it < runs.size(); ++it) {
     const auto [m0, rows] = runs[it];
-    const float* a[conv::kMaxRows];
+    const void* a[conv::kMaxRows];
     float* c[conv::kMaxRows];
     for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
     for (int64_t j = 0; j < blocks; ++j) {
-      const float* b = packed + j * g.cin * nr;
+      const void* b = panel(wt, j, g.cin, nr);
       for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
       const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f};
-      isa.tile[wt.nv][rows](args);
+      tile_fn(isa, wt, rows)(args);
     }
   }
   // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
@@ -349,9 +369,10 @@ torch::Tensor recycled(c10::Storage& cache, at::IntArrayRef sizes, at::MemoryFor
 void check_prepare(const char* op, const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
                    int64_t padding, bool transposed) {
   const char* layout = transposed ? "(C_in, C_out, k, k)" : "(C_out, C_in, k, k)";
-  AIGC_CHECK(weight.device().is_cpu() && weight.scalar_type() == torch::kFloat32 && weight.dim() == 4, op,
-             ": weight must be a float32 CPU tensor ", layout, ", got ", weight.scalar_type(), " ", weight.sizes(),
-             " on ", weight.device());
+  AIGC_CHECK(weight.device().is_cpu() && weight.dim() == 4 &&
+                 (weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kBFloat16),
+             op, ": weight must be a float32 or bfloat16 CPU tensor ", layout, ", got ", weight.scalar_type(), " ",
+             weight.sizes(), " on ", weight.device());
   const int64_t k = weight.size(2), cout = weight.size(transposed ? 1 : 0);
   AIGC_CHECK(weight.size(3) == k, op, ": kernel must be square, got ", weight.sizes());
   AIGC_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1 && k >= 1 && k <= kMaxKernel, op, ": weight ",
@@ -364,13 +385,13 @@ void check_prepare(const char* op, const torch::Tensor& weight, const torch::Ten
              ", padding ", padding);
 }
 
-// The weights' geometry, panel width, zero-padded bias and zeroed panels in the layout its flags say (see the
-// header), filled by the caller.
+// The weights' geometry, panel width, zero-padded bias and zeroed fp32 panels in the layout its flags say (see
+// the header), filled by the caller (then, for bf16 weights, turned into pairs by to_pairs).
 ConvWeights new_weights(const torch::Tensor& bias, int64_t cin, int64_t cout, int64_t k, int64_t stride,
-                        int64_t padding, bool transposed, bool col2im, bool im2col, const Isa& isa) {
+                        int64_t padding, bool transposed, bool col2im, bool im2col, bool bf16, const Isa& isa) {
   ConvWeights wt;
   wt.cin = cin, wt.cout = cout, wt.kernel = k, wt.stride = stride, wt.padding = padding, wt.output_padding = 0;
-  wt.transposed = transposed, wt.col2im = col2im, wt.im2col = im2col, wt.isa = isa.name;
+  wt.transposed = transposed, wt.col2im = col2im, wt.im2col = im2col, wt.bf16 = bf16, wt.isa = isa.name;
   const int64_t columns = col2im ? k * k * cout : cout;
   wt.nv = choose_nv(columns, isa.lanes);
   const int64_t nr = wt.nv * isa.lanes, blocks = (columns + nr - 1) / nr;
@@ -383,18 +404,36 @@ ConvWeights new_weights(const torch::Tensor& bias, int64_t cin, int64_t cout, in
   return wt;
 }
 
-// x as channels_last float32 with the weights' channels, and its geometry (the output size left to the caller).
+// fp32 panels (..., rows, nr) -> bf16 pairs (..., ceil(rows / 2), nr, 2): rows 2i and 2i + 1 of a column side by
+// side, a zero row after an odd last one (conv_isa.h). Exact for weights that came as bf16.
+torch::Tensor to_pairs(const torch::Tensor& panels, int64_t rows) {
+  const int64_t nr = panels.size(-1);
+  torch::Tensor p = panels.reshape({-1, rows, nr});
+  if (rows % 2) p = torch::cat({p, torch::zeros({p.size(0), 1, nr}, p.options())}, 1);
+  return p.reshape({p.size(0), (rows + 1) / 2, 2, nr}).transpose(2, 3).contiguous().to(torch::kBFloat16);
+}
+
+// x as channels_last float32 (bf16 for bf16 weights: each layer rounds its input) with the weights' channels, and
+// its geometry (the output size left to the caller).
 std::pair<torch::Tensor, Geometry> input(const char* op, const torch::Tensor& x_in, const ConvWeights& wt,
                                          bool transposed) {
   AIGC_CHECK(wt.transposed == transposed, op, ": the weights were prepared by ",
              wt.transposed ? "conv_transpose_prepare" : "conv2d_prepare");
-  AIGC_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == torch::kFloat32 && x_in.dim() == 4, op,
-             ": x must be a float32 CPU tensor (N, C_in, H, W), got ", x_in.scalar_type(), " ", x_in.sizes(), " on ",
-             x_in.device());
+  AIGC_CHECK(x_in.device().is_cpu() && x_in.is_floating_point() && x_in.dim() == 4, op,
+             ": x must be a float32 (or bfloat16) CPU tensor (N, C_in, H, W), got ", x_in.scalar_type(), " ",
+             x_in.sizes(), " on ", x_in.device());
+  AIGC_CHECK(wt.bf16 || x_in.scalar_type() == torch::kFloat32, op, ": x must be float32 for float32 weights, got ",
+             x_in.scalar_type());
   AIGC_CHECK(x_in.size(1) == wt.cin, op, ": x has ", x_in.size(1), " channels, the weights take ", wt.cin);
-  torch::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  torch::Tensor x = x_in.to(wt.bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g{x.size(0), wt.cin, x.size(2), x.size(3), 0, 0};
   return {x, g};
+}
+
+// x's data as the drivers' element type: float, or the bf16 bits as uint16_t.
+template <class TA>
+const TA* data(const torch::Tensor& x) {
+  return static_cast<const TA*>(x.data_ptr());
 }
 
 }  // namespace
@@ -402,11 +441,12 @@ std::pair<torch::Tensor, Geometry> input(const char* op, const torch::Tensor& x_
 ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride, int64_t padding,
                            const std::string& isa_name) {
   check_prepare("conv2d_prepare", weight, bias, stride, padding, false);
-  const conv::Isa& isa = isa_named(isa_name, "conv2d_prepare");
+  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
+  const conv::Isa& isa = isa_named(isa_name, "conv2d_prepare", bf16);
   const int64_t cout = weight.size(0), cin = weight.size(1), k = weight.size(2);
-  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, cin < isa.lanes, isa);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, cin < isa.lanes, bf16, isa);
   const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
-  const torch::Tensor weight_c = weight.contiguous();
+  const torch::Tensor weight_c = weight.to(torch::kFloat32).contiguous();
   const auto w = weight_c.accessor<float, 4>();
   float* pk = wt.packed.data_ptr<float>();
   for (int64_t co = 0; co < cout; ++co)
@@ -415,6 +455,7 @@ ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bia
         const int64_t panel_row = wt.im2col ? (co / nr * k * k + tap) * cin + ci : (tap * blocks + co / nr) * cin + ci;
         pk[panel_row * nr + co % nr] = w[co][ci][tap / k][tap % k];
       }
+  if (bf16) wt.packed = to_pairs(wt.packed, wt.im2col ? k * k * cin : cin);
   return wt;
 }
 
@@ -424,12 +465,13 @@ ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Ten
   AIGC_CHECK(output_padding >= 0 && output_padding < stride,
              "conv_transpose_prepare: need 0 <= output_padding < stride, got output_padding ", output_padding,
              " with stride ", stride);
-  const conv::Isa& isa = isa_named(isa_name, "conv_transpose_prepare");
+  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
+  const conv::Isa& isa = isa_named(isa_name, "conv_transpose_prepare", bf16);
   const int64_t cin = weight.size(0), cout = weight.size(1), k = weight.size(2);
-  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, false, isa);
+  ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, false, bf16, isa);
   wt.output_padding = output_padding;
   const int64_t nr = wt.nv * isa.lanes, blocks = wt.packed.size(wt.col2im ? 0 : 1);
-  const torch::Tensor weight_c = weight.contiguous();
+  const torch::Tensor weight_c = weight.to(torch::kFloat32).contiguous();
   const auto w = weight_c.accessor<float, 4>();
   float* pk = wt.packed.data_ptr<float>();
   for (int64_t ci = 0; ci < cin; ++ci)
@@ -439,6 +481,7 @@ ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Ten
         const int64_t panel = wt.col2im ? col / nr : tap * blocks + col / nr;
         pk[(panel * cin + ci) * nr + col % nr] = w[ci][co][tap / k][tap % k];
       }
+  if (bf16) wt.packed = to_pairs(wt.packed, cin);
   return wt;
 }
 
@@ -453,12 +496,15 @@ torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std
   torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
   if (g.n == 0) return out;
   const conv::Isa& isa = isa_named(wt.isa, "conv2d");
-  if (wt.im2col) {
-    run_im2col(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope);
-  } else {
-    run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope, {phase_conv2d(g.ho, k, s, p)},
-             {phase_conv2d(g.wo, k, s, p)});
-  }
+  auto run = [&](auto element) {  // float, or uint16_t for bf16 inputs
+    using TA = decltype(element);
+    if (wt.im2col)
+      run_im2col(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope);
+    else
+      run_taps(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope, {phase_conv2d(g.ho, k, s, p)},
+               {phase_conv2d(g.wo, k, s, p)});
+  };
+  wt.bf16 ? run(uint16_t{}) : run(float{});
   return out;
 }
 
@@ -475,15 +521,19 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, c
   torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format);
   if (g.n == 0) return out;
   const conv::Isa& isa = isa_named(wt.isa, "conv_transpose");
-  if (wt.col2im) {
-    const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
-    torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
-    run_col2im(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope, cols.data_ptr<float>());
-  } else {
-    const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
-    run_taps(x.data_ptr<float>(), out.data_ptr<float>(), g, wt, isa, act, (float)slope,
-             phases_transposed(g.h, g.ho, k, s, p), phases_transposed(g.w, g.wo, k, s, p));
-  }
+  auto run = [&](auto element) {  // float, or uint16_t for bf16 inputs
+    using TA = decltype(element);
+    if (wt.col2im) {
+      const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
+      torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
+      run_col2im(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope, cols.data_ptr<float>());
+    } else {
+      const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
+      run_taps(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope,
+               phases_transposed(g.h, g.ho, k, s, p), phases_transposed(g.w, g.wo, k, s, p));
+    }
+  };
+  wt.bf16 ? run(uint16_t{}) : run(float{});
   return out;
 }
 

@@ -35,6 +35,13 @@ struct V256 {
     return _mm256_or_ps(_mm256_and_ps(sign, s), _mm256_andnot_ps(s, mag));
   }
   static T select_negative(T x, T a, T b) { return _mm256_blendv_ps(b, a, x); }  // by x's sign bit
+  // bf16 pairs (conv_tile.h), emulated: AVX2 has no bf16 dot product
+  static T set1_bits(uint32_t u) { return _mm256_castsi256_ps(_mm256_set1_epi32((int)u)); }
+  static T pair_hi(T x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(-65536)));
+  }
+  static T pair_lo(T x) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(x), 16)); }
+  static T dot_pairs(T acc, T a, T b) { return fmadd(pair_lo(a), pair_lo(b), fmadd(pair_hi(a), pair_hi(b), acc)); }
   // As V512::exp_nonpositive; 2^n built in the exponent bits (n >= -126 after the clamp).
   static T exp_nonpositive(T x) {
     const T keep = x;  // 0 below -87 (e^-87 ~ 1.6e-38, just above FLT_MIN): no denormals

@@ -5,6 +5,9 @@
 // One tile computes, for mr output pixels (rows) and one block of nr output channels (columns):
 //   c[r][j] = act(bias[j] + sum_t sum_i a[t * mr + r][i] * b[t][i * nr + j])     i < cin, j < n_valid
 // where t runs over the taps (input pixels) feeding the tile and a row pointer may point at zeros.
+// fp32 tiles (tile): a rows and b panels of floats. bf16 tiles (tile_bf16): a rows of bf16, b panels of bf16
+// pairs [ceil(cin / 2)][nr][2] (inputs i, i + 1 of a column side by side; a zero past an odd cin), the products
+// exact and summed in fp32 (vdpbf16ps, or the same in two FMAs where the CPU lacks AVX512-BF16); c is fp32.
 // Tests: tests/test_cpu_conv.py.
 #pragma once
 #include <cstdint>
@@ -18,9 +21,9 @@ constexpr int kMaxVectors = 4;  // nr = lanes * nv, nv in 1..kMaxVectors
 
 struct TileArgs {
   int taps;                // number of (input pixel, weight panel) pairs
-  int cin;                 // floats per input row = rows per weight panel
-  const float* const* a;   // [taps * mr] input rows
-  const float* const* b;   // [taps] weight panels, cin x nr, row-major
+  int cin;                 // elements per input row = rows per weight panel
+  const void* const* a;    // [taps * mr] input rows (float or bf16)
+  const void* const* b;    // [taps] weight panels: cin x nr floats, row-major, or bf16 pairs (see above)
   const float* bias;       // nr floats, or nullptr for none
   float* const* c;         // [mr] output rows; the first n_valid floats of each are written
   int n_valid;             // 1..nr
@@ -35,10 +38,12 @@ struct Isa {
   int lanes;                                       // floats per vector register
   int rows[kMaxVectors + 1];                       // mr of the tile kernel with nv vectors per row
   TileFn tile[kMaxVectors + 1][kMaxRows + 1];      // [nv][mr], mr in 1..rows[nv]
+  TileFn tile_bf16[kMaxVectors + 1][kMaxRows + 1];  // the same for bf16 inputs and weights
   ActFn act;
 };
 
 extern const Isa kAvx512;
+extern const Isa kAvx512Bf16;  // kAvx512 with native bf16 tiles (vdpbf16ps), for CPUs with AVX512-BF16
 extern const Isa kAvx2;
 
 }  // namespace aigc_rt::cpu::conv

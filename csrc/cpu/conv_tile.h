@@ -5,11 +5,15 @@
 // V provides: T (the register type), L (floats per register), zero(), set1(f), load(p), store(p, x),
 // store_n(p, x, n) (first n lanes), fmadd(a, b, c) = a * b + c, add, sub, mul, div, max, abs,
 // copysign(magnitude, sign), select_negative(x, a, b) (a where x's sign bit is set, else b), exp_nonpositive(x)
-// (e^x for x <= 0, 1-2 ulp, 0 below -87: never a denormal).
+// (e^x for x <= 0, 1-2 ulp, 0 below -87: never a denormal); for the bf16 tiles set1_bits(u) (u's 32 bits in
+// every lane) and dot_pairs(acc, a, b) (acc + a.hi * b.hi + a.lo * b.lo per lane, each 32-bit lane holding two
+// bf16: lo the even input, hi the odd one).
 //
 // tile<V, MR, NV>: c[r][0:nr] = act(bias + sum over taps t, i < cin of a[t][r][i] * b[t][i][0:nr]), with
 // MR x NV accumulator registers, nr = NV * L (see conv_isa.h). Tests: tests/test_cpu_conv.py.
 #pragma once
+#include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -44,25 +48,9 @@ inline typename V::T activate(typename V::T x, int act, float slope) {
   return x;
 }
 
+// c[r] = act(acc[r] + bias), the first n_valid columns written.
 template <class V, int MR, int NV>
-void tile(const TileArgs& p) {
-  constexpr int NR = NV * V::L;
-  typename V::T acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  for (int t = 0; t < p.taps; ++t) {
-    const float* b = p.b[t];
-    const float* a[MR];
-    for (int r = 0; r < MR; ++r) a[r] = p.a[t * MR + r];
-    for (int i = 0; i < p.cin; ++i, b += NR) {
-      typename V::T bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * V::L);
-      for (int r = 0; r < MR; ++r) {
-        const typename V::T av = V::set1(a[r][i]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
-      }
-    }
-  }
+inline void store_tile(typename V::T (&acc)[MR][NV], const TileArgs& p) {
   for (int v = 0; v < NV; ++v) {
     const int n = p.n_valid - v * V::L;  // lanes of this vector to write
     if (n <= 0) break;
@@ -77,6 +65,65 @@ void tile(const TileArgs& p) {
   }
 }
 
+template <class V, int MR, int NV>
+void tile(const TileArgs& p) {
+  constexpr int NR = NV * V::L;
+  typename V::T acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  for (int t = 0; t < p.taps; ++t) {
+    const float* b = static_cast<const float*>(p.b[t]);
+    const float* a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = static_cast<const float*>(p.a[t * MR + r]);
+    for (int i = 0; i < p.cin; ++i, b += NR) {
+      typename V::T bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * V::L);
+      for (int r = 0; r < MR; ++r) {
+        const typename V::T av = V::set1(a[r][i]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  store_tile<V, MR, NV>(acc, p);
+}
+
+// acc[r] += both products of pair[r] (two bf16 inputs of row r) with each column's weight pair at b.
+template <class V, int MR, int NV>
+inline void dot_step(typename V::T (&acc)[MR][NV], const uint32_t (&pair)[MR], const uint32_t* b) {
+  typename V::T bv[NV];
+  for (int v = 0; v < NV; ++v) bv[v] = V::load(reinterpret_cast<const float*>(b + v * V::L));
+  for (int r = 0; r < MR; ++r) {
+    const typename V::T av = V::set1_bits(pair[r]);
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+  }
+}
+
+// bf16 rows and pair panels: each step broadcasts inputs (i, i + 1) of a row as one 32-bit pair and adds both
+// products to every column; an odd last input is paired with a zero.
+template <class V, int MR, int NV>
+void tile_bf16(const TileArgs& p) {
+  constexpr int NR = NV * V::L;
+  typename V::T acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  const int pairs = p.cin / 2;
+  for (int t = 0; t < p.taps; ++t) {
+    const uint32_t* b = static_cast<const uint32_t*>(p.b[t]);
+    const uint16_t* a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = static_cast<const uint16_t*>(p.a[t * MR + r]);
+    uint32_t pair[MR];
+    for (int i = 0; i < pairs; ++i, b += NR) {
+      for (int r = 0; r < MR; ++r) std::memcpy(&pair[r], a[r] + 2 * i, sizeof(uint32_t));
+      dot_step<V, MR, NV>(acc, pair, b);
+    }
+    if (p.cin & 1) {
+      for (int r = 0; r < MR; ++r) pair[r] = a[r][2 * pairs];  // (a[cin - 1], 0)
+      dot_step<V, MR, NV>(acc, pair, b);
+    }
+  }
+  store_tile<V, MR, NV>(acc, p);
+}
+
 template <class V>
 void act_run(float* x, int64_t n, int act, float slope) {
   if (act == Act::kNone) return;
@@ -89,12 +136,13 @@ void act_run(float* x, int64_t n, int act, float slope) {
   }
 }
 
-// The table of tile kernels with NV vectors per row, for 1..RMAX rows (entry 0 and those above RMAX unused).
+// The tables of tile kernels with NV vectors per row, for 1..RMAX rows (entry 0 and those above RMAX unused).
 template <class V, int NV, int RMAX, int MR = 1>
-void fill_tiles(TileFn (&row)[aigc_rt::cpu::conv::kMaxRows + 1]) {
+void fill_tiles(TileFn (&row)[aigc_rt::cpu::conv::kMaxRows + 1], TileFn (&row_bf16)[aigc_rt::cpu::conv::kMaxRows + 1]) {
   if constexpr (MR <= RMAX) {
     row[MR] = &tile<V, MR, NV>;
-    fill_tiles<V, NV, RMAX, MR + 1>(row);
+    row_bf16[MR] = &tile_bf16<V, MR, NV>;
+    fill_tiles<V, NV, RMAX, MR + 1>(row, row_bf16);
   }
 }
 
@@ -107,10 +155,10 @@ Isa make_isa(const char* name) {
   isa.name = name;
   isa.lanes = V::L;
   isa.rows[1] = R1, isa.rows[2] = R2, isa.rows[3] = R3, isa.rows[4] = R4;
-  fill_tiles<V, 1, R1>(isa.tile[1]);
-  fill_tiles<V, 2, R2>(isa.tile[2]);
-  fill_tiles<V, 3, R3>(isa.tile[3]);
-  fill_tiles<V, 4, R4>(isa.tile[4]);
+  fill_tiles<V, 1, R1>(isa.tile[1], isa.tile_bf16[1]);
+  fill_tiles<V, 2, R2>(isa.tile[2], isa.tile_bf16[2]);
+  fill_tiles<V, 3, R3>(isa.tile[3], isa.tile_bf16[3]);
+  fill_tiles<V, 4, R4>(isa.tile[4], isa.tile_bf16[4]);
   isa.act = &act_run<V>;
   return isa;
 }

@@ -81,6 +81,7 @@ struct __attribute__((visibility("hidden"))) ConvWeights {  // Conv2d or ConvTra
   bool transposed;             // prepared by conv_transpose_prepare (else conv2d_prepare)
   bool col2im;                 // transposed, few output channels: GEMM over input pixels, then col2im
   bool im2col;                 // conv2d, few input channels: inputs gathered, then one GEMM
+  bool bf16;                   // bf16 weights (packed as pairs) and inputs (rounded on the way in), fp32 sums
   std::string isa;             // "avx512" or "avx2"
   mutable c10::Storage out_cache, scratch_cache;  // recycled buffers (conv.cpp: recycled)
 };
