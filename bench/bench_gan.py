@@ -1,15 +1,16 @@
 """DCGAN generators and discriminators, images/s and GFLOP/s in one run: torch eager, torch.compile (default, and
-with inductor's freezing pass) and aigc_rt's cpu backend on the CPU; on a GPU (when there is one) Triton vs cuDNN
-(torch eager) and torch.compile. The 32x32 seed generator (0.036 GFLOP/image) and discriminator (0.035), the 64x64
-tutorial generator (0.209) and discriminator (0.208), batch 1 and 64, random weights with non-trivial BatchNorm
-statistics (the runtime folds them; torch runs the eval-mode module). A generator maps z (N, 100, 1, 1) to images,
-a discriminator images (N, 3, S, S) in [-1, 1] to probabilities (N,).
+with inductor's freezing pass) and aigc_rt's cpu backend on the CPU, and aigc_rt's bf16 files against the module
+in bf16; on a GPU (when there is one) Triton vs cuDNN (torch eager) and torch.compile. The 32x32 seed generator
+(0.036 GFLOP/image) and discriminator (0.035), the 64x64 tutorial generator (0.209) and discriminator (0.208),
+batch 1 and 64, random weights with non-trivial BatchNorm statistics (the runtime folds them; torch runs the
+eval-mode module). A generator maps z (N, 100, 1, 1) to images, a discriminator images (N, 3, S, S) in [-1, 1] to
+probabilities (N,).
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_gan.py --benchmark-enable
 
-Every runtime is checked against the eval-mode module (fp32 atol 1e-4) before it is timed. At the end the run
-prints one table (median images/s, GFLOP/s, ratios to eager and to torch.compile) and writes it to
-bench/results/gan_<device>.md.
+Every runtime is checked against the eval-mode fp32 module (fp32: atol 1e-4; bf16: atol 0.05) before it is timed.
+At the end the run prints the tables (median images/s, GFLOP/s, ratios to eager and to torch.compile; bf16 to
+the module in bf16 and to both fp32 runs) and writes them to bench/results/gan_<device>.md.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def models(tmp_path_factory):
         module = randomize_batchnorm(make(), seed=i)
         folder = tmp_path_factory.mktemp(name)
         torch.save(module.state_dict(), folder / "m.pt")
-        out[name] = (module, aigc_rt.convert(folder / "m.pt", folder / "m.safetensors"))
+        out[name] = (module, {dtype: aigc_rt.convert(folder / "m.pt", folder / f"m-{dtype}.safetensors", dtype=dtype)
+                              for dtype in ("fp32", "bf16")})
     return out
 
 
@@ -58,11 +60,14 @@ def _input(arch: str, batch: int) -> torch.Tensor:
     return torch.randn(batch, 100, 1, 1, generator=g)
 
 
-def _runner(impl: str, module, path, device, z):
+def _runner(impl: str, module, paths, device, z):
     """-> the module's forward for the implementation (compiled ones compile for z's shape here): z -> images for a
     generator, images -> probabilities for a discriminator (aigc_rt's Discriminator is called as score)."""
     if impl == "eager":
         return module.to(device)
+    if impl == "eager-bf16":  # the module in bf16 (oneDNN's bf16 convolutions), fed and read in fp32
+        bf16 = copy.deepcopy(module).to(device, torch.bfloat16)
+        return lambda x: bf16(x.bfloat16()).float()
     if impl == "compile":
         return torch.compile(module.to(device), dynamic=False)
     if impl == "compile-freezing":  # inductor's freezing pass: BatchNorm folded, weights prepacked (oneDNN)
@@ -71,19 +76,20 @@ def _runner(impl: str, module, path, device, z):
         with torch._inductor.config.patch(freezing=True), torch.inference_mode():
             compiled(z)  # the config is read when the graph compiles, at the first call
         return compiled
-    if impl == "aigc_rt-cpu":
-        return aigc_rt.load(path, backend="cpu")
-    return aigc_rt.load(path, device=device, backend="triton")
+    if impl.startswith("aigc_rt-cpu"):
+        return aigc_rt.load(paths["bf16" if impl.endswith("bf16") else "fp32"], backend="cpu")
+    return aigc_rt.load(paths["fp32"], device=device, backend="triton")
 
 
 def _bench(benchmark, models, impl, arch, batch, device):
-    module, path = models[arch]
+    module, paths = models[arch]
     z = _input(arch, batch).to(device)
-    run = _runner(impl, module, path, device, z)
+    run = _runner(impl, module, paths, device, z)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
         want, got = module.to(device)(z), run(z)  # also the compile / autotune warm-up
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), f"max abs err {(got - want).abs().max():.3g}"
+        atol, rtol = (0.05, 0) if impl.endswith("bf16") else (1e-4, 1e-5)  # bf16: vs the fp32 module
+        assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max abs err {(got - want).abs().max():.3g}"
 
         def call():
             run(z)
@@ -96,7 +102,8 @@ def _bench(benchmark, models, impl, arch, batch, device):
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("impl", ["eager", "compile", "compile-freezing", "aigc_rt-cpu"])
+@pytest.mark.parametrize("impl", ["eager", "compile", "compile-freezing", "aigc_rt-cpu", "eager-bf16",
+                                  "aigc_rt-cpu-bf16"])
 def test_cpu_dcgan(benchmark, models, impl, arch, batch):
     benchmark.group = f"dcgan-cpu {arch} batch {batch}"
     _bench(benchmark, models, impl, arch, batch, "cpu")
@@ -125,17 +132,29 @@ def _device_name(device: str) -> str:
 def _table(device: str) -> str:
     ours = "aigc_rt-cpu" if device == "cpu" else "triton"
     impls = ("eager", "compile", "compile-freezing", ours) if device == "cpu" else ("eager", "compile", ours)
+    return _rows(device, impls, [(ours, i) for i in impls[:-1]])
+
+
+def _bf16_table() -> str:
+    """bf16 files on the cpu backend against torch's module in bf16, and against both fp32 runs."""
+    return _rows("cpu", ("eager-bf16", "aigc_rt-cpu-bf16"), [("aigc_rt-cpu-bf16", "eager-bf16"),
+                                                              ("aigc_rt-cpu-bf16", "eager"),
+                                                              ("aigc_rt-cpu-bf16", "aigc_rt-cpu")])
+
+
+def _rows(device: str, impls: tuple[str, ...], ratios: list[tuple[str, str]]) -> str:
+    """A markdown table: images/s (GFLOP/s) per impl, then the speed ratios a / b, per arch and batch."""
     rows = [f"| arch | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in impls)} | "
-            + " | ".join(f"{ours} / {i}" for i in impls[:-1]) + " |", "|---" * (2 * len(impls) + 1) + "|"]
+            + " | ".join(f"{a} / {b}" for a, b in ratios) + " |", "|---" * (2 + len(impls) + len(ratios)) + "|"]
     for arch, make in ARCHS.items():
         gflop = gflop_per_image(make())
         for batch in BATCHES + ((1024,) if device == "cuda" else ()):
-            t = {impl: RESULTS.get((device, impl, arch, batch)) for impl in impls}
+            t = {impl: RESULTS.get((device, impl, arch, batch)) for impl in {*impls, *(i for r in ratios for i in r)}}
             if None in t.values():
                 continue
-            cells = [f"{batch / s:,.0f} ({batch / s * gflop:,.0f})" for s in t.values()]
-            ratios = [f"{t[i] / t[ours]:.2f}x" for i in impls[:-1]]
-            rows.append(f"| {arch} | {batch} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+            cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * gflop:,.0f})" for i in impls]
+            rows.append(f"| {arch} | {batch} | {' | '.join(cells)} | "
+                        + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios) + " |")
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
@@ -145,9 +164,13 @@ def teardown_module():
         if not table:
             continue
         name = _device_name(device)
-        text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
+        text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch "
+                f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
                 f"(bench/bench_gan.py).\n\n{table}\n")
+        bf16 = _bf16_table() if device == "cpu" else ""
+        if bf16:
+            text += (f"\nbf16 files (bf16 weights, each layer's input rounded to bf16, fp32 sums) against torch's "
+                     f"module in bf16 and both fp32 runs:\n\n{bf16}\n")
         print("\n" + text)
         os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
         slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -128,6 +128,39 @@ def test_matches_the_torch_module_in_eval_mode(variant, backend):
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
 
 
+def _inputs(arch: str, size: int, n: int = 3):
+    g = torch.Generator().manual_seed(7)
+    if arch == "dcgan":
+        return torch.randn(n, 100, generator=g)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_bf16_files(variant, backend, tmp_path):
+    """dtype="bf16": the folded weights rounded to bf16 (biases fp32), half the file. Every layer multiplies them
+    with its input rounded to bf16 and sums the exact products in fp32 (one layer: the same numbers as the torch
+    backend to fp32 tolerances, tests/test_cpu_conv.py). Over 4-5 layers a last-bit difference in one layer's fp32
+    sums can round the next layer's input to the neighbouring bf16 value (2^-8 relative), so whole models agree
+    with the torch backend to atol 1e-2, and with the fp32 module to atol 0.05."""
+    name, module, src, dst = variant
+    _, _, arch, size = VARIANTS[name]
+    bf16 = aigc_rt.convert(src, tmp_path / "bf16.safetensors", dtype="bf16")
+    assert os.path.getsize(bf16) < 0.55 * os.path.getsize(dst)
+    info = fmt.read(bf16, archs.expected)
+    assert info.dtype == "bf16"
+    assert all(t.dtype == (torch.bfloat16 if k.endswith("weight") else torch.float32) for k, t in info.tensors.items())
+    x = _inputs(arch, size)
+    run = (lambda m: m(x)) if arch == "dcgan" else (lambda m: m.score(x))
+    want = run(aigc_rt.load(bf16, backend="torch"))
+    got = run(aigc_rt.load(bf16, backend=backend))
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-2), f"vs the torch backend: {(got - want).abs().max():.3g}"
+    with torch.no_grad():
+        fp32 = module(x[:, :, None, None] if arch == "dcgan" else x).reshape(got.shape)
+    assert torch.allclose(got, fp32, atol=0.05), f"vs the fp32 module: {(got - fp32).abs().max():.3g}"
+    assert not torch.allclose(got, fp32, atol=1e-6), "bf16 weights left the output unchanged: not rounded?"
+
+
 def test_forced_arch(seed_gan, tmp_path):
     g_module, g_file, _, _ = seed_gan
     src = tmp_path / "g.pt"
@@ -137,8 +170,8 @@ def test_forced_arch(seed_gan, tmp_path):
         aigc_rt.convert(src, tmp_path / "b.safetensors", arch="dcgan64")
     with pytest.raises(aigc_rt.FormatError, match="do not chain as a DCGAN discriminator"):
         aigc_rt.convert(src, tmp_path / "c.safetensors", arch="dcgan_d")
-    with pytest.raises(ValueError, match="fp32"):
-        aigc_rt.convert(src, tmp_path / "d.safetensors", dtype="bf16")
+    with pytest.raises(ValueError, match="fp32 or bf16 weights; dtype='int8' is not supported"):
+        aigc_rt.convert(src, tmp_path / "d.safetensors", dtype="int8")
 
 
 def test_cli_convert_arch(tmp_path, capsys):

@@ -197,3 +197,16 @@ def test_image_model_graph_replay_equals_eager(seed_gan):
         m.backend.layer_graphs.entries.clear()
         eager = m(x)
         assert torch.equal(first, eager) and torch.equal(replayed, eager)
+
+
+def test_bf16_discriminator_on_the_triton_backend(seed_gan, tmp_path):
+    """A bf16 file on the triton backend: the fp32 kernels on the bf16 weights' exact values with each layer's
+    input rounded to bf16 (conv_input), the torch backend's arithmetic; over the layers a last-bit difference may
+    round an input to the neighbouring bf16 value, hence atol 1e-2 (tests/test_dcgan.py test_bf16_files)."""
+    _, _, d_module, _ = seed_gan
+    torch.save(d_module.state_dict(), tmp_path / "d.pt")
+    path = aigc_rt.convert(tmp_path / "d.pt", tmp_path / "d-bf16.safetensors", dtype="bf16")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(14)) * 2 - 1
+    got = aigc_rt.load(path, device=DEVICE, backend="triton").score(images.to(DEVICE)).cpu()
+    want = aigc_rt.load(path, backend="torch").score(images)
+    assert torch.allclose(got, want, atol=1e-2), f"max abs err {(got - want).abs().max():.3g}"

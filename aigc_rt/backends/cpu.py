@@ -163,15 +163,21 @@ class CpuBackend(TorchBackend):
 
     # DCGAN: the generator's transposed convs and the discriminator's convs on csrc/cpu/conv.cpp (activations stay
     # channels_last between layers)
+    # (bf16 weights stay bf16: the C++ ops then round each input to bf16 and multiply on bf16 tiles)
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
-        return _C.conv_transpose_prepare(weight.float().contiguous(), bias.float().contiguous(), stride, padding,
+        return _C.conv_transpose_prepare(_conv_weight(weight), bias.float().contiguous(), stride, padding,
                                          output_padding)
 
     def conv_transpose(self, x, layer, act):
         return _C.conv_transpose(x, layer, act)
 
     def prepare_conv2d(self, weight, bias, stride, padding):
-        return _C.conv2d_prepare(weight.float().contiguous(), bias.float().contiguous(), stride, padding)
+        return _C.conv2d_prepare(_conv_weight(weight), bias.float().contiguous(), stride, padding)
 
     def conv2d(self, x, layer, act, leaky_slope=0.2):
         return _C.conv2d(x, layer, act, leaky_slope)
+
+
+def _conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A convolution's weight as the C++ ops take it: bf16 kept as bf16, anything else as fp32."""
+    return weight.contiguous() if weight.dtype == torch.bfloat16 else weight.float().contiguous()

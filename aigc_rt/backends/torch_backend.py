@@ -60,6 +60,12 @@ class Conv:
     stride: int
     padding: int
     output_padding: int = 0  # transposed convs only
+    bf16: bool = False  # bf16 weights (held here as their exact fp32 values): the input is rounded to bf16 first
+
+
+def conv_input(x: torch.Tensor, layer: Conv) -> torch.Tensor:
+    """A layer's input as it multiplies it: rounded to bf16 (and back to fp32) for bf16 weights."""
+    return x.bfloat16().float() if layer.bf16 else x
 
 
 CONV_ACTIVATIONS = {  # the DCGAN layers' activations: act(y, leaky slope)
@@ -203,23 +209,25 @@ class TorchBackend:
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,
                                output_padding: int) -> Conv:
         return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
-                    output_padding)
+                    output_padding, weight.dtype == torch.bfloat16)
 
     def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str) -> torch.Tensor:
         """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32, with
         H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh"."""
         with fp32_convolutions():
-            y = F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.output_padding)
+            y = F.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding,
+                                   layer.output_padding)
         return CONV_ACTIVATIONS[act](y, None)
 
     def prepare_conv2d(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> Conv:
-        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding)
+        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
+                    bf16=weight.dtype == torch.bfloat16)
 
     def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2) -> torch.Tensor:
         """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32; act "none",
         "leaky_relu" (negative slope leaky_slope) or "sigmoid"."""
         with fp32_convolutions():
-            y = F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+            y = F.conv2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding)
         return CONV_ACTIVATIONS[act](y, leaky_slope)
 
     def sample(self, logits: torch.Tensor, params: SamplingParams, u: torch.Tensor,

@@ -9,6 +9,7 @@ A pre-norm block takes four launches besides attention: the residual adds run in
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -17,7 +18,7 @@ from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embe
                        sampling)
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
-from .torch_backend import Conv, Linear, TorchBackend
+from .torch_backend import Conv, Linear, TorchBackend, conv_input
 
 # Rows up to which a LayerNorm runs in the prologue of the linear after it (every program normalises its rows
 # again: free beside the weights it streams for a decode step's few rows; a prefill normalises once, apart)
@@ -98,21 +99,24 @@ class TritonBackend(TorchBackend):
         layer = super().prepare_conv_transpose(weight, bias, stride, padding, output_padding)
         # logically (C_in, C_out, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
         w = layer.weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
-        return Conv(w, layer.bias.contiguous(), stride, padding, output_padding)
+        return dataclasses.replace(layer, weight=w, bias=layer.bias.contiguous())
 
+    # bf16 weights: the fp32 kernels on their exact values and the input rounded to bf16 (conv_input), the same
+    # arithmetic as the cpu backend's bf16 tiles, without their speed
     def conv_transpose(self, x, layer: Conv, act):
-        return conv_transpose.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
-                                               layer.output_padding, act)
+        return conv_transpose.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride,
+                                               layer.padding, layer.output_padding, act)
 
     # DCGAN discriminator: kernels/conv2d.py
     def prepare_conv2d(self, weight, bias, stride, padding) -> Conv:
         layer = super().prepare_conv2d(weight, bias, stride, padding)
         # logically (C_out, C_in, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
         w = layer.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-        return Conv(w, layer.bias.contiguous(), stride, padding)
+        return dataclasses.replace(layer, weight=w, bias=layer.bias.contiguous())
 
     def conv2d(self, x, layer: Conv, act, leaky_slope=0.2):
-        return conv2d.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, act, leaky_slope)
+        return conv2d.conv2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding, act,
+                             leaky_slope)
 
 
 def _eager(step, *args):

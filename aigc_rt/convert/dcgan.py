@@ -204,14 +204,21 @@ def _describe(src: str, variant: str | None) -> tuple[str, DCGANConfig, list[_Co
     return role, config, convs
 
 
+DTYPES = ("fp32", "bf16")  # bf16: the (BatchNorm-folded) weights rounded to bf16, biases fp32
+
+
 def convert_dcgan(src: str, dtype: str, variant: str | None = None):
-    """-> (runtime arch, config dict, tensors). variant: a VARIANTS key, None to read it from the shapes."""
-    if dtype != "fp32":
-        raise ValueError(f"DCGAN runtime files hold fp32 weights; dtype={dtype!r} is not supported")
+    """-> (runtime arch, config dict, tensors). variant: a VARIANTS key, None to read it from the shapes.
+    dtype "bf16": weights in bf16 (folded in fp32 first, then rounded), which the runtime multiplies with each
+    layer's input rounded to bf16, summing in fp32 (models/dcgan.py)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"DCGAN runtime files hold fp32 or bf16 weights; dtype={dtype!r} is not supported")
     role, config, convs = _describe(src, variant)
     tensors = {}
     for i, c in enumerate(convs):
-        tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"] = _fold(c, config.transposed)
+        weight, bias = _fold(c, config.transposed)
+        tensors[f"layers.{i}.weight"] = weight.bfloat16() if dtype == "bf16" else weight
+        tensors[f"layers.{i}.bias"] = bias
     return role, config.to_dict(), tensors
 
 

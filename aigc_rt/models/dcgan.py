@@ -5,6 +5,8 @@ Generator (arch "dcgan"): z (N, nz) -> x = z as (N, nz, 1, 1); for each layer x 
 x = act(conv2d(x)) -> (N, 1, 1, 1) sigmoid probabilities. BatchNorm is folded into every layer's weight and
 bias by the converter (convert/dcgan.py). Between layers a backend may keep activations in any memory format
 (the cpu backend uses channels_last); the logical shapes are always (N, C, H, W).
+A bf16 file holds bf16 weights: every layer then multiplies them with its input rounded to bf16, summing the
+(exact) products in fp32, and hands on an fp32 output (backends: prepare_conv* see the weight's dtype).
 """
 from __future__ import annotations
 
@@ -13,15 +15,18 @@ import torch
 from ..config import DCGANConfig, DCGANDiscriminatorConfig
 from ..errors import FormatError
 
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 def expected_tensors(c: DCGANConfig, dtype: str):
-    """Weights in torch's layouts (ConvTranspose2d [in, out, k, k]; Conv2d [out, in, k, k]); fp32 biases."""
-    if dtype != "fp32":
-        raise FormatError(f"DCGAN files hold fp32 weights, not {dtype}")
+    """Weights in torch's layouts (ConvTranspose2d [in, out, k, k]; Conv2d [out, in, k, k]), fp32 or bf16;
+    fp32 biases."""
+    if dtype not in WEIGHT_DTYPES:
+        raise FormatError(f"DCGAN files hold fp32 or bf16 weights, not {dtype}")
     spec = {}
     for i, layer in enumerate(c.layers):
         io = (layer.c_in, layer.c_out) if c.transposed else (layer.c_out, layer.c_in)
-        spec[f"layers.{i}.weight"] = ((*io, layer.kernel, layer.kernel), torch.float32)
+        spec[f"layers.{i}.weight"] = ((*io, layer.kernel, layer.kernel), WEIGHT_DTYPES[dtype])
         spec[f"layers.{i}.bias"] = ((layer.c_out,), torch.float32)
     return spec
 
