@@ -347,16 +347,17 @@ void run_col2im(const TA* x, float* out, const Geometry& g, const ConvWeights& w
   }
 }
 
-// A float32 tensor of this shape and format on the storage `cache` if that has exactly its size and no one else
+// A tensor of this shape, format and dtype on the storage `cache` if that has exactly its size and no one else
 // holds it (a returned tensor or a view of it), else on a new storage that becomes the cache: a layer's output
 // buffer is recycled once the caller has dropped the previous one, so a steady stream of same-size batches allocates
 // nothing (fresh large allocations cost a page fault per 4 KiB). Only the storage is cached, never a tensor:
 // the returned tensor is the caller's alone (torch keeps a Python tensor's C++ half alive while C++ holds it).
-torch::Tensor recycled(c10::Storage& cache, at::IntArrayRef sizes, at::MemoryFormat format) {
-  const auto options = torch::dtype(torch::kFloat32);
-  const int64_t bytes = c10::multiply_integers(sizes) * (int64_t)sizeof(float);
+torch::Tensor recycled(c10::Storage& cache, at::IntArrayRef sizes, at::MemoryFormat format,
+                       torch::ScalarType dtype = torch::kFloat32) {
+  const auto options = torch::dtype(dtype);
+  const int64_t itemsize = (int64_t)c10::elementSize(dtype), bytes = c10::multiply_integers(sizes) * itemsize;
   if (!cache || cache.use_count() != 1 || (int64_t)cache.nbytes() != bytes) {
-    cache = torch::empty({bytes / (int64_t)sizeof(float)}, options).storage();
+    cache = torch::empty({bytes / itemsize}, options).storage();
   }
   const c10::DimVector strides = format == at::MemoryFormat::ChannelsLast
                                      ? c10::DimVector(c10::get_channels_last_strides_2d(sizes))
@@ -425,7 +426,18 @@ std::pair<torch::Tensor, Geometry> input(const char* op, const torch::Tensor& x_
   AIGC_CHECK(wt.bf16 || x_in.scalar_type() == torch::kFloat32, op, ": x must be float32 for float32 weights, got ",
              x_in.scalar_type());
   AIGC_CHECK(x_in.size(1) == wt.cin, op, ": x has ", x_in.size(1), " channels, the weights take ", wt.cin);
-  torch::Tensor x = x_in.to(wt.bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous(at::MemoryFormat::ChannelsLast);
+  const torch::Tensor dense = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  torch::Tensor x = dense;
+  if (wt.bf16 && dense.scalar_type() == torch::kFloat32) {  // rounded in parallel into a recycled buffer (torch's
+    x = recycled(wt.in_cache, dense.sizes(), at::MemoryFormat::ChannelsLast, torch::kBFloat16);  // .to(): ~4x slower)
+    const float* src = dense.data_ptr<float>();
+    uint16_t* dst = static_cast<uint16_t*>(x.data_ptr());
+    const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+  } else if (dense.scalar_type() != (wt.bf16 ? torch::kBFloat16 : torch::kFloat32)) {
+    x = dense.to(wt.bf16 ? torch::kBFloat16 : torch::kFloat32);
+  }
   const Geometry g{x.size(0), wt.cin, x.size(2), x.size(3), 0, 0};
   return {x, g};
 }

@@ -107,12 +107,6 @@ MicroKernel kernel_for(LinearIsa isa, WeightType t) {
 }
 
 // -- activations --------------------------------------------------------------------------------------
-inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's .to(torch.bfloat16)
-  const uint32_t b = std::bit_cast<uint32_t>(f);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-}
-
 // Quantise x[0:len] (len <= kInt8Block) to int8: s = max|x| / 127, q = round(x * 127 / max|x|) (half to
 // even, |q| <= 127), q = 0 past len. A block holding NaN/inf gets s = NaN (and q = 0), so the non-finite
 // value reaches the output. Returns sum(q).

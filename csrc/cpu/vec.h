@@ -52,6 +52,13 @@ struct Bf16 {
   uint16_t bits;
 };
 
+// fp32 -> bf16 bits, rounding to nearest even as torch's .to(torch.bfloat16); NaN stays a (quiet) NaN.
+inline uint16_t to_bf16(float f) {
+  const uint32_t b = std::bit_cast<uint32_t>(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
 // The first n (< W) values of p followed by zeros, for a tail load that must not read past p[n - 1].
 template <int W>
 inline std::array<Bf16, W> padded(const Bf16* p, int n) {
