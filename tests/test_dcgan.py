@@ -115,20 +115,16 @@ def test_matches_the_torch_module_in_eval_mode(variant, backend):
     name, module, _, dst = variant
     _, _, arch, size = VARIANTS[name]
     m = aigc_rt.load(dst, backend=backend)
-    g = torch.Generator().manual_seed(7)
+    x = _inputs(arch, size)
     with torch.no_grad():
-        if arch == "dcgan":
-            z = torch.randn(3, 100, generator=g)
-            want, got = module(z[:, :, None, None]), m(z)
-        else:
-            x = torch.rand(3, 3, size, size, generator=g) * 2 - 1
-            want, got = module(x), m.score(x)
+        want, got = module(x[:, :, None, None] if arch == "dcgan" else x), m(x)  # a discriminator's m(x) is score
     assert got.shape == want.shape and got.dtype == torch.float32
     assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
 
 
 def _inputs(arch: str, size: int, n: int = 3):
+    """n latents (n, 100) for a generator, n images (n, 3, size, size) in [-1, 1] for a discriminator."""
     g = torch.Generator().manual_seed(7)
     if arch == "dcgan":
         return torch.randn(n, 100, generator=g)
@@ -150,9 +146,8 @@ def test_bf16_files(variant, backend, tmp_path):
     assert info.dtype == "bf16"
     assert all(t.dtype == (torch.bfloat16 if k.endswith("weight") else torch.float32) for k, t in info.tensors.items())
     x = _inputs(arch, size)
-    run = (lambda m: m(x)) if arch == "dcgan" else (lambda m: m.score(x))
-    want = run(aigc_rt.load(bf16, backend="torch"))
-    got = run(aigc_rt.load(bf16, backend=backend))
+    want = aigc_rt.load(bf16, backend="torch")(x)  # a discriminator's __call__ is score
+    got = aigc_rt.load(bf16, backend=backend)(x)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-2), f"vs the torch backend: {(got - want).abs().max():.3g}"
     with torch.no_grad():
