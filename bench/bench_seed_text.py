@@ -61,24 +61,17 @@ def systems_for(arch: str, device: str) -> tuple[str, ...]:
 
 
 class CudaProbe:
-    """Device read bandwidth in GB/s (a sum over 2 GiB of fp32, median of CUDA-event timings), called as
-    BandwidthProbe is: probe(repeats)."""
+    """Device read bandwidth in GB/s (a sum over 2 GiB of fp32, median of CUDA-event timings: gpu_decode's), called
+    as BandwidthProbe is: probe(repeats). The buffer stays allocated between probes."""
 
     def __init__(self, gib: int = 2):
         self.bytes = gib << 30
         self.ones = torch.ones(self.bytes // 4, device="cuda")
 
     def __call__(self, repeats: int = 7) -> float:
-        times = []
+        from gpu_decode import event_seconds  # bench/, beside this script
         self.ones.sum()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.ones.sum()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return self.bytes / sorted(times)[len(times) // 2] / 1e9
+        return self.bytes / event_seconds(self.ones.sum, repeats) / 1e9
 
 
 def arch_of(config) -> str:
