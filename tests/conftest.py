@@ -1,8 +1,9 @@
 """Shared fixtures: tiny random-init Hugging Face GPT-2 checkpoints (with a byte-level BPE tokenizer
-trained on the fly) standing in for real ones, and their converted runtime files."""
+trained on the fly) standing in for real ones, and their converted runtime files; the seed DCGAN, converted."""
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("AIGC_RT_GPU") else "1")
 
@@ -98,3 +99,18 @@ def gpu_settings(monkeypatch):
     for module, name in ((attention, "attention_settings"), (decode_attention, "decode_settings"),
                          (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings")):
         monkeypatch.setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))
+
+
+@pytest.fixture(scope="session")
+def seed_gan(tmp_path_factory):
+    """The 32x32 seed DCGAN (tools/dcgan_reference.py) with non-trivial BatchNorm statistics, converted:
+    (G module, G file, D module, D file); tests/test_dcgan.py, tests/test_triton_conv2d.py."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from dcgan_reference import randomize_batchnorm, seed_discriminator, seed_generator
+    folder = tmp_path_factory.mktemp("seed_gan")
+    torch.manual_seed(5)
+    g, d = randomize_batchnorm(seed_generator(), 1), randomize_batchnorm(seed_discriminator(), 2)
+    torch.save(g.state_dict(), folder / "g.pt")
+    torch.save(d.state_dict(), folder / "d.pt")
+    return g, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"), d, \
+        aigc_rt.convert(folder / "d.pt", folder / "d.safetensors")

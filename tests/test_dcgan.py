@@ -63,18 +63,6 @@ def variant(request, tmp_path_factory):
     return request.param, module, src, dst
 
 
-@pytest.fixture(scope="module")
-def seed_gan(tmp_path_factory):
-    """The 32x32 seed generator and discriminator, converted: (G module, G file, D module, D file)."""
-    folder = tmp_path_factory.mktemp("seed_gan")
-    torch.manual_seed(5)
-    g, d = randomize_batchnorm(seed_generator(), 1), randomize_batchnorm(seed_discriminator(), 2)
-    torch.save(g.state_dict(), folder / "g.pt")
-    torch.save(d.state_dict(), folder / "d.pt")
-    return g, aigc_rt.convert(folder / "g.pt", folder / "g.safetensors"), d, \
-        aigc_rt.convert(folder / "d.pt", folder / "d.safetensors")
-
-
 def test_converter_reads_the_variant_from_the_shapes(variant):
     name, module, src, dst = variant
     _, _, arch, size = VARIANTS[name]

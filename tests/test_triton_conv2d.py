@@ -142,21 +142,6 @@ def test_whole_discriminator_on_the_triton_backend(variant, tmp_path, monkeypatc
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
 
 
-@pytest.fixture(scope="module")
-def seed_gan(tmp_path_factory):
-    """The 32x32 seed generator and discriminator (torch modules, eval mode) and their runtime files."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-    from dcgan_reference import randomize_batchnorm, seed_discriminator, seed_generator
-    folder = tmp_path_factory.mktemp("gan")
-    torch.manual_seed(9)
-    out = []
-    for name, module in (("g", randomize_batchnorm(seed_generator(), 10)),
-                         ("d", randomize_batchnorm(seed_discriminator(), 11))):
-        torch.save(module.state_dict(), folder / f"{name}.pt")
-        out += [module, aigc_rt.convert(folder / f"{name}.pt", folder / f"{name}.safetensors")]
-    return out
-
-
 def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
     """The triton backend runs a DCGAN's whole forward through run_layers (one CUDA graph per model and input
     shape on a GPU, replayed from static buffers): each call's result stays the caller's and matches the torch
