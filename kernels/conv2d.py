@@ -56,7 +56,8 @@ def _conv2d_kernel(
         for k0 in range(0, KERNEL * KERNEL * C_in, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             k_ok = kk < KERNEL * KERNEL * C_in
-            ci, ky, kx = kk % C_in, kk // C_in // KERNEL, kk // C_in % KERNEL
+            tap, ci = kk // C_in, kk % C_in
+            ky, kx = tap // KERNEL, tap % KERNEL
             iy, ix = y0[:, None] + ky[None, :], x0[:, None] + kx[None, :]  # (BLOCK_M, BLOCK_K)
             ok = m_ok[:, None] & k_ok[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             a = tl.load(x_ptr + n[:, None] * sxn + ci[None, :] * sxc + iy * sxh + ix * sxw, mask=ok, other=0.0)
