@@ -32,6 +32,11 @@ def nvcc() -> str | None:
     return found if found and os.path.exists(found) else None
 
 
+def up_to_date(target: str, sources: list[str]) -> bool:
+    """Whether target exists and is newer than every source (nvcc has no ninja to tell it; ~2 min a build)."""
+    return os.path.exists(target) and all(os.path.getmtime(s) < os.path.getmtime(target) for s in sources)
+
+
 class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
     """torch's build for aigc_rt._C; nvcc alone for the CUDA library (not a Python extension: no torch flags)."""
 
@@ -43,6 +48,10 @@ class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
             target = self.get_ext_fullpath(ext.name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             cmd = [nvcc(), *NVCC_FLAGS, *ext.sources, "-o", target]
+            if up_to_date(target, glob.glob("csrc/cuda/*")):
+                print(f"{target} is newer than csrc/cuda: not rebuilt", flush=True)
+                self.extensions.append(ext)
+                continue
             print(" ".join(cmd), flush=True)
             if subprocess.run(cmd).returncode == 0:
                 self.extensions.append(ext)  # so that an in-place build copies it too

@@ -100,12 +100,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "conv_transpose",
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("stride"), pybind11::arg("padding"),
         pybind11::arg("output_padding") = 0, pybind11::arg("isa") = "auto");
-  // act: none, relu, tanh, leaky_relu (negative slope `slope`, torch's default 0.01) or sigmoid
+  // act: none, relu, tanh, leaky_relu (negative slope `slope`, torch's default 0.01) or sigmoid; out_bf16: the
+  // output rounded to bf16 (a bfloat16 tensor) instead of fp32
   m.def("conv2d", &aigc_rt::cpu::conv2d,
-        "act(conv2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last",
-        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01);
+        "act(conv2d(x) + bias), fp32 sums; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last",
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01,
+        pybind11::arg("out_bf16") = false);
   m.def("conv_transpose", &aigc_rt::cpu::conv_transpose,
-        "act(conv_transpose2d(x) + bias), fp32; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last "
+        "act(conv_transpose2d(x) + bias), fp32 sums; x (N, C_in, H, W) -> (N, C_out, H_out, W_out) channels_last "
         "(NCHW when C_out is below one vector: an image)",
-        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01);
+        pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("act") = "none", pybind11::arg("slope") = 0.01,
+        pybind11::arg("out_bf16") = false);
 }

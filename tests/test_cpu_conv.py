@@ -127,6 +127,7 @@ def test_conv_transpose_matches_torch(shape, tile_isa, dtype):
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
             f"{act}: max abs err {(got - want).abs().max():.3g}"
+        assert_rounded(_C.conv_transpose(x, weights, act, SLOPE, out_bf16=True), got)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -148,6 +149,39 @@ def test_conv2d_matches_torch(shape, tile_isa, dtype):
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
             f"{act}: max abs err {(got - want).abs().max():.3g}"
+        assert_rounded(_C.conv2d(x, weights, act, SLOPE, out_bf16=True), got)
+
+
+def assert_rounded(got: torch.Tensor, fp32: torch.Tensor):
+    """out_bf16=True gives the fp32 output rounded by torch's .to(torch.bfloat16), bit for bit, in its layout."""
+    assert got.dtype == torch.bfloat16 and got.shape == fp32.shape and got.stride() == fp32.stride()
+    want = fp32.to(torch.bfloat16)
+    diff = (got.view(torch.int16) != want.view(torch.int16)).sum().item()
+    assert diff == 0, f"{diff} of {got.numel()} bf16 outputs differ from the rounded fp32 ones"
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose"])
+def test_bf16_outputs_round_special_values_as_torch(op, tile_isa):
+    """Outputs rounded to bf16 in the tiles' vector store: ties to even, NaNs, +-inf, overflow to inf, denormals,
+    the largest values, on full vectors and on a partial last one (C_out = 19: no multiple of 8 or 16). With a
+    zero input every output is its channel's bias, so the bias carries the values."""
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x7F7FFFFF, 0x7F7F7FFF, 0x00000001,
+                         0x007FFFFF, 0x80800000, 0xFF800000, 0x7F800000, 0x7FC00001, 0xFFFFFFFF, 0xBF808001,
+                         0x00000000, 0x80000001, 0x477FEFFF, 0x3EAAAAAB, 0xC2C7FFFF], dtype=torch.int64)
+    bias = bits.to(torch.int32).view(torch.float32)  # (19,)
+    c = bias.numel()
+    x = torch.zeros(2, 5, 3, 3)
+    if op == "conv2d":
+        weights = _C.conv2d_prepare(torch.randn(c, 5, 3, 3), bias, 1, 1, tile_isa)
+        got = _C.conv2d(x, weights, "none", out_bf16=True)
+    else:
+        weights = _C.conv_transpose_prepare(torch.randn(5, c, 3, 3), bias, 1, 1, 0, tile_isa)
+        got = _C.conv_transpose(x, weights, "none", out_bf16=True)
+    want = bias.to(torch.bfloat16).view(1, c, 1, 1).expand_as(got)
+    # a NaN stays a NaN (torch makes each one 0xffff, we a quiet 0x7fc0); every other value bit for bit
+    diff = (got.view(torch.int16) != want.view(torch.int16)) & ~(got.isnan() & want.isnan())
+    assert not diff.any(), f"channels {diff.any(3).any(2).any(0).nonzero().flatten().tolist()} differ: " \
+        f"{got[0, :, 0, 0].view(torch.int16).tolist()} vs {want[0, :, 0, 0].view(torch.int16).tolist()}"
 
 
 @pytest.mark.parametrize("op", ["conv2d", "conv_transpose"])

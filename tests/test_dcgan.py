@@ -135,8 +135,12 @@ def test_bf16_files(variant, backend, tmp_path):
     assert all(t.dtype == (torch.bfloat16 if k.endswith("weight") else torch.float32) for k, t in info.tensors.items())
     x = _inputs(arch, size)
     want = aigc_rt.load(bf16, backend="torch")(x)  # a discriminator's __call__ is score
-    got = aigc_rt.load(bf16, backend=backend)(x)
+    m = aigc_rt.load(bf16, backend=backend)
+    got = m(x)
     assert got.dtype == torch.float32
+    assert m.out_bf16 == [True] * (len(m.layers) - 1) + [False]
+    m.out_bf16 = [False] * len(m.layers)  # every layer hands on fp32 and the next one rounds it: the same bits
+    assert torch.equal(m(x), got), "handing on bf16 outputs (out_bf16) changed the result"
     assert torch.allclose(got, want, atol=1e-2), f"vs the torch backend: {(got - want).abs().max():.3g}"
     with torch.no_grad():
         fp32 = module(x[:, :, None, None] if arch == "dcgan" else x).reshape(got.shape)

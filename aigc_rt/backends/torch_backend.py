@@ -211,9 +211,11 @@ class TorchBackend:
         return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
                     output_padding, weight.dtype == torch.bfloat16)
 
-    def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str) -> torch.Tensor:
-        """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32, with
-        H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh"."""
+    def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str, out_bf16: bool = False) -> torch.Tensor:
+        """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 (or bf16) -> (N, C_out, H_out, W_out) fp32, with
+        H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh". out_bf16: the
+        caller only uses the output rounded to bf16 (it feeds a bf16 layer), so a backend may return it rounded, as
+        a bfloat16 tensor (the cpu backend does: half the writes, no rounding pass); this one returns fp32."""
         with fp32_convolutions():
             y = F.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding,
                                    layer.output_padding)
@@ -223,9 +225,10 @@ class TorchBackend:
         return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
                     bf16=weight.dtype == torch.bfloat16)
 
-    def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2) -> torch.Tensor:
-        """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 -> (N, C_out, H_out, W_out) fp32; act "none",
-        "leaky_relu" (negative slope leaky_slope) or "sigmoid"."""
+    def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2,
+               out_bf16: bool = False) -> torch.Tensor:
+        """act(conv2d(x) + bias). x (N, C_in, H, W) fp32 (or bf16) -> (N, C_out, H_out, W_out) fp32; act "none",
+        "leaky_relu" (negative slope leaky_slope) or "sigmoid". out_bf16: as conv_transpose's."""
         with fp32_convolutions():
             y = F.conv2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding)
         return CONV_ACTIVATIONS[act](y, leaky_slope)

@@ -103,7 +103,7 @@ class TritonBackend(TorchBackend):
 
     # bf16 weights: the fp32 kernels on their exact values and the input rounded to bf16 (conv_input), the same
     # arithmetic as the cpu backend's bf16 tiles, without their speed
-    def conv_transpose(self, x, layer: Conv, act):
+    def conv_transpose(self, x, layer: Conv, act, out_bf16=False):  # out_bf16: fp32 all the same (torch's doc)
         return conv_transpose.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride,
                                                layer.padding, layer.output_padding, act)
 
@@ -114,7 +114,7 @@ class TritonBackend(TorchBackend):
         w = layer.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         return dataclasses.replace(layer, weight=w, bias=layer.bias.contiguous())
 
-    def conv2d(self, x, layer: Conv, act, leaky_slope=0.2):
+    def conv2d(self, x, layer: Conv, act, leaky_slope=0.2, out_bf16=False):
         return conv2d.conv2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding, act,
                              leaky_slope)
 

@@ -6,7 +6,8 @@ x = act(conv2d(x)) -> (N, 1, 1, 1) sigmoid probabilities. BatchNorm is folded in
 bias by the converter (convert/dcgan.py). Between layers a backend may keep activations in any memory format
 (the cpu backend uses channels_last); the logical shapes are always (N, C, H, W).
 A bf16 file holds bf16 weights: every layer then multiplies them with its input rounded to bf16, summing the
-(exact) products in fp32, and hands on an fp32 output (backends: prepare_conv* see the weight's dtype).
+(exact) products in fp32 (backends: prepare_conv* see the weight's dtype); the layers before the last may hand on
+their outputs rounded to bf16 already (out_bf16, the same numbers), the last one's is fp32.
 """
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ def _float_input(x, what: str, shape_hint: str) -> torch.Tensor:
     return x
 
 
+def hands_on_bf16(n_layers: int, dtype: str) -> list[bool]:
+    """Per layer, whether its output only feeds a layer that rounds it to bf16 (every layer but the last of a
+    bf16 file): the backend may then hand it on rounded already (out_bf16)."""
+    return [dtype == "bf16" and i + 1 < n_layers for i in range(n_layers)]
+
+
 class Generator:
     arch = "dcgan"
 
@@ -53,6 +60,7 @@ class Generator:
         self.layers = [(backend.prepare_conv_transpose(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"],
                                                        layer.stride, layer.padding, layer.output_padding),
                         layer.act) for i, layer in enumerate(config.layers)]
+        self.out_bf16 = hands_on_bf16(len(self.layers), dtype)
 
     @property
     def nz(self) -> int:
@@ -71,8 +79,8 @@ class Generator:
         return self.backend.run_layers(self, self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, nz, 1, 1) on the device -> images (N, C, S, S)
-        for layer, act in self.layers:
-            x = self.backend.conv_transpose(x, layer, act)  # (N, C_out, H_out, W_out)
+        for (layer, act), out_bf16 in zip(self.layers, self.out_bf16):
+            x = self.backend.conv_transpose(x, layer, act, out_bf16)  # (N, C_out, H_out, W_out)
         return x.contiguous()
 
     def generate(self, n: int = 16, seed: int | None = None) -> torch.Tensor:
@@ -100,6 +108,7 @@ class Discriminator:
         self.layers = [(backend.prepare_conv2d(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"],
                                                layer.stride, layer.padding), layer.act)
                        for i, layer in enumerate(config.layers)]
+        self.out_bf16 = hands_on_bf16(len(self.layers), dtype)
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> torch.Tensor:
@@ -112,8 +121,8 @@ class Discriminator:
         return self.backend.run_layers(self, self._forward, x.to(self.device))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # images (N, C, S, S) on the device -> (N,)
-        for layer, act in self.layers:
-            x = self.backend.conv2d(x, layer, act, self.config.leaky_slope)  # (N, C_out, H_out, W_out)
+        for (layer, act), out_bf16 in zip(self.layers, self.out_bf16):
+            x = self.backend.conv2d(x, layer, act, self.config.leaky_slope, out_bf16)  # (N, C_out, H_out, W_out)
         return x.reshape(-1)
 
     __call__ = score

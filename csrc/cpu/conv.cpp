@@ -26,14 +26,18 @@
 // entries landing there).
 //
 // Weights are repacked once (conv2d_prepare, conv_transpose_prepare) into panels of nr = lanes * nv output columns:
-//   by tap [k*k taps][ceil(C_out / nr) blocks][C_in][nr]; col2im [ceil(k*k*C_out / nr) blocks][C_in][nr]
-// (column (ky*k + kx)*C_out + co); im2col [ceil(C_out / nr) blocks][k*k*C_in][nr] (row (ky*k + kx)*C_in + ci).
+//   by tap (and im2col) [ceil(C_out / nr) blocks][k*k taps][C_in][nr], i.e. a block's rows (ky*k + kx)*C_in + ci;
+//   col2im [ceil(k*k*C_out / nr) blocks][C_in][nr] (column (ky*k + kx)*C_out + co).
+// A conv2d's taps (ky, 0..k-1) read k consecutive input pixels, k*C_in consecutive inputs (NHWC), and their
+// panels are consecutive too: where a tile's pixels have every x tap inside the image, the k taps of a row ky are
+// one tap of k*C_in inputs (fewer, longer runs of the micro-kernel's loop).
 // Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except a col2im layer's output, an image,
 // which is NCHW. Output buffers (and col2im's scratch) are recycled between calls (`recycled`).
 // References: torch.nn.functional.conv2d, conv_transpose2d. Tests: tests/test_cpu_conv.py.
 #include <c10/util/strides.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -128,6 +132,24 @@ std::vector<Phase1D> phases_transposed(int64_t in, int64_t out, int64_t k, int64
   return phases;
 }
 
+// The coordinates q < ph.count grouped by which of the phase's taps read inside [0, size): one list of q per
+// distinct set, in order of first appearance.
+std::vector<std::vector<int64_t>> tap_classes(const Phase1D& ph, int64_t size) {
+  std::vector<uint32_t> masks;
+  std::vector<std::vector<int64_t>> classes;
+  for (int64_t q = 0; q < ph.count; ++q) {
+    uint32_t mask = 0;
+    for (int t = 0; t < ph.ntaps; ++t) {
+      const int64_t i = q * ph.in_step + ph.d[t];
+      mask |= (uint32_t)(i >= 0 && i < size) << t;
+    }
+    const size_t c = std::find(masks.begin(), masks.end(), mask) - masks.begin();
+    if (c == masks.size()) masks.push_back(mask), classes.emplace_back();
+    classes[c].push_back(q);
+  }
+  return classes;
+}
+
 // Splits [0, len) into ceil(len / max_rows) runs of near-equal size: (start, rows) pairs appended to `runs`.
 void split_rows(int64_t base, int64_t len, int max_rows, std::vector<std::pair<int64_t, int>>& runs) {
   const int64_t pieces = (len + max_rows - 1) / max_rows;
@@ -149,6 +171,11 @@ const void* panel(const ConvWeights& wt, int64_t index, int64_t rows, int64_t nr
   return static_cast<const uint16_t*>(wt.packed.data_ptr()) + index * ((rows + 1) / 2 * 2) * nr;
 }
 
+// Element i of an output of fp32 or (bf16) 16-bit values.
+void* element(void* out, int64_t i, bool bf16) {
+  return bf16 ? static_cast<void*>(static_cast<uint16_t*>(out) + i) : static_cast<void*>(static_cast<float*>(out) + i);
+}
+
 // The tile kernel for `rows` rows of these weights' panel width and element type.
 conv::TileFn tile_fn(const Isa& isa, const ConvWeights& wt, int rows) {
   return wt.bf16 ? isa.tile_bf16[wt.nv][rows] : isa.tile[wt.nv][rows];
@@ -157,30 +184,37 @@ conv::TileFn tile_fn(const Isa& isa, const ConvWeights& wt, int rows) {
 // The implicit GEMMs of the phases ph_y x ph_x, with the by-tap weight panels.
 // TA: the input's element type, float or (bf16 weights) uint16_t holding bf16.
 template <class TA>
-void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
+void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
               float slope, const std::vector<Phase1D>& ph_y, const std::vector<Phase1D>& ph_x) {
   const int64_t k = wt.kernel, cout = wt.cout, nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   const int mr = isa.rows[wt.nv];
-  // Tiles of <= mr output pixels of one phase; pixel m = (n * qy_count + qy) * qx_count + qx. Tiles within a row
-  // of the phase share the row's y taps, so a tile on the top or bottom edge skips the taps that fall outside
-  // the image; rows too short for half a tile are packed together instead.
+  // Tiles of <= mr output pixels of one phase. A pixel's valid taps (those reading inside the image) depend on its
+  // class: the set of y taps valid at its qy and of x taps valid at its qx. The phase's pixels are ordered class by
+  // class, (n, qy, qx) within one, and cut into runs of <= mr: a tile runs only its rows' valid taps, so only a
+  // tile straddling two classes multiplies zeros (the rows of a tap invalid for them), and tiles are full whatever
+  // the output width (cutting per output row made 8-wide rows two 4-row tiles).
   struct Tile {
     const Phase1D *y, *x;
-    int64_t m0;
+    size_t p0;  // first of its pixels in `pixels`
     int rows;
   };
   std::vector<Tile> tiles;
+  std::vector<int64_t> pixels;  // m = (n * qy_count + qy) * qx_count + qx, by phase, class by class
   std::vector<std::pair<int64_t, int>> runs;
   std::vector<std::pair<size_t, size_t>> phase_tiles;  // [begin, end) in `tiles` of each phase
   for (const auto& py : ph_y)
     for (const auto& px : ph_x) {
+      const size_t p_begin = pixels.size();
+      const auto ys = tap_classes(py, g.h), xs = tap_classes(px, g.w);
+      for (const auto& cy : ys)
+        for (const auto& cx : xs)
+          for (int64_t n = 0; n < g.n; ++n)
+            for (int64_t qy : cy)
+              for (int64_t qx : cx) pixels.push_back((n * py.count + qy) * px.count + qx);
       runs.clear();
-      if (2 * px.count >= mr)
-        for (int64_t row = 0; row < g.n * py.count; ++row) split_rows(row * px.count, px.count, mr, runs);
-      else
-        split_rows(0, g.n * py.count * px.count, mr, runs);
+      split_rows(0, (int64_t)(pixels.size() - p_begin), mr, runs);
       phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
-      for (auto [m0, rows] : runs) tiles.push_back({&py, &px, m0, rows});
+      for (auto [start, rows] : runs) tiles.push_back({&py, &px, p_begin + (size_t)start, rows});
     }
   // Work items: (a run of <= kTilesPerItem tiles of one phase, one block of nr output channels). A thread
   // works through consecutive items, so the block's weight panels (taps x C_in x nr) stay in its L2 cache
@@ -194,13 +228,16 @@ void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt,
   for (auto [begin, end] : phase_tiles)
     for (int64_t j = 0; j < blocks; ++j)
       for (size_t t = begin; t < end; t += kTilesPerItem) items.push_back({t, std::min(end, t + kTilesPerItem), j});
-  const std::vector<TA> zeros(g.cin, TA(0));  // the input row of a tap that falls outside the image
+  const std::vector<TA> zeros(k * g.cin, TA(0));  // the input row(s) of a tap that falls outside the image
+  // conv2d's x taps merge where their panels' pair rows do not straddle taps (bf16: C_in even)
+  const int64_t s = wt.stride, p = wt.padding;
+  const bool merge_x = !wt.transposed && k > 1 && !(wt.bf16 && g.cin % 2);
   const float* bias = wt.bias.data_ptr<float>();
   const int64_t max_taps = k * k;
 #pragma omp parallel if (items.size() > 1)
   {
     std::vector<const void*> a(max_taps * mr), b(max_taps);
-    float* c[conv::kMaxRows];
+    void* c[conv::kMaxRows];
     int64_t qy[conv::kMaxRows], qx[conv::kMaxRows], nn[conv::kMaxRows];
 #pragma omp for schedule(static)
     for (size_t it = 0; it < items.size(); ++it) {
@@ -210,16 +247,20 @@ void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt,
         const Phase1D &py = *tile.y, &px = *tile.x;
         const int rows = tile.rows;
         for (int r = 0; r < rows; ++r) {
-          const int64_t m = tile.m0 + r;
+          const int64_t m = pixels[tile.p0 + r];
           qx[r] = m % px.count;
           qy[r] = (m / px.count) % py.count;
           nn[r] = m / (px.count * py.count);
           const int64_t oy = py.first + py.step * qy[r], ox = px.first + px.step * qx[r];
-          c[r] = out + ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr;
+          c[r] = element(out, ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr, out_bf16);
         }
+        // conv2d, every x tap of every pixel inside: the x taps as one (see the header), else one by one
+        bool merge = merge_x;
+        for (int r = 0; r < rows && merge; ++r) merge = qx[r] * s - p >= 0 && qx[r] * s - p + k <= g.w;
+        const int x_taps = merge ? (int)k : 1;
         int taps = 0;  // taps that reach at least one pixel of the tile
         for (int ty = 0; ty < py.ntaps; ++ty)
-          for (int tx = 0; tx < px.ntaps; ++tx) {
+          for (int tx = 0; tx < px.ntaps; tx += x_taps) {
             bool any = false;
             for (int r = 0; r < rows; ++r) {
               const int64_t iy = qy[r] * py.in_step + py.d[ty], ix = qx[r] * px.in_step + px.d[tx];
@@ -227,10 +268,10 @@ void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt,
               a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
               any |= inside;
             }
-            if (any) b[taps++] = panel(wt, (py.k[ty] * k + px.k[tx]) * blocks + j, g.cin, nr);
+            if (any) b[taps++] = panel(wt, j * k * k + py.k[ty] * k + px.k[tx], g.cin, nr);
           }
-        const TileArgs args{taps, (int)g.cin, a.data(), b.data(), bias + j * nr, c, (int)std::min(nr, cout - j * nr),
-                            act, slope};
+        const TileArgs args{taps, (int)(g.cin * x_taps), a.data(), b.data(), bias + j * nr, c,
+                            (int)std::min(nr, cout - j * nr), act, slope, out_bf16};
         tile_fn(isa, wt, rows)(args);
       }
     }
@@ -241,8 +282,8 @@ void run_taps(const TA* x, float* out, const Geometry& g, const ConvWeights& wt,
 // image), then the GEMM of those rows with the panels, bias and act fused. A thread gathers the rows of one tile
 // at a time into its own buffer, so they never leave its L1/L2 cache.
 template <class TA>
-void run_im2col(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
-                float slope) {
+void run_im2col(const TA* x, void* out, bool out_bf16, const Geometry& g, const ConvWeights& wt, const Isa& isa,
+                int act, float slope) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cin = g.cin, cout = wt.cout, row_len = k * k * cin;
   const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   std::vector<std::pair<int64_t, int>> runs;
@@ -252,7 +293,7 @@ void run_im2col(const TA* x, float* out, const Geometry& g, const ConvWeights& w
   {
     std::vector<TA> patches(conv::kMaxRows * row_len);
     const void* a[conv::kMaxRows];
-    float* c[conv::kMaxRows];
+    void* c[conv::kMaxRows];
 #pragma omp for schedule(static)
     for (size_t it = 0; it < runs.size(); ++it) {
       const auto [m0, rows] = runs[it];
@@ -281,8 +322,9 @@ void run_im2col(const TA* x, float* out, const Geometry& g, const ConvWeights& w
       }
       for (int64_t j = 0; j < blocks; ++j) {
         const void* b = panel(wt, j, row_len, nr);
-        for (int r = 0; r < rows; ++r) c[r] = out + (m0 + r) * cout + j * nr;
-        const TileArgs args{1, (int)row_len, a, &b, bias + j * nr, c, (int)std::min(nr, cout - j * nr), act, slope};
+        for (int r = 0; r < rows; ++r) c[r] = element(out, (m0 + r) * cout + j * nr, out_bf16);
+        const TileArgs args{1, (int)row_len, a, &b, bias + j * nr, c, (int)std::min(nr, cout - j * nr), act, slope,
+                            out_bf16};
         tile_fn(isa, wt, rows)(args);
       }
     }
@@ -290,8 +332,8 @@ void run_im2col(const TA* x, float* out, const Geometry& g, const ConvWeights& w
 }
 
 template <class TA>
-void run_col2im(const TA* x, float* out, const Geometry& g, const ConvWeights& wt, const Isa& isa, int act,
-                float slope, float* cols) {
+void run_col2im(const TA* x, void* out, bool out_bf16, const Geometry& g, const ConvWeights& wt, const Isa& isa,
+                int act, float slope, float* cols) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
   const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
   const int mr = isa.rows[wt.nv];
@@ -302,12 +344,12 @@ void run_col2im(const TA* x, float* out, const Geometry& g, const ConvWeights& w
   for (size_t it = 0; it < runs.size(); ++it) {
     const auto [m0, rows] = runs[it];
     const void* a[conv::kMaxRows];
-    float* c[conv::kMaxRows];
+    void* c[conv::kMaxRows];
     for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
     for (int64_t j = 0; j < blocks; ++j) {
       const void* b = panel(wt, j, g.cin, nr);
       for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
-      const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f};
+      const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f, false};
       tile_fn(isa, wt, rows)(args);
     }
   }
@@ -340,8 +382,13 @@ void run_col2im(const TA* x, float* out, const Geometry& g, const ConvWeights& w
       }
       isa.act(o.data(), g.wo * cout, act, slope);
       for (int64_t co = 0; co < cout; ++co) {
-        float* plane_row = out + ((n * cout + co) * g.ho + oy) * g.wo;
-        for (int64_t ox = 0; ox < g.wo; ++ox) plane_row[ox] = o[ox * cout + co];
+        const int64_t plane_row = ((n * cout + co) * g.ho + oy) * g.wo;
+        for (int64_t ox = 0; ox < g.wo; ++ox) {
+          if (out_bf16)
+            static_cast<uint16_t*>(out)[plane_row + ox] = to_bf16(o[ox * cout + co]);
+          else
+            static_cast<float*>(out)[plane_row + ox] = o[ox * cout + co];
+        }
       }
     }
   }
@@ -396,9 +443,8 @@ ConvWeights new_weights(const torch::Tensor& bias, int64_t cin, int64_t cout, in
   const int64_t columns = col2im ? k * k * cout : cout;
   wt.nv = choose_nv(columns, isa.lanes);
   const int64_t nr = wt.nv * isa.lanes, blocks = (columns + nr - 1) / nr;
-  const std::vector<int64_t> panels = col2im   ? std::vector<int64_t>{blocks, cin, nr}
-                                      : im2col ? std::vector<int64_t>{blocks, k * k * cin, nr}
-                                               : std::vector<int64_t>{k * k, blocks, cin, nr};
+  const std::vector<int64_t> panels = col2im ? std::vector<int64_t>{blocks, cin, nr}
+                                             : std::vector<int64_t>{blocks, k * k, cin, nr};
   wt.packed = torch::zeros(panels, torch::kFloat32);
   wt.bias = torch::zeros({std::max(cout, blocks * nr)}, torch::kFloat32);
   wt.bias.narrow(0, 0, cout).copy_(bias);
@@ -457,16 +503,14 @@ ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bia
   const conv::Isa& isa = isa_named(isa_name, "conv2d_prepare", bf16);
   const int64_t cout = weight.size(0), cin = weight.size(1), k = weight.size(2);
   ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, false, false, cin < isa.lanes, bf16, isa);
-  const int64_t nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
+  const int64_t nr = wt.nv * isa.lanes;
   const torch::Tensor weight_c = weight.to(torch::kFloat32).contiguous();
   const auto w = weight_c.accessor<float, 4>();
   float* pk = wt.packed.data_ptr<float>();
   for (int64_t co = 0; co < cout; ++co)
     for (int64_t ci = 0; ci < cin; ++ci)
-      for (int64_t tap = 0; tap < k * k; ++tap) {
-        const int64_t panel_row = wt.im2col ? (co / nr * k * k + tap) * cin + ci : (tap * blocks + co / nr) * cin + ci;
-        pk[panel_row * nr + co % nr] = w[co][ci][tap / k][tap % k];
-      }
+      for (int64_t tap = 0; tap < k * k; ++tap)
+        pk[((co / nr * k * k + tap) * cin + ci) * nr + co % nr] = w[co][ci][tap / k][tap % k];
   if (bf16) wt.packed = to_pairs(wt.packed, wt.im2col ? k * k * cin : cin);
   return wt;
 }
@@ -482,7 +526,7 @@ ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Ten
   const int64_t cin = weight.size(0), cout = weight.size(1), k = weight.size(2);
   ConvWeights wt = new_weights(bias, cin, cout, k, stride, padding, true, cout < isa.lanes, false, bf16, isa);
   wt.output_padding = output_padding;
-  const int64_t nr = wt.nv * isa.lanes, blocks = wt.packed.size(wt.col2im ? 0 : 1);
+  const int64_t nr = wt.nv * isa.lanes;
   const torch::Tensor weight_c = weight.to(torch::kFloat32).contiguous();
   const auto w = weight_c.accessor<float, 4>();
   float* pk = wt.packed.data_ptr<float>();
@@ -490,14 +534,15 @@ ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Ten
     for (int64_t co = 0; co < cout; ++co)
       for (int64_t tap = 0; tap < k * k; ++tap) {
         const int64_t col = wt.col2im ? tap * cout + co : co;
-        const int64_t panel = wt.col2im ? col / nr : tap * blocks + col / nr;
+        const int64_t panel = wt.col2im ? col / nr : col / nr * k * k + tap;
         pk[(panel * cin + ci) * nr + col % nr] = w[ci][co][tap / k][tap % k];
       }
   if (bf16) wt.packed = to_pairs(wt.packed, cin);
   return wt;
 }
 
-torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std::string& act_name, double slope) {
+torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std::string& act_name, double slope,
+                     bool out_bf16) {
   const int act = act_code(act_name, "conv2d");
   auto [x, g] = input("conv2d", x_in, wt, false);
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
@@ -505,15 +550,16 @@ torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std
              " x ", k, ") with padding ", p);
   g.ho = (g.h + 2 * p - k) / s + 1;
   g.wo = (g.w + 2 * p - k) / s + 1;
-  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast);
+  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, at::MemoryFormat::ChannelsLast,
+                               out_bf16 ? torch::kBFloat16 : torch::kFloat32);
   if (g.n == 0) return out;
   const conv::Isa& isa = isa_named(wt.isa, "conv2d");
   auto run = [&](auto element) {  // float, or uint16_t for bf16 inputs
     using TA = decltype(element);
     if (wt.im2col)
-      run_im2col(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope);
+      run_im2col(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope);
     else
-      run_taps(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope, {phase_conv2d(g.ho, k, s, p)},
+      run_taps(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope, {phase_conv2d(g.ho, k, s, p)},
                {phase_conv2d(g.wo, k, s, p)});
   };
   wt.bf16 ? run(uint16_t{}) : run(float{});
@@ -521,7 +567,7 @@ torch::Tensor conv2d(const torch::Tensor& x_in, const ConvWeights& wt, const std
 }
 
 torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, const std::string& act_name,
-                             double slope) {
+                             double slope, bool out_bf16) {
   const int act = act_code(act_name, "conv_transpose");
   auto [x, g] = input("conv_transpose", x_in, wt, true);
   g.ho = (g.h - 1) * wt.stride - 2 * wt.padding + wt.kernel + wt.output_padding;
@@ -530,7 +576,8 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, c
              " gives an empty output (", g.ho, " x ", g.wo, ")");
   // channels_last for the next layer; a col2im layer (few channels: an image) writes plain NCHW
   const auto format = wt.col2im ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
-  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format);
+  torch::Tensor out = recycled(wt.out_cache, {g.n, wt.cout, g.ho, g.wo}, format,
+                               out_bf16 ? torch::kBFloat16 : torch::kFloat32);
   if (g.n == 0) return out;
   const conv::Isa& isa = isa_named(wt.isa, "conv_transpose");
   auto run = [&](auto element) {  // float, or uint16_t for bf16 inputs
@@ -538,10 +585,10 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, c
     if (wt.col2im) {
       const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
       torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
-      run_col2im(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope, cols.data_ptr<float>());
+      run_col2im(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope, cols.data_ptr<float>());
     } else {
       const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
-      run_taps(data<TA>(x), out.data_ptr<float>(), g, wt, isa, act, (float)slope,
+      run_taps(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope,
                phases_transposed(g.h, g.ho, k, s, p), phases_transposed(g.w, g.wo, k, s, p));
     }
   };

@@ -7,7 +7,9 @@
 // where t runs over the taps (input pixels) feeding the tile and a row pointer may point at zeros.
 // fp32 tiles (tile): a rows and b panels of floats. bf16 tiles (tile_bf16): a rows of bf16, b panels of bf16
 // pairs [ceil(cin / 2)][nr][2] (inputs i, i + 1 of a column side by side; a zero past an odd cin), the products
-// exact and summed in fp32 (vdpbf16ps, or the same in two FMAs where the CPU lacks AVX512-BF16); c is fp32.
+// exact and summed in fp32 (vdpbf16ps, or the same in two FMAs where the CPU lacks AVX512-BF16). c is fp32, or
+// bf16 (c_bf16: the fp32 result rounded to nearest even, as torch's .to(torch.bfloat16)) where the next layer
+// rounds its input to bf16 anyway.
 // Tests: tests/test_cpu_conv.py.
 #pragma once
 #include <cstdint>
@@ -25,10 +27,11 @@ struct TileArgs {
   const void* const* a;    // [taps * mr] input rows (float or bf16)
   const void* const* b;    // [taps] weight panels: cin x nr floats, row-major, or bf16 pairs (see above)
   const float* bias;       // nr floats, or nullptr for none
-  float* const* c;         // [mr] output rows; the first n_valid floats of each are written
+  void* const* c;          // [mr] output rows (float, or bf16 bits if c_bf16); the first n_valid of each written
   int n_valid;             // 1..nr
   int act;                 // Act
   float slope;             // kLeakyRelu's negative slope
+  bool c_bf16;             // c holds bf16
 };
 using TileFn = void (*)(const TileArgs&);
 using ActFn = void (*)(float* x, int64_t n, int act, float slope);  // x[0:n] = act(x[0:n]) in place

@@ -3,7 +3,8 @@
 // Everything here has internal linkage, so the two copies never mix.
 //
 // V provides: T (the register type), L (floats per register), zero(), set1(f), load(p), store(p, x),
-// store_n(p, x, n) (first n lanes), fmadd(a, b, c) = a * b + c, add, sub, mul, div, max, abs,
+// store_n(p, x, n) (first n lanes), store_bf16(p, x, n) (the first n lanes rounded to bf16 as vec.h's to_bf16,
+// written as 16-bit values), fmadd(a, b, c) = a * b + c, add, sub, mul, div, max, abs,
 // copysign(magnitude, sign), select_negative(x, a, b) (a where x's sign bit is set, else b), exp_nonpositive(x)
 // (e^x for x <= 0, 1-2 ulp, 0 below -87: never a denormal); for the bf16 tiles set1_bits(u) (u's 32 bits in
 // every lane) and dot_pairs(acc, a, b) (acc + a.hi * b.hi + a.lo * b.lo per lane, each 32-bit lane holding two
@@ -48,7 +49,7 @@ inline typename V::T activate(typename V::T x, int act, float slope) {
   return x;
 }
 
-// c[r] = act(acc[r] + bias), the first n_valid columns written.
+// c[r] = act(acc[r] + bias), the first n_valid columns written (as fp32, or rounded to bf16).
 template <class V, int MR, int NV>
 inline void store_tile(typename V::T (&acc)[MR][NV], const TileArgs& p) {
   for (int v = 0; v < NV; ++v) {
@@ -57,10 +58,12 @@ inline void store_tile(typename V::T (&acc)[MR][NV], const TileArgs& p) {
     const typename V::T bias = p.bias ? V::load(p.bias + v * V::L) : V::zero();
     for (int r = 0; r < MR; ++r) {
       const typename V::T y = activate<V>(V::add(acc[r][v], bias), p.act, p.slope);
-      if (n >= V::L)
-        V::store(p.c[r] + v * V::L, y);
+      if (p.c_bf16)
+        V::store_bf16(static_cast<uint16_t*>(p.c[r]) + v * V::L, y, n < V::L ? n : V::L);
+      else if (n >= V::L)
+        V::store(static_cast<float*>(p.c[r]) + v * V::L, y);
       else
-        V::store_n(p.c[r] + v * V::L, y, n);
+        V::store_n(static_cast<float*>(p.c[r]) + v * V::L, y, n);
     }
   }
 }

@@ -89,7 +89,9 @@ ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bia
                            const std::string& isa);
 ConvWeights conv_transpose_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride,
                                    int64_t padding, int64_t output_padding, const std::string& isa);
-torch::Tensor conv2d(const torch::Tensor& x, const ConvWeights& weights, const std::string& act, double slope);
+// out_bf16: the output rounded to bf16 (a bfloat16 tensor), for a next layer that rounds its input anyway
+torch::Tensor conv2d(const torch::Tensor& x, const ConvWeights& weights, const std::string& act, double slope,
+                     bool out_bf16);
 torch::Tensor conv_transpose(const torch::Tensor& x, const ConvWeights& weights, const std::string& act,
-                             double slope);
+                             double slope, bool out_bf16);
 }  // namespace aigc_rt::cpu
