@@ -8,9 +8,9 @@
 //                    H_out = (H - 1) * s - 2p + k + output_padding (likewise W_out)
 //   act: none, relu, tanh, leaky_relu (negative slope `slope`) or sigmoid.
 //
-// Both are implicit GEMMs over taps: output pixels (rows) x output channels (columns), each tap (ky, kx) adding
-// the input pixel it reads (C_in floats, or zeros outside the image) times its weight panel (C_in x C_out), done
-// by register-blocked tiles (conv_tile.h), OpenMP over tiles. One dimension's outputs come in phases (Phase1D):
+// Both are implicit GEMMs over taps: output pixels (rows) x output channels (columns), each tap (ky, kx) that reads
+// inside the image adding the input pixel it reads (C_in floats) times its weight panel (C_in x C_out), done by
+// register-blocked tiles (conv_tile.h) of pixels that read through the same taps, OpenMP over tiles. One dimension's outputs come in phases (Phase1D):
 // output coordinate first + step * q reads input coordinate q * in_step + d[t] through kernel offset k[t].
 // conv2d has one phase per dimension: step 1, in_step s, every tap, d = ky - p. With few input channels (an
 // image: C_in < one vector, where a tap's C_in multiply-adds would not pay for its setup) the taps' inputs are
@@ -188,33 +188,34 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
               float slope, const std::vector<Phase1D>& ph_y, const std::vector<Phase1D>& ph_x) {
   const int64_t k = wt.kernel, cout = wt.cout, nr = wt.nv * isa.lanes, blocks = (cout + nr - 1) / nr;
   const int mr = isa.rows[wt.nv];
-  // Tiles of <= mr output pixels of one phase. A pixel's valid taps (those reading inside the image) depend on its
-  // class: the set of y taps valid at its qy and of x taps valid at its qx. The phase's pixels are ordered class by
-  // class, (n, qy, qx) within one, and cut into runs of <= mr: a tile runs only its rows' valid taps, so only a
-  // tile straddling two classes multiplies zeros (the rows of a tap invalid for them), and tiles are full whatever
-  // the output width (cutting per output row made 8-wide rows two 4-row tiles).
+  // Tiles of <= mr output pixels of one phase and one class. A pixel's class says which taps read inside the image:
+  // the set of y taps valid at its qy and of x taps valid at its qx. A class's pixels, (n, qy, qx) in order, are cut
+  // into runs of <= mr, so a tile runs only taps valid for all its rows (no multiply-adds of zeros) and, the classes
+  // spanning rows and images, is full whatever the output width (cutting per output row made an 8-wide row two
+  // 4-row tiles and multiplied zeros at its ends). Only a small class (a corner) makes a short tile.
   struct Tile {
     const Phase1D *y, *x;
     size_t p0;  // first of its pixels in `pixels`
     int rows;
   };
   std::vector<Tile> tiles;
-  std::vector<int64_t> pixels;  // m = (n * qy_count + qy) * qx_count + qx, by phase, class by class
+  std::vector<int64_t> pixels;  // m = (n * qy_count + qy) * qx_count + qx, phase by phase, class by class
   std::vector<std::pair<int64_t, int>> runs;
   std::vector<std::pair<size_t, size_t>> phase_tiles;  // [begin, end) in `tiles` of each phase
   for (const auto& py : ph_y)
     for (const auto& px : ph_x) {
-      const size_t p_begin = pixels.size();
-      const auto ys = tap_classes(py, g.h), xs = tap_classes(px, g.w);
-      for (const auto& cy : ys)
-        for (const auto& cx : xs)
+      runs.clear();
+      const auto y_classes = tap_classes(py, g.h), x_classes = tap_classes(px, g.w);
+      for (const auto& cy : y_classes)
+        for (const auto& cx : x_classes) {
+          const int64_t begin = (int64_t)pixels.size();
           for (int64_t n = 0; n < g.n; ++n)
             for (int64_t qy : cy)
               for (int64_t qx : cx) pixels.push_back((n * py.count + qy) * px.count + qx);
-      runs.clear();
-      split_rows(0, (int64_t)(pixels.size() - p_begin), mr, runs);
+          split_rows(begin, (int64_t)pixels.size() - begin, mr, runs);
+        }
       phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
-      for (auto [start, rows] : runs) tiles.push_back({&py, &px, p_begin + (size_t)start, rows});
+      for (auto [start, rows] : runs) tiles.push_back({&py, &px, (size_t)start, rows});
     }
   // Work items: (a run of <= kTilesPerItem tiles of one phase, one block of nr output channels). A thread
   // works through consecutive items, so the block's weight panels (taps x C_in x nr) stay in its L2 cache
@@ -228,7 +229,6 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
   for (auto [begin, end] : phase_tiles)
     for (int64_t j = 0; j < blocks; ++j)
       for (size_t t = begin; t < end; t += kTilesPerItem) items.push_back({t, std::min(end, t + kTilesPerItem), j});
-  const std::vector<TA> zeros(k * g.cin, TA(0));  // the input row(s) of a tap that falls outside the image
   // conv2d's x taps merge where their panels' pair rows do not straddle taps (bf16: C_in even)
   const int64_t s = wt.stride, p = wt.padding;
   const bool merge_x = !wt.transposed && k > 1 && !(wt.bf16 && g.cin % 2);
@@ -254,21 +254,20 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
           const int64_t oy = py.first + py.step * qy[r], ox = px.first + px.step * qx[r];
           c[r] = element(out, ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr, out_bf16);
         }
-        // conv2d, every x tap of every pixel inside: the x taps as one (see the header), else one by one
-        bool merge = merge_x;
-        for (int r = 0; r < rows && merge; ++r) merge = qx[r] * s - p >= 0 && qx[r] * s - p + k <= g.w;
+        // The rows are of one class: each tap reads inside the image for all of them or for none (row 0 says).
+        // conv2d with every x tap inside: the x taps as one (see the header), else one by one.
+        const bool merge = merge_x && qx[0] * s - p >= 0 && qx[0] * s - p + k <= g.w;
         const int x_taps = merge ? (int)k : 1;
-        int taps = 0;  // taps that reach at least one pixel of the tile
+        int taps = 0;  // the taps that read inside the image
         for (int ty = 0; ty < py.ntaps; ++ty)
           for (int tx = 0; tx < px.ntaps; tx += x_taps) {
-            bool any = false;
+            const int64_t iy0 = qy[0] * py.in_step + py.d[ty], ix0 = qx[0] * px.in_step + px.d[tx];
+            if (iy0 < 0 || iy0 >= g.h || ix0 < 0 || ix0 >= g.w) continue;
             for (int r = 0; r < rows; ++r) {
               const int64_t iy = qy[r] * py.in_step + py.d[ty], ix = qx[r] * px.in_step + px.d[tx];
-              const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-              a[taps * rows + r] = inside ? x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin : zeros.data();
-              any |= inside;
+              a[taps * rows + r] = x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin;
             }
-            if (any) b[taps++] = panel(wt, j * k * k + py.k[ty] * k + px.k[tx], g.cin, nr);
+            b[taps++] = panel(wt, j * k * k + py.k[ty] * k + px.k[tx], g.cin, nr);
           }
         const TileArgs args{taps, (int)(g.cin * x_taps), a.data(), b.data(), bias + j * nr, c,
                             (int)std::min(nr, cout - j * nr), act, slope, out_bf16};
