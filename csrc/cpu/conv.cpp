@@ -10,8 +10,9 @@
 //
 // Both are implicit GEMMs over taps: output pixels (rows) x output channels (columns), each tap (ky, kx) that reads
 // inside the image adding the input pixel it reads (C_in floats) times its weight panel (C_in x C_out), done by
-// register-blocked tiles (conv_tile.h) of pixels that read through the same taps, OpenMP over tiles. One dimension's outputs come in phases (Phase1D):
-// output coordinate first + step * q reads input coordinate q * in_step + d[t] through kernel offset k[t].
+// register-blocked tiles (conv_tile.h) of pixels that read through the same taps, OpenMP over tiles. One dimension's
+// outputs come in phases (Phase1D): output coordinate first + step * q reads input coordinate q * in_step + d[t]
+// through kernel offset k[t].
 // conv2d has one phase per dimension: step 1, in_step s, every tap, d = ky - p. With few input channels (an
 // image: C_in < one vector, where a tap's C_in multiply-adds would not pay for its setup) the taps' inputs are
 // gathered first (im2col: rows of k*k*C_in floats, zeros outside the image), then multiplied as one tap.
@@ -199,7 +200,10 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
     int rows;
   };
   std::vector<Tile> tiles;
-  std::vector<int64_t> pixels;  // m = (n * qy_count + qy) * qx_count + qx, phase by phase, class by class
+  struct Pixel {
+    int64_t n, qy, qx;
+  };
+  std::vector<Pixel> pixels;  // phase by phase, class by class
   std::vector<std::pair<int64_t, int>> runs;
   std::vector<std::pair<size_t, size_t>> phase_tiles;  // [begin, end) in `tiles` of each phase
   for (const auto& py : ph_y)
@@ -211,7 +215,7 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
           const int64_t begin = (int64_t)pixels.size();
           for (int64_t n = 0; n < g.n; ++n)
             for (int64_t qy : cy)
-              for (int64_t qx : cx) pixels.push_back((n * py.count + qy) * px.count + qx);
+              for (int64_t qx : cx) pixels.push_back({n, qy, qx});
           split_rows(begin, (int64_t)pixels.size() - begin, mr, runs);
         }
       phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
@@ -247,10 +251,8 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
         const Phase1D &py = *tile.y, &px = *tile.x;
         const int rows = tile.rows;
         for (int r = 0; r < rows; ++r) {
-          const int64_t m = pixels[tile.p0 + r];
-          qx[r] = m % px.count;
-          qy[r] = (m / px.count) % py.count;
-          nn[r] = m / (px.count * py.count);
+          const Pixel& pixel = pixels[tile.p0 + r];
+          nn[r] = pixel.n, qy[r] = pixel.qy, qx[r] = pixel.qx;
           const int64_t oy = py.first + py.step * qy[r], ox = px.first + px.step * qx[r];
           c[r] = element(out, ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr, out_bf16);
         }
