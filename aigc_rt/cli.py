@@ -367,8 +367,9 @@ def cmd_demo(a):
     t0 = time.perf_counter()
     fake = d.score(images)  # (64,) D(G(z)): the probability that each generated digit is real
     dt = time.perf_counter() - t0
+    log_1m_d = torch.nn.functional.logsigmoid(-d.logits(images)).mean()  # exact even where D(G(z)) rounds to 1
     print(f"scored by {DEFAULT_IMAGE_MODEL}-d: mean D(G(z)) {fake.mean():.3f}, uniform noise "
-          f"{d.score(noise).mean():.3f}; E[log(1 - D(G(z)))] {torch.log1p(-fake).mean():.3f} "
+          f"{d.score(noise).mean():.3f}; E[log(1 - D(G(z)))] {log_1m_d:.3f} "
           f"({len(fake) / dt:.0f} images/s, backend {d.backend.name})")
 
 

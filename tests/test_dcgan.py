@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 import aigc_rt
 from aigc_rt import format as fmt
@@ -109,6 +110,63 @@ def test_matches_the_torch_module_in_eval_mode(variant, backend):
     assert got.shape == want.shape and got.dtype == torch.float32
     assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("variant", ["seed32_d", "tutorial64_d"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_discriminator_logits_and_the_gan_objective(variant, backend):
+    """logits(x): the module's output before its Sigmoid (fp32, atol 1e-4), sigmoid(logits) == score. objective:
+    V(D, G) = E[log D(x)] + E[log(1 - D(G(z)))], i.e. minus the seed system's discriminator loss (nn.BCELoss with
+    real label 1 and fake label 0, each batch averaged, summed; atol 1e-5), and still finite and exact (from
+    logits) where D(x) rounds to 0 or 1 in fp32 and nn.BCELoss clamps the log at -100."""
+    name, module, _, dst = variant
+    _, _, arch, size = VARIANTS[name]
+    d = aigc_rt.load(dst, backend=backend)
+    real, fake = _inputs(arch, size, n=5), _inputs(arch, size, n=3) * 0.5
+    with torch.no_grad():
+        want = module.main[:-1](real).reshape(-1)  # without the Sigmoid
+        got = d.logits(real)
+        assert got.shape == want.shape == (5,) and got.dtype == torch.float32
+        assert want.std() > 1e-3, "degenerate reference output: the comparison would prove little"
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+        assert torch.allclose(torch.sigmoid(got), d.score(real), atol=1e-6)
+        bce = nn.BCELoss()
+        loss_d = bce(module(real), torch.ones(5)) + bce(module(fake), torch.zeros(3))
+        v = d.objective(real, fake)
+        assert isinstance(v, float) and abs(v + loss_d.item()) < 1e-5, f"V {v} vs -errD {-loss_d.item()}"
+        # a discriminator sure of its answers (the last layer scaled by +-1e4): D rounds to 0 or 1 in fp32, where
+        # log D or log(1 - D) of the probabilities is -inf (nn.BCELoss: -100)
+        for factor in (1e4, -1e4):
+            d.layers[-1] = (d.backend.prepare_conv2d(*_last_layer_scaled(dst, factor), *_last_conv(module)),
+                            "sigmoid")
+            l_real, l_fake = d.logits(real), d.logits(fake)
+            assert (l_real.abs() > 100).any() and (l_fake.abs() > 100).any(), "logits too small to prove much"
+            want_v = (F.logsigmoid(l_real).mean() + F.logsigmoid(-l_fake).mean()).item()
+            v = d.objective(real, fake)
+            assert np.isfinite(v) and abs(v - want_v) <= 1e-6 * abs(want_v), f"V {v} vs {want_v}"
+
+
+def _last_layer_scaled(path, factor: float):
+    """The runtime file's last conv weight and bias, times factor."""
+    rf = fmt.read(path, archs.expected)
+    last = len(rf.config["layers"]) - 1
+    return rf.tensors[f"layers.{last}.weight"] * factor, rf.tensors[f"layers.{last}.bias"] * factor
+
+
+def _last_conv(module: nn.Module):
+    """(stride, padding) of the module's last conv."""
+    conv = [m for m in module.main if isinstance(m, nn.Conv2d)][-1]
+    return conv.stride[0], conv.padding[0]
+
+
+def test_logits_need_a_sigmoid(seed_gan, tmp_path):
+    _, _, _, d_file = seed_gan
+    d = aigc_rt.load(d_file, backend="cpu")
+    d.layers[-1] = (d.layers[-1][0], "none")
+    with pytest.raises(ValueError, match="ends in 'none', not a sigmoid: it has no logits"):
+        d.logits(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"images must have shape \(n, 3, 32, 32\)"):
+        aigc_rt.load(d_file, backend="cpu").objective(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 16, 16))
 
 
 def _inputs(arch: str, size: int, n: int = 3):

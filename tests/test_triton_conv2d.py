@@ -143,9 +143,10 @@ def test_whole_discriminator_on_the_triton_backend(variant, tmp_path, monkeypatc
 
 
 def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
-    """The triton backend runs a DCGAN's whole forward through run_layers (one CUDA graph per model and input
-    shape on a GPU, replayed from static buffers): each call's result stays the caller's and matches the torch
-    module, across calls with other inputs and other batch sizes; fp32, atol 1e-4."""
+    """The triton backend runs a DCGAN's whole forward through run_layers (one CUDA graph per model, input
+    shape and forward on a GPU, replayed from static buffers): each call's result stays the caller's and matches
+    the torch module, across calls with other inputs and other batch sizes, and a discriminator's logits and
+    scores never share a graph; fp32, atol 1e-4."""
     g_module, g_file, d_module, d_file = seed_gan
     g = aigc_rt.load(g_file, device=DEVICE, backend="triton")
     d = aigc_rt.load(d_file, device=DEVICE, backend="triton")
@@ -153,7 +154,12 @@ def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
     zs = [torch.randn(n, 100, generator=gen) for n in (2, 1, 2)]
     images = [g(z) for z in zs]  # all held at once
     scores = [d(x) for x in images]
+    logits = [d.logits(x) for x in images]  # the same model and shapes, another forward: graphs of their own
     with torch.no_grad():
+        for x, l in zip(images, logits):
+            want_l = d_module.main[:-1](x.cpu()).reshape(-1)  # without the Sigmoid
+            err = (l.cpu() - want_l).abs().max()
+            assert torch.allclose(l.cpu(), want_l, atol=ATOL, rtol=RTOL), f"logits: max abs err {err:.3g}"
         for z, x, p in zip(zs, images, scores):
             want_x = g_module(z[:, :, None, None])
             err = (x.cpu() - want_x).abs().max()
@@ -161,9 +167,10 @@ def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
             want_p = d_module(x.cpu())
             err = (p.cpu() - want_p).abs().max()
             assert torch.allclose(p.cpu(), want_p, atol=ATOL, rtol=RTOL), f"scores: max abs err {err:.3g}"
-    for m in (g, d):  # one entry per input shape: batches 1 and 2
-        assert sorted(key[2][0] for key in m.backend.layer_graphs.entries) == [1, 2]
-        assert all(key[1] is m for key in m.backend.layer_graphs.entries)
+    for m, forwards in ((g, ["_forward"]), (d, ["_forward", "_forward_logits"])):  # an entry per shape and forward
+        keys = m.backend.layer_graphs.entries
+        assert sorted((key[2][0], key[4]) for key in keys) == sorted((n, f) for n in (1, 2) for f in forwards)
+        assert all(key[1] is m for key in keys)
 
 
 @pytest.mark.gpu

@@ -90,9 +90,11 @@ class TritonBackend(TorchBackend):
                                                                        params))
 
     def run_layers(self, model, forward, x):
-        """A DCGAN's whole forward as one CUDA graph per model, input shape and dtype (a generator's 4-5 launches
-        at batch 1 cost more on the host than on the GPU); the output is cloned out of the graph's pool."""
-        return self.layer_graphs.run(("layers", model, tuple(x.shape), x.dtype), forward, x).clone()
+        """A DCGAN's whole forward as one CUDA graph per model, input shape and dtype, and forward (a
+        discriminator's score or logits; a generator's 4-5 launches at batch 1 cost more on the host than on the
+        GPU); the output is cloned out of the graph's pool."""
+        key = ("layers", model, tuple(x.shape), x.dtype, forward.__name__)
+        return self.layer_graphs.run(key, forward, x).clone()
 
     # DCGAN generator: kernels/conv_transpose.py
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:

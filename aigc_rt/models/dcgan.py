@@ -2,7 +2,8 @@
 
 Generator (arch "dcgan"): z (N, nz) -> x = z as (N, nz, 1, 1); for each layer x = act(conv_transpose(x))
 -> images (N, C, S, S) in [-1, 1] (tanh). Discriminator (arch "dcgan_d"): images -> for each layer
-x = act(conv2d(x)) -> (N, 1, 1, 1) sigmoid probabilities. BatchNorm is folded into every layer's weight and
+x = act(conv2d(x)) -> (N, 1, 1, 1) sigmoid probabilities (score), or the sigmoid's input (logits), from which
+objective() takes the GAN min-max objective V(D, G). BatchNorm is folded into every layer's weight and
 bias by the converter (convert/dcgan.py). Between layers a backend may keep activations in any memory format
 (the cpu backend uses channels_last); the logical shapes are always (N, C, H, W).
 A bf16 file holds bf16 weights: every layer then multiplies them with its input rounded to bf16, summing the
@@ -12,6 +13,7 @@ their outputs rounded to bf16 already (out_bf16, the same numbers), the last one
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DCGANConfig, DCGANDiscriminatorConfig
 from ..errors import FormatError
@@ -112,16 +114,44 @@ class Discriminator:
 
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> torch.Tensor:
-        """images (N, C, S, S) in [-1, 1] -> float32 (N,): the probability that each image is real."""
+        """images (N, C, S, S) in [-1, 1] -> float32 (N,): D(x), the probability that each image is real."""
+        return self.backend.run_layers(self, self._forward, self._images(images))
+
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, C, S, S) in [-1, 1] -> float32 (N,): l, the input of the last layer's sigmoid, D(x) =
+        sigmoid(l). log D(x) = logsigmoid(l) and log(1 - D(x)) = logsigmoid(-l) stay exact where D(x) itself
+        rounds to 0 or 1."""
+        if self.layers[-1][1] != "sigmoid":
+            raise ValueError(f"this discriminator's last layer ends in {self.layers[-1][1]!r}, not a sigmoid: it "
+                             "has no logits")
+        return self.backend.run_layers(self, self._forward_logits, self._images(images))
+
+    def objective(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        """The GAN min-max objective V(D, G) = E[log D(x)] + E[log(1 - D(G(z)))], the means over real images x and
+        over generated ones G(z) (each (N, C, S, S) in [-1, 1]): D maximises it, G minimises it. -V is the
+        discriminator's BCE loss as the seed system trains it (nn.BCELoss, real label 1, fake label 0, each batch
+        averaged, summed), here from logits (logits()), so exact where nn.BCELoss clamps a log at -100."""
+        return (F.logsigmoid(self.logits(real)).mean() + F.logsigmoid(-self.logits(fake)).mean()).item()
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
+        """images, checked, as float32 on the device."""
         c = self.config
         hint = f"(n, {c.channels}, {c.image_size}, {c.image_size})"
         x = _float_input(images, "images", hint)
         if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size) or x.shape[0] < 1:
             raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
-        return self.backend.run_layers(self, self._forward, x.to(self.device))
+        return x.to(self.device)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # images (N, C, S, S) on the device -> (N,)
-        for (layer, act), out_bf16 in zip(self.layers, self.out_bf16):
+        return self._layers(x, self.layers[-1][1])
+
+    def _forward_logits(self, x: torch.Tensor) -> torch.Tensor:  # the same, without the last sigmoid
+        return self._layers(x, "none")
+
+    def _layers(self, x: torch.Tensor, last_act: str) -> torch.Tensor:
+        acts = [act for _, act in self.layers[:-1]] + [last_act]
+        for (layer, _), act, out_bf16 in zip(self.layers, acts, self.out_bf16):
             x = self.backend.conv2d(x, layer, act, self.config.leaky_slope, out_bf16)  # (N, C_out, H_out, W_out)
         return x.reshape(-1)
 
