@@ -1,6 +1,7 @@
 """DCGAN generators and discriminators, images/s and GFLOP/s in one run: torch eager, torch.compile (default, and
 with inductor's freezing pass) and aigc_rt's cpu backend on the CPU, and aigc_rt's bf16 files against the module
-in bf16; on a GPU (when there is one) Triton vs cuDNN (torch eager) and torch.compile. The 32x32 seed generator
+in bf16; on a GPU (when there is one) Triton vs cuDNN (torch eager) and torch.compile, and bf16 files on Triton's
+bf16 tensor-core convolutions vs the module in bf16 (batch 64 and 1024). The 32x32 seed generator
 (0.036 GFLOP/image) and discriminator (0.035), the 64x64 tutorial generator (0.209) and discriminator (0.208),
 batch 1 and 64, random weights with non-trivial BatchNorm statistics (the runtime folds them; torch runs the
 eval-mode module). A generator maps z (N, 100, 1, 1) to images, a discriminator images (N, 3, S, S) in [-1, 1] to
@@ -76,9 +77,10 @@ def _runner(impl: str, module, paths, device, z):
         with torch._inductor.config.patch(freezing=True), torch.inference_mode():
             compiled(z)  # the config is read when the graph compiles, at the first call
         return compiled
+    path = paths["bf16" if impl.endswith("bf16") else "fp32"]
     if impl.startswith("aigc_rt-cpu"):
-        return aigc_rt.load(paths["bf16" if impl.endswith("bf16") else "fp32"], backend="cpu")
-    return aigc_rt.load(paths["fp32"], device=device, backend="triton")
+        return aigc_rt.load(path, backend="cpu")
+    return aigc_rt.load(path, device=device, backend="triton")
 
 
 def _bench(benchmark, models, impl, arch, batch, device):
@@ -109,11 +111,14 @@ def test_cpu_dcgan(benchmark, models, impl, arch, batch):
     _bench(benchmark, models, impl, arch, batch, "cpu")
 
 
+GPU_RUNS = [(impl, batch) for impl in ("eager", "compile", "triton") for batch in BATCHES + (1024,)]
+GPU_RUNS += [(impl, batch) for impl in ("eager-bf16", "triton-bf16") for batch in (64, 1024)]  # bf16 files
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
-@pytest.mark.parametrize("batch", BATCHES + (1024,))
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("impl", ["eager", "compile", "triton"])
+@pytest.mark.parametrize("impl,batch", GPU_RUNS)
 def test_gpu_dcgan(benchmark, models, impl, arch, batch):
     benchmark.group = f"dcgan-gpu {arch} batch {batch}"
     _bench(benchmark, models, impl, arch, batch, "cuda")
@@ -135,11 +140,11 @@ def _table(device: str) -> str:
     return _rows(device, impls, [(ours, i) for i in impls[:-1]])
 
 
-def _bf16_table() -> str:
-    """bf16 files on the cpu backend against torch's module in bf16, and against both fp32 runs."""
-    return _rows("cpu", ("eager-bf16", "aigc_rt-cpu-bf16"), [("aigc_rt-cpu-bf16", "eager-bf16"),
-                                                              ("aigc_rt-cpu-bf16", "eager"),
-                                                              ("aigc_rt-cpu-bf16", "aigc_rt-cpu")])
+def _bf16_table(device: str) -> str:
+    """bf16 files on the cpu (triton) backend against torch's module in bf16, and against both fp32 runs."""
+    ours = "aigc_rt-cpu" if device == "cpu" else "triton"
+    return _rows(device, ("eager-bf16", f"{ours}-bf16"), [(f"{ours}-bf16", "eager-bf16"), (f"{ours}-bf16", "eager"),
+                                                          (f"{ours}-bf16", ours)])
 
 
 def _rows(device: str, impls: tuple[str, ...], ratios: list[tuple[str, str]]) -> str:
@@ -167,7 +172,7 @@ def teardown_module():
         text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch "
                 f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
                 f"(bench/bench_gan.py).\n\n{table}\n")
-        bf16 = _bf16_table() if device == "cpu" else ""
+        bf16 = _bf16_table(device)
         if bf16:
             text += (f"\nbf16 files (bf16 weights, each layer's input rounded to bf16, fp32 sums) against torch's "
                      f"module in bf16 and both fp32 runs:\n\n{bf16}\n")

@@ -1,4 +1,4 @@
-"""Transposed convolution with fused bias + activation, as an implicit GEMM in Triton (fp32).
+"""Transposed convolution with fused bias + activation, as an implicit GEMM in Triton (fp32, or bf16 weights).
 
     out[n, co, oy, ox] = act(bias[co] + sum over ci, ky, kx, iy, ix with oy = iy*s - p + ky, ox = ix*s - p + kx
                                         of x[n, ci, iy, ix] * w[ci, co, ky, kx])
@@ -13,7 +13,9 @@ output row oy = py + s * qy. Program axis 2 is the phase; axes 0 and 1 tile its 
 N = C_out (BLOCK_N), K = taps x C_in (BLOCK_K per tl.dot). A dimension with one input pixel (a generator's
 first layer: z as (N, nz, 1, 1)) has the stride replaced by k: k phases of one tap each, a plain GEMM.
 All tensors may have any strides (the launcher passes them), e.g. a weight kept as [k, k, C_in, C_out] in
-memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise.
+memory for coalesced loads. tl.dot runs with input_precision="ieee" (true fp32) unless asked otherwise; bf16
+weights multiply the input rounded to bf16 on the tensor cores, with fp32 sums (utils.conv_dot), and the output may
+be stored rounded to bf16 for the next such layer (out_dtype).
 
 Reference: conv_transpose2d_reference below (plain PyTorch, fp32).
 Test: python -m pytest tests/test_triton_conv_transpose.py (under TRITON_INTERPRET=1 on a CPU).
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import CONV_ACTS, check_conv, conv_epilogue, conv_settings, conv_tap
+from .utils import (CONV_ACTS, INTERPRETER, cast_rne, check_conv, conv_epilogue, conv_out_dtype, conv_settings,
+                    conv_tap)
 
 
 @triton.jit
@@ -37,7 +40,7 @@ def _conv_transpose_kernel(
     son, soc, soh, sow,  # out strides
     step_y, step_x, padding, slope,  # phase steps: the stride, or k for a dimension with one input pixel
     KERNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, phase = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -64,19 +67,20 @@ def _conv_transpose_kernel(
             row_ok = m_ok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # (BLOCK_M,)
             x_row = x_ptr + n * sxn + iy * sxh + ix * sxw  # (BLOCK_M,) pointers
             acc = conv_tap(acc, x_row, row_ok, w_ptr + ky * swh + kx * sww, co, co_ok, C_in, sxc, swi, swo, BLOCK_K,
-                           PRECISION)
+                           PRECISION, WIDEN_DOT)
     acc = conv_epilogue(acc, b_ptr, co, co_ok, slope, HAS_BIAS, ACT)
     oy, ox = py + step_y * qy, px + step_x * qx
     out = out_ptr + (n * son + oy * soh + ox * sow)[:, None] + co[None, :] * soc
-    tl.store(out, acc, mask=m_ok[:, None] & co_ok[None, :])
+    tl.store(out, cast_rne(acc, out_ptr.dtype.element_ty), mask=m_ok[:, None] & co_ok[None, :])  # fp32 or bf16
 
 
 def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                      padding: int = 0, output_padding: int = 0, act: str = "none", slope: float = 0.2,
-                     input_precision: str = "ieee") -> torch.Tensor:
+                     input_precision: str = "ieee", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """act(F.conv_transpose2d(x, w, bias, stride, padding, output_padding)) on the Triton kernel.
-    x (N, C_in, H, W) fp32, w (C_in, C_out, k, k) fp32 (any strides), bias (C_out,) or None
-    -> (N, C_out, H_out, W_out) fp32, contiguous. input_precision "tf32" trades accuracy for tensor cores."""
+    x (N, C_in, H, W) fp32 or bf16, w (C_in, C_out, k, k) fp32 or bf16 (any strides; bf16 weights multiply the
+    input rounded to bf16: utils.conv_dot), bias (C_out,) fp32 or None -> (N, C_out, H_out, W_out) contiguous,
+    out_dtype fp32 or bf16 (rounded to nearest even). input_precision "tf32" trades accuracy for tensor cores."""
     n, c_in, h, wd, c_out, k = check_conv(x, w, bias, act, transposed=True)
     if not (stride >= 1 and padding >= 0 and 0 <= output_padding < stride):
         raise ValueError(f"need stride >= 1, padding >= 0, 0 <= output_padding < stride; got {stride}, {padding}, "
@@ -85,7 +89,7 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     w_out = (wd - 1) * stride - 2 * padding + k + output_padding
     if h_out < 1 or w_out < 1:
         raise ValueError(f"input {tuple(x.shape)} gives an empty output ({h_out} x {w_out})")
-    out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=torch.float32)
+    out = torch.empty(n, c_out, h_out, w_out, device=x.device, dtype=conv_out_dtype(out_dtype))
     step_y, step_x = (k if h == 1 else stride), (k if wd == 1 else stride)
     settings = conv_settings(c_in, c_out)
     max_pixels = n * triton.cdiv(h_out, step_y) * triton.cdiv(w_out, step_x)  # phase (0, 0) is the largest
@@ -97,7 +101,7 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         *x.stride(), *w.stride(), *out.stride(),
         step_y, step_x, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=CONV_ACTS[act], PRECISION=input_precision, **settings,
+        ACT=CONV_ACTS[act], PRECISION=input_precision, WIDEN_DOT=INTERPRETER, **settings,
     )
     return out
 

@@ -270,11 +270,12 @@ CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # 
 
 def check_conv(x: torch.Tensor, w: torch.Tensor, bias, act: str, transposed: bool) -> tuple[int, ...]:
     """The convolutions' shared argument checks -> (N, C_in, H, W, C_out, k). w is (C_in, C_out, k, k) when
-    transposed, else (C_out, C_in, k, k)."""
+    transposed, else (C_out, C_in, k, k); x and w float32 or bfloat16."""
     layout = "(C_in, C_out, k, k)" if transposed else "(C_out, C_in, k, k)"
-    if x.dim() != 4 or w.dim() != 4 or x.dtype != torch.float32 or w.dtype != torch.float32:
-        raise ValueError(f"x (N, C_in, H, W) and w {layout} must be float32, got {x.dtype} {tuple(x.shape)} and "
-                         f"{w.dtype} {tuple(w.shape)}")
+    floats = (torch.float32, torch.bfloat16)
+    if x.dim() != 4 or w.dim() != 4 or x.dtype not in floats or w.dtype not in floats:
+        raise ValueError(f"x (N, C_in, H, W) and w {layout} must be float32 or bfloat16, got {x.dtype} "
+                         f"{tuple(x.shape)} and {w.dtype} {tuple(w.shape)}")
     n, c_in, h, wd = x.shape
     c_out, k = w.shape[1 if transposed else 0], w.shape[2]
     if w.shape[0 if transposed else 1] != c_in or w.shape[3] != k:
@@ -284,6 +285,14 @@ def check_conv(x: torch.Tensor, w: torch.Tensor, bias, act: str, transposed: boo
     if act not in CONV_ACTS:
         raise ValueError(f"act must be one of {sorted(CONV_ACTS)}, got {act!r}")
     return n, c_in, h, wd, c_out, k
+
+
+def conv_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The convolutions' output type: float32, or bfloat16 (the fp32 result rounded) for a next layer that rounds
+    its input to bf16 anyway."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    return dtype
 
 
 def conv_settings(c_in: int, c_out: int) -> dict:
@@ -296,18 +305,31 @@ def conv_settings(c_in: int, c_out: int) -> dict:
 
 @device_fn
 def conv_tap(acc, x_row, row_ok, w_tap, co, co_ok, C_in, sxc, swi, swo, BLOCK_K: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr):
     """One tap of a convolution as an implicit GEMM: acc (BLOCK_M, BLOCK_N) + x[pixel, 0:C_in] @ w[0:C_in, co],
     where x_row (BLOCK_M,) points at each output pixel's input pixel for this tap (rows not row_ok read zeros:
-    outside the image), w_tap at the tap's (C_in, C_out) weights (strides swi, swo), in BLOCK_K channel steps."""
+    outside the image), w_tap at the tap's (C_in, C_out) weights (strides swi, swo), in BLOCK_K channel steps.
+    The input is multiplied in the weights' type (conv_dot)."""
     ck = tl.arange(0, BLOCK_K)
     for c0 in range(0, C_in, BLOCK_K):
         ci = c0 + ck  # (BLOCK_K,)
         ci_ok = ci < C_in
         a = tl.load(x_row[:, None] + ci[None, :] * sxc, mask=row_ok[:, None] & ci_ok[None, :], other=0.0)
         b = tl.load(w_tap + ci[:, None] * swi + co[None, :] * swo, mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        acc += tl.dot(a, b, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
+        acc = conv_dot(acc, a, b, PRECISION, WIDEN_DOT)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_N)
     return acc
+
+
+@device_fn
+def conv_dot(acc, a, b, PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr):
+    """acc + a @ b with the input block a in the weights' type: fp32 weights multiply it as it is (a bf16 input
+    exactly widened; PRECISION "ieee" or "tf32"), bf16 weights round it to bf16 (cast_rne: to nearest even, as
+    torch's .to(torch.bfloat16)) and run bf16 tensor-core products, exact, summed in fp32 (dot; WIDEN_DOT for the
+    interpreter)."""
+    if b.dtype == tl.bfloat16:  # decided at compile time (the else must be explicit: both would compile)
+        return dot(cast_rne(a.to(tl.float32), tl.bfloat16), b, acc, WIDEN_DOT)
+    else:
+        return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
 
 
 @device_fn

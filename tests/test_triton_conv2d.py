@@ -55,6 +55,26 @@ def test_matches_reference(shape):
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{act}: max abs err {(got - want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3] + [SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_weights_multiply_the_input_rounded_to_bf16(shape):
+    """bf16 weights (a bf16 file's): the kernel rounds the input to bf16 (to nearest even: the interpreter's own
+    cast truncates) and multiplies on bf16 products, exact, summed in fp32: the fp32 reference on the rounded
+    operands to fp32 tolerances, for an fp32 input and for one already bf16, by tap and with few input channels
+    (the flattened K); out_dtype=bf16 stores that output rounded, bit for bit."""
+    n, cin, cout, h, w_, k, s, p = shape
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(n, cin, h, w_, generator=g).to(DEVICE)
+    w = (torch.randn(cout, cin, k, k, generator=g) * 2 / (cin * k * k) ** 0.5).bfloat16().to(DEVICE)
+    b = torch.randn(cout, generator=g).to(DEVICE)
+    want = conv2d_reference(x.bfloat16().float(), w.float(), b, s, p, "leaky_relu", SLOPE)
+    for x_given in (x, x.bfloat16()):
+        got = conv2d(x_given, w, b, s, p, "leaky_relu", SLOPE)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+    rounded = conv2d(x, w, b, s, p, "leaky_relu", SLOPE, out_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, got.bfloat16())
+
+
 def test_strided_weight_and_input_no_bias():
     """A weight kept as [k, k, C_in, C_out] in memory (viewed as (C_out, C_in, k, k)), a non-contiguous input."""
     g = torch.Generator().manual_seed(3)
@@ -99,8 +119,10 @@ def test_every_activation_at_large_magnitudes(transposed):
 def test_bad_arguments_raise_value_error():
     x, w = torch.randn(1, 4, 3, 3), torch.randn(6, 4, 3, 3)
     for kwargs, message in [
-        (dict(x=x.double()), "must be float32"),
+        (dict(x=x.double()), "must be float32 or bfloat16"),
         (dict(x=x[0]), "must be float32"),  # 3-d
+        (dict(w=w.half()), "must be float32 or bfloat16"),
+        (dict(out_dtype=torch.float16), "out_dtype must be torch.float32 or torch.bfloat16"),
         (dict(w=torch.randn(6, 5, 3, 3)), "C_in=4"),
         (dict(w=torch.randn(6, 4, 3, 2)), "square"),
         (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),
@@ -191,14 +213,23 @@ def test_image_model_graph_replay_equals_eager(seed_gan):
         assert torch.equal(first, eager) and torch.equal(replayed, eager)
 
 
-def test_bf16_discriminator_on_the_triton_backend(seed_gan, tmp_path):
-    """A bf16 file on the triton backend: the fp32 kernels on the bf16 weights' exact values with each layer's
-    input rounded to bf16 (conv_input), the torch backend's arithmetic; over the layers a last-bit difference may
-    round an input to the neighbouring bf16 value, hence atol 1e-2 (tests/test_dcgan.py test_bf16_files)."""
-    _, _, d_module, _ = seed_gan
-    torch.save(d_module.state_dict(), tmp_path / "d.pt")
-    path = aigc_rt.convert(tmp_path / "d.pt", tmp_path / "d-bf16.safetensors", dtype="bf16")
-    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(14)) * 2 - 1
-    got = aigc_rt.load(path, device=DEVICE, backend="triton").score(images.to(DEVICE)).cpu()
-    want = aigc_rt.load(path, backend="torch").score(images)
-    assert torch.allclose(got, want, atol=1e-2), f"max abs err {(got - want).abs().max():.3g}"
+def test_bf16_dcgans_on_the_triton_backend(seed_gan, tmp_path):
+    """bf16 files on the triton backend: bf16 weights, each layer's input rounded to bf16 in the kernel and handed
+    on as bf16 between layers (the same bits as rounding an fp32 output there), the torch backend's arithmetic;
+    over the layers a last-bit difference may round an input to the neighbouring bf16 value, hence atol 1e-2
+    (tests/test_dcgan.py test_bf16_files)."""
+    g_module, _, d_module, _ = seed_gan
+    gen = torch.Generator().manual_seed(14)
+    for name, module, x in (("g", g_module, torch.randn(2, 100, generator=gen)),
+                            ("d", d_module, torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1)):
+        torch.save(module.state_dict(), tmp_path / f"{name}.pt")
+        path = aigc_rt.convert(tmp_path / f"{name}.pt", tmp_path / f"{name}-bf16.safetensors", dtype="bf16")
+        m = aigc_rt.load(path, device=DEVICE, backend="triton")
+        assert all(layer.weight.dtype == torch.bfloat16 for layer, _ in m.layers)
+        got = m(x.to(DEVICE))
+        assert got.dtype == torch.float32
+        m.out_bf16 = [False] * len(m.layers)
+        assert torch.equal(m(x.to(DEVICE)), got), f"{name}: handing on bf16 outputs changed the result"
+        want = aigc_rt.load(path, backend="torch")(x)
+        got = got.cpu()
+        assert torch.allclose(got, want, atol=1e-2), f"{name}: max abs err {(got - want).abs().max():.3g}"

@@ -46,6 +46,26 @@ def test_matches_reference(shape):
         assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{act}: max abs err {(got - want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_weights_multiply_the_input_rounded_to_bf16(shape):
+    """bf16 weights (a bf16 file's): the kernel rounds the input to bf16 (to nearest even: the interpreter's own
+    cast truncates) and multiplies on bf16 products, exact, summed in fp32: the fp32 reference on the rounded
+    operands to fp32 tolerances, for an fp32 input and for one already bf16; out_dtype=bf16 stores that output
+    rounded, bit for bit."""
+    n, cin, cout, h, w_, k, s, p, op = shape
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(n, cin, h, w_, generator=g).to(DEVICE)
+    w = (torch.randn(cin, cout, k, k, generator=g) * 2 / (cin * k) ** 0.5).bfloat16().to(DEVICE)
+    b = torch.randn(cout, generator=g).to(DEVICE)
+    want = conv_transpose2d_reference(x.bfloat16().float(), w.float(), b, s, p, op, "relu")
+    for x_given in (x, x.bfloat16()):
+        got = conv_transpose2d(x_given, w, b, s, p, op, "relu")
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+    rounded = conv_transpose2d(x, w, b, s, p, op, "relu", out_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, got.bfloat16())
+
+
 def test_strided_weight_and_no_bias():
     """A weight kept as [k, k, C_in, C_out] in memory (viewed as (C_in, C_out, k, k)), a non-contiguous input."""
     g = torch.Generator().manual_seed(3)
@@ -59,7 +79,9 @@ def test_strided_weight_and_no_bias():
 def test_bad_arguments_raise_value_error():
     x, w = torch.randn(1, 4, 3, 3), torch.randn(4, 6, 3, 3)
     for kwargs, message in [
-        (dict(x=x.double()), "must be float32"),
+        (dict(x=x.double()), "must be float32 or bfloat16"),
+        (dict(w=w.half()), "must be float32 or bfloat16"),
+        (dict(out_dtype=torch.float16), "out_dtype must be torch.float32 or torch.bfloat16"),
         (dict(w=torch.randn(5, 6, 3, 3)), "C_in=4"),
         (dict(w=torch.randn(4, 6, 3, 2)), "square"),
         (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),

@@ -148,6 +148,15 @@ VARIANTS = [
      dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="tf32", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 256 -> 1, sigmoid: one channel in a BLOCK_N of 16
      dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="ieee", FLAT_K=False, BLOCK_N=16, BLOCK_K=32), 8),
+    # bf16 files: bf16 weights, inputs rounded in the kernel, bf16 activations handed on between layers
+    (conv_transpose._conv_transpose_kernel, {"x_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",
+     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),  # z in, fp32
+    (conv_transpose._conv_transpose_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"}, "bf16",
+     dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="ieee", BLOCK_N=16, BLOCK_K=32), 8),  # the RGB layer
+    (conv2d._conv2d_kernel, {"x_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",  # the RGB layer
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
+    (conv2d._conv2d_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
 ]
 
 
@@ -223,7 +232,7 @@ def main(argv=None) -> int:
         if "SPLIT_K" in kernel.arg_names:
             constexprs = {"SPLIT_K": 1, **constexprs}
         for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False),
-                          ("RELU", False)):
+                          ("RELU", False), ("WIDEN_DOT", False)):
             if flag in kernel.arg_names:
                 constexprs = {flag: off, **constexprs}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,

@@ -55,7 +55,7 @@ def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Conv:
-    weight: torch.Tensor  # ConvTranspose2d (in, out, k, k) / Conv2d (out, in, k, k) fp32, as stored in the file
+    weight: torch.Tensor  # ConvTranspose2d (in, out, k, k) / Conv2d (out, in, k, k) fp32 (triton: bf16 if bf16)
     bias: torch.Tensor  # (out,) fp32
     stride: int
     padding: int
@@ -215,7 +215,8 @@ class TorchBackend:
         """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 (or bf16) -> (N, C_out, H_out, W_out) fp32, with
         H_out = (H - 1) * stride - 2 * padding + k + output_padding; act "none", "relu" or "tanh". out_bf16: the
         caller only uses the output rounded to bf16 (it feeds a bf16 layer), so a backend may return it rounded, as
-        a bfloat16 tensor (the cpu backend does: half the writes, no rounding pass); this one returns fp32."""
+        a bfloat16 tensor (the cpu and triton backends do: half the writes, no rounding pass); this one returns
+        fp32."""
         with fp32_convolutions():
             y = F.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding,
                                    layer.output_padding)

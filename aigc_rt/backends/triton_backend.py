@@ -18,7 +18,7 @@ from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embe
                        sampling)
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
-from .torch_backend import Conv, Linear, TorchBackend, conv_input
+from .torch_backend import Conv, Linear, TorchBackend
 
 # Rows up to which a LayerNorm runs in the prologue of the linear after it (every program normalises its rows
 # again: free beside the weights it streams for a decode step's few rows; a prefill normalises once, apart)
@@ -96,29 +96,38 @@ class TritonBackend(TorchBackend):
         key = ("layers", model, tuple(x.shape), x.dtype, forward.__name__)
         return self.layer_graphs.run(key, forward, x).clone()
 
-    # DCGAN generator: kernels/conv_transpose.py
+    # DCGAN generator (kernels/conv_transpose.py) and discriminator (kernels/conv2d.py). A bf16 file's weights stay
+    # bf16: the kernels round each layer's input to bf16 and multiply on the tensor cores (utils.conv_dot), the
+    # cpu backend's arithmetic; out_bf16 layers store their outputs rounded, as the next layer would round them.
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding) -> Conv:
         layer = super().prepare_conv_transpose(weight, bias, stride, padding, output_padding)
         # logically (C_in, C_out, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
-        w = layer.weight.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+        w = _conv_weight(layer).permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
         return dataclasses.replace(layer, weight=w, bias=layer.bias.contiguous())
 
-    # bf16 weights: the fp32 kernels on their exact values and the input rounded to bf16 (conv_input), the same
-    # arithmetic as the cpu backend's bf16 tiles, without their speed
-    def conv_transpose(self, x, layer: Conv, act, out_bf16=False):  # out_bf16: fp32 all the same (torch's doc)
-        return conv_transpose.conv_transpose2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride,
-                                               layer.padding, layer.output_padding, act)
+    def conv_transpose(self, x, layer: Conv, act, out_bf16=False):
+        return conv_transpose.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
+                                               layer.output_padding, act, out_dtype=_conv_out(out_bf16))
 
-    # DCGAN discriminator: kernels/conv2d.py
     def prepare_conv2d(self, weight, bias, stride, padding) -> Conv:
         layer = super().prepare_conv2d(weight, bias, stride, padding)
         # logically (C_out, C_in, k, k), [k, k, C_in, C_out] in memory: a tap's (C_in, C_out) block loads coalesced
-        w = layer.weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+        w = _conv_weight(layer).permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
         return dataclasses.replace(layer, weight=w, bias=layer.bias.contiguous())
 
     def conv2d(self, x, layer: Conv, act, leaky_slope=0.2, out_bf16=False):
-        return conv2d.conv2d(conv_input(x, layer), layer.weight, layer.bias, layer.stride, layer.padding, act,
-                             leaky_slope)
+        return conv2d.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, act, leaky_slope,
+                             out_dtype=_conv_out(out_bf16))
+
+
+def _conv_weight(layer: Conv) -> torch.Tensor:
+    """The weight as the Triton convolutions take it: bf16 again for a bf16 file (exact: the torch backend holds
+    its values in fp32), else fp32."""
+    return layer.weight.to(torch.bfloat16) if layer.bf16 else layer.weight
+
+
+def _conv_out(out_bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if out_bf16 else torch.float32
 
 
 def _eager(step, *args):
