@@ -136,10 +136,19 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
             ids[b, : len(p)] = torch.tensor(p)
         ids = ids.to(dev)
 
-        cache = model.new_cache(B, min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit))))
+        max_len = min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit)))
+        cache = model.new_cache(B, max_len)
         lengths = torch.tensor(lens, device=dev)
-        hidden = model.prefill(ids, cache, lengths)  # (B, T, C)
-        logits = model.head(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
+        if n == 1:
+            hidden = model.prefill(ids, cache, lengths)  # (B, T, C)
+            logits = model.head(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
+        else:  # each prompt prefilled once (rows 0, n, 2n, ...), its state and logits copied to its n sequences
+            once = model.new_cache(B // n, max_len)
+            hidden = model.prefill(ids[::n], once, lengths[::n])  # (B / n, T, C)
+            cache.repeat_rows(once, n)
+            del once
+            last = hidden[torch.arange(B // n, device=dev), lengths[::n] - 1]
+            logits = model.head(last).repeat_interleave(n, dim=0)  # (B, V)
         state = DecodeState.allocate(B, cfg.vocab_size, dev, params.repetition_penalty != 1.0)
         state.positions.copy_(lengths)  # where each row's next token goes
         if state.seen is not None:  # the prompts' tokens

@@ -83,6 +83,25 @@ def test_num_return_sequences_prompt_major_and_seeded(model):
     assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the three sequences differ
 
 
+def test_several_sequences_start_from_one_prefill_per_prompt(model, monkeypatch):
+    """num_return_sequences=n prefills each prompt once and copies its cache rows and last logits to its n
+    sequences: with top_k=1 every sequence is the prompt's greedy continuation (a wrong row would stray), and
+    sequence 0 draws what a lone sequence with the same seed draws."""
+    rows = []
+    prefill = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda ids, *a, **kw: rows.append(ids.shape[0]) or prefill(ids, *a, **kw))
+    greedy = model.generate(PROMPTS, max_new_tokens=8, eos_token_id=[])
+    rows.clear()
+    outs = model.generate(PROMPTS, max_new_tokens=8, eos_token_id=[], do_sample=True, top_k=1,
+                          num_return_sequences=3, seed=2)
+    assert rows == [len(PROMPTS)], f"prefilled {rows} rows; expected one row per prompt"
+    for i, g in enumerate(greedy):
+        assert [o.token_ids for o in outs[3 * i: 3 * i + 3]] == [g.token_ids] * 3, PROMPTS[i]
+    sampled = model.generate(PROMPTS[1], num_return_sequences=4, seed=9, **SAMPLE)
+    assert sampled[0].token_ids == model.generate(PROMPTS[1], seed=9, **SAMPLE)[0].token_ids
+    assert len({tuple(o.token_ids) for o in sampled}) > 1
+
+
 def test_greedy_with_several_sequences_raises_like_hf(model, rt_odd):
     """Hugging Face's GenerationConfig.validate(): greedy search without beams does not support
     num_return_sequences != 1 (a ValueError); so neither do we, saying what to pass instead."""

@@ -88,6 +88,19 @@ def test_greedy_batch_matches_the_reference(seed_decoder, backend):
         assert o.token_ids == want, f"{backend} {p!r}: {o.token_ids} != reference {want}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_several_sequences_copy_the_prompts_caches(seed_decoder, backend):
+    """num_return_sequences: each prompt prefilled once, its self- and cross-attention caches copied to its
+    sequences (DecodeCache.repeat_rows); with top_k=1 each is the prompt's greedy continuation."""
+    path, ref = seed_decoder
+    m = load_on(path, backend)
+    prompts = ["落霞与孤鹜齐飞", "a"]
+    outs = m.generate(prompts, max_new_tokens=8, do_sample=True, top_k=1, num_return_sequences=2, seed=1)
+    for i, p in enumerate(prompts):
+        want = reference_greedy(ref, m.tokenizer.encode(p), 8)
+        assert [o.token_ids for o in outs[2 * i: 2 * i + 2]] == [want] * 2, f"{backend} {p!r}"
+
+
 def test_decode_steps_equal_the_full_forward(seed_decoder):
     """Prefill + decode steps on the cached self- and cross-attention keys give the logits of a full forward."""
     m = aigc_rt.load(seed_decoder[0], backend="cpu")

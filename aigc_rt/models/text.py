@@ -42,6 +42,13 @@ class DecodeCache:
         state = (getattr(self, name) for name in self.STATE)
         return (*((t.data_ptr(), t.dtype) for t in state), *self.workspace(batch).addresses())
 
+    def repeat_rows(self, prefilled: "DecodeCache", n: int) -> None:
+        """Row b := row b // n of `prefilled`, a cache of the same max_len with 1/n the rows: each of a prompt's n
+        sequences (num_return_sequences) starts from the one prefill of that prompt. In place: the tensors keep
+        their addresses."""
+        for name in self.STATE:
+            getattr(self, name).copy_(getattr(prefilled, name).repeat_interleave(n, dim=1))
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drop finished sequences: keep only batch rows `rows` (in that order)."""
         for name in self.STATE:
