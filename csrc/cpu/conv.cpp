@@ -200,8 +200,8 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
     int rows;
   };
   std::vector<Tile> tiles;
-  struct Pixel {
-    int64_t n, qy, qx;
+  struct Pixel {  // 12 bytes: a batch of 1,024 64x64 images lists 4M of them
+    int32_t n, qy, qx;
   };
   std::vector<Pixel> pixels;  // phase by phase, class by class
   std::vector<std::pair<int64_t, int>> runs;
@@ -215,7 +215,7 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
           const int64_t begin = (int64_t)pixels.size();
           for (int64_t n = 0; n < g.n; ++n)
             for (int64_t qy : cy)
-              for (int64_t qx : cx) pixels.push_back({n, qy, qx});
+              for (int64_t qx : cx) pixels.push_back({(int32_t)n, (int32_t)qy, (int32_t)qx});
           split_rows(begin, (int64_t)pixels.size() - begin, mr, runs);
         }
       phase_tiles.emplace_back(tiles.size(), tiles.size() + runs.size());
@@ -473,6 +473,8 @@ std::pair<torch::Tensor, Geometry> input(const char* op, const torch::Tensor& x_
   AIGC_CHECK(wt.bf16 || x_in.scalar_type() == torch::kFloat32, op, ": x must be float32 for float32 weights, got ",
              x_in.scalar_type());
   AIGC_CHECK(x_in.size(1) == wt.cin, op, ": x has ", x_in.size(1), " channels, the weights take ", wt.cin);
+  AIGC_CHECK(x_in.size(0) < (1ll << 31) && x_in.size(2) < (1 << 24) && x_in.size(3) < (1 << 24), op, ": x ",
+             x_in.sizes(), " is too large (batch < 2^31, sides < 2^24)");
   const torch::Tensor dense = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   torch::Tensor x = dense;
   if (wt.bf16 && dense.scalar_type() == torch::kFloat32) {  // rounded in parallel into a recycled buffer (torch's
