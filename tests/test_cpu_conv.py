@@ -206,6 +206,29 @@ def test_activations_over_their_whole_range(op, tile_isa):
             f"{act} {slope}: max abs err {(got - want).abs().max():.3g}, rel {((got - want) / want).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_col2im_bands(threads, tile_isa):
+    """The col2im path (few output channels) works in bands of output rows, each multiplying the input rows it
+    reads into per-thread scratch: bands split an image for more threads than images, or where an image's
+    products exceed ~256 KiB (a 40x40 input); rows two bands read are multiplied by both. fp32 tolerances."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, size, (k, s, p, op) in ((1, 40, (4, 2, 1, 0)), (2, 7, (5, 3, 2, 1)), (1, 9, (3, 1, 1, 0)),
+                                       (3, 40, (4, 2, 1, 0))):
+            g = torch.Generator().manual_seed(n * size + threads)
+            x = torch.randn(n, 8, size, size, generator=g)
+            w, b = torch.randn(8, 3, k, k, generator=g) / 4, torch.randn(3, generator=g)
+            weights = _C.conv_transpose_prepare(w, b, s, p, op, tile_isa)
+            assert weights.col2im
+            want = torch.tanh(reference(x, w, b, s, p, op, "none"))
+            got = _C.conv_transpose(x, weights, "tanh")
+            assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), \
+                f"n={n} {size}x{size} k={k} s={s}: max abs err {(got - want).abs().max():.3g}"
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_layouts_and_tanh_range():
     """Any input memory format; output channels_last; tanh accurate from tiny to saturated pre-activations."""
     g = torch.Generator().manual_seed(1)

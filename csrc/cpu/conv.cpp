@@ -33,7 +33,7 @@
 // panels are consecutive too: where a tile's pixels have every x tap inside the image, the k taps of a row ky are
 // one tap of k*C_in inputs (fewer, longer runs of the micro-kernel's loop).
 // Activations are channels_last (NHWC in memory, logical (N, C, H, W)), except a col2im layer's output, an image,
-// which is NCHW. Output buffers (and col2im's scratch) are recycled between calls (`recycled`).
+// which is NCHW. Output buffers are recycled between calls (`recycled`), col2im's P is per-thread scratch.
 // References: torch.nn.functional.conv2d, conv_transpose2d. Tests: tests/test_cpu_conv.py.
 #include <c10/util/strides.h>
 #include <omp.h>
@@ -45,6 +45,7 @@
 #include "common.h"
 #include "cpu/conv_isa.h"
 #include "cpu/ops.h"
+#include "cpu/scratch.h"
 #include "cpu/vec.h"
 
 namespace aigc_rt::cpu {
@@ -332,63 +333,96 @@ void run_im2col(const TA* x, void* out, bool out_bf16, const Geometry& g, const 
   }
 }
 
+// One tap's part of a col2im output row: dst[i * s * C + c] += src[i * ldp + c] for i < count, c < C; the
+// channel loop unrolled for an image's 1-4 channels.
+template <int C>
+void add_tap_fixed(float* dst, const float* src, int64_t count, int64_t s, int64_t ldp) {
+  for (int64_t i = 0; i < count; ++i, dst += s * C, src += ldp)
+    for (int c = 0; c < C; ++c) dst[c] += src[c];
+}
+
+void add_tap(float* dst, const float* src, int64_t count, int64_t s, int64_t ldp, int64_t channels) {
+  switch (channels) {
+    case 1: return add_tap_fixed<1>(dst, src, count, s, ldp);
+    case 2: return add_tap_fixed<2>(dst, src, count, s, ldp);
+    case 3: return add_tap_fixed<3>(dst, src, count, s, ldp);
+    case 4: return add_tap_fixed<4>(dst, src, count, s, ldp);
+  }
+  for (int64_t i = 0; i < count; ++i, dst += s * channels, src += ldp)
+    for (int64_t c = 0; c < channels; ++c) dst[c] += src[c];
+}
+
+// floor(a / b) and ceil(a / b) for b > 0 and any a
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+// The col2im path in bands of output rows: a thread takes (image, band) items, multiplies the input rows the band
+// reads into its own scratch P (kept in its L2 cache: the whole batch's P made a round trip through memory), then
+// adds P's entries into the band's output rows. Bands split an image only to give every thread work (batch 1) or
+// to keep P under ~256 KiB; an input row two bands read is multiplied by both.
 template <class TA>
 void run_col2im(const TA* x, void* out, bool out_bf16, const Geometry& g, const ConvWeights& wt, const Isa& isa,
-                int act, float slope, float* cols) {
+                int act, float slope) {
   const int64_t k = wt.kernel, s = wt.stride, p = wt.padding, cout = wt.cout;
   const int64_t nr = wt.nv * isa.lanes, blocks = (k * k * cout + nr - 1) / nr, ldp = blocks * nr;
   const int mr = isa.rows[wt.nv];
-  const int64_t m = g.n * g.h * g.w;
-  std::vector<std::pair<int64_t, int>> runs;
-  split_rows(0, m, mr, runs);
-#pragma omp parallel for schedule(static) if (runs.size() > 1)
-  for (size_t it = 0; it < runs.size(); ++it) {
-    const auto [m0, rows] = runs[it];
+  const int64_t threads = omp_get_max_threads(), row_bytes = g.w * ldp * (int64_t)sizeof(float);
+  const int64_t bands = std::min(g.ho, std::max((threads + g.n - 1) / g.n,
+                                                ceil_div(g.h * row_bytes, int64_t{256} << 10)));
+  const int64_t max_rows = std::min(g.h, ceil_div(ceil_div(g.ho, bands) + k - 1, s) + 1);  // input rows a band reads
+  const float* bias = wt.bias.data_ptr<float>();
+#pragma omp parallel if (g.n * bands > 1)
+  {
+    float* cols = thread_scratch(ScratchSlot::worker, max_rows * g.w * ldp);  // P: band pixels x k*k*C_out (ldp)
+    std::vector<float> o(g.wo * cout);  // one output row (W_out, C_out), then written to the NCHW planes
+    std::vector<std::pair<int64_t, int>> runs;
     const void* a[conv::kMaxRows];
     void* c[conv::kMaxRows];
-    for (int r = 0; r < rows; ++r) a[r] = x + (m0 + r) * g.cin;
-    for (int64_t j = 0; j < blocks; ++j) {
-      const void* b = panel(wt, j, g.cin, nr);
-      for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
-      const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f, false};
-      tile_fn(isa, wt, rows)(args);
-    }
-  }
-  // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
-  const float* bias = wt.bias.data_ptr<float>();
-#pragma omp parallel if (g.n * g.ho > 1)
-  {
-    std::vector<float> o(g.wo * cout);  // one output row (W_out, C_out), then written to the NCHW planes
 #pragma omp for schedule(static)
-    for (int64_t row = 0; row < g.n * g.ho; ++row) {
-      const int64_t n = row / g.ho, oy = row % g.ho;
-      for (int64_t ox = 0; ox < g.wo; ++ox)
-        for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
-      for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
-        const int64_t iy = (oy + p - ky) / s;
-        if (iy < 0 || iy >= g.h) continue;
-        const float* p_row = cols + (n * g.h + iy) * g.w * ldp;  // (W, ldp)
-        for (int64_t kx = 0; kx < k; ++kx) {
-          // inputs ix with 0 <= ox = ix*s - p + kx < W_out
-          const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
-          const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
-          const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
-          const float* src = p_row + (ky * k + kx) * cout;
-          for (int64_t ix = ix0; ix < ix1; ++ix) {
-            float* dst = o.data() + (ix * s - p + kx) * cout;
-            const float* sp = src + ix * ldp;
-            for (int64_t co = 0; co < cout; ++co) dst[co] += sp[co];
-          }
+    for (int64_t item = 0; item < g.n * bands; ++item) {
+      const int64_t n = item / bands, band = item % bands;
+      const int64_t oy0 = band * g.ho / bands, oy1 = (band + 1) * g.ho / bands;
+      // input rows iy with oy = iy*s - p + ky in [oy0, oy1) for some tap ky < k
+      const int64_t iy0 = std::max<int64_t>(0, ceil_div(oy0 + p - (k - 1), s));
+      const int64_t iy1 = std::min<int64_t>(g.h, floor_div(oy1 - 1 + p, s) + 1);
+      runs.clear();
+      if (iy1 > iy0) split_rows(0, (iy1 - iy0) * g.w, mr, runs);
+      for (auto [m0, rows] : runs) {
+        for (int r = 0; r < rows; ++r) a[r] = x + ((n * g.h + iy0) * g.w + m0 + r) * g.cin;
+        for (int64_t j = 0; j < blocks; ++j) {
+          const void* b = panel(wt, j, g.cin, nr);
+          for (int r = 0; r < rows; ++r) c[r] = cols + (m0 + r) * ldp + j * nr;
+          const TileArgs args{1, (int)g.cin, a, &b, nullptr, c, (int)nr, conv::kNone, 0.f, false};
+          tile_fn(isa, wt, rows)(args);
         }
       }
-      isa.act(o.data(), g.wo * cout, act, slope);
-      for (int64_t co = 0; co < cout; ++co) {
-        const int64_t plane_row = ((n * cout + co) * g.ho + oy) * g.wo;
-        for (int64_t ox = 0; ox < g.wo; ++ox) {
-          if (out_bf16)
-            static_cast<uint16_t*>(out)[plane_row + ox] = to_bf16(o[ox * cout + co]);
-          else
-            static_cast<float*>(out)[plane_row + ox] = o[ox * cout + co];
+      // col2im: output (oy, ox) gets tap (ky, kx) of input (iy, ix) where oy = iy*s - p + ky, ox = ix*s - p + kx
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        for (int64_t ox = 0; ox < g.wo; ++ox)
+          for (int64_t co = 0; co < cout; ++co) o[ox * cout + co] = bias[co];
+        for (int64_t ky = (oy + p) % s; ky < k; ky += s) {
+          const int64_t iy = (oy + p - ky) / s;
+          if (iy < iy0 || iy >= iy1) continue;  // outside the image (the band's rows are all it reads)
+          const float* p_row = cols + (iy - iy0) * g.w * ldp;  // (W, ldp)
+          for (int64_t kx = 0; kx < k; ++kx) {
+            // inputs ix with 0 <= ox = ix*s - p + kx < W_out
+            const int64_t ix0 = std::max<int64_t>(0, (p - kx + s - 1) / s);
+            const int64_t last = g.wo - 1 + p - kx;  // ix * s <= last
+            const int64_t ix1 = std::min<int64_t>(g.w, last < 0 ? 0 : last / s + 1);
+            if (ix1 > ix0)
+              add_tap(o.data() + (ix0 * s - p + kx) * cout, p_row + ix0 * ldp + (ky * k + kx) * cout, ix1 - ix0, s,
+                      ldp, cout);
+          }
+        }
+        isa.act(o.data(), g.wo * cout, act, slope);
+        for (int64_t co = 0; co < cout; ++co) {
+          const int64_t plane_row = ((n * cout + co) * g.ho + oy) * g.wo;
+          for (int64_t ox = 0; ox < g.wo; ++ox) {
+            if (out_bf16)
+              static_cast<uint16_t*>(out)[plane_row + ox] = to_bf16(o[ox * cout + co]);
+            else
+              static_cast<float*>(out)[plane_row + ox] = o[ox * cout + co];
+          }
         }
       }
     }
@@ -586,9 +620,7 @@ torch::Tensor conv_transpose(const torch::Tensor& x_in, const ConvWeights& wt, c
   auto run = [&](auto element) {  // float, or uint16_t for bf16 inputs
     using TA = decltype(element);
     if (wt.col2im) {
-      const int64_t nr = wt.nv * isa.lanes, ldp = (wt.kernel * wt.kernel * wt.cout + nr - 1) / nr * nr;
-      torch::Tensor cols = recycled(wt.scratch_cache, {g.n * g.h * g.w, ldp}, at::MemoryFormat::Contiguous);
-      run_col2im(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope, cols.data_ptr<float>());
+      run_col2im(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope);
     } else {
       const int64_t k = wt.kernel, s = wt.stride, p = wt.padding;
       run_taps(data<TA>(x), out.data_ptr(), out_bf16, g, wt, isa, act, (float)slope,

@@ -83,7 +83,7 @@ struct __attribute__((visibility("hidden"))) ConvWeights {  // Conv2d or ConvTra
   bool im2col;                 // conv2d, few input channels: inputs gathered, then one GEMM
   bool bf16;                   // bf16 weights (packed as pairs) and inputs (rounded on the way in), fp32 sums
   std::string isa;             // "avx512" or "avx2"
-  mutable c10::Storage out_cache, scratch_cache, in_cache;  // recycled buffers (conv.cpp: recycled)
+  mutable c10::Storage out_cache, in_cache;  // recycled buffers (conv.cpp: recycled)
 };
 ConvWeights conv2d_prepare(const torch::Tensor& weight, const torch::Tensor& bias, int64_t stride, int64_t padding,
                            const std::string& isa);
