@@ -1,7 +1,8 @@
 """Seed system 1's two calls, as the articles make them, timed end to end: Hugging Face `generate` (the reference
-PyTorch code) against aigc_rt's `generate` with the same parameters, in one run, on the CPU.
+PyTorch code) against aigc_rt's `generate` with the same parameters, in one run, on the CPU or a CUDA GPU.
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python bench/bench_seed_gpt2.py [--size 124M] [--repeats 3]
+    python bench/bench_seed_gpt2.py --device cuda    # on a GPU box: HF eager on the GPU vs the triton backend
 
 The calls (../shared/SEED_SYSTEMS.md, system 1):
   story   generate(input_ids, max_length=100, do_sample=True, top_k=50, temperature=0.7, num_return_sequences=1)
@@ -13,7 +14,7 @@ token disabled so that every call runs to max_length. Before timing, each aigc_r
 top_k=1 (greedy) and must give Hugging Face's greedy tokens (fp32: all of them; bf16 / int8 round the logits, so
 only the share that agrees is reported). Then `repeats` rounds run every system once in turn (these machines are
 shared); the table has the median ms per call, new tokens/s over all sequences, and the ratio to Hugging Face.
-Writes bench/results/seed_gpt2_<cpu>.md.
+Writes bench/results/seed_gpt2_<cpu or GPU>.md.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ PROMPT_LEN = 8
 def hf_call(hf, ids: list[int], call: dict) -> list[list[int]]:
     """Hugging Face generate, as seed system 1 calls it, without an end-of-text token -> the new tokens of each
     sequence."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
     config = copy.deepcopy(hf.generation_config)  # the caller's model keeps its own
     config.update(**call, pad_token_id=0, eos_token_id=None)  # no eos: every call runs to max_length, as ours
     with torch.inference_mode():
@@ -68,13 +69,13 @@ def greedy_agreement(hf, model, ids: list[int]) -> float:
 
 
 def run(hf, files: dict[str, str], repeats: int, log=print) -> list[dict]:
-    """-> rows {call, system, dtype, ms, tokens_per_s, vs_hf, greedy}. hf: the eval-mode GPT2LMHeadModel; files:
-    dtype -> its converted runtime file."""
+    """-> rows {call, system, dtype, ms, tokens_per_s, vs_hf, greedy}. hf: the eval-mode GPT2LMHeadModel, on the
+    device to run on; files: dtype -> its converted runtime file (loaded on hf's device, its default backend)."""
     ids = bench.prompts(1, PROMPT_LEN, hf.config.vocab_size)[0].tolist()
     systems = {("hf-eager", "fp32"): lambda call: hf_call(hf, ids, call)}
     agreement = {}
     for dtype, path in files.items():
-        model = aigc_rt.load(path, backend="cpu")
+        model = aigc_rt.load(path, device=hf.device)
         agreement[dtype] = greedy_agreement(hf, model, ids)
         if dtype == "fp32" and agreement[dtype] < 1:
             raise AssertionError(f"aigc_rt fp32 greedy tokens differ from Hugging Face's "
@@ -118,13 +119,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="124M", choices=sorted(bench.SIZES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         hf, files, _ = bench.prepare(args.size, folder, DTYPES)
-        rows = run(hf.eval(), files, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True))
-    name = bench.cpu_name()
+        rows = run(hf.eval().to(args.device), files, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else bench.cpu_name()
+    where = "" if args.device == "cuda" else f", {torch.get_num_threads()} threads"
     text = (f"# Seed system 1's generate calls, GPT-2 {args.size} (random init), {name}\n\n{datetime.date.today()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, prompt {PROMPT_LEN} tokens, median of "
+            f"torch {torch.__version__}{where}, prompt {PROMPT_LEN} tokens, median of "
             f"{args.repeats} round-robin runs (bench/bench_seed_gpt2.py: the calls and the checks).\n\n"
             f"{table(rows)}\n")
     print(text)

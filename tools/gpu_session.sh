@@ -14,8 +14,9 @@
 #                                        #   this device and software instead of measuring them (marked in the
 #                                        #   table; off by default: ratios are best measured in one run)
 #   bash tools/gpu_session.sh profile    # a decode step's kernels (with/without PDL); linears vs cuBLAS; sampling
-#   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA), DCGAN (generators and discriminators)
-#                                        #   and seed text model (LSTM, Transformer decoder) benchmarks
+#   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA), DCGAN (generators and discriminators),
+#                                        #   seed text model (LSTM, Transformer decoder) and seed system 1's
+#                                        #   generate calls (bench/bench_seed_gpt2.py) benchmarks
 #
 # The CUDA kernels (csrc/cuda) are built by `pip install -e .` where the box has nvcc; where it has not, the
 # library built on the CPU machine (`make build`: aigc_rt/_cuda_kernels*.so, git-ignored) must travel with the
@@ -81,6 +82,7 @@ case "${1:-}" in
     $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable -k "not gpt2_decode_table" 2>&1 \
       | tee "$OUT/gpu_kernels.txt"
     PYTHONUNBUFFERED=1 $PY bench/bench_seed_text.py --device cuda 2>&1 | tee -a "$OUT/gpu_kernels.txt"
+    PYTHONUNBUFFERED=1 $PY bench/bench_seed_gpt2.py --device cuda 2>&1 | tee -a "$OUT/gpu_kernels.txt"
     find bench/results -maxdepth 1 -name "*.md" -newer "$STAMP" -exec cp {} "$OUT/" \;
     ;;
   all)  # about 7 minutes (9 at most), each step under its own limit; partial results survive a limit
