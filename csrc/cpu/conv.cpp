@@ -243,7 +243,6 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
   {
     std::vector<const void*> a(max_taps * mr), b(max_taps);
     void* c[conv::kMaxRows];
-    int64_t qy[conv::kMaxRows], qx[conv::kMaxRows], nn[conv::kMaxRows];
 #pragma omp for schedule(static)
     for (size_t it = 0; it < items.size(); ++it) {
       const int64_t j = items[it].block;
@@ -251,24 +250,23 @@ void run_taps(const TA* x, void* out, bool out_bf16, const Geometry& g, const Co
         const Tile& tile = tiles[ti];
         const Phase1D &py = *tile.y, &px = *tile.x;
         const int rows = tile.rows;
+        const Pixel* pix = pixels.data() + tile.p0;  // the tile's rows
         for (int r = 0; r < rows; ++r) {
-          const Pixel& pixel = pixels[tile.p0 + r];
-          nn[r] = pixel.n, qy[r] = pixel.qy, qx[r] = pixel.qx;
-          const int64_t oy = py.first + py.step * qy[r], ox = px.first + px.step * qx[r];
-          c[r] = element(out, ((nn[r] * g.ho + oy) * g.wo + ox) * cout + j * nr, out_bf16);
+          const int64_t oy = py.first + py.step * pix[r].qy, ox = px.first + px.step * pix[r].qx;
+          c[r] = element(out, ((pix[r].n * g.ho + oy) * g.wo + ox) * cout + j * nr, out_bf16);
         }
         // The rows are of one class: each tap reads inside the image for all of them or for none (row 0 says).
         // conv2d with every x tap inside: the x taps as one (see the header), else one by one.
-        const bool merge = merge_x && qx[0] * s - p >= 0 && qx[0] * s - p + k <= g.w;
+        const bool merge = merge_x && pix[0].qx * s - p >= 0 && pix[0].qx * s - p + k <= g.w;
         const int x_taps = merge ? (int)k : 1;
         int taps = 0;  // the taps that read inside the image
         for (int ty = 0; ty < py.ntaps; ++ty)
           for (int tx = 0; tx < px.ntaps; tx += x_taps) {
-            const int64_t iy0 = qy[0] * py.in_step + py.d[ty], ix0 = qx[0] * px.in_step + px.d[tx];
+            const int64_t iy0 = pix[0].qy * py.in_step + py.d[ty], ix0 = pix[0].qx * px.in_step + px.d[tx];
             if (iy0 < 0 || iy0 >= g.h || ix0 < 0 || ix0 >= g.w) continue;
             for (int r = 0; r < rows; ++r) {
-              const int64_t iy = qy[r] * py.in_step + py.d[ty], ix = qx[r] * px.in_step + px.d[tx];
-              a[taps * rows + r] = x + ((nn[r] * g.h + iy) * g.w + ix) * g.cin;
+              const int64_t iy = pix[r].qy * py.in_step + py.d[ty], ix = pix[r].qx * px.in_step + px.d[tx];
+              a[taps * rows + r] = x + ((pix[r].n * g.h + iy) * g.w + ix) * g.cin;
             }
             b[taps++] = panel(wt, j * k * k + py.k[ty] * k + px.k[tx], g.cin, nr);
           }

@@ -4,7 +4,7 @@
 //
 // One tile computes, for mr output pixels (rows) and one block of nr output channels (columns):
 //   c[r][j] = act(bias[j] + sum_t sum_i a[t * mr + r][i] * b[t][i * nr + j])     i < cin, j < n_valid
-// where t runs over the taps (input pixels) feeding the tile and a row pointer may point at zeros.
+// where t runs over the taps (input pixels) feeding the tile.
 // fp32 tiles (tile): a rows and b panels of floats. bf16 tiles (tile_bf16): a rows of bf16, b panels of bf16
 // pairs [ceil(cin / 2)][nr][2] (inputs i, i + 1 of a column side by side; a zero past an odd cin), the products
 // exact and summed in fp32 (vdpbf16ps, or the same in two FMAs where the CPU lacks AVX512-BF16). c is fp32, or
