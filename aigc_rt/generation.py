@@ -139,16 +139,14 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         max_len = min(cfg.n_positions, max(len(p) + m for p, m in zip(batch, limit)))
         cache = model.new_cache(B, max_len)
         lengths = torch.tensor(lens, device=dev)
-        if n == 1:
-            hidden = model.prefill(ids, cache, lengths)  # (B, T, C)
-            logits = model.head(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
-        else:  # each prompt prefilled once (rows 0, n, 2n, ...), its state and logits copied to its n sequences
-            once = model.new_cache(B // n, max_len)
-            hidden = model.prefill(ids[::n], once, lengths[::n])  # (B / n, T, C)
+        # each prompt prefilled once (rows 0, n, 2n, ...); with n > 1 its state and logits copied to its n sequences
+        once = cache if n == 1 else model.new_cache(B // n, max_len)
+        hidden = model.prefill(ids[::n], once, lengths[::n])  # (B / n, T, C)
+        logits = model.head(hidden[torch.arange(B // n, device=dev), lengths[::n] - 1])  # (B / n, V)
+        if n > 1:
             cache.repeat_rows(once, n)
-            del once
-            last = hidden[torch.arange(B // n, device=dev), lengths[::n] - 1]
-            logits = model.head(last).repeat_interleave(n, dim=0)  # (B, V)
+            logits = logits.repeat_interleave(n, dim=0)  # (B, V)
+        del once
         state = DecodeState.allocate(B, cfg.vocab_size, dev, params.repetition_penalty != 1.0)
         state.positions.copy_(lengths)  # where each row's next token goes
         if state.seen is not None:  # the prompts' tokens
