@@ -1,4 +1,4 @@
-"""aigc_rt: a small, fast inference runtime for generative models (GPT-2, DCGAN)."""
+"""aigc_rt: a small, fast inference runtime for generative models (GPT-2, DCGAN, VAE, small text models)."""
 import torch  # noqa: F401  (loads libtorch before the aigc_rt._C extension)
 
 from .api import embedded_models, load

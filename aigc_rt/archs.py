@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig, TransformerDecoderConfig
+from .config import DCGANConfig, DCGANDiscriminatorConfig, GPT2Config, LSTMConfig, TransformerDecoderConfig, VAEConfig
 from .errors import FormatError
 from .format import SCALE_SUFFIX, TensorSpec
-from .models import dcgan, gpt2, lstm, transformer_decoder
+from .models import dcgan, gpt2, lstm, transformer_decoder, vae
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ ARCHS = {
                                 indexed=EMBEDDING),
     "dcgan": Arch(DCGANConfig, dcgan.expected_tensors, dcgan.Generator, text=False),
     "dcgan_d": Arch(DCGANDiscriminatorConfig, dcgan.expected_tensors, dcgan.Discriminator, text=False),
+    "vae": Arch(VAEConfig, vae.expected_tensors, vae.VAE, text=False),
 }
 
 

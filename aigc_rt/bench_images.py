@@ -1,4 +1,4 @@
-"""`aigc-rt bench --model FILE` for image models (DCGAN generators and discriminators): images/s, ms per
+"""`aigc-rt bench --model FILE` for image models (DCGAN generators and discriminators, VAEs): images/s, ms per
 batch and GFLOP/s of one runtime file on one backend, median of timed calls after a warm-up. The side-by-side
 comparison with torch eager and torch.compile is bench/bench_gan.py (it needs the torch modules)."""
 from __future__ import annotations
@@ -8,6 +8,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from .config import VAEConfig
+from .models.vae import layer_names
 
 
 @dataclass
@@ -22,7 +25,11 @@ class ImageResult:
 
 
 def gflop_per_image(config) -> float:
-    """2 x multiply-adds of every (transposed) convolution of a DCGAN generator or discriminator config."""
+    """2 x multiply-adds of every (transposed) convolution of a DCGAN generator or discriminator config, or of
+    every linear of a VAE's decoder (what generating an image runs)."""
+    if isinstance(config, VAEConfig):
+        return sum(2 * n_in * n_out for name, n_in, n_out in layer_names(config)
+                   if name.startswith("decoder.") or name == "out") / 1e9
     flops, sizes = 0, config.sizes()
     for layer, size_in, size_out in zip(config.layers, sizes, sizes[1:]):
         pixels = size_in if config.transposed else size_out  # each input pixel / each output pixel x the kernel
@@ -32,12 +39,12 @@ def gflop_per_image(config) -> float:
 
 def run_image_file(model, name: str, batches=(1, 64), min_calls: int = 10, min_seconds: float = 1.0,
                    log=print) -> list[ImageResult]:
-    """model: a loaded DCGAN generator (times model(z)) or discriminator (times model.score(images))."""
+    """model: a loaded DCGAN generator or VAE (times model(z)) or DCGAN discriminator (times model.score(images))."""
     c, results = model.config, []
     gflop = gflop_per_image(c)
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
-        if model.arch == "dcgan":
+        if model.arch in ("dcgan", "vae"):
             x = torch.randn(batch, model.nz, generator=g).to(model.device)
             call = lambda: model(x)  # noqa: E731
         else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aigc-rt", description="aigc_rt: fast inference for GPT-2 and DCGAN")
+    p = argparse.ArgumentParser(prog="aigc-rt", description="aigc_rt: fast inference for GPT-2, DCGANs, VAEs and "
+                                                            "small text models")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a checkpoint to a runtime weights file")
@@ -39,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: tokenizer.json or vocab.json beside SRC)")
     c.add_argument("--n-head", type=int, default=None, help="transformer_decoder: attention heads per layer")
     c.add_argument("--norm-first", action="store_true", help="transformer_decoder: pre-norm layers (norm_first=True)")
+    c.add_argument("--image-shape", default=None, metavar="C,H,W",
+                   help="vae: the images' channels, height and width (default: from the input width, e.g. 784: 1,28,28)")
+    c.add_argument("--act", default=None, choices=["relu", "tanh"], help="vae: the hidden layers' activation "
+                                                                         "(default relu)")
     c.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text")
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="compare a runtime file with its reference checkpoint")
     v.add_argument("model")
     v.add_argument("--reference", required=True,
-                   help="the Hugging Face GPT-2 folder (or DCGAN state_dict) it was converted from")
+                   help="the Hugging Face GPT-2 folder (or the state_dict) it was converted from")
     v.add_argument("--backend", default="auto")
     v.add_argument("--atol", type=float, default=None, help="absolute logit tolerance (default: by dtype)")
     v.add_argument("--rtol", type=float, default=None, help="tolerance relative to max |logit| (default: by dtype)")
@@ -88,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench/results", help="folder for the markdown + JSON results ('' to skip)")
     b.set_defaults(func=cmd_bench)
 
-    m = sub.add_parser("imagine", help="generate images with a DCGAN generator, saved as one grid")
+    m = sub.add_parser("imagine", help="generate images with a DCGAN generator or a VAE, saved as one grid")
     _model_args(m, "the embedded generator dcgan-digits")
     m.add_argument("-n", type=int, default=16, help="number of images")
     m.add_argument("--seed", type=int, default=0)
@@ -100,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", help="image files of the discriminator's size")
     _model_args(s, "the embedded discriminator dcgan-digits-d")
     s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("elbo", help="each image's evidence lower bound (nats) under a VAE, a bound on log p(x)")
+    e.add_argument("images", nargs="+", help="image files of the VAE's size")
+    e.add_argument("--model", required=True, help="a VAE runtime file")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--samples", type=int, default=1, help="draws of z per image for the expectation")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_elbo)
 
     d = sub.add_parser("demo", help="the main job: generate text and digits with the default models")
     _model_args(d)
@@ -124,6 +139,13 @@ def _sampling_kwargs(a) -> dict:
 def cmd_convert(a):
     import aigc_rt
     config = {**({"n_head": a.n_head} if a.n_head is not None else {}), **({"norm_first": True} if a.norm_first else {})}
+    if a.image_shape is not None:
+        try:
+            config.update(zip(("channels", "height", "width"), map(int, a.image_shape.split(",")), strict=True))
+        except ValueError:
+            raise ValueError(f"--image-shape must be C,H,W (three integers), got {a.image_shape!r}") from None
+    if a.act is not None:
+        config["act"] = a.act
     dst = aigc_rt.convert(a.src, a.dst, arch=a.arch, dtype=a.dtype, tokenizer=a.tokenizer, config=config or None)
     print(f"wrote {dst} ({os.path.getsize(dst) / 1e6:.1f} MB)")
 
@@ -166,6 +188,8 @@ def cmd_validate(a):
     m = aigc_rt.load(a.model, backend=a.backend)
     if m.arch in ("dcgan", "dcgan_d"):
         return _validate_dcgan(m, a)
+    if m.arch == "vae":
+        return _validate_vae(m, a)
     ref_logits, ref_greedy = _text_reference(m, a.reference)
     atol, rtol = VALIDATE_TOL[m.dtype]
     atol, rtol = atol if a.atol is None else a.atol, rtol if a.rtol is None else a.rtol
@@ -261,6 +285,38 @@ def _validate_dcgan(m, a):
     return 0 if ok else 1
 
 
+def _validate_vae(m, a):
+    """A VAE file vs examples/vae's encode / decode on the checkpoint (convert/vae.py reference_module): mu, logvar
+    of 8 random images, the decoder's means of 8 latents, and the ELBO of those images against examples/vae's
+    loss_function on the same draws of eps (-ELBO = BCE(sum) + KLD)."""
+    from aigc_rt.convert.vae import reference_module
+    c = m.config
+    ref = reference_module(a.reference, {k: getattr(c, k) for k in ("channels", "height", "width", "act")})
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.rand(8, c.pixels, generator=g), torch.randn(8, c.latent, generator=g)
+    eps = torch.randn(1, 8, c.latent, generator=torch.Generator().manual_seed(1))  # what elbo(seed=1) draws
+    with torch.no_grad():
+        mu, logvar = ref.encode(x)
+        checks = [("mu", m.encode(x)[0], mu), ("logvar", m.encode(x)[1], logvar),
+                  ("decoded means", m.decode(z).reshape(8, -1), ref.decode(z))]
+        # the ELBO in float64: in float32 log(1 - sigmoid(l)) loses digits where sigmoid(l) nears 1
+        ref, x, eps = ref.double(), x.double(), eps.double()
+        mu, logvar = ref.encode(x)
+        recon = ref.decode(mu + eps[0] * torch.exp(0.5 * logvar))
+        bce = torch.nn.functional.binary_cross_entropy(recon, x, reduction="none").sum(1)
+        neg_elbo = bce - 0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(1)
+        checks.append(("ELBO", m.elbo(x.float(), seed=1), -neg_elbo.float()))
+    atol, rtol = VALIDATE_TOL[m.dtype]
+    atol, rtol = atol if a.atol is None else a.atol, rtol if a.rtol is None else a.rtol
+    ok = True
+    for name, got, want in checks:
+        err, tol = (got - want).abs().max().item(), atol + rtol * want.abs().max().item()
+        ok &= err <= tol
+        print(f"{name:14} max |error| {err:.3g} (tol {tol:.3g})")
+    print(f"{'PASS' if ok else 'FAIL'}: 8 images and 8 latents (dtype {m.dtype}, backend {m.backend.name})")
+    return 0 if ok else 1
+
+
 def cmd_info(a):
     from aigc_rt import format as fmt
     from aigc_rt.api import read_checked
@@ -282,7 +338,7 @@ def cmd_bench(a):
         import aigc_rt
         from aigc_rt import bench_images
         m = aigc_rt.load(a.model, backend=a.backend)
-        if m.arch in ("dcgan", "dcgan_d"):  # image models: images/s, no decode loop
+        if m.arch in ("dcgan", "dcgan_d", "vae"):  # image models: images/s, no decode loop
             print(bench_images.table(bench_images.run_image_file(m, os.path.basename(str(a.model)), batches,
                                                                  log=lambda row: None)))
             return
@@ -306,11 +362,11 @@ def cmd_bench(a):
             print(f"wrote {path}")
 
 
-def _load_arch(path, arch: str, a):
+def _load_arch(path, archs: tuple[str, ...], a):
     import aigc_rt
     m = aigc_rt.load(path, device=a.device, backend=a.backend)
-    if m.arch != arch:
-        raise ValueError(f"{path}: a {m.arch} model, where this command needs a {arch} one")
+    if m.arch not in archs:
+        raise ValueError(f"{path}: a {m.arch} model, where this command needs a {' or '.join(archs)} one")
     return m
 
 
@@ -322,30 +378,45 @@ def _imagine(g, n: int, seed: int, output: str, nrow: int) -> tuple[str, torch.T
     images = g.generate(n, seed=seed)  # (n, C, S, S)
     dt = time.perf_counter() - t0
     save_grid(images, output, nrow=nrow)
-    return (f"wrote {output}: {n} images of {images.shape[-1]}x{images.shape[-1]} in {dt * 1e3:.0f} ms "
+    return (f"wrote {output}: {n} images of {images.shape[-1]}x{images.shape[-2]} in {dt * 1e3:.0f} ms "
             f"({n / dt:.0f} images/s, backend {g.backend.name})"), images
 
 
 def cmd_imagine(a):
     from aigc_rt.api import DEFAULT_IMAGE_MODEL
-    print(_imagine(_load_arch(a.model or DEFAULT_IMAGE_MODEL, "dcgan", a), a.n, a.seed, a.output, a.nrow)[0])
+    print(_imagine(_load_arch(a.model or DEFAULT_IMAGE_MODEL, ("dcgan", "vae"), a), a.n, a.seed, a.output,
+                   a.nrow)[0])
 
 
 def cmd_score(a):
+    from aigc_rt.api import DEFAULT_IMAGE_MODEL
+    d = _load_arch(a.model or DEFAULT_IMAGE_MODEL + "-d", ("dcgan_d",), a)
+    c = d.config
+    images = _read_images(a.images, c.channels, c.image_size, c.image_size, "the discriminator")
+    for path, p in zip(a.images, d.score(images * 2 - 1).tolist()):  # the discriminator takes [-1, 1]
+        print(f"{p:.4f}\t{path}")
+
+
+def cmd_elbo(a):
+    v = _load_arch(a.model, ("vae",), a)
+    c = v.config
+    elbo = v.elbo(_read_images(a.images, c.channels, c.height, c.width, "the VAE"), samples=a.samples, seed=a.seed)
+    for path, nats in zip(a.images, elbo.tolist()):  # bits per dimension: -ELBO / (D ln 2), an upper bound
+        print(f"{nats:.3f} nats\t{-nats / (c.pixels * math.log(2)):.4f} bits/dim\t{path}")
+
+
+def _read_images(paths: list[str], channels: int, height: int, width: int, what: str) -> torch.Tensor:
+    """Image files -> float32 (N, channels, height, width) in [0, 1] (byte / 255, as torchvision's ToTensor)."""
     import numpy as np
     from PIL import Image
-    from aigc_rt.api import DEFAULT_IMAGE_MODEL
-    d = _load_arch(a.model or DEFAULT_IMAGE_MODEL + "-d", "dcgan_d", a)
-    size, mode = d.config.image_size, "RGB" if d.config.channels == 3 else "L"
     images = []
-    for path in a.images:
+    for path in paths:
         with Image.open(path) as im:  # OSError naming the path if missing or not an image
-            if im.size != (size, size):
-                raise ValueError(f"{path}: {im.size[0]}x{im.size[1]} pixels; the discriminator takes {size}x{size}")
-            pixels = torch.from_numpy(np.asarray(im.convert(mode), dtype=np.float32)).reshape(size, size, -1)
-        images.append(pixels.permute(2, 0, 1) / 127.5 - 1)  # (C, S, S) in [-1, 1]
-    for path, p in zip(a.images, d.score(torch.stack(images)).tolist()):
-        print(f"{p:.4f}\t{path}")
+            if im.size != (width, height):
+                raise ValueError(f"{path}: {im.size[0]}x{im.size[1]} pixels; {what} takes {width}x{height}")
+            pixels = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+        images.append(torch.from_numpy(pixels).reshape(height, width, -1).permute(2, 0, 1) / 255)  # (C, H, W)
+    return torch.stack(images)
 
 
 def cmd_demo(a):
@@ -360,9 +431,9 @@ def cmd_demo(a):
         print(f"{prompt}{out.text}\n  [{len(out.token_ids)} tokens in {dt * 1e3:.0f} ms, "
               f"{len(out.token_ids) / dt:.0f} tokens/s, backend {m.backend.name}]\n")
     os.makedirs(os.path.dirname(os.path.abspath(a.image_output)), exist_ok=True)
-    text, images = _imagine(_load_arch(DEFAULT_IMAGE_MODEL, "dcgan", a), 64, 0, a.image_output, 8)
+    text, images = _imagine(_load_arch(DEFAULT_IMAGE_MODEL, ("dcgan",), a), 64, 0, a.image_output, 8)
     print(text)
-    d = _load_arch(DEFAULT_IMAGE_MODEL + "-d", "dcgan_d", a)  # its discriminator, the other player of the GAN
+    d = _load_arch(DEFAULT_IMAGE_MODEL + "-d", ("dcgan_d",), a)  # its discriminator, the other player of the GAN
     noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     t0 = time.perf_counter()
     fake = d.score(images)  # (64,) D(G(z)): the probability that each generated digit is real

@@ -21,9 +21,13 @@ def _check_fields(cls, values: dict) -> dict:
             continue
         v = values[f.name]
         want = {"int": int, "float": (int, float), "int | None": (int, type(None)), "str": str, "bool": bool,
-                "tuple[ConvLayer, ...]": list}[f.type]
+                "tuple[ConvLayer, ...]": list, "tuple[int, ...]": list}[f.type]
         if isinstance(v, bool) != (f.type == "bool") or not isinstance(v, want):
             raise FormatError(f"{cls.__name__}: config '{f.name}' must be {f.type}, got {v!r}")
+        if f.type == "tuple[int, ...]":
+            if not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+                raise FormatError(f"{cls.__name__}: config '{f.name}' must be a list of integers, got {v!r}")
+            v = tuple(v)
         out[f.name] = v
     return out
 
@@ -241,3 +245,49 @@ class DCGANDiscriminatorConfig(DCGANConfig):
             raise FormatError(f"{name}: the first layer takes {self.channels} channels; images have 1 or 3")
         if not (math.isfinite(self.leaky_slope) and 0 <= self.leaky_slope < 1):
             raise FormatError(f"{name}: leaky_slope={self.leaky_slope} must be in [0, 1)")
+
+
+# -- VAE -----------------------------------------------------------------------------------------------
+VAE_ACTS = ("relu", "tanh")  # PyTorch examples/vae; Kingma & Welling (2013)'s MLPs
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """A fully connected VAE over (channels, height, width) images with pixel values in [0, 1] (arch "vae"): the
+    encoder's hidden layers `encoder` (widths) then one linear to (mu, logvar) of `latent` dims each; the decoder's
+    hidden layers `decoder` then one linear to channels * height * width Bernoulli logits. Every hidden layer is
+    followed by `act`. PyTorch's examples/vae: (1, 28, 28), encoder (400,), latent 20, decoder (400,), relu."""
+    channels: int
+    height: int
+    width: int
+    latent: int
+    encoder: tuple[int, ...]
+    decoder: tuple[int, ...]
+    act: str = "relu"
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field, hi in (("channels", 4), ("height", 4096), ("width", 4096), ("latent", 1 << 16)):
+            if not 1 <= getattr(self, field) <= hi:
+                raise FormatError(f"{name}: {field}={getattr(self, field)} is out of range [1, {hi}]")
+        if self.channels not in (1, 3):
+            raise FormatError(f"{name}: images have 1 or 3 channels, not {self.channels}")
+        for field in ("encoder", "decoder"):
+            widths = getattr(self, field)
+            if len(widths) > 64 or not all(1 <= w <= 1 << 16 for w in widths):
+                raise FormatError(f"{name}: {field} hidden widths {list(widths)} must be at most 64 widths in "
+                                  f"[1, 65536]")
+        if self.act not in VAE_ACTS:
+            raise FormatError(f"{name}: act {self.act!r} is not one of {VAE_ACTS}")
+
+    @property
+    def pixels(self) -> int:
+        """channels * height * width: the length of an image as the linears see it."""
+        return self.channels * self.height * self.width
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "VAEConfig":
+        return cls(**_check_fields(cls, values))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "encoder": list(self.encoder), "decoder": list(self.decoder)}

@@ -383,7 +383,7 @@ def test_cli_errors_exit_2(seed_gan, tmp_path, capsys):
     assert main(["imagine", "--model", str(g_file), "-o", str(tmp_path / "missing" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["imagine", "--model", str(d_file)]) == 2
-    assert "needs a dcgan one" in capsys.readouterr().err
+    assert "needs a dcgan or vae one" in capsys.readouterr().err
     assert main(["imagine", "--model", str(g_file), "-n", "0", "-o", str(tmp_path / "x.png")]) == 2
     assert "n must be an integer >= 1" in capsys.readouterr().err
     assert main(["score", str(tmp_path / "nothing.png"), "--model", str(d_file)]) == 2

@@ -191,7 +191,7 @@ def test_image_models_hand_back_outputs_no_later_call_overwrites(seed_gan):
             assert torch.allclose(p.cpu(), want_p, atol=ATOL, rtol=RTOL), f"scores: max abs err {err:.3g}"
     for m, forwards in ((g, ["_forward"]), (d, ["_forward", "_forward_logits"])):  # an entry per shape and forward
         keys = m.backend.layer_graphs.entries
-        assert sorted((key[2][0], key[4]) for key in keys) == sorted((n, f) for n in (1, 2) for f in forwards)
+        assert sorted((key[3][0][0], key[2]) for key in keys) == sorted((n, f) for n in (1, 2) for f in forwards)
         assert all(key[1] is m for key in keys)
 
 

@@ -186,10 +186,11 @@ class TorchBackend:
         does all its work in backend ops, on its inputs, the cache and the cache's Workspace."""
         return step(tokens, positions, lengths, cache, max_len)
 
-    def run_layers(self, model, forward, x: torch.Tensor) -> torch.Tensor:
-        """An image model's whole forward, forward(x) -> y, with x on the device; a backend may replay it (triton:
-        from a CUDA graph per model and input shape). The result is the caller's: no later call overwrites it."""
-        return forward(x)
+    def run_layers(self, model, forward, *inputs: torch.Tensor) -> torch.Tensor:
+        """An image model's whole forward, forward(*inputs) -> y, with the inputs on the device; a backend may
+        replay it (triton: from a CUDA graph per model, forward and input shapes). The result is the caller's: no
+        later call overwrites it."""
+        return forward(*inputs)
 
     def run_decode_sample(self, step, state, cache, max_len: int, params: SamplingParams) -> None:
         """A generation step in place on state (generation.DecodeState): run_decode on state.tokens and

@@ -89,12 +89,12 @@ class TritonBackend(TorchBackend):
         self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache, cache.max_len,
                                                                        params))
 
-    def run_layers(self, model, forward, x):
-        """A DCGAN's whole forward as one CUDA graph per model, input shape and dtype, and forward (a
-        discriminator's score or logits; a generator's 4-5 launches at batch 1 cost more on the host than on the
-        GPU); the output is cloned out of the graph's pool."""
-        key = ("layers", model, tuple(x.shape), x.dtype, forward.__name__)
-        return self.layer_graphs.run(key, forward, x).clone()
+    def run_layers(self, model, forward, *inputs):
+        """An image model's whole forward as one CUDA graph per model, forward (a discriminator's score or logits, a
+        VAE's decoder or ELBO...) and input shapes and dtypes (a generator's 4-5 launches at batch 1 cost more on
+        the host than on the GPU); the output is cloned out of the graph's pool."""
+        key = ("layers", model, forward.__name__, *((tuple(x.shape), x.dtype) for x in inputs))
+        return self.layer_graphs.run(key, forward, *inputs).clone()
 
     # DCGAN generator (kernels/conv_transpose.py) and discriminator (kernels/conv2d.py). A bf16 file's weights stay
     # bf16: the kernels round each layer's input to bf16 and multiply on the tensor cores (utils.conv_dot), the

@@ -12,6 +12,7 @@ from .dcgan import detect_arch as detect_dcgan_arch
 from .gpt2 import convert_gpt2, is_hf_gpt2_dir
 from .lstm import convert_lstm, is_lstm_state_dict
 from .transformer_decoder import convert_transformer_decoder, is_transformer_decoder_state_dict
+from .vae import convert_vae, is_vae_state_dict
 
 
 def _gpt2(src: str, dtype: str):
@@ -26,15 +27,19 @@ def _transformer_decoder(src: str, dtype: str, tokenizer=None, config: dict | No
     return ("transformer_decoder", *convert_transformer_decoder(src, dtype, tokenizer, config))
 
 
+def _vae(src: str, dtype: str, config: dict | None = None):
+    return ("vae", *convert_vae(src, dtype, config), None)
+
+
 def _dcgan(src: str, dtype: str, variant: str):
     return (*convert_dcgan(src, dtype, variant), None)
 
 
 # arch -> converter(src, dtype) -> (runtime arch, config dict, tensors, tokenizer JSON or None)
-CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, "transformer_decoder": _transformer_decoder,
+CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, "transformer_decoder": _transformer_decoder, "vae": _vae,
               **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
 TAKES_TOKENIZER = ("lstm", "transformer_decoder")  # checkpoints without a vocabulary: convert(..., tokenizer=PATH)
-TAKES_CONFIG = ("transformer_decoder",)  # checkpoints lacking sizes their shapes do not show: convert(..., config=)
+TAKES_CONFIG = ("transformer_decoder", "vae")  # checkpoints lacking what their shapes do not show: convert(..., config=)
 
 
 def detect_arch(src: str) -> str:
@@ -44,11 +49,13 @@ def detect_arch(src: str) -> str:
         sd = read_state_dict(src)
         if is_lstm_state_dict(sd):
             return "lstm"
+        if is_vae_state_dict(sd):
+            return "vae"
         return "transformer_decoder" if is_transformer_decoder_state_dict(sd) else detect_dcgan_arch(src)
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: cannot tell what this checkpoint is (expected a Hugging Face GPT-2 folder with "
-                      f"config.json, or an LSTM, Transformer decoder or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
+                      f"config.json, or an LSTM, Transformer decoder, VAE or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
 
 
 def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None, config: dict | None = None) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import DCGANConfig, DCGANDiscriminatorConfig
 from ..errors import FormatError
+from .inputs import check_count, float_input, seeded_generator
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -32,18 +33,6 @@ def expected_tensors(c: DCGANConfig, dtype: str):
         spec[f"layers.{i}.weight"] = ((*io, layer.kernel, layer.kernel), WEIGHT_DTYPES[dtype])
         spec[f"layers.{i}.bias"] = ((layer.c_out,), torch.float32)
     return spec
-
-
-def _float_input(x, what: str, shape_hint: str) -> torch.Tensor:
-    """A floating-point tensor of finite values, as float32; anything else is a ValueError naming it."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor {shape_hint}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{what} must be a floating-point tensor {shape_hint}, got {x.dtype}")
-    x = x.float()
-    if x.numel() and not torch.isfinite(x).all():
-        raise ValueError(f"{what} holds NaN or infinite values")
-    return x
 
 
 def hands_on_bf16(n_layers: int, dtype: str) -> list[bool]:
@@ -72,7 +61,7 @@ class Generator:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """z (N, nz) or (N, nz, 1, 1) -> images float32 (N, C, S, S) in [-1, 1] (contiguous NCHW)."""
         hint = f"(n, {self.nz}) or (n, {self.nz}, 1, 1)"
-        z = _float_input(z, "latent z", hint)
+        z = float_input(z, "latent z", hint)
         if z.dim() not in (2, 4) or z.shape[1:] not in (torch.Size([self.nz]), torch.Size([self.nz, 1, 1])):
             raise ValueError(f"latent z must have shape {hint}, got {tuple(z.shape)}")
         if z.shape[0] < 1:
@@ -88,16 +77,8 @@ class Generator:
     def generate(self, n: int = 16, seed: int | None = None) -> torch.Tensor:
         """n images from z ~ N(0, 1) drawn on the CPU by torch.Generator().manual_seed(seed), so a seed gives
         the same images on every device and backend (seed None: a fresh random seed)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        g = torch.Generator()
-        if seed is None:
-            g.seed()
-        else:
-            g.manual_seed(seed)
-        return self(torch.randn(n, self.nz, generator=g))  # (n, nz)
+        check_count(n)
+        return self(torch.randn(n, self.nz, generator=seeded_generator(seed)))  # (n, nz)
 
 
 class Discriminator:
@@ -138,7 +119,7 @@ class Discriminator:
         """images, checked, as float32 on the device."""
         c = self.config
         hint = f"(n, {c.channels}, {c.image_size}, {c.image_size})"
-        x = _float_input(images, "images", hint)
+        x = float_input(images, "images", hint)
         if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size) or x.shape[0] < 1:
             raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
         return x.to(self.device)
