@@ -118,6 +118,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown-cpu"
 
 
+def device_name(device: str) -> str:
+    """What a results file names the machine by: the GPU's name for "cuda", else the CPU's."""
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+
+
 # -- models ----------------------------------------------------------------------------------------------
 def make_checkpoint(size: str, folder: str, seed: int = 0):
     """A random-init GPT-2 of the given size saved as a HF folder (with a byte-level tokenizer)."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import platform
 import re
 import sys
 
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 import aigc_rt
+from aigc_rt import bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 from dcgan_reference import (gflop_per_image, randomize_batchnorm, seed_discriminator, seed_generator,  # noqa: E402
@@ -124,16 +124,6 @@ def test_gpu_dcgan(benchmark, models, impl, arch, batch):
     _bench(benchmark, models, impl, arch, batch, "cuda")
 
 
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"model name\s*:\s*(.*)", f.read()).group(1).strip()
-    except (OSError, AttributeError):
-        return platform.processor() or "cpu"
-
-
 def _table(device: str) -> str:
     ours = "aigc_rt-cpu" if device == "cpu" else "triton"
     impls = ("eager", "compile", "compile-freezing", ours) if device == "cpu" else ("eager", "compile", ours)
@@ -168,7 +158,7 @@ def teardown_module():
         table = _table(device)
         if not table:
             continue
-        name = _device_name(device)
+        name = bench.device_name(device)
         text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch "
                 f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
                 f"(bench/bench_gan.py).\n\n{table}\n")

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         hf, files, _ = bench.prepare(args.size, folder, DTYPES)
         rows = run(hf.eval().to(args.device), files, args.repeats, log=lambda s: print(s, file=sys.stderr, flush=True))
-    name = torch.cuda.get_device_name() if args.device == "cuda" else bench.cpu_name()
+    name = bench.device_name(args.device)
     where = "" if args.device == "cuda" else f", {torch.get_num_threads()} threads"
     text = (f"# Seed system 1's generate calls, GPT-2 {args.size} (random init), {name}\n\n{datetime.date.today()}, "
             f"torch {torch.__version__}{where}, prompt {PROMPT_LEN} tokens, median of "

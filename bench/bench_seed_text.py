@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     rows, bandwidth = run(a.shapes.split(","), [int(b) for b in a.batches.split(",")], a.repeats, device=a.device,
                           backend=a.backend)
-    name, day = (torch.cuda.get_device_name() if a.device == "cuda" else bench.cpu_name()), datetime.date.today()
+    name, day = bench.device_name(a.device), datetime.date.today()
     slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
     path = os.path.join(a.out, f"seed_text_{slug}.md")
     software = f"torch {torch.__version__}" + (f", triton {__import__('triton').__version__}" if a.device == "cuda" else

@@ -39,6 +39,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_cell", &aigc_rt::cpu::lstm_cell,
         "the LSTM cell: gates (N, 4H) in torch's order i, f, g, o and c (N, H) -> h_out, c_out (c_out may be c)",
         pybind11::arg("gates"), pybind11::arg("c"), pybind11::arg("h_out"), pybind11::arg("c_out"));
+  m.def("vae_reparameterize", &aigc_rt::cpu::vae_reparameterize,
+        "z (S, N, L) = mu + eps * exp(logvar / 2) for head (N, 2L) = (mu, logvar) and eps (S, N, L)",
+        pybind11::arg("head"), pybind11::arg("eps"));
+  m.def("vae_bernoulli_elbo", &aigc_rt::cpu::vae_bernoulli_elbo,
+        "each image's ELBO (N,): the Bernoulli log-likelihood of x (N, D) under logits (S, N, D), averaged over S, "
+        "minus KL(q || N(0, I)) from head (N, 2L)",
+        pybind11::arg("logits"), pybind11::arg("x"), pybind11::arg("head"));
 
   // step_program.cpp: each method records one op (its arguments as the op's, outputs given); run replays them
   using aigc_rt::cpu::StepProgram;

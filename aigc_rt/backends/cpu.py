@@ -157,6 +157,12 @@ class CpuBackend(TorchBackend):
             self._recording.lstm_cell(gates, c, h_out, c_out)
         return h_out, c_out
 
+    def reparameterize(self, head, eps):
+        return _C.vae_reparameterize(head.contiguous(), eps.contiguous())
+
+    def bernoulli_elbo(self, logits, x, head):
+        return _C.vae_bernoulli_elbo(logits.contiguous(), x.contiguous(), head.contiguous())
+
     def sample(self, logits, params, u, seen, *, out=None):
         return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,
                          params.repetition_penalty, u, seen, out=out)

@@ -179,6 +179,22 @@ class TorchBackend:
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         return _into(h_out, h_new), _into(c_out, c_new)
 
+    def reparameterize(self, head: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """A VAE's z (S, N, L) = mu + eps * exp(logvar / 2) from its encoder's head (N, 2L) = (mu, logvar) and
+        eps (S, N, L)."""
+        L = head.shape[1] // 2
+        return head[:, :L] + eps * torch.exp(0.5 * head[:, L:])
+
+    def bernoulli_elbo(self, logits: torch.Tensor, x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Each image's ELBO (N,): sum_d x log sigmoid(l) + (1 - x) log sigmoid(-l) for the decoder's logits l
+        (S, N, D) and the images x (N, D), averaged over the S samples, minus KL(N(mu, exp(logvar)) || N(0, I)) =
+        1/2 sum_j (mu^2 + exp(logvar) - logvar - 1) from head (N, 2L)."""
+        L = head.shape[1] // 2
+        mu, logvar = head[:, :L], head[:, L:]
+        # per sample: torch's fused kernel on contiguous (N, D) operands (a broadcast x takes a path ~3x slower)
+        log_px = torch.stack([-F.binary_cross_entropy_with_logits(l, x, reduction="none").sum(-1) for l in logits])
+        return log_px.mean(0) - 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(-1)
+
     def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
                    max_len: int) -> torch.Tensor:
         """Run a model's decode step, step(tokens, positions, lengths, cache, max_len) -> logits; a backend may

@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 
 
-def float_input(x, what: str, shape_hint: str) -> torch.Tensor:
-    """A floating-point tensor of finite values, as float32; anything else is a ValueError naming it."""
+def float_input(x, what: str, shape_hint: str, check_finite: bool = True) -> torch.Tensor:
+    """A floating-point tensor of finite values (check_finite False: the caller checks them, e.g. within a range),
+    as float32; anything else is a ValueError naming it."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor {shape_hint}, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor {shape_hint}, got {x.dtype}")
     x = x.float()
-    if x.numel() and not torch.isfinite(x).all():
+    if check_finite and x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"{what} holds NaN or infinite values")
     return x
 

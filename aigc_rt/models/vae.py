@@ -12,14 +12,13 @@ ELBO(x) = E_q(z|x)[log p(x | z)] - KL(q(z | x) || N(0, I)), in nats, with
     KL = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))                   (closed form: two diagonal Gaussians)
 the expectation estimated from `samples` draws of eps. At one sample, -ELBO summed over a batch is examples/vae's
 loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD.
-The linears (and a relu after them) run in the backend's kernels; the few elementwise steps (split, z, sigmoid, the
-sums of the ELBO) are torch ops on (N, L) and (N, D) tensors. Weights: fp32, bf16 (activations rounded to bf16,
+The linears (and a relu after them), the reparameterisation and the ELBO's sums run in the backend's ops
+(reparameterize, bernoulli_elbo); the decoder's sigmoid and a tanh hidden activation are torch ops. Weights: fp32, bf16 (activations rounded to bf16,
 fp32 sums) or int8 (weight-only, per-row scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import VAEConfig
 from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
@@ -129,13 +128,10 @@ class VAE:
         return x
 
     def _elbo(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:  # x (N, D), eps (S, N, L) -> (N,)
-        head = self._encode(x)
-        mu, logvar = head[:, :self.nz], head[:, self.nz:]  # (N, L)
-        z = mu + eps * torch.exp(0.5 * logvar)  # (S, N, L)
+        head = self._encode(x)  # (N, 2L): mu, logvar
+        z = self.backend.reparameterize(head, eps)  # (S, N, L)
         logits = self._decode(z.reshape(-1, self.nz)).reshape(*eps.shape[:2], -1)  # (S, N, D)
-        log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)  # (S, N)
-        kl = -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(-1)  # (N,)
-        return log_px.mean(0) - kl
+        return self.backend.bernoulli_elbo(logits, x, head)
 
     # -- input checks ----------------------------------------------------------------------------------------
     @property
@@ -147,13 +143,16 @@ class VAE:
         """images (N, C, H, W) or (N, D), checked, as float32 (N, D) on the device."""
         c = self.config
         hint = f"(n, {c.channels}, {c.height}, {c.width}) or (n, {c.pixels})"
-        x = float_input(images, "images", hint)
+        x = float_input(images, "images", hint, check_finite=False)
         if x.dim() not in (2, 4) or x.shape[1:] not in (torch.Size(self._image_shape), torch.Size([c.pixels])) \
                 or x.shape[0] < 1:
             raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
-        if x.min() < 0 or x.max() > 1:
+        lo, hi = torch.aminmax(x)  # one pass (NaN propagates into both): stands for the isfinite check
+        if lo.isnan() or hi.isnan():
+            raise ValueError("images hold NaN values")
+        if not (lo >= 0 and hi <= 1):
             raise ValueError(f"images must hold pixel values in [0, 1] (the VAE's Bernoulli likelihood), got values "
-                             f"in [{x.min().item():.3g}, {x.max().item():.3g}]")
+                             f"in [{lo.item():.3g}, {hi.item():.3g}]")
         return x.reshape(x.shape[0], c.pixels).to(self.device)
 
     def _latent(self, z) -> torch.Tensor:

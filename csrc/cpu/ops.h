@@ -30,6 +30,10 @@ void write_kv(torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tenso
 // lstm.cpp: h_out, c_out = the LSTM cell of gates (N, 4H) and c (N, H); c_out may be c
 void lstm_cell(const torch::Tensor& gates, const torch::Tensor& c, const torch::Tensor& h_out,
                const torch::Tensor& c_out);
+// vae.cpp: z (S, N, L) = mu + eps * exp(logvar / 2), head (N, 2L) = (mu, logvar), eps (S, N, L); and each image's
+// ELBO (N,) from the decoder's logits (S, N, D), the images x (N, D) and head
+torch::Tensor vae_reparameterize(const torch::Tensor& head, const torch::Tensor& eps);
+torch::Tensor vae_bernoulli_elbo(const torch::Tensor& logits, const torch::Tensor& x, const torch::Tensor& head);
 // embedding.cpp
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
                         const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& pos_table,

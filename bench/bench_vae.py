@@ -1,0 +1,171 @@
+"""PyTorch's examples/vae (MNIST, 784 -> 400 -> 20 -> 400 -> 784), images/s in one run: torch eager, torch.compile and
+aigc_rt's cpu backend (fp32, bf16 and int8 files; the bf16 file also against the module in bf16) on the CPU; on a GPU
+(when there is one) Triton vs torch eager and torch.compile. Two jobs, each as the example runs it:
+
+- decode: z (N, 20) -> images, the sigmoid means (the example's `model.decode(torch.randn(64, 20))` sampling step);
+- elbo: images (N, 1, 28, 28) in [0, 1] -> each image's ELBO (the example's test loop: forward, then loss_function
+  per image, -BCE(sum) - KLD) on given draws eps, so every system computes the same numbers.
+
+    flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_vae.py --benchmark-enable
+
+Every runtime is checked against the fp32 module before it is timed (fp32: atol 1e-4 on pixel means, rtol 1e-5 on
+the ELBO; bf16 / int8: `aigc-rt validate`'s tolerances). At the end the run prints the table (median images/s,
+GFLOP/s, ratios to eager and torch.compile) and writes it to bench/results/vae_<device>.md.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aigc_rt
+from aigc_rt import bench
+from aigc_rt.cli import VALIDATE_TOL
+
+D, H, L = 784, 400, 20
+BATCHES = {"decode": (1, 64), "elbo": (1, 128, 1024)}  # the example samples 64 images and tests in batches of 128
+GFLOP = {"decode": 2 * (L * H + H * D) / 1e9, "elbo": 2 * (D * H + H * 2 * L + L * H + H * D) / 1e9}
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+RESULTS: dict[tuple[str, str, str, int], float] = {}  # (device, impl, job, batch) -> median seconds per call
+
+
+class ExamplesVAE(torch.nn.Module):
+    """examples/vae/main.py's module (eps given instead of drawn, so that every system sees the same draws)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = torch.nn.Linear(D, H), torch.nn.Linear(H, L), torch.nn.Linear(H, L)
+        self.fc3, self.fc4 = torch.nn.Linear(L, H), torch.nn.Linear(H, D)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def decode(self, z):
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
+
+    def elbo(self, x, eps):  # forward + loss_function, per image
+        mu, logvar = self.encode(x.view(-1, D))
+        recon = self.decode(mu + eps[0] * torch.exp(0.5 * logvar))
+        bce = F.binary_cross_entropy(recon, x.view(-1, D), reduction="none").sum(1)
+        return -(bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
+
+
+@pytest.fixture(scope="module")
+def vae(tmp_path_factory):
+    """(eval-mode module, {dtype: runtime file})."""
+    torch.manual_seed(0)
+    module = ExamplesVAE().eval()
+    folder = tmp_path_factory.mktemp("vae")
+    torch.save(module.state_dict(), folder / "vae.pt")
+    return module, {dtype: aigc_rt.convert(folder / "vae.pt", folder / f"vae-{dtype}.safetensors", dtype=dtype)
+                    for dtype in ("fp32", "bf16", "int8")}
+
+
+def _inputs(job: str, batch: int, device: str) -> tuple[torch.Tensor, ...]:
+    """decode: (z,); elbo: (images, eps (1, batch, L)), eps what aigc_rt's elbo(seed=batch) draws."""
+    g = torch.Generator().manual_seed(batch)
+    if job == "decode":
+        return (torch.randn(batch, L, generator=g).to(device),)
+    x = (torch.rand(batch, 1, 28, 28, generator=g) > 0.7).float()  # binarised, as MNIST is for a Bernoulli VAE
+    return x.to(device), torch.randn(1, batch, L, generator=torch.Generator().manual_seed(batch)).to(device)
+
+
+def _runner(impl: str, job: str, module, paths, device: str):
+    """-> a function of _inputs(job, ...) -> (N, D) pixel means (decode) or (N,) ELBO."""
+    if impl.startswith("aigc_rt") or impl.startswith("triton"):
+        dtype = impl.rsplit("-", 1)[1] if impl.count("-") > (1 if impl.startswith("aigc_rt") else 0) else "fp32"
+        m = aigc_rt.load(paths[dtype], device=device, backend="cpu" if impl.startswith("aigc_rt") else "triton")
+        if job == "decode":
+            return lambda z: m.decode(z).reshape(-1, D)
+        return lambda x, eps: m.elbo(x, seed=x.shape[0])
+    if impl == "eager-bf16":  # the module in bf16 (oneDNN's bf16 GEMMs), fed and read in fp32
+        bf16 = copy.deepcopy(module).to(device, torch.bfloat16)
+        if job == "decode":
+            return lambda z: bf16.decode(z.bfloat16()).float()
+        return lambda x, eps: bf16.elbo(x.bfloat16(), eps.bfloat16()).float()
+    fn = module.to(device).decode if job == "decode" else module.to(device).elbo
+    return torch.compile(fn, dynamic=False) if impl == "compile" else fn
+
+
+def _bench(benchmark, vae, impl, job, batch, device):
+    module, paths = vae
+    inputs = _inputs(job, batch, device)
+    run = _runner(impl, job, module, paths, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        want, got = getattr(module.to(device), job)(*inputs), run(*inputs)  # also the compile warm-up
+        dtype = next((d for d in ("bf16", "int8") if impl.endswith(d)), "fp32")
+        atol, rtol = (ATOL if job == "decode" else 0, ELBO_RTOL) if dtype == "fp32" else VALIDATE_TOL[dtype]
+        err = (got - want).abs().max().item()
+        assert err <= atol + rtol * want.abs().max().item(), f"{impl} {job}: max abs err {err:.3g}"
+
+        def call():
+            run(*inputs)
+            sync()
+        benchmark.extra_info.update(batch=batch, gflop_per_image=GFLOP[job])
+        benchmark(call)
+    if benchmark.stats is not None:  # None with --benchmark-disable (the test suite's default)
+        RESULTS[(device, impl, job, batch)] = benchmark.stats.stats.median
+
+
+ATOL, ELBO_RTOL = 1e-4, 1e-4  # the ELBO: the module's float32 BCE loses digits where sigmoid nears 1 (see the tests)
+CPU_IMPLS = ("eager", "compile", "aigc_rt-cpu", "eager-bf16", "aigc_rt-cpu-bf16", "aigc_rt-cpu-int8")
+GPU_IMPLS = ("eager", "compile", "triton")
+
+
+@pytest.mark.parametrize("job,batch", [(j, b) for j, bs in BATCHES.items() for b in bs])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_cpu_vae(benchmark, vae, impl, job, batch):
+    benchmark.group = f"vae-cpu {job} batch {batch}"
+    _bench(benchmark, vae, impl, job, batch, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("job,batch", [(j, b) for j, bs in BATCHES.items() for b in bs])
+@pytest.mark.parametrize("impl", GPU_IMPLS)
+def test_gpu_vae(benchmark, vae, impl, job, batch):
+    benchmark.group = f"vae-gpu {job} batch {batch}"
+    _bench(benchmark, vae, impl, job, batch, "cuda")
+
+
+def _table(device: str) -> str:
+    impls = CPU_IMPLS if device == "cpu" else GPU_IMPLS
+    ours = [i for i in impls if i.startswith(("aigc_rt", "triton"))]
+    ratios = [(o, base) for o in ours for base in ("eager", "compile")] + \
+        ([("aigc_rt-cpu-bf16", "eager-bf16")] if device == "cpu" else [])
+    rows = [f"| job | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in impls)} | "
+            + " | ".join(f"{a} / {b}" for a, b in ratios) + " |", "|---" * (2 + len(impls) + len(ratios)) + "|"]
+    for job, batches in BATCHES.items():
+        for batch in batches:
+            t = {i: RESULTS.get((device, i, job, batch)) for i in impls}
+            if None in t.values():
+                continue
+            cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * GFLOP[job]:,.1f})" for i in impls]
+            rows.append(f"| {job} | {batch} | {' | '.join(cells)} | "
+                        + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def teardown_module():
+    for device in ("cpu", "cuda"):
+        table = _table(device)
+        if not table:
+            continue
+        name = bench.device_name(device)
+        text = (f"# PyTorch examples/vae (784-400-20) on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads, median of pytest-benchmark rounds (bench/bench_vae.py). decode: z "
+                f"-> pixel means; elbo: images -> ELBO per image (encoder, one draw of z, decoder, the Bernoulli "
+                f"log-likelihood and the KL term). bf16 / int8: aigc_rt files of those weight dtypes; eager-bf16: the "
+                f"module in bf16.\n\n{table}\n")
+        print("\n" + text)
+        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        with open(os.path.join(os.path.dirname(__file__), "results", f"vae_{slug}.md"), "w") as f:
+            f.write(text)
