@@ -12,6 +12,7 @@ from .tokenizer import checked_tokenizer
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 DEFAULT_TEXT_MODEL = "gpt2-tiny"
 DEFAULT_IMAGE_MODEL = "dcgan-digits"  # and its discriminator, DEFAULT_IMAGE_MODEL + "-d"
+DEFAULT_VAE = "vae-digits"
 
 
 def embedded_models() -> list[str]:

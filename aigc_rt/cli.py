@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_elbo)
 
-    d = sub.add_parser("demo", help="the main job: generate text and digits with the default models")
+    d = sub.add_parser("demo", help="the main job: generate text and digits (GAN and VAE) with the default models")
     _model_args(d)
     d.add_argument("--image-output", default=os.path.join("out", "digits.png"))
     d.set_defaults(func=cmd_demo)
@@ -421,7 +421,7 @@ def _read_images(paths: list[str], channels: int, height: int, width: int, what:
 
 def cmd_demo(a):
     import aigc_rt
-    from aigc_rt.api import DEFAULT_IMAGE_MODEL
+    from aigc_rt.api import DEFAULT_IMAGE_MODEL, DEFAULT_VAE
     m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
     for prompt in ["The", "In Python, a list"]:
         t0 = time.perf_counter()
@@ -442,6 +442,12 @@ def cmd_demo(a):
     print(f"scored by {DEFAULT_IMAGE_MODEL}-d: mean D(G(z)) {fake.mean():.3f}, uniform noise "
           f"{d.score(noise).mean():.3f}; E[log(1 - D(G(z)))] {log_1m_d:.3f} "
           f"({len(fake) / dt:.0f} images/s, backend {d.backend.name})")
+    vae_output = os.path.join(os.path.dirname(a.image_output), "vae-digits.png")
+    v = _load_arch(DEFAULT_VAE, ("vae",), a)
+    text, images = _imagine(v, 64, 0, vae_output, 8)
+    digits, noise = (images[:8] + 1) / 2, torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    print(f"{text}\nELBO under {DEFAULT_VAE} (a lower bound of log p(x), nats per image): its own samples "
+          f"{v.elbo(digits, samples=8, seed=0).mean():.1f}, uniform noise {v.elbo(noise, samples=8, seed=0).mean():.1f}")
 
 
 if __name__ == "__main__":
