@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -121,6 +122,16 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     """What a results file names the machine by: the GPU's name for "cuda", else the CPU's."""
     return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+
+
+def save_markdown(text: str, directory: str, stem: str, device: str) -> str:
+    """Write a results table to directory/<stem>_<the device's name as a slug>.md; -> its path."""
+    os.makedirs(directory, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    path = os.path.join(directory, f"{stem}_{slug}.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 # -- models ----------------------------------------------------------------------------------------------

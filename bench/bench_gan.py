@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import re
 import sys
 
 import pytest
@@ -167,7 +166,4 @@ def teardown_module():
             text += (f"\nbf16 files (bf16 weights, each layer's input rounded to bf16, fp32 sums) against torch's "
                      f"module in bf16 and both fp32 runs:\n\n{bf16}\n")
         print("\n" + text)
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        with open(os.path.join(os.path.dirname(__file__), "results", f"gan_{slug}.md"), "w") as f:
-            f.write(text)
+        bench.save_markdown(text, os.path.join(os.path.dirname(__file__), "results"), "gan", device)

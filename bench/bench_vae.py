@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import re
 
 import pytest
 import torch
@@ -165,7 +164,4 @@ def teardown_module():
                 f"log-likelihood and the KL term). bf16 / int8: aigc_rt files of those weight dtypes; eager-bf16: the "
                 f"module in bf16.\n\n{table}\n")
         print("\n" + text)
-        os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        with open(os.path.join(os.path.dirname(__file__), "results", f"vae_{slug}.md"), "w") as f:
-            f.write(text)
+        bench.save_markdown(text, os.path.join(os.path.dirname(__file__), "results"), "vae", device)
