@@ -14,7 +14,7 @@
 #                                        #   this device and software instead of measuring them (marked in the
 #                                        #   table; off by default: ratios are best measured in one run)
 #   bash tools/gpu_session.sh profile    # a decode step's kernels (with/without PDL); linears vs cuBLAS; sampling
-#   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA), DCGAN (generators and discriminators),
+#   bash tools/gpu_session.sh kernels    # per-kernel (Triton vs cuBLAS/SDPA), DCGAN (generators and discriminators), VAE,
 #                                        #   seed text model (LSTM, Transformer decoder) and seed system 1's
 #                                        #   generate calls (bench/bench_seed_gpt2.py) benchmarks
 #
@@ -59,6 +59,7 @@ case "${1:-}" in
     $PY -m pytest -q -ra --tb=short --durations=8 $XDIST tests/test_triton_kernels.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
       tests/test_triton_conv2d.py \
       tests/test_cuda_kernels.py tests/test_gpu_decode_bench.py tests/test_lstm.py tests/test_transformer_decoder.py \
+      tests/test_vae.py \
       2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models and the CUDA GEMV again with programmatic dependent launch (AIGC_RT_PDL=1)" \
       | tee -a "$OUT/gpu_tests.txt"
@@ -79,7 +80,8 @@ case "${1:-}" in
     new_results profile-
     ;;
   kernels)  # the decode table is the `decode` step's, not repeated here
-    $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py --benchmark-enable -k "not gpt2_decode_table" 2>&1 \
+    $PY -m pytest -q bench/bench_triton.py bench/bench_gan.py bench/bench_vae.py --benchmark-enable \
+      -k "not gpt2_decode_table" 2>&1 \
       | tee "$OUT/gpu_kernels.txt"
     PYTHONUNBUFFERED=1 $PY bench/bench_seed_text.py --device cuda 2>&1 | tee -a "$OUT/gpu_kernels.txt"
     PYTHONUNBUFFERED=1 $PY bench/bench_seed_gpt2.py --device cuda 2>&1 | tee -a "$OUT/gpu_kernels.txt"
