@@ -366,3 +366,29 @@ def test_cpu_elbo_ops_errors_and_nan():
     logits[0, 1, 4] = float("nan")
     elbo = _C.vae_bernoulli_elbo(logits, x, head)  # a NaN logit poisons its own image only
     assert elbo[0].isfinite() and elbo[1].isnan()
+
+
+@pytest.mark.parametrize("S,N,D,L", [(1, 1, 1, 1), (1, 3, 17, 5), (3, 2, 111, 20), (2, 5, 1100, 70)])
+def test_triton_elbo_ops_match_the_reference(S, N, D, L):
+    """kernels/vae.py (the interpreter on a CPU, the GPU on DEV) vs TorchBackend's ops in float64, as the C++ test:
+    logits up to +-200, binary and fractional x, odd sizes, D and L past one block (BLOCK_D 1024, BLOCK_L 64)."""
+    from aigc_rt.backends.torch_backend import TorchBackend
+    from aigc_rt.kernels import vae as triton_vae
+    ref = TorchBackend(torch.device("cpu"))
+    g = torch.Generator().manual_seed(S * 1000 + D + 1)
+    head = torch.randn(N, 2 * L, generator=g) * 2
+    eps = torch.randn(S, N, L, generator=g)
+    got_z = triton_vae.reparameterize(head.to(DEV), eps.to(DEV)).cpu()
+    assert_close(got_z, ref.reparameterize(head.double(), eps.double()).float(), 1e-6, 1e-6, "triton z")
+    logits = torch.randn(S, N, D, generator=g) * torch.tensor([0.1, 3.0, 30.0, 200.0])[torch.arange(D) % 4]
+    x = images(N, (D,), seed=D)
+    got = triton_vae.bernoulli_elbo(logits.to(DEV), x.to(DEV), head.to(DEV)).cpu()
+    want = ref.bernoulli_elbo(logits.double(), x.double(), head.double())
+    scale = (logits.double().abs().sum(-1).mean(0) + (head.double() ** 2).sum(-1) + head.double().exp().sum(-1))
+    err = (got.double() - want).abs()
+    assert got.shape == (N,) and (err <= 1e-6 * scale + 1e-6).all(), f"max abs error {err.max():.3g}"
+    with pytest.raises(ValueError, match="logits have shape"):
+        triton_vae.bernoulli_elbo(logits[:, :, :-1].contiguous().to(DEV), x.to(DEV), head.to(DEV))
+    if D > 1:
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            triton_vae.bernoulli_elbo(logits.to(DEV), x.repeat_interleave(2, dim=1)[:, ::2].to(DEV), head.to(DEV))

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from aigc_rt.kernels import (attention, conv2d, conv_transpose, decode_attention, embedding,  # noqa: E402
-                             layernorm, linear, lstm, sampling)
+                             layernorm, linear, lstm, sampling, vae)
 from aigc_rt.kernels.utils import CONV_ACTS  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty", "slope"}
@@ -134,6 +134,8 @@ VARIANTS = [
     (embedding._embedding_kernel, {"table_ptr": "*i8", "ids_ptr": "*i64", "pos_ptr": "*i64"}, "int8",
      dict(SCALED=True, HAS_POS=True, BLOCK_C=2048), 8),
     (lstm._lstm_cell_kernel, {}, "fp32", dict(BLOCK=256, PDL=True), 2),
+    (vae._reparameterize_kernel, {}, "fp32", dict(BLOCK_L=vae.BLOCK_L), 2),
+    (vae._bernoulli_elbo_kernel, {}, "fp32", dict(BLOCK_D=vae.BLOCK_D, BLOCK_L=vae.BLOCK_L), 4),
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",

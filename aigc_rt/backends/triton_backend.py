@@ -4,7 +4,8 @@ kernels are imported), slowly, so that CI validates the kernels and whole models
 on a kernel; from TorchBackend it takes only what composes ops (layernorm_linear past the prologue's rows,
 decode_sample_steps). The DCGAN generator's transposed convolutions are kernels/conv_transpose.py, the
 discriminator's convolutions kernels/conv2d.py (bias and activation fused in both); the seed LSTM's cell is
-kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's epilogue).
+kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's epilogue); a VAE's
+reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import torch
 
 from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm,
-                       sampling)
+                       sampling, vae)
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
@@ -76,6 +77,12 @@ class TritonBackend(TorchBackend):
 
     def lstm_cell(self, gates, c, *, h_out=None, c_out=None):
         return lstm.lstm_cell(gates, c, h_out=h_out, c_out=c_out)
+
+    def reparameterize(self, head, eps):
+        return vae.reparameterize(head.contiguous(), eps.contiguous())
+
+    def bernoulli_elbo(self, logits, x, head):
+        return vae.bernoulli_elbo(logits.contiguous(), x.contiguous(), head.contiguous())
 
     def sample(self, logits, params, u, seen, *, out=None):
         return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)

@@ -13,7 +13,8 @@ ELBO(x) = E_q(z|x)[log p(x | z)] - KL(q(z | x) || N(0, I)), in nats, with
 the expectation estimated from `samples` draws of eps. At one sample, -ELBO summed over a batch is examples/vae's
 loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD.
 The linears (and a relu after them), the reparameterisation and the ELBO's sums run in the backend's ops
-(reparameterize, bernoulli_elbo); the decoder's sigmoid and a tanh hidden activation are torch ops. Weights: fp32, bf16 (activations rounded to bf16,
+(reparameterize, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid and a tanh hidden activation
+are torch ops. Weights: fp32, bf16 (activations rounded to bf16,
 fp32 sums) or int8 (weight-only, per-row scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations
