@@ -278,6 +278,16 @@ def test_bad_input(small_vae):
     assert not torch.equal(m.elbo(x, seed=1), m.elbo(x, seed=2))
 
 
+def test_elbo_over_many_samples_runs_in_chunks(small_vae, monkeypatch):
+    """Past CHUNK_LOGITS decoded logits the samples go through in chunks (the last one shorter): the same ELBO."""
+    from aigc_rt.models import vae as vae_model
+    m = aigc_rt.load(small_vae[1], backend="cpu")
+    x = images(3, (3, 5, 7), seed=5)
+    whole = m.elbo(x, samples=7, seed=2)
+    monkeypatch.setattr(vae_model, "CHUNK_LOGITS", 3 * 105 * 3)  # 3 samples a chunk: 3 + 3 + 1
+    assert_close(m.elbo(x, samples=7, seed=2), whole, 0, 1e-6, "chunked ELBO")
+
+
 def test_elbo_is_a_bound_that_tightens_with_the_right_data(examples_vae):
     """Sanity of the math on the real shapes: the ELBO of an image is below 0 (log p(x) <= 0 for binary x) and
     the images the decoder itself makes (its rounded means) score higher than uniform noise."""

@@ -13,9 +13,9 @@ ELBO(x) = E_q(z|x)[log p(x | z)] - KL(q(z | x) || N(0, I)), in nats, with
 the expectation estimated from `samples` draws of eps. At one sample, -ELBO summed over a batch is examples/vae's
 loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD.
 The linears (and a relu after them), the reparameterisation and the ELBO's sums run in the backend's ops
-(reparameterize, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid and a tanh hidden activation
-are torch ops. Weights: fp32, bf16 (activations rounded to bf16,
-fp32 sums) or int8 (weight-only, per-row scales), as every backend.linear takes them; biases fp32.
+(reparameterize, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid and a tanh hidden
+activation are torch ops. Weights: fp32, bf16 (activations rounded to bf16, fp32 sums) or int8 (weight-only, per-row
+scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
 from .inputs import check_count, float_input, seeded_generator
 
 MAX_SAMPLES = 4096  # eps draws per image for the ELBO
+CHUNK_LOGITS = 1 << 25  # the ELBO decodes at most this many logits (128 MB) at once: samples in chunks beyond
 
 
 def layer_names(c: VAEConfig) -> list[tuple[str, int, int]]:
@@ -111,7 +112,11 @@ class VAE:
             raise ValueError(f"samples must be an integer in [1, {MAX_SAMPLES}], got {samples!r}")
         x = self._images(images)  # (N, D)
         eps = torch.randn(samples, x.shape[0], self.nz, generator=seeded_generator(seed)).to(self.device)
-        return self.backend.run_layers(self, self._elbo, x, eps)
+        # each chunk's ELBO is its samples' mean log-likelihood minus the same KL: their weighted mean is the ELBO
+        chunk = max(1, CHUNK_LOGITS // x.numel())
+        if samples <= chunk:
+            return self.backend.run_layers(self, self._elbo, x, eps)
+        return sum(self.backend.run_layers(self, self._elbo, x, e) * (len(e) / samples) for e in eps.split(chunk))
 
     # -- the forwards (inputs checked, on the device) ---------------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, 2L): mu, then logvar
