@@ -1,6 +1,8 @@
 """What the image models (DCGAN, VAE) share at their front door: checked float inputs and seeded CPU generators."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -12,8 +14,10 @@ def float_input(x, what: str, shape_hint: str, check_finite: bool = True) -> tor
     if not x.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor {shape_hint}, got {x.dtype}")
     x = x.float()
-    if check_finite and x.numel() and not torch.isfinite(x).all():
-        raise ValueError(f"{what} holds NaN or infinite values")
+    if check_finite and x.numel():
+        lo, hi = torch.aminmax(x)  # one pass (NaN propagates): 2 us at batch 1, where isfinite().all() took 7
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            raise ValueError(f"{what} holds NaN or infinite values")
     return x
 
 
