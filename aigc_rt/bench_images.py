@@ -74,3 +74,21 @@ def _row(r: ImageResult) -> str:
 
 def table(results: list[ImageResult]) -> str:
     return "\n".join([HEADER, *map(_row, results)])
+
+
+def ratio_table(first: str, rows: list[tuple[str, int, float]], impls: tuple[str, ...],
+                ratios: list[tuple[str, str]], seconds: dict, digits: int = 0) -> str:
+    """The side-by-side benchmarks' markdown table (bench/bench_gan.py, bench_vae.py): images/s (GFLOP/s, `digits`
+    decimals) per implementation, then the speed ratios a / b (how many times faster a ran than b), one row per
+    (label, batch, GFLOP per image) of `rows` that has every time it needs: seconds[(impl, label, batch)] = median
+    seconds per call. "" when no row has."""
+    out = [f"| {first} | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in impls)} | "
+           + " | ".join(f"{a} / {b}" for a, b in ratios) + " |", "|---" * (2 + len(impls) + len(ratios)) + "|"]
+    for label, batch, gflop in rows:
+        t = {i: seconds.get((i, label, batch)) for i in {*impls, *(i for r in ratios for i in r)}}
+        if None in t.values():
+            continue
+        cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * gflop:,.{digits}f})" for i in impls]
+        out.append(f"| {label} | {batch} | {' | '.join(cells)} | " + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios)
+                   + " |")
+    return "\n".join(out) if len(out) > 2 else ""

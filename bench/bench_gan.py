@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import aigc_rt
-from aigc_rt import bench
+from aigc_rt import bench, bench_images
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 from dcgan_reference import (gflop_per_image, randomize_batchnorm, seed_discriminator, seed_generator,  # noqa: E402
@@ -137,19 +137,11 @@ def _bf16_table(device: str) -> str:
 
 
 def _rows(device: str, impls: tuple[str, ...], ratios: list[tuple[str, str]]) -> str:
-    """A markdown table: images/s (GFLOP/s) per impl, then the speed ratios a / b, per arch and batch."""
-    rows = [f"| arch | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in impls)} | "
-            + " | ".join(f"{a} / {b}" for a, b in ratios) + " |", "|---" * (2 + len(impls) + len(ratios)) + "|"]
-    for arch, make in ARCHS.items():
-        gflop = gflop_per_image(make())
-        for batch in BATCHES + ((1024,) if device == "cuda" else ()):
-            t = {impl: RESULTS.get((device, impl, arch, batch)) for impl in {*impls, *(i for r in ratios for i in r)}}
-            if None in t.values():
-                continue
-            cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * gflop:,.0f})" for i in impls]
-            rows.append(f"| {arch} | {batch} | {' | '.join(cells)} | "
-                        + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios) + " |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    """images/s (GFLOP/s) per impl, then the speed ratios a / b, per arch and batch."""
+    rows = [(arch, batch, gflop_per_image(make())) for arch, make in ARCHS.items()
+            for batch in BATCHES + ((1024,) if device == "cuda" else ())]
+    seconds = {key[1:]: t for key, t in RESULTS.items() if key[0] == device}
+    return bench_images.ratio_table("arch", rows, impls, ratios, seconds)
 
 
 def teardown_module():

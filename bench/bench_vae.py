@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import aigc_rt
-from aigc_rt import bench
+from aigc_rt import bench, bench_images
 from aigc_rt.cli import VALIDATE_TOL
 
 D, H, L = 784, 400, 20
@@ -139,17 +139,9 @@ def _table(device: str) -> str:
     ours = [i for i in impls if i.startswith(("aigc_rt", "triton"))]
     ratios = [(o, base) for o in ours for base in ("eager", "compile")] + \
         ([("aigc_rt-cpu-bf16", "eager-bf16")] if device == "cpu" else [])
-    rows = [f"| job | batch | {' | '.join(f'{i} images/s (GFLOP/s)' for i in impls)} | "
-            + " | ".join(f"{a} / {b}" for a, b in ratios) + " |", "|---" * (2 + len(impls) + len(ratios)) + "|"]
-    for job, batches in BATCHES.items():
-        for batch in batches:
-            t = {i: RESULTS.get((device, i, job, batch)) for i in impls}
-            if None in t.values():
-                continue
-            cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * GFLOP[job]:,.1f})" for i in impls]
-            rows.append(f"| {job} | {batch} | {' | '.join(cells)} | "
-                        + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios) + " |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    rows = [(job, batch, GFLOP[job]) for job, batches in BATCHES.items() for batch in batches]
+    seconds = {key[1:]: t for key, t in RESULTS.items() if key[0] == device}
+    return bench_images.ratio_table("job", rows, impls, ratios, seconds, digits=1)
 
 
 def teardown_module():
