@@ -46,6 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "each image's ELBO (N,): the Bernoulli log-likelihood of x (N, D) under logits (S, N, D), averaged over S, "
         "minus KL(q || N(0, I)) from head (N, 2L)",
         pybind11::arg("logits"), pybind11::arg("x"), pybind11::arg("head"));
+  m.def("vae_bernoulli_log_likelihood", &aigc_rt::cpu::vae_bernoulli_log_likelihood,
+        "log p(x | z) (S, N): the Bernoulli log-likelihood of x (N, D) under each sample's logits (S, N, D)",
+        pybind11::arg("logits"), pybind11::arg("x"));
 
   // step_program.cpp: each method records one op (its arguments as the op's, outputs given); run replays them
   using aigc_rt::cpu::StepProgram;

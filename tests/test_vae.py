@@ -402,3 +402,58 @@ def test_triton_elbo_ops_match_the_reference(S, N, D, L):
     if D > 1:
         with pytest.raises(ValueError, match="x must be contiguous"):
             triton_vae.bernoulli_elbo(logits.to(DEV), x.repeat_interleave(2, dim=1)[:, ::2].to(DEV), head.to(DEV))
+
+
+def reference_log_likelihood(module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The importance-weighted log p(x) (N,) in float64 from examples/vae's encode / decode and torch.distributions:
+    logsumexp_k [log p(x | z_k) + log N(z_k; 0, I) - log N(z_k; mu, std)] - log K."""
+    from torch.distributions import Normal
+    module, x = copy.deepcopy(module).double(), x.double().reshape(len(x), -1)
+    with torch.no_grad():
+        mu, logvar = module.encode(x)
+        std = torch.exp(0.5 * logvar)
+        z = mu + eps.double() * std  # (K, N, L)
+        log_px = -F.binary_cross_entropy(module.decode(z), x.expand(len(eps), -1, -1), reduction="none").sum(-1)
+        log_w = log_px + Normal(0.0, 1.0).log_prob(z).sum(-1) - Normal(mu, std).log_prob(z).sum(-1)
+    return (torch.logsumexp(log_w, 0) - math.log(len(eps))).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_likelihood_matches_the_importance_weighted_reference(small_vae, backend):
+    """log_likelihood (IWAE) on every backend vs torch.distributions in float64 on the same draws (rtol 1e-5), in
+    chunks too; and it is never below the ELBO of those draws with the KL estimated from them (Jensen)."""
+    from aigc_rt.models import vae as vae_model
+    src, path, module = small_vae
+    m = load_on(path, backend)
+    x = images(4, (3, 5, 7), seed=6)
+    eps = torch.randn(16, 4, 6, generator=torch.Generator().manual_seed(3))
+    want = reference_log_likelihood(module, x, eps)
+    got = m.log_likelihood(x, samples=16, seed=3)
+    assert_close(got, want, 0, 1e-5, f"{backend} IWAE")
+    eps1 = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(3))  # (torch draws small sizes otherwise)
+    single = reference_log_likelihood(module, x, eps1)  # K = 1: log w itself, the ELBO with a sampled KL
+    assert_close(m.log_likelihood(x, samples=1, seed=3), single, 0, 1e-5, f"{backend} IWAE, K = 1")
+    sampled_elbo = torch.stack([reference_log_likelihood(module, x, e[None]) for e in eps]).mean(0)
+    assert (got.cpu() >= sampled_elbo - 1e-3).all(), (got, sampled_elbo)
+    if backend == "cpu":
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(vae_model, "CHUNK_LOGITS", 5 * 4 * 105)  # 5 samples a chunk: 5 + 5 + 5 + 1
+            assert_close(m.log_likelihood(x, samples=16, seed=3), want, 0, 1e-5, "chunked IWAE")
+
+
+@pytest.mark.parametrize("S,N,D", [(1, 1, 1), (3, 2, 111), (2, 3, 1100)])
+def test_log_likelihood_ops_match_the_reference(isa, S, N, D):
+    """_C.vae_bernoulli_log_likelihood (every ISA) and kernels/vae.py's (the interpreter, or the GPU) vs
+    TorchBackend's in float64, per sample: 1e-6 of the sum of the terms' magnitudes."""
+    from aigc_rt import _C
+    from aigc_rt.backends.torch_backend import TorchBackend
+    from aigc_rt.kernels import vae as triton_vae
+    g = torch.Generator().manual_seed(S + D)
+    logits = torch.randn(S, N, D, generator=g) * torch.tensor([0.1, 3.0, 30.0, 200.0])[torch.arange(D) % 4]
+    x = images(N, (D,), seed=D + 1)
+    want = TorchBackend(torch.device("cpu")).bernoulli_log_likelihood(logits.double(), x.double())
+    scale = logits.double().abs().sum(-1) + 1
+    for name, got in (("cpu", _C.vae_bernoulli_log_likelihood(logits, x)),
+                      ("triton", triton_vae.bernoulli_log_likelihood(logits.to(DEV), x.to(DEV)).cpu())):
+        err = (got.double() - want).abs()
+        assert got.shape == (S, N) and (err <= 1e-6 * scale).all(), f"{name} {isa}: max abs error {err.max():.3g}"

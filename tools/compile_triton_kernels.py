@@ -136,6 +136,7 @@ VARIANTS = [
     (lstm._lstm_cell_kernel, {}, "fp32", dict(BLOCK=256, PDL=True), 2),
     (vae._reparameterize_kernel, {}, "fp32", dict(BLOCK_L=vae.BLOCK_L), 2),
     (vae._bernoulli_elbo_kernel, {}, "fp32", dict(BLOCK_D=vae.BLOCK_D, BLOCK_L=vae.BLOCK_L), 4),
+    (vae._bernoulli_log_likelihood_kernel, {}, "fp32", dict(BLOCK_D=vae.BLOCK_D), 4),
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",

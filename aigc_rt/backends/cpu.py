@@ -163,6 +163,9 @@ class CpuBackend(TorchBackend):
     def bernoulli_elbo(self, logits, x, head):
         return _C.vae_bernoulli_elbo(logits.contiguous(), x.contiguous(), head.contiguous())
 
+    def bernoulli_log_likelihood(self, logits, x):
+        return _C.vae_bernoulli_log_likelihood(logits.contiguous(), x.contiguous())
+
     def sample(self, logits, params, u, seen, *, out=None):
         return _C.sample(logits, params.do_sample, params.temperature, params.top_k, params.top_p,
                          params.repetition_penalty, u, seen, out=out)

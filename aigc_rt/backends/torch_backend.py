@@ -191,9 +191,13 @@ class TorchBackend:
         1/2 sum_j (mu^2 + exp(logvar) - logvar - 1) from head (N, 2L)."""
         L = head.shape[1] // 2
         mu, logvar = head[:, :L], head[:, L:]
+        return self.bernoulli_log_likelihood(logits, x).mean(0) - 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(-1)
+
+    def bernoulli_log_likelihood(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z) (S, N) of the images x (N, D) under each sample's logits (S, N, D): sum_d x log sigmoid(l)
+        + (1 - x) log sigmoid(-l)."""
         # per sample: torch's fused kernel on contiguous (N, D) operands (a broadcast x takes a path ~3x slower)
-        log_px = torch.stack([-F.binary_cross_entropy_with_logits(l, x, reduction="none").sum(-1) for l in logits])
-        return log_px.mean(0) - 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(-1)
+        return torch.stack([-F.binary_cross_entropy_with_logits(l, x, reduction="none").sum(-1) for l in logits])
 
     def run_decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache,
                    max_len: int) -> torch.Tensor:

@@ -84,6 +84,9 @@ class TritonBackend(TorchBackend):
     def bernoulli_elbo(self, logits, x, head):
         return vae.bernoulli_elbo(logits.contiguous(), x.contiguous(), head.contiguous())
 
+    def bernoulli_log_likelihood(self, logits, x):
+        return vae.bernoulli_log_likelihood(logits.contiguous(), x.contiguous())
+
     def sample(self, logits, params, u, seen, *, out=None):
         return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
 

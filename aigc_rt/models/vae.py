@@ -19,6 +19,8 @@ scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import VAEConfig
@@ -26,7 +28,7 @@ from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
 from .inputs import check_count, float_input, seeded_generator
 
 MAX_SAMPLES = 4096  # eps draws per image for the ELBO
-CHUNK_LOGITS = 1 << 25  # the ELBO decodes at most this many logits (128 MB) at once: samples in chunks beyond
+CHUNK_LOGITS = 1 << 25  # elbo / log_likelihood decode at most this many logits (128 MB) at once: samples in chunks
 
 
 def layer_names(c: VAEConfig) -> list[tuple[str, int, int]]:
@@ -108,15 +110,34 @@ class VAE:
         E_q[log p(x | z)] - KL(q(z | x) || N(0, I)) in nats, a lower bound of log p(x). The expectation is the mean
         over `samples` draws eps (samples, N, L) = torch.randn(samples, N, L) from
         torch.Generator().manual_seed(seed) on the CPU (seed None: a fresh random seed), z = mu + eps * std."""
+        x, eps = self._images_and_eps(images, samples, seed)
+        parts = self._over_samples(self._elbo, x, eps)
+        if len(parts) == 1:
+            return parts[0][0]
+        # each chunk's ELBO is its samples' mean log-likelihood minus the same KL: their weighted mean is the ELBO
+        return sum(elbo * (len(e) / samples) for elbo, e in parts)
+
+    @torch.inference_mode()
+    def log_likelihood(self, images: torch.Tensor, samples: int = 64, seed: int | None = None) -> torch.Tensor:
+        """images (N, C, H, W) or (N, C*H*W) in [0, 1] -> float32 (N,): the importance-weighted estimate of log p(x)
+        (Burda et al., IWAE), log 1/K sum_k p(x | z_k) p(z_k) / q(z_k | x) over K = `samples` draws z_k = mu + eps_k *
+        std (eps drawn as elbo() draws them), in nats: a lower bound of log p(x) in expectation that tightens as K
+        grows (papers report K = 5,000), and never below the ELBO estimated from the same draws."""
+        x, eps = self._images_and_eps(images, samples, seed)
+        log_w = torch.cat([w for w, _ in self._over_samples(self._log_weights, x, eps)])  # (K, N)
+        return torch.logsumexp(log_w, dim=0) - math.log(samples)
+
+    def _images_and_eps(self, images, samples, seed) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> images checked as (N, D), eps (samples, N, L) ~ N(0, I) from seed, both on the device."""
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:
             raise ValueError(f"samples must be an integer in [1, {MAX_SAMPLES}], got {samples!r}")
         x = self._images(images)  # (N, D)
-        eps = torch.randn(samples, x.shape[0], self.nz, generator=seeded_generator(seed)).to(self.device)
-        # each chunk's ELBO is its samples' mean log-likelihood minus the same KL: their weighted mean is the ELBO
+        return x, torch.randn(samples, x.shape[0], self.nz, generator=seeded_generator(seed)).to(self.device)
+
+    def _over_samples(self, forward, x: torch.Tensor, eps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(forward(x, e), e)] for eps in chunks of samples that decode at most CHUNK_LOGITS logits at once."""
         chunk = max(1, CHUNK_LOGITS // x.numel())
-        if samples <= chunk:
-            return self.backend.run_layers(self, self._elbo, x, eps)
-        return sum(self.backend.run_layers(self, self._elbo, x, e) * (len(e) / samples) for e in eps.split(chunk))
+        return [(self.backend.run_layers(self, forward, x, e), e) for e in eps.split(chunk)]
 
     # -- the forwards (inputs checked, on the device) ---------------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, 2L): mu, then logvar
@@ -138,6 +159,15 @@ class VAE:
         z = self.backend.reparameterize(head, eps)  # (S, N, L)
         logits = self._decode(z.reshape(-1, self.nz)).reshape(*eps.shape[:2], -1)  # (S, N, D)
         return self.backend.bernoulli_elbo(logits, x, head)
+
+    def _log_weights(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:  # x (N, D), eps (S, N, L) -> (S, N)
+        """log p(x | z) + log p(z) - log q(z | x) per sample; with z = mu + eps * std the Gaussians' log-densities
+        differ by 1/2 sum_j (eps_j^2 - z_j^2 + logvar_j) (their 2 pi terms cancel)."""
+        head = self._encode(x)  # (N, 2L)
+        z = self.backend.reparameterize(head, eps)  # (S, N, L)
+        logits = self._decode(z.reshape(-1, self.nz)).reshape(*eps.shape[:2], -1)  # (S, N, D)
+        log_prior_over_q = 0.5 * ((eps.square() - z.square()).sum(-1) + head[:, self.nz:].sum(-1))  # (S, N)
+        return self.backend.bernoulli_log_likelihood(logits, x) + log_prior_over_q
 
     # -- input checks ----------------------------------------------------------------------------------------
     @property

@@ -34,6 +34,8 @@ void lstm_cell(const torch::Tensor& gates, const torch::Tensor& c, const torch::
 // ELBO (N,) from the decoder's logits (S, N, D), the images x (N, D) and head
 torch::Tensor vae_reparameterize(const torch::Tensor& head, const torch::Tensor& eps);
 torch::Tensor vae_bernoulli_elbo(const torch::Tensor& logits, const torch::Tensor& x, const torch::Tensor& head);
+// ... and each sample's Bernoulli log-likelihood (S, N) alone (the importance-weighted bound's)
+torch::Tensor vae_bernoulli_log_likelihood(const torch::Tensor& logits, const torch::Tensor& x);
 // embedding.cpp
 torch::Tensor embedding(const torch::Tensor& table, const torch::Tensor& ids, const c10::optional<torch::Tensor>& scale,
                         const c10::optional<torch::Tensor>& out, const c10::optional<torch::Tensor>& pos_table,

@@ -2,7 +2,8 @@
 // torch ops (at batch 1 those cost ~4x the four linears):
 //
 //   reparameterize: z[s, n] = mu[n] + eps[s, n] * exp(logvar[n] / 2)            head (N, 2L) = (mu, logvar)
-//   bernoulli_elbo: elbo[n] = 1/S sum_s sum_d (x[n, d] l[s, n, d] - softplus(l[s, n, d]))
+//   bernoulli_log_likelihood: ll[s, n] = sum_d x[n, d] l[s, n, d] - softplus(l[s, n, d])
+//   bernoulli_elbo: elbo[n] = 1/S sum_s ll[s, n]
 //                             - 1/2 sum_j (mu[n, j]^2 + exp(logvar[n, j]) - logvar[n, j] - 1)
 //
 // the Bernoulli log-likelihood of the images x (N, D) in [0, 1] under the decoder's logits l (S, N, D), averaged over
@@ -11,7 +12,6 @@
 // Reference: TorchBackend.reparameterize / bernoulli_elbo. Tests: tests/test_vae.py.
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "common.h"
 #include "cpu/ops.h"
@@ -73,22 +73,31 @@ torch::Tensor vae_reparameterize(const torch::Tensor& head, const torch::Tensor&
   return z;
 }
 
-torch::Tensor vae_bernoulli_elbo(const torch::Tensor& logits, const torch::Tensor& x, const torch::Tensor& head) {
-  check_head(head, "vae_bernoulli_elbo");
+torch::Tensor vae_bernoulli_log_likelihood(const torch::Tensor& logits, const torch::Tensor& x) {
   AIGC_CHECK_CPU_CONTIGUOUS(logits, torch::kFloat32);
   AIGC_CHECK_CPU_CONTIGUOUS(x, torch::kFloat32);
-  const int64_t N = head.size(0), L = head.size(1) / 2;
-  AIGC_CHECK(x.dim() == 2 && x.size(0) == N && x.size(1) > 0, "vae_bernoulli_elbo: x has shape ", x.sizes(),
-             ", expected (", N, ", D)");
-  const int64_t D = x.size(1);
+  AIGC_CHECK(x.dim() == 2 && x.size(1) > 0, "vae_bernoulli_log_likelihood: x must be (N, D), got shape ", x.sizes());
+  const int64_t N = x.size(0), D = x.size(1);
   AIGC_CHECK(logits.dim() == 3 && logits.size(0) > 0 && logits.size(1) == N && logits.size(2) == D,
-             "vae_bernoulli_elbo: logits have shape ", logits.sizes(), ", expected (S, ", N, ", ", D, ")");
+             "vae_bernoulli_log_likelihood: logits have shape ", logits.sizes(), ", expected (S, ", N, ", ", D, ")");
   const int64_t S = logits.size(0);
-  std::vector<float> ll(S * N);  // (S, N) log-likelihoods
+  auto ll = torch::empty({S, N}, x.options());
   const auto& k = kernels();
-  const float *pl = logits.data_ptr<float>(), *px = x.data_ptr<float>(), *h = head.data_ptr<float>();
+  const float *pl = logits.data_ptr<float>(), *px = x.data_ptr<float>();
+  float* out = ll.data_ptr<float>();
 #pragma omp parallel for schedule(static) if (S * N * D >= (1 << 15))
-  for (int64_t r = 0; r < S * N; ++r) ll[r] = k.log_likelihood_row(pl + r * D, px + (r % N) * D, D);
+  for (int64_t r = 0; r < S * N; ++r) out[r] = k.log_likelihood_row(pl + r * D, px + (r % N) * D, D);
+  return ll;
+}
+
+torch::Tensor vae_bernoulli_elbo(const torch::Tensor& logits, const torch::Tensor& x, const torch::Tensor& head) {
+  check_head(head, "vae_bernoulli_elbo");
+  const int64_t N = head.size(0), L = head.size(1) / 2;
+  AIGC_CHECK(x.dim() == 2 && x.size(0) == N, "vae_bernoulli_elbo: x has shape ", x.sizes(), ", expected (", N,
+             ", D)");
+  const auto ll = vae_bernoulli_log_likelihood(logits, x);  // (S, N)
+  const int64_t S = ll.size(0);
+  const float *pll = ll.data_ptr<float>(), *h = head.data_ptr<float>();
   auto elbo = torch::empty({N}, head.options());
   float* out = elbo.data_ptr<float>();
   for (int64_t n = 0; n < N; ++n) {
@@ -97,7 +106,7 @@ torch::Tensor vae_bernoulli_elbo(const torch::Tensor& logits, const torch::Tenso
       const double mu = h[n * 2 * L + j], logvar = h[n * 2 * L + L + j];
       kl += mu * mu + std::exp(logvar) - logvar - 1.0;
     }
-    for (int64_t s = 0; s < S; ++s) mean_ll += ll[s * N + n];
+    for (int64_t s = 0; s < S; ++s) mean_ll += pll[s * N + n];
     out[n] = static_cast<float>(mean_ll / S - 0.5 * kl);
   }
   return elbo;
