@@ -137,7 +137,8 @@ class VAE:
     def _over_samples(self, forward, x: torch.Tensor, eps: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(forward(x, e), e)] for eps in chunks of samples that decode at most CHUNK_LOGITS logits at once."""
         chunk = max(1, CHUNK_LOGITS // x.numel())
-        return [(self.backend.run_layers(self, forward, x, e), e) for e in eps.split(chunk)]
+        return [(self.backend.run_layers(self, forward, x, e), e) for e in (eps.split(chunk) if len(eps) > chunk
+                                                                             else [eps])]
 
     # -- the forwards (inputs checked, on the device) ---------------------------------------------------------
     def _encode(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, 2L): mu, then logvar
@@ -183,12 +184,12 @@ class VAE:
         if x.dim() not in (2, 4) or x.shape[1:] not in (torch.Size(self._image_shape), torch.Size([c.pixels])) \
                 or x.shape[0] < 1:
             raise ValueError(f"images must have shape {hint} with n >= 1, got {tuple(x.shape)}")
-        lo, hi = torch.aminmax(x)  # one pass (NaN propagates into both): stands for the isfinite check
-        if lo.isnan() or hi.isnan():
+        lo, hi = (v.item() for v in torch.aminmax(x))  # one pass (NaN propagates into both): the isfinite check too
+        if math.isnan(lo) or math.isnan(hi):
             raise ValueError("images hold NaN values")
         if not (lo >= 0 and hi <= 1):
             raise ValueError(f"images must hold pixel values in [0, 1] (the VAE's Bernoulli likelihood), got values "
-                             f"in [{lo.item():.3g}, {hi.item():.3g}]")
+                             f"in [{lo:.3g}, {hi:.3g}]")
         return x.reshape(x.shape[0], c.pixels).to(self.device)
 
     def _latent(self, z) -> torch.Tensor:
