@@ -89,6 +89,6 @@ def ratio_table(first: str, rows: list[tuple[str, int, float]], impls: tuple[str
         if None in t.values():
             continue
         cells = [f"{batch / t[i]:,.0f} ({batch / t[i] * gflop:,.{digits}f})" for i in impls]
-        out.append(f"| {label} | {batch} | {' | '.join(cells)} | " + " | ".join(f"{t[b] / t[a]:.2f}x" for a, b in ratios)
-                   + " |")
+        speedups = [f"{t[b] / t[a]:.2f}x" for a, b in ratios]
+        out.append(f"| {label} | {batch} | {' | '.join(cells)} | {' | '.join(speedups)} |")
     return "\n".join(out) if len(out) > 2 else ""

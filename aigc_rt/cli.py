@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-head", type=int, default=None, help="transformer_decoder: attention heads per layer")
     c.add_argument("--norm-first", action="store_true", help="transformer_decoder: pre-norm layers (norm_first=True)")
     c.add_argument("--image-shape", default=None, metavar="C,H,W",
-                   help="vae: the images' channels, height and width (default: from the input width, e.g. 784: 1,28,28)")
+                   help="vae: the images' channels, height and width (default: from the input width, e.g. 784: "
+                        "1,28,28)")
     c.add_argument("--act", default=None, choices=["relu", "tanh"], help="vae: the hidden layers' activation "
                                                                          "(default relu)")
     c.set_defaults(func=cmd_convert)
@@ -446,8 +447,9 @@ def cmd_demo(a):
     v = _load_arch(DEFAULT_VAE, ("vae",), a)
     text, images = _imagine(v, 64, 0, vae_output, 8)
     digits, noise = (images[:8] + 1) / 2, torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    print(f"{text}\nELBO under {DEFAULT_VAE} (a lower bound of log p(x), nats per image): its own samples "
-          f"{v.elbo(digits, samples=8, seed=0).mean():.1f}, uniform noise {v.elbo(noise, samples=8, seed=0).mean():.1f}")
+    own, uniform = (v.elbo(x, samples=8, seed=0).mean().item() for x in (digits, noise))
+    print(f"{text}\nELBO under {DEFAULT_VAE} (a lower bound of log p(x), nats per image): its own samples {own:.1f}, "
+          f"uniform noise {uniform:.1f}")
 
 
 if __name__ == "__main__":

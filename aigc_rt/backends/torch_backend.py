@@ -191,7 +191,8 @@ class TorchBackend:
         1/2 sum_j (mu^2 + exp(logvar) - logvar - 1) from head (N, 2L)."""
         L = head.shape[1] // 2
         mu, logvar = head[:, :L], head[:, L:]
-        return self.bernoulli_log_likelihood(logits, x).mean(0) - 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(-1)
+        kl = 0.5 * (mu.square() + logvar.exp() - logvar - 1).sum(-1)  # (N,)
+        return self.bernoulli_log_likelihood(logits, x).mean(0) - kl
 
     def bernoulli_log_likelihood(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z) (S, N) of the images x (N, D) under each sample's logits (S, N, D): sum_d x log sigmoid(l)

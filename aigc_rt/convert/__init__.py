@@ -39,7 +39,7 @@ def _dcgan(src: str, dtype: str, variant: str):
 CONVERTERS = {"gpt2": _gpt2, "lstm": _lstm, "transformer_decoder": _transformer_decoder, "vae": _vae,
               **{v: functools.partial(_dcgan, variant=v) for v in DCGAN_VARIANTS}}
 TAKES_TOKENIZER = ("lstm", "transformer_decoder")  # checkpoints without a vocabulary: convert(..., tokenizer=PATH)
-TAKES_CONFIG = ("transformer_decoder", "vae")  # checkpoints lacking what their shapes do not show: convert(..., config=)
+TAKES_CONFIG = ("transformer_decoder", "vae")  # checkpoints lacking what their shapes don't show: convert(config=)
 
 
 def detect_arch(src: str) -> str:
@@ -55,7 +55,8 @@ def detect_arch(src: str) -> str:
     if not os.path.exists(src):
         raise FormatError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: cannot tell what this checkpoint is (expected a Hugging Face GPT-2 folder with "
-                      f"config.json, or an LSTM, Transformer decoder, VAE or DCGAN state_dict .pt/.pth/.safetensors); pass arch= to say")
+                      f"config.json, or an LSTM, Transformer decoder, VAE or DCGAN state_dict .pt/.pth/.safetensors); "
+                      f"pass arch= to say")
 
 
 def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None, config: dict | None = None) -> str:
