@@ -15,6 +15,7 @@
 #pragma once
 #include <algorithm>
 #include <array>
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 
@@ -52,6 +53,9 @@ struct Problem {
   int64_t O;       // true output features
   float* y;        // (N, ldy)
   int64_t ldy;
+  // set by run_tiles for one tile: the panels the next tiles will stream (R of them from here, `stride` bytes apart),
+  // for the tile to ask L2 for while it computes from cache (nullptr: none)
+  const std::byte* l2_next = nullptr;
 };
 
 // What an int8 tile starting at activation row n and panel `panel` reads: its packed weight bytes (u = q + 128
@@ -96,9 +100,23 @@ void run_tiles(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t p1)
     return std::array<std::array<TileFn, M>, R>{row.template operator()<Rs + 1>(std::make_integer_sequence<int, M>{})...};
   }(std::make_integer_sequence<int, R>{});
   const int64_t height = Tiles::panels(std::min<int64_t>(M, n1 - n0));
+  // L2 prefetch of the next panel group (Problem::l2_next), so that memory keeps streaming weights while the cores
+  // compute: with several row tiles per group (prefill) the first streams the group from memory and the others re-read
+  // it from cache, so the second asks L2 for the next group; with one tile of 2-8 rows (batched decode) that tile does,
+  // as it streams its own. A lone row asks for nothing (its stream is the hardware prefetchers'). Measured on the
+  // 2-core EPYC (Zen 5), GPT-2 124M's 48 matrices in turns with and without: fp32 / bf16 / int8 at 2 rows 1.00 /
+  // 1.02 / 1.08x, 8 rows 1.05 / 1.05 / 1.11x, 16 rows 1.08 / 1.12 / 1.07x, 32 rows 1.04 / 1.08 / 1.06x.
+  const bool one_tile = n1 - n0 <= M;
+  Problem q = p;
   for (int64_t panel = p0; panel < p1; panel += height) {
     const int64_t r = std::min<int64_t>(height, p1 - panel);
-    for (int64_t n = n0; n < n1; n += M) table[r - 1][std::min<int64_t>(M, n1 - n) - 1](p, n, panel);
+    const std::byte* next = panel + height < p1
+                                ? static_cast<const std::byte*>(p.w) + (panel + height) * p.groups * kPanel * 4
+                                : nullptr;  // a panel holds groups x 16 lanes x 4 bytes whatever the weight type
+    for (int64_t n = n0; n < n1; n += M) {
+      q.l2_next = (one_tile ? n1 - n0 > 1 : n == n0 + M) ? next : nullptr;
+      table[r - 1][std::min<int64_t>(M, n1 - n) - 1](q, n, panel);
+    }
   }
 }
 
