@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--backend", default="auto")
     e.add_argument("--samples", type=int, default=1, help="draws of z per image for the expectation")
+    e.add_argument("--iwae", type=int, default=0, metavar="K",
+                   help="also the importance-weighted estimate of log p(x) from K draws (tighter than the ELBO)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_elbo)
 
@@ -401,9 +403,14 @@ def cmd_score(a):
 def cmd_elbo(a):
     v = _load_arch(a.model, ("vae",), a)
     c = v.config
-    elbo = v.elbo(_read_images(a.images, c.channels, c.height, c.width, "the VAE"), samples=a.samples, seed=a.seed)
-    for path, nats in zip(a.images, elbo.tolist()):  # bits per dimension: -ELBO / (D ln 2), an upper bound
-        print(f"{nats:.3f} nats\t{-nats / (c.pixels * math.log(2)):.4f} bits/dim\t{path}")
+    if a.iwae < 0:
+        raise ValueError(f"--iwae must be >= 0 (0: off), got {a.iwae}")
+    images = _read_images(a.images, c.channels, c.height, c.width, "the VAE")
+    elbo = v.elbo(images, samples=a.samples, seed=a.seed).tolist()
+    iwae = v.log_likelihood(images, samples=a.iwae, seed=a.seed).tolist() if a.iwae else [None] * len(elbo)
+    for path, nats, ll in zip(a.images, elbo, iwae):  # bits per dimension: -ELBO / (D ln 2), an upper bound
+        extra = "" if ll is None else f"\tlog p(x) ~ {ll:.3f} nats (IWAE, {a.iwae} samples)"
+        print(f"{nats:.3f} nats\t{-nats / (c.pixels * math.log(2)):.4f} bits/dim{extra}\t{path}")
 
 
 def _read_images(paths: list[str], channels: int, height: int, width: int, what: str) -> torch.Tensor:

@@ -326,6 +326,10 @@ def test_cli(examples_vae, small_vae, tmp_path, capsys):
     x = pixels.permute(0, 3, 1, 2).contiguous().float() / 255
     eps = torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(5))
     assert np.allclose(printed, reference_elbo(module, x, eps).numpy(), atol=2e-3, rtol=0)
+    assert main(["elbo", *paths, "--model", str(dst), "--iwae", "16", "--seed", "5"]) == 0
+    printed = [float(line.split("log p(x) ~ ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()]
+    eps = torch.randn(16, 2, 6, generator=torch.Generator().manual_seed(5))
+    assert np.allclose(printed, reference_log_likelihood(module, x, eps).numpy(), atol=2e-3, rtol=0)
     Image.new("RGB", (5, 5)).save(tmp_path / "wrong.png")
     assert main(["elbo", str(tmp_path / "wrong.png"), "--model", str(dst)]) == 2
     assert "5x5 pixels; the VAE takes 7x5" in capsys.readouterr().err
