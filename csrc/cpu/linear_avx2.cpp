@@ -13,6 +13,8 @@
 // Tests: tests/test_cpu_linear.py (run with the ISA forced to avx2).
 #include <immintrin.h>
 
+#include <cstddef>
+
 #include "cpu/linear.h"
 
 #define AVX2_FMA __attribute__((target("avx2,fma")))
@@ -56,6 +58,13 @@ struct Bf16 {
   }
 };
 
+// Into L2, the line at k-group g of the panel after this tile's (next = Problem::l2_next, see run_tiles). Measured on
+// the 2-core EPYC with the AVX2 kernels forced, GPT-2 124M's 48 matrices: fp32 / bf16 / int8 at 3 rows 1.04 / 1.25 /
+// 1.08x, 8 rows 1.12 / 1.22 / 1.13x, 32 rows 1.02-1.05x.
+AVX2_FMA inline void prefetch_next(const std::byte* next, int64_t g) {
+  if (next) _mm_prefetch(reinterpret_cast<const char*>(next + g * kPanel * 4), _MM_HINT_T1);
+}
+
 template <class D>
 struct Tiles {
   static constexpr int kR = 1, kM = 3;
@@ -75,7 +84,9 @@ struct Tiles {
       for (int h = 0; h < 2; ++h)
         for (int m = 0; m < M; ++m)
           for (int c = 0; c < C; ++c) acc[r][h][m][c] = _mm256_setzero_ps();
+    const std::byte* next = p.l2_next;
     for (int64_t g = 0; g < groups; ++g) {
+      prefetch_next(next, g);
       for (int r = 0; r < R; ++r)
         for (int h = 0; h < 2; ++h) {
           __m256 wv[G];
@@ -109,12 +120,14 @@ struct Int8Tiles {
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < 2; ++h)
         for (int m = 0; m < M; ++m) acc[r][h][m] = _mm256_setzero_ps();
+    const std::byte* next = p.l2_next;
     for (int64_t b = 0; b < p.x.blocks; ++b) {
       __m256i dot[R][2][M];
       for (int r = 0; r < R; ++r)
         for (int h = 0; h < 2; ++h)
           for (int m = 0; m < M; ++m) dot[r][h][m] = _mm256_setzero_si256();
       for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
+        prefetch_next(next, g);
         __m256i xv[M], xabs[M];
         for (int m = 0; m < M; ++m) {
           xv[m] = _mm256_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));

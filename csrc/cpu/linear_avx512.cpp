@@ -46,11 +46,11 @@ AVX512_F32 inline void prefetch(const T* at) {
 // Into L2, the 64-byte line of each of the R panels after this tile's (p.l2_next, see run_tiles) at k-group g:
 // the next panel group streams from memory while this tile computes from cache.
 template <int R>
-AVX512_F32 inline void prefetch_next(const Problem& p, int64_t g) {
-  if (!p.l2_next) return;
+AVX512_F32 inline void prefetch_next(const std::byte* next, int64_t groups, int64_t g) {
+  if (!next) return;
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
-    _mm_prefetch(reinterpret_cast<const char*>(p.l2_next + (r * p.groups + g) * kPanel * 4), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(next + (r * groups + g) * kPanel * 4), _MM_HINT_T1);
 }
 
 // One activation row (M = 1): a tile of R panels streams R places of the weight at once, and with nothing to reuse
@@ -127,9 +127,10 @@ struct F32Tiles : RowSplit<F32Tiles> {
     __m512 acc[R][M];
 #pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
     for (int64_t k = 0; k < p.K; ++k) {
       __m512 wv[R];
-      prefetch_next<R>(p, k);
+      prefetch_next<R>(next, p.groups, k);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         prefetch(w + r * stride + k * kPanel);
@@ -178,9 +179,10 @@ struct Bf16Tiles : RowSplit<Bf16Tiles> {
     __m512 acc[R][M];
 #pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
     for (int64_t g = 0; g < p.groups; ++g) {
       __m512bh wv[R];
-      prefetch_next<R>(p, g);
+      prefetch_next<R>(next, p.groups, g);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         prefetch(w + r * stride + g * kPanel * 2);
@@ -241,13 +243,14 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
     __m512 acc[R][M];
 #pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
     for (int64_t b = 0; b < p.x.blocks; ++b) {
       __m512i dot[R][M];
 #pragma GCC unroll 32
       for (int i = 0; i < R * M; ++i) dot[i / M][i % M] = _mm512_setzero_si512();
       for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
         __m512i wv[R];
-        prefetch_next<R>(p, g);
+        prefetch_next<R>(next, p.groups, g);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
           prefetch(w + r * stride + g * kPanel * 4);
