@@ -11,10 +11,11 @@ ELBO(x) = E_q(z|x)[log p(x | z)] - KL(q(z | x) || N(0, I)), in nats, with
                                                                                sigmoid(l) rounds to 0 or 1)
     KL = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))                   (closed form: two diagonal Gaussians)
 the expectation estimated from `samples` draws of eps. At one sample, -ELBO summed over a batch is examples/vae's
-loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD.
+loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD. log_likelihood is the importance-weighted
+estimate (IWAE) log 1/K sum_k p(x | z_k) p(z_k) / q(z_k | x), the tighter bound VAE papers report.
 The linears (and a relu after them), the reparameterisation and the ELBO's sums run in the backend's ops
-(reparameterize, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid and a tanh hidden
-activation are torch ops. Weights: fp32, bf16 (activations rounded to bf16, fp32 sums) or int8 (weight-only, per-row
+(reparameterize, bernoulli_log_likelihood, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid,
+a tanh hidden activation and IWAE's Gaussian log-densities are torch ops. Weights: fp32, bf16 (activations rounded to bf16, fp32 sums) or int8 (weight-only, per-row
 scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@
 // the Bernoulli log-likelihood of the images x (N, D) in [0, 1] under the decoder's logits l (S, N, D), averaged over
 // the S draws of eps, minus the closed-form KL(N(mu, exp(logvar)) || N(0, I)). SIMD (exp by vec.h's polynomial,
 // ~1 ulp; log1p by a series, vae_kernels.h), OpenMP over rows; the KL term in double (L values per row).
-// Reference: TorchBackend.reparameterize / bernoulli_elbo. Tests: tests/test_vae.py.
+// Reference: TorchBackend.reparameterize / bernoulli_log_likelihood / bernoulli_elbo. Tests: tests/test_vae.py.
 #include <algorithm>
 #include <cmath>
 
