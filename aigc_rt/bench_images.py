@@ -92,3 +92,36 @@ def ratio_table(first: str, rows: list[tuple[str, int, float]], impls: tuple[str
         speedups = [f"{t[b] / t[a]:.2f}x" for a, b in ratios]
         out.append(f"| {label} | {batch} | {' | '.join(cells)} | {' | '.join(speedups)} |")
     return "\n".join(out) if len(out) > 2 else ""
+
+
+def time_in_turns(runners: dict, args: tuple, sync=lambda: None, rounds: int = 9, turn_seconds: float = 0.04,
+                  warmups: int = 2) -> dict[str, float]:
+    """Median seconds per call of each runner(*args), timed round-robin: `rounds` turns each of ~turn_seconds, so
+    that a noisy neighbour on a shared machine slows every system alike rather than one system's whole run (single
+    sequential runs swung bench_vae's ratios by up to 30%). `warmups` passes over all runners first: a compiled
+    runner may recompile once after another's torch._dynamo.reset()."""
+    for _ in range(warmups):
+        for run in runners.values():
+            run(*args)
+    sync()
+    calls = {}
+    for name, run in runners.items():
+        t0 = time.perf_counter()
+        run(*args)
+        sync()
+        calls[name] = max(1, int(turn_seconds / max(time.perf_counter() - t0, 1e-6)))
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                run(*args)
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def benchmarks_enabled(config) -> bool:
+    """pytest-benchmark's switch: pyproject's addopts disable benchmarks (the suites then check their systems
+    only), --benchmark-enable turns them on."""
+    return config.getoption("benchmark_enable") or not config.getoption("benchmark_disable")

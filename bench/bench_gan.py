@@ -9,7 +9,8 @@ probabilities (N,).
 
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_gan.py --benchmark-enable
 
-Every runtime is checked against the eval-mode fp32 module (fp32: atol 1e-4; bf16: atol 0.05) before it is timed.
+Every runtime is checked against the eval-mode fp32 module (fp32: atol 1e-4; bf16: atol 0.05) before it is timed;
+the systems of an arch and batch are then timed in turns (bench_images.time_in_turns: round-robin, 9 rounds).
 At the end the run prints the tables (median images/s, GFLOP/s, ratios to eager and to torch.compile; bf16 to
 the module in bf16 and to both fp32 runs) and writes them to bench/results/gan_<device>.md.
 """
@@ -82,45 +83,45 @@ def _runner(impl: str, module, paths, device, z):
     return aigc_rt.load(path, device=device, backend="triton")
 
 
-def _bench(benchmark, models, impl, arch, batch, device):
+def _bench(request, models, impls: tuple[str, ...], arch: str, batch: int, device: str):
+    """Check every implementation against the fp32 module, then (benchmarks enabled) time them in turns."""
     module, paths = models[arch]
     z = _input(arch, batch).to(device)
-    run = _runner(impl, module, paths, device, z)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runners = {}
     with torch.inference_mode():
-        want, got = module.to(device)(z), run(z)  # also the compile / autotune warm-up
-        atol, rtol = (0.05, 0) if impl.endswith("bf16") else (1e-4, 1e-5)  # bf16: vs the fp32 module
-        assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max abs err {(got - want).abs().max():.3g}"
+        want = module.to(device)(z)
+        for impl in impls:  # compile-freezing after compile: its dynamo reset makes compile recompile once (warm-up)
+            run = runners[impl] = _runner(impl, module, paths, device, z)
+            got = run(z)  # also the compile / autotune warm-up
+            atol, rtol = (0.05, 0) if impl.endswith("bf16") else (1e-4, 1e-5)  # bf16: vs the fp32 module
+            assert torch.allclose(got, want, atol=atol, rtol=rtol), \
+                f"{impl}: max abs err {(got - want).abs().max():.3g}"
+        if bench_images.benchmarks_enabled(request.config):
+            for impl, seconds in bench_images.time_in_turns(runners, (z,), sync).items():
+                RESULTS[(device, impl, arch, batch)] = seconds
 
-        def call():
-            run(z)
-            sync()
-        benchmark.extra_info.update(batch=batch, gflop_per_image=gflop_per_image(module))
-        benchmark(call)
-    if benchmark.stats is not None:  # None with --benchmark-disable (the test suite's default)
-        RESULTS[(device, impl, arch, batch)] = benchmark.stats.stats.median
+
+CPU_IMPLS = ("eager", "compile", "compile-freezing", "aigc_rt-cpu", "eager-bf16", "aigc_rt-cpu-bf16")
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("impl", ["eager", "compile", "compile-freezing", "aigc_rt-cpu", "eager-bf16",
-                                  "aigc_rt-cpu-bf16"])
-def test_cpu_dcgan(benchmark, models, impl, arch, batch):
-    benchmark.group = f"dcgan-cpu {arch} batch {batch}"
-    _bench(benchmark, models, impl, arch, batch, "cpu")
+def test_cpu_dcgan(request, models, arch, batch):
+    _bench(request, models, CPU_IMPLS, arch, batch, "cpu")
 
 
-GPU_RUNS = [(impl, batch) for impl in ("eager", "compile", "triton") for batch in BATCHES + (1024,)]
-GPU_RUNS += [(impl, batch) for impl in ("eager-bf16", "triton-bf16") for batch in (64, 1024)]  # bf16 files
+# impl -> the batches it runs at on a GPU (bf16 files: where a batch is compute-bound)
+GPU_IMPLS = {**{impl: BATCHES + (1024,) for impl in ("eager", "compile", "triton")},
+             **{impl: (64, 1024) for impl in ("eager-bf16", "triton-bf16")}}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("batch", BATCHES + (1024,))
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("impl,batch", GPU_RUNS)
-def test_gpu_dcgan(benchmark, models, impl, arch, batch):
-    benchmark.group = f"dcgan-gpu {arch} batch {batch}"
-    _bench(benchmark, models, impl, arch, batch, "cuda")
+def test_gpu_dcgan(request, models, arch, batch):
+    _bench(request, models, tuple(i for i, batches in GPU_IMPLS.items() if batch in batches), arch, batch, "cuda")
 
 
 def _table(device: str) -> str:
@@ -151,7 +152,7 @@ def teardown_module():
             continue
         name = bench.device_name(device)
         text = (f"# DCGAN generators and discriminators (_d) on {name}\n\n{datetime.date.today()}, torch "
-                f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, median of pytest-benchmark rounds "
+                f"{torch.__version__}, {torch.get_num_threads()} threads, fp32, median of 9 round-robin turns "
                 f"(bench/bench_gan.py).\n\n{table}\n")
         bf16 = _bf16_table(device)
         if bf16:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -111,30 +109,9 @@ def _bench(request, vae, impls: tuple[str, ...], job: str, batch: int, device: s
             atol, rtol = (ATOL if job == "decode" else 0, ELBO_RTOL) if dtype == "fp32" else VALIDATE_TOL[dtype]
             err = (got - want).abs().max().item()
             assert err <= atol + rtol * want.abs().max().item(), f"{impl} {job}: max abs err {err:.3g}"
-        opt = request.config.getoption
-        if opt("benchmark_enable") or not opt("benchmark_disable"):  # pyproject's addopts disable: checks only
-            for impl, seconds in _in_turns(runners, inputs, sync).items():
+        if bench_images.benchmarks_enabled(request.config):
+            for impl, seconds in bench_images.time_in_turns(runners, inputs, sync).items():
                 RESULTS[(device, impl, job, batch)] = seconds
-
-
-def _in_turns(runners: dict, inputs: tuple, sync, rounds: int = 9, turn_seconds: float = 0.04) -> dict[str, float]:
-    """Median seconds per call of each runner, timed round-robin (a turn of ~turn_seconds each, `rounds` times), so
-    that a noisy neighbour on this shared machine slows every system alike rather than one system's whole run."""
-    calls = {}
-    for name, run in runners.items():
-        t0 = time.perf_counter()
-        run(*inputs)
-        sync()
-        calls[name] = max(1, int(turn_seconds / max(time.perf_counter() - t0, 1e-6)))
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                run(*inputs)
-            sync()
-            times[name].append((time.perf_counter() - t0) / calls[name])
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 ATOL, ELBO_RTOL = 1e-4, 1e-4  # the ELBO: the module's float32 BCE loses digits where sigmoid nears 1 (see the tests)
@@ -171,7 +148,7 @@ def teardown_module():
             continue
         name = bench.device_name(device)
         text = (f"# PyTorch examples/vae (784-400-20) on {name}\n\n{datetime.date.today()}, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads, median of pytest-benchmark rounds (bench/bench_vae.py). decode: z "
+                f"{torch.get_num_threads()} threads, median of 9 round-robin turns (bench/bench_vae.py). decode: z "
                 f"-> pixel means; elbo: images -> ELBO per image (encoder, one draw of z, decoder, the Bernoulli "
                 f"log-likelihood and the KL term). bf16 / int8: aigc_rt files of those weight dtypes; eager-bf16: the "
                 f"module in bf16.\n\n{table}\n")
