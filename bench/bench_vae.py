@@ -19,13 +19,16 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import aigc_rt
 from aigc_rt import bench, bench_images
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+from vae_reference import ExamplesVAE, loss_function  # noqa: E402
 from aigc_rt.cli import VALIDATE_TOL
 
 D, H, L = 784, 400, 20
@@ -35,33 +38,17 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 RESULTS: dict[tuple[str, str, str, int], float] = {}  # (device, impl, job, batch) -> median seconds per call
 
 
-class ExamplesVAE(torch.nn.Module):
-    """examples/vae/main.py's module (eps given instead of drawn, so that every system sees the same draws)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc21, self.fc22 = torch.nn.Linear(D, H), torch.nn.Linear(H, L), torch.nn.Linear(H, L)
-        self.fc3, self.fc4 = torch.nn.Linear(L, H), torch.nn.Linear(H, D)
-
-    def encode(self, x):
-        h1 = F.relu(self.fc1(x))
-        return self.fc21(h1), self.fc22(h1)
-
-    def decode(self, z):
-        return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
-
-    def elbo(self, x, eps):  # forward + loss_function, per image
-        mu, logvar = self.encode(x.view(-1, D))
-        recon = self.decode(mu + eps[0] * torch.exp(0.5 * logvar))
-        bce = F.binary_cross_entropy(recon, x.view(-1, D), reduction="none").sum(1)
-        return -(bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1))
+class BenchVAE(ExamplesVAE):
+    def elbo(self, x, eps):  # the example's test loop per image: forward, then -loss_function (eps given)
+        recon, mu, logvar = self(x, eps[0])
+        return -loss_function(recon, x, mu, logvar, reduction="none")
 
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
     """(eval-mode module, {dtype: runtime file})."""
     torch.manual_seed(0)
-    module = ExamplesVAE().eval()
+    module = BenchVAE(D, H, L).eval()
     folder = tmp_path_factory.mktemp("vae")
     torch.save(module.state_dict(), folder / "vae.pt")
     return module, {dtype: aigc_rt.convert(folder / "vae.pt", folder / f"vae-{dtype}.safetensors", dtype=dtype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -21,45 +23,11 @@ from aigc_rt.cli import VALIDATE_TOL, main
 
 from test_triton_kernels import DEV
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+from vae_reference import ExamplesVAE, loss_function  # noqa: E402
+
 BACKENDS = ["torch", "cpu", "triton"]  # triton: the interpreter on a CPU (conftest), real kernels on a GPU (DEV)
 ATOL, ELBO_RTOL = 1e-4, 1e-5
-
-
-class ExamplesVAE(nn.Module):
-    """PyTorch's examples/vae/main.py, verbatim but for the sizes (784, 400, 20 there)."""
-
-    def __init__(self, d: int = 784, h: int = 400, latent: int = 20):
-        super().__init__()
-        self.d = d
-        self.fc1 = nn.Linear(d, h)
-        self.fc21 = nn.Linear(h, latent)
-        self.fc22 = nn.Linear(h, latent)
-        self.fc3 = nn.Linear(latent, h)
-        self.fc4 = nn.Linear(h, d)
-
-    def encode(self, x):
-        h1 = F.relu(self.fc1(x))
-        return self.fc21(h1), self.fc22(h1)
-
-    def reparameterize(self, mu, logvar, eps):  # examples/vae draws eps = torch.randn_like(std) here
-        std = torch.exp(0.5 * logvar)
-        return mu + eps * std
-
-    def decode(self, z):
-        h3 = F.relu(self.fc3(z))
-        return torch.sigmoid(self.fc4(h3))
-
-    def forward(self, x, eps):
-        mu, logvar = self.encode(x.view(-1, self.d))
-        z = self.reparameterize(mu, logvar, eps)
-        return self.decode(z), mu, logvar
-
-
-def loss_function(recon_x, x, mu, logvar, d: int):
-    """examples/vae's loss, per image (the example sums it over the batch too)."""
-    bce = F.binary_cross_entropy(recon_x, x.view(-1, d), reduction="none").sum(1)
-    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
-    return bce + kld
 
 
 class DeepVAE(nn.Module):
@@ -132,7 +100,7 @@ def reference_elbo(module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         losses = []
         for e in eps.double():
             recon, mu, logvar = module(x, e)
-            losses.append(loss_function(recon, x, mu, logvar, d=module.d))
+            losses.append(loss_function(recon, x, mu, logvar, reduction="none"))
     return -torch.stack(losses).mean(0).float()
 
 

@@ -19,40 +19,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from vae_reference import ExamplesVAE, loss_function
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "aigc_rt", "data")
 D, HIDDEN, LATENT = 28 * 28, 128, 16
-
-
-class VAE(nn.Module):
-    """examples/vae/main.py's module at these sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(D, HIDDEN)
-        self.fc21 = nn.Linear(HIDDEN, LATENT)
-        self.fc22 = nn.Linear(HIDDEN, LATENT)
-        self.fc3 = nn.Linear(LATENT, HIDDEN)
-        self.fc4 = nn.Linear(HIDDEN, D)
-
-    def encode(self, x):
-        h1 = F.relu(self.fc1(x))
-        return self.fc21(h1), self.fc22(h1)
-
-    def decode(self, z):
-        return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
-
-    def forward(self, x):
-        mu, logvar = self.encode(x.view(-1, D))
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return self.decode(z), mu, logvar
-
-
-def loss_function(recon_x, x, mu, logvar):
-    bce = F.binary_cross_entropy(recon_x, x.view(-1, D), reduction="sum")
-    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-    return bce + kld
 
 
 def digits_28() -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +49,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(0)
     train, test = digits_28()
-    model = VAE()
+    model = ExamplesVAE(D, HIDDEN, LATENT)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.time()
     for epoch in range(a.epochs):
