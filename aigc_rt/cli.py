@@ -401,10 +401,10 @@ def cmd_score(a):
 
 
 def cmd_elbo(a):
-    v = _load_arch(a.model, ("vae",), a)
-    c = v.config
     if a.iwae < 0:
         raise ValueError(f"--iwae must be >= 0 (0: off), got {a.iwae}")
+    v = _load_arch(a.model, ("vae",), a)
+    c = v.config
     images = _read_images(a.images, c.channels, c.height, c.width, "the VAE")
     elbo = v.elbo(images, samples=a.samples, seed=a.seed).tolist()
     iwae = v.log_likelihood(images, samples=a.iwae, seed=a.seed).tolist() if a.iwae else [None] * len(elbo)
@@ -453,7 +453,8 @@ def cmd_demo(a):
     vae_output = os.path.join(os.path.dirname(a.image_output), "vae-digits.png")
     v = _load_arch(DEFAULT_VAE, ("vae",), a)
     text, images = _imagine(v, 64, 0, vae_output, 8)
-    digits, noise = (images[:8] + 1) / 2, torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    digits = (images[:8] + 1) / 2  # in [0, 1], as the VAE's likelihood takes them
+    noise = torch.rand(digits.shape, generator=torch.Generator().manual_seed(0))
     own, uniform = (v.elbo(x, samples=8, seed=0).mean().item() for x in (digits, noise))
     print(f"{text}\nELBO under {DEFAULT_VAE} (a lower bound of log p(x), nats per image): its own samples {own:.1f}, "
           f"uniform noise {uniform:.1f}")

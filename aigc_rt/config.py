@@ -267,7 +267,7 @@ class VAEConfig:
 
     def __post_init__(self):
         name = type(self).__name__
-        for field, hi in (("channels", 4), ("height", 4096), ("width", 4096), ("latent", 1 << 16)):
+        for field, hi in (("height", 4096), ("width", 4096), ("latent", 1 << 16)):
             if not 1 <= getattr(self, field) <= hi:
                 raise FormatError(f"{name}: {field}={getattr(self, field)} is out of range [1, {hi}]")
         if self.channels not in (1, 3):

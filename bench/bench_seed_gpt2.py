@@ -22,7 +22,6 @@ import argparse
 import copy
 import datetime
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -131,10 +130,8 @@ def main(argv=None) -> int:
             f"{args.repeats} round-robin runs (bench/bench_seed_gpt2.py: the calls and the checks).\n\n"
             f"{table(rows)}\n")
     print(text)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"seed_gpt2_{slug}.md")
-    with open(out, "w") as f:
-        f.write(text)
+    out = bench.save_markdown(text, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), "seed_gpt2",
+                              args.device)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -34,6 +34,7 @@ def seeded_generator(seed) -> torch.Generator:
     return g
 
 
-def check_count(n, what: str = "n") -> None:
+def check_count(n) -> None:
+    """n, a number of images to generate: an integer >= 1, else a ValueError."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{what} must be an integer >= 1, got {n!r}")
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")

@@ -15,8 +15,8 @@ loss_function: binary_cross_entropy(sigmoid(l), x, reduction="sum") + KLD. log_l
 estimate (IWAE) log 1/K sum_k p(x | z_k) p(z_k) / q(z_k | x), the tighter bound VAE papers report.
 The linears (and a relu after them), the reparameterisation and the ELBO's sums run in the backend's ops
 (reparameterize, bernoulli_log_likelihood, bernoulli_elbo: csrc/cpu/vae.cpp, kernels/vae.py); the decoder's sigmoid,
-a tanh hidden activation and IWAE's Gaussian log-densities are torch ops. Weights: fp32, bf16 (activations rounded to bf16, fp32 sums) or int8 (weight-only, per-row
-scales), as every backend.linear takes them; biases fp32.
+a tanh hidden activation and IWAE's Gaussian log-densities are torch ops. Weights: fp32, bf16 (activations rounded
+to bf16, fp32 sums) or int8 (weight-only, per-row scales), as every backend.linear takes them; biases fp32.
 """
 from __future__ import annotations
 
