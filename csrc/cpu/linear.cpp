@@ -131,23 +131,33 @@ int32_t quantize_block(const float* x, int64_t len, int8_t* q, float* s) {
   return sum;
 }
 
+// dst[0:n] = to_bf16(x[0:n]), then zeros up to dst[len] (vectorised: the scalar pair loop this replaced took ~0.9 ns
+// a value, ~5% of a 1,000-token bf16 prefill)
+__attribute__((target_clones("avx512f", "avx2", "default"))) void round_to_bf16(const float* x, uint16_t* dst,
+                                                                                int64_t n, int64_t len) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = to_bf16(x[k]);
+  for (int64_t k = n; k < len; ++k) dst[k] = 0;
+}
+
+// dst[0:n] = float(to_bf16(x[0:n])), then zeros up to dst[len]
+__attribute__((target_clones("avx512f", "avx2", "default"))) void round_through_bf16(const float* x, float* dst,
+                                                                                    int64_t n, int64_t len) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = std::bit_cast<float>(uint32_t(to_bf16(x[k])) << 16);
+  for (int64_t k = n; k < len; ++k) dst[k] = 0.f;
+}
+
 // One activation row as the kernel wants it (linear.h PreparedX), into dst (ld elements of the kernel's
 // type, zero-padded) and sx. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other weights).
 // avx512: full int8 blocks are quantised by quantize_block_avx512 (the same numbers).
 float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K, int64_t ld, void* dst, float* sx) {
-  if (t == WeightType::bf16 && dot) {
-    auto* pairs = static_cast<uint32_t*>(dst);
-    for (int64_t g = 0; g < ld; ++g) {
-      const uint32_t lo = 2 * g < K ? to_bf16(x[2 * g]) : 0, hi = 2 * g + 1 < K ? to_bf16(x[2 * g + 1]) : 0;
-      pairs[g] = lo | hi << 16;
-    }
+  if (t == WeightType::bf16) {  // pairs (k, k+1) as 32-bit groups are the bf16 values in order (little-endian)
+    if (dot)
+      round_to_bf16(x, static_cast<uint16_t*>(dst), K, 2 * ld);
+    else
+      round_through_bf16(x, static_cast<float*>(dst), K, ld);
     return 0.f;
   }
   auto* xf = static_cast<float*>(dst);
-  if (t == WeightType::bf16) {
-    for (int64_t k = 0; k < ld; ++k) xf[k] = k < K ? std::bit_cast<float>(uint32_t(to_bf16(x[k])) << 16) : 0.f;
-    return 0.f;
-  }
   float shift = 0.f;  // int8
   for (int64_t b = 0; b * kInt8Block < K; ++b) {
     const int64_t k0 = b * kInt8Block, len = std::min(kInt8Block, K - k0);

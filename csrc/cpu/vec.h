@@ -53,10 +53,11 @@ struct Bf16 {
 };
 
 // fp32 -> bf16 bits, rounding to nearest even as torch's .to(torch.bfloat16); NaN stays a (quiet) NaN.
+// (A select, not a branch, so that loops over it vectorise.)
 inline uint16_t to_bf16(float f) {
   const uint32_t b = std::bit_cast<uint32_t>(f);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((b & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
 }
 
 // The first n (< W) values of p followed by zeros, for a tail load that must not read past p[n - 1].
