@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token id that ends a sequence (repeatable: any of them ends it; default: the model "
                         "config's eos_token_id)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--logprobs", action="store_true",
+                   help="after each sequence, its log-probability under the model (sum, mean per token, perplexity)")
     g.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     g.set_defaults(func=cmd_generate)
 
@@ -136,7 +138,7 @@ def _sampling_kwargs(a) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, max_length=a.max_length, do_sample=a.do_sample, temperature=a.temperature, top_k=a.top_k,
                 top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                 num_return_sequences=a.num_return_sequences, seed=a.seed, stop=a.stop,
-                eos_token_id=a.eos_token_id)
+                eos_token_id=a.eos_token_id, logprobs=a.logprobs)
 
 
 def cmd_convert(a):
@@ -175,15 +177,25 @@ def cmd_generate(a):
     t1 = time.perf_counter()
     if a.stream:
         print()
+        if a.logprobs:
+            print(_logprob_line(done[0].logprobs))
     else:
         for i in range(len(done)):
             if len(done) > 1:
                 print(f"--- sequence {i} ({done[i].finish_reason})")
             print(a.prompt + done[i].text)
+            if a.logprobs:
+                print(_logprob_line(done[i].logprobs))
     if a.verbose:
         rate = (n_tokens - len(done)) / (t1 - first) if t1 > first else float("nan")
         print(f"[{n_tokens} tokens, time to first token {1e3 * (first - t0):.1f} ms, decode {rate:.1f} tokens/s, "
               f"backend {m.backend.name}]", file=sys.stderr)
+
+
+def _logprob_line(logprobs: list[float]) -> str:
+    total = sum(logprobs)
+    return (f"[log p(new tokens | prompt) = {total:.4f} nats over {len(logprobs)} tokens, "
+            f"{total / len(logprobs):.4f} a token, perplexity {math.exp(-total / len(logprobs)):.3f}]")
 
 
 def cmd_validate(a):

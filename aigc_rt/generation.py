@@ -30,6 +30,9 @@ class Completion:
     text: str  # decoded without special tokens, cut before a stop string
     token_ids: list[int]  # the new tokens only; ends with the eos token when finish_reason == "eos"
     finish_reason: str  # "length" | "eos" | "stop"
+    # generate(logprobs=True): log p(token | everything before it) of each new token under the model, the
+    # log_softmax of its logits before the repetition penalty, temperature, top-k or top-p reshape them; else None
+    logprobs: list[float] | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Event:
     token: int
     piece: str
     finished: Completion | None = None
+    logprob: float | None = None  # with logprobs=True (see Completion.logprobs)
 
 
 def generate(model, prompts, **kwargs) -> list[Completion]:
@@ -69,11 +73,13 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
         top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-        seed: int | None = None, stop=None, eos_token_id=None, max_length: int | None = None) -> Iterator[Event]:
+        seed: int | None = None, stop=None, eos_token_id=None, max_length: int | None = None,
+        logprobs: bool = False) -> Iterator[Event]:
     """The decode loop, as a stream of per-token events. Everything is validated by this call, before any
     work (it returns the generator of events rather than being one, so bad input raises here).
     Length, as Hugging Face: max_new_tokens new tokens per sequence (default 64), or, given max_length alone,
-    a total of max_length prompt + new tokens per sequence (max_new_tokens wins when both are given)."""
+    a total of max_length prompt + new tokens per sequence (max_new_tokens wins when both are given).
+    logprobs: also give each new token's log-probability under the model (Completion.logprobs)."""
     cfg, tok = model.config, model.tokenizer
     params = SamplingParams(do_sample=bool(do_sample), temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty)
@@ -83,6 +89,8 @@ def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = Fal
     else:
         _check_int("max_length", max_length, 2)
     _check_int("num_return_sequences", num_return_sequences, 1)
+    if not isinstance(logprobs, bool):
+        raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
     if num_return_sequences > 1 and not params.do_sample:  # as Hugging Face's GenerationConfig.validate()
         raise ValueError(f"num_return_sequences={num_return_sequences} needs do_sample=True: greedy decoding "
                          f"(do_sample=False, no beam search) gives one sequence per prompt, so it supports only "
@@ -106,7 +114,7 @@ def run(model, prompts, max_new_tokens: int | None = None, do_sample: bool = Fal
             what = f"max_new_tokens={max_new_tokens}" if max_new_tokens else f"max_length={max_length}"
             raise ValueError(f"prompt {i} has {len(p)} tokens; with {what} that is {len(p) + limits[-1]}, past "
                              f"the context length {cfg.n_positions}")
-    return _decode_loop(model, prompt_ids, params, limits, num_return_sequences, seed, stops, eos)
+    return _decode_loop(model, prompt_ids, params, limits, num_return_sequences, seed, stops, eos, logprobs)
 
 
 @dataclass
@@ -114,9 +122,10 @@ class _Row:
     j: int  # index among the prompt's num_return_sequences
     text: "_TextState"
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
 
 
-def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iterator[Event]:
+def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs) -> Iterator[Event]:
     """limits: new tokens per prompt. The model runs under torch.inference_mode(), entered around each piece
     of work and never held across a yield, so the caller's code between events (or after it drops the
     generator half-way) does not run in inference mode."""
@@ -160,23 +169,31 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
         if params.do_sample:
             fetch.uniforms([uniform(seed, rows[a].j, step) for a in active], out=state.u)
 
+    step_logprobs = {}  # step -> (rows,) log-probabilities of its tokens, computed before the next step overwrites
+    # the logits (on the device; read with the tokens)
+
+    def sampled(step, logits):
+        if logprobs:
+            step_logprobs[step] = torch.log_softmax(logits.float(), dim=-1).gather(1, state.tokens[:, None])[:, 0]
+
     def advance(step):
         """Queue the decode step that feeds back the tokens of step - 1 and samples step's tokens."""
         draws(step)
-        model.decode_sample(state, cache, max(lens[a] + step for a in active), params)
+        sampled(step, model.decode_sample(state, cache, max(lens[a] + step for a in active), params))
 
     with torch.inference_mode():
         draws(0)
         be.sample(logits, params, state.u, state.seen, out=state.tokens)  # step 0's tokens, from the prefill
         state.mark_seen()
+        sampled(0, logits)
     for step in range(max(limit)):
         with torch.inference_mode():
-            read = fetch.start(state.tokens)
+            read = fetch.start(state.tokens, step_logprobs.pop(step, None))
             # pipelined: the next step is queued before this one's tokens are read (unless every row ends here)
             ahead = pipelined and any(step + 1 < limit[a] for a in active)
             if ahead:
                 advance(step + 1)
-            host = read()  # the one sync per step
+            host, host_logprobs = read()  # the one sync per step
         keep = []
         for slot, (a, t) in enumerate(zip(active, host)):
             if t < 0:
@@ -184,15 +201,20 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
                                    f"the model produced non-finite values (bad weights?)")
             row = rows[a]
             row.tokens.append(t)
+            lp = None
+            if logprobs:
+                lp = host_logprobs[slot]
+                row.logprobs.append(lp)
             piece = row.text.push(t)
             reason = ("eos" if t in eos else "stop" if row.text.stopped
                       else "length" if len(row.tokens) == limit[a] else None)
             if reason is None:
                 keep.append(slot)
-                yield Event(a, t, piece)
+                yield Event(a, t, piece, logprob=lp)
             else:
                 piece += row.text.finish()
-                yield Event(a, t, piece, Completion(row.text.text, row.tokens, reason))
+                yield Event(a, t, piece, Completion(row.text.text, row.tokens, reason,
+                                                    row.logprobs if logprobs else None), lp)
         if not keep:
             return
         with torch.inference_mode():
@@ -200,6 +222,8 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos) -> Iter
                 k = torch.tensor(keep, device=dev)  # any, sampled for them too: their tokens go as well)
                 cache.keep(k)
                 state.keep(k)
+                if step + 1 in step_logprobs:
+                    step_logprobs[step + 1] = step_logprobs[step + 1][k]
                 active = [active[s] for s in keep]
             if not ahead:
                 advance(step + 1)
@@ -255,23 +279,27 @@ class _HostTokens:
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.tokens = torch.empty(batch, dtype=torch.int64, pin_memory=True)
+            self.logprobs = torch.empty(batch, dtype=torch.float32, pin_memory=True)
             self.u_host = torch.empty(2, batch, dtype=torch.float32, pin_memory=True)  # alternate halves, see uniforms
             self.calls = 0
 
-    def start(self, tokens: torch.Tensor):
-        """Start moving `tokens` to the host; returns the function that waits for them, as a list. They are
-        read as they are now: the step queued next overwrites them."""
+    def start(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None):
+        """Start moving `tokens` (and their log-probabilities, if given) to the host; returns the function that
+        waits for them, as (a list, a list or None). They are read as they are now: the step queued next
+        overwrites the tokens."""
         if not self.cuda:
-            host = tokens.tolist()
+            host = tokens.tolist(), None if logprobs is None else logprobs.tolist()
             return lambda: host
         n = tokens.shape[0]
         self.tokens[:n].copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            self.logprobs[:n].copy_(logprobs, non_blocking=True)
         arrived = torch.cuda.Event()
         arrived.record()
 
-        def read() -> list[int]:
+        def read() -> tuple[list[int], list[float] | None]:
             arrived.synchronize()
-            return self.tokens[:n].tolist()
+            return self.tokens[:n].tolist(), None if logprobs is None else self.logprobs[:n].tolist()
         return read
 
     def uniforms(self, values: list[float], out: torch.Tensor) -> None:

@@ -54,6 +54,15 @@ def test_generate_matches_api_and_streams(rt_odd, capsys):
     assert all(("Hello" + w.text) in out for w in want)
 
 
+def test_generate_logprobs(rt_odd, capsys):
+    m = aigc_rt.load(rt_odd[0])
+    want = m.generate("Hi", max_new_tokens=6, logprobs=True)[0].logprobs
+    for stream in ([], ["--stream"]):
+        assert main(["generate", "Hi", "--model", str(rt_odd[0]), "--max-new-tokens", "6", "--logprobs", *stream]) == 0
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        assert line.startswith(f"[log p(new tokens | prompt) = {sum(want):.4f} nats over 6 tokens"), line
+
+
 def test_validate_pass_and_fail(hf_odd, rt_odd, tmp_path, capsys):
     assert main(["validate", str(rt_odd[0]), "--reference", str(hf_odd[0])]) == 0
     assert "PASS" in capsys.readouterr().out

@@ -281,6 +281,7 @@ def test_stream_decoder_never_splits_a_character(model):
     (dict(max_new_tokens=60), r"has \d+ tokens; with max_new_tokens=60 that is \d+, past the context length 64"),
     (dict(max_length=1), "max_length"), (dict(max_length=5), r"max_length=5 \(prompt \+ new tokens\) leaves no room"),
     (dict(max_length=65), r"with max_length=65 that is 65, past the context length 64"),
+    (dict(logprobs="yes"), "logprobs must be True or False"),
 ])
 def test_invalid_parameters_raise_before_work(model, kwargs, message, no_work):
     with pytest.raises(ValueError, match=message):
@@ -528,3 +529,53 @@ def test_pipelined_loop_gives_the_same_outputs(model, monkeypatch):
     model.generate(PROMPTS, max_length=L, eos_token_id=[])
     # step s queues the next one for every row still in the batch (limit > s) while any of them goes on
     assert decoded == [sum(lim > s for lim in limits) for s in range(max(limits) - 1)], (decoded, limits)
+
+
+def _model_logprobs(model, prompt_ids, new_ids) -> list[float]:
+    """log p(new_ids[i] | prompt, new_ids[:i]) from one full forward (model.logits, checked against HF elsewhere)."""
+    logp = model.logits(torch.tensor([prompt_ids + new_ids]))[0].log_softmax(-1)  # (T, V)
+    return [logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(new_ids)]
+
+
+def test_logprobs_greedy_match_hf(model, rt_odd):
+    """Each new token's log-probability under the model, in fp32: Hugging Face's raw logits per step
+    (output_logits), log_softmax, at the chosen token; with a repetition penalty too (it changes which token is
+    chosen, not the model's distribution the log-probability is taken from). Tolerance: atol 1e-4."""
+    hf = rt_odd[1]
+    hf.generation_config.eos_token_id = None
+    for penalty in (1.0, 1.3):
+        batch = model.generate(PROMPTS, max_new_tokens=8, eos_token_id=[], repetition_penalty=penalty, logprobs=True)
+        for prompt, got in zip(PROMPTS, batch):
+            ids = model.tokenizer.encode(prompt)
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                  repetition_penalty=penalty, output_logits=True, return_dict_in_generate=True)
+            new = out.sequences[0, len(ids):]
+            want = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new.tolist())]
+            assert got.token_ids == new.tolist(), prompt
+            err = max(abs(a - b) for a, b in zip(got.logprobs, want))
+            assert len(got.logprobs) == 8 and err <= 1e-4, f"{prompt!r} penalty {penalty}: max error {err:.3g}"
+
+
+def test_logprobs_when_sampling_are_the_models(model):
+    """Sampled with temperature, top-k, top-p and a penalty, several sequences a prompt, rows finishing at
+    different steps (a ragged max_length: the batch is compacted mid-way): each token's log-probability is
+    the model's (the full forward's), not the reshaped sampling distribution's. Tolerance: atol 1e-4."""
+    out = model.generate(PROMPTS, max_length=14, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+                         repetition_penalty=1.2, num_return_sequences=2, seed=3, eos_token_id=[], logprobs=True)
+    assert len({len(c.token_ids) for c in out}) > 1  # rows finished at different steps
+    for i, c in enumerate(out):
+        ids = model.tokenizer.encode(PROMPTS[i // 2])
+        want = _model_logprobs(model, ids, c.token_ids)
+        err = max(abs(a - b) for a, b in zip(c.logprobs, want))
+        assert len(c.logprobs) == len(c.token_ids) and err <= 1e-4, f"row {i}: max error {err:.3g}"
+        assert all(lp <= 0 for lp in c.logprobs)
+
+
+def test_logprobs_only_when_asked_and_in_the_stream_of_events(model):
+    from aigc_rt.generation import run
+    assert all(c.logprobs is None for c in model.generate(PROMPTS, max_new_tokens=3))
+    events = list(run(model, PROMPTS[:2], max_new_tokens=3, logprobs=True))
+    done = {ev.row: ev.finished for ev in events if ev.finished is not None}
+    for r in done:
+        assert [ev.logprob for ev in events if ev.row == r] == done[r].logprobs

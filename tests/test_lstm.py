@@ -111,6 +111,24 @@ def test_decode_steps_equal_the_full_forward(seed_lstm):
             assert err <= ATOL, f"step {t}: max |logit error| {err:.3g}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_are_the_modules(seed_lstm, backend):
+    """generate(logprobs=True) on the LSTM: each greedy token's log-probability is the torch module's
+    log_softmax at that step (the module carrying its own (h, c)). Tolerance: atol 1e-4."""
+    m = load_on(seed_lstm[0], backend)
+    ids = m.tokenizer.encode("hello")
+    got = m.generate(ids, max_new_tokens=6, eos_token_id=[], logprobs=True)[0]
+    want = []
+    with torch.no_grad():
+        logits, state = seed_lstm[1](torch.tensor(ids)[:, None])
+        for t in got.token_ids:
+            want.append(torch.log_softmax(logits[-1, 0], -1)[t].item())
+            logits, state = seed_lstm[1](torch.tensor([[t]]), state)
+    assert got.token_ids == reference_greedy(seed_lstm[1], ids, 6)
+    err = max(abs(a - b) for a, b in zip(got.logprobs, want))
+    assert err <= 1e-4, f"max log-probability error {err:.3g}"
+
+
 def test_sampling_is_seeded_and_independent_of_the_batch(seed_lstm):
     m = aigc_rt.load(seed_lstm[0], backend="cpu")
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=7)

@@ -74,6 +74,17 @@ def test_ragged_batch_finishing_early_matches_torch_backend(model, reference):
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
 
 
+def test_logprobs_match_torch_backend(model, reference):
+    """generate(logprobs=True) through the triton backend's decode + sample step (one CUDA-graph replay on a GPU):
+    the same tokens and log-probabilities as the torch backend, greedy, a ragged batch. Tolerance: atol 1e-3
+    (fp32; the two backends' logits agree to ~1e-5)."""
+    got = model.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], logprobs=True)
+    want = reference.generate(PROMPTS, max_new_tokens=6, eos_token_id=[], logprobs=True)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    err = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g.logprobs, w.logprobs))
+    assert err <= 1e-3, f"max log-probability error {err:.3g}"
+
+
 def test_seeded_sampling_matches_torch_backend(model, reference):
     """Same seeds, same u per (sequence, step): the same tokens. The backends' logits agree to ~1e-6, so a
     token could only differ where u falls within ~1e-6 of a CDF boundary (about 1e-5 per draw; the kernel

@@ -213,19 +213,21 @@ class TorchBackend:
         later call overwrites it."""
         return forward(*inputs)
 
-    def run_decode_sample(self, step, state, cache, max_len: int, params: SamplingParams) -> None:
+    def run_decode_sample(self, step, state, cache, max_len: int, params: SamplingParams) -> torch.Tensor:
         """A generation step in place on state (generation.DecodeState): run_decode on state.tokens and
         state.positions, sample the next tokens from its logits into state.tokens, advance the positions, mark
-        the tokens seen. A backend may replay it all at once (triton: one CUDA graph)."""
-        self.decode_sample_steps(self.run_decode, step, state, cache, max_len, params)
+        the tokens seen. A backend may replay it all at once (triton: one CUDA graph). Returns the step's logits
+        (B, V), a buffer the next step overwrites."""
+        return self.decode_sample_steps(self.run_decode, step, state, cache, max_len, params)
 
-    def decode_sample_steps(self, decode, step, state, cache, max_len: int, params: SamplingParams) -> None:
+    def decode_sample_steps(self, decode, step, state, cache, max_len: int, params: SamplingParams) -> torch.Tensor:
         """run_decode_sample's work, with decode(step, tokens, positions, lengths, cache, max_len) -> logits."""
         lengths = torch.add(state.positions, 1, out=cache.workspace(state.tokens.shape[0]).lengths)
         logits = decode(step, state.tokens, state.positions, lengths, cache, max_len)
         self.sample(logits, params, state.u, state.seen, out=state.tokens)
         state.positions.add_(1)
         state.mark_seen()
+        return logits
 
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,

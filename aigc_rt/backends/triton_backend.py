@@ -96,8 +96,8 @@ class TritonBackend(TorchBackend):
     def run_decode_sample(self, step, state, cache, max_len, params):
         B = state.tokens.shape[0]
         key = ("sample", step, B, cache.max_len, cache.addresses(B), state.addresses(), params)
-        self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache, cache.max_len,
-                                                                       params))
+        return self.decode_graph.replay(key, lambda: self.decode_sample_steps(_eager, step, state, cache,
+                                                                              cache.max_len, params))
 
     def run_layers(self, model, forward, *inputs):
         """An image model's whole forward as one CUDA graph per model, forward (a discriminator's score or logits, a

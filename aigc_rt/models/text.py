@@ -79,12 +79,12 @@ class TextModel:
         lengths = torch.add(positions, 1, out=cache.workspace(tokens.shape[0]).lengths)  # cached positions after it
         return self.backend.run_decode(self._decode_step, tokens, positions, lengths, cache, max_len)
 
-    def decode_sample(self, state, cache: DecodeCache, max_len: int, params) -> None:
+    def decode_sample(self, state, cache: DecodeCache, max_len: int, params) -> torch.Tensor:
         """generate()'s step, in place on state (a generation.DecodeState): decode state.tokens at
         state.positions, sample the next tokens into state.tokens (backend.sample with state.u and state.seen),
         advance the positions and add the new tokens to state.seen. The triton backend replays it all from one
-        CUDA graph."""
-        self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
+        CUDA graph. Returns the step's logits (B, V), which the next step overwrites."""
+        return self.backend.run_decode_sample(self._decode_step, state, cache, max_len, params)
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
