@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_elbo)
 
+    pp = sub.add_parser("perplexity", help="how well a text model predicts text files (NLL per token, perplexity)")
+    pp.add_argument("files", nargs="+", help="UTF-8 text files, each scored on its own")
+    _model_args(pp)
+    pp.add_argument("--window", type=int, default=None, help="input tokens per window (default: the context length)")
+    pp.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: the window; smaller: more context per token)")
+    pp.set_defaults(func=cmd_perplexity)
+
     d = sub.add_parser("demo", help="the main job: generate text and digits (GAN and VAE) with the default models")
     _model_args(d)
     d.add_argument("--image-output", default=os.path.join("out", "digits.png"))
@@ -423,6 +431,22 @@ def cmd_elbo(a):
     for path, nats, ll in zip(a.images, elbo, iwae):  # bits per dimension: -ELBO / (D ln 2), an upper bound
         extra = "" if ll is None else f"\tlog p(x) ~ {ll:.3f} nats (IWAE, {a.iwae} samples)"
         print(f"{nats:.3f} nats\t{-nats / (c.pixels * math.log(2)):.4f} bits/dim{extra}\t{path}")
+
+
+def cmd_perplexity(a):
+    import aigc_rt
+    from aigc_rt.models.text import Perplexity, TextModel
+    m = aigc_rt.load(a.model, device=a.device, backend=a.backend)
+    if not isinstance(m, TextModel):
+        raise ValueError(f"{a.model}: a {m.arch} model, where perplexity needs a text model")
+    total = Perplexity(0, 0.0)
+    for path in a.files:
+        with open(path, encoding="utf-8") as f:
+            p = m.perplexity(f.read(), window=a.window, stride=a.stride)
+        total = Perplexity(total.tokens + p.tokens, total.nll + p.nll)
+        print(f"{p.tokens} tokens\t{p.nats_per_token:.4f} nats/token\tperplexity {p.perplexity:.3f}\t{path}")
+    if len(a.files) > 1:
+        print(f"{total.tokens} tokens\t{total.nats_per_token:.4f} nats/token\tperplexity {total.perplexity:.3f}\tall")
 
 
 def _read_images(paths: list[str], channels: int, height: int, width: int, what: str) -> torch.Tensor:

@@ -63,6 +63,22 @@ def test_generate_logprobs(rt_odd, capsys):
         assert line.startswith(f"[log p(new tokens | prompt) = {sum(want):.4f} nats over 6 tokens"), line
 
 
+def test_perplexity_command(rt_odd, tmp_path, capsys):
+    m = aigc_rt.load(rt_odd[0])
+    texts = ["Beautiful is better than ugly. " * 9, "落霞与孤鹜齐飞，秋水共长天一色。"]
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t, encoding="utf-8")
+    files = [str(tmp_path / f"{i}.txt") for i in range(2)]
+    assert main(["perplexity", *files, "--model", str(rt_odd[0]), "--stride", "16"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    want = [m.perplexity(t, stride=16) for t in texts]
+    for line, w, path in zip(lines, want, files):
+        assert line == f"{w.tokens} tokens\t{w.nats_per_token:.4f} nats/token\tperplexity {w.perplexity:.3f}\t{path}"
+    assert lines[2].startswith(f"{want[0].tokens + want[1].tokens} tokens") and lines[2].endswith("\tall")
+    assert main(["perplexity", files[0], "--model", "dcgan-digits"]) == 2
+    assert "perplexity needs a text model" in capsys.readouterr().err
+
+
 def test_validate_pass_and_fail(hf_odd, rt_odd, tmp_path, capsys):
     assert main(["validate", str(rt_odd[0]), "--reference", str(hf_odd[0])]) == 0
     assert "PASS" in capsys.readouterr().out

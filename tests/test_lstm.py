@@ -129,6 +129,20 @@ def test_logprobs_are_the_modules(seed_lstm, backend):
     assert err <= 1e-4, f"max log-probability error {err:.3g}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perplexity_is_the_modules(seed_lstm, backend):
+    """perplexity() on the LSTM (no context limit: one window) is the torch module's summed NLL of the text.
+    Tolerance: 1e-5 relative."""
+    m = load_on(seed_lstm[0], backend)
+    text = "hello world, 落霞与孤鹜齐飞 again and again.\n" * 3
+    ids = m.tokenizer.encode(text)
+    with torch.no_grad():
+        logits, _ = seed_lstm[1](torch.tensor(ids)[:, None])  # (T, 1, V)
+    want = -torch.log_softmax(logits[:-1, 0].double(), -1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    got = m.perplexity(text)
+    assert got.tokens == len(ids) - 1 and got.nll == pytest.approx(want, rel=1e-5)
+
+
 def test_sampling_is_seeded_and_independent_of_the_batch(seed_lstm):
     m = aigc_rt.load(seed_lstm[0], backend="cpu")
     kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.95, seed=7)

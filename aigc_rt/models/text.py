@@ -1,10 +1,28 @@
 """What every text model shares on top of its prefill / decode / head: the public calls (logits, generate,
-stream), the check of token ids, and the shape of its decode state (DecodeCache, StepBuffers)."""
+stream, perplexity), the check of token ids, and the shape of its decode state (DecodeCache, StepBuffers)."""
 from __future__ import annotations
 
-from dataclasses import fields
+import math
+from dataclasses import dataclass, fields
 
 import torch
+
+HEAD_CHUNK_LOGITS = 1 << 24  # perplexity(): logits held at once (64 MB of fp32), so a long window needs no (T, V)
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """TextModel.perplexity's result. Sums over several texts add up: Perplexity(a.tokens + b.tokens, a.nll + b.nll)."""
+    tokens: int  # the tokens scored: every token of the text but the first
+    nll: float  # their negative log-likelihood under the model, summed, in nats
+
+    @property
+    def nats_per_token(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
 
 
 class StepBuffers:
@@ -107,6 +125,41 @@ class TextModel:
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {c.vocab_size})")
         return ids.long()
+
+    @torch.inference_mode()
+    def perplexity(self, text, window: int | None = None, stride: int | None = None) -> Perplexity:
+        """How well the model predicts a text (a str, or its token ids): every token but the first is scored once,
+        by -log p(token | the tokens before it in its window). Windows of `window` input tokens (default and
+        at most the context length) start every `stride` tokens (default: window, so they do not overlap);
+        a window predicts the token after each of its inputs, and where windows overlap a token is scored by the
+        first window that has it as a target, so a stride below the window gives every token at least
+        window - stride tokens of context, at window / stride times the work (Hugging Face's "perplexity of
+        fixed-length models" recipe). Runs the model's prefill; the lm_head in chunks of rows."""
+        ids = self.tokenizer.encode(text) if isinstance(text, str) else torch.as_tensor(text).reshape(-1).tolist()
+        if len(ids) < 2:
+            raise ValueError(f"perplexity needs a text of at least 2 tokens, got {len(ids)}")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        window = self.config.n_positions if window is None else window
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= self.config.n_positions:
+            raise ValueError(f"window must be an int in [1, {self.config.n_positions}] (the context length), "
+                             f"got {window!r}")
+        stride = window if stride is None else stride
+        if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
+            raise ValueError(f"stride must be an int in [1, window = {window}], got {stride!r}")
+        nll, scored, start = 0.0, 1, 0  # scored: the next target's index
+        rows = max(1, HEAD_CHUNK_LOGITS // self.config.vocab_size)
+        while scored < len(ids):
+            end = min(start + window, len(ids) - 1)  # inputs ids[start:end] predict ids[start + 1:end + 1]
+            hidden = self.prefill(torch.tensor([ids[start:end]], device=self.device), None)[0]  # (end - start, C)
+            for r in range(scored - 1 - start, end - start, rows):
+                h = hidden[r: min(r + rows, end - start)]
+                targets = torch.tensor(ids[start + r + 1: start + r + 1 + h.shape[0]], device=self.device)
+                logp = torch.log_softmax(self.head(h).float(), dim=-1)
+                nll -= logp.gather(1, targets[:, None]).double().sum().item()
+            scored, start = end + 1, start + stride
+        return Perplexity(len(ids) - 1, nll)
 
     def generate(self, prompts, **kwargs):
         from ..generation import generate
