@@ -85,6 +85,14 @@ def test_logprobs_match_torch_backend(model, reference):
     assert err <= 1e-3, f"max log-probability error {err:.3g}"
 
 
+def test_perplexity_matches_torch_backend(model, reference):
+    """perplexity() through the triton backend's prefill (overlapping windows): the torch backend's NLL within
+    1e-5 relative."""
+    text = " ".join(PROMPTS) * 4
+    got, want = model.perplexity(text, window=48, stride=20), reference.perplexity(text, window=48, stride=20)
+    assert got.tokens == want.tokens and got.nll == pytest.approx(want.nll, rel=1e-5)
+
+
 def test_seeded_sampling_matches_torch_backend(model, reference):
     """Same seeds, same u per (sequence, step): the same tokens. The backends' logits agree to ~1e-6, so a
     token could only differ where u falls within ~1e-6 of a CDF boundary (about 1e-5 per draw; the kernel
