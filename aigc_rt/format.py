@@ -141,6 +141,14 @@ def to_file_layout(tensors: dict[str, torch.Tensor], spec: TensorSpec, where: st
     return out
 
 
+def owned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor a model keeps as it was read (a bias, a norm, an embedding table), in memory of its own. Tensors read
+    from a weights file are views of its memory map, and while one view lives the whole mapping stays in the process,
+    with every page the loader touched counted in its RSS (twice the model, for the matrices a backend repacked).
+    A tensor on another device is already a copy; None stays None."""
+    return t.clone() if t is not None and t.device.type == "cpu" else t
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (out, in) float -> q (out, in) int8 in [-127, 127], scale (out,) fp32 with
     w ~= q * scale[:, None]; scale = max |w_row| / 127 (0 for an all-zero row), q = round(w / scale)."""

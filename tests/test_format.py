@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -222,3 +223,36 @@ def test_random_corruption_only_raises_format_error(tiny_file, tmp_path, corrupt
         aigc_rt.load(bad, backend="torch")
     except aigc_rt.FormatError:
         pass
+
+
+def _maps(path) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(str(path) in line for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "lstm", "tdec", "dcgan-digits", "dcgan-digits-d",
+                                  "vae-digits"])
+def test_a_loaded_model_does_not_keep_the_file_mapped(kind, hf_odd, tmp_path):
+    """The cpu backend repacks every matrix and copies what it keeps as read (biases, norms, embeddings:
+    format.owned), so once loaded a model holds no view of the file's memory map, whose pages would otherwise stay
+    in the process (RSS twice the model). Each file is a fresh copy, so no other test's model holds its mapping."""
+    import gc
+    import shutil
+    from test_lstm import make_checkpoint as make_lstm
+    from test_transformer_decoder import make_checkpoint as make_decoder
+    path = tmp_path / "model.safetensors"
+    if kind.startswith("gpt2"):
+        aigc_rt.convert(hf_odd[0], path, dtype=kind.split("-")[1])
+    elif kind == "lstm":
+        make_lstm(tmp_path / "src")
+        aigc_rt.convert(tmp_path / "src" / "model.pt", path)
+    elif kind == "tdec":
+        make_decoder(tmp_path / "src", norm_first=True, final_norm=True)
+        aigc_rt.convert(tmp_path / "src" / "model.pt", path, config={"n_head": 3, "norm_first": True})
+    else:
+        shutil.copy(aigc_rt.api.resolve_path(kind), path)
+    model = aigc_rt.load(path, backend="cpu")
+    gc.collect()
+    assert not _maps(path), f"{kind}: the loaded model still holds a view of {path.name}'s memory map"
+    del model

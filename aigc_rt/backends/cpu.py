@@ -175,14 +175,14 @@ class CpuBackend(TorchBackend):
     # (bf16 weights stay bf16: the C++ ops then round each input to bf16 and multiply on bf16 tiles; out_bf16 layers
     # store their outputs rounded, as bf16, which the next layer would have rounded on the way in)
     def prepare_conv_transpose(self, weight, bias, stride, padding, output_padding):
-        return _C.conv_transpose_prepare(_conv_weight(weight), bias.float().contiguous(), stride, padding,
+        return _C.conv_transpose_prepare(_conv_weight(weight), bias.to(torch.float32, copy=True), stride, padding,
                                          output_padding)
 
     def conv_transpose(self, x, layer, act, out_bf16=False):
         return _C.conv_transpose(x, layer, act, out_bf16=out_bf16)
 
     def prepare_conv2d(self, weight, bias, stride, padding):
-        return _C.conv2d_prepare(_conv_weight(weight), bias.float().contiguous(), stride, padding)
+        return _C.conv2d_prepare(_conv_weight(weight), bias.to(torch.float32, copy=True), stride, padding)
 
     def conv2d(self, x, layer, act, leaky_slope=0.2, out_bf16=False):
         return _C.conv2d(x, layer, act, leaky_slope, out_bf16)

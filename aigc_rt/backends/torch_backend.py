@@ -90,8 +90,8 @@ class TorchBackend:
         if (weight.dtype == torch.int8) != (scale is not None):
             raise ValueError(f"a scale is required for int8 weights and only for them (weight {weight.dtype}, "
                              f"scale {'given' if scale is not None else 'missing'})")
-        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32),
-                      None if scale is None else scale.to(self.device, torch.float32))
+        return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32, copy=True),
+                      None if scale is None else scale.to(self.device, torch.float32, copy=True))
 
     # -- ops -----------------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *, out: torch.Tensor | None = None,
@@ -232,8 +232,8 @@ class TorchBackend:
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,
                                output_padding: int) -> Conv:
-        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
-                    output_padding, weight.dtype == torch.bfloat16)
+        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32, copy=True), stride,
+                    padding, output_padding, weight.dtype == torch.bfloat16)
 
     def conv_transpose(self, x: torch.Tensor, layer: Conv, act: str, out_bf16: bool = False) -> torch.Tensor:
         """act(conv_transpose2d(x) + bias). x (N, C_in, H, W) fp32 (or bf16) -> (N, C_out, H_out, W_out) fp32, with
@@ -247,8 +247,8 @@ class TorchBackend:
         return CONV_ACTIVATIONS[act](y, None)
 
     def prepare_conv2d(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int) -> Conv:
-        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32), stride, padding,
-                    bf16=weight.dtype == torch.bfloat16)
+        return Conv(weight.to(self.device, torch.float32), bias.to(self.device, torch.float32, copy=True), stride,
+                    padding, bf16=weight.dtype == torch.bfloat16)
 
     def conv2d(self, x: torch.Tensor, layer: Conv, act: str, leaky_slope: float = 0.2,
                out_bf16: bool = False) -> torch.Tensor:

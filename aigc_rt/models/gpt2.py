@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
-from ..format import DTYPES, SCALE_SUFFIX, TensorSpec, add_matrix
+from ..format import DTYPES, SCALE_SUFFIX, TensorSpec, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .text import DecodeCache, StepBuffers, TextModel
 
@@ -109,17 +109,20 @@ class GPT2(TextModel):
         def scale(name):  # int8 files: the matrix's per-row scales
             return t.get(name + SCALE_SUFFIX)
 
-        self.wte, self.wte_scale = t["wte.weight"], scale("wte.weight")  # (V, C), (V,) or None
-        self.wpe = t["wpe.weight"].float()  # (P, C)
+        def norm(name):  # a LayerNorm's (weight, bias)
+            return owned(t[name + ".weight"]), owned(t[name + ".bias"])
+
+        self.wte, self.wte_scale = owned(t["wte.weight"]), owned(scale("wte.weight"))  # (V, C), (V,) or None
+        self.wpe = owned(t["wpe.weight"].float())  # (P, C)
         self.blocks = []
         for i in range(config.n_layer):
             p = f"h.{i}."
             lin = {n: backend.prepare_linear(t[p + n + ".weight"], t[p + n + ".bias"], scale(p + n + ".weight"))
                    for n in LINEARS}
             self.blocks.append(Block(
-                ln_1=(t[p + "ln_1.weight"], t[p + "ln_1.bias"]), qkv=lin["attn.qkv"], proj=lin["attn.proj"],
-                ln_2=(t[p + "ln_2.weight"], t[p + "ln_2.bias"]), fc=lin["mlp.fc"], mlp_proj=lin["mlp.proj"]))
-        self.ln_f = (t["ln_f.weight"], t["ln_f.bias"])
+                ln_1=norm(p + "ln_1"), qkv=lin["attn.qkv"], proj=lin["attn.proj"],
+                ln_2=norm(p + "ln_2"), fc=lin["mlp.fc"], mlp_proj=lin["mlp.proj"]))
+        self.ln_f = norm("ln_f")
         self.lm_head = backend.prepare_linear(self.wte, None, self.wte_scale)  # tied to the token embedding
 
     @property

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LSTMConfig
-from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
+from ..format import SCALE_SUFFIX, TensorSpec, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .text import DecodeCache, StepBuffers, TextModel
 
@@ -85,7 +85,7 @@ class LSTM(TextModel):
         def linear(name: str, bias: torch.Tensor | None):
             return backend.prepare_linear(t[name], bias, t.get(name + SCALE_SUFFIX))
 
-        self.wte, self.wte_scale = t["wte.weight"], t.get("wte.weight" + SCALE_SUFFIX)  # (V, E), (V,) or None
+        self.wte, self.wte_scale = owned(t["wte.weight"]), owned(t.get("wte.weight" + SCALE_SUFFIX))  # (V, E), (V,)
         self.layers = [Layer(ih=linear(f"layers.{i}.ih.weight", t[f"layers.{i}.bias"]),
                              hh=linear(f"layers.{i}.hh.weight", None)) for i in range(config.n_layer)]
         self.lm_head = linear("lm_head.weight", t["lm_head.bias"])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TransformerDecoderConfig
-from ..format import SCALE_SUFFIX, TensorSpec, add_matrix
+from ..format import SCALE_SUFFIX, TensorSpec, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .gpt2 import kv_cache_dtype
 from .text import DecodeCache, StepBuffers, TextModel
@@ -122,14 +122,17 @@ class TransformerDecoder(TextModel):
         def linear(name: str):
             return backend.prepare_linear(t[name + ".weight"], t[name + ".bias"], t.get(name + ".weight" + SCALE_SUFFIX))
 
-        self.wte, self.wte_scale = t["wte.weight"], t.get("wte.weight" + SCALE_SUFFIX)
+        def norm(name: str):  # a LayerNorm's (weight, bias)
+            return owned(t[name + ".weight"]), owned(t[name + ".bias"])
+
+        self.wte, self.wte_scale = owned(t["wte.weight"]), owned(t.get("wte.weight" + SCALE_SUFFIX))
         self.layers = []
         for i in range(config.n_layer):
             lin = {name: linear(f"layers.{i}.{name}") for name in linear_shapes(config)}
             self.layers.append(Layer(lin["self_attn.qkv"], lin["self_attn.proj"], lin["cross_attn.q"],
                                      lin["cross_attn.kv"], lin["cross_attn.proj"], lin["fc1"], lin["fc2"],
-                                     tuple((t[f"layers.{i}.{n}.weight"], t[f"layers.{i}.{n}.bias"]) for n in NORMS)))
-        self.norm = (t["norm.weight"], t["norm.bias"]) if config.final_norm else None
+                                     tuple(norm(f"layers.{i}.{n}") for n in NORMS)))
+        self.norm = norm("norm") if config.final_norm else None
         self.lm_head = linear("lm_head")
 
     @property
