@@ -121,10 +121,13 @@ class TextModel:
             raise ValueError("input_ids is empty")
         if ids.shape[1] > c.n_positions:
             raise ValueError(f"input of {ids.shape[1]} tokens exceeds the context length {c.n_positions}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= c.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {c.vocab_size})")
+        self._check_vocabulary(int(ids.min()), int(ids.max()))
         return ids.long()
+
+    def _check_vocabulary(self, lo: int, hi: int) -> None:
+        """Token ids from lo to hi (the smallest and the largest) within the vocabulary, or a ValueError."""
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
 
     @torch.inference_mode()
     def perplexity(self, text, window: int | None = None, stride: int | None = None) -> Perplexity:
@@ -138,9 +141,7 @@ class TextModel:
         ids = self.tokenizer.encode(text) if isinstance(text, str) else torch.as_tensor(text).reshape(-1).tolist()
         if len(ids) < 2:
             raise ValueError(f"perplexity needs a text of at least 2 tokens, got {len(ids)}")
-        lo, hi = min(ids), max(ids)
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._check_vocabulary(min(ids), max(ids))
         window = self.config.n_positions if window is None else window
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= self.config.n_positions:
             raise ValueError(f"window must be an int in [1, {self.config.n_positions}] (the context length), "
