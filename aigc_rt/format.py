@@ -1,14 +1,20 @@
 """The runtime weights file: one .safetensors file whose metadata says what it holds.
 
     __metadata__ = {"format": "aigc-rt", "format_version": "1", "arch": "gpt2" | "dcgan" | ...,
-                    "dtype": "fp32" | "bf16" | "fp16" | "int8", "config": <JSON>, "tokenizer": <JSON, text models>}
+                    "dtype": "fp32" | "bf16" | "fp16" | "int8" | "int4", "config": <JSON>,
+                    "tokenizer": <JSON, text models>}
 
 Tensors are stored in the layout the kernels want, so loading does no reshuffling. `dtype` is the dtype of
 the weight matrices; biases and norm parameters stay fp32. "int8" is weight-only symmetric quantisation
 with one fp32 scale per output channel (per row of the (out, in) matrix): the matrix `NAME` is stored as
 int8 q and `NAME_scale` (out,) fp32 beside it, with NAME = q * NAME_scale[:, None] (see quantize_int8);
-the other tensors are as in the fp32 file. Everything is checked before use; any problem raises
-FormatError naming it.
+the other tensors are as in the fp32 file. "int4" is weight-only symmetric quantisation per group of 64 inputs
+(llama.cpp's q4_0 levels, with fp32 scales): each linear's matrix `NAME` (out, in), in even, is stored as uint8
+(out, in / 2), byte j holding u = q + 8 of inputs 2j (low nibble) and 2j + 1 (high nibble), q in [-8, 7], and
+`NAME_scale` (out, ceil(in / 64)) fp32 beside it, with NAME[o, k] = q[o, k] * NAME_scale[o, k // 64] (see
+quantize_int4); 4.5 bits a weight. Embedding tables, which are indexed rather than streamed (and GPT-2's wte,
+which is also its lm_head, the matrix where rounding costs the most), stay int8 in an int4 file. Everything is
+checked before use; any problem raises FormatError naming it.
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ from .errors import FormatError, is_foreign_error
 
 FORMAT = "aigc-rt"
 FORMAT_VERSION = "1"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-SCALE_SUFFIX = "_scale"  # int8 files: the per-output-channel scales of matrix NAME are NAME + SCALE_SUFFIX
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+          "int4": torch.uint8}  # file dtype -> the dtype its (linear) matrices are stored in
+SCALE_SUFFIX = "_scale"  # int8 and int4 files: the scales of matrix NAME are NAME + SCALE_SUFFIX
+INT4_GROUP = 64  # int4: inputs per scale
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8,
               "F64": torch.float64, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8}
 
@@ -124,18 +132,33 @@ def check_tensors(found: dict[str, tuple], spec: TensorSpec, where: str) -> None
 
 
 def add_matrix(spec: TensorSpec, name: str, shape: tuple[int, int], dtype: str) -> None:
-    """Expect a weight matrix in a file of `dtype`: in that dtype, and for int8 with its (rows,) fp32 scale beside."""
+    """Expect a linear's weight matrix (out, in) in a file of `dtype`: in that dtype, for int8 with its (out,) fp32
+    scale beside, for int4 as nibble pairs (out, in / 2) uint8 with its (out, ceil(in / 64)) fp32 scales."""
+    out, n_in = shape
+    if dtype == "int4":
+        if n_in % 2:
+            raise FormatError(f"int4 matrices need an even number of inputs; '{name}' has {n_in} (use int8)")
+        spec[name] = ((out, n_in // 2), torch.uint8)
+        spec[name + SCALE_SUFFIX] = ((out, -(-n_in // INT4_GROUP)), torch.float32)
+        return
     spec[name] = (shape, DTYPES[dtype])
     if dtype == "int8":
-        spec[name + SCALE_SUFFIX] = ((shape[0],), torch.float32)
+        spec[name + SCALE_SUFFIX] = ((out,), torch.float32)
+
+
+def add_embedding(spec: TensorSpec, name: str, shape: tuple[int, int], dtype: str) -> None:
+    """Expect an embedding table (rows, width) in a file of `dtype`, as add_matrix; int4 files keep it int8 (the
+    embedding kernels gather int8 rows; a table that is also the lm_head is where 4-bit rounding costs the most)."""
+    add_matrix(spec, name, shape, "int8" if dtype == "int4" else dtype)
 
 
 def to_file_layout(tensors: dict[str, torch.Tensor], spec: TensorSpec, where: str) -> dict[str, torch.Tensor]:
-    """A converter's fp32 tensors in the dtypes `spec` expects (int8 matrices quantized, with their scales), checked
-    against it (check_tensors: FormatError naming what is missing, extra or misshapen)."""
+    """A converter's fp32 tensors in the dtypes `spec` expects (int8 and int4 matrices quantized, with their scales),
+    checked against it (check_tensors: FormatError naming what is missing, extra or misshapen)."""
     out = dict(tensors)
-    for name in [k for k in out if k in spec and spec[k][1] == torch.int8]:
-        out[name], out[name + SCALE_SUFFIX] = quantize_int8(out[name])
+    for name in [k for k in out if k in spec and spec[k][1] in (torch.int8, torch.uint8)]:
+        quantize = quantize_int8 if spec[name][1] == torch.int8 else quantize_int4
+        out[name], out[name + SCALE_SUFFIX] = quantize(out[name])
     out = {k: v.to(spec[k][1]).contiguous() if k in spec else v for k, v in out.items()}
     check_tensors({k: (tuple(v.shape), v.dtype) for k, v in out.items()}, spec, where=where)
     return out
@@ -161,6 +184,30 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q (out, in) int8, scale (out,) fp32 -> (out, in) fp32."""
     return q.float() * scale[:, None]
+
+
+def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per group of INT4_GROUP inputs (llama.cpp's q4_0 levels): (out, in) float, in even ->
+    packed (out, in / 2) uint8, scale (out, ceil(in / 64)) fp32. Per group, d = -m / 8 where m is the group's
+    value of largest magnitude (so m itself maps to q = -8 exactly and the 16 levels are all used), q =
+    clamp(round(w / d), -8, 7), u = q + 8; byte j of a row holds u of inputs 2j (low nibble) and 2j + 1 (high)."""
+    w = w.float()
+    out, n_in = w.shape
+    if n_in % 2:
+        raise ValueError(f"int4 quantisation needs an even number of inputs, got a ({out}, {n_in}) matrix")
+    groups = -(-n_in // INT4_GROUP)
+    g = torch.nn.functional.pad(w, (0, groups * INT4_GROUP - n_in)).reshape(out, groups, INT4_GROUP)
+    m = g.gather(2, g.abs().argmax(2, keepdim=True)).squeeze(2)  # (out, groups), signed
+    scale = m / -8
+    q = torch.round(g / torch.where(scale != 0, scale, 1.0)[..., None]).clamp(-8, 7)
+    u = (q.reshape(out, -1)[:, :n_in] + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4), scale.contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """packed (out, in / 2) uint8 nibble pairs, scale (out, ceil(in / 64)) fp32 -> (out, in) fp32."""
+    u = torch.stack((packed & 15, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+    return (u.float() - 8) * scale.repeat_interleave(INT4_GROUP, dim=1)[:, :u.shape[1]]
 
 
 def _short(names: list[str], n: int = 5) -> str:

@@ -6,9 +6,11 @@ What the kernel computes, per weight dtype (the torch backend is the reference o
   fp32  y = x @ W^T                      bf16  y = bf16(x) @ W^T   (fp32 accumulation, as the reference)
   int8  y = xq @ (q * s)^T where xq is x quantised to int8 per block of 64 inputs (scale max|x_b| / 127),
         which the reference (fp32 x) does not do: the difference is bounded by sum_k |W[o, k]| * sx_b(k) / 2.
+  int4  y = xq @ (q * s_group)^T, the same activations (int4 weights need an even number of inputs: odd shapes
+        get one input more).
 Tolerances: fp32 rounding of a K-term sum, |err| <= SUM_RTOL * (|x| @ |W|^T + |b|), SUM_RTOL = 1e-5, plus (int8
 vs the reference) that activation-quantisation bound; the int8 kernel is also checked against its own math
-with the fp32 bound alone.
+with the fp32 bound alone (int4 too; its ISAs also agree bit for bit).
 """
 from __future__ import annotations
 
@@ -21,21 +23,23 @@ import aigc_rt
 from aigc_rt import _C
 from aigc_rt.backends.cpu import CpuBackend
 from aigc_rt.backends.torch_backend import TorchBackend
-from aigc_rt.format import quantize_int8
+from aigc_rt.format import dequantize_int4, quantize_int4, quantize_int8
 
 SUM_RTOL = 1e-5
 GELU_SLOPE = 1.13  # max |d GELU(y) / dy|: the epilogue can grow an input error by at most this much
 # (N, in, out): every N in 1, 3, 17, 64, 111 and every in/out in 1, 3, 17, 111, 500, 1023 at least once
 SHAPES = [(1, 1, 1), (1, 17, 3), (3, 3, 17), (17, 111, 500), (64, 500, 111), (111, 1023, 17), (1, 1023, 1023),
           (3, 500, 1023), (64, 17, 111), (111, 111, 3)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+QUANTIZED = ("int8", "int4")  # activations quantised to int8 blocks in the kernel
 EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_tanh"), "bias+gelu": (True, "gelu_tanh"),
              "bias+relu": (True, "relu")}
 CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 
 
-# every kernel: (ISA, weight dtype); AMX has no fp32 multiply
-KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx2", "scalar") if (isa, dt) != ("amx", "fp32")]
+# every kernel: (ISA, weight dtype); AMX has no fp32 or int4 multiply
+KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx2", "scalar")
+           if isa != "amx" or dt in ("bf16", "int8")]
 
 
 def _forced(isa, dtype):
@@ -55,6 +59,7 @@ def kernel(request):
 
 
 INT8_ISAS = [isa for isa, dt in KERNELS if dt == "int8"]
+INT4_ISAS = [isa for isa, dt in KERNELS if dt == "int4"]
 
 
 @pytest.fixture(params=INT8_ISAS)
@@ -62,13 +67,20 @@ def int8_kernel(request):
     yield from _forced(request.param, "int8")
 
 
+@pytest.fixture(params=INT4_ISAS)
+def int4_kernel(request):
+    yield from _forced(request.param, "int4")
+
+
 def _problem(N, K, O, dtype, bias, seed=0):
+    """x (N, K), the reference Linear and the cpu one; int4: K + 1 inputs where K is odd."""
+    K += dtype == "int4" and K % 2
     g = torch.Generator().manual_seed(seed * 7919 + N * 31 + K * 17 + O)
     x = torch.randn(N, K, generator=g) * 2
     w = torch.randn(O, K, generator=g) / math.sqrt(K)
     b = torch.randn(O, generator=g) if bias else None
-    if dtype == "int8":
-        q, s = quantize_int8(w)
+    if dtype in QUANTIZED:
+        q, s = (quantize_int8 if dtype == "int8" else quantize_int4)(w)
         return x, REF.prepare_linear(q, b, s), CPU.prepare_linear(q, b, s)
     w = w.to(DTYPES[dtype])
     return x, REF.prepare_linear(w, b), CPU.prepare_linear(w, b)
@@ -76,7 +88,7 @@ def _problem(N, K, O, dtype, bias, seed=0):
 
 def _dense(lin) -> torch.Tensor:
     """The reference Linear's weight as fp32 (out, in)."""
-    return lin.weight.float() * (lin.scale[:, None] if lin.scale is not None else 1)
+    return lin.dequantized()
 
 
 def quantized_activations(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -84,7 +96,10 @@ def quantized_activations(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     N, K = x.shape
     xb = torch.nn.functional.pad(x, (0, -K % block)).view(N, -1, block)  # (N, blocks, 64)
     amax = xb.abs().amax(-1, keepdim=True)
-    q = torch.round(xb * (127 / amax)).clamp(-127, 127).nan_to_num(0)  # amax == 0 -> q = 0
+    # 127 / amax as the kernel divides (torch's scalar / tensor is reciprocal(amax) * 127, which can be an ulp off and
+    # move a tie: seen at K = 112, x = -3.0875666 with amax = 5.724393, x * 127 / amax = -68.5 exactly)
+    inv = torch.full_like(amax, 127.0) / amax
+    q = torch.round(xb * inv).clamp(-127, 127).nan_to_num(0)  # amax == 0 -> q = 0
     return (q.double() * (amax / 127).double()).view(N, -1)[:, :K]
 
 
@@ -112,7 +127,7 @@ def test_linear_matches_reference(kernel, N, K, O, epilogue):
     want = REF.linear(x, ref_lin, act=act)
     assert got.shape == (N, O) and got.dtype == torch.float32
     tol = SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6
-    if dtype == "int8":  # activations quantised per block of 64: |x - xq| <= sx / 2 elementwise
+    if dtype in QUANTIZED:  # activations quantised per block of 64: |x - xq| <= sx / 2 elementwise
         half_step = (x.double() - quantized_activations(x)).abs().max(-1, keepdim=True).values  # (N, 1)
         tol = tol + GELU_SLOPE * half_step * _dense(ref_lin).abs().double().sum(-1)
         exact = quantized_activations(x) @ _dense(ref_lin).double().T
@@ -123,7 +138,7 @@ def test_linear_matches_reference(kernel, N, K, O, epilogue):
         elif act == "relu":
             exact = exact.relu()
         _check(got, exact, SUM_RTOL * GELU_SLOPE * _sum_bound(x, ref_lin) + 1e-6,
-               f"{isa} int8 {N}x{K}x{O} {epilogue} vs its quantised-activation math")
+               f"{isa} {dtype} {N}x{K}x{O} {epilogue} vs its quantised-activation math")
     _check(got, want, tol, f"{isa} {dtype} {N}x{K}x{O} {epilogue} vs the torch backend")
 
 
@@ -150,10 +165,10 @@ def test_linear_writes_into_out_and_leading_dims(kernel):
     dtype = kernel[1]
     x, ref_lin, cpu_lin = _problem(6, 111, 17, dtype, bias=True)
     out = torch.full((2, 3, 17), float("nan"))
-    got = CPU.linear(x.view(2, 3, 111), cpu_lin, out=out)
+    got = CPU.linear(x.view(2, 3, -1), cpu_lin, out=out)
     assert got.data_ptr() == out.data_ptr() and got.shape == (2, 3, 17)
     want = REF.linear(x, ref_lin).view(2, 3, 17)
-    assert torch.allclose(got, want, atol=5e-2 if dtype == "int8" else 1e-4, rtol=0), \
+    assert torch.allclose(got, want, atol=5e-2 if dtype in QUANTIZED else 1e-4, rtol=0), \
         f"max abs error {(got - want).abs().max():.3g}"
 
 
@@ -170,7 +185,7 @@ def test_linear_adds_into_residual(kernel, N, K, O):
         assert CPU.linear(x, cpu_lin, act=act, out=out, residual=r) is r
         assert torch.equal(out, y), f"{kernel} {N}x{K}x{O} {act}: y changed when a residual is given"
         assert torch.equal(r, r0 + y), f"{kernel} {N}x{K}x{O} {act}: residual is not residual + y"
-        if dtype != "int8":  # (int8 quantises the activations: y itself is checked in test_linear_matches_reference)
+        if dtype not in QUANTIZED:  # (y itself is checked in test_linear_matches_reference)
             want = REF.linear(x, ref_lin, act=act, residual=r0.clone())
             err = (r - want).abs().max().item()
             assert err <= 1e-4, f"{kernel} {N}x{K}x{O} {act}: max abs error {err:.3g} against the torch backend"
@@ -186,14 +201,55 @@ def test_non_finite_inputs_reach_the_output(kernel, rows):
     assert y[1].isfinite().all() and y[3:].isfinite().all()
 
 
+@pytest.mark.parametrize("pattern", ["q = -8", "q = 7", "alternating"])
+def test_int4_extreme_products_are_exact(int4_kernel, pattern):
+    """int4 weights at the ends of their range (u = q + 8 at 0 and 15) times activations that quantise to +-127:
+    the AVX2 kernel's int16 sums of two groups' pairs (2 * 2 * 15 * 127) and every kernel's block sums and offsets
+    stay exact."""
+    isa, _ = int4_kernel
+    K, O = 320, 19
+    u = torch.full((O, K), {"q = -8": 0, "q = 7": 15, "alternating": 15}[pattern], dtype=torch.uint8)
+    if pattern == "alternating":
+        u[:, 1::2] = 0
+    packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    scale = torch.linspace(0.5, 2.0, O * K // 64).reshape(O, K // 64)
+    x = torch.ones(3, K) * torch.tensor([[1.0], [-2.0], [0.25]])  # each block quantises to +-127 exactly
+    got = CPU.linear(x, CPU.prepare_linear(packed, None, scale))
+    want = x.double() @ dequantize_int4(packed, scale).double().T
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), f"{isa} {pattern}: max abs error {err:.3g}"
+
+
+@pytest.mark.parametrize("N,K,O", [(1, 70, 17), (2, 128, 33), (5, 322, 47), (8, 768, 64), (33, 130, 3)])
+def test_int4_kernels_agree_bit_for_bit(N, K, O):
+    """Every int4 kernel (AVX-512 VNNI, AVX2, portable) sums each block exactly in int32 and then makes the same
+    float operations in the same order: their outputs are identical, for one row (the single-row AVX-512 path) and
+    tiles of several."""
+    g = torch.Generator().manual_seed(N + K + O)
+    x = torch.randn(N, K, generator=g)
+    q, s = quantize_int4(torch.randn(O, K, generator=g))
+    lin = CPU.prepare_linear(q, None, s)
+    outs = {}
+    for isa in INT4_ISAS:
+        _C.set_linear_isa(isa)
+        try:
+            if _C.linear_isa("int4") == isa:
+                outs[isa] = CPU.linear(x, lin)
+        finally:
+            _C.set_linear_isa("auto")
+    assert "scalar" in outs and len(outs) >= 2, outs.keys()
+    for isa, y in outs.items():
+        assert torch.equal(y, outs["scalar"]), f"{isa} vs scalar: max abs difference {(y - outs['scalar']).abs().max()}"
+
+
 def test_set_simd_isa_caps_the_linear_kernels_too():
     """One switch for the whole extension: set_simd_isa lowers linear's choice as well (set_linear_isa only
     caps it further, e.g. AVX-512 instead of AMX)."""
     previous = _C.set_simd_isa("scalar")
     try:
-        assert [_C.linear_isa(dt) for dt in DTYPES] == ["scalar"] * 3
+        assert [_C.linear_isa(dt) for dt in DTYPES] == ["scalar"] * len(DTYPES)
         if previous != "scalar" and _C.set_simd_isa("avx2") == "scalar":
-            assert [_C.linear_isa(dt) for dt in DTYPES] == ["avx2"] * 3
+            assert [_C.linear_isa(dt) for dt in DTYPES] == ["avx2"] * len(DTYPES)
     finally:
         _C.set_simd_isa(previous)
     assert _C.linear_isa("fp32") != "scalar" or previous == "scalar"
@@ -207,6 +263,30 @@ def test_packed_linear_keeps_its_shape_and_parts():
     assert lin.weight.shape == (2, 64 * 16 * 2) and lin.weight.dtype == torch.uint8  # 2 panels of 16 rows x 128 k
     assert lin.bias.data_ptr() == bias.data_ptr() and lin.scale.data_ptr() == scale.data_ptr()
     assert _C.PackedLinear(torch.randn(3, 5).bfloat16()).weight.shape == (1, 32 * 16)  # K padded to 32
+    q4, scale4 = quantize_int4(torch.randn(17, 70))
+    lin = _C.PackedLinear(q4, bias, scale4)
+    assert (lin.in_features, lin.out_features, lin.dtype, lin.scale) == (70, 17, "int4", None)
+    assert lin.weight.shape == (2, 2 * (512 + 64)) and lin.weight.dtype == torch.uint8  # 2 blocks of nibbles + scales
+
+
+def test_quantize_int4_round_trip():
+    """Per group of 64 inputs: the value of largest magnitude is exact (q = -8), every other is within half a step
+    (or one step, where it has the other sign and rounds to 8, past the top level 7); an all-zero group has scale 0;
+    a row of 70 inputs has a partial second group."""
+    w = torch.randn(7, 70) * torch.logspace(-3, 2, 7)[:, None]
+    w[3] = 0
+    w[5, 64:] = 0
+    q, s = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (7, 35) and s.shape == (7, 2) and (s[3] == 0).all() and s[5, 1] == 0
+    d = dequantize_int4(q, s)
+    scale = s.repeat_interleave(64, dim=1)[:, :70]
+    clamped = torch.round(w / torch.where(scale != 0, scale, 1)) > 7
+    bound = torch.where(clamped, 1.0, 0.5) * scale.abs() * (1 + 1e-6) + 1e-12
+    assert bool(((d - w).abs() <= bound).all()), f"max error {(d - w).abs().max():.3g}, worst excess {((d - w).abs() - bound).max():.3g}"
+    big = w.abs().reshape(7, -1).argmax(1)
+    assert torch.equal(d[torch.arange(7), big], w[torch.arange(7), big])
+    with pytest.raises(ValueError, match="even number of inputs"):
+        quantize_int4(torch.randn(3, 5))
 
 
 def test_quantize_int8_round_trip():
@@ -244,6 +324,7 @@ def test_embedding_matches_reference(dtype):
 def test_bad_arguments_raise_value_error():
     x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
     q, s = quantize_int8(w)
+    q4, s4 = quantize_int4(torch.randn(5, 70))
     lin = _C.PackedLinear(w, b)
     cases = [
         (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 7))), "does not have 7 input features"),
@@ -255,14 +336,18 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.PackedLinear(w.t()), "non-empty contiguous 2-D"),
         (lambda: _C.PackedLinear(torch.randn(5, 0)), "non-empty contiguous 2-D"),
         (lambda: _C.PackedLinear(q), "scale is required for int8"),
-        (lambda: _C.PackedLinear(w, scale=s), "scale is required for int8 weights and only for them"),
+        (lambda: _C.PackedLinear(w, scale=s), "scale is required for int8 and int4 weights and only for them"),
         (lambda: _C.PackedLinear(q, scale=s[:4]), r"scale has shape \[4\], expected \[5\]"),
         (lambda: _C.PackedLinear(torch.full((5, 8), -128, dtype=torch.int8), scale=s), r"lie in \[-127, 127\]"),
+        (lambda: _C.PackedLinear(q4), "scale is required for int8 and int4"),
+        (lambda: _C.PackedLinear(q4, scale=s4[:, :1].contiguous()), r"need contiguous float32 CPU scales \(5, 2\)"),
+        (lambda: _C.PackedLinear(q4, scale=s4.double()), r"need contiguous float32 CPU scales"),
+        (lambda: REF.prepare_linear(q4, b, s4[:4]), r"needs scales \(5, 2\), got \(4, 2\)"),
         (lambda: _C.PackedLinear(w, torch.randn(6)), r"bias has shape \[6\], expected \[5\]"),
         (lambda: _C.PackedLinear(w, b.double()), "bias must be a contiguous float32"),
         (lambda: CPU.linear(x, CPU.prepare_linear(w, b), act="gelu"), "unknown activation 'gelu'"),
         (lambda: REF.linear(x, REF.prepare_linear(w, b), act="gelu"), "unknown activation 'gelu'"),
-        (lambda: CPU.prepare_linear(q, b), "scale is required for int8 weights"),
+        (lambda: CPU.prepare_linear(q, b), "scale is required for int8 and int4 weights"),
         (lambda: _C.embedding(w, torch.tensor([5])), r"id 5 is outside \[0, 5\)"),
         (lambda: _C.embedding(w, torch.tensor([-1])), "id -1 is outside"),
         (lambda: _C.embedding(q, torch.tensor([1])), "scale is required for an int8 table"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..format import dequantize_int8
+from ..format import INT4_GROUP, dequantize_int4, dequantize_int8
 from ..sampling import SamplingParams, sample_reference
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")
@@ -23,7 +23,28 @@ ACTIVATIONS = (None, "gelu_tanh", "relu")
 class Linear:
     weight: torch.Tensor  # (out, in), as stored in the file
     bias: torch.Tensor | None  # (out,) fp32
-    scale: torch.Tensor | None = None  # (out,) fp32, int8 weights only: W = weight * scale[:, None]
+    scale: torch.Tensor | None = None  # int8: (out,) fp32, W = weight * scale[:, None]; int4: (out, groups) fp32
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight (out, in) in fp32 (int8 and int4 weights times their scales; format.py)."""
+        if self.weight.dtype == torch.uint8:
+            return dequantize_int4(self.weight, self.scale)
+        if self.weight.dtype == torch.int8:
+            return dequantize_int8(self.weight, self.scale)
+        return self.weight.float()
+
+
+def check_quantized(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """A scale comes with int8 weights ((out,)) and int4 ones (uint8 nibble pairs (out, in / 2) with (out,
+    ceil(in / 64)) scales), and only with them."""
+    if (weight.dtype in (torch.int8, torch.uint8)) != (scale is not None):
+        raise ValueError(f"a scale is required for int8 and int4 weights and only for them (weight {weight.dtype}, "
+                         f"scale {'given' if scale is not None else 'missing'})")
+    if weight.dtype == torch.uint8:
+        groups = -(-2 * weight.shape[1] // INT4_GROUP)
+        if weight.dim() != 2 or tuple(scale.shape) != (weight.shape[0], groups):
+            raise ValueError(f"int4 weight {tuple(weight.shape)} (nibble pairs) needs scales ({weight.shape[0]}, "
+                             f"{groups}), got {tuple(scale.shape)}")
 
 
 def check_activation(act) -> None:
@@ -86,24 +107,23 @@ class TorchBackend:
     # -- weights -------------------------------------------------------------------------------------
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
-        """weight (out, in) as stored in the file; scale (out,) fp32 for int8 weights (and only for them)."""
-        if (weight.dtype == torch.int8) != (scale is not None):
-            raise ValueError(f"a scale is required for int8 weights and only for them (weight {weight.dtype}, "
-                             f"scale {'given' if scale is not None else 'missing'})")
+        """weight (out, in) as stored in the file (int4: (out, in / 2) nibble pairs); scale for int8 and int4 weights
+        (and only for them): check_quantized."""
+        check_quantized(weight, scale)
         return Linear(weight.to(self.device), None if bias is None else bias.to(self.device, torch.float32, copy=True),
                       None if scale is None else scale.to(self.device, torch.float32, copy=True))
 
     # -- ops -----------------------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, lin: Linear, act: str | None = None, *, out: torch.Tensor | None = None,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., in) fp32 -> y (..., out) fp32; act None, "gelu_tanh" or "relu". fp32 math: int8 weights are
-        dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
+        """x (..., in) fp32 -> y (..., out) fp32; act None, "gelu_tanh" or "relu". fp32 math: int8 and int4 weights
+        are dequantised (q * scale); for bf16/fp16 weights the activations are rounded to the weight dtype too
         (the math of a bf16 x bf16 -> fp32 dot product). With residual ((..., out) fp32, contiguous; a
         pre-norm block's residual stream): residual += y in place, and residual is returned; out is then scratch
         a backend may write y into (the cpu backend does, the triton backend adds straight into residual)."""
         check_activation(act)
         if lin.scale is not None:
-            w = dequantize_int8(lin.weight, lin.scale)
+            w = lin.dequantized()
         else:
             w, x = lin.weight.float(), x.to(lin.weight.dtype).float()
         y = F.linear(x, w, lin.bias)

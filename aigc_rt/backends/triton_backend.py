@@ -7,7 +7,9 @@ discriminator's convolutions kernels/conv2d.py (bias and activation fused in bot
 kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's epilogue); a VAE's
 reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
-that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it."""
+that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it.
+int4 files run with their matrices dequantised once at load and rounded to bf16 (no int4 kernel here yet: they
+run at bf16's speed, in bf16's memory)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +46,8 @@ class TritonBackend(TorchBackend):
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
         lin = super().prepare_linear(weight, bias, scale)
+        if lin.weight.dtype == torch.uint8:  # int4: no int4 kernel yet; dequantised once, rounded to bf16
+            lin = Linear(lin.dequantized().bfloat16(), lin.bias)
         return Linear(*(None if t is None else t.contiguous() for t in (lin.weight, lin.bias, lin.scale)))
 
     def linear(self, x, lin: Linear, act=None, *, out=None, residual=None):

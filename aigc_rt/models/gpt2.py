@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
-from ..format import DTYPES, SCALE_SUFFIX, TensorSpec, add_matrix, owned
+from ..format import DTYPES, SCALE_SUFFIX, TensorSpec, add_embedding, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .text import DecodeCache, StepBuffers, TextModel
 
@@ -32,12 +32,13 @@ def linear_shapes(c: GPT2Config) -> dict[str, tuple[int, int]]:
 def expected_tensors(c: GPT2Config, dtype: str) -> TensorSpec:
     """Matrices in the file's dtype; biases and LayerNorm parameters in fp32. lm_head is tied to wte.
     int8: each matrix (the block linears and wte, which is also the lm_head) has a (rows,) fp32 scale
-    NAME_scale beside it; wpe stays fp32 (it is only indexed, never streamed)."""
+    NAME_scale beside it; int4: the block linears are int4 and wte int8 (format.add_embedding); in both wpe stays
+    fp32 (it is only indexed, never streamed)."""
     wd, f32, C = DTYPES[dtype], torch.float32, c.n_embd
-    spec = {"wpe.weight": ((c.n_positions, C), f32 if dtype == "int8" else wd),
+    spec = {"wpe.weight": ((c.n_positions, C), f32 if dtype in ("int8", "int4") else wd),
             "ln_f.weight": ((C,), f32), "ln_f.bias": ((C,), f32)}
     matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
-    matrix("wte.weight", (c.vocab_size, C))
+    add_embedding(spec, "wte.weight", (c.vocab_size, C), dtype)
     for i in range(c.n_layer):
         for ln in ("ln_1", "ln_2"):
             spec[f"h.{i}.{ln}.weight"] = ((C,), f32)
@@ -50,8 +51,8 @@ def expected_tensors(c: GPT2Config, dtype: str) -> TensorSpec:
 
 def kv_cache_dtype(file_dtype: str) -> torch.dtype:
     """The KV cache's default dtype for a weights file's dtype: fp32 for fp32 and fp16 files (exact), bf16 for
-    bf16 and int8 files (half the bytes the decode attention reads; rounding no coarser than the weights')."""
-    return torch.bfloat16 if file_dtype in ("bf16", "int8") else torch.float32
+    bf16, int8 and int4 files (half the bytes the decode attention reads; rounding no coarser than the weights')."""
+    return torch.bfloat16 if file_dtype in ("bf16", "int8", "int4") else torch.float32
 
 
 @dataclass
@@ -106,7 +107,7 @@ class GPT2(TextModel):
         dev = self.device
         t = {k: v.to(dev) for k, v in tensors.items()}
 
-        def scale(name):  # int8 files: the matrix's per-row scales
+        def scale(name):  # int8 and int4 files: the matrix's scales
             return t.get(name + SCALE_SUFFIX)
 
         def norm(name):  # a LayerNorm's (weight, bias)

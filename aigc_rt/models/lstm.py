@@ -19,18 +19,19 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LSTMConfig
-from ..format import SCALE_SUFFIX, TensorSpec, add_matrix, owned
+from ..format import SCALE_SUFFIX, TensorSpec, add_embedding, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .text import DecodeCache, StepBuffers, TextModel
 
 
 def expected_tensors(c: LSTMConfig, dtype: str) -> TensorSpec:
-    """Matrices in the file's dtype (int8: with a (rows,) fp32 NAME_scale beside each); biases fp32.
+    """Matrices in the file's dtype (int8, int4: with their NAME_scale beside, format.add_matrix; the
+    embedding stays int8 in int4 files); biases fp32.
     layers.l.ih.weight (4H, in) = W_ih, layers.l.hh.weight (4H, H) = W_hh, layers.l.bias (4H,) = b_ih + b_hh."""
     f32, H = torch.float32, c.hidden_size
     spec = {}
     matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
-    matrix("wte.weight", (c.vocab_size, c.n_embd))
+    add_embedding(spec, "wte.weight", (c.vocab_size, c.n_embd), dtype)
     for i in range(c.n_layer):
         matrix(f"layers.{i}.ih.weight", (4 * H, c.n_embd if i == 0 else H))
         matrix(f"layers.{i}.hh.weight", (4 * H, H))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TransformerDecoderConfig
-from ..format import SCALE_SUFFIX, TensorSpec, add_matrix, owned
+from ..format import SCALE_SUFFIX, TensorSpec, add_embedding, add_matrix, owned
 from ..tokenizer import Tokenizer
 from .gpt2 import kv_cache_dtype
 from .text import DecodeCache, StepBuffers, TextModel
@@ -40,11 +40,12 @@ NORMS = ("norm1", "norm2", "norm3")
 
 
 def expected_tensors(c: TransformerDecoderConfig, dtype: str) -> TensorSpec:
-    """Matrices in the file's dtype (int8: with a (rows,) fp32 NAME_scale beside each); biases, norms fp32."""
+    """Matrices in the file's dtype (int8, int4: with their NAME_scale beside, format.add_matrix; the
+    embedding stays int8 in int4 files); biases, norms fp32."""
     f32, d = torch.float32, c.d_model
     spec = {}
     matrix = functools.partial(add_matrix, spec, dtype=dtype)  # matrix(name, shape)
-    matrix("wte.weight", (c.vocab_size, d))
+    add_embedding(spec, "wte.weight", (c.vocab_size, d), dtype)
     for i in range(c.n_layer):
         for name, shape in linear_shapes(c).items():
             matrix(f"layers.{i}.{name}.weight", shape)

@@ -6,14 +6,16 @@
 // x (N, K) fp32; W (O, K) from the weights file: fp32, bf16 (activations rounded to bf16, fp32
 // accumulation) or int8 with one fp32 scale per output row (symmetric, weight-only; activations are
 // quantised to int8 per block of 64 inputs on the fly, with an fp32 scale per block, and the block dot
-// products are exact in int32: llama.cpp's q8_0 activation scheme, see quantize_block below).
-// The lm_head (vocab x C, tied to wte) is the same op.
+// products are exact in int32: llama.cpp's q8_0 activation scheme, see quantize_block below), or int4 with
+// one fp32 scale per output row and block of 64 inputs (uint8 nibble pairs in the file, aigc_rt/format.py; the same
+// int8 activation blocks, each block's int32 sum scaled inside the kernel: linear.h). The lm_head (vocab x C,
+// tied to wte) is the same op.
 //
 // PackedLinear repacks W once at load into panels of 16 output rows (linear.h). Work split: OpenMP threads
 // take contiguous runs of panels; inside, register tiles of up to 4 panels x 8 activation rows, so W is
 // streamed once per call for up to 8 rows (decode) and once per 8-row tile from cache beyond (prefill).
 // The micro-kernel is picked at run time per weight type: AMX (bf16 and int8, for 4+ activation rows),
-// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8), else AVX2+FMA, else portable C++.
+// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8 and int4), else AVX2+FMA, else portable C++.
 // Tests: tests/test_cpu_linear.py (every ISA this CPU has, against plain-PyTorch fp32 math).
 #include "cpu/linear.h"
 
@@ -44,8 +46,9 @@ bool cpu_has(LinearIsa isa, WeightType t) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
-             (t != WeightType::int8 || __builtin_cpu_supports("avx512vnni"));
-    case LinearIsa::amx: return t != WeightType::f32 && cpu_has(LinearIsa::avx512, t) && amx_available();
+             ((t != WeightType::int8 && t != WeightType::int4) || __builtin_cpu_supports("avx512vnni"));
+    case LinearIsa::amx:
+      return (t == WeightType::bf16 || t == WeightType::int8) && cpu_has(LinearIsa::avx512, t) && amx_available();
     case LinearIsa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case LinearIsa::scalar: return true;
   }
@@ -68,10 +71,10 @@ LinearIsa pick_isa(WeightType t) {
   return LinearIsa::scalar;
 }
 
-// k values per packed group, and the packed K, by weight type (linear.h)
+// k values per packed group (int4: per activation quad), and the packed K, by weight type (linear.h)
 constexpr int64_t group_size(WeightType t) { return t == WeightType::f32 ? 1 : t == WeightType::bf16 ? 2 : 4; }
 int64_t packed_k(WeightType t, int64_t K) {
-  return round_up(K, t == WeightType::int8 ? kInt8Block : t == WeightType::bf16 ? kBf16Chunk : 1);
+  return round_up(K, t == WeightType::bf16 ? kBf16Chunk : t == WeightType::f32 ? 1 : kInt8Block);
 }
 
 // -- portable micro-kernel (int8: u = q + 128, the epilogue subtracts the 128, see linear.h) -----------------
@@ -94,6 +97,31 @@ void scalar_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t
   }
 }
 
+// int4, every ISA's math (linear.h): per block, the exact integer sum of u * xq less the offset, then one fused
+// multiply-add by ws * sx
+void scalar_int4_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, int64_t p1) {
+  for (int64_t panel = p0; panel < p1; ++panel)
+    for (int64_t lane = 0; lane < kPanel && panel * kPanel + lane < p.O; ++lane)
+      for (int64_t n = n0; n < n1; ++n) {
+        const Int4Operands op(p, n, panel);
+        const auto* xq = reinterpret_cast<const int8_t*>(op.x);
+        float acc = 0.f;
+        for (int64_t b = 0; b < p.x.blocks; ++b) {
+          const uint8_t* block = op.w + b * kInt4BlockBytes;
+          const int8_t* xb = xq + b * kInt8Block;
+          int32_t sum = 0;
+          for (int64_t i = 0; i < 8; ++i)
+            for (int64_t j = 0; j < 4; ++j) {
+              const uint8_t pair = block[(i * kPanel + lane) * 4 + j];
+              sum += (pair & 15) * xb[4 * i + j] + (pair >> 4) * xb[4 * (i + 8) + j];
+            }
+          const float ws = reinterpret_cast<const float*>(block + kInt4Nibbles)[lane];
+          acc = std::fma(static_cast<float>(sum - op.offset[b]), ws * op.sx[b], acc);
+        }
+        p.y[n * p.ldy + panel * kPanel + lane] = acc;
+      }
+}
+
 MicroKernel kernel_for(LinearIsa isa, WeightType t) {
   if (isa == LinearIsa::amx) return amx_kernel(t);
   if (isa == LinearIsa::avx512) return avx512_kernel(t);
@@ -102,6 +130,7 @@ MicroKernel kernel_for(LinearIsa isa, WeightType t) {
     case WeightType::f32: return &scalar_kernel<float, 1>;
     case WeightType::bf16: return &scalar_kernel<uint16_t, 2>;
     case WeightType::int8: return &scalar_kernel<uint8_t, 4>;
+    case WeightType::int4: return &scalar_int4_kernel;
   }
   return nullptr;
 }
@@ -147,9 +176,10 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void round_through_
 }
 
 // One activation row as the kernel wants it (linear.h PreparedX), into dst (ld elements of the kernel's
-// type, zero-padded) and sx. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other weights).
-// avx512: full int8 blocks are quantised by quantize_block_avx512 (the same numbers).
-float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K, int64_t ld, void* dst, float* sx) {
+// type, zero-padded), sx and (int4) offset. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other
+// weights). avx512: full int8 blocks are quantised by quantize_block_avx512 (the same numbers).
+float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K, int64_t ld, void* dst, float* sx,
+                  int32_t* offset) {
   if (t == WeightType::bf16) {  // pairs (k, k+1) as 32-bit groups are the bf16 values in order (little-endian)
     if (dot)
       round_to_bf16(x, static_cast<uint16_t*>(dst), K, 2 * ld);
@@ -159,7 +189,7 @@ float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K
   }
   auto* xf = static_cast<float*>(dst);
   float shift = 0.f;  // int8
-  for (int64_t b = 0; b * kInt8Block < K; ++b) {
+  for (int64_t b = 0; b * kInt8Block < K; ++b) {  // int8 and int4
     const int64_t k0 = b * kInt8Block, len = std::min(kInt8Block, K - k0);
     alignas(64) int8_t q[kInt8Block];
     const int32_t qsum = avx512 && len == kInt8Block ? quantize_block_avx512(x + k0, q, &sx[b])
@@ -169,6 +199,7 @@ float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K
     else
       for (int64_t i = 0; i < kInt8Block; ++i) xf[k0 + i] = q[i] * sx[b];
     shift += sx[b] * static_cast<float>(qsum);
+    if (t == WeightType::int4) offset[b] = 8 * qsum;  // what u = q + 8 adds to the block's sum
   }
   return 128.f * shift;
 }
@@ -229,15 +260,20 @@ WeightType weight_type(const torch::Tensor& w) {
     case torch::kFloat32: return WeightType::f32;
     case torch::kBFloat16: return WeightType::bf16;
     case torch::kInt8: return WeightType::int8;
+    case torch::kUInt8: return WeightType::int4;  // nibble pairs (aigc_rt/format.py)
     default:
-      AIGC_CHECK(false, "PackedLinear: weight dtype ", w.scalar_type(), " is not supported (float32, bfloat16, int8)");
+      AIGC_CHECK(false, "PackedLinear: weight dtype ", w.scalar_type(),
+                 " is not supported (float32, bfloat16, int8, uint8 int4 nibble pairs)");
   }
   return WeightType::f32;
 }
 
-WeightType packed_type(const torch::Tensor& packed) {
-  return packed.scalar_type() == torch::kFloat32 ? WeightType::f32
-         : packed.scalar_type() == torch::kBFloat16 ? WeightType::bf16 : WeightType::int8;
+WeightType packed_type(const PackedLinear& lin) {
+  const auto dtype = lin.weight.scalar_type();
+  return lin.int4                      ? WeightType::int4
+         : dtype == torch::kFloat32  ? WeightType::f32
+         : dtype == torch::kBFloat16 ? WeightType::bf16
+                                     : WeightType::int8;
 }
 
 void check_vector(const c10::optional<torch::Tensor>& t, const char* name, int64_t O) {
@@ -273,11 +309,12 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
              "PackedLinear: weight must be a non-empty contiguous 2-D (out, in) CPU tensor, got shape ", w.sizes(),
              " on ", w.device());
   const WeightType t = weight_type(w);
+  int4 = t == WeightType::int4;
   out_features = w.size(0);
-  in_features = w.size(1);
-  AIGC_CHECK((t == WeightType::int8) == scale.has_value(),
-             "PackedLinear: a scale is required for int8 weights and only for them");
-  check_vector(scale, "scale", out_features);
+  in_features = int4 ? 2 * w.size(1) : w.size(1);
+  AIGC_CHECK((t == WeightType::int8 || int4) == scale.has_value(),
+             "PackedLinear: a scale is required for int8 and int4 weights and only for them");
+  if (!int4) check_vector(scale, "scale", out_features);
   check_vector(bias, "bias", out_features);
   const int64_t O = out_features, K = in_features, K_pad = packed_k(t, K);
   if (t == WeightType::f32) {
@@ -289,6 +326,32 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
     weight = pack_panels<uint16_t, 2>(O, K_pad, torch::kBFloat16, [&](int64_t o, int64_t k) {
       return o < O && k < K ? src[o * K + k] : uint16_t(0);
     });
+  } else if (int4) {
+    const int64_t blocks = K_pad / kInt8Block, panels = (O + kPanel - 1) / kPanel, cols = K / 2;
+    AIGC_CHECK(scale->device().is_cpu() && scale->is_contiguous() && scale->scalar_type() == torch::kFloat32 &&
+                   scale->dim() == 2 && scale->size(0) == O && scale->size(1) == blocks,
+               "PackedLinear: int4 weights (", O, ", ", cols, ") need contiguous float32 CPU scales (", O, ", ", blocks,
+               "), one per row and block of 64 inputs; got ", scale->scalar_type(), " ", scale->sizes());
+    const uint8_t* src = w.data_ptr<uint8_t>();
+    const float* ws = scale->data_ptr<float>();
+    auto u = [&](int64_t o, int64_t k) { return o < O && k < K ? (src[o * cols + k / 2] >> (4 * (k % 2))) & 15 : 8; };
+    weight = torch::empty({panels, blocks * kInt4BlockBytes}, torch::kUInt8);
+    uint8_t* dst = weight.data_ptr<uint8_t>();
+#pragma omp parallel for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel)
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint8_t* block = dst + (panel * blocks + b) * kInt4BlockBytes;
+        for (int64_t lane = 0; lane < kPanel; ++lane) {
+          const int64_t o = panel * kPanel + lane;
+          for (int64_t i = 0; i < 8; ++i)
+            for (int64_t j = 0; j < 4; ++j) {
+              const int64_t k = b * kInt8Block + 4 * i + j;
+              block[(i * kPanel + lane) * 4 + j] = static_cast<uint8_t>(u(o, k) | u(o, k + 32) << 4);
+            }
+          reinterpret_cast<float*>(block + kInt4Nibbles)[lane] = o < O ? ws[o * blocks + b] : 0.f;
+        }
+      }
+    scale.reset();  // packed with the weight
   } else {
     const int8_t* src = w.data_ptr<int8_t>();
     // symmetric int8: q in [-127, 127] (the AVX2 kernel negates q, and -128 has no positive twin)
@@ -301,8 +364,8 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
 }
 
 std::string PackedLinear::dtype() const {
-  const WeightType t = packed_type(weight);
-  return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : "int8";
+  const WeightType t = packed_type(*this);
+  return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : t == WeightType::int8 ? "int8" : "int4";
 }
 
 torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t act,
@@ -312,7 +375,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
              " (0 none, 1 GELU-tanh, 2 ReLU)");
   AIGC_CHECK(x.dim() >= 1 && x.size(-1) == lin.in_features, "linear: x ", x.sizes(), " does not have ",
              lin.in_features, " input features");
-  const WeightType t = packed_type(lin.weight);
+  const WeightType t = packed_type(lin);
   const int64_t K = lin.in_features, O = lin.out_features, N = x.numel() / K;
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = O;
@@ -338,17 +401,22 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
 
   const LinearIsa isa = pick_isa(t);
   const MicroKernel kernel = kernel_for(isa, t);
-  // activations as 32-bit groups (xg): bf16 pairs for vdpbf16ps / AMX, int8 quads for every SIMD int8 kernel
-  const bool dot = t == WeightType::bf16 ? isa >= LinearIsa::avx512 : t == WeightType::int8 && isa >= LinearIsa::avx2;
+  // activations as 32-bit groups (xg): bf16 pairs for vdpbf16ps / AMX, int8 quads for every SIMD int8 kernel and
+  // every int4 kernel
+  const bool dot = t == WeightType::bf16   ? isa >= LinearIsa::avx512
+                   : t == WeightType::int8 ? isa >= LinearIsa::avx2
+                                           : t == WeightType::int4;
   const bool signed_int8 = t == WeightType::int8 && isa == LinearIsa::avx2;  // sums q * xd: no shift to remove
   const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
-  // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N,) shifts
+  // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N, blocks) int4
+  // offsets, then (N,) shifts
   const int64_t ld = t == WeightType::f32 ? K : dot ? K_pad / G : K_pad;
   const size_t x_bytes = t == WeightType::f32 ? 0 : round_up(N * ld * 4, 64);
   const size_t sx_bytes = round_up(N * blocks * 4, 64);
-  auto* buf = static_cast<std::byte*>(scratch(x_bytes + sx_bytes + N * 4));
+  auto* buf = static_cast<std::byte*>(scratch(x_bytes + 2 * sx_bytes + N * 4));
   float* sx = reinterpret_cast<float*>(buf + x_bytes);
-  float* shift = reinterpret_cast<float*>(buf + x_bytes + sx_bytes);
+  int32_t* offset = reinterpret_cast<int32_t*>(buf + x_bytes + sx_bytes);
+  float* shift = reinterpret_cast<float*>(buf + x_bytes + 2 * sx_bytes);
 
   Problem p{};
   p.x.ld = ld;
@@ -356,8 +424,9 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
   p.x.xf = t == WeightType::f32 ? x.data_ptr<float>() : reinterpret_cast<const float*>(buf);
   p.x.xg = reinterpret_cast<const uint32_t*>(buf);
   p.x.sx = sx;
+  p.x.offset = offset;
   p.w = lin.weight.data_ptr();
-  p.groups = K_pad / G;
+  p.groups = t == WeightType::int4 ? blocks * kInt4BlockBytes / (kPanel * 4) : K_pad / G;  // int4: 64-byte lines
   p.K = K;
   p.O = O;
   p.y = y.data_ptr<float>();
@@ -374,7 +443,8 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
     if (t != WeightType::f32) {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n)
-        shift[n] = prepare_row(t, dot, isa >= LinearIsa::avx512, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks);
+        shift[n] = prepare_row(t, dot, isa >= LinearIsa::avx512, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks,
+                               offset + n * blocks);
     }
     // each thread: a contiguous run of panels
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
@@ -393,10 +463,12 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
 }
 
 std::string linear_isa(const std::string& weight_dtype) {
-  AIGC_CHECK(weight_dtype == "fp32" || weight_dtype == "bf16" || weight_dtype == "int8",
-             "linear_isa: unknown weight dtype '", weight_dtype, "' (fp32, bf16, int8)");
-  const WeightType t = weight_dtype == "bf16" ? WeightType::bf16 : weight_dtype == "int8" ? WeightType::int8
-                                                                                           : WeightType::f32;
+  AIGC_CHECK(weight_dtype == "fp32" || weight_dtype == "bf16" || weight_dtype == "int8" || weight_dtype == "int4",
+             "linear_isa: unknown weight dtype '", weight_dtype, "' (fp32, bf16, int8, int4)");
+  const WeightType t = weight_dtype == "bf16"   ? WeightType::bf16
+                       : weight_dtype == "int8" ? WeightType::int8
+                       : weight_dtype == "int4" ? WeightType::int4
+                                                : WeightType::f32;
   return kIsaNames[static_cast<int>(pick_isa(t))];
 }
 

@@ -5,7 +5,12 @@
 // weights are stored k-group by k-group, each group holding G consecutive k of all 16 rows:
 //   packed[panel][k / G][row % 16][k % G],   G = 1 (fp32), 2 (bf16 pairs), 4 (int8 quads)
 // Rows past `out` and k past `in` are zero (int8: stored as q + 128, so 128); K is padded to a multiple of
-// kBf16Chunk (bf16) or kInt8Block (int8), so a panel is a whole number of AMX B tiles. A micro-kernel broadcasts one
+// kBf16Chunk (bf16) or kInt8Block (int8), so a panel is a whole number of AMX B tiles.
+// int4 (one scale per row and block of kInt8Block inputs) packs each block of a panel into kInt4BlockBytes: 8
+// vectors of 16 rows x 4 nibble pairs, then the block's 16 fp32 row scales,
+//   packed[panel][block][i][row % 16][j] = u(row, 64 block + 4 i + j) | u(row, 64 block + 4 (i + 8) + j) << 4
+// for i < 8, j < 4, u = q + 8 (8 past `in` and `out`), so that one 64-byte load unpacks (& 0xf, >> 4) into the
+// int8 layout's quad groups i and i + 8 of the block; the scales (0 past `out`) follow at byte 512 of the block. A micro-kernel broadcasts one
 // activation group and multiplies it into a whole panel (one vector of 16 outputs): no horizontal sums,
 // and each thread streams a contiguous run of panels.
 //
@@ -24,8 +29,10 @@ namespace aigc_rt::cpu::linear_detail {
 constexpr int64_t kPanel = 16;     // output rows per panel
 constexpr int64_t kInt8Block = 64; // int8: activations quantised per block of this many inputs; K padded to it
 constexpr int64_t kBf16Chunk = 32; // bf16: K padded to a multiple of this (one 64-byte AMX tile row)
+constexpr int64_t kInt4Nibbles = kInt8Block / 2 * kPanel;          // int4: a panel block's weight bytes
+constexpr int64_t kInt4BlockBytes = kInt4Nibbles + kPanel * 4;     // ... and its 16 fp32 scales after them
 
-enum class WeightType { f32, bf16, int8 };
+enum class WeightType { f32, bf16, int8, int4 };
 
 // Activations prepared once per call (linear.cpp prepare_row):
 //   fp32 weights:            xf = x
@@ -34,13 +41,18 @@ enum class WeightType { f32, bf16, int8 };
 //   int8 weights, avx2+:     xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
 //                            (VNNI, AMX, AVX2's vpmaddubsw)
 //   int8 weights, scalar:    xf = xq * sx[b]                                          (the same, dequantised)
+//   int4 weights:            xg as for int8 (every ISA), and offset[b] = 8 * sum of the block's xq
 // int8 weights are stored as u = q + 128, so the int8 kernels sum u * xd (xd = xq * sx, the dequantised
 // activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale; the
-// AVX2 kernel alone sums q * xd (see linear_avx2.cpp) and gets no shift.
+// AVX2 kernel alone sums q * xd (see linear_avx2.cpp) and gets no shift. int4 weights are stored as u = q + 8 and
+// scaled per block inside the kernels, so each block's integer sum is corrected there:
+//   y[n, o] = sum_b float(sum_{k in b} u[o, k] xq[n, k] - offset[n, b]) * (ws[o, b] * sx[n, b])
+// (fused multiply-adds over b in order, the same in every kernel: the ISAs agree bit for bit).
 struct PreparedX {
   const float* xf = nullptr;
   const uint32_t* xg = nullptr;
   const float* sx = nullptr;  // (N, blocks)
+  const int32_t* offset = nullptr;  // (N, blocks), int4 only
   int64_t ld = 0;             // row stride of xf (floats) or xg (32-bit groups)
   int64_t blocks = 0;         // int8: K_pad / kInt8Block
 };
@@ -71,6 +83,22 @@ struct Int8Operands {
         w(static_cast<const uint8_t*>(p.w) + panel * stride),
         x(p.x.xg + n * p.x.ld),
         sx(p.x.sx + n * p.x.blocks) {}
+};
+
+// What an int4 tile starting at activation row n and panel `panel` reads (see the layout above); p.groups counts a
+// panel's 64-byte lines (kInt4BlockBytes / 64 per block), as run_tiles' prefetch expects.
+struct Int4Operands {
+  int64_t stride;
+  const uint8_t* w;
+  const uint32_t* x;
+  const float* sx;
+  const int32_t* offset;
+  Int4Operands(const Problem& p, int64_t n, int64_t panel)
+      : stride(p.groups * kPanel * 4),
+        w(static_cast<const uint8_t*>(p.w) + panel * stride),
+        x(p.x.xg + n * p.x.ld),
+        sx(p.x.sx + n * p.x.blocks),
+        offset(p.x.offset + n * p.x.blocks) {}
 };
 
 using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0, int64_t p1);

@@ -9,6 +9,10 @@
 //     (2 * 255 * 127), so the kernel turns u back into q (u ^ 0x80) and multiplies |xq| by q * sign(xq)
 //     (|pair sum| <= 2 * 127 * 127; q and xq lie in [-127, 127], PackedLinear refuses -128). It sums q * xd,
 //     not u * xd: linear.cpp passes it a zero shift.
+//   int4: per block of 64 inputs, each 32-byte half of a vector of nibble pairs unpacks into two u8 quad groups
+//     (linear.h); vpmaddubsw multiplies them into the activation quads (u <= 15: the two groups' pair sums add in
+//     int16 exactly, |.| <= 4 * 15 * 127), vpmaddwd sums them into int32, and acc = fma(float(i - offset[b]),
+//     ws[b] * sx[b], acc) as the other ISAs.
 // Compiled with a function-level target attribute; linear.cpp calls it only on CPUs with AVX2 and FMA.
 // Tests: tests/test_cpu_linear.py (run with the ISA forced to avx2).
 #include <immintrin.h>
@@ -166,6 +170,56 @@ struct Int8Tiles {
   }
 };
 
+struct Int4Tiles {
+  static constexpr int kR = 1, kM = 2;  // int32 block sums and fp32 totals, 4 * M of the 16 registers
+  static constexpr int64_t panels(int64_t) { return 1; }
+  static constexpr int64_t kLines = kInt4BlockBytes / 64;
+  template <int R, int M>
+  AVX2_FMA static void tile(const Problem& p, int64_t n, int64_t panel) {
+    static_assert(R == 1, "one panel per tile");
+    const auto [stride, w, x, sx, offset] = Int4Operands(p, n, panel);
+    const __m256i nibble = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[1][2][M];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < M; ++m) acc[0][h][m] = _mm256_setzero_ps();
+    const std::byte* next = p.l2_next;
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      const uint8_t* block = w + b * kInt4BlockBytes;
+      const uint32_t* xb = x + b * (kInt8Block / 4);
+      __m256i dot[2][M];
+      for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < M; ++m) dot[h][m] = _mm256_setzero_si256();
+      prefetch_next(next, b * kLines + 8);  // the block's scales
+      for (int i = 0; i < 8; ++i) {
+        prefetch_next(next, b * kLines + i);
+        __m256i xl[M], xh[M];
+        for (int m = 0; m < M; ++m) {
+          xl[m] = _mm256_set1_epi32(static_cast<int>(xb[m * p.x.ld + i]));
+          xh[m] = _mm256_set1_epi32(static_cast<int>(xb[m * p.x.ld + i + 8]));
+        }
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + i * 64 + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          for (int m = 0; m < M; ++m) {
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[m]), _mm256_maddubs_epi16(hi, xh[m]));
+            dot[h][m] = _mm256_add_epi32(dot[h][m], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m256 s = _mm256_set1_ps(sx[m * p.x.blocks + b]);
+        const __m256i off = _mm256_set1_epi32(offset[m * p.x.blocks + b]);
+        for (int h = 0; h < 2; ++h) {
+          const __m256 ws = _mm256_loadu_ps(reinterpret_cast<const float*>(block + kInt4Nibbles) + 8 * h);
+          acc[0][h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot[h][m], off)), _mm256_mul_ps(ws, s),
+                                         acc[0][h][m]);
+        }
+      }
+    }
+    store_tile<1, M>(p, n, panel, acc);
+  }
+};
+
 }  // namespace
 
 MicroKernel avx2_kernel(WeightType t) {
@@ -173,6 +227,7 @@ MicroKernel avx2_kernel(WeightType t) {
     case WeightType::f32: return &run_tiles<Tiles<F32>>;
     case WeightType::bf16: return &run_tiles<Tiles<Bf16>>;
     case WeightType::int8: return &run_tiles<Int8Tiles>;
+    case WeightType::int4: return &run_tiles<Int4Tiles>;
   }
   return nullptr;
 }

@@ -3,6 +3,9 @@
 //   bf16: acc += w[panel, k/2, :, 0:2] . broadcast(bf16 pair x[k:k+2])          (vdpbf16ps, avx512_bf16)
 //   int8: per block b of 64 inputs, i = sum over quads of (q + 128)[panel, k/4, :, 0:4] . xq[k:k+4] (vpdpbusd,
 //         exact in int32), then acc += float(i) * sx[b]                           (VNNI)
+//   int4: per block b, each 64-byte vector of nibble pairs unpacks (& 0xf, >> 4 & 0xf) into two u8 quad groups
+//         (linear.h), i = sum of their vpdpbusd with the activation quads, then
+//         acc = fma(float(i - offset[b]), ws[b] * sx[b], acc)                     (VNNI)
 // Each function carries its own target attribute, so the library loads on any x86-64 CPU; linear.cpp
 // calls these only after __builtin_cpu_supports says the CPU has the features.
 // Tests: tests/test_cpu_linear.py (every ISA the machine has, against plain-PyTorch fp32 math).
@@ -274,6 +277,96 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
   }
 };
 
+struct Int4Tiles : RowSplit<Int4Tiles> {
+  static constexpr int kR = 2, kM = 8;
+  // int32 block sums and fp32 totals, 2 * R * M, + 2 * R unpacked weights <= 30 registers
+  static constexpr int64_t panels(int64_t rows) { return rows > 3 && rows <= 6 ? 2 : 1; }
+  static constexpr int64_t kLines = kInt4BlockBytes / 64;  // a panel block's 64-byte lines (prefetch_next's k-groups)
+
+  // acc = fma(float(dot - offset), ws * sx, acc): one block's contribution, the same float operations in every ISA
+  AVX512_VNNI static __m512 add_block(__m512 acc, __m512i dot, const uint8_t* block, float sx, int32_t offset) {
+    const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(block + kInt4Nibbles));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(offset))),
+                           _mm512_mul_ps(ws, _mm512_set1_ps(sx)), acc);
+  }
+
+  template <int R>
+  AVX512_VNNI static void row(const Problem& p, int64_t n, int64_t panel) {  // 4 int32 chains per panel
+    const auto [stride, w, x, sx, offset] = Int4Operands(p, n, panel);
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    __m512 acc[R][1];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      const uint8_t* block = w + b * kInt4BlockBytes;
+      const uint32_t* xb = x + b * (kInt8Block / 4);
+      __m512i dot[R][4];
+#pragma GCC unroll 8
+      for (int i = 0; i < R * 4; ++i) dot[i / 4][i % 4] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m512i lo = _mm512_set1_epi32(static_cast<int>(xb[i])), hi = _mm512_set1_epi32(static_cast<int>(xb[i + 8]));
+        const int c = 2 * (i % 2);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          const __m512i v = _mm512_loadu_si512(block + r * stride + i * 64);
+          dot[r][c] = _mm512_dpbusd_epi32(dot[r][c], _mm512_and_si512(v, nibble), lo);
+          dot[r][c + 1] = _mm512_dpbusd_epi32(dot[r][c + 1], _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), hi);
+        }
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+        acc[r][0] = add_block(acc[r][0], sum, block + r * stride, sx[b], offset[b]);
+      }
+    }
+    store_tile<R, 1>(p, n, panel, acc);
+  }
+
+  template <int R, int M>
+  AVX512_VNNI static void rows(const Problem& p, int64_t n, int64_t panel) {
+    const auto [stride, w, x, sx, offset] = Int4Operands(p, n, panel);
+    const __m512i nibble = _mm512_set1_epi8(0x0f);
+    __m512 acc[R][M];
+#pragma GCC unroll 16
+    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      const uint8_t* block = w + b * kInt4BlockBytes;
+      const uint32_t* xb = x + b * (kInt8Block / 4);
+      __m512i dot[R][M];
+#pragma GCC unroll 16
+      for (int i = 0; i < R * M; ++i) dot[i / M][i % M] = _mm512_setzero_si512();
+      prefetch_next<R>(next, p.groups, b * kLines + 8);  // the block's scales
+      for (int i = 0; i < 8; ++i) {
+        __m512i lo[R], hi[R];
+        prefetch_next<R>(next, p.groups, b * kLines + i);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          prefetch(block + r * stride + i * 64);
+          const __m512i v = _mm512_loadu_si512(block + r * stride + i * 64);
+          lo[r] = _mm512_and_si512(v, nibble);
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512i xl = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i]));
+          const __m512i xh = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i + 8]));
+#pragma GCC unroll 2
+          for (int r = 0; r < R; ++r) dot[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][m], lo[r], xl), hi[r], xh);
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r)
+          acc[r][m] = add_block(acc[r][m], dot[r][m], block + r * stride, sx[m * p.x.blocks + b],
+                                offset[m * p.x.blocks + b]);
+    }
+    store_tile<R, M>(p, n, panel, acc);
+  }
+};
+
 }  // namespace
 
 AVX512_F32 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s) {
@@ -309,6 +402,7 @@ MicroKernel avx512_kernel(WeightType t) {
     case WeightType::f32: return &run_tiles<F32Tiles>;
     case WeightType::bf16: return &run_tiles<Bf16Tiles>;
     case WeightType::int8: return &run_tiles<Int8Tiles>;
+    case WeightType::int4: return &run_tiles<Int4Tiles>;
   }
   return nullptr;
 }

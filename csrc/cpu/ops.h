@@ -7,15 +7,17 @@ namespace aigc_rt::cpu {
 torch::Tensor layernorm(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias, double eps,
                         const c10::optional<torch::Tensor>& out);
 // linear.cpp
-// A linear layer's weight repacked once for the kernels (panels of 16 rows, csrc/cpu/linear.h), with its
-// bias and, for int8, its per-row scale. (Hidden like the pybind11 types that wrap it.)
+// A linear layer's weight repacked once for the kernels (panels of 16 rows, csrc/cpu/linear.h), with its bias and,
+// for int8, its per-row scale (int4: per row and block of 64 inputs, packed into the weight). (Hidden like the
+// pybind11 types that wrap it.)
 struct __attribute__((visibility("hidden"))) PackedLinear {
   PackedLinear(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
                const c10::optional<torch::Tensor>& scale);
-  std::string dtype() const;  // "fp32", "bf16", "int8"
+  std::string dtype() const;  // "fp32", "bf16", "int8", "int4"
   torch::Tensor weight;
-  c10::optional<torch::Tensor> bias, scale;  // (out,) fp32
+  c10::optional<torch::Tensor> bias, scale;  // (out,) fp32; int4: none (its scales are packed into `weight`)
   int64_t in_features = 0, out_features = 0;
+  bool int4 = false;  // weight holds int4 blocks (linear.h), from uint8 nibble pairs (out, in / 2) and their scales
 };
 // y = act(x W^T * scale + bias) into out (or a new tensor); with a residual, also residual += y (returns y).
 // act: one of these codes (aigc_rt/backends/cpu.py ACT_CODES)
