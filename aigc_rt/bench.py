@@ -11,6 +11,10 @@ tokens, no eos) in one process, one after the other:
   torch-mkl       the same with MKL-packed fp32 linears (torch.ops.mkl._mkl_linear)
   torch-dynq      the same with torch.ao dynamic int8 linears (per-channel int8 weights, per-tensor int8
                   activations; quantized::linear_dynamic)
+  torch-int4      the same in bf16 with torch's int4 weight-only linears for the blocks
+                  (torch._weight_int4pack_mm_for_cpu, what torchao's int4 weight-only config runs on a CPU, with
+                  our int4 file's values and group-64 scales; its fp32 and fp16 paths run at ~0.6 GB/s, bf16 at ~18)
+                  and the dynamic int8 one for the lm_head, as our int4 files keep wte in int8
   aigc-rt         this runtime, `aigc_rt.load(file, backend=...)`, on the converted file of each dtype
 
 and we report decode tokens/s (all sequences), ms per decode step, time to first token, the ratio to HF
@@ -43,7 +47,8 @@ from . import _C
 SIZES = {"124M": dict(n_layer=12, n_embd=768, n_head=12), "355M": dict(n_layer=24, n_embd=1024, n_head=16)}
 GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
 SYSTEMS = ("hf-eager:fp32", "hf-eager:bf16", "torch-compile:fp32", "torch-compile:bf16", "torch-onednn:fp32",
-           "torch-mkl:fp32", "torch-onednn:bf16", "torch-dynq:int8", "aigc-rt:fp32", "aigc-rt:bf16", "aigc-rt:int8")
+           "torch-mkl:fp32", "torch-onednn:bf16", "torch-dynq:int8", "torch-int4:int4", "aigc-rt:fp32", "aigc-rt:bf16",
+           "aigc-rt:int8", "aigc-rt:int4")
 
 
 @dataclass
@@ -207,23 +212,41 @@ def dynq_linear(w: torch.Tensor, b: torch.Tensor | None):
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
+def int4_linear(w: torch.Tensor, b: torch.Tensor | None):
+    """torch's int4 weight-only linear on a CPU over the values and scales of format.quantize_int4 (group 64, zero
+    point 0; in a multiple of 64): -> x bf16 -> y bf16."""
+    from .format import INT4_GROUP, quantize_int4
+    packed, scale = quantize_int4(w)
+    u = torch.stack((packed & 15, packed >> 4), dim=2).reshape(w.shape[0], -1).int()  # q + 8, as torch stores them
+    weight = torch._convert_weight_to_int4pack_for_cpu(u, 1)
+    scale_and_zero = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=2).bfloat16()  # (groups, out, 2)
+    b = None if b is None else b.bfloat16()
+    if b is None:
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x, weight, INT4_GROUP, scale_and_zero)
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x, weight, INT4_GROUP, scale_and_zero).add_(b)
+
+
 class TorchGPT2:
-    """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of three prepacked linears."""
+    """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of four prepacked linears."""
 
     def __init__(self, hf, linear: str, dtype: str, batch: int):
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[dtype]
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "int4": torch.bfloat16}[dtype]
         sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
         c = hf.config
         self.n_layer, self.H, self.C = c.n_layer, c.n_head, c.n_embd
         self.wte, self.wpe = sd["wte.weight"].to(self.dtype), sd["wpe.weight"].to(self.dtype)
         pack = {"onednn": lambda w, b, batch: onednn_linear(w, b, self.dtype, batch), "mkl": mkl_linear,
-                "dynq": lambda w, b, batch: dynq_linear(w, b)}[linear]
+                "dynq": lambda w, b, batch: dynq_linear(w, b), "int4": lambda w, b, batch: int4_linear(w, b)}[linear]
         self.ln = [(sd[f"h.{i}.{n}.weight"].to(self.dtype), sd[f"h.{i}.{n}.bias"].to(self.dtype))
                    for i in range(c.n_layer) for n in ("ln_1", "ln_2")] + [(sd["ln_f.weight"].to(self.dtype),
                                                                           sd["ln_f.bias"].to(self.dtype))]
         self.lin = [pack(sd[f"h.{i}.{n}.weight"].t().contiguous(), sd[f"h.{i}.{n}.bias"], batch)  # Conv1D: [in, out]
                     for i in range(c.n_layer) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-        self.head = pack(sd["wte.weight"], None, batch)
+        if linear == "int4":  # the lm_head in int8, as in our int4 files
+            head = dynq_linear(sd["wte.weight"], None)
+            self.head = lambda x: head(x.float())
+        else:
+            self.head = pack(sd["wte.weight"], None, batch)
 
     def _forward(self, ids, pos0, k_cache, v_cache):  # ids (B, T) -> last position's logits (B, V)
         B, T = ids.shape

@@ -115,6 +115,19 @@ def read(path: str | os.PathLike, expected: "callable[[str, str, dict], TensorSp
     return RuntimeFile(path, arch, dtype, config, meta.get("tokenizer"), tensors)
 
 
+def is_runtime_file(path: str) -> bool:
+    """Whether `path` is a safetensors file whose metadata says it is an aigc-rt one (read() checks the rest)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except BaseException as e:
+        if not is_foreign_error(e):
+            raise
+        return False
+
+
 def check_tensors(found: dict[str, tuple], spec: TensorSpec, where: str) -> None:
     """Every expected tensor present with its shape and dtype, and nothing else."""
     missing = sorted(set(spec) - set(found))

@@ -23,16 +23,37 @@ def test_convert_info_generate(hf_odd, tmp_path, capsys):
     assert out.startswith("Hello") and "tokens/s" in err and "time to first token" in err
 
 
-def test_int8_convert_info_validate(hf_odd, tmp_path, capsys):
-    dst = tmp_path / "m8.safetensors"
-    assert main(["convert", str(hf_odd[0]), str(dst), "--dtype", "int8"]) == 0
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_convert_info_validate(hf_odd, tmp_path, capsys, dtype):
+    dst = tmp_path / f"m_{dtype}.safetensors"
+    assert main(["convert", str(hf_odd[0]), str(dst), "--dtype", dtype]) == 0
     capsys.readouterr()
     assert main(["info", str(dst)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["dtype"] == "int8" and info["quantization"]["quantized_matrices"] == 1 + 4 * 3  # wte + 4 per block
+    assert info["dtype"] == dtype and info["quantization"]["quantized_matrices"] == 1 + 4 * 3  # wte + 4 per block
+    assert info["quantization"]["scheme"].startswith(dtype)
     assert info["parameters"] == sum(p.numel() for n, p in hf_odd[1].named_parameters() if "lm_head" not in n)
     assert main(["validate", str(dst), "--reference", str(hf_odd[0])]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_convert_a_runtime_file_to_another_dtype(tmp_path, capsys):
+    """A runtime file (here the embedded model, by name) written again in int4: the same model, its matrices
+    quantised; a quantised file is not quantised again, and a DCGAN has no int4."""
+    dst = tmp_path / "tiny-int4.safetensors"
+    assert main(["convert", "gpt2-tiny", str(dst), "--dtype", "int4"]) == 0
+    capsys.readouterr()
+    m, ref = aigc_rt.load(dst), aigc_rt.load("gpt2-tiny")
+    assert m.dtype == "int4" and m.config == ref.config and m.tokenizer.encode("héllo") == ref.tokenizer.encode("héllo")
+    ids = torch.tensor([ref.tokenizer.encode("Return a list of the values in the given order")])
+    want = ref.logits(ids)
+    assert (m.logits(ids) - want).abs().max() <= 0.1 * want.abs().max()
+    assert main(["convert", str(dst), str(tmp_path / "again.safetensors"), "--dtype", "int8"]) == 2
+    assert "already quantised (int4)" in capsys.readouterr().err
+    with pytest.raises(aigc_rt.FormatError, match="dcgan-digits.safetensors: DCGAN files hold fp32 or bf16"):
+        aigc_rt.convert("dcgan-digits", tmp_path / "d.safetensors", dtype="int4")
+    with pytest.raises(ValueError, match="is a gpt2 runtime file, not lstm"):
+        aigc_rt.convert("gpt2-tiny", tmp_path / "l.safetensors", arch="lstm")
 
 
 def test_generate_matches_api_and_streams(rt_odd, capsys):

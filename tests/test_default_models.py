@@ -28,6 +28,21 @@ def test_default_text_model_perplexity_far_below_unigram():
     assert ppl * 5 < unigram, f"perplexity {ppl:.1f} is not far below the unigram baseline {unigram:.1f}"
 
 
+def test_default_text_model_quantised_keeps_its_perplexity(tmp_path):
+    """The embedded model re-encoded in bf16, int8 and int4 (aigc_rt.convert of the runtime file), on the first 4,096
+    held-out tokens (cpu backend): perplexity within 0.5% of fp32's (bf16, int8) and 2% (int4). Measured on 32,768
+    held-out tokens: fp32 90.304, bf16 90.310, int8 90.313, int4 90.431 (+0.14%)."""
+    m = aigc_rt.load()
+    _, val_docs = train_text.split(train_text.documents())
+    val = torch.tensor([t for d in val_docs for t in m.tokenizer.encode(d) + [m.config.eos_token_id]])[:4097]
+    base = m.perplexity(val).perplexity
+    for dtype, bound in (("bf16", 5e-3), ("int8", 5e-3), ("int4", 2e-2)):
+        q = aigc_rt.load(aigc_rt.convert("gpt2-tiny", tmp_path / f"{dtype}.safetensors", dtype=dtype))
+        ppl = q.perplexity(val).perplexity
+        print(f"{dtype}: perplexity {ppl:.3f} vs fp32 {base:.3f}")
+        assert q.dtype == dtype and abs(ppl / base - 1) <= bound, f"{dtype}: perplexity {ppl:.3f} vs fp32 {base:.3f}"
+
+
 def test_default_text_model_generates_english():
     m = aigc_rt.load()
     out = m.generate("Return a list of", max_new_tokens=24, eos_token_id=[])[0]

@@ -155,6 +155,38 @@ def test_int8_file_round_trip_and_scales_required(tmp_path, backend):
         aigc_rt.load(tmp_path / "bad.safetensors", backend=backend)
 
 
+def test_int4_file_round_trip(tmp_path):
+    """An int4 file holds each block linear as nibble pairs (out, in / 2) uint8 with (out, ceil(in / 64)) fp32 scales
+    and wte in int8 (format.add_embedding); both backends compute what an fp32 file of the dequantised weights
+    computes (the torch backend to fp32 rounding; the cpu backend also quantises activations to int8 blocks)."""
+    spec = expected_tensors(TINY, "int4")
+    assert spec["wte.weight"] == ((320, 8), torch.int8) and spec["wte.weight_scale"] == ((320,), torch.float32)
+    assert spec["h.0.mlp.fc.weight"] == ((32, 4), torch.uint8) and spec["h.0.mlp.fc.weight_scale"] == ((32, 1), torch.float32)
+    assert spec["h.0.mlp.proj.weight"] == ((8, 16), torch.uint8) and spec["wpe.weight"][1] == torch.float32
+    torch.manual_seed(0)
+    dense = {k: torch.randn(shape) for k, (shape, dt) in expected_tensors(TINY, "fp32").items()}
+    tensors = fmt.to_file_layout(dense, spec, "test")
+    tok = train_tokenizer(300).to_str()
+    fmt.save(tmp_path / "q.safetensors", "gpt2", "int4", TINY.to_dict(), tensors, tok)
+    dequantized = {k: fmt.dequantize_int4(v, tensors[k + "_scale"]) if v.dtype == torch.uint8 else
+                   fmt.dequantize_int8(v, tensors[k + "_scale"]) if v.dtype == torch.int8 else v
+                   for k, v in tensors.items() if not k.endswith("_scale")}
+    fmt.save(tmp_path / "d.safetensors", "gpt2", "fp32", TINY.to_dict(), dequantized, tok)
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
+    want = aigc_rt.load(tmp_path / "d.safetensors", backend="torch").logits(ids)
+    for backend, rtol in (("torch", 1e-5), ("cpu", 3e-2)):
+        got = aigc_rt.load(tmp_path / "q.safetensors", backend=backend).logits(ids)
+        err, tol = (got - want).abs().max().item(), rtol * want.abs().max().item()
+        assert err <= tol, f"{backend}: max abs logit error {err:.3g} > {tol:.3g} against the dequantised fp32 file"
+    bad = {**tensors, "h.0.attn.qkv.weight_scale": tensors["h.0.attn.qkv.weight_scale"].t().contiguous()}
+    fmt.save(tmp_path / "bad.safetensors", "gpt2", "int4", TINY.to_dict(), bad, tok)
+    with pytest.raises(aigc_rt.FormatError, match=r"'h.0.attn.qkv.weight_scale' has shape \[1, 24\], expected \[24, 1\]"):
+        aigc_rt.load(tmp_path / "bad.safetensors")
+    with pytest.raises(aigc_rt.FormatError, match="int4 matrices need an even number of inputs; 'h.0.attn.qkv.weight' "
+                                                  "has 9"):
+        expected_tensors(GPT2Config(vocab_size=320, n_positions=16, n_embd=9, n_layer=1, n_head=3), "int4")
+
+
 def test_truncated_file(tiny_file, tmp_path):
     data = tiny_file.read_bytes()
     for cut in (0, 4, 8, 100, len(data) // 2, len(data) - 1):
@@ -231,7 +263,7 @@ def _maps(path) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
-@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "lstm", "tdec", "dcgan-digits", "dcgan-digits-d",
+@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "gpt2-int4", "lstm", "tdec", "dcgan-digits", "dcgan-digits-d",
                                   "vae-digits"])
 def test_a_loaded_model_does_not_keep_the_file_mapped(kind, hf_odd, tmp_path):
     """The cpu backend repacks every matrix and copies what it keeps as read (biases, norms, embeddings:

@@ -18,9 +18,12 @@ BACKENDS = ["torch", "cpu"]
 # (torch backend) and 5.1e-6 (cpu backend).
 # Low precision: max abs error <= DTYPE_RTOL[dtype] * max |HF logit|: measured ~1e-3 (fp16), ~1e-2 (bf16) and
 # ~3e-2 (int8: 1.9e-2 / 2.6e-2 with the torch backend, 2.6e-2 / 2.9e-2 with the cpu backend, whose int8 kernel
-# also quantises activations) of max |logit|; the bounds leave headroom.
+# also quantises activations) of max |logit|; int4 (16 levels a group: on these random Gaussian weights each matrix
+# carries ~9% rms noise) up to 0.29 (both backends); the bounds leave headroom. int4's own arithmetic is checked
+# tightly elsewhere: the torch backend against an fp32 file of the dequantised weights and the cpu backend against
+# both (tests/test_format.py), its quality on a trained model by perplexity (tests/test_perplexity.py).
 FP32_ATOL = 1e-4
-DTYPE_RTOL = {"fp16": 5e-3, "bf16": 3e-2, "int8": 6e-2}
+DTYPE_RTOL = {"fp16": 5e-3, "bf16": 3e-2, "int8": 6e-2, "int4": 0.35}
 DTYPES = ["fp32", *DTYPE_RTOL]
 
 
@@ -79,7 +82,7 @@ def test_greedy_tokens_identical_to_hf(checkpoint, converted, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_low_precision_greedy_departs_from_hf_only_at_near_ties(checkpoint, converted, backend, dtype):
     """Greedy continuations in bf16/int8 match HF's fp32 ones until a step where HF's top choice beats ours
     by less than 2x the stated logit tolerance (a near-tie that a logit error within tolerance may flip);
@@ -105,7 +108,7 @@ def test_low_precision_greedy_departs_from_hf_only_at_near_ties(checkpoint, conv
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int4"])
 def test_cached_decode_equals_full_recompute(converted, backend, dtype):
     """bf16 and int8 files keep a bf16 KV cache (m.kv_dtype), so their decode reads keys and values rounded
     to bf16, which the full recompute does not."""
@@ -133,7 +136,7 @@ def test_cached_decode_equals_full_recompute(converted, backend, dtype):
     assert err <= tol, f"{dtype} cached decode vs full recompute: max abs error {err:.3g} > {tol:.3g}"
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "int8", "int4"])
 def test_cpu_replay_equals_eager_step(converted, dtype):
     """The cpu backend records the first decode step on a cache and replays it afterwards (backends/cpu.py): the
     replayed logits are bitwise the eager step's, step after step, through a batch that shrinks (a new

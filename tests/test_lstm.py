@@ -199,6 +199,31 @@ def test_low_precision_files(seed_lstm, tmp_path, dtype):
     assert err <= tol, f"{dtype}: max |logit error| {err:.3g} > {tol:.3g}"
 
 
+def test_int4_file(seed_lstm, tmp_path):
+    """int4 needs an even number of inputs per matrix: the seed LSTM's odd sizes (13 -> 23) are refused by name;
+    an LSTM of even sizes converts (its embedding stays int8), and the cpu backend's logits match the torch backend's
+    on the same file (activations in int8 blocks: 1e-2 of max |logit|) and the fp32 module within validate's int4
+    tolerance."""
+    from aigc_rt.cli import VALIDATE_TOL
+    src = seed_lstm[0].replace(".safetensors", ".pt")
+    with pytest.raises(FormatError, match="int4 matrices need an even number of inputs; 'layers.0.ih.weight' has 13"):
+        aigc_rt.convert(src, tmp_path / "odd.safetensors", dtype="int4")
+    torch.manual_seed(5)
+    ref = CharLSTM(len(CHARS), 14, 24, 2).eval()
+    torch.save(ref.state_dict(), tmp_path / "even.pt")
+    (tmp_path / "vocab.json").write_text(json.dumps(CHARS, ensure_ascii=False), encoding="utf-8")
+    path = aigc_rt.convert(tmp_path / "even.pt", tmp_path / "even.safetensors", dtype="int4")
+    ids = torch.randint(0, len(CHARS), (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids.t())[0].transpose(0, 1)
+    cpu, same_file = aigc_rt.load(path, backend="cpu").logits(ids), aigc_rt.load(path, backend="torch").logits(ids)
+    err, tol = (cpu - same_file).abs().max().item(), 1e-2 * same_file.abs().max().item()
+    assert err <= tol, f"cpu vs torch backend: max |logit difference| {err:.3g} > {tol:.3g}"
+    atol, rtol = VALIDATE_TOL["int4"]
+    err, tol = (cpu - want).abs().max().item(), atol + rtol * want.abs().max().item()
+    assert err <= tol, f"int4 vs the fp32 module: max |logit error| {err:.3g} > {tol:.3g}"
+
+
 def test_lstm_without_biases(tmp_path):
     ref = make_checkpoint(tmp_path, seed=4, bias=False)
     m = aigc_rt.load(aigc_rt.convert(tmp_path / "model.pt", tmp_path / "m.safetensors"), backend="cpu")

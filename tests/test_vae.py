@@ -140,9 +140,9 @@ def test_matches_examples_vae(examples_vae, small_vae, backend):
                          f"{backend} ELBO, {samples} samples")
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8", "int4"])
 def test_low_precision_files(examples_vae, tmp_path, dtype):
-    """A bf16 / int8 file: the cpu kernels match the reference backend's math on the same weights (activations
+    """A bf16 / int8 / int4 file: the cpu kernels match the reference backend's math on the same weights (activations
     rounded to bf16, or int8 blocks, fp32 sums) closely, and the fp32 module within `aigc-rt validate`'s
     tolerances for the dtype."""
     src, _, module = examples_vae
@@ -156,7 +156,8 @@ def test_low_precision_files(examples_vae, tmp_path, dtype):
         means = module.decode(z)
     eps = torch.randn(1, 6, 20, generator=torch.Generator().manual_seed(0))
     want_elbo = reference_elbo(module, x, eps)
-    # int8 activations are quantised per block on the fly by the cpu kernel, not by the reference: 1e-2
+    # int8 activations (int8 and int4 files) are quantised per block on the fly by the cpu kernel, not by the
+    # reference: 1e-2
     close = 2e-3 if dtype == "bf16" else 1e-2
     for name, got, same_math, want in (("mu", cpu.encode(x)[0], ref.encode(x)[0], mu),
                                        ("logvar", cpu.encode(x)[1], ref.encode(x)[1], logvar),

@@ -59,13 +59,43 @@ def detect_arch(src: str) -> str:
                       f"pass arch= to say")
 
 
+def reencode(src: str, dtype: str):
+    """A runtime file (fp32, bf16 or fp16) in another dtype: (arch, config, tensors, tokenizer JSON). Quantised files
+    are refused: rounding their rounded weights again would compound the error."""
+    from .. import archs
+    rf = fmt.read(src, archs.expected)
+    if rf.dtype in ("int8", "int4"):
+        raise FormatError(f"{src}: already quantised ({rf.dtype}); convert the original checkpoint, or an fp32, bf16 "
+                          f"or fp16 runtime file, to {dtype}")
+    arch = archs.lookup(rf.arch)
+    try:
+        spec = arch.tensors(arch.config.from_dict(rf.config), dtype)
+    except FormatError as e:
+        raise FormatError(f"{src}: {e}") from None
+    tensors = fmt.to_file_layout({k: v.float() for k, v in rf.tensors.items()}, spec, src)
+    return rf.arch, rf.config, tensors, rf.tokenizer
+
+
 def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=None, config: dict | None = None) -> str:
     """Convert checkpoint `src` to the runtime file `dst`; returns dst. tokenizer: for checkpoints without a
     vocabulary of their own (lstm, transformer_decoder), a tokenizer.json or a character vocabulary (see
-    convert/lstm.py). config: what a state_dict does not hold (transformer_decoder: n_head, norm_first, ...)."""
-    src, dst = os.fspath(src), os.fspath(dst)
+    convert/lstm.py). config: what a state_dict does not hold (transformer_decoder: n_head, norm_first, ...).
+    src may also be a runtime file (or an embedded model's short name, e.g. "gpt2-tiny"): it is written again in
+    `dtype` (reencode; e.g. an fp32 file quantised to int8 or int4)."""
+    from ..api import resolve_path
+    src, dst = resolve_path(src), os.fspath(dst)
     if dtype not in fmt.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.DTYPES)}, got {dtype!r}")
+    if fmt.is_runtime_file(src):
+        if tokenizer is not None or config is not None:
+            raise ValueError(f"{src} is an aigc-rt runtime file: it has its tokenizer and config (tokenizer= and "
+                             f"config= are for checkpoints)")
+        runtime_arch, file_config, tensors, tokenizer_json = reencode(src, dtype)
+        if arch is not None and arch != runtime_arch:
+            raise ValueError(f"{src} is a {runtime_arch} runtime file, not {arch}")
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        fmt.save(dst, runtime_arch, dtype, file_config, tensors, tokenizer_json)
+        return dst
     if arch is not None and arch not in CONVERTERS:
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(CONVERTERS)}")
     arch = arch or detect_arch(src)
