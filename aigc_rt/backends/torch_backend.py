@@ -41,7 +41,7 @@ def check_quantized(weight: torch.Tensor, scale: torch.Tensor | None) -> None:
         raise ValueError(f"a scale is required for int8 and int4 weights and only for them (weight {weight.dtype}, "
                          f"scale {'given' if scale is not None else 'missing'})")
     if weight.dtype == torch.uint8:
-        groups = -(-2 * weight.shape[1] // INT4_GROUP)
+        groups = -(-2 * weight.shape[-1] // INT4_GROUP)
         if weight.dim() != 2 or tuple(scale.shape) != (weight.shape[0], groups):
             raise ValueError(f"int4 weight {tuple(weight.shape)} (nibble pairs) needs scales ({weight.shape[0]}, "
                              f"{groups}), got {tuple(scale.shape)}")
