@@ -85,8 +85,9 @@ struct Int8Operands {
         sx(p.x.sx + n * p.x.blocks) {}
 };
 
-// What an int4 tile starting at activation row n and panel `panel` reads (see the layout above); p.groups counts a
-// panel's 64-byte lines (kInt4BlockBytes / 64 per block), as run_tiles' prefetch expects.
+// What an int4 tile reads: an int8 tile's operands (the packed bytes, `stride` per panel: p.groups counts a panel's
+// 64-byte lines, kInt4BlockBytes / 64 per block, as run_tiles' prefetch expects; see the layout above) and the
+// rows' block offsets (row stride x.blocks).
 struct Int4Operands {
   int64_t stride;
   const uint8_t* w;
@@ -94,11 +95,11 @@ struct Int4Operands {
   const float* sx;
   const int32_t* offset;
   Int4Operands(const Problem& p, int64_t n, int64_t panel)
-      : stride(p.groups * kPanel * 4),
-        w(static_cast<const uint8_t*>(p.w) + panel * stride),
-        x(p.x.xg + n * p.x.ld),
-        sx(p.x.sx + n * p.x.blocks),
-        offset(p.x.offset + n * p.x.blocks) {}
+      : Int4Operands(Int8Operands(p, n, panel), p.x.offset + n * p.x.blocks) {}
+
+ private:
+  Int4Operands(const Int8Operands& o, const int32_t* offset)
+      : stride(o.stride), w(o.w), x(o.x), sx(o.sx), offset(offset) {}
 };
 
 using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0, int64_t p1);
