@@ -230,7 +230,8 @@ class TorchGPT2:
     """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of four prepacked linears."""
 
     def __init__(self, hf, linear: str, dtype: str, batch: int):
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "int4": torch.bfloat16}[dtype]
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32,
+                      "int4": torch.bfloat16}[dtype]
         sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
         c = hf.config
         self.n_layer, self.H, self.C = c.n_layer, c.n_head, c.n_embd

@@ -11,7 +11,7 @@ The calls (../shared/SEED_SYSTEMS.md, system 1):
           does not apply unless asked)
 on a random-init GPT-2 of the given size (aigc_rt.bench.make_checkpoint) with an 8-token prompt, the end-of-text
 token disabled so that every call runs to max_length. Before timing, each aigc_rt dtype runs both calls with
-top_k=1 (greedy) and must give Hugging Face's greedy tokens (fp32: all of them; bf16 / int8 round the logits, so
+top_k=1 (greedy) and must give Hugging Face's greedy tokens (fp32: all of them; bf16 / int8 / int4 round the logits, so
 only the share that agrees is reported). Then `repeats` rounds run every system once in turn (these machines are
 shared); the table has the median ms per call, new tokens/s over all sequences, and the ratio to Hugging Face.
 Writes bench/results/seed_gpt2_<cpu or GPU>.md.
@@ -36,7 +36,7 @@ CALLS = {
     "story": dict(max_length=100, do_sample=True, top_k=50, temperature=0.7, num_return_sequences=1),
     "five": dict(max_length=50, do_sample=True, top_k=50, temperature=0.9, num_return_sequences=5),
 }
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "int4")
 PROMPT_LEN = 8
 
 

@@ -44,7 +44,8 @@ def test_convert_a_runtime_file_to_another_dtype(tmp_path, capsys):
     assert main(["convert", "gpt2-tiny", str(dst), "--dtype", "int4"]) == 0
     capsys.readouterr()
     m, ref = aigc_rt.load(dst), aigc_rt.load("gpt2-tiny")
-    assert m.dtype == "int4" and m.config == ref.config and m.tokenizer.encode("héllo") == ref.tokenizer.encode("héllo")
+    assert m.dtype == "int4" and m.config == ref.config
+    assert m.tokenizer.encode("héllo") == ref.tokenizer.encode("héllo")
     ids = torch.tensor([ref.tokenizer.encode("Return a list of the values in the given order")])
     want = ref.logits(ids)
     assert (m.logits(ids) - want).abs().max() <= 0.1 * want.abs().max()

@@ -282,7 +282,8 @@ def test_quantize_int4_round_trip():
     scale = s.repeat_interleave(64, dim=1)[:, :70]
     clamped = torch.round(w / torch.where(scale != 0, scale, 1)) > 7
     bound = torch.where(clamped, 1.0, 0.5) * scale.abs() * (1 + 1e-6) + 1e-12
-    assert bool(((d - w).abs() <= bound).all()), f"max error {(d - w).abs().max():.3g}, worst excess {((d - w).abs() - bound).max():.3g}"
+    err = (d - w).abs()
+    assert bool((err <= bound).all()), f"max error {err.max():.3g}, worst excess {(err - bound).max():.3g}"
     big = w.abs().reshape(7, -1).argmax(1)
     assert torch.equal(d[torch.arange(7), big], w[torch.arange(7), big])
     with pytest.raises(ValueError, match="even number of inputs"):

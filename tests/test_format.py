@@ -161,7 +161,8 @@ def test_int4_file_round_trip(tmp_path):
     computes (the torch backend to fp32 rounding; the cpu backend also quantises activations to int8 blocks)."""
     spec = expected_tensors(TINY, "int4")
     assert spec["wte.weight"] == ((320, 8), torch.int8) and spec["wte.weight_scale"] == ((320,), torch.float32)
-    assert spec["h.0.mlp.fc.weight"] == ((32, 4), torch.uint8) and spec["h.0.mlp.fc.weight_scale"] == ((32, 1), torch.float32)
+    assert spec["h.0.mlp.fc.weight"] == ((32, 4), torch.uint8)
+    assert spec["h.0.mlp.fc.weight_scale"] == ((32, 1), torch.float32)
     assert spec["h.0.mlp.proj.weight"] == ((8, 16), torch.uint8) and spec["wpe.weight"][1] == torch.float32
     torch.manual_seed(0)
     dense = {k: torch.randn(shape) for k, (shape, dt) in expected_tensors(TINY, "fp32").items()}
@@ -180,7 +181,8 @@ def test_int4_file_round_trip(tmp_path):
         assert err <= tol, f"{backend}: max abs logit error {err:.3g} > {tol:.3g} against the dequantised fp32 file"
     bad = {**tensors, "h.0.attn.qkv.weight_scale": tensors["h.0.attn.qkv.weight_scale"].t().contiguous()}
     fmt.save(tmp_path / "bad.safetensors", "gpt2", "int4", TINY.to_dict(), bad, tok)
-    with pytest.raises(aigc_rt.FormatError, match=r"'h.0.attn.qkv.weight_scale' has shape \[1, 24\], expected \[24, 1\]"):
+    with pytest.raises(aigc_rt.FormatError,
+                       match=r"'h.0.attn.qkv.weight_scale' has shape \[1, 24\], expected \[24, 1\]"):
         aigc_rt.load(tmp_path / "bad.safetensors")
     with pytest.raises(aigc_rt.FormatError, match="int4 matrices need an even number of inputs; 'h.0.attn.qkv.weight' "
                                                   "has 9"):
@@ -263,8 +265,8 @@ def _maps(path) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
-@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "gpt2-int4", "lstm", "tdec", "dcgan-digits", "dcgan-digits-d",
-                                  "vae-digits"])
+@pytest.mark.parametrize("kind", ["gpt2-fp32", "gpt2-int8", "gpt2-int4", "lstm", "tdec", "dcgan-digits",
+                                  "dcgan-digits-d", "vae-digits"])
 def test_a_loaded_model_does_not_keep_the_file_mapped(kind, hf_odd, tmp_path):
     """The cpu backend repacks every matrix and copies what it keeps as read (biases, norms, embeddings:
     format.owned), so once loaded a model holds no view of the file's memory map, whose pages would otherwise stay

@@ -10,13 +10,14 @@
 // vectors of 16 rows x 4 nibble pairs, then the block's 16 fp32 row scales,
 //   packed[panel][block][i][row % 16][j] = u(row, 64 block + 4 i + j) | u(row, 64 block + 4 (i + 8) + j) << 4
 // for i < 8, j < 4, u = q + 8 (8 past `in` and `out`), so that one 64-byte load unpacks (& 0xf, >> 4) into the
-// int8 layout's quad groups i and i + 8 of the block; the scales (0 past `out`) follow at byte 512 of the block. A micro-kernel broadcasts one
-// activation group and multiplies it into a whole panel (one vector of 16 outputs): no horizontal sums,
-// and each thread streams a contiguous run of panels.
+// int8 layout's quad groups i and i + 8 of the block; the scales (0 past `out`) follow at byte 512 of the block.
+// A micro-kernel broadcasts one activation group and multiplies it into a whole panel (one vector of 16 outputs):
+// no horizontal sums, and each thread streams a contiguous run of panels.
 //
 // A micro-kernel computes, for one thread's share, raw sums for rows n in [n0, n1) and panels [p0, p1):
 //   y[n, o] = sum_k xp[n, k] * wp[o, k]      (o < out; xp, wp as prepared below)
-// and linear.cpp applies the epilogue (int8 shift and scale, bias, GELU) while those rows are in cache.
+// (int4: already scaled per block) and linear.cpp applies the epilogue (int8 shift and scale, bias, GELU) while
+// those rows are in cache.
 #pragma once
 #include <algorithm>
 #include <array>

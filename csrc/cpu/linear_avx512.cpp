@@ -305,7 +305,8 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
       for (int i = 0; i < R * 4; ++i) dot[i / 4][i % 4] = _mm512_setzero_si512();
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
-        const __m512i lo = _mm512_set1_epi32(static_cast<int>(xb[i])), hi = _mm512_set1_epi32(static_cast<int>(xb[i + 8]));
+        const __m512i lo = _mm512_set1_epi32(static_cast<int>(xb[i]));
+        const __m512i hi = _mm512_set1_epi32(static_cast<int>(xb[i + 8]));
         const int c = 2 * (i % 2);
 #pragma GCC unroll 2
         for (int r = 0; r < R; ++r) {
@@ -316,7 +317,8 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
       }
 #pragma GCC unroll 2
       for (int r = 0; r < R; ++r) {
-        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+        const __m512i sum =
+            _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
         acc[r][0] = add_block(acc[r][0], sum, block + r * stride, sx[b], offset[b]);
       }
     }
@@ -353,7 +355,8 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
           const __m512i xl = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i]));
           const __m512i xh = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i + 8]));
 #pragma GCC unroll 2
-          for (int r = 0; r < R; ++r) dot[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][m], lo[r], xl), hi[r], xh);
+          for (int r = 0; r < R; ++r)
+            dot[r][m] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(dot[r][m], lo[r], xl), hi[r], xh);
         }
       }
 #pragma GCC unroll 8
