@@ -1,11 +1,12 @@
 """The aigc-rt command line, run in-process through aigc_rt.cli.main."""
 import json
+import re
 
 import pytest
 import torch
 
 import aigc_rt
-from aigc_rt.cli import main
+from aigc_rt.cli import VALIDATE_PROMPTS, main
 from conftest import make_hf_gpt2
 
 
@@ -34,7 +35,27 @@ def test_quantized_convert_info_validate(hf_odd, tmp_path, capsys, dtype):
     assert info["quantization"]["scheme"].startswith(dtype)
     assert info["parameters"] == sum(p.numel() for n, p in hf_odd[1].named_parameters() if "lm_head" not in n)
     assert main(["validate", str(dst), "--reference", str(hf_odd[0])]) == 0
-    assert "PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS" in out and out.count("vs the torch backend on the same weights") == len(VALIDATE_PROMPTS)
+
+
+def test_validate_holds_a_quantised_file_to_its_own_weights(hf_odd, tmp_path, capsys, monkeypatch):
+    """int4's tolerance against the unquantised checkpoint is loose (its rounding moves these logits by up to ~29%), so
+    validate also compares the file on its backend with the torch backend on the same weights, at SAME_WEIGHTS_RTOL:
+    a cpu linear 3% off passes the first check and fails the second."""
+    from aigc_rt.backends.cpu import CpuBackend
+    dst = aigc_rt.convert(hf_odd[0], tmp_path / "m4.safetensors", dtype="int4")
+    linear = CpuBackend.linear
+    monkeypatch.setattr(CpuBackend, "linear", lambda self, *args, **kwargs: linear(self, *args, **kwargs).mul_(1.03))
+    monkeypatch.setenv("AIGC_RT_CPU_REPLAY", "0")  # (a recorded decode step refuses the extra torch op)
+    assert main(["validate", str(dst), "--reference", str(hf_odd[0])]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    hf_lines = [line for line in lines if "greedy" in line]
+    same_lines = [line for line in lines if "on the same weights" in line]
+    assert len(hf_lines) == len(same_lines) == len(VALIDATE_PROMPTS) and lines[-1].startswith("FAIL")
+    within = [float(re.search(r"err\| (\S+) \(tol (\S+)\)", line).group(1)) <=
+              float(re.search(r"err\| (\S+) \(tol (\S+)\)", line).group(2)) for line in hf_lines + same_lines]
+    assert all(within[:len(hf_lines)]) and not any(within[len(hf_lines):]), lines
 
 
 def test_convert_a_runtime_file_to_another_dtype(tmp_path, capsys):
