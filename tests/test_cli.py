@@ -76,6 +76,8 @@ def test_convert_a_runtime_file_to_another_dtype(tmp_path, capsys):
         aigc_rt.convert("dcgan-digits", tmp_path / "d.safetensors", dtype="int4")
     with pytest.raises(ValueError, match="is a gpt2 runtime file, not lstm"):
         aigc_rt.convert("gpt2-tiny", tmp_path / "l.safetensors", arch="lstm")
+    with pytest.raises(ValueError, match="is the source itself"):  # (it is read through a memory map)
+        aigc_rt.convert(dst, dst, dtype="fp32")
 
 
 def test_generate_matches_api_and_streams(rt_odd, capsys):

@@ -86,6 +86,8 @@ def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=No
     src, dst = resolve_path(src), os.fspath(dst)
     if dtype not in fmt.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.DTYPES)}, got {dtype!r}")
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
+        raise ValueError(f"{dst} is the source itself: write the converted file elsewhere")
     if fmt.is_runtime_file(src):
         if tokenizer is not None or config is not None:
             raise ValueError(f"{src} is an aigc-rt runtime file: it has its tokenizer and config (tokenizer= and "
