@@ -215,10 +215,9 @@ def dynq_linear(w: torch.Tensor, b: torch.Tensor | None):
 def int4_linear(w: torch.Tensor, b: torch.Tensor | None):
     """torch's int4 weight-only linear on a CPU over the values and scales of format.quantize_int4 (group 64, zero
     point 0; in a multiple of 64): -> x bf16 -> y bf16."""
-    from .format import INT4_GROUP, quantize_int4
+    from .format import INT4_GROUP, quantize_int4, unpack_int4
     packed, scale = quantize_int4(w)
-    u = torch.stack((packed & 15, packed >> 4), dim=2).reshape(w.shape[0], -1).int()  # q + 8, as torch stores them
-    weight = torch._convert_weight_to_int4pack_for_cpu(u, 1)
+    weight = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), 1)  # q + 8, as torch stores them
     scale_and_zero = torch.stack((scale.t(), torch.zeros_like(scale.t())), dim=2).bfloat16()  # (groups, out, 2)
     b = None if b is None else b.bfloat16()
     if b is None:

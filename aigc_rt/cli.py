@@ -232,7 +232,8 @@ def cmd_validate(a):
         ids = m.tokenizer.encode(prompt)[: m.config.n_positions // 2]
         with torch.no_grad():
             want = ref_logits(ids)
-        err = (m.logits(torch.tensor([ids]))[0] - want).abs().max().item()
+        logits = m.logits(torch.tensor([ids]))[0]
+        err = (logits - want).abs().max().item()
         tol = atol + rtol * want.abs().max().item()
         n_new = min(16, m.config.n_positions - len(ids))
         got = m.generate(ids, max_new_tokens=n_new, eos_token_id=[])[0].token_ids
@@ -245,8 +246,7 @@ def cmd_validate(a):
               f"greedy {n_new} tokens {'identical' if same else 'DIFFER'}")
         if same_weights is not None:
             want = same_weights.logits(torch.tensor([ids]))[0]
-            err, tol = (m.logits(torch.tensor([ids]))[0] - want).abs().max().item(), \
-                SAME_WEIGHTS_RTOL * want.abs().max().item()
+            err, tol = (logits - want).abs().max().item(), SAME_WEIGHTS_RTOL * want.abs().max().item()
             worst = max(worst, err / tol)
             ok &= err <= tol
             print(f"{'':28} vs the torch backend on the same weights: max|logit err| {err:.3g} (tol {tol:.3g})")

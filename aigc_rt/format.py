@@ -217,9 +217,14 @@ def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u[:, 0::2] | (u[:, 1::2] << 4), scale.contiguous()
 
 
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed (out, in / 2) uint8 nibble pairs -> u = q + 8 (out, in) uint8, in input order."""
+    return torch.stack((packed & 15, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+
+
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """packed (out, in / 2) uint8 nibble pairs, scale (out, ceil(in / 64)) fp32 -> (out, in) fp32."""
-    u = torch.stack((packed & 15, packed >> 4), dim=2).reshape(packed.shape[0], -1)
+    u = unpack_int4(packed)
     return (u.float() - 8) * scale.repeat_interleave(INT4_GROUP, dim=1)[:, :u.shape[1]]
 
 

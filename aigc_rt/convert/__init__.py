@@ -59,11 +59,13 @@ def detect_arch(src: str) -> str:
                       f"pass arch= to say")
 
 
-def reencode(src: str, dtype: str):
-    """A runtime file (fp32, bf16 or fp16) in another dtype: (arch, config, tensors, tokenizer JSON). Quantised files
-    are refused: rounding their rounded weights again would compound the error."""
+def reencode(src: str, dtype: str, arch: str | None = None):
+    """A runtime file (fp32, bf16 or fp16; of `arch` if given) in another dtype: (arch, config, tensors, tokenizer
+    JSON). Quantised files are refused: rounding their rounded weights again would compound the error."""
     from .. import archs
     rf = fmt.read(src, archs.expected)
+    if arch is not None and arch != rf.arch:
+        raise ValueError(f"{src} is a {rf.arch} runtime file, not {arch}")
     if rf.dtype in ("int8", "int4"):
         raise FormatError(f"{src}: already quantised ({rf.dtype}); convert the original checkpoint, or an fp32, bf16 "
                           f"or fp16 runtime file, to {dtype}")
@@ -92,12 +94,16 @@ def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=No
         if tokenizer is not None or config is not None:
             raise ValueError(f"{src} is an aigc-rt runtime file: it has its tokenizer and config (tokenizer= and "
                              f"config= are for checkpoints)")
-        runtime_arch, file_config, tensors, tokenizer_json = reencode(src, dtype)
-        if arch is not None and arch != runtime_arch:
-            raise ValueError(f"{src} is a {runtime_arch} runtime file, not {arch}")
-        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-        fmt.save(dst, runtime_arch, dtype, file_config, tensors, tokenizer_json)
-        return dst
+        runtime_arch, file_config, tensors, tokenizer_json = reencode(src, dtype, arch)
+    else:
+        runtime_arch, file_config, tensors, tokenizer_json = _convert_checkpoint(src, arch, dtype, tokenizer, config)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    fmt.save(dst, runtime_arch, dtype, file_config, tensors, tokenizer_json)
+    return dst
+
+
+def _convert_checkpoint(src: str, arch: str | None, dtype: str, tokenizer, config: dict | None):
+    """convert()'s work for a checkpoint: (runtime arch, config dict, tensors, tokenizer JSON or None)."""
     if arch is not None and arch not in CONVERTERS:
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(CONVERTERS)}")
     arch = arch or detect_arch(src)
@@ -112,7 +118,4 @@ def convert(src, dst, arch: str | None = None, dtype: str = "fp32", tokenizer=No
     extra = {"tokenizer": tokenizer} if arch in TAKES_TOKENIZER else {}
     if arch in TAKES_CONFIG:
         extra["config"] = config
-    runtime_arch, file_config, tensors, tokenizer_json = CONVERTERS[arch](src, dtype, **extra)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    fmt.save(dst, runtime_arch, dtype, file_config, tensors, tokenizer_json)
-    return dst
+    return CONVERTERS[arch](src, dtype, **extra)

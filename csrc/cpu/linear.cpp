@@ -426,7 +426,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
   p.x.sx = sx;
   p.x.offset = offset;
   p.w = lin.weight.data_ptr();
-  p.groups = t == WeightType::int4 ? blocks * kInt4BlockBytes / (kPanel * 4) : K_pad / G;  // int4: 64-byte lines
+  p.groups = t == WeightType::int4 ? blocks * kInt4Lines : K_pad / G;  // int4: 64-byte lines
   p.K = K;
   p.O = O;
   p.y = y.data_ptr<float>();

@@ -32,6 +32,7 @@ constexpr int64_t kInt8Block = 64; // int8: activations quantised per block of t
 constexpr int64_t kBf16Chunk = 32; // bf16: K padded to a multiple of this (one 64-byte AMX tile row)
 constexpr int64_t kInt4Nibbles = kInt8Block / 2 * kPanel;          // int4: a panel block's weight bytes
 constexpr int64_t kInt4BlockBytes = kInt4Nibbles + kPanel * 4;     // ... and its 16 fp32 scales after them
+constexpr int64_t kInt4Lines = kInt4BlockBytes / (kPanel * 4);     // ... as 64-byte lines (Problem::groups' unit)
 
 enum class WeightType { f32, bf16, int8, int4 };
 
@@ -87,7 +88,7 @@ struct Int8Operands {
 };
 
 // What an int4 tile reads: an int8 tile's operands (the packed bytes, `stride` per panel: p.groups counts a panel's
-// 64-byte lines, kInt4BlockBytes / 64 per block, as run_tiles' prefetch expects; see the layout above) and the
+// 64-byte lines, kInt4Lines per block, as run_tiles' prefetch expects; see the layout above) and the
 // rows' block offsets (row stride x.blocks).
 struct Int4Operands {
   int64_t stride;

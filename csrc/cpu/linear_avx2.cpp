@@ -173,7 +173,6 @@ struct Int8Tiles {
 struct Int4Tiles {
   static constexpr int kR = 1, kM = 2;  // int32 block sums and fp32 totals, 4 * M of the 16 registers
   static constexpr int64_t panels(int64_t) { return 1; }
-  static constexpr int64_t kLines = kInt4BlockBytes / 64;
   template <int R, int M>
   AVX2_FMA static void tile(const Problem& p, int64_t n, int64_t panel) {
     static_assert(R == 1, "one panel per tile");
@@ -189,9 +188,9 @@ struct Int4Tiles {
       __m256i dot[2][M];
       for (int h = 0; h < 2; ++h)
         for (int m = 0; m < M; ++m) dot[h][m] = _mm256_setzero_si256();
-      prefetch_next(next, b * kLines + 8);  // the block's scales
+      prefetch_next(next, b * kInt4Lines + 8);  // the block's scales
       for (int i = 0; i < 8; ++i) {
-        prefetch_next(next, b * kLines + i);
+        prefetch_next(next, b * kInt4Lines + i);
         __m256i xl[M], xh[M];
         for (int m = 0; m < M; ++m) {
           xl[m] = _mm256_set1_epi32(static_cast<int>(xb[m * p.x.ld + i]));

@@ -281,7 +281,6 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
   static constexpr int kR = 2, kM = 8;
   // int32 block sums and fp32 totals, 2 * R * M, + 2 * R unpacked weights <= 30 registers
   static constexpr int64_t panels(int64_t rows) { return rows > 3 && rows <= 6 ? 2 : 1; }
-  static constexpr int64_t kLines = kInt4BlockBytes / 64;  // a panel block's 64-byte lines (prefetch_next's k-groups)
 
   // acc = fma(float(dot - offset), ws * sx, acc): one block's contribution, the same float operations in every ISA
   AVX512_VNNI static __m512 add_block(__m512 acc, __m512i dot, const uint8_t* block, float sx, int32_t offset) {
@@ -339,10 +338,10 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
       __m512i dot[R][M];
 #pragma GCC unroll 16
       for (int i = 0; i < R * M; ++i) dot[i / M][i % M] = _mm512_setzero_si512();
-      prefetch_next<R>(next, p.groups, b * kLines + 8);  // the block's scales
+      prefetch_next<R>(next, p.groups, b * kInt4Lines + 8);  // the block's scales
       for (int i = 0; i < 8; ++i) {
         __m512i lo[R], hi[R];
-        prefetch_next<R>(next, p.groups, b * kLines + i);
+        prefetch_next<R>(next, p.groups, b * kInt4Lines + i);
 #pragma GCC unroll 2
         for (int r = 0; r < R; ++r) {
           prefetch(block + r * stride + i * 64);
