@@ -37,9 +37,10 @@ EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_
 CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 
 
-# every kernel: (ISA, weight dtype); AMX has no fp32 or int4 multiply
-KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx2", "scalar")
-           if isa != "amx" or dt in ("bf16", "int8")]
+# every kernel: (ISA, weight dtype); AMX has no fp32 or int4 multiply; avx512f (AVX-512 without bf16 / VNNI) has a
+# bf16 kernel of its own (fp32: the avx512 one; int8 and int4: the avx2 ones)
+KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx512f", "avx2", "scalar")
+           if (isa != "amx" or dt in ("bf16", "int8")) and (isa != "avx512f" or dt == "bf16")]
 
 
 def _forced(isa, dtype):

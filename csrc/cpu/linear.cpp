@@ -36,8 +36,11 @@ using namespace linear_detail;
 
 namespace {
 
-enum class LinearIsa { scalar = 0, avx2 = 1, avx512 = 2, amx = 3 };
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+// avx512f: AVX-512 without avx512_bf16 / VNNI (its bf16 kernel widens the weights to fp32 in registers); avx512: with
+// them (vdpbf16ps, vpdpbusd)
+enum class LinearIsa { scalar = 0, avx2 = 1, avx512f = 2, avx512 = 3, amx = 4 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512f", "avx512", "amx"};
+constexpr int kIsas = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
 LinearIsa g_isa_cap = LinearIsa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
 
 bool cpu_has(LinearIsa isa, WeightType t) {
@@ -47,6 +50,10 @@ bool cpu_has(LinearIsa isa, WeightType t) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
              ((t != WeightType::int8 && t != WeightType::int4) || __builtin_cpu_supports("avx512vnni"));
+    case LinearIsa::avx512f:
+      return (t == WeightType::f32 || t == WeightType::bf16) && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512dq");
     case LinearIsa::amx:
       return (t == WeightType::bf16 || t == WeightType::int8) && cpu_has(LinearIsa::avx512, t) && amx_available();
     case LinearIsa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -125,6 +132,7 @@ void scalar_int4_kernel(const Problem& p, int64_t n0, int64_t n1, int64_t p0, in
 MicroKernel kernel_for(LinearIsa isa, WeightType t) {
   if (isa == LinearIsa::amx) return amx_kernel(t);
   if (isa == LinearIsa::avx512) return avx512_kernel(t);
+  if (isa == LinearIsa::avx512f) return avx512f_kernel(t);
   if (isa == LinearIsa::avx2) return avx2_kernel(t);
   switch (t) {
     case WeightType::f32: return &scalar_kernel<float, 1>;
@@ -473,12 +481,12 @@ std::string linear_isa(const std::string& weight_dtype) {
 }
 
 void set_linear_isa(const std::string& cap) {
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kIsas; ++i)
     if (cap == kIsaNames[i]) {
       g_isa_cap = static_cast<LinearIsa>(i);
       return;
     }
-  AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, amx, avx512, avx2, scalar)");
+  AIGC_CHECK(cap == "auto", "set_linear_isa: unknown ISA '", cap, "' (auto, amx, avx512, avx512f, avx2, scalar)");
   g_isa_cap = LinearIsa::amx;
 }
 

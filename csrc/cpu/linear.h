@@ -110,9 +110,11 @@ using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0,
 // loop cost ~6 us per call at K = 3072, ~4% of a GPT-2 124M int8 decode step).
 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s);
 
-// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available()).
+// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available(); avx512f, the
+// AVX-512 foundation without the bf16 and VNNI extensions: fp32 and bf16 only).
 MicroKernel amx_kernel(WeightType t);
 MicroKernel avx512_kernel(WeightType t);
+MicroKernel avx512f_kernel(WeightType t);
 MicroKernel avx2_kernel(WeightType t);
 bool amx_available();  // the CPU has AMX and the OS let this process use it
 

@@ -1,6 +1,7 @@
 // AVX-512 micro-kernels of the linear layer (see linear.h for the packed layout and the contract):
 //   fp32: acc[16 outputs] += w[panel, k, :] * broadcast(x[k])                    (vfmadd231ps)
 //   bf16: acc += w[panel, k/2, :, 0:2] . broadcast(bf16 pair x[k:k+2])          (vdpbf16ps, avx512_bf16)
+//         or, without avx512_bf16 ("avx512f"), each pair widened to fp32 in registers and vfmadd231ps as fp32
 //   int8: per block b of 64 inputs, i = sum over quads of (q + 128)[panel, k/4, :, 0:4] . xq[k:k+4] (vpdpbusd,
 //         exact in int32), then acc += float(i) * sx[b]                           (VNNI)
 //   int4: per block b, each 64-byte vector of nibble pairs unpacks (& 0xf, >> 4 & 0xf) into two u8 quad groups
@@ -196,6 +197,76 @@ struct Bf16Tiles : RowSplit<Bf16Tiles> {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
+      }
+    }
+    store_tile<R, M>(p, n, panel, acc);
+  }
+};
+
+// bf16 weights on a CPU without avx512_bf16 (Skylake-SP, Cascade Lake, Ice Lake, or a VM that hides the flag): the
+// AVX2 kernel's math at twice its width. Each 64-byte group of a panel (16 rows x a bf16 pair) widens in registers to
+// the even k (<< 16) and the odd k (& 0xffff0000), exact, and multiplies fp32 activations already rounded through bf16
+// (linear.cpp prepares xf so for ISAs below avx512) with vfmadd231ps.
+struct Bf16FmaTiles : RowSplit<Bf16FmaTiles> {
+  static constexpr int kR = 4, kM = 8;
+  // R * M accumulators + R weight groups + a widened group + a broadcast <= 30 registers
+  static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }
+
+  AVX512_F32 static __m512 even(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
+  AVX512_F32 static __m512 odd(__m512i pairs) {
+    return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+
+  template <int R>
+  AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {  // p.groups: a multiple of 2
+    const int64_t stride = p.groups * kPanel * 2;
+    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
+    const float* x = p.x.xf + n * p.x.ld;
+    static_assert(kChains == 4, "chains: the even and odd k of two consecutive groups");
+    __m512 acc[R][kChains];
+#pragma GCC unroll 16
+    for (int i = 0; i < R * kChains; ++i) acc[i / kChains][i % kChains] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.groups; g += 2) {
+#pragma GCC unroll 2
+      for (int c = 0; c < 2; ++c) {
+        const __m512 x0 = _mm512_set1_ps(x[2 * (g + c)]), x1 = _mm512_set1_ps(x[2 * (g + c) + 1]);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m512i pairs = _mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 2);
+          acc[r][2 * c] = _mm512_fmadd_ps(even(pairs), x0, acc[r][2 * c]);
+          acc[r][2 * c + 1] = _mm512_fmadd_ps(odd(pairs), x1, acc[r][2 * c + 1]);
+        }
+      }
+    }
+    store_row<R>(p, n, panel, acc);
+  }
+
+  template <int R, int M>
+  AVX512_F32 static void rows(const Problem& p, int64_t n, int64_t panel) {
+    const int64_t stride = p.groups * kPanel * 2;  // bf16 elements per panel
+    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
+    const float* x = p.x.xf + n * p.x.ld;
+    __m512 acc[R][M];
+#pragma GCC unroll 32
+    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m512i wv[R];
+      prefetch_next<R>(next, p.groups, g);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        prefetch(w + r * stride + g * kPanel * 2);
+        wv[r] = _mm512_loadu_si512(w + r * stride + g * kPanel * 2);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512 lo = even(wv[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[m * p.x.ld + 2 * g]), acc[r][m]);
+        const __m512 hi = odd(wv[r]);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m)
+          acc[r][m] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[m * p.x.ld + 2 * g + 1]), acc[r][m]);
       }
     }
     store_tile<R, M>(p, n, panel, acc);
@@ -407,6 +478,14 @@ MicroKernel avx512_kernel(WeightType t) {
     case WeightType::int4: return &run_tiles<Int4Tiles>;
   }
   return nullptr;
+}
+
+MicroKernel avx512f_kernel(WeightType t) {
+  switch (t) {
+    case WeightType::f32: return &run_tiles<F32Tiles>;
+    case WeightType::bf16: return &run_tiles<Bf16FmaTiles>;
+    default: return nullptr;  // int8 and int4 need VNNI (below it: the AVX2 kernels)
+  }
 }
 
 }  // namespace aigc_rt::cpu::linear_detail
