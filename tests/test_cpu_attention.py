@@ -58,9 +58,9 @@ def planted_cache(B, H, S, D, lengths, seed):
     return k[1], v[1]
 
 
-DECODE_SHAPES = [  # (B, H, S, D)
+DECODE_SHAPES = [  # (B, H, S, D); odd D: a bf16 row's last value pairs with padding (Vec::load_pairs)
     (1, 1, 1, 64), (3, 3, 17, 48), (5, 12, 111, 64), (1, 3, 500, 100), (1, 1, 1023, 80), (3, 1, 3, 32),
-    (5, 3, 111, 96), (1, 12, 160, 64),
+    (5, 3, 111, 96), (1, 12, 160, 64), (2, 3, 40, 17), (3, 2, 33, 1), (1, 1, 70, 129),
 ]
 
 
