@@ -27,7 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "returns y",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("act") = 0,
         pybind11::arg("out") = pybind11::none(), pybind11::arg("residual") = pybind11::none());
-  m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, bf16, int8, int4)",
+  m.def("linear_isa", &aigc_rt::cpu::linear_isa, "the ISA linear uses for a weight dtype (fp32, fp16, bf16, int8, int4)",
         pybind11::arg("weight_dtype"));
   m.def("set_linear_isa", &aigc_rt::cpu::set_linear_isa,
         "cap the ISA linear may use: auto, amx, avx512, avx512f (AVX-512 without bf16 / VNNI), avx2 or scalar (for tests)", pybind11::arg("cap"));

@@ -3,7 +3,7 @@ on odd shapes, for every weight dtype, with and without bias and GELU, on every 
 AVX2, portable C++; the AMX kernels take 4+ rows and hand fewer to AVX-512).
 
 What the kernel computes, per weight dtype (the torch backend is the reference op, see torch_backend.linear):
-  fp32  y = x @ W^T                      bf16  y = bf16(x) @ W^T   (fp32 accumulation, as the reference)
+  fp32  y = x @ W^T      fp16  y = fp16(x) @ W^T      bf16  y = bf16(x) @ W^T   (fp32 accumulation, as the reference)
   int8  y = xq @ (q * s)^T where xq is x quantised to int8 per block of 64 inputs (scale max|x_b| / 127),
         which the reference (fp32 x) does not do: the difference is bounded by sum_k |W[o, k]| * sx_b(k) / 2.
   int4  y = xq @ (q * s_group)^T, the same activations (int4 weights need an even number of inputs: odd shapes
@@ -30,15 +30,15 @@ GELU_SLOPE = 1.13  # max |d GELU(y) / dy|: the epilogue can grow an input error 
 # (N, in, out): every N in 1, 3, 17, 64, 111 and every in/out in 1, 3, 17, 111, 500, 1023 at least once
 SHAPES = [(1, 1, 1), (1, 17, 3), (3, 3, 17), (17, 111, 500), (64, 500, 111), (111, 1023, 17), (1, 1023, 1023),
           (3, 500, 1023), (64, 17, 111), (111, 111, 3)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 QUANTIZED = ("int8", "int4")  # activations quantised to int8 blocks in the kernel
 EPILOGUES = {"none": (False, None), "bias": (True, None), "gelu": (False, "gelu_tanh"), "bias+gelu": (True, "gelu_tanh"),
              "bias+relu": (True, "relu")}
 CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 
 
-# every kernel: (ISA, weight dtype); AMX has no fp32 or int4 multiply; avx512f (AVX-512 without bf16 / VNNI) has a
-# bf16 kernel of its own (fp32: the avx512 one; int8 and int4: the avx2 ones)
+# every kernel: (ISA, weight dtype); AMX has no fp32, fp16 or int4 multiply; avx512f (AVX-512 without bf16 / VNNI) has
+# a bf16 kernel of its own (fp32, fp16: the avx512 ones; int8 and int4: the avx2 ones)
 KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx512f", "avx2", "scalar")
            if (isa != "amx" or dt in ("bf16", "int8")) and (isa != "avx512f" or dt == "bf16")]
 
@@ -334,7 +334,7 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.linear(torch.randn(8, 3).t(), lin), "x must be contiguous"),
         (lambda: _C.linear(x, lin, out=torch.empty(3, 6)), r"out has shape \[3, 6\], expected \[3, 5\]"),
         (lambda: _C.linear(x, _C.PackedLinear(torch.randn(8, 8)), out=x), "out must not overlap x"),
-        (lambda: _C.PackedLinear(w.half()), "weight dtype Half is not supported"),
+        (lambda: _C.PackedLinear(w.double()), "weight dtype Double is not supported"),
         (lambda: _C.PackedLinear(w.t()), "non-empty contiguous 2-D"),
         (lambda: _C.PackedLinear(torch.randn(5, 0)), "non-empty contiguous 2-D"),
         (lambda: _C.PackedLinear(q), "scale is required for int8"),
@@ -369,7 +369,7 @@ def test_bad_arguments_raise_value_error():
         (lambda: _C.linear(x, _C.PackedLinear(torch.randn(5, 8)), residual=torch.zeros(5, 3).t()),
          "residual must be contiguous"),
         (lambda: _C.set_linear_isa("neon"), "unknown ISA 'neon'"),
-        (lambda: _C.linear_isa("fp16"), "unknown weight dtype 'fp16'"),
+        (lambda: _C.linear_isa("fp8"), "unknown weight dtype 'fp8'"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -104,11 +104,9 @@ class CpuBackend(TorchBackend):
         return x.contiguous()
 
     def prepare_linear(self, weight, bias, scale=None) -> _C.PackedLinear:
-        """The weight repacked once into the panel layout csrc/cpu/linear.cpp streams (fp16 is widened to
-        fp32 here: there is no fp16 kernel)."""
+        """The weight repacked once into the panel layout csrc/cpu/linear.cpp streams."""
         lin = super().prepare_linear(weight, bias, scale)  # checks; fp32 bias and scale
-        w = lin.weight.float() if lin.weight.dtype == torch.float16 else lin.weight
-        return _C.PackedLinear(w.contiguous(), lin.bias, lin.scale)
+        return _C.PackedLinear(lin.weight.contiguous(), lin.bias, lin.scale)
 
     # each op used by a decode step also records itself (into its own output) while a step is recorded
     def linear(self, x, lin: _C.PackedLinear, act=None, *, out=None, residual=None):

@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include <immintrin.h>
+
 #include "common.h"
 #include "cpu/ops.h"
 #include "cpu/vec.h"
@@ -41,6 +43,8 @@ namespace {
 enum class LinearIsa { scalar = 0, avx2 = 1, avx512f = 2, avx512 = 3, amx = 4 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512f", "avx512", "amx"};
 constexpr int kIsas = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
+const char* const kTypeNames[] = {"fp32", "bf16", "int8", "int4", "fp16"};  // by WeightType
+constexpr int kTypes = sizeof(kTypeNames) / sizeof(kTypeNames[0]);
 LinearIsa g_isa_cap = LinearIsa::amx;  // set_linear_isa: the best ISA the kernels may use (tests force lower ones)
 
 bool cpu_has(LinearIsa isa, WeightType t) {
@@ -51,12 +55,13 @@ bool cpu_has(LinearIsa isa, WeightType t) {
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
              ((t != WeightType::int8 && t != WeightType::int4) || __builtin_cpu_supports("avx512vnni"));
     case LinearIsa::avx512f:
-      return (t == WeightType::f32 || t == WeightType::bf16) && __builtin_cpu_supports("avx512f") &&
+      return (t == WeightType::f32 || t == WeightType::f16 || t == WeightType::bf16) && __builtin_cpu_supports("avx512f") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512dq");
     case LinearIsa::amx:
       return (t == WeightType::bf16 || t == WeightType::int8) && cpu_has(LinearIsa::avx512, t) && amx_available();
-    case LinearIsa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case LinearIsa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case LinearIsa::scalar: return true;
   }
   return false;
@@ -79,14 +84,16 @@ LinearIsa pick_isa(WeightType t) {
 }
 
 // k values per packed group (int4: per activation quad), and the packed K, by weight type (linear.h)
-constexpr int64_t group_size(WeightType t) { return t == WeightType::f32 ? 1 : t == WeightType::bf16 ? 2 : 4; }
+constexpr bool one_k_a_group(WeightType t) { return t == WeightType::f32 || t == WeightType::f16; }
+constexpr int64_t group_size(WeightType t) { return one_k_a_group(t) ? 1 : t == WeightType::bf16 ? 2 : 4; }
 int64_t packed_k(WeightType t, int64_t K) {
-  return round_up(K, t == WeightType::bf16 ? kBf16Chunk : t == WeightType::f32 ? 1 : kInt8Block);
+  return round_up(K, t == WeightType::bf16 ? kBf16Chunk : one_k_a_group(t) ? 1 : kInt8Block);
 }
 
 // -- portable micro-kernel (int8: u = q + 128, the epilogue subtracts the 128, see linear.h) -----------------
 inline float decode(float w) { return w; }
-inline float decode(uint16_t w) { return std::bit_cast<float>(static_cast<uint32_t>(w) << 16); }
+inline float decode(uint16_t w) { return std::bit_cast<float>(static_cast<uint32_t>(w) << 16); }  // bf16
+inline float decode(c10::Half w) { return static_cast<float>(w); }
 inline float decode(uint8_t w) { return static_cast<float>(w); }
 
 template <class T, int64_t G>
@@ -136,6 +143,7 @@ MicroKernel kernel_for(LinearIsa isa, WeightType t) {
   if (isa == LinearIsa::avx2) return avx2_kernel(t);
   switch (t) {
     case WeightType::f32: return &scalar_kernel<float, 1>;
+    case WeightType::f16: return &scalar_kernel<c10::Half, 1>;
     case WeightType::bf16: return &scalar_kernel<uint16_t, 2>;
     case WeightType::int8: return &scalar_kernel<uint8_t, 4>;
     case WeightType::int4: return &scalar_int4_kernel;
@@ -183,6 +191,24 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void round_through_
   for (int64_t k = n; k < len; ++k) dst[k] = 0.f;
 }
 
+// dst[0:n] = float(fp16(x[0:n])) (IEEE half, rounded to nearest even as torch's x.half(): overflow to inf, NaN
+// kept), then zeros up to dst[len]; F16C where the CPU has it, 8 values an instruction
+__attribute__((target("avx2,f16c"))) void round_through_f16_f16c(const float* x, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + k), _MM_FROUND_TO_NEAREST_INT)));
+  for (; k < n; ++k) dst[k] = static_cast<float>(c10::Half(x[k]));
+}
+
+void round_through_f16(const float* x, float* dst, int64_t n, int64_t len) {
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (f16c)
+    round_through_f16_f16c(x, dst, n);
+  else
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(c10::Half(x[k]));
+  std::fill(dst + n, dst + len, 0.f);
+}
+
 // One activation row as the kernel wants it (linear.h PreparedX), into dst (ld elements of the kernel's
 // type, zero-padded), sx and (int4) offset. Returns the int8 epilogue's shift, 128 * sum_k xd[k] (0 for other
 // weights). avx512: full int8 blocks are quantised by quantize_block_avx512 (the same numbers).
@@ -193,6 +219,10 @@ float prepare_row(WeightType t, bool dot, bool avx512, const float* x, int64_t K
       round_to_bf16(x, static_cast<uint16_t*>(dst), K, 2 * ld);
     else
       round_through_bf16(x, static_cast<float*>(dst), K, ld);
+    return 0.f;
+  }
+  if (t == WeightType::f16) {
+    round_through_f16(x, static_cast<float*>(dst), K, ld);
     return 0.f;
   }
   auto* xf = static_cast<float*>(dst);
@@ -266,12 +296,13 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void epilogue(float
 WeightType weight_type(const torch::Tensor& w) {
   switch (w.scalar_type()) {
     case torch::kFloat32: return WeightType::f32;
+    case torch::kFloat16: return WeightType::f16;
     case torch::kBFloat16: return WeightType::bf16;
     case torch::kInt8: return WeightType::int8;
     case torch::kUInt8: return WeightType::int4;  // nibble pairs (aigc_rt/format.py)
     default:
       AIGC_CHECK(false, "PackedLinear: weight dtype ", w.scalar_type(),
-                 " is not supported (float32, bfloat16, int8, uint8 int4 nibble pairs)");
+                 " is not supported (float32, float16, bfloat16, int8, uint8 int4 nibble pairs)");
   }
   return WeightType::f32;
 }
@@ -280,6 +311,7 @@ WeightType packed_type(const PackedLinear& lin) {
   const auto dtype = lin.weight.scalar_type();
   return lin.int4                      ? WeightType::int4
          : dtype == torch::kFloat32  ? WeightType::f32
+         : dtype == torch::kFloat16  ? WeightType::f16
          : dtype == torch::kBFloat16 ? WeightType::bf16
                                      : WeightType::int8;
 }
@@ -329,6 +361,11 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
     const float* src = w.data_ptr<float>();
     weight = pack_panels<float, 1>(O, K_pad, torch::kFloat32,
                                    [&](int64_t o, int64_t k) { return o < O && k < K ? src[o * K + k] : 0.f; });
+  } else if (t == WeightType::f16) {  // the halves' bits
+    const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
+    weight = pack_panels<uint16_t, 1>(O, K_pad, torch::kFloat16, [&](int64_t o, int64_t k) {
+      return o < O && k < K ? src[o * K + k] : uint16_t(0);
+    });
   } else if (t == WeightType::bf16) {
     const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr());
     weight = pack_panels<uint16_t, 2>(O, K_pad, torch::kBFloat16, [&](int64_t o, int64_t k) {
@@ -373,7 +410,7 @@ PackedLinear::PackedLinear(const torch::Tensor& w, const c10::optional<torch::Te
 
 std::string PackedLinear::dtype() const {
   const WeightType t = packed_type(*this);
-  return t == WeightType::f32 ? "fp32" : t == WeightType::bf16 ? "bf16" : t == WeightType::int8 ? "int8" : "int4";
+  return kTypeNames[static_cast<int>(t)];
 }
 
 torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t act,
@@ -471,13 +508,10 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
 }
 
 std::string linear_isa(const std::string& weight_dtype) {
-  AIGC_CHECK(weight_dtype == "fp32" || weight_dtype == "bf16" || weight_dtype == "int8" || weight_dtype == "int4",
-             "linear_isa: unknown weight dtype '", weight_dtype, "' (fp32, bf16, int8, int4)");
-  const WeightType t = weight_dtype == "bf16"   ? WeightType::bf16
-                       : weight_dtype == "int8" ? WeightType::int8
-                       : weight_dtype == "int4" ? WeightType::int4
-                                                : WeightType::f32;
-  return kIsaNames[static_cast<int>(pick_isa(t))];
+  for (int i = 0; i < kTypes; ++i)
+    if (weight_dtype == kTypeNames[i]) return kIsaNames[static_cast<int>(pick_isa(static_cast<WeightType>(i)))];
+  AIGC_CHECK(false, "linear_isa: unknown weight dtype '", weight_dtype, "' (fp32, bf16, int8, int4, fp16)");
+  return "";
 }
 
 void set_linear_isa(const std::string& cap) {

@@ -3,7 +3,7 @@
 //
 // Packed weight layout (made once at load by PackedLinear): panels of 16 output rows. Within a panel the
 // weights are stored k-group by k-group, each group holding G consecutive k of all 16 rows:
-//   packed[panel][k / G][row % 16][k % G],   G = 1 (fp32), 2 (bf16 pairs), 4 (int8 quads)
+//   packed[panel][k / G][row % 16][k % G],   G = 1 (fp32, fp16), 2 (bf16 pairs), 4 (int8 quads)
 // Rows past `out` and k past `in` are zero (int8: stored as q + 128, so 128); K is padded to a multiple of
 // kBf16Chunk (bf16) or kInt8Block (int8), so a panel is a whole number of AMX B tiles.
 // int4 (one scale per row and block of kInt8Block inputs) packs each block of a panel into kInt4BlockBytes: 8
@@ -34,12 +34,13 @@ constexpr int64_t kInt4Nibbles = kInt8Block / 2 * kPanel;          // int4: a pa
 constexpr int64_t kInt4BlockBytes = kInt4Nibbles + kPanel * 4;     // ... and its 16 fp32 scales after them
 constexpr int64_t kInt4Lines = kInt4BlockBytes / (kPanel * 4);     // ... as 64-byte lines (Problem::groups' unit)
 
-enum class WeightType { f32, bf16, int8, int4 };
+enum class WeightType { f32, bf16, int8, int4, f16 };
 
 // Activations prepared once per call (linear.cpp prepare_row):
 //   fp32 weights:            xf = x
 //   bf16 weights, avx512:    xg = bf16(x) as 32-bit pairs (k, k+1), zero-padded      (vdpbf16ps, AMX)
 //   bf16 weights, else:      xf = float(bf16(x))                                      (the same math in fp32)
+//   fp16 weights:            xf = float(fp16(x))         (IEEE half, as torch's x.half(); widened weights, fp32 FMAs)
 //   int8 weights, avx2+:     xg = int8 quads of xq = round(x / sx[b]) per block b of kInt8Block inputs
 //                            (VNNI, AMX, AVX2's vpmaddubsw)
 //   int8 weights, scalar:    xf = xq * sx[b]                                          (the same, dequantised)
@@ -111,7 +112,7 @@ using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0,
 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s);
 
 // Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available(); avx512f, the
-// AVX-512 foundation without the bf16 and VNNI extensions: fp32 and bf16 only).
+// AVX-512 foundation without the bf16 and VNNI extensions: fp32, fp16 and bf16 only).
 MicroKernel amx_kernel(WeightType t);
 MicroKernel avx512_kernel(WeightType t);
 MicroKernel avx512f_kernel(WeightType t);

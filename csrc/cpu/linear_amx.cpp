@@ -155,6 +155,7 @@ MicroKernel amx_kernel(WeightType t) {
     case WeightType::int8:
       return &run_amx<int8_tile<1>, int8_tile<2>, int8_tile<3>, int8_tile<4>, WeightType::int8>;
     case WeightType::f32: break;  // AMX has no fp32 multiply
+    case WeightType::f16: break;  // (nor an fp16 one on these CPUs)
     case WeightType::int4: break;  // (nor a 4-bit one)
   }
   return nullptr;

@@ -1,8 +1,9 @@
 // AVX2 + FMA micro-kernels of the linear layer (see linear.h for the packed layout and the contract), each
 // panel as two halves of 8 rows:
-//   fp32, bf16: acc[8 outputs] += w[panel, k, half] * broadcast(xf[k]) in fp32, with the weight decoded in
-//     registers (bf16 pairs split into the even and odd k: << 16 and & 0xffff0000); linear.cpp prepares xf
-//     so that the math is the AVX-512 kernels' (bf16-rounded activations), zero-padded to the packed K.
+//   fp32, fp16, bf16: acc[8 outputs] += w[panel, k, half] * broadcast(xf[k]) in fp32, with the weight decoded in
+//     registers (fp16 by vcvtph2ps; bf16 pairs split into the even and odd k: << 16 and & 0xffff0000); linear.cpp
+//     prepares xf so that the math is the AVX-512 kernels' (fp16- or bf16-rounded activations), zero-padded to the
+//     packed K.
 //   int8: per block of 64 inputs, i = sum over quads of q[panel, k/4, half, 0:4] . xq[k:k+4], exact in int32,
 //     then acc += float(i) * sx[b], as the VNNI kernel. Without VNNI the quad products come from vpmaddubsw
 //     (u8 x s8 -> pairs summed in int16) and vpmaddwd; u = q + 128 times xq could overflow the int16 pair sum
@@ -13,7 +14,7 @@
 //     (linear.h); vpmaddubsw multiplies them into the activation quads (u <= 15: the two groups' pair sums add in
 //     int16 exactly, |.| <= 4 * 15 * 127), vpmaddwd sums them into int32, and acc = fma(float(i - offset[b]),
 //     ws[b] * sx[b], acc) as the other ISAs.
-// Compiled with a function-level target attribute; linear.cpp calls it only on CPUs with AVX2 and FMA.
+// Compiled with a function-level target attribute; linear.cpp calls it only on CPUs with AVX2, FMA and F16C.
 // Tests: tests/test_cpu_linear.py (run with the ISA forced to avx2).
 #include <immintrin.h>
 
@@ -21,7 +22,7 @@
 
 #include "cpu/linear.h"
 
-#define AVX2_FMA __attribute__((target("avx2,fma")))
+#define AVX2_FMA __attribute__((target("avx2,fma,f16c")))
 
 namespace aigc_rt::cpu::linear_detail {
 namespace {
@@ -50,6 +51,14 @@ struct F32 {
   static constexpr int G = 1;
   using T = float;
   AVX2_FMA static void weights(const float* w, __m256 (&out)[1]) { out[0] = _mm256_loadu_ps(w); }
+};
+
+struct F16 {  // IEEE half bits
+  static constexpr int G = 1;
+  using T = uint16_t;
+  AVX2_FMA static void weights(const uint16_t* w, __m256 (&out)[1]) {
+    out[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  }
 };
 
 struct Bf16 {
@@ -224,6 +233,7 @@ struct Int4Tiles {
 MicroKernel avx2_kernel(WeightType t) {
   switch (t) {
     case WeightType::f32: return &run_tiles<Tiles<F32>>;
+    case WeightType::f16: return &run_tiles<Tiles<F16>>;
     case WeightType::bf16: return &run_tiles<Tiles<Bf16>>;
     case WeightType::int8: return &run_tiles<Int8Tiles>;
     case WeightType::int4: return &run_tiles<Int4Tiles>;

@@ -1,5 +1,6 @@
 // AVX-512 micro-kernels of the linear layer (see linear.h for the packed layout and the contract):
 //   fp32: acc[16 outputs] += w[panel, k, :] * broadcast(x[k])                    (vfmadd231ps)
+//   fp16: the same, each 32-byte group of 16 halves widened exactly first        (vcvtph2ps)
 //   bf16: acc += w[panel, k/2, :, 0:2] . broadcast(bf16 pair x[k:k+2])          (vdpbf16ps, avx512_bf16)
 //         or, without avx512_bf16 ("avx512f"), each pair widened to fp32 in registers and vfmadd231ps as fp32
 //   int8: per block b of 64 inputs, i = sum over quads of (q + 128)[panel, k/4, :, 0:4] . xq[k:k+4] (vpdpbusd,
@@ -93,14 +94,22 @@ struct RowSplit {
   }
 };
 
-struct F32Tiles : RowSplit<F32Tiles> {
+// 16 weights of one k-group (G = 1) as fp32: fp32 as stored, fp16 (IEEE half bits) widened exactly
+AVX512_F32 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+AVX512_F32 inline __m512 load16(const uint16_t* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+// fp32 (T = float) and fp16 (T = uint16_t, the half's bits) weights: one k a group
+template <class T>
+struct FmaTiles : RowSplit<FmaTiles<T>> {
   static constexpr int kR = 4, kM = 8;
   // R * M <= 24 accumulators
   static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 1 : rows > 6 ? 3 : 4; }
   template <int R>
   AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {
     const int64_t stride = p.groups * kPanel;
-    const float* w = static_cast<const float*>(p.w) + panel * stride;
+    const T* w = static_cast<const T*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     __m512 acc[R][kChains];
 #pragma GCC unroll 16
@@ -112,13 +121,13 @@ struct F32Tiles : RowSplit<F32Tiles> {
         const __m512 xv = _mm512_set1_ps(x[k + c]);
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r)
-          acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * stride + (k + c) * kPanel), xv, acc[r][c]);
+          acc[r][c] = _mm512_fmadd_ps(load16(w + r * stride + (k + c) * kPanel), xv, acc[r][c]);
       }
     }
     for (; k < p.K; ++k) {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r)
-        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * stride + k * kPanel), _mm512_set1_ps(x[k]), acc[r][0]);
+        acc[r][0] = _mm512_fmadd_ps(load16(w + r * stride + k * kPanel), _mm512_set1_ps(x[k]), acc[r][0]);
     }
     store_row<R>(p, n, panel, acc);
   }
@@ -126,7 +135,7 @@ struct F32Tiles : RowSplit<F32Tiles> {
   template <int R, int M>
   AVX512_F32 static void rows(const Problem& p, int64_t n, int64_t panel) {
     const int64_t stride = p.groups * kPanel;  // elements per panel
-    const float* w = static_cast<const float*>(p.w) + panel * stride;
+    const T* w = static_cast<const T*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     __m512 acc[R][M];
 #pragma GCC unroll 32
@@ -138,7 +147,7 @@ struct F32Tiles : RowSplit<F32Tiles> {
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
         prefetch(w + r * stride + k * kPanel);
-        wv[r] = _mm512_loadu_ps(w + r * stride + k * kPanel);
+        wv[r] = load16(w + r * stride + k * kPanel);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
@@ -472,7 +481,8 @@ AVX512_F32 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s) {
 
 MicroKernel avx512_kernel(WeightType t) {
   switch (t) {
-    case WeightType::f32: return &run_tiles<F32Tiles>;
+    case WeightType::f32: return &run_tiles<FmaTiles<float>>;
+    case WeightType::f16: return &run_tiles<FmaTiles<uint16_t>>;
     case WeightType::bf16: return &run_tiles<Bf16Tiles>;
     case WeightType::int8: return &run_tiles<Int8Tiles>;
     case WeightType::int4: return &run_tiles<Int4Tiles>;
@@ -482,7 +492,8 @@ MicroKernel avx512_kernel(WeightType t) {
 
 MicroKernel avx512f_kernel(WeightType t) {
   switch (t) {
-    case WeightType::f32: return &run_tiles<F32Tiles>;
+    case WeightType::f32: return &run_tiles<FmaTiles<float>>;
+    case WeightType::f16: return &run_tiles<FmaTiles<uint16_t>>;
     case WeightType::bf16: return &run_tiles<Bf16FmaTiles>;
     default: return nullptr;  // int8 and int4 need VNNI (below it: the AVX2 kernels)
   }
