@@ -15,7 +15,8 @@ tokens, no eos) in one process, one after the other:
                   (torch._weight_int4pack_mm_for_cpu, what torchao's int4 weight-only config runs on a CPU, with
                   our int4 file's values and group-64 scales; its fp32 and fp16 paths run at ~0.6 GB/s, bf16 at ~18)
                   and the dynamic int8 one for the lm_head, as our int4 files keep wte in int8
-  aigc-rt         this runtime, `aigc_rt.load(file, backend=...)`, on the converted file of each dtype
+  aigc-rt         this runtime, `aigc_rt.load(file, backend=...)`, on the converted file of each dtype (fp32, fp16,
+                  bf16, int8, int4)
 
 and we report decode tokens/s (all sequences), ms per decode step, time to first token, the ratio to HF
 eager fp32, and the weight traffic: bytes of weights streamed per decode step (every matrix once, wte once
@@ -47,8 +48,11 @@ from . import _C
 SIZES = {"124M": dict(n_layer=12, n_embd=768, n_head=12), "355M": dict(n_layer=24, n_embd=1024, n_head=16)}
 GPT2_VOCAB, GPT2_CONTEXT = 50257, 1024
 SYSTEMS = ("hf-eager:fp32", "hf-eager:bf16", "torch-compile:fp32", "torch-compile:bf16", "torch-onednn:fp32",
-           "torch-mkl:fp32", "torch-onednn:bf16", "torch-dynq:int8", "torch-int4:int4", "aigc-rt:fp32", "aigc-rt:bf16",
-           "aigc-rt:int8", "aigc-rt:int4")
+           "torch-mkl:fp32", "torch-onednn:bf16", "torch-dynq:int8", "torch-int4:int4", "aigc-rt:fp32", "aigc-rt:fp16",
+           "aigc-rt:bf16", "aigc-rt:int8", "aigc-rt:int4")
+# (no hf-eager:fp16 by default: PyTorch's fp16 matmuls on CPUs without AVX512-FP16 are ~11x its fp32 ones, 336 ms a
+# GPT-2 124M token on the 2-core Xeon of 2026-11-30: pass --systems hf-eager:fp16 to see it)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -166,7 +170,7 @@ def streamed_bytes(config, dtype: str, arch: str = "gpt2") -> int:
 
 class HFEager:
     def __init__(self, hf, dtype: str):
-        self.model = hf if dtype == "fp32" else copy.deepcopy(hf).to(torch.bfloat16)
+        self.model = hf if dtype == "fp32" else copy.deepcopy(hf).to(TORCH_DTYPES[dtype])
         self.model.generation_config.eos_token_id = None
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> Timing:
@@ -229,8 +233,7 @@ class TorchGPT2:
     """GPT-2 decode written directly in PyTorch: static KV cache, SDPA, one of four prepacked linears."""
 
     def __init__(self, hf, linear: str, dtype: str, batch: int):
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32,
-                      "int4": torch.bfloat16}[dtype]
+        self.dtype = {**TORCH_DTYPES, "int8": torch.float32, "int4": torch.bfloat16}[dtype]
         sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
         c = hf.config
         self.n_layer, self.H, self.C = c.n_layer, c.n_head, c.n_embd
@@ -328,7 +331,7 @@ class TorchCompiled:
     cache holds a multiple of 256 positions, so the warm-up and the timed runs share one compiled graph."""
 
     def __init__(self, hf, dtype: str):
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.dtype = TORCH_DTYPES[dtype]
         sd = {k.removeprefix("transformer."): v.detach().float() for k, v in hf.state_dict().items()}
         self.model = _StaticGPT2(sd, hf.config, self.dtype).eval()
         self.step = torch.compile(self.model, dynamic=False, mode="max-autotune-no-cudagraphs")
@@ -411,7 +414,7 @@ def make_system(spec: str, hf, files: dict[str, str], backend: str, batch: int):
     return TorchGPT2(hf, name.removeprefix("torch-"), dtype, batch)
 
 
-def prepare(size: str, folder: str, dtypes=("fp32", "bf16", "int8")):
+def prepare(size: str, folder: str, dtypes=tuple(s.split(":")[1] for s in SYSTEMS if s.startswith("aigc-rt:"))):
     """(HF model, {dtype: runtime file}, GPT2Config) for a random-init GPT-2 of `size` built in `folder`."""
     import aigc_rt
     from .config import GPT2Config
