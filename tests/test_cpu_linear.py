@@ -38,9 +38,9 @@ CPU, REF = CpuBackend(torch.device("cpu")), TorchBackend(torch.device("cpu"))
 
 
 # every kernel: (ISA, weight dtype); AMX has no fp32, fp16 or int4 multiply; avx512f (AVX-512 without bf16 / VNNI) has
-# a bf16 kernel of its own (fp32, fp16: the avx512 ones; int8 and int4: the avx2 ones)
+# bf16, int8 and int4 kernels of its own (fp32 and fp16: the avx512 ones)
 KERNELS = [(isa, dt) for dt in DTYPES for isa in ("amx", "avx512", "avx512f", "avx2", "scalar")
-           if (isa != "amx" or dt in ("bf16", "int8")) and (isa != "avx512f" or dt == "bf16")]
+           if (isa != "amx" or dt in ("bf16", "int8")) and (isa != "avx512f" or dt in ("bf16", "int8", "int4"))]
 
 
 def _forced(isa, dtype):

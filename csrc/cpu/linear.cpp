@@ -38,8 +38,8 @@ using namespace linear_detail;
 
 namespace {
 
-// avx512f: AVX-512 without avx512_bf16 / VNNI (its bf16 kernel widens the weights to fp32 in registers); avx512: with
-// them (vdpbf16ps, vpdpbusd)
+// avx512f: AVX-512 (F, BW, VL, DQ) without avx512_bf16 / VNNI (its bf16 kernel widens the weights to fp32 in registers,
+// its int8 and int4 ones multiply with vpmaddubsw + vpmaddwd); avx512: with them (vdpbf16ps, vpdpbusd)
 enum class LinearIsa { scalar = 0, avx2 = 1, avx512f = 2, avx512 = 3, amx = 4 };
 const char* const kIsaNames[] = {"scalar", "avx2", "avx512f", "avx512", "amx"};
 constexpr int kIsas = sizeof(kIsaNames) / sizeof(kIsaNames[0]);
@@ -55,9 +55,8 @@ bool cpu_has(LinearIsa isa, WeightType t) {
              (t != WeightType::bf16 || __builtin_cpu_supports("avx512bf16")) &&
              ((t != WeightType::int8 && t != WeightType::int4) || __builtin_cpu_supports("avx512vnni"));
     case LinearIsa::avx512f:
-      return (t == WeightType::f32 || t == WeightType::f16 || t == WeightType::bf16) && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512dq");
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     case LinearIsa::amx:
       return (t == WeightType::bf16 || t == WeightType::int8) && cpu_has(LinearIsa::avx512, t) && amx_available();
     case LinearIsa::avx2:
@@ -451,7 +450,8 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
   const bool dot = t == WeightType::bf16   ? isa >= LinearIsa::avx512
                    : t == WeightType::int8 ? isa >= LinearIsa::avx2
                                            : t == WeightType::int4;
-  const bool signed_int8 = t == WeightType::int8 && isa == LinearIsa::avx2;  // sums q * xd: no shift to remove
+  const bool signed_int8 =  // sums q * xd: no shift to remove
+      t == WeightType::int8 && (isa == LinearIsa::avx2 || isa == LinearIsa::avx512f);
   const int64_t K_pad = packed_k(t, K), G = group_size(t), blocks = round_up(K, kInt8Block) / kInt8Block;
   // prepared activations in the scratch buffer: (N, ld) elements, then (N, blocks) scales, then (N, blocks) int4
   // offsets, then (N,) shifts
@@ -488,7 +488,7 @@ torch::Tensor linear(const torch::Tensor& x, const PackedLinear& lin, int64_t ac
     if (t != WeightType::f32) {
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < N; ++n)
-        shift[n] = prepare_row(t, dot, isa >= LinearIsa::avx512, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks,
+        shift[n] = prepare_row(t, dot, isa >= LinearIsa::avx512f, xf + n * K, K, ld, buf + n * ld * 4, sx + n * blocks,
                                offset + n * blocks);
     }
     // each thread: a contiguous run of panels

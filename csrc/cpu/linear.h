@@ -47,7 +47,7 @@ enum class WeightType { f32, bf16, int8, int4, f16 };
 //   int4 weights:            xg as for int8 (every ISA), and offset[b] = 8 * sum of the block's xq
 // int8 weights are stored as u = q + 128, so the int8 kernels sum u * xd (xd = xq * sx, the dequantised
 // activations) and the epilogue subtracts shift = 128 * sum_k xd[k] before applying the weight scale; the
-// AVX2 kernel alone sums q * xd (see linear_avx2.cpp) and gets no shift. int4 weights are stored as u = q + 8 and
+// AVX2 and avx512f kernels sum q * xd (see linear_avx2.cpp) and get no shift. int4 weights are stored as u = q + 8 and
 // scaled per block inside the kernels, so each block's integer sum is corrected there:
 //   y[n, o] = sum_b float(sum_{k in b} u[o, k] xq[n, k] - offset[n, b]) * (ws[o, b] * sx[n, b])
 // (fused multiply-adds over b in order, the same in every kernel: the ISAs agree bit for bit).
@@ -111,8 +111,8 @@ using MicroKernel = void (*)(const Problem&, int64_t n0, int64_t n1, int64_t p0,
 // loop cost ~6 us per call at K = 3072, ~4% of a GPT-2 124M int8 decode step).
 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s);
 
-// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available(); avx512f, the
-// AVX-512 foundation without the bf16 and VNNI extensions: fp32, fp16 and bf16 only).
+// Per ISA: the micro-kernel for each weight type (amx: bf16 and int8 only, and only if amx_available(); avx512f:
+// AVX-512 F/BW/VL/DQ without the bf16 and VNNI extensions).
 MicroKernel amx_kernel(WeightType t);
 MicroKernel avx512_kernel(WeightType t);
 MicroKernel avx512f_kernel(WeightType t);

@@ -361,17 +361,18 @@ struct Int8Tiles : RowSplit<Int8Tiles> {
   }
 };
 
+// int4: acc = fma(float(dot - offset), ws * sx, acc), one block's contribution to 16 outputs, the same float operations
+// in every ISA
+AVX512_F32 inline __m512 add_block(__m512 acc, __m512i dot, const uint8_t* block, float sx, int32_t offset) {
+  const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(block + kInt4Nibbles));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(offset))),
+                         _mm512_mul_ps(ws, _mm512_set1_ps(sx)), acc);
+}
+
 struct Int4Tiles : RowSplit<Int4Tiles> {
   static constexpr int kR = 2, kM = 8;
   // int32 block sums and fp32 totals, 2 * R * M, + 2 * R unpacked weights <= 30 registers
   static constexpr int64_t panels(int64_t rows) { return rows > 3 && rows <= 6 ? 2 : 1; }
-
-  // acc = fma(float(dot - offset), ws * sx, acc): one block's contribution, the same float operations in every ISA
-  AVX512_VNNI static __m512 add_block(__m512 acc, __m512i dot, const uint8_t* block, float sx, int32_t offset) {
-    const __m512 ws = _mm512_loadu_ps(reinterpret_cast<const float*>(block + kInt4Nibbles));
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot, _mm512_set1_epi32(offset))),
-                           _mm512_mul_ps(ws, _mm512_set1_ps(sx)), acc);
-  }
 
   template <int R>
   AVX512_VNNI static void row(const Problem& p, int64_t n, int64_t panel) {  // 4 int32 chains per panel
@@ -453,6 +454,90 @@ struct Int4Tiles : RowSplit<Int4Tiles> {
   }
 };
 
+// int8 and int4 without VNNI (the avx512f level: AVX-512 BW), as the AVX2 kernels on 16 lanes: vpmaddubsw multiplies
+// unsigned by signed bytes into exact int16 pair sums, vpmaddwd by ones adds the pairs into int32.
+//   int8: u = q + 128 would overflow the pair sum (2 * 255 * 127), so q = u ^ 0x80 is negated where xq < 0 and
+//         multiplied by |xq| (|pair sum| <= 2 * 127 * 127): the tile sums q * xd, and linear.cpp passes no shift.
+//   int4: the unpacked nibbles (u <= 15) by xq directly; the two quad groups' pair sums add in int16 exactly.
+// One panel and up to 4 rows a tile (a mask, a broadcast and the sums per row stay in registers); 8 rows are two
+// tiles, the second reading the panel from cache.
+struct Int8BwTiles {
+  static constexpr int kR = 1, kM = 4;
+  static constexpr int64_t panels(int64_t) { return 1; }
+  template <int R, int M>
+  AVX512_F32 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    static_assert(R == 1, "one panel per tile");
+    const auto [stride, w, x, sx] = Int8Operands(p, n, panel);
+    constexpr int64_t quads = kInt8Block / 4;
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), ones = _mm512_set1_epi16(1);
+    __m512 acc[1][M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      __m512i dot[M];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) dot[m] = _mm512_setzero_si512();
+      for (int64_t g = b * quads; g < (b + 1) * quads; ++g) {
+        prefetch_next<1>(next, p.groups, g);
+        prefetch(w + g * kPanel * 4);
+        const __m512i q = _mm512_xor_si512(_mm512_loadu_si512(w + g * kPanel * 4), flip);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const __m512i xv = _mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
+          const __m512i qs = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(xv), _mm512_setzero_si512(), q);
+          const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8(xv), qs);  // int16, exact
+          dot[m] = _mm512_add_epi32(dot[m], _mm512_madd_epi16(pairs, ones));
+        }
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+        acc[0][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), _mm512_set1_ps(sx[m * p.x.blocks + b]), acc[0][m]);
+    }
+    store_tile<1, M>(p, n, panel, acc);
+  }
+};
+
+struct Int4BwTiles {
+  static constexpr int kR = 1, kM = 4;
+  static constexpr int64_t panels(int64_t) { return 1; }
+  template <int R, int M>
+  AVX512_F32 static void tile(const Problem& p, int64_t n, int64_t panel) {
+    static_assert(R == 1, "one panel per tile");
+    const auto [stride, w, x, sx, offset] = Int4Operands(p, n, panel);
+    const __m512i nibble = _mm512_set1_epi8(0x0f), ones = _mm512_set1_epi16(1);
+    __m512 acc[1][M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) acc[0][m] = _mm512_setzero_ps();
+    const std::byte* next = p.l2_next;
+    for (int64_t b = 0; b < p.x.blocks; ++b) {
+      const uint8_t* block = w + b * kInt4BlockBytes;
+      const uint32_t* xb = x + b * (kInt8Block / 4);
+      __m512i dot[M];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) dot[m] = _mm512_setzero_si512();
+      prefetch_next<1>(next, p.groups, b * kInt4Lines + 8);  // the block's scales
+      for (int i = 0; i < 8; ++i) {
+        prefetch_next<1>(next, p.groups, b * kInt4Lines + i);
+        prefetch(block + i * 64);
+        const __m512i v = _mm512_loadu_si512(block + i * 64);
+        const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+#pragma GCC unroll 4
+        for (int m = 0; m < M; ++m) {
+          const __m512i xl = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i]));
+          const __m512i xh = _mm512_set1_epi32(static_cast<int>(xb[m * p.x.ld + i + 8]));
+          const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xl), _mm512_maddubs_epi16(hi, xh));
+          dot[m] = _mm512_add_epi32(dot[m], _mm512_madd_epi16(pairs, ones));
+        }
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m)
+        acc[0][m] = add_block(acc[0][m], dot[m], block, sx[m * p.x.blocks + b], offset[m * p.x.blocks + b]);
+    }
+    store_tile<1, M>(p, n, panel, acc);
+  }
+};
+
 }  // namespace
 
 AVX512_F32 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s) {
@@ -499,8 +584,10 @@ MicroKernel avx512f_kernel(WeightType t) {
     case WeightType::f32: return &run_tiles<FmaTiles<float>>;
     case WeightType::f16: return &run_tiles<FmaTiles<uint16_t>>;
     case WeightType::bf16: return &run_tiles<Bf16FmaTiles>;
-    default: return nullptr;  // int8 and int4 need VNNI (below it: the AVX2 kernels)
+    case WeightType::int8: return &run_tiles<Int8BwTiles>;
+    case WeightType::int4: return &run_tiles<Int4BwTiles>;
   }
+  return nullptr;
 }
 
 }  // namespace aigc_rt::cpu::linear_detail
