@@ -3,7 +3,7 @@
 //   y[n, o] = act( sum_k x[n, k] * W[o, k] * scale[o] + bias[o] ),   act = identity, GELU(tanh) or ReLU
 //   and with a residual (a transformer sub-layer's output added into the residual stream): residual[n, o] += y[n, o]
 //
-// x (N, K) fp32; W (O, K) from the weights file: fp32, bf16 (activations rounded to bf16, fp32
+// x (N, K) fp32; W (O, K) from the weights file: fp32, fp16 or bf16 (activations rounded to fp16 / bf16, fp32
 // accumulation) or int8 with one fp32 scale per output row (symmetric, weight-only; activations are
 // quantised to int8 per block of 64 inputs on the fly, with an fp32 scale per block, and the block dot
 // products are exact in int32: llama.cpp's q8_0 activation scheme, see quantize_block below), or int4 with
@@ -15,7 +15,8 @@
 // take contiguous runs of panels; inside, register tiles of up to 4 panels x 8 activation rows, so W is
 // streamed once per call for up to 8 rows (decode) and once per 8-row tile from cache beyond (prefill).
 // The micro-kernel is picked at run time per weight type: AMX (bf16 and int8, for 4+ activation rows),
-// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8 and int4), else AVX2+FMA, else portable C++.
+// AVX-512 (vdpbf16ps for bf16, VNNI vpdpbusd for int8 and int4; without those extensions, "avx512f": bf16 widened to
+// fp32 in registers, int8 / int4 by vpmaddubsw + vpmaddwd; fp16 by vcvtph2ps), else AVX2+FMA+F16C, else portable C++.
 // Tests: tests/test_cpu_linear.py (every ISA this CPU has, against plain-PyTorch fp32 math).
 #include "cpu/linear.h"
 
