@@ -4,9 +4,10 @@ the same run; a ratio table prints at the end.
     flock -x /tmp/aigc_rt-quiet.lock .venv/bin/python -m pytest bench/bench_cpu_ops.py --benchmark-enable
 
 Linear: the 48 block matrices of GPT-2 124M, called in turn as a decode step does (so the weights stream from
-DRAM: 340 MB fp32, 170 MB bf16, 85 MB int8), at 1 and 8 rows, with the cpu kernels forced to each ISA this CPU
-has; "torch" is the best PyTorch of that dtype here (prepacked oneDNN fp32 / bf16 linears, dynamic int8), and
-GB/s counts the weight bytes. torch uses the best ISA it has either way, so on an AVX-512 CPU the avx2 lines
+DRAM: 340 MB fp32, 170 MB fp16 / bf16, 85 MB int8, 48 MB int4), at 1 and 8 rows, with the cpu kernels forced to each
+ISA this CPU has (avx512f: AVX-512 without the bf16 / VNNI extensions, forced on CPUs that have them too); "torch" is
+the best PyTorch of that dtype here (prepacked oneDNN fp32 / bf16 linears, dynamic int8, its int4 weight-only
+linear in bf16; fp16: a plain F.linear, PyTorch has no faster fp16 path on a CPU), and GB/s counts the weight bytes. torch uses the best ISA it has either way, so on an AVX-512 CPU the avx2 lines
 show what an AVX2-only CPU would run, not a like-for-like ratio.
 
 Attention shapes are GPT-2 124M's too (H 12, D 64). Decode reads the caches of a different layer each call, as
@@ -24,8 +25,8 @@ import torch
 
 from aigc_rt import _C
 from aigc_rt.backends import get_backend
-from aigc_rt.bench import dynq_linear, onednn_linear
-from aigc_rt.format import quantize_int8
+from aigc_rt.bench import TORCH_DTYPES, dynq_linear, int4_linear, onednn_linear
+from aigc_rt.format import INT4_GROUP, quantize_int4, quantize_int8
 from aigc_rt.sampling import SamplingParams
 
 N_LAYER, H, D, V = 12, 12, 64, 50257
@@ -80,25 +81,34 @@ def torch_linear(w: torch.Tensor, dtype: str, rows: int):
     """The fastest PyTorch linear of that dtype on these CPUs (aigc_rt/bench.py measured them in decode)."""
     if dtype == "int8":
         return dynq_linear(w, None)
+    if dtype == "int4":
+        f = int4_linear(w, None)
+        return lambda x: f(x.bfloat16())
+    if dtype == "fp16":
+        wh = w.half()
+        return lambda x: torch.nn.functional.linear(x.half(), wh)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     f = onednn_linear(w, None, dt, rows)
     return lambda x: f(x.to(dt))
 
 
 def cpu_linear(w: torch.Tensor, dtype: str) -> _C.PackedLinear:
-    if dtype == "int8":
-        q, scale = quantize_int8(w)
+    if dtype in ("int8", "int4"):
+        q, scale = (quantize_int8 if dtype == "int8" else quantize_int4)(w)
         return BACKENDS["cpu"].prepare_linear(q, None, scale)
-    return BACKENDS["cpu"].prepare_linear(w.to(torch.bfloat16) if dtype == "bf16" else w, None)
+    return BACKENDS["cpu"].prepare_linear(w.to(TORCH_DTYPES[dtype]), None)
 
 
-@pytest.mark.parametrize("impl", ["torch", "avx512", "avx2"])
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / INT4_GROUP}  # int4: + its scales
+
+
+@pytest.mark.parametrize("impl", ["torch", "avx512", "avx512f", "avx2"])
 @pytest.mark.parametrize("rows", [1, 8])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8", "int4"])
 def test_linear(benchmark, block_weights, impl, rows, dtype):
     x = {K: torch.randn(rows, K, generator=torch.Generator().manual_seed(1)) for K in (C, 4 * C)}
     group = f"linear {dtype} rows={rows}"
-    BYTES[group] = sum(w.numel() for w in block_weights) * {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    BYTES[group] = int(sum(w.numel() for w in block_weights) * WEIGHT_BYTES[dtype])
     if impl == "torch":
         calls = [(torch_linear(w, dtype, rows), x[w.shape[1]]) for w in block_weights]
         measure(benchmark, group, "torch", lambda: [f(xi) for f, xi in calls])
