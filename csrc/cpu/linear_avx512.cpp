@@ -94,68 +94,113 @@ struct RowSplit {
   }
 };
 
-// 16 weights of one k-group (G = 1) as fp32: fp32 as stored, fp16 (IEEE half bits) widened exactly
-AVX512_F32 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
-AVX512_F32 inline __m512 load16(const uint16_t* w) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-}
+// Weights a kernel widens to fp32 in registers before vfmadd231ps: W::load reads one k-group of a panel (16 rows x G k,
+// 64 bytes or fewer), W::value(raw, j) gives the 16 rows' weights at its j-th k, exactly.
+struct F32Weights {  // as stored
+  using T = float;
+  using Raw = __m512;
+  static constexpr int G = 1;
+  AVX512_F32 static Raw load(const float* w) { return _mm512_loadu_ps(w); }
+  AVX512_F32 static __m512 value(Raw v, int) { return v; }
+};
 
-// fp32 (T = float) and fp16 (T = uint16_t, the half's bits) weights: one k a group
-template <class T>
-struct FmaTiles : RowSplit<FmaTiles<T>> {
-  static constexpr int kR = 4, kM = 8;
-  // R * M <= 24 accumulators. A lone row of fp16 weights streams two panels at once, as Bf16FmaTiles (on the 2-core
-  // Xeon, GPT-2 124M's matrices at one row: 1.2x one panel, four alternating runs each; not measured on an AMD CPU)
-  static constexpr int64_t panels(int64_t rows) { return rows == 1 ? (sizeof(T) == 2 ? 2 : 1) : rows > 6 ? 3 : 4; }
+struct F16Weights {  // IEEE halves (their bits), widened by vcvtph2ps
+  using T = uint16_t;
+  using Raw = __m512;
+  static constexpr int G = 1;
+  AVX512_F32 static Raw load(const uint16_t* w) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  }
+  AVX512_F32 static __m512 value(Raw v, int) { return v; }
+};
+
+// bf16 pairs on a CPU without avx512_bf16 (Skylake-SP, Cascade Lake, Ice Lake, or a VM that hides the flag): the AVX2
+// kernel's math at twice its width, the even k by << 16 and the odd k by & 0xffff0000, multiplying fp32 activations
+// already rounded through bf16 (linear.cpp prepares xf so for ISAs below avx512)
+struct Bf16Weights {
+  using T = uint16_t;
+  using Raw = __m512i;
+  static constexpr int G = 2;
+  AVX512_F32 static Raw load(const uint16_t* w) { return _mm512_loadu_si512(w); }
+  AVX512_F32 static __m512 value(Raw v, int j) {
+    const __m512i high_half = _mm512_set1_epi32(int(0xffff0000u));
+    return _mm512_castsi512_ps(j == 0 ? _mm512_slli_epi32(v, 16) : _mm512_and_si512(v, high_half));
+  }
+};
+
+// fp32, fp16 and (without avx512_bf16) bf16 weights, W above: fp32 multiply-adds of the widened weights
+template <class W>
+struct FmaTiles : RowSplit<FmaTiles<W>> {
+  static constexpr int kR = 4, kM = 8, G = W::G;
+  // R * M accumulators + R raw groups + a widened one <= 30 registers. A lone row of 2-byte weights streams two panels
+  // at once (fp32 and the other tiles here one: see above): on the 2-core Xeon of 2026-11-30 (AVX-512 without bf16)
+  // GPT-2 124M bf16 decoded batch 1 at 1.13-1.42x one panel's speed (three alternating runs each) and fp16's matrices
+  // ran at 1.2x (four); fp32 and int8 showed no consistent difference there; fp16 not measured on an AMD CPU.
+  static constexpr int64_t panels(int64_t rows) {
+    return rows == 1 ? (sizeof(typename W::T) == 2 ? 2 : 1) : rows > 6 ? 3 : 4;
+  }
+
   template <int R>
-  AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {
-    const int64_t stride = p.groups * kPanel;
-    const T* w = static_cast<const T*>(p.w) + panel * stride;
+  AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {  // chains: the k of kChains / G groups
+    constexpr int S = kChains / G;
+    const int64_t stride = p.groups * kPanel * G;  // elements per panel
+    const typename W::T* w = static_cast<const typename W::T*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     __m512 acc[R][kChains];
 #pragma GCC unroll 16
     for (int i = 0; i < R * kChains; ++i) acc[i / kChains][i % kChains] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + kChains <= p.K; k += kChains) {
+    int64_t g = 0;
+    for (; g + S <= p.groups; g += S) {
 #pragma GCC unroll 4
-      for (int c = 0; c < kChains; ++c) {
-        const __m512 xv = _mm512_set1_ps(x[k + c]);
+      for (int c = 0; c < S; ++c) {
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r)
-          acc[r][c] = _mm512_fmadd_ps(load16(w + r * stride + (k + c) * kPanel), xv, acc[r][c]);
+        for (int r = 0; r < R; ++r) {
+          const typename W::Raw raw = W::load(w + r * stride + (g + c) * kPanel * G);
+#pragma GCC unroll 2
+          for (int j = 0; j < G; ++j)
+            acc[r][c * G + j] =
+                _mm512_fmadd_ps(W::value(raw, j), _mm512_set1_ps(x[(g + c) * G + j]), acc[r][c * G + j]);
+        }
       }
     }
-    for (; k < p.K; ++k) {
+    for (; g < p.groups; ++g) {
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r)
-        acc[r][0] = _mm512_fmadd_ps(load16(w + r * stride + k * kPanel), _mm512_set1_ps(x[k]), acc[r][0]);
+      for (int r = 0; r < R; ++r) {
+        const typename W::Raw raw = W::load(w + r * stride + g * kPanel * G);
+#pragma GCC unroll 2
+        for (int j = 0; j < G; ++j)
+          acc[r][j] = _mm512_fmadd_ps(W::value(raw, j), _mm512_set1_ps(x[g * G + j]), acc[r][j]);
+      }
     }
     store_row<R>(p, n, panel, acc);
   }
 
   template <int R, int M>
   AVX512_F32 static void rows(const Problem& p, int64_t n, int64_t panel) {
-    const int64_t stride = p.groups * kPanel;  // elements per panel
-    const T* w = static_cast<const T*>(p.w) + panel * stride;
+    const int64_t stride = p.groups * kPanel * G;  // elements per panel
+    const typename W::T* w = static_cast<const typename W::T*>(p.w) + panel * stride;
     const float* x = p.x.xf + n * p.x.ld;
     __m512 acc[R][M];
 #pragma GCC unroll 32
     for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
     const std::byte* next = p.l2_next;
-    for (int64_t k = 0; k < p.K; ++k) {
-      __m512 wv[R];
-      prefetch_next<R>(next, p.groups, k);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      typename W::Raw wv[R];
+      prefetch_next<R>(next, p.groups, g);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        prefetch(w + r * stride + k * kPanel);
-        wv[r] = load16(w + r * stride + k * kPanel);
+        prefetch(w + r * stride + g * kPanel * G);
+        wv[r] = W::load(w + r * stride + g * kPanel * G);
       }
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        const __m512 xv = _mm512_set1_ps(x[m * p.x.ld + k]);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-      }
+      for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+        for (int j = 0; j < G; ++j) {
+          const __m512 v = W::value(wv[r], j);
+#pragma GCC unroll 8
+          for (int m = 0; m < M; ++m)
+            acc[r][m] = _mm512_fmadd_ps(v, _mm512_set1_ps(x[m * p.x.ld + g * G + j]), acc[r][m]);
+        }
     }
     store_tile<R, M>(p, n, panel, acc);
   }
@@ -207,79 +252,6 @@ struct Bf16Tiles : RowSplit<Bf16Tiles> {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[m * p.x.ld + g]));
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv[r], xv);
-      }
-    }
-    store_tile<R, M>(p, n, panel, acc);
-  }
-};
-
-// bf16 weights on a CPU without avx512_bf16 (Skylake-SP, Cascade Lake, Ice Lake, or a VM that hides the flag): the
-// AVX2 kernel's math at twice its width. Each 64-byte group of a panel (16 rows x a bf16 pair) widens in registers to
-// the even k (<< 16) and the odd k (& 0xffff0000), exact, and multiplies fp32 activations already rounded through bf16
-// (linear.cpp prepares xf so for ISAs below avx512) with vfmadd231ps.
-struct Bf16FmaTiles : RowSplit<Bf16FmaTiles> {
-  static constexpr int kR = 4, kM = 8;
-  // R * M accumulators + R weight groups + a widened group + a broadcast <= 30 registers. A lone row streams two
-  // panels at once (the other tiles here one: see above): on the 2-core Xeon (AVX-512 without bf16, the CPUs this
-  // kernel is for) GPT-2 124M bf16 decoded batch 1 at 1.13-1.42x one panel's speed, three alternating runs each
-  // (fp32 and int8 showed no consistent difference there).
-  static constexpr int64_t panels(int64_t rows) { return rows == 1 ? 2 : rows > 6 ? 3 : 4; }
-
-  AVX512_F32 static __m512 even(__m512i pairs) { return _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)); }
-  AVX512_F32 static __m512 odd(__m512i pairs) {
-    return _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(int(0xffff0000u))));
-  }
-
-  template <int R>
-  AVX512_F32 static void row(const Problem& p, int64_t n, int64_t panel) {  // p.groups: a multiple of 2
-    const int64_t stride = p.groups * kPanel * 2;
-    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
-    const float* x = p.x.xf + n * p.x.ld;
-    static_assert(kChains == 4, "chains: the even and odd k of two consecutive groups");
-    __m512 acc[R][kChains];
-#pragma GCC unroll 16
-    for (int i = 0; i < R * kChains; ++i) acc[i / kChains][i % kChains] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.groups; g += 2) {
-#pragma GCC unroll 2
-      for (int c = 0; c < 2; ++c) {
-        const __m512 x0 = _mm512_set1_ps(x[2 * (g + c)]), x1 = _mm512_set1_ps(x[2 * (g + c) + 1]);
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const __m512i pairs = _mm512_loadu_si512(w + r * stride + (g + c) * kPanel * 2);
-          acc[r][2 * c] = _mm512_fmadd_ps(even(pairs), x0, acc[r][2 * c]);
-          acc[r][2 * c + 1] = _mm512_fmadd_ps(odd(pairs), x1, acc[r][2 * c + 1]);
-        }
-      }
-    }
-    store_row<R>(p, n, panel, acc);
-  }
-
-  template <int R, int M>
-  AVX512_F32 static void rows(const Problem& p, int64_t n, int64_t panel) {
-    const int64_t stride = p.groups * kPanel * 2;  // bf16 elements per panel
-    const uint16_t* w = static_cast<const uint16_t*>(p.w) + panel * stride;
-    const float* x = p.x.xf + n * p.x.ld;
-    __m512 acc[R][M];
-#pragma GCC unroll 32
-    for (int i = 0; i < R * M; ++i) acc[i / M][i % M] = _mm512_setzero_ps();
-    const std::byte* next = p.l2_next;
-    for (int64_t g = 0; g < p.groups; ++g) {
-      __m512i wv[R];
-      prefetch_next<R>(next, p.groups, g);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        prefetch(w + r * stride + g * kPanel * 2);
-        wv[r] = _mm512_loadu_si512(w + r * stride + g * kPanel * 2);
-      }
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const __m512 lo = even(wv[r]);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(x[m * p.x.ld + 2 * g]), acc[r][m]);
-        const __m512 hi = odd(wv[r]);
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m)
-          acc[r][m] = _mm512_fmadd_ps(hi, _mm512_set1_ps(x[m * p.x.ld + 2 * g + 1]), acc[r][m]);
       }
     }
     store_tile<R, M>(p, n, panel, acc);
@@ -570,8 +542,8 @@ AVX512_F32 int32_t quantize_block_avx512(const float* x, int8_t* q, float* s) {
 
 MicroKernel avx512_kernel(WeightType t) {
   switch (t) {
-    case WeightType::f32: return &run_tiles<FmaTiles<float>>;
-    case WeightType::f16: return &run_tiles<FmaTiles<uint16_t>>;
+    case WeightType::f32: return &run_tiles<FmaTiles<F32Weights>>;
+    case WeightType::f16: return &run_tiles<FmaTiles<F16Weights>>;
     case WeightType::bf16: return &run_tiles<Bf16Tiles>;
     case WeightType::int8: return &run_tiles<Int8Tiles>;
     case WeightType::int4: return &run_tiles<Int4Tiles>;
@@ -581,9 +553,9 @@ MicroKernel avx512_kernel(WeightType t) {
 
 MicroKernel avx512f_kernel(WeightType t) {
   switch (t) {
-    case WeightType::f32: return &run_tiles<FmaTiles<float>>;
-    case WeightType::f16: return &run_tiles<FmaTiles<uint16_t>>;
-    case WeightType::bf16: return &run_tiles<Bf16FmaTiles>;
+    case WeightType::f32: return &run_tiles<FmaTiles<F32Weights>>;
+    case WeightType::f16: return &run_tiles<FmaTiles<F16Weights>>;
+    case WeightType::bf16: return &run_tiles<FmaTiles<Bf16Weights>>;
     case WeightType::int8: return &run_tiles<Int8BwTiles>;
     case WeightType::int4: return &run_tiles<Int4BwTiles>;
   }
