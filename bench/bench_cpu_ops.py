@@ -7,8 +7,9 @@ Linear: the 48 block matrices of GPT-2 124M, called in turn as a decode step doe
 DRAM: 340 MB fp32, 170 MB fp16 / bf16, 85 MB int8, 48 MB int4), at 1 and 8 rows, with the cpu kernels forced to each
 ISA this CPU has (avx512f: AVX-512 without the bf16 / VNNI extensions, forced on CPUs that have them too); "torch" is
 the best PyTorch of that dtype here (prepacked oneDNN fp32 / bf16 linears, dynamic int8, its int4 weight-only
-linear in bf16; fp16: a plain F.linear, PyTorch has no faster fp16 path on a CPU), and GB/s counts the weight bytes. torch uses the best ISA it has either way, so on an AVX-512 CPU the avx2 lines
-show what an AVX2-only CPU would run, not a like-for-like ratio.
+linear in bf16; fp16: a plain F.linear, PyTorch has no faster fp16 path on a CPU), and GB/s counts the weight bytes.
+torch uses the best ISA it has either way, so on an AVX-512 CPU the avx2 lines show what an AVX2-only CPU would run,
+not a like-for-like ratio.
 
 Attention shapes are GPT-2 124M's too (H 12, D 64). Decode reads the caches of a different layer each call, as
 the model does (12 layers: 75 MB of K and V at B=1 S=1024, 604 MB at B=8 S=1024, so whether they come from a

@@ -53,8 +53,8 @@ def test_validate_holds_a_quantised_file_to_its_own_weights(hf_odd, tmp_path, ca
     hf_lines = [line for line in lines if "greedy" in line]
     same_lines = [line for line in lines if "on the same weights" in line]
     assert len(hf_lines) == len(same_lines) == len(VALIDATE_PROMPTS) and lines[-1].startswith("FAIL")
-    within = [float(re.search(r"err\| (\S+) \(tol (\S+)\)", line).group(1)) <=
-              float(re.search(r"err\| (\S+) \(tol (\S+)\)", line).group(2)) for line in hf_lines + same_lines]
+    errs_tols = [map(float, re.search(r"err\| (\S+) \(tol (\S+)\)", line).groups()) for line in hf_lines + same_lines]
+    within = [err <= tol for err, tol in errs_tols]
     assert all(within[:len(hf_lines)]) and not any(within[len(hf_lines):]), lines
 
 
