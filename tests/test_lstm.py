@@ -177,7 +177,7 @@ def test_cpu_lstm_cell_matches_the_reference(isa, H):
         assert err <= 1e-6, f"{isa}, H={H}: max |{name} error| {err:.3g} > 1e-6"
 
 
-def test_lstm_cell_refuses_bad_buffers():
+def test_cpu_lstm_cell_refuses_bad_buffers():
     from aigc_rt import _C
     gates, c = torch.zeros(2, 12), torch.zeros(2, 3)
     with pytest.raises(ValueError, match=r"gates has shape \[2, 8\], expected \(2, 12\)"):
