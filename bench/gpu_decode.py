@@ -189,9 +189,10 @@ def measure_bandwidth(gib: int = 2, repeats: int = 20) -> float:
     return (gib << 30) / seconds
 
 
-def step_seconds(generate, new_tokens: int, repeats: int) -> tuple[float, float]:
+def step_seconds(generate, new_tokens: int, repeats: int, graphs=None) -> tuple[float, float]:
     """(seconds per decode step of generate(n) (which makes n tokens), prefill excluded; seconds of
-    generate(1), the time to the first token)."""
+    generate(1), the time to the first token). graphs: the model's DecodeGraph, whose captures during the timed
+    runs (after the warm-up) are reported: each would add an eager step and a capture to a timed run."""
     import torch
 
     def timed(n):
@@ -203,8 +204,11 @@ def step_seconds(generate, new_tokens: int, repeats: int) -> tuple[float, float]
 
     timed(new_tokens)  # warm-up: compilation, graph capture
     timed(1)
+    captured = graphs.captures if graphs is not None else 0
     full = statistics.median(timed(new_tokens) for _ in range(repeats))
     first = statistics.median(timed(1) for _ in range(repeats))
+    if graphs is not None and graphs.captures != captured:
+        print(f"warning: {graphs.captures - captured} CUDA-graph captures during the timed runs", flush=True)
     return (full - first) / (new_tokens - 1), first
 
 
@@ -272,7 +276,7 @@ def run_ours(folder: str, dtype: str, prompts, new_tokens: int, repeats: int, st
         m.generate(prompts.tolist(), max_new_tokens=n, eos_token_id=[], **(SEED_SYSTEM_SAMPLING if sample else {}))
 
     try:
-        return step_seconds(steps if steps_only else generate, new_tokens, repeats)
+        return step_seconds(steps if steps_only else generate, new_tokens, repeats, m.backend.decode_graph)
     finally:
         utils.PDL_REQUESTED = False
         del m
@@ -286,17 +290,18 @@ def decode_steps(m, ids, n: int):
     tokens)."""
     import torch
 
-    from aigc_rt.generation import DecodeState
+    from aigc_rt.generation import capacity
     from aigc_rt.sampling import SamplingParams
     B, T = ids.shape
     greedy = SamplingParams()
-    with torch.inference_mode():
-        cache = m.new_cache(B, T + n)
-        state = DecodeState.allocate(B, m.config.vocab_size, ids.device, penalty=False)
+    with torch.inference_mode():  # the buffers generate() would run on (capacity and pool as it takes them)
+        lease = m.decode_buffers.take(m, B, capacity(m.config.n_positions, T + n), penalty=False)
+        cache, state = lease[:2]
         state.positions.fill_(T)
         m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, state.u, None, out=state.tokens)
         for i in range(n - 1):
             m.decode_sample(state, cache, T + i + 1, greedy)
+    m.decode_buffers.give_back(lease)
     return state
 
 

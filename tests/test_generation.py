@@ -397,6 +397,7 @@ def test_unwritten_cache_slots_never_leak(model, monkeypatch):
         return cache
 
     monkeypatch.setattr(model, "new_cache", nan_cache)
+    model.decode_buffers.clear()  # else a kept cache of an earlier generation serves (see the tests below)
     out = model.generate(PROMPTS, max_new_tokens=6, num_return_sequences=2, do_sample=True, seed=1)
     assert len(out) == 8
 
@@ -579,3 +580,51 @@ def test_logprobs_only_when_asked_and_in_the_stream_of_events(model):
     done = {ev.row: ev.finished for ev in events if ev.finished is not None}
     for r in done:
         assert [ev.logprob for ev in events if ev.row == r] == done[r].logprobs
+
+
+def test_capacity_rounds_up_to_a_step_within_the_context():
+    from aigc_rt.generation import CAPACITY_STEP, capacity
+    assert [capacity(1024, n) for n in (1, CAPACITY_STEP, CAPACITY_STEP + 1, 1000, 1024)] == \
+        [CAPACITY_STEP, CAPACITY_STEP, 2 * CAPACITY_STEP, 1024, 1024]
+    assert capacity(100, 90) == 100
+
+
+def test_generations_reuse_their_decode_buffers(model):
+    """Generations of one batch size and capacity run on the same kept buffers (so a captured or recorded step
+    replays), and what an earlier generation left in them never reaches a result: every kept cache slot is set to
+    NaN between generations, and the outputs equal those of fresh buffers."""
+    kw = dict(max_new_tokens=5, eos_token_id=[], do_sample=True, top_k=20, repetition_penalty=1.3, seed=3)
+    model.decode_buffers.clear()
+    fresh = [model.generate(p, **kw)[0].token_ids for p in PROMPTS[:2]]
+    kept = dict(model.decode_buffers.free)
+    assert len(kept) == 1, "two generations of one shape kept two sets of buffers"
+    cache, state = next(iter(kept.values()))[:2]
+    for _ in range(2):
+        with torch.inference_mode():  # the buffers are inference tensors
+            for name in cache.STATE:
+                getattr(cache, name).fill_(float("nan"))
+            state.seen.fill_(True)
+            state.tokens.fill_(-1)
+        assert [model.generate(p, **kw)[0].token_ids for p in PROMPTS[:2]] == fresh
+        assert next(iter(model.decode_buffers.free.values()))[0] is cache  # the same buffers served again
+    model.generate(PROMPTS[:2], max_new_tokens=2)  # another batch size and kind of state: new buffers
+    assert len(model.decode_buffers.free) == 2
+
+
+def test_interleaved_generations_get_buffers_of_their_own(model):
+    """A generation started while another holds the kept buffers gets its own; both give the outputs they give
+    alone. A generator dropped half-way gives its buffers back."""
+    model.decode_buffers.clear()
+    kw = dict(max_new_tokens=8, eos_token_id=[])
+    alone = [model.generate(p, **kw)[0].text for p in PROMPTS[:2]]
+    first = model.stream(PROMPTS[0], **kw)
+    pieces = [next(first)]
+    assert model.generate(PROMPTS[1], **kw)[0].text == alone[1]
+    assert "".join(pieces + list(first)) == alone[0]
+    from aigc_rt.generation import run
+    events = run(model, [PROMPTS[1]], **kw)
+    model.decode_buffers.clear()
+    next(events)
+    assert not model.decode_buffers.free  # held by the running generation
+    events.close()
+    assert len(model.decode_buffers.free) == 1

@@ -170,8 +170,8 @@ def test_cpu_replay_equals_eager_step(converted, dtype):
 
 
 def test_cpu_replay_lives_with_its_cache(rt_odd):
-    """A recorded step holds the cache's tensors, so it must go when the cache goes: after generations end,
-    no recording is left on the backend."""
+    """A recorded step holds the cache's tensors, so it must go when the cache goes: once the model's kept
+    decode buffers are dropped, no recording is left on the backend. Until then the generations share one."""
     import gc
     m = aigc_rt.load(rt_odd[0], backend="cpu")
     cache = m.new_cache(1, 8)
@@ -182,6 +182,9 @@ def test_cpu_replay_lives_with_its_cache(rt_odd):
     del cache
     for _ in range(3):
         m.generate("hello", max_new_tokens=4)
+    gc.collect()
+    assert len(m.backend._replays) == 1  # the three generations ran on one kept cache: recorded once
+    m.decode_buffers.clear()
     gc.collect()
     assert len(m.backend._replays) == 0
 

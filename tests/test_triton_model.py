@@ -232,3 +232,19 @@ def test_programmatic_dependent_launch_changes_nothing(rt_odd, monkeypatch):
 def test_pdl_is_off_unless_asked_for():
     from aigc_rt.kernels import utils
     assert utils.pdl_options(DEV) == dict(PDL=False)
+
+
+def test_generations_of_one_shape_share_one_captured_step(model):
+    """generate() calls of one batch size whose lengths round to one cache capacity run on the model's kept decode
+    buffers, so the decode + sampling step is keyed (and on a GPU captured) once and replayed by the next calls:
+    each capture costs an eager step and the capture itself, milliseconds a call."""
+    graphs = model.backend.decode_graph
+    model.decode_buffers.clear()
+    graphs.entries.clear()
+    first = model.generate(PROMPTS[0], max_new_tokens=4, eos_token_id=[])
+    captures = graphs.captures
+    for prompt, n in ((PROMPTS[2], 6), (PROMPTS[1], 3), (PROMPTS[0], 4)):
+        out = model.generate(prompt, max_new_tokens=n, eos_token_id=[])
+    assert [k[0] for k in graphs.entries] == ["sample"], list(graphs.entries)
+    assert graphs.captures == captures, f"{graphs.captures - captures} captures after the first generation"
+    assert out[0].token_ids == first[0].token_ids  # the same prompt again, on the buffers the others used

@@ -38,6 +38,7 @@ class DecodeGraph:
     def __init__(self, capture: bool):
         self.capture = capture
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.captures = 0  # graphs captured so far (benchmarks check that their timed runs captured none)
 
     def decode(self, step, tokens: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, cache):
         """step(tokens, positions, lengths, cache, max_len) -> logits (B, V): the model's eager decode step, run
@@ -79,6 +80,7 @@ class DecodeGraph:
         out = fn()
         if self.capture:
             e.graph = torch.cuda.CUDAGraph()
+            self.captures += 1
             torch.cuda.synchronize()
             with torch.cuda.graph(e.graph):  # records the step; capturing runs nothing
                 e.out = fn()

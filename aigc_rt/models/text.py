@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..generation import DecodeBuffers
+
 HEAD_CHUNK_LOGITS = 1 << 24  # perplexity(): logits held at once (64 MB of fp32), so a long window needs no (T, V)
 
 
@@ -83,6 +85,7 @@ class TextModel:
     def __init__(self, config, backend, tokenizer, dtype: str):
         self.config, self.backend, self.tokenizer, self.dtype = config, backend, tokenizer, dtype
         self.device = backend.device
+        self.decode_buffers = DecodeBuffers()  # generate()'s caches, kept for the next generations (clear() frees)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, C) -> logits (N, V) fp32."""
