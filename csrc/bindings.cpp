@@ -4,6 +4,18 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aigc_rt C++ CPU kernels";
+  // Our argument checks (AIGC_CHECK) throw pybind11::value_error: translated here, by this module, before pybind11
+  // tries the translators other modules registered globally in the internals this module shares with torch._C.
+  // On the GPU box of 2026-11-30 (this module built with the box's g++ against torch 2.11) every such ValueError
+  // killed the process with SIGSEGV; if the crash was in a global translator, this avoids it (unverified there:
+  // tools/gpu_session.sh's build step checks).
+  pybind11::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const pybind11::builtin_exception& e) {
+      e.set_error();
+    }
+  });
   m.def("layernorm", &aigc_rt::cpu::layernorm, "LayerNorm over the last dim (fp32)", pybind11::arg("x"),
         pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("out") = pybind11::none());
   m.def("write_kv", &aigc_rt::cpu::write_kv,
