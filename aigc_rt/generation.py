@@ -27,6 +27,7 @@ from .sampling import SamplingParams, uniform
 PIPELINED_DEVICES = {"cuda"}  # device types whose next step is queued before this step's tokens are read
 CAPACITY_STEP = 64  # a generation's cache holds a multiple of this many positions (at most the context length)
 KEPT_BUFFERS = 4  # generations' decode buffers kept for the next ones (DecodeBuffers), least recently used dropped
+KEPT_BYTES = 2 << 30  # ... and while the caches kept take more than this, all but the latest set
 
 
 @dataclass
@@ -259,8 +260,9 @@ class DecodeBuffers:
     addresses. A backend that captured the decode step there (the triton backend's CUDA graph, the cpu backend's
     recorded step, both keyed by those addresses) then replays it instead of capturing again: on a GPU a capture
     is an eager step and the capture itself, milliseconds a generation (GPT-2 1.5B: ~250 launches). A generation
-    running while another holds the buffers gets buffers of its own. At most KEPT_BUFFERS sets are kept; a set
-    holds the cache's memory between generations (GPT-2 124M, bf16, 1,024 positions: 38 MB a sequence)."""
+    running while another holds the buffers gets buffers of its own. A set holds its cache's memory between
+    generations (GPT-2 124M, bf16 cache, 1,024 positions: 38 MB a sequence; 1.5B fp32: 630 MB): at most
+    KEPT_BUFFERS sets are kept, and beyond KEPT_BYTES of caches only the latest."""
 
     def __init__(self):
         self.free: OrderedDict[tuple, tuple] = OrderedDict()
@@ -288,7 +290,8 @@ class DecodeBuffers:
         with self.lock:
             self.free[key] = lease
             self.free.move_to_end(key)
-            while len(self.free) > KEPT_BUFFERS:
+            while len(self.free) > KEPT_BUFFERS or len(self.free) > 1 and sum(
+                    t.nbytes for kept in self.free.values() for t in kept[3]) > KEPT_BYTES:
                 self.free.popitem(last=False)
 
     def clear(self) -> None:

@@ -611,6 +611,26 @@ def test_generations_reuse_their_decode_buffers(model):
     assert len(model.decode_buffers.free) == 2
 
 
+def test_kept_decode_buffers_are_bounded(model, monkeypatch):
+    """At most KEPT_BUFFERS sets, the least recently used dropped first, and beyond KEPT_BYTES of caches only the
+    latest set."""
+    from aigc_rt import generation
+    model.decode_buffers.clear()
+    monkeypatch.setattr(generation, "KEPT_BUFFERS", 2)
+    for B in (1, 2, 3):
+        model.generate(PROMPTS[:B], max_new_tokens=2)
+    assert [key[0] for key in model.decode_buffers.free] == [2, 3]
+    model.generate(PROMPTS[:2], max_new_tokens=2)  # used again: the most recent
+    assert [key[0] for key in model.decode_buffers.free] == [3, 2]
+    cache_bytes = sum(t.nbytes for t in next(iter(model.decode_buffers.free.values()))[3])
+    monkeypatch.setattr(generation, "KEPT_BYTES", cache_bytes - 1)  # less than 3 sequences' caches
+    model.generate(PROMPTS[:1], max_new_tokens=2)  # 2 + 1 sequences kept would be too many bytes
+    assert [key[0] for key in model.decode_buffers.free] == [1]
+    monkeypatch.setattr(generation, "KEPT_BYTES", 0)
+    model.generate(PROMPTS[:3], max_new_tokens=2)  # the latest set stays whatever its size
+    assert [key[0] for key in model.decode_buffers.free] == [3]
+
+
 def test_interleaved_generations_get_buffers_of_their_own(model):
     """A generation started while another holds the kept buffers gets its own; both give the outputs they give
     alone. A generator dropped half-way gives its buffers back."""
