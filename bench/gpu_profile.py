@@ -165,8 +165,10 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
                 cells.append(f"{1e6 * secs[mode]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
             else:
                 cells.append("-")
-        kern = triton_linear._gemv_tuned if M <= triton_linear.GEMV_MAX_M else triton_linear._small_m_tuned
-        best = [str(c) for k, c in kern.cache.items() if k[:2] == (N, K)]
+        picked = triton_linear._picked.get((M, N, K, w.dtype, name not in ("proj", "mlp_proj")),
+                                           "gemv" if M <= triton_linear.GEMV_MAX_M else "gemm")
+        kern = triton_linear._gemv_tuned if picked == "gemv" else triton_linear._small_m_tuned
+        best = [f"{picked}: {c}" for k, c in kern.cache.items() if k[:2] == (N, K)]
         out.append(f"| {name} | {M} | {N} x {K} | {' | '.join(cells)} | {best[0] if best else '-'} | {cuda_config} |")
         del ws
         torch.cuda.empty_cache()
@@ -183,7 +185,8 @@ def sampling_rows() -> list[str]:
     settings = {"greedy": (SamplingParams(), 3), "t=0.7, top_k=50": (SamplingParams(do_sample=True, temperature=0.7,
                                                                                      top_k=50), 3),
                 "top_p=0.9, penalty 1.2": (top_p, 3), "top_p=0.9, penalty 1.2, peaked logits": (top_p, 10)}
-    out = ["| sampling | batch | ours | torch (sample_reference) |", "|---|---|---|---|"]
+    out = ["| sampling | batch | ours | torch (sample_reference) | ours, replayed from a CUDA graph |",
+           "|---|---|---|---|---|"]
     for name, (params, spread) in settings.items():
         for B in (1, 8):
             logits = torch.randn(B, 50257, device="cuda") * spread
@@ -199,6 +202,13 @@ def sampling_rows() -> list[str]:
                     cells.append(f"{1e6 * gpu_decode.event_seconds(calls, 5) / 20:,.1f} us")
                 except Exception as e:
                     cells.append(f"failed: {type(e).__name__}")
+            try:  # the device time alone, as generate()'s step replays it (the columns before: eager calls, whose
+                # Python and launches may cost more than the kernels)
+                tokens = torch.empty(B, dtype=torch.int64, device="cuda")
+                step = [lambda: sampling.sample(logits, params, u, seen, out=tokens)]
+                cells.append(f"{1e6 * graph_time(step):,.1f} us")
+            except Exception as e:
+                cells.append(f"failed: {type(e).__name__}")
             out.append(f"| {name} | {B} | {' | '.join(cells)} |")
     return out
 

@@ -21,7 +21,12 @@ Two kernels, picked by the number of rows M (GEMV_MAX_M):
   for 132 SMs) it splits K over SPLIT_K programs per tile: each writes its partial sums, and
   _split_k_reduce_kernel adds them in split order (deterministic, no atomics) and applies the epilogue.
 - _gemv_kernel: batch-1 decode, y = W x as a broadcast multiply + row sums over narrow row blocks (more
-  programs in flight than a 16-row dot tile gives; bench/bench_triton.py measures both against cuBLAS).
+  programs in flight than a 16-row dot tile gives; bench/bench_triton.py measures both against cuBLAS). With
+  M rows it runs M programs per row block, each reading the block again, from L2 once one has read it from
+  memory (the blocks of a row of programs are in flight together). For 2-16 rows the autotuned path times both
+  kernels once per shape and keeps the faster (_faster): on the H200 of 2026-11-30 the 16-row dot tile ran
+  batch-8 decode shapes 2.7-4.3x slower than cuBLAS, and the GEMV read a batch-1 row block in about cuBLAS's
+  time.
 Decode (GEMV, and the GEMM at M <= 16) is bound by how many weight bytes are in flight, which depends on the
 shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a few block shapes (compiled
 once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
@@ -46,7 +51,8 @@ from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, che
                     pdl_begin, pdl_options, prefetch_l2)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
-GEMV_MAX_M = 1  # rows up to which the GEMV kernel is used (a policy the GPU benchmark can revisit)
+GEMV_MAX_M = 1  # rows up to which the GEMV kernel is always used
+PICKED_MAX_M = 16  # above GEMV_MAX_M and up to this many rows, autotuned launches time both kernels (_faster)
 
 
 @device_fn
@@ -300,6 +306,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         raise ValueError(f"split_k must be None or an int in [1, 64], got {split_k!r}")
     x2, y, N, K = operands(x, w, b, act, scale, norm, residual, out)
     dev, M = x.device, x2.shape[0]
+    if AUTOTUNE and kernel is None and split_k is None and GEMV_MAX_M < M <= PICKED_MAX_M:
+        kernel = _faster((M, N, K, w.dtype, norm is not None), y, lambda k: linear(
+            x, w, b, act, scale=scale, norm=norm, residual=residual, out=out, kernel=k))
     g, beta, eps = norm if norm is not None else (x, x, 1.0)  # dummies when NORM is off
     if M == 0:
         return y
@@ -335,6 +344,25 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
                              PREFETCH=False, **s)
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=sk, **reduce))
     return y
+
+
+_picked: dict[tuple, str] = {}  # (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"
+
+
+def _faster(key: tuple, y: torch.Tensor, launch) -> str:
+    """The faster of the two kernels for a launch of shape `key`, timed on the first launch of that shape (each
+    autotuned over its own candidates) and remembered. launch(kernel) runs the launch with that kernel; y is its
+    output, put back as it was after the timed runs (an accumulating launch adds into it). While a CUDA graph is
+    being captured nothing can be timed: an untimed shape takes the GEMM (the choice before this pick existed)."""
+    kernel = _picked.get(key)
+    if kernel is None:
+        if y.is_cuda and torch.cuda.is_current_stream_capturing():
+            return "gemm"
+        kept = y.clone()
+        times = {k: _quick_bench(lambda k=k: launch(k), None) for k in ("gemm", "gemv")}
+        y.copy_(kept)
+        kernel = _picked[key] = min(times, key=times.get)
+    return kernel
 
 
 def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -349,10 +349,49 @@ def test_autotuned_launch(monkeypatch, kernel, winner):
     monkeypatch.setattr(tuned, "do_bench", timer)  # (a cached_property of the autotuner)
     monkeypatch.setattr(tuned, "cache_results", False)
     monkeypatch.setattr(tuned, "cache", {})
-    got = linear.linear(x, w, b, "gelu_tanh", norm=(torch.ones(K), torch.zeros(K), 1e-5), residual=r.clone())
+    got = linear.linear(x, w, b, "gelu_tanh", norm=(torch.ones(K), torch.zeros(K), 1e-5), residual=r.clone(),
+                        kernel=kernel)  # (at M = 5 unforced, the pick between the two would time both)
     assert len(timed) == len(order) and tuned.best_config is order[pick]
     want = linear.reference(x, w, b, "gelu_tanh", norm=(torch.ones(K), torch.zeros(K), 1e-5), residual=r)
     assert_close(got, want, *LINEAR_TOL, f"autotuned {kernel} won by {order[pick]}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the pick times the kernels for real (test_linear*)")
+@pytest.mark.parametrize("faster", ["gemv", "gemm"])
+def test_small_batch_launch_takes_the_faster_kernel(monkeypatch, faster):
+    """linear() on 2-16 rows as a GPU runs it: both kernels timed once per shape (each autotuned), the faster
+    launched then and remembered; the timed runs leave the residual stream as it was. Here with timers that make
+    `faster` the faster kernel and the first candidate of each autotuner its best."""
+    monkeypatch.setattr(linear, "AUTOTUNE", True)
+    monkeypatch.setattr(linear, "_picked", {})
+    for tuned in (linear._gemv_tuned, linear._small_m_tuned):
+        monkeypatch.setattr(tuned, "do_bench", lambda fn, quantiles=None: (fn(), [1.0] * 3 if quantiles else 1.0)[1])
+        monkeypatch.setattr(tuned, "cache_results", False)
+        monkeypatch.setattr(tuned, "cache", {})
+    timed = []
+
+    def timer(fn, quantiles):
+        fn()
+        timed.append(len(timed))
+        return 1.0 if ("gemm", "gemv")[len(timed) - 1] == faster else 2.0  # _faster times the GEMM first
+    monkeypatch.setattr(linear, "_quick_bench", timer)
+    M, N, K = 5, 37, 1100
+    x, w, b, r = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), randn(N, seed=3), randn(M, N, seed=4)
+    norm = (torch.ones(K), torch.zeros(K), 1e-5)
+    launched = []
+    for kernel, tuned in (("gemv", linear._gemv_tuned), ("gemm", linear._small_m_tuned)):
+        def run(*args, tuned=tuned, kernel=kernel, **kwargs):
+            launched.append(kernel)
+            return type(tuned).run(tuned, *args, **kwargs)
+        monkeypatch.setattr(tuned, "run", run)
+    for _ in range(2):
+        launched.clear()
+        got = linear.linear(x, w, b, "gelu_tanh", norm=norm, residual=r.clone())
+        want = linear.reference(x, w, b, "gelu_tanh", norm=norm, residual=r)
+        assert_close(got, want, *LINEAR_TOL, f"the pick ({faster} faster)")
+        assert launched[-1] == faster
+    assert len(timed) == 2 and launched == [faster], "the pick was not remembered"
+    assert linear._picked == {(M, N, K, torch.bfloat16, True): faster}
 
 
 def test_prefetch_candidates(monkeypatch):
