@@ -174,13 +174,13 @@ def _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs
 
         lengths = torch.tensor(lens, device=dev)
         # each prompt prefilled once (rows 0, n, 2n, ...); with n > 1 its state and logits copied to its n sequences
-        once = cache if n == 1 else model.new_cache(B // n, cache.max_len)
-        hidden = model.prefill(ids[::n], once, lengths[::n])  # (B / n, T, C)
-        logits = model.head(hidden[torch.arange(B // n, device=dev), lengths[::n] - 1])  # (B / n, V)
-        if n > 1:
-            cache.repeat_rows(once, n)
+        # (the prompts' cache kept too, so that a replayed prefill finds it where it was captured)
+        once = None if n == 1 else model.decode_buffers.take(model, B // n, cache.max_len, False)
+        logits = be.run_prefill(model.first_logits, ids[::n], lengths[::n], cache if once is None else once[0])
+        if once is not None:
+            cache.repeat_rows(once[0], n)
             logits = logits.repeat_interleave(n, dim=0)  # (B, V)
-        del once
+            model.decode_buffers.give_back(once)
         state.positions.copy_(lengths)  # where each row's next token goes
         if state.seen is not None:  # the prompts' tokens
             seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)

@@ -298,7 +298,9 @@ def decode_steps(m, ids, n: int):
         lease = m.decode_buffers.take(m, B, capacity(m.config.n_positions, T + n), penalty=False)
         cache, state = lease[:2]
         state.positions.fill_(T)
-        m.backend.sample(m.head(m.prefill(ids, cache)[:, -1]), greedy, state.u, None, out=state.tokens)
+        lengths = torch.full((B,), T, device=ids.device)
+        m.backend.sample(m.backend.run_prefill(m.first_logits, ids, lengths, cache), greedy, state.u, None,
+                         out=state.tokens)  # the prefill as generate() runs it (replayed, for a short prompt)
         for i in range(n - 1):
             m.decode_sample(state, cache, T + i + 1, greedy)
     m.decode_buffers.give_back(lease)

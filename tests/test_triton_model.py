@@ -197,7 +197,10 @@ def test_cuda_graph_replay_equals_eager(rt_odd):
             dict(max_new_tokens=12, eos_token_id=[], do_sample=True, temperature=0.7, top_k=50, seed=5)]
     with_graph = [m.generate(PROMPTS, **kw) for kw in runs]
     assert any(e.graph is not None and key[0] == "sample" for key, e in m.backend.decode_graph.entries.items())
-    m.backend.decode_graph.capture = False
+    assert any(e.graph is not None for e in m.backend.prefill_graphs.entries.values()), "prefill never captured"
+    m.backend.decode_graph.capture = m.backend.prefill_graphs.capture = False
+    m.backend.decode_graph.entries.clear()
+    m.backend.prefill_graphs.entries.clear()
     for kw, graphed in zip(runs, with_graph):
         assert [c.token_ids for c in m.generate(PROMPTS, **kw)] == [c.token_ids for c in graphed], kw
 
@@ -248,3 +251,31 @@ def test_generations_of_one_shape_share_one_captured_step(model):
     assert [k[0] for k in graphs.entries] == ["sample"], list(graphs.entries)
     assert graphs.captures == captures, f"{graphs.captures - captures} captures after the first generation"
     assert out[0].token_ids == first[0].token_ids  # the same prompt again, on the buffers the others used
+
+
+def test_prefill_padded_for_its_graph(model, monkeypatch):
+    """generate()'s prefill of short prompts runs on prompts right-padded to a multiple of PREFILL_ROWS (replayed
+    from one CUDA graph per batch size and padded length on a GPU; here the same static path, uncaptured): the
+    tokens are those of the unpadded prefill and the log-probabilities within 1e-4; prompts of another length in
+    the same multiple reuse the entry; prompts past PREFILL_GRAPH_MAX_T run unpadded, eagerly."""
+    from aigc_rt.backends import triton_backend
+    kw = dict(max_new_tokens=4, eos_token_id=[], logprobs=True)
+    be = model.backend
+    monkeypatch.setattr(be, "graph_prefill", False)
+    plain = model.generate(PROMPTS, **kw)
+    monkeypatch.setattr(be, "graph_prefill", True)
+    be.prefill_graphs.entries.clear()
+    padded = model.generate(PROMPTS, **kw)
+    for a, b in zip(plain, padded):
+        assert a.token_ids == b.token_ids
+        err = max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs))
+        assert err <= 1e-4, f"padded prefill: max log-probability error {err:.3g}"
+    (key,) = be.prefill_graphs.entries
+    lengths = [len(model.tokenizer.encode(p)) for p in PROMPTS]
+    rows = triton_backend.PREFILL_ROWS
+    assert key[0] == "prefill" and key[2:4] == (3, -(-max(lengths) // rows) * rows), key
+    model.generate([p[:-1] for p in PROMPTS], **kw)  # shorter prompts, the same padded length (here)
+    assert len(be.prefill_graphs.entries) == 1
+    monkeypatch.setattr(triton_backend, "PREFILL_GRAPH_MAX_T", max(lengths) - 1)
+    assert [c.token_ids for c in model.generate(PROMPTS, **kw)] == [c.token_ids for c in plain]
+    assert len(be.prefill_graphs.entries) == 1  # run eagerly

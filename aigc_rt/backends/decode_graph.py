@@ -35,8 +35,8 @@ class _Entry:
 
 
 class DecodeGraph:
-    def __init__(self, capture: bool):
-        self.capture = capture
+    def __init__(self, capture: bool, size: int = MAX_GRAPHS):
+        self.capture, self.size = capture, size
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.captures = 0  # graphs captured so far (benchmarks check that their timed runs captured none)
 
@@ -68,7 +68,7 @@ class DecodeGraph:
         e = self.entries.get(key)
         if e is None:
             e = self.entries[key] = _Entry()
-            while len(self.entries) > MAX_GRAPHS:
+            while len(self.entries) > self.size:
                 self.entries.popitem(last=False)
         self.entries.move_to_end(key)
         return e

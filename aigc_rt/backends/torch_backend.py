@@ -227,6 +227,12 @@ class TorchBackend:
         does all its work in backend ops, on its inputs, the cache and the cache's Workspace."""
         return step(tokens, positions, lengths, cache, max_len)
 
+    def run_prefill(self, first_logits, ids: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
+        """generate()'s prefill, first_logits(ids, cache, lengths) -> logits (B, V) (TextModel.first_logits); a
+        backend may replay it (triton: from a CUDA graph per batch size and padded prompt length). The logits are
+        read before the next generation's prefill, which may overwrite them."""
+        return first_logits(ids, cache, lengths)
+
     def run_layers(self, model, forward, *inputs: torch.Tensor) -> torch.Tensor:
         """An image model's whole forward, forward(*inputs) -> y, with the inputs on the device; a backend may
         replay it (triton: from a CUDA graph per model, forward and input shapes). The result is the caller's: no

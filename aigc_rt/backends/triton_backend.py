@@ -26,6 +26,10 @@ from .torch_backend import Conv, Linear, TorchBackend
 # Rows up to which a LayerNorm runs in the prologue of the linear after it (every program normalises its rows
 # again: free beside the weights it streams for a decode step's few rows; a prefill normalises once, apart)
 NORM_IN_PROLOGUE_MAX_ROWS = 16
+# generate()'s prefill replays from a CUDA graph for prompts of up to PREFILL_GRAPH_MAX_T tokens, padded to a
+# multiple of PREFILL_ROWS (right padding: never read by a real position), one graph per batch size, padded length
+# and cache; longer prompts run eagerly (their kernels, not their ~60 launches from Python, take the time)
+PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
 
 
 class TritonBackend(TorchBackend):
@@ -42,6 +46,8 @@ class TritonBackend(TorchBackend):
         capture = device.type == "cuda" and os.environ.get("AIGC_RT_CUDA_GRAPHS") != "0"
         self.decode_graph = DecodeGraph(capture)
         self.layer_graphs = DecodeGraph(capture)  # the image models' forwards, apart from the decode steps' LRU
+        self.prefill_graphs = DecodeGraph(capture, size=PREFILL_GRAPH_MAX_T // PREFILL_ROWS)
+        self.graph_prefill = capture  # tests turn it on where nothing is captured (the static path runs eagerly)
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
@@ -96,6 +102,16 @@ class TritonBackend(TorchBackend):
 
     def run_decode(self, step, tokens, positions, lengths, cache, max_len):
         return self.decode_graph.decode(step, tokens, positions, lengths, cache)
+
+    def run_prefill(self, first_logits, ids, lengths, cache):
+        B, T = ids.shape
+        padded = min(-(-T // PREFILL_ROWS) * PREFILL_ROWS, cache.max_len)
+        if not self.graph_prefill or padded > PREFILL_GRAPH_MAX_T:
+            return first_logits(ids, cache, lengths)
+        if padded > T:
+            ids = torch.nn.functional.pad(ids, (0, padded - T))
+        key = ("prefill", first_logits, B, padded, cache.addresses(B))
+        return self.prefill_graphs.run(key, lambda i, n: first_logits(i, cache, n), ids, lengths)
 
     def run_decode_sample(self, step, state, cache, max_len, params):
         B = state.tokens.shape[0]

@@ -91,6 +91,13 @@ class TextModel:
         """(N, C) -> logits (N, V) fp32."""
         return self.backend.linear(hidden.contiguous(), self.lm_head)
 
+    def first_logits(self, ids: torch.Tensor, cache: DecodeCache, lengths: torch.Tensor) -> torch.Tensor:
+        """generate()'s prefill: ids (B, T) right-padded, lengths (B,) -> the logits after each row's last token,
+        (B, V) fp32, with the cache filled. The backend runs it (backend.run_prefill: for short prompts the triton
+        backend replays it from a CUDA graph, on the prompts right-padded to a multiple of 16 tokens)."""
+        hidden = self.prefill(ids, cache, lengths)
+        return self.head(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: DecodeCache, max_len: int) -> torch.Tensor:
         """One new token per sequence. tokens, positions (B,) int64 on the device; max_len (host int)
         >= max(positions) + 1. Advances the cache by the token (GPT-2: writes its k, v at its position) and
