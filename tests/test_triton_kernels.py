@@ -375,7 +375,7 @@ def test_small_batch_launch_takes_the_faster_kernel(monkeypatch, faster):
         timed.append(len(timed))
         return 1.0 if ("gemm", "gemv")[len(timed) - 1] == faster else 2.0  # _faster times the GEMM first
     monkeypatch.setattr(linear, "_quick_bench", timer)
-    M, N, K = 5, 37, 1100
+    M, N, K = 5, 37, 260
     x, w, b, r = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), randn(N, seed=3), randn(M, N, seed=4)
     norm = (torch.ones(K), torch.zeros(K), 1e-5)
     launched = []

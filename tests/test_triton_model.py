@@ -259,7 +259,7 @@ def test_prefill_padded_for_its_graph(model, monkeypatch):
     tokens are those of the unpadded prefill and the log-probabilities within 1e-4; prompts of another length in
     the same multiple reuse the entry; prompts past PREFILL_GRAPH_MAX_T run unpadded, eagerly."""
     from aigc_rt.backends import triton_backend
-    kw = dict(max_new_tokens=4, eos_token_id=[], logprobs=True)
+    kw = dict(max_new_tokens=2, eos_token_id=[], logprobs=True)
     be = model.backend
     monkeypatch.setattr(be, "graph_prefill", False)
     plain = model.generate(PROMPTS, **kw)
