@@ -279,3 +279,35 @@ def test_prefill_padded_for_its_graph(model, monkeypatch):
     monkeypatch.setattr(triton_backend, "PREFILL_GRAPH_MAX_T", max(lengths) - 1)
     assert [c.token_ids for c in model.generate(PROMPTS, **kw)] == [c.token_ids for c in plain]
     assert len(be.prefill_graphs.entries) == 1  # run eagerly
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(monkeypatch):
+    """Should a step fail to capture (an op that syncs with the host, say), DecodeGraph warns once and runs it
+    eagerly on its static buffers from then on, with the results of the eager step (here with stand-ins for torch's
+    graph capture, which raises on the step's second run, the capture)."""
+    from aigc_rt.backends import decode_graph
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    graphs, runs = decode_graph.DecodeGraph(capture=True), []
+
+    def step(x):
+        runs.append(x.clone())
+        if len(runs) == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return x * 2
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*runs eagerly"):
+        assert torch.equal(graphs.run(("step",), step, x), x * 2)
+    assert torch.equal(graphs.run(("step",), step, x + 1), (x + 1) * 2)  # eagerly, on the new inputs
+    assert graphs.captures == 0 and len(runs) == 3

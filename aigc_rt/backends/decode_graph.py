@@ -12,13 +12,15 @@ The per-layer attention launches depend only on the cache's capacity (cache.max_
 length that changes per step, so one capture serves every step of a generation. A new batch size or a
 compacted cache gets its own entry, and a later generation whose buffers all land at the same addresses (the
 caching allocator hands back the blocks just freed) replays without capturing again. The first call for a key
-runs the step eagerly (that also compiles and warms up the kernels), then captures it; later calls replay.
+runs the step eagerly (that also compiles and warms up the kernels), then captures it; later calls replay. A
+step whose capture fails (an op that syncs with the host, say) warns and runs eagerly from then on.
 With capture off (CPU, TRITON_INTERPRET=1, or AIGC_RT_CUDA_GRAPHS=0) every call runs the step eagerly on the
 same buffers, so tests exercise that path.
 Tests: tests/test_triton_model.py (the static path everywhere; graph replay == eager on a GPU).
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ class _Entry:
     inputs: tuple[torch.Tensor, ...] = ()  # decode() / run(): static copies of the inputs
     graph: "torch.cuda.CUDAGraph | None" = None
     out: object = None  # what the captured step returns (decode(): its logits (B, V), a static buffer)
+    eager: bool = False  # its capture failed: the step runs eagerly (on the same static buffers) from then on
 
 
 class DecodeGraph:
@@ -78,10 +81,17 @@ class DecodeGraph:
             e.graph.replay()
             return e.out
         out = fn()
-        if self.capture:
-            e.graph = torch.cuda.CUDAGraph()
-            self.captures += 1
+        if self.capture and not e.eager:
+            graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
-            with torch.cuda.graph(e.graph):  # records the step; capturing runs nothing
-                e.out = fn()
+            try:
+                with torch.cuda.graph(graph):  # records the step; capturing runs nothing
+                    e.out = fn()
+            except Exception as err:  # e.g. an op that syncs with the host: correct eagerly, only slower
+                e.eager = True
+                warnings.warn(f"aigc_rt: a step could not be captured as a CUDA graph and runs eagerly "
+                              f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=3)
+                return out
+            e.graph = graph
+            self.captures += 1
         return out
