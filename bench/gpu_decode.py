@@ -3,7 +3,7 @@ backend (CUDA-graph decode step) through generate(), and its decode step alone (
 models of the real GPT-2 shapes (no downloads). "cuda" / "cuda-step": the same on the cuda backend (the triton
 backend with csrc/cuda's GEMV for the batch-1 decode linears).
 
-    python bench/gpu_decode.py [--sizes 124M,355M,774M,1.5B] [--batches 1,8] [--dtypes fp32,bf16]
+    python bench/gpu_decode.py [--sizes 124M,355M,774M,1.5B] [--batches 1,8] [--dtypes fp32,bf16]  # or int8, int4
                                [--systems hf-eager,hf-compile,triton,triton-step] [--prompt 32] [--new-tokens 128]
                                [--reuse-hf bench/results]   # HF rows of earlier runs on this device and software
 
@@ -34,7 +34,8 @@ from aigc_rt.models.gpt2 import kv_cache_dtype
 SIZES = {  # name -> (n_layer, n_embd, n_head); vocab 50,257, context 1,024
     "124M": (12, 768, 12), "355M": (24, 1024, 16), "774M": (36, 1280, 20), "1.5B": (48, 1600, 25)}
 VOCAB, CONTEXT = 50257, 1024
-ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5 + 4 / 64}  # bytes a matrix entry (scales in)
+HF_DTYPES = ("fp32", "bf16", "fp16")  # the quantised files run on ours alone (no HF rows: "vs best torch" is -)
 # triton-step: the decode step without generate(); "-pdl": with programmatic dependent launch (AIGC_RT_PDL);
 # triton-topk: generate() sampling as seed system 1 does (do_sample, temperature 0.7, top-k 50), not greedy;
 # cuda, cuda-step: the cuda backend's
@@ -49,7 +50,8 @@ def weight_bytes(size: str, dtype: str) -> int:
     """Bytes of weights one decode step reads: per block 12 C^2 matrix entries (qkv 3C^2, proj C^2, fc 4C^2,
     proj 4C^2) in `dtype` plus 13 C fp32 (biases 9 C, two LayerNorms 4 C); ln_f 2 C fp32; lm_head V C."""
     n_layer, C, _ = SIZES[size]
-    return n_layer * (12 * C * C * ITEMSIZE[dtype] + 13 * C * 4) + 2 * C * 4 + VOCAB * C * ITEMSIZE[dtype]
+    head = ITEMSIZE["int8"] if dtype == "int4" else ITEMSIZE[dtype]  # an int4 file's wte (lm_head) is int8
+    return int(n_layer * (12 * C * C * ITEMSIZE[dtype] + 13 * C * 4) + 2 * C * 4 + VOCAB * C * head)
 
 
 def kv_bytes(size: str, batch: int, context: float, itemsize: int) -> float:
@@ -326,6 +328,8 @@ def run(sizes, batches, dtypes, systems, prompt: int, new_tokens: int, repeats: 
                 for batch in batches:
                     prompts = torch.randint(0, VOCAB, (batch, prompt), generator=torch.Generator().manual_seed(1))
                     for system in systems:
+                        if system.startswith("hf") and dtype not in HF_DTYPES:
+                            continue
                         old = earlier.get((size, dtype, batch, system))
                         if old is not None:  # measured by an earlier run on this device and software
                             r, date = old

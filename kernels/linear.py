@@ -51,6 +51,7 @@ from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, che
                     pdl_begin, pdl_options, prefetch_l2)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
+INT4_GROUP = 64  # int4 weights: inputs per scale (format.INT4_GROUP)
 GEMV_MAX_M = 1  # rows up to which the GEMV kernel is always used
 PICKED_MAX_M = 16  # above GEMV_MAX_M and up to this many rows, autotuned launches time both kernels (_faster)
 
@@ -222,6 +223,47 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
     _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
 
 
+@triton.jit
+def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, s_stride, y_stride,
+                      eps, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                      RELU: tl.constexpr = False):
+    """_gemv_kernel for int4 weights as the file holds them (format.quantize_int4): w (N, K / 2) uint8, byte j of a
+    row holding inputs 2j (low nibble) and 2j + 1 (high) as q + 8, and s (N, ceil(K / 64)) fp32, one scale per
+    group of 64 inputs. Each program unpacks its BLOCK_N x BLOCK_K / 2 bytes in registers, multiplies the levels
+    q by the fp32 activations (even and odd inputs apart), sums each group's 32 pairs and scales the sum: the
+    torch backend's x (q s)^T up to the order of the fp32 sums. A quarter of bf16's bytes, 4.5 bits a weight."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+    ks = tl.arange(0, BLOCK_K)  # inputs of a block
+    js = tl.arange(0, BLOCK_K // 2)  # its bytes: inputs 2j, 2j + 1
+    gs = tl.arange(0, BLOCK_K // 64)  # its groups
+    in_n = cols[:, None] < N
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + js[None, :]  # (BLOCK_N, BLOCK_K / 2)
+    s_ptrs = s_ptr + cols[:, None].to(tl.int64) * s_stride + gs[None, :]  # (BLOCK_N, BLOCK_K / 64)
+    pdl_begin(PDL)
+    if NORM:
+        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, NORM_BLOCK)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 64), dtype=tl.float32)  # per group, reduced after the loop
+    for k0 in range(0, K, BLOCK_K):
+        # bytes bounded by the row's w_stride = K / 2 (w contiguous), so that the loads stay 16 bytes wide
+        q = tl.load(w_ptrs, mask=in_n & (js[None, :] + k0 // 2 < w_stride), other=0)
+        in_x = ks + k0 < K
+        x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=in_x, other=0.0)[None, :]  # (1, BLOCK_K)
+        if NORM:
+            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_x[None, :], K)
+        x_even, x_odd = tl.split(tl.reshape(x, (1, BLOCK_K // 2, 2)))  # (1, BLOCK_K / 2) each
+        lo = (q & 15).to(tl.float32) - 8.0
+        hi = (q >> 4).to(tl.float32) - 8.0
+        pairs = tl.reshape(lo * x_even + hi * x_odd, (BLOCK_N, BLOCK_K // 64, 32))
+        scale = tl.load(s_ptrs, mask=in_n & (gs[None, :] * 64 + k0 < K), other=0.0)
+        acc += tl.sum(pairs, axis=2) * scale
+        w_ptrs += BLOCK_K // 2
+        s_ptrs += BLOCK_K // 64
+    y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, False, HAS_BIAS, GELU, RELU)
+    _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
+
+
 def _quick_bench(fn, quantiles):
     """The autotuner's timer: medians over ~10 ms per candidate (triton's default spends ~125 ms)."""
     return triton.testing.do_bench(fn, warmup=2, rep=10, quantiles=quantiles)
@@ -289,6 +331,23 @@ _small_m_tuned = triton.autotune(
     prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench, cache_results=True,
     pre_hook=_before_timed_run, post_hook=_after_timed_run,
 )(_linear_kernel)
+# (BLOCK_N, BLOCK_K, num_warps) for the int4 GEMV: a program's bytes per block are BLOCK_N x BLOCK_K / 2
+_GEMV_INT4_CONFIGS = [(4, 512, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 8), (16, 1024, 8), (4, 2048, 8)]
+_gemv_int4_tuned = triton.autotune(
+    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_INT4_CONFIGS],
+    key=["N", "K"], prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench,
+    cache_results=True, restore_value=["y_ptr"],
+)(_gemv_int4_kernel)
+
+
+def int4_gemv_settings(K: int, device: torch.device) -> dict:
+    """The int4 GEMV's block shape without autotuning (AIGC_RT_AUTOTUNE=0, the interpreter): BLOCK_K a power of
+    two from 64 (the scale group) up to 512 or 1024 inputs, no wider than the row."""
+    widest = 1024 if device.type == "cuda" else 128
+    return dict(BLOCK_N=8 if device.type == "cuda" else 4, BLOCK_K=min(widest, max(64, triton.next_power_of_2(K))),
+                num_warps=4)
+
+
 _small_m_lock = threading.Lock()  # best_config is read back right after the launch that set it
 
 
@@ -373,10 +432,16 @@ def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, to
     check_tensor("weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
     N, K = w.shape
     check_scale("weight", w, scale, dev)
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in-features {K}")
     if not w.is_contiguous() or N == 0 or K == 0:
         raise ValueError(f"weight must be a contiguous, non-empty (out, in) matrix, got {tuple(w.shape)}")
+    return _activations(x, N, K, b, act, norm, residual, out)
+
+
+def _activations(x, N: int, K: int, b, act, norm, residual, out) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """operands() past the weight's own checks (x already checked as an fp32 tensor)."""
+    dev = x.device
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be the weight's in-features {K}")
     if b is not None:
         check_vector("bias", b, N, (torch.float32,), dev)
     if act not in ACTIVATIONS:
@@ -392,6 +457,43 @@ def operands(x, w, b, act, scale, norm, residual, out) -> tuple[torch.Tensor, to
     else:
         y = check_out(out, (*x.shape[:-1], N), torch.float32, dev)
     return x.reshape(-1, K), y, N, K
+
+
+def linear_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None = None,
+                act: str | None = None, *, norm: tuple | None = None, residual: torch.Tensor | None = None,
+                out=None) -> torch.Tensor:
+    """linear() for int4 weights as the file holds them: w (N, K / 2) uint8 nibble pairs, scale (N, ceil(K / 64))
+    fp32 (format.quantize_int4). Up to PICKED_MAX_M rows of x (decode) the int4 GEMV, a program row per row of x;
+    more rows (a prefill) on the weight dequantised to bf16 for the call, through linear()."""
+    check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
+    dev = x.device
+    check_tensor("weight", w, 2, (torch.uint8,), dev)
+    N, K = w.shape[0], 2 * w.shape[1]
+    check_tensor("scale", scale, 2, (torch.float32,), dev)
+    if not w.is_contiguous() or N == 0 or K == 0:
+        raise ValueError(f"int4 weight must be contiguous, non-empty (out, in / 2) nibble pairs, got {tuple(w.shape)}")
+    if tuple(scale.shape) != (N, -(-K // INT4_GROUP)) or not scale.is_contiguous():
+        raise ValueError(f"int4 scale has shape {tuple(scale.shape)}; expected ({N}, {-(-K // INT4_GROUP)}) "
+                         f"contiguous (one per row and group of {INT4_GROUP} inputs)")
+    x2, y, N, K = _activations(x, N, K, b, act, norm, residual, out)
+    M = x2.shape[0]
+    if M > PICKED_MAX_M:
+        from ..format import dequantize_int4
+        return linear(x, dequantize_int4(w, scale).to(torch.bfloat16), b, act, norm=norm, residual=residual,
+                      out=out)
+    if M == 0:
+        return y
+    g, beta, eps = norm if norm is not None else (x, x, 1.0)  # dummies when NORM is off
+    args = (x2, w, scale, w if b is None else b, y, g, beta, N, K, x2.stride(0), K // 2, scale.shape[1], N,
+            float(eps))
+    flags = dict(HAS_BIAS=b is not None, GELU=act == "gelu_tanh", RELU=act == "relu", NORM=norm is not None,
+                 ACCUMULATE=residual is not None, NORM_BLOCK=_norm_block(norm, K, 1), **pdl_options(dev))
+    if AUTOTUNE:
+        _gemv_int4_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
+    else:
+        s = int4_gemv_settings(K, dev)
+        _gemv_int4_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, **s)
+    return y
 
 
 def _norm_block(norm, K: int, rows: int) -> int:

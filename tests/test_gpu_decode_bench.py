@@ -24,6 +24,8 @@ def test_weight_bytes_match_the_parameter_counts():
     n_layer, C, _ = g.SIZES["355M"]
     small = 4 * (n_layer * 13 * C + 2 * C)
     assert g.weight_bytes("355M", "bf16") - small == (g.weight_bytes("355M", "fp32") - small) // 2
+    # int4: 4 bits a matrix entry plus an fp32 scale per 64; its lm_head (wte) int8
+    assert g.weight_bytes("124M", "int4") == 12 * (12 * 768 ** 2 * 9 // 16 + 13 * 768 * 4) + 2 * 768 * 4 + 50257 * 768
 
 
 def test_roofline_rate_and_percentages():

@@ -114,6 +114,28 @@ def test_linear(M, N, K, dtype):
                      f"linear ({other}) {M}x{N}x{K} {dtype} {act}")
 
 
+@pytest.mark.parametrize("M,N,K", shapes([(1, 17, 2), (1, 37, 130), (3, 70, 320), (20, 33, 96)],
+                                         [(1, 2304, 768), (8, 6400, 1600), (1, 1600, 6400), (40, 3072, 768)]))
+def test_linear_int4(M, N, K):
+    """int4 weights as the file holds them (format.quantize_int4: nibble pairs, a scale per row and group of 64
+    inputs; K = 130 ends in a group of 2): the int4 GEMV up to 16 rows, a bf16 dequantised weight beyond, against
+    x times the dequantised fp32 weight, fused as the model runs it (LayerNorm prologue, GELU, residual add)."""
+    from aigc_rt.format import dequantize_int4, quantize_int4
+    x, b, r = randn(M, K, seed=M + K), randn(N, seed=N), randn(M, N, seed=K)
+    w, scale = quantize_int4(randn(N, K, seed=K * N, scale=K ** -0.5))
+    w, scale = w.to(DEV), scale.to(DEV)
+    norm = (randn(K, seed=1) + 1, randn(K, seed=2), 1e-5)
+    wf = dequantize_int4(w, scale)
+    tol = LINEAR_TOL if M <= linear.PICKED_MAX_M else (2e-2, 2e-2)  # beyond: x and the weight rounded to bf16
+    for bias, act, fused in ((b, "gelu_tanh", {}), (None, None, dict(norm=norm)), (b, "relu", dict(residual=r))):
+        want = linear.reference(x, wf, bias, act, **fused)
+        got = linear.linear_int4(x, w, scale, bias, act, **{k: v.clone() if k == "residual" else v
+                                                            for k, v in fused.items()})
+        assert_close(got, want, *tol, f"linear int4 {M}x{N}x{K} {act} {list(fused)}")
+    with pytest.raises(ValueError, match=r"int4 scale has shape \(\d+, \d+\); expected"):
+        linear.linear_int4(x, w, scale[:, :1].contiguous() if scale.shape[1] > 1 else scale[:1])
+
+
 @pytest.mark.parametrize("M,N,K", shapes([(1, 17, 3), (1, 500, 111), (3, 111, 500), (17, 33, 1023)],
                                          [(1, 2304, 768), (8, 3072, 768), (1, 50257, 768), (512, 3072, 768)]))
 def test_linear_int8(M, N, K):
@@ -839,8 +861,8 @@ def test_kernels_compile_for_gpu():
     # Compiled with the specialization a GPT-2 launch gets, the kernels that stream weights, activations or the
     # KV cache read them 16 bytes at a time (ld.global.v4 or a 16-byte cp.async), never in 1-2 byte pieces:
     # without the alignment hints, the bf16 GEMV's weight loads had been 2-byte ones
-    streaming = ("_gemv_kernel", "_linear_kernel", "_attention_kernel", "_decode_split_kernel", "_layernorm_kernel",
-                 "_embedding_kernel")
+    streaming = ("_gemv_kernel", "_gemv_int4_kernel", "_linear_kernel", "_attention_kernel", "_decode_split_kernel",
+                 "_layernorm_kernel", "_embedding_kernel")
     lines = [line for line in r.stdout.splitlines() if line.split(" ", 1)[0] in streaming]
     assert len(lines) >= 20, r.stdout
     for line in lines:

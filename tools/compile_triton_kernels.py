@@ -37,6 +37,7 @@ FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen
 W16 = {"w_ptr": "*bf16"}
 CONV = dict(KERNEL=4, HAS_BIAS=True, BLOCK_M=64)  # the DCGAN layers' (kernels/utils.py conv_settings)
 W8 = {"w_ptr": "*i8"}
+W4 = {"w_ptr": "*u8"}  # int4 nibble pairs (and fp32 scales per row and group of 64)
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
 KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
 SPLIT_SAMPLING = {"stats_i_ptr": "*i64", "cand_i_ptr": "*i32"}
@@ -65,6 +66,11 @@ VARIANTS = [
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, BLOCK_N=4, BLOCK_K=512), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, RELU=True, BLOCK_N=8,
                                             BLOCK_K=512), 4),  # the Transformer decoder's feed-forward
+    # ln_2 + mlp.fc of an int4 file
+    (linear._gemv_int4_kernel, W4, "int4", dict(HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048, BLOCK_N=8,
+                                                BLOCK_K=1024, PDL=True), 4),
+    (linear._gemv_int4_kernel, W4, "int4", dict(HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=16,
+                                                BLOCK_K=512), 8),  # mlp.proj into the residual
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16,
                                              BLOCK_N=32, BLOCK_K=128), 4),
     (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=16, BLOCK_N=32,
@@ -182,9 +188,10 @@ def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
 def aligned(name: str) -> bool:
     """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the activation
     and weight row strides, the attention and KV-cache strides: multiples of the head size). Not: the vocabulary
-    (50,257) and strides over it, sequence lengths, head and row counts, the transposed convolution's sizes."""
+    (50,257) and strides over it, sequence lengths, head and row counts, the transposed convolution's sizes, the
+    int4 scales' row stride (one per 64 inputs: 12 at C = 768)."""
     return name in ("C", "K") or (re.fullmatch(r"\w+_stride|(q|k|v|o|kc|vc|nk|nv)_s[bhst]{1,2}", name) is not None
-                                   and name not in ("logits_stride", "seen_stride"))
+                                   and name not in ("logits_stride", "seen_stride", "s_stride"))
 
 
 def attributes(kernel) -> dict:

@@ -4,7 +4,7 @@
 # minutes per call, so the first call should be `all` (about 8 minutes, each step under its own timeout; the
 # 2026-11-29 H200 session ran it twice, 5 and 5.5 minutes, plus ~30 s of machine start each):
 #
-#   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 1.5B b1; bf16) + profile
+#   bash tools/gpu_session.sh all        # build + test + a short decode table (124M b1/b8, 1.5B b1 bf16/int4), profile
 #   bash tools/gpu_session.sh build      # pip install -e . (no deps, no isolation); COMPILE_CHECK=1: sm_90 check
 #   bash tools/gpu_session.sh test       # Triton kernels, models and CUDA-graph replay on the GPU (+ with PDL)
 #   bash tools/gpu_session.sh decode     # GPT-2 decode: HF eager / HF static cache + compile / ours
@@ -121,7 +121,7 @@ except ValueError as e:
     timeout 130 bash "$0" build || echo "gpu_session: build step failed or timed out" >&2
     (cd /tmp && $PY -c "import aigc_rt.kernels") 2>/dev/null || source_tree_fallback
     date +"%T built"
-    timeout 180 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
+    timeout 170 bash "$0" test || echo "gpu_session: test step failed or timed out" >&2
     date +"%T tested"
     # the cuda backend's rows are a call of their own (SYSTEMS=cuda-step ... decode): slower than triton's on
     # 2026-11-30 (0.56 vs 0.40 ms at 124M), and this step's limit cut its batch-8 rows
@@ -129,9 +129,10 @@ except ValueError as e:
       SYSTEMS=hf-compile,triton,triton-step,triton-pdl,triton-step-pdl,hf-eager,triton-topk \
       timeout 110 bash "$0" decode || echo "gpu_session: decode 124M failed" >&2
     date +"%T decode 124M"
-    timeout 90 bash "$0" profile || echo "gpu_session: profile failed" >&2
+    timeout 80 bash "$0" profile || echo "gpu_session: profile failed" >&2
     date +"%T profile"
-    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16 SYSTEMS=triton,triton-pdl timeout 60 bash "$0" decode \
+    # int4: the int4 GEMV (since 2026-11-30, eleventh session), never timed yet
+    TAG=large SIZES=1.5B BATCHES=1 DTYPES=bf16,int4 SYSTEMS=triton,triton-pdl timeout 80 bash "$0" decode \
       || echo "gpu_session: decode 1.5B failed" >&2
     date +"%T decode 1.5B"
     new_results  # rows saved before a time limit too

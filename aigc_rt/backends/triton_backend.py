@@ -8,8 +8,7 @@ kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the lin
 reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it.
-int4 files run with their matrices dequantised once at load and rounded to bf16 (no int4 kernel here yet: they
-run at bf16's speed, in bf16's memory)."""
+int4 files keep their matrices int4: decode runs kernels/linear.py's int4 GEMV (INT4_GEMV below)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +29,10 @@ NORM_IN_PROLOGUE_MAX_ROWS = 16
 # multiple of PREFILL_ROWS (right padding: never read by a real position), one graph per batch size, padded length
 # and cache; longer prompts run eagerly (their kernels, not their ~60 launches from Python, take the time)
 PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
+# int4 files: their matrices stay int4 (4.5 bits a weight) and decode runs the int4 GEMV (kernels/linear.py
+# linear_int4), a prefill a bf16 copy of each matrix made for the call; AIGC_RT_INT4_GEMV=0 dequantises them to bf16
+# once at load instead (3.6x the memory; the only way before 2026-11-30, and the one a GPU has measured)
+INT4_GEMV = os.environ.get("AIGC_RT_INT4_GEMV", "1") != "0"
 
 
 class TritonBackend(TorchBackend):
@@ -52,19 +55,19 @@ class TritonBackend(TorchBackend):
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
         lin = super().prepare_linear(weight, bias, scale)
-        if lin.weight.dtype == torch.uint8:  # int4: no int4 kernel yet; dequantised once, rounded to bf16
+        if lin.weight.dtype == torch.uint8 and not INT4_GEMV:  # int4 dequantised once, rounded to bf16
             lin = Linear(lin.dequantized().bfloat16(), lin.bias)
         return Linear(*(None if t is None else t.contiguous() for t in (lin.weight, lin.bias, lin.scale)))
 
     def linear(self, x, lin: Linear, act=None, *, out=None, residual=None):
         # with a residual, the result is added into it in the kernel's epilogue (out is left alone)
-        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, residual=residual,
-                             out=out if residual is None else None)
+        return _linear(lin)(x, lin.weight, lin.bias, act, scale=lin.scale, residual=residual,
+                            out=out if residual is None else None)
 
     def layernorm_linear(self, x, ln_w, ln_b, eps, lin: Linear, act=None, *, norm_out=None, out=None):
         if x.numel() // x.shape[-1] > NORM_IN_PROLOGUE_MAX_ROWS:
             return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
-        return linear.linear(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out)
+        return _linear(lin)(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out)
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
@@ -148,6 +151,14 @@ class TritonBackend(TorchBackend):
     def conv2d(self, x, layer: Conv, act, leaky_slope=0.2, out_bf16=False):
         return conv2d.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, act, leaky_slope,
                              out_dtype=_conv_out(out_bf16))
+
+
+def _linear(lin: Linear):
+    """The launcher for a prepared linear's weights: kernels/linear.py's linear, or its linear_int4 for int4 files
+    (weight as nibble pairs, scale per row and group)."""
+    if lin.weight.dtype == torch.uint8:
+        return lambda x, w, b, act, *, scale, **kw: linear.linear_int4(x, w, scale, b, act, **kw)
+    return linear.linear
 
 
 def _conv_weight(layer: Conv) -> torch.Tensor:
