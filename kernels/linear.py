@@ -344,7 +344,8 @@ def int4_gemv_settings(K: int, device: torch.device) -> dict:
     """The int4 GEMV's block shape without autotuning (AIGC_RT_AUTOTUNE=0, the interpreter): BLOCK_K a power of
     two from 64 (the scale group) up to 512 or 1024 inputs, no wider than the row."""
     widest = 1024 if device.type == "cuda" else 128
-    return dict(BLOCK_N=8 if device.type == "cuda" else 4, BLOCK_K=min(widest, max(64, triton.next_power_of_2(K))),
+    # the interpreter: 16 rows a program (it pays per program, not per element)
+    return dict(BLOCK_N=8 if device.type == "cuda" else 16, BLOCK_K=min(widest, max(64, triton.next_power_of_2(K))),
                 num_warps=4)
 
 

@@ -37,13 +37,13 @@ def _ids(vocab, B, T, seed=0):
 def test_logits_match_hf(rt_odd, hf_odd, tmp_path_factory, dtype):
     """Tolerance: logit_tolerance (tests/test_gpt2.py): fp32 atol 1e-4; bf16 3e-2, int8 6e-2 (weight-only,
     per-row scales) and int4 0.35 times max |HF logit|. int4 also against the torch backend on the same file, bf16's
-    3e-2: on 9 rows (its matrices on the int4 GEMV) and on 34 (a bf16 copy of each made for the call)."""
+    3e-2: on 3 rows (its matrices on the int4 GEMV) and on 34 (a bf16 copy of each made for the call)."""
     hf = rt_odd[1]
     path = rt_odd[0]
     if dtype != "fp32":
         path = aigc_rt.convert(hf_odd[0], tmp_path_factory.mktemp(dtype) / "m.safetensors", dtype=dtype)
     m = aigc_rt.load(path, device=DEV, backend="triton")
-    shapes = {"fp32": ((1, 1), (3, 17), (2, hf.config.n_positions)), "int4": ((2, 17), (1, 9))}
+    shapes = {"fp32": ((1, 1), (3, 17), (2, hf.config.n_positions)), "int4": ((2, 17), (1, 3))}
     for B, T in shapes.get(dtype, ((2, 17),)):
         ids = _ids(hf.config.vocab_size, B, T)
         with torch.no_grad():
