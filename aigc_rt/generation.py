@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -139,7 +140,8 @@ def _decode_loop(model, prompt_ids, params, limits, n, seed, stops, eos, logprob
     with torch.inference_mode():
         lease = pool.take(model, B, max_len, params.repetition_penalty != 1.0)
     try:
-        yield from _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs, *lease[:2])
+        yield from _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs, lease.cache,
+                               lease.state)
     finally:
         pool.give_back(lease)
 
@@ -176,9 +178,9 @@ def _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs
         # each prompt prefilled once (rows 0, n, 2n, ...); with n > 1 its state and logits copied to its n sequences
         # (the prompts' cache kept too, so that a replayed prefill finds it where it was captured)
         once = None if n == 1 else model.decode_buffers.take(model, B // n, cache.max_len, False)
-        logits = be.run_prefill(model.first_logits, ids[::n], lengths[::n], cache if once is None else once[0])
+        logits = be.run_prefill(model.first_logits, ids[::n], lengths[::n], cache if once is None else once.cache)
         if once is not None:
-            cache.repeat_rows(once[0], n)
+            cache.repeat_rows(once.cache, n)
             logits = logits.repeat_interleave(n, dim=0)  # (B, V)
             model.decode_buffers.give_back(once)
         state.positions.copy_(lengths)  # where each row's next token goes
@@ -253,6 +255,14 @@ def _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs
                 advance(step + 1)
 
 
+class Lease(NamedTuple):
+    """A generation's decode buffers from DecodeBuffers.take, and what give_back needs to keep them."""
+    cache: object  # the model's DecodeCache
+    state: "DecodeState"
+    key: tuple  # (batch, capacity, penalty, KV dtype)
+    tensors: tuple  # the cache's STATE tensors as allocated (a generation compacts the cache into new ones)
+
+
 class DecodeBuffers:
     """A model's decode buffers kept between generations: a generation takes a DecodeCache and a DecodeState of
     its batch size, cache capacity and kind of state (with or without the repetition penalty's seen set), and gives
@@ -265,12 +275,11 @@ class DecodeBuffers:
     KEPT_BUFFERS sets are kept, and beyond KEPT_BYTES of caches only the latest."""
 
     def __init__(self):
-        self.free: OrderedDict[tuple, tuple] = OrderedDict()
+        self.free: OrderedDict[tuple, Lease] = OrderedDict()
         self.lock = threading.Lock()
 
-    def take(self, model, batch: int, max_len: int, penalty: bool) -> tuple:
-        """-> a lease (cache, state, key, the cache's tensors as allocated): buffers kept from an earlier
-        generation of this shape, or new ones."""
+    def take(self, model, batch: int, max_len: int, penalty: bool) -> Lease:
+        """Buffers kept from an earlier generation of this shape, or new ones."""
         key = (batch, max_len, penalty, getattr(model, "kv_dtype", None))
         with self.lock:
             kept = self.free.pop(key, None)
@@ -278,9 +287,9 @@ class DecodeBuffers:
             return kept
         cache = model.new_cache(batch, max_len)
         state = DecodeState.allocate(batch, model.config.vocab_size, model.device, penalty)
-        return cache, state, key, tuple(getattr(cache, name) for name in cache.STATE)
+        return Lease(cache, state, key, tuple(getattr(cache, name) for name in cache.STATE))
 
-    def give_back(self, lease: tuple) -> None:
+    def give_back(self, lease: Lease) -> None:
         """Keep a lease's buffers for the next generation of its shape, restored to the full batch (a generation
         compacts the cache and state as its sequences finish)."""
         cache, state, key, tensors = lease
@@ -291,7 +300,7 @@ class DecodeBuffers:
             self.free[key] = lease
             self.free.move_to_end(key)
             while len(self.free) > KEPT_BUFFERS or len(self.free) > 1 and sum(
-                    t.nbytes for kept in self.free.values() for t in kept[3]) > KEPT_BYTES:
+                    t.nbytes for kept in self.free.values() for t in kept.tensors) > KEPT_BYTES:
                 self.free.popitem(last=False)
 
     def clear(self) -> None:

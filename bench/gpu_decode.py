@@ -298,7 +298,7 @@ def decode_steps(m, ids, n: int):
     greedy = SamplingParams()
     with torch.inference_mode():  # the buffers generate() would run on (capacity and pool as it takes them)
         lease = m.decode_buffers.take(m, B, capacity(m.config.n_positions, T + n), penalty=False)
-        cache, state = lease[:2]
+        cache, state = lease.cache, lease.state
         state.positions.fill_(T)
         lengths = torch.full((B,), T, device=ids.device)
         m.backend.sample(m.backend.run_prefill(m.first_logits, ids, lengths, cache), greedy, state.u, None,

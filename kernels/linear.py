@@ -478,10 +478,10 @@ def linear_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torch.
                          f"contiguous (one per row and group of {INT4_GROUP} inputs)")
     x2, y, N, K = _activations(x, N, K, b, act, norm, residual, out)
     M = x2.shape[0]
-    if M > PICKED_MAX_M:
+    if M > PICKED_MAX_M:  # into y, checked (or allocated) above
         from ..format import dequantize_int4
         return linear(x, dequantize_int4(w, scale).to(torch.bfloat16), b, act, norm=norm, residual=residual,
-                      out=out)
+                      out=None if residual is not None else y)
     if M == 0:
         return y
     g, beta, eps = norm if norm is not None else (x, x, 1.0)  # dummies when NORM is off

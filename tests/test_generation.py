@@ -599,7 +599,8 @@ def test_generations_reuse_their_decode_buffers(model):
     fresh = [model.generate(p, **kw)[0].token_ids for p in PROMPTS[:2]]
     kept = dict(model.decode_buffers.free)
     assert len(kept) == 1, "two generations of one shape kept two sets of buffers"
-    cache, state = next(iter(kept.values()))[:2]
+    lease = next(iter(kept.values()))
+    cache, state = lease.cache, lease.state
     for _ in range(2):
         with torch.inference_mode():  # the buffers are inference tensors
             for name in cache.STATE:
@@ -607,7 +608,7 @@ def test_generations_reuse_their_decode_buffers(model):
             state.seen.fill_(True)
             state.tokens.fill_(-1)
         assert [model.generate(p, **kw)[0].token_ids for p in PROMPTS[:2]] == fresh
-        assert next(iter(model.decode_buffers.free.values()))[0] is cache  # the same buffers served again
+        assert next(iter(model.decode_buffers.free.values())).cache is cache  # the same buffers served again
     model.generate(PROMPTS[:2], max_new_tokens=2)  # another batch size and kind of state: new buffers
     assert len(model.decode_buffers.free) == 2
 
@@ -623,7 +624,7 @@ def test_kept_decode_buffers_are_bounded(model, monkeypatch):
     assert [key[0] for key in model.decode_buffers.free] == [2, 3]
     model.generate(PROMPTS[:2], max_new_tokens=2)  # used again: the most recent
     assert [key[0] for key in model.decode_buffers.free] == [3, 2]
-    cache_bytes = sum(t.nbytes for t in next(iter(model.decode_buffers.free.values()))[3])
+    cache_bytes = sum(t.nbytes for t in next(iter(model.decode_buffers.free.values())).tensors)
     monkeypatch.setattr(generation, "KEPT_BYTES", cache_bytes - 1)  # less than 3 sequences' caches
     model.generate(PROMPTS[:1], max_new_tokens=2)  # 2 + 1 sequences kept would be too many bytes
     assert [key[0] for key in model.decode_buffers.free] == [1]

@@ -153,12 +153,15 @@ class TritonBackend(TorchBackend):
                              out_dtype=_conv_out(out_bf16))
 
 
+def _linear_int4(x, w, b, act, *, scale, **kw):
+    """kernels/linear.py's linear_int4 called as its linear is (scale as a keyword)."""
+    return linear.linear_int4(x, w, scale, b, act, **kw)
+
+
 def _linear(lin: Linear):
     """The launcher for a prepared linear's weights: kernels/linear.py's linear, or its linear_int4 for int4 files
     (weight as nibble pairs, scale per row and group)."""
-    if lin.weight.dtype == torch.uint8:
-        return lambda x, w, b, act, *, scale, **kw: linear.linear_int4(x, w, scale, b, act, **kw)
-    return linear.linear
+    return _linear_int4 if lin.weight.dtype == torch.uint8 else linear.linear
 
 
 def _conv_weight(layer: Conv) -> torch.Tensor:
