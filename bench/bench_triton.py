@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_rt.kernels import attention, decode_attention, embedding, layernorm, linear, sampling
+from aigc_rt.kernels import attention, decode_attention, embedding, layernorm, linear, mlp, sampling
 from aigc_rt.kernels.utils import INTERPRETER
 from aigc_rt.sampling import SamplingParams, sample_reference
 
@@ -65,6 +65,27 @@ def test_linear_residual(benchmark, impl, M, N, K):
         fn = lambda: r.add_(linear.linear(x, w, bias))  # noqa: E731
     else:
         fn = lambda: r.add_(F.linear(x.to(w.dtype), w).float() + bias)  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="mlp")
+@pytest.mark.parametrize("M,C", [(1, 768), (8, 768), (1, 1600), (8, 1600)])
+@pytest.mark.parametrize("impl", ["triton-fused", "triton-two-linears", "torch"])
+def test_mlp(benchmark, impl, M, C):
+    """GPT-2's MLP sub-layer r += proj(GELU(fc(LN(r)))), H = 4C, bf16 weights: kernels/mlp.py's one launch, the
+    two fused linears the triton backend runs otherwise (LayerNorm prologue, residual epilogue), and torch."""
+    H = 4 * C
+    r, w1, w2 = randn(M, C), randn(H, C, dtype=torch.bfloat16) * C ** -0.5, randn(C, H, dtype=torch.bfloat16) * H ** -0.5
+    b1, b2, g, beta = randn(H), randn(C), randn(C), randn(C)
+    norm, counters, h = (g, beta, 1e-5), mlp.new_counters("cuda"), torch.empty(M, H, device="cuda")
+    if impl == "triton-fused":
+        fn = lambda: mlp.mlp(r, w1, b1, w2, b2, norm=norm, counters=counters)  # noqa: E731
+    elif impl == "triton-two-linears":
+        fn = lambda: linear.linear(linear.linear(r, w1, b1, "gelu_tanh", norm=norm, out=h), w2, b2,  # noqa: E731
+                                   residual=r)
+    else:
+        fn = lambda: r.add_(F.linear(F.gelu(F.linear(F.layer_norm(r, (C,), g, beta, 1e-5).to(w1.dtype), w1)  # noqa: E731
+                                            .float() + b1, approximate="tanh").to(w2.dtype), w2).float() + b2)
     benchmark(timed(fn))
 
 

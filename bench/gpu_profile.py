@@ -15,7 +15,9 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    cache never holds the next one, as in a decode step; also the CUDA GEMV of csrc/cuda (the cuda backend's, up
    to 8 rows), fused the same way, at its fastest launch configuration. Reported: us per call, GB/s of weight
    read, % of the measured read bandwidth.
-3. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
+3. The MLP sub-layer at M = batch and M = 8: kernels/mlp.py's one launch against the two linears and cuBLAS,
+   over weight copies as in 2; and in 1, the step with every MLP forced to either.
+4. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
    repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
    same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
 Prints markdown tables; writes them to bench/results/gpu_profile-<device>-<date>.md.
@@ -71,10 +73,11 @@ def replayed_step_seconds(m, tok, pos, cache, max_len: int) -> float:
 
 
 def step_profile(m, batch: int, prompt: int = 32,
-                 steps: int = 5) -> tuple[float, float, float, list[tuple[str, float, float]]]:
+                 steps: int = 5) -> tuple[float, float, float, dict, list[tuple[str, float, float]]]:
     """(replayed step seconds, the same with programmatic dependent launch, the same without the launch-saving
-    fusions (LayerNorms as their own launches, attention split and merged), [(kernel, launches per step,
-    device us per step)]) at context ~prompt."""
+    fusions (LayerNorms as their own launches, attention split and merged), {"fused": s, "two linears": s, "picked":
+    the backend's choice}: the step with every MLP sub-layer forced to the fused kernel / to the two linears,
+    [(kernel, launches per step, device us per step)]) at context ~prompt."""
     from torch.profiler import ProfilerActivity, profile
 
     from aigc_rt.backends import triton_backend
@@ -85,6 +88,16 @@ def step_profile(m, batch: int, prompt: int = 32,
         tok = m.head(m.prefill(ids, cache)[:, -1]).argmax(-1)
         pos = torch.full((batch,), prompt, device="cuda")
         replayed = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
+        mlp_keys = [k for k in triton_linear._picked if k[0] == "mlp"]  # chosen by the step's first (eager) run
+        mlp = {"picked": ", ".join(sorted({triton_linear._picked[k] for k in mlp_keys})) or "-"}
+        picks = {k: triton_linear._picked[k] for k in mlp_keys}
+        try:
+            for how in ("fused", "composed"):
+                triton_linear._picked.update(dict.fromkeys(mlp_keys, how))
+                mlp["two linears" if how == "composed" else how] = replayed_step_seconds(m, tok, pos, cache,
+                                                                                         prompt + 1)
+        finally:
+            triton_linear._picked.update(picks)
         utils.PDL_REQUESTED = True
         try:
             with_pdl = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
@@ -113,7 +126,7 @@ def step_profile(m, batch: int, prompt: int = 32,
             us = getattr(e, "self_cuda_time_total", 0.0)
         if us > 0 and not e.key.startswith(("aten::", "cuda")):
             rows.append((e.key[:60], e.count / steps, us / steps))
-    return replayed, with_pdl, apart, sorted(rows, key=lambda r: -r[2])
+    return replayed, with_pdl, apart, mlp, sorted(rows, key=lambda r: -r[2])
 
 
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
@@ -173,6 +186,47 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
         del ws
         torch.cuda.empty_cache()
     return out
+
+
+def mlp_rows(m, M: int, bandwidth: float) -> list[str]:
+    """The MLP sub-layer (LN + fc + GELU + mlp_proj + residual add) as the model runs it at M rows: kernels/mlp.py's
+    one launch (autotuned) against the two fused linears (autotuned), and cuBLAS's two bare F.linear in the weight
+    dtype, over weight copies that L2 cannot hold (as linear_rows)."""
+    from aigc_rt.kernels import mlp
+    blk = m.blocks[0]
+    fc, proj = blk.fc, blk.mlp_proj
+    if fc.weight.dtype == torch.uint8:
+        return [f"| MLP | {M} | int4: two linears only | - | - | - | - |"]
+    H, C = fc.weight.shape
+    nbytes = 2 * fc.weight.numel() * fc.weight.element_size()
+    copies = max(2, min(64, -(-(256 << 20) // nbytes)))
+    ws = [(fc.weight.clone(), proj.weight.clone()) for _ in range(copies)]
+    r, h = torch.randn(M, C, device="cuda"), torch.empty(M, H, device="cuda")
+    norm = (torch.ones(C, device="cuda"), torch.zeros(C, device="cuda"), 1e-5)
+    counters = mlp.new_counters("cuda")
+
+    def fused(w1, w2):
+        mlp.mlp(r, w1, fc.bias, w2, proj.bias, scale1=fc.scale, scale2=proj.scale, norm=norm, counters=counters)
+
+    def two(w1, w2):
+        triton_linear.linear(r, w1, fc.bias, "gelu_tanh", scale=fc.scale, norm=norm, out=h)
+        triton_linear.linear(h, w2, proj.bias, scale=proj.scale, residual=r)
+    secs = {name: graph_time([lambda w=w, f=f: f(*w) for w in ws]) / copies for name, f in
+            (("fused", fused), ("two linears", two))}
+    if fc.scale is None:
+        r16, h16 = r.to(fc.weight.dtype), h.to(fc.weight.dtype)
+        secs["cuBLAS"] = graph_time([lambda w=w: (F.linear(r16, w[0]), F.linear(h16, w[1])) for w in ws]) / copies
+    cells = []
+    for name in ("fused", "two linears", "cuBLAS"):
+        if name in secs:
+            gbps = nbytes / secs[name] / 1e9
+            cells.append(f"{1e6 * secs[name]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
+        else:
+            cells.append("-")
+    best = [f"{c}" for k, c in mlp._mlp_tuned.cache.items() if k[:2] == (C, H)]
+    del ws
+    torch.cuda.empty_cache()
+    return [f"| MLP | {M} | {C} x {H} | {' | '.join(cells)} | {best[0] if best else '-'} |"]
 
 
 def sampling_rows() -> list[str]:
@@ -237,10 +291,12 @@ def main(argv=None) -> int:
                              device="cuda", backend="triton")
         lines += [f"## GPT-2 {size}, batch {a.batch}", ""]
         try:
-            replayed, with_pdl, apart, kernels = step_profile(m, a.batch)
+            replayed, with_pdl, apart, mlp, kernels = step_profile(m, a.batch)
             total = sum(us for _, _, us in kernels)
+            forced = ", ".join(f"{1e3 * mlp[k]:.3f} ms with every MLP {k}" for k in ("fused", "two linears") if k in mlp)
             lines += [f"Replayed step {1e3 * replayed:.3f} ms ({1e3 * with_pdl:.3f} ms with programmatic dependent "
-                      f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own); "
+                      f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own; MLP "
+                      f"picked: {mlp['picked']}; {forced}); "
                       f"its kernels run eagerly sum to {total / 1e3:.3f} ms "
                       f"({sum(n for _, n, _ in kernels):.0f} launches).", "",
                       "| kernel | launches/step | us/step | share |", "|---|---|---|---|"]
@@ -255,6 +311,13 @@ def main(argv=None) -> int:
                 lines += linear_rows(m, M, bandwidth)
             except Exception as e:
                 lines.append(f"| linears at M={M} failed: {type(e).__name__}: {str(e)[:200]} |")
+        lines += ["", "| sub-layer | M | C x H | fused (one launch) | two linears (fused as the model runs them) "
+                  "| cuBLAS (two bare F.linear) | fused config |", "|---|---|---|---|---|---|---|"]
+        for M in sorted({a.batch, 8}):
+            try:
+                lines += mlp_rows(m, M, bandwidth)
+            except Exception as e:
+                lines.append(f"| MLP at M={M} failed: {type(e).__name__}: {str(e)[:200]} |")
         lines.append("")
         print("\n".join(lines), flush=True)
         with open(path, "w") as f:  # after each size: a time limit keeps what was measured

@@ -409,17 +409,18 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
 _picked: dict[tuple, str] = {}  # (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"
 
 
-def _faster(key: tuple, y: torch.Tensor, launch) -> str:
-    """The faster of the two kernels for a launch of shape `key`, timed on the first launch of that shape (each
-    autotuned over its own candidates) and remembered. launch(kernel) runs the launch with that kernel; y is its
-    output, put back as it was after the timed runs (an accumulating launch adds into it). While a CUDA graph is
-    being captured nothing can be timed: an untimed shape takes the GEMM (the choice before this pick existed)."""
+def _faster(key: tuple, y: torch.Tensor, launch, choices: tuple[str, ...] = ("gemm", "gemv")) -> str:
+    """The faster of `choices` (the GEMM and the GEMV here; TritonBackend.mlp's fused and composed MLP) for a
+    launch of shape `key`, timed on the first launch of that shape (each autotuned over its own candidates) and
+    remembered. launch(choice) runs the launch that way; y is its output, put back as it was after the timed
+    runs (an accumulating launch adds into it). While a CUDA graph is being captured nothing can be timed: an
+    untimed shape takes the first choice (for the linear, the GEMM: the choice before this pick existed)."""
     kernel = _picked.get(key)
     if kernel is None:
         if y.is_cuda and torch.cuda.is_current_stream_capturing():
-            return "gemm"
+            return choices[0]
         kept = y.clone()
-        times = {k: _quick_bench(lambda k=k: launch(k), None) for k in ("gemm", "gemv")}
+        times = {k: _quick_bench(lambda k=k: launch(k), None) for k in choices}
         y.copy_(kept)
         kernel = _picked[key] = min(times, key=times.get)
     return kernel

@@ -104,6 +104,19 @@ else:
             is_pure=False, pack=1)
 
 
+# A fence by the calling thread, acquire-release at GPU scope (kernels/mlp.py: before a program counts itself done,
+# and after the last one learns it is, so that the others' partial sums written before are the ones it reads).
+if INTERPRETER:
+    def fence_gpu():
+        """No-op: the interpreter runs one program at a time."""
+else:
+    @triton.jit
+    def fence_gpu():
+        """fence.acq_rel.gpu, executed by every thread of the program."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
@@ -230,6 +243,16 @@ def gemv_settings(N: int, dtype: torch.dtype, device: torch.device, interpreter:
         return dict(BLOCK_N=128, BLOCK_K=128, num_warps=1)
     block_k = 256 if dtype == torch.float32 else 512
     return dict(BLOCK_N=8 if N >= 8 * 2 * num_sms(device) else 4, BLOCK_K=block_k, num_warps=4)
+
+
+def mlp_settings(C: int, H: int, device: torch.device, interpreter: bool = INTERPRETER) -> dict:
+    """Block shape for mlp.py's fused MLP without autotuning: hidden slices of 64 units (a bf16 W2 row's 128 B),
+    fc and proj tiles of 8,192 weights, partials added 8 at a time. The interpreter (which pays per program, not
+    per element): slices of 128 in groups of 2, so that both reduction stages run at test sizes."""
+    if interpreter:
+        return dict(BLOCK_H=128, BLOCK_K=128, BLOCK_C=128, GROUP=2, RBLOCK=128, THREADS=32, PREFETCH=False,
+                    num_warps=1)
+    return dict(BLOCK_H=64, BLOCK_K=128, BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=256, PREFETCH=False, num_warps=8)
 
 
 def attention_settings(head_dim: int, dtype: torch.dtype, interpreter: bool = INTERPRETER) -> dict:

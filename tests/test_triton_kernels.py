@@ -862,7 +862,7 @@ def test_kernels_compile_for_gpu():
     # KV cache read them 16 bytes at a time (ld.global.v4 or a 16-byte cp.async), never in 1-2 byte pieces:
     # without the alignment hints, the bf16 GEMV's weight loads had been 2-byte ones
     streaming = ("_gemv_kernel", "_gemv_int4_kernel", "_linear_kernel", "_attention_kernel", "_decode_split_kernel",
-                 "_layernorm_kernel", "_embedding_kernel")
+                 "_layernorm_kernel", "_embedding_kernel", "_mlp_kernel")
     lines = [line for line in r.stdout.splitlines() if line.split(" ", 1)[0] in streaming]
     assert len(lines) >= 20, r.stdout
     for line in lines:

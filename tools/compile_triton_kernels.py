@@ -29,17 +29,19 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from aigc_rt.kernels import (attention, conv2d, conv_transpose, decode_attention, embedding,  # noqa: E402
-                             layernorm, linear, lstm, sampling, vae)
+                             layernorm, linear, lstm, mlp, sampling, vae)
 from aigc_rt.kernels.utils import CONV_ACTS  # noqa: E402
 
 FLOATS = {"eps", "qk_scale", "temperature", "top_k", "top_p", "penalty", "slope"}
-FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8"}
+FIXED_POINTERS = {"len_ptr": "*i64", "pos_ptr": "*i64", "out_ptr": "*i64", "seen_ptr": "*u8", "count_ptr": "*i32"}
 W16 = {"w_ptr": "*bf16"}
 CONV = dict(KERNEL=4, HAS_BIAS=True, BLOCK_M=64)  # the DCGAN layers' (kernels/utils.py conv_settings)
 W8 = {"w_ptr": "*i8"}
 W4 = {"w_ptr": "*u8"}  # int4 nibble pairs (and fp32 scales per row and group of 64)
 QKV = {f"{t}_ptr": "*{dtype}" for t in "qkvo"}
 KV = {f"{t}_ptr": "*{dtype}" for t in "qkv"}
+MLP16 = {"w1_ptr": "*bf16", "w2_ptr": "*bf16"}
+MLP_FLAGS = dict(SCALED=False, HAS_BIAS1=True, HAS_BIAS2=True, GELU=True)  # GPT-2's: LayerNorm, biases, GELU
 SPLIT_SAMPLING = {"stats_i_ptr": "*i64", "cand_i_ptr": "*i32"}
 
 # (kernel, pointer dtypes (others: fp32), dtype, constexprs, num_warps): the variants the launchers use on a GPU.
@@ -89,6 +91,17 @@ VARIANTS = [
                                               BLOCK_N=128, BLOCK_K=32), 8),
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
                                                              BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4),
+    # the fused MLP (the autotuner's candidates' shapes): GPT-2's ln_2 + fc + GELU + mlp.proj + residual
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=1024, BLOCK_H=64, BLOCK_K=128,
+                                          BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=256, PREFETCH=True, PDL=True), 8),
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=16, BLOCK_K=256,
+                                          BLOCK_C=256, GROUP=8, RBLOCK=1024, THREADS=128), 4),
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=64, BLOCK_K=128,
+                                          BLOCK_C=128, GROUP=16, RBLOCK=512, THREADS=256), 8),
+    (mlp._mlp_kernel, {"w1_ptr": "*i8", "w2_ptr": "*i8"}, "int8", dict(MLP_FLAGS, SCALED=True, NORM=True,
+     NORM_BLOCK=1024, BLOCK_H=32, BLOCK_K=128, BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=128), 4),
+    (mlp._mlp_kernel, {}, "fp32", dict(MLP_FLAGS, BLOCK_H=64, BLOCK_K=64, BLOCK_C=64, GROUP=8, RBLOCK=1024,
+                                       THREADS=128, RELU=True, GELU=False), 4),
     (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
                                                     WIDEN_DOT=False), 8),
     (attention._attention_kernel, QKV, "bf16", dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128,
@@ -185,18 +198,20 @@ def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def aligned(name: str) -> bool:
-    """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the activation
+def aligned(kernel, name: str) -> bool:
+    """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the MLP's H = 4C, the activation
     and weight row strides, the attention and KV-cache strides: multiples of the head size). Not: the vocabulary
     (50,257) and strides over it, sequence lengths, head and row counts, the transposed convolution's sizes, the
-    int4 scales' row stride (one per 64 inputs: 12 at C = 768)."""
+    int4 scales' row stride (one per 64 inputs: 12 at C = 768), the fused MLP's counters per row (groups + 1)."""
+    if kernel is mlp._mlp_kernel and name == "H":  # elsewhere H counts heads or image rows
+        return True
     return name in ("C", "K") or (re.fullmatch(r"\w+_stride|(q|k|v|o|kc|vc|nk|nv)_s[bhst]{1,2}", name) is not None
-                                   and name not in ("logits_stride", "seen_stride", "s_stride"))
+                                   and name not in ("logits_stride", "seen_stride", "s_stride", "count_stride"))
 
 
 def attributes(kernel) -> dict:
     return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
-            if not p.is_constexpr and (p.name.endswith("_ptr") or aligned(p.name))}
+            if not p.is_constexpr and (p.name.endswith("_ptr") or aligned(kernel, p.name))}
 
 
 def load_widths(ptx: str) -> str:

@@ -138,6 +138,16 @@ class TorchBackend:
         and never writes it)."""
         return self.linear(self.layernorm(x, ln_w, ln_b, eps, out=norm_out), lin, act, out=out)
 
+    def mlp(self, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, fc, proj,
+            act: str | None = "gelu_tanh", *, norm_out: torch.Tensor | None = None,
+            hidden_out: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A pre-norm block's MLP sub-layer: x += linear(act(linear(layernorm(x), fc)), proj) in place; returns x
+        ((..., C) fp32, contiguous). norm_out (..., C), hidden_out (..., H) and out (..., C): scratch for the two
+        linears (layernorm_linear's norm_out and out, linear's out); a backend that runs the sub-layer as one
+        kernel (the triton backend, for decode's few rows) leaves them alone."""
+        h = self.layernorm_linear(x, ln_w, ln_b, eps, fc, act, norm_out=norm_out, out=hidden_out)
+        return self.linear(h, proj, out=out, residual=x)
+
     def embedding(self, table: torch.Tensor, ids: torch.Tensor, *, scale: torch.Tensor | None = None,
                   pos_table: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@ discriminator's convolutions kernels/conv2d.py (bias and activation fused in bot
 kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the linear's epilogue); a VAE's
 reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
-that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it.
+that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it; for
+those rows the MLP sub-layer (LayerNorm, fc, activation, proj, residual add) is one launch where that is the
+faster (kernels/mlp.py; FUSED_MLP below).
 int4 files keep their matrices int4: decode runs kernels/linear.py's int4 GEMV (INT4_GEMV below)."""
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import os
 
 import torch
 
-from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm,
+from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm, mlp,
                        sampling, vae)
 from ..kernels.utils import INTERPRETER
 from .decode_graph import DecodeGraph
@@ -33,6 +35,11 @@ PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
 # linear_int4), a prefill a bf16 copy of each matrix made for the call; AIGC_RT_INT4_GEMV=0 dequantises them to bf16
 # once at load instead (3.6x the memory; the only way before 2026-11-30, and the one a GPU has measured)
 INT4_GEMV = os.environ.get("AIGC_RT_INT4_GEMV", "1") != "0"
+# A pre-norm MLP sub-layer of up to FUSED_MLP_MAX_ROWS rows (decode) runs as one kernel, kernels/mlp.py, where its
+# weights are fp32 / bf16 / fp16 / int8: on a GPU only if it is the faster on that shape (timed once against the
+# two linears, as linear._faster picks GEMV or GEMM); AIGC_RT_FUSED_MLP=0 keeps the two linears everywhere
+FUSED_MLP = os.environ.get("AIGC_RT_FUSED_MLP", "1") != "0"
+FUSED_MLP_MAX_ROWS = 8
 
 
 class TritonBackend(TorchBackend):
@@ -51,6 +58,7 @@ class TritonBackend(TorchBackend):
         self.layer_graphs = DecodeGraph(capture)  # the image models' forwards, apart from the decode steps' LRU
         self.prefill_graphs = DecodeGraph(capture, size=PREFILL_GRAPH_MAX_T // PREFILL_ROWS)
         self.graph_prefill = capture  # tests turn it on where nothing is captured (the static path runs eagerly)
+        self.mlp_counters = mlp.new_counters(device)  # the fused MLP's (made here: never inside a capture)
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
@@ -68,6 +76,23 @@ class TritonBackend(TorchBackend):
         if x.numel() // x.shape[-1] > NORM_IN_PROLOGUE_MAX_ROWS:
             return super().layernorm_linear(x, ln_w, ln_b, eps, lin, act, norm_out=norm_out, out=out)
         return _linear(lin)(x, lin.weight, lin.bias, act, scale=lin.scale, norm=(ln_w, ln_b, eps), out=out)
+
+    def mlp(self, x, ln_w, ln_b, eps, fc: Linear, proj: Linear, act="gelu_tanh", *, norm_out=None, hidden_out=None,
+            out=None):
+        def run(how: str):
+            if how == "fused":
+                return mlp.mlp(x, fc.weight, fc.bias, proj.weight, proj.bias, act, scale1=fc.scale, scale2=proj.scale,
+                               norm=(ln_w, ln_b, eps), counters=self.mlp_counters)
+            return super(TritonBackend, self).mlp(x, ln_w, ln_b, eps, fc, proj, act, norm_out=norm_out,
+                                                  hidden_out=hidden_out, out=out)
+        rows = x.numel() // x.shape[-1]
+        w = fc.weight
+        if not (FUSED_MLP and rows <= FUSED_MLP_MAX_ROWS and w.dtype != torch.uint8 and proj.weight.dtype == w.dtype):
+            return run("composed")
+        if x.is_cuda and mlp.AUTOTUNE:  # the faster of the two for this shape, timed on its first launch
+            key = ("mlp", type(self).__name__, rows, *w.shape, w.dtype, act)
+            return run(linear._faster(key, x, run, choices=("composed", "fused")))
+        return run("fused")
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)

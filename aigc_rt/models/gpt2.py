@@ -3,7 +3,8 @@
 Residual stream r (fp32). Each block: r += proj(attn(qkv(LN1(r)))); r += mlp(LN2(r)). Each sub-layer's
 output linear adds into r itself (backend.linear with a residual), and its input linear takes r with the
 LayerNorm before it (backend.layernorm_linear), so that a backend can fuse both (the triton backend does: four
-launches per block besides attention). Prefill runs the prompt through and fills the
+launches per block besides attention); the MLP sub-layer is one backend op (backend.mlp), which the triton
+backend runs as one kernel for a decode step's few rows (three launches per block besides attention). Prefill runs the prompt through and fills the
 preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
 Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
 cache, so a decode step allocates no tensors.
@@ -145,8 +146,8 @@ class GPT2(TextModel):
             qkv = be.layernorm_linear(ws.r, *blk.ln_1, eps, blk.qkv, norm_out=ws.h, out=ws.qkv)  # (N, 3C)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)  # (N, H, D) each
             be.linear(attend(i, q, k, v, ws.attn), blk.proj, out=ws.out, residual=ws.r)  # r += attn.proj(...)
-            f = be.layernorm_linear(ws.r, *blk.ln_2, eps, blk.fc, act="gelu_tanh", norm_out=ws.h, out=ws.fc)  # (N, 4C)
-            be.linear(f, blk.mlp_proj, out=ws.out, residual=ws.r)  # r += mlp.proj(f)
+            be.mlp(ws.r, *blk.ln_2, eps, blk.fc, blk.mlp_proj, "gelu_tanh", norm_out=ws.h, hidden_out=ws.fc,
+                   out=ws.out)  # r += mlp.proj(GELU(mlp.fc(LN2(r))))
         return ws.r
 
     def _embed(self, ws: Workspace, ids: torch.Tensor, positions: torch.Tensor) -> None:

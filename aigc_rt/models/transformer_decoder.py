@@ -161,8 +161,7 @@ class TransformerDecoder(TextModel):
                 be.linear(attend(i, False, *qkv.unbind(1), ws.attn), layer.proj, out=ws.out, residual=x)
                 q = be.layernorm_linear(x, n2w, n2b, eps, layer.cross_q, norm_out=h, out=ws.q).view(-1, H, D)
                 be.linear(attend(i, True, q, k, v, ws.attn), layer.cross_proj, out=ws.out, residual=x)
-                f = be.layernorm_linear(x, n3w, n3b, eps, layer.fc1, act="relu", norm_out=h, out=ws.ff)
-                be.linear(f, layer.fc2, out=ws.out, residual=x)
+                be.mlp(x, n3w, n3b, eps, layer.fc1, layer.fc2, "relu", norm_out=h, hidden_out=ws.ff, out=ws.out)
             else:  # x = LN(x + f(x)), each LayerNorm writing the other buffer
                 qkv = be.linear(x, layer.qkv, out=ws.qkv).view(-1, 3, H, D)
                 be.linear(attend(i, False, *qkv.unbind(1), ws.attn), layer.proj, out=ws.out, residual=x)

@@ -1,0 +1,204 @@
+"""kernels/mlp.py, the fused MLP sub-layer (x += proj(act(fc(LayerNorm(x))))), against the plain-PyTorch fp32
+reference (linear.py's reference twice) and the torch backend; and the triton backend's choice between it and the
+two linears. Under TRITON_INTERPRET=1 on small odd shapes (several slices per group and several groups, a last
+slice and a last group cut short), on a GPU also at GPT-2 shapes."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import triton
+
+from aigc_rt.backends import triton_backend
+from aigc_rt.backends.torch_backend import Linear, TorchBackend
+from aigc_rt.kernels import linear, mlp, utils
+from test_triton_kernels import DEV, DTYPES, LINEAR_TOL, NORM_TOL, ON_GPU, assert_close, int8_weights, randn, shapes
+from test_triton_kernels import pytestmark  # noqa: F401  (skip without a GPU/interpreter)
+
+
+def operands(M: int, C: int, H: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """x (M, C) off-centre as a residual stream is; W1 (H, C), W2 (C, H) of `dtype` (int8 with per-row scales);
+    biases; a LayerNorm over C."""
+    x = randn(M, C, seed=seed + M + C + H, scale=3) + 1
+    if dtype == torch.int8:
+        (w1, s1), (w2, s2) = int8_weights(H, C, (seed + 1, seed + 2)), int8_weights(C, H, (seed + 3, seed + 4))
+    else:
+        w1, s1 = randn(H, C, seed=seed + 1, scale=C ** -0.5, dtype=dtype), None
+        w2, s2 = randn(C, H, seed=seed + 3, scale=H ** -0.5, dtype=dtype), None
+    return dict(x=x, w1=w1, b1=randn(H, seed=seed + 5), w2=w2, b2=randn(C, seed=seed + 6), scale1=s1, scale2=s2,
+                norm=(randn(C, seed=seed + 7, scale=0.2) + 1, randn(C, seed=seed + 8, scale=0.2), 1e-5))
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """The LayerNorm'd row rounded to 16 bits may land on the other side of a rounding step than the
+    reference's (different fp32 sum order): linear.py's tolerances for a LayerNorm prologue."""
+    return NORM_TOL.get(dtype, LINEAR_TOL)
+
+
+def run(o: dict, act="gelu_tanh", norm=True, biases=True, counters=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, reference) for the operands o: ours on a copy of x."""
+    kw = dict(scale1=o["scale1"], scale2=o["scale2"], norm=o["norm"] if norm else None)
+    b1, b2 = (o["b1"], o["b2"]) if biases else (None, None)
+    x = o["x"].clone()
+    got = mlp.mlp(x, o["w1"], b1, o["w2"], b2, act, counters=counters, **kw)
+    assert got is x
+    return got, mlp.reference(o["x"], o["w1"], b1, o["w2"], b2, act, **kw)
+
+
+@pytest.mark.parametrize("M,C,H", shapes([(1, 40, 160), (3, 33, 130), (2, 70, 17), (1, 8, 600)],
+                                         [(1, 768, 3072), (8, 1600, 6400)]))
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int8], ids=["fp32", "bf16", "fp16", "int8"])
+def test_mlp(M, C, H, dtype):
+    """GPT-2's sub-layer (LayerNorm, biases, GELU) and the variants (ReLU, no LayerNorm, no biases, no
+    activation); the counters are zeros again after every launch, and a second launch gives the same bits."""
+    o = operands(M, C, H, dtype)
+    counters = mlp.new_counters(DEV)
+    for act, norm, biases in (("gelu_tanh", True, True), ("relu", True, False), (None, False, True)):
+        what = f"mlp {M}x{C}x{H} {dtype} act={act} norm={norm} biases={biases}"
+        got, want = run(o, act, norm, biases, counters)
+        assert_close(got, want, *tolerance(dtype), what)
+        assert not counters.any(), f"{what}: counters left {counters.nonzero().flatten().tolist()}"
+        again, _ = run(o, act, norm, biases, counters)
+        assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
+
+
+def test_mlp_matches_the_torch_backend():
+    """TorchBackend.mlp (the reference backend's two linears) and the fused kernel agree, bf16 weights."""
+    o = operands(2, 48, 200, torch.bfloat16, seed=3)
+    tb = TorchBackend(DEV)
+    fc, proj = Linear(o["w1"], o["b1"]), Linear(o["w2"], o["b2"])
+    want = tb.mlp(o["x"].clone(), *o["norm"], fc, proj, "gelu_tanh")
+    got, _ = run(o)
+    assert_close(got, want, *tolerance(torch.bfloat16), "fused mlp vs TorchBackend.mlp")
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
+def test_mlp_with_the_gpu_settings(monkeypatch, dtype):
+    """The block shape a GPU takes without autotuning (slices of 64 hidden units, groups of 8, 1,024-column
+    reduction tiles, 8 warps) under the interpreter: 1,100 hidden units are 18 slices in 3 groups, the last
+    slice and group short."""
+    monkeypatch.setattr(mlp, "mlp_settings", functools.partial(utils.mlp_settings, interpreter=False))
+    o = operands(2, 50, 1100, dtype, seed=5)
+    got, want = run(o)
+    assert_close(got, want, *tolerance(dtype), f"mlp with the GPU settings {dtype}")
+
+
+def test_every_autotune_candidate():
+    """Each block shape the autotuner may pick, launched directly: all give the reference's result (bf16 with
+    GPT-2's flags, int8 with ReLU). On a GPU the candidates kept for a GPT-2-like shape (the prefetching ones on
+    Hopper); under the interpreter every candidate but those (the same shapes, the prefetch being a no-op here),
+    with C = 130 (no candidate's K block is pruned as wider than the row) and H = 1,040: several groups at every
+    slice width, and a short last slice where 1,040 is not a multiple of it."""
+    M, C, H = (2, 768, 3072) if ON_GPU else (1, 130, 1040)
+    for dtype, act in ((torch.bfloat16, "gelu_tanh"), (torch.int8, "relu")):
+        o = operands(M, C, H, dtype, seed=9)
+        want = mlp.reference(o["x"], o["w1"], o["b1"], o["w2"], o["b2"], act, o["scale1"], o["scale2"], o["norm"])
+        configs = mlp._candidates(mlp._mlp_tuned.configs, dict(w1_ptr=o["w1"], w2_ptr=o["w2"], C=C, H=H))
+        if ON_GPU and torch.cuda.get_device_capability()[0] >= 9 and dtype == torch.bfloat16:
+            assert any(c.kwargs["PREFETCH"] for c in configs), "no L2-prefetching candidate kept on Hopper"
+        part_rows, count_stride = mlp._layout(C, H, DEV)
+        counters = mlp.new_counters(DEV)
+        for c in configs:
+            x = o["x"].clone()
+            part = torch.empty(M, part_rows, C, device=DEV)
+            g, beta, eps = o["norm"]
+            mlp._mlp_kernel[(triton.cdiv(H, c.kwargs["BLOCK_H"]), M)](
+                x, o["w1"], o["w1"] if o["scale1"] is None else o["scale1"], o["b1"], o["w2"],
+                o["w2"] if o["scale2"] is None else o["scale2"], o["b2"], g, beta, part, counters, C, H, C, part_rows,
+                count_stride, eps, SCALED=o["scale1"] is not None, HAS_BIAS1=True, HAS_BIAS2=True,
+                GELU=act == "gelu_tanh", RELU=act == "relu", NORM=True, NORM_BLOCK=linear._norm_block((g,), C, 1),
+                PDL=False, **c.kwargs, num_warps=c.num_warps)
+            assert_close(x, want, *tolerance(dtype), f"mlp candidate {c.kwargs} warps {c.num_warps} {dtype}")
+            assert not counters.any(), f"candidate {c.kwargs}: counters left non-zero"
+
+
+def test_mlp_leading_dims_and_empty():
+    """x (B, T, C) is updated through its (B*T, C) view; no rows is a no-op."""
+    o = operands(6, 20, 90, torch.float32, seed=11)
+    x = o["x"].clone().view(2, 3, 20)
+    assert mlp.mlp(x, o["w1"], o["b1"], o["w2"], o["b2"], norm=o["norm"]) is x
+    want = mlp.reference(o["x"], o["w1"], o["b1"], o["w2"], o["b2"], norm=o["norm"])
+    assert_close(x.view(6, 20), want, *LINEAR_TOL, "mlp (2, 3, C)")
+    empty = torch.empty(0, 20, device=DEV)
+    assert mlp.mlp(empty, o["w1"], o["b1"], o["w2"], o["b2"]) is empty
+
+
+def _bad_calls():
+    o = operands(2, 8, 24, torch.float32, seed=13)
+    x, w1, b1, w2, b2 = (o[k] for k in ("x", "w1", "b1", "w2", "b2"))
+    return [
+        ("proj shape", lambda: mlp.mlp(x, w1, b1, w2[:, :20].contiguous(), b2), r"expected \(8, 24\)"),
+        ("mixed dtypes", lambda: mlp.mlp(x, w1, b1, w2.bfloat16(), b2), "proj weight must be one of"),
+        ("in-features", lambda: mlp.mlp(x[:, :7].contiguous(), w1, b1, w2, b2), "in-features 8"),
+        ("fc bias", lambda: mlp.mlp(x, w1, b2, w2, b2), r"fc bias must be a contiguous \(24,\)"),
+        ("act", lambda: mlp.mlp(x, w1, b1, w2, b2, "gelu"), "act must be one of"),
+        ("int8 without scales", lambda: mlp.mlp(x, w1.to(torch.int8), b1, w2.to(torch.int8), b2),
+         "scale is required for int8"),
+        ("int4", lambda: mlp.mlp(x, w1.to(torch.uint8), b1, w2.to(torch.uint8), b2), "fc weight must be one of"),
+        ("norm", lambda: mlp.mlp(x, w1, b1, w2, b2, norm=o["norm"][:2]), "norm must be a"),
+        ("x not a view of rows", lambda: mlp.mlp(torch.randn(2, 4, 8, device=DEV)[:, :3], w1, b1, w2, b2),
+         r"must be viewable as \(rows, 8\)"),
+        ("counters dtype", lambda: mlp.mlp(x, w1, b1, w2, b2, counters=torch.zeros(64, device=DEV)),
+         "counters must be one of"),
+        ("counters size", lambda: mlp.mlp(x, w1, b1, w2, b2, counters=torch.zeros(1, dtype=torch.int32, device=DEV)),
+         "counters must be a contiguous int32 buffer of at least"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_value_error(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# -- the triton backend's choice ----------------------------------------------------------------------------------
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """A TritonBackend whose fused and composed paths record which ran."""
+    be = triton_backend.TritonBackend(DEV)
+    calls = []
+    fused = mlp.mlp
+    monkeypatch.setattr(mlp, "mlp", lambda *a, **k: calls.append("fused") or fused(*a, **k))
+    composed = TorchBackend.mlp
+    monkeypatch.setattr(TorchBackend, "mlp", lambda *a, **k: calls.append("composed") or composed(*a, **k))
+    return be, calls
+
+
+@pytest.mark.parametrize("rows,dtype,fused", [(1, torch.bfloat16, True), (8, torch.int8, True),
+                                              (9, torch.bfloat16, False), (1, "int4", False)])
+def test_backend_fuses_decode_rows(backend_calls, rows, dtype, fused):
+    """Up to FUSED_MLP_MAX_ROWS rows of float or int8 weights take the fused kernel (on a GPU, where it is the
+    faster: timed here it may not be, so only the interpreter asserts the choice), more rows and int4 weights the
+    two linears; the result is the reference's either way."""
+    be, calls = backend_calls
+    o = operands(rows, 40, 160, torch.float32 if dtype == "int4" else dtype, seed=17)
+    if dtype == "int4":
+        from aigc_rt.format import dequantize_int4, quantize_int4
+        (q1, s1), (q2, s2) = quantize_int4(o["w1"]), quantize_int4(o["w2"])
+        fc, proj = be.prepare_linear(q1, o["b1"], s1), be.prepare_linear(q2, o["b2"], s2)
+        want = mlp.reference(o["x"], dequantize_int4(q1, s1), o["b1"], dequantize_int4(q2, s2), o["b2"],
+                             norm=o["norm"])
+        tol = tolerance(torch.float32)  # the int4 GEMV: fp32 activations times the levels and scales
+    else:
+        fc = be.prepare_linear(o["w1"], o["b1"], o["scale1"])
+        proj = be.prepare_linear(o["w2"], o["b2"], o["scale2"])
+        want = mlp.reference(o["x"], o["w1"], o["b1"], o["w2"], o["b2"], "gelu_tanh", o["scale1"], o["scale2"],
+                             o["norm"])
+        tol = tolerance(dtype)
+    x = o["x"].clone()
+    assert be.mlp(x, *o["norm"], fc, proj, "gelu_tanh") is x
+    assert_close(x, want, *tol, f"backend mlp rows={rows} {dtype}")
+    if not ON_GPU:
+        assert calls == ["fused" if fused else "composed"], calls
+
+
+def test_backend_without_fusion(backend_calls, monkeypatch):
+    """AIGC_RT_FUSED_MLP=0 (FUSED_MLP off): the two linears, at any row count."""
+    be, calls = backend_calls
+    monkeypatch.setattr(triton_backend, "FUSED_MLP", False)
+    o = operands(1, 40, 160, torch.bfloat16, seed=19)
+    fc, proj = be.prepare_linear(o["w1"], o["b1"]), be.prepare_linear(o["w2"], o["b2"])
+    be.mlp(o["x"].clone(), *o["norm"], fc, proj)
+    assert calls == ["composed"]
