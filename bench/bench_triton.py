@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aigc_rt.kernels import attention, decode_attention, embedding, layernorm, linear, mlp, sampling
+from aigc_rt.kernels import attention, decode_attention, embedding, layernorm, linear, mlp, sampling, utils
 from aigc_rt.kernels.utils import INTERPRETER
 from aigc_rt.sampling import SamplingParams, sample_reference
 
@@ -75,17 +75,18 @@ def test_mlp(benchmark, impl, M, C):
     """GPT-2's MLP sub-layer r += proj(GELU(fc(LN(r)))), H = 4C, bf16 weights: kernels/mlp.py's one launch, the
     two fused linears the triton backend runs otherwise (LayerNorm prologue, residual epilogue), and torch."""
     H = 4 * C
-    r, w1, w2 = randn(M, C), randn(H, C, dtype=torch.bfloat16) * C ** -0.5, randn(C, H, dtype=torch.bfloat16) * H ** -0.5
+    r = randn(M, C)
+    w1, w2 = randn(H, C, dtype=torch.bfloat16) * C ** -0.5, randn(C, H, dtype=torch.bfloat16) * H ** -0.5
     b1, b2, g, beta = randn(H), randn(C), randn(C), randn(C)
-    norm, counters, h = (g, beta, 1e-5), mlp.new_counters("cuda"), torch.empty(M, H, device="cuda")
-    if impl == "triton-fused":
-        fn = lambda: mlp.mlp(r, w1, b1, w2, b2, norm=norm, counters=counters)  # noqa: E731
-    elif impl == "triton-two-linears":
-        fn = lambda: linear.linear(linear.linear(r, w1, b1, "gelu_tanh", norm=norm, out=h), w2, b2,  # noqa: E731
-                                   residual=r)
-    else:
-        fn = lambda: r.add_(F.linear(F.gelu(F.linear(F.layer_norm(r, (C,), g, beta, 1e-5).to(w1.dtype), w1)  # noqa: E731
-                                            .float() + b1, approximate="tanh").to(w2.dtype), w2).float() + b2)
+    norm, counters, h = (g, beta, 1e-5), utils.new_counters("cuda"), torch.empty(M, H, device="cuda")
+
+    def fn():
+        if impl == "triton-fused":
+            return mlp.mlp(r, w1, b1, w2, b2, norm=norm, counters=counters)
+        if impl == "triton-two-linears":
+            return linear.linear(linear.linear(r, w1, b1, "gelu_tanh", norm=norm, out=h), w2, b2, residual=r)
+        f = F.gelu(F.linear(F.layer_norm(r, (C,), g, beta, 1e-5).to(w1.dtype), w1).float() + b1, approximate="tanh")
+        return r.add_(F.linear(f.to(w2.dtype), w2).float() + b2)
     benchmark(timed(fn))
 
 
@@ -139,6 +140,28 @@ def test_attention_decode(benchmark, impl, B, H, S, D):
     else:
         be = TorchBackend(torch.device("cuda"))
         fn = lambda: be.attention_decode(q, k_cache, v_cache, lengths, max_len)  # noqa: E731
+    benchmark(timed(fn))
+
+
+@pytest.mark.benchmark(group="attention_decode_proj")
+@pytest.mark.parametrize("B,H,S,C", [(1, 12, 160, 768), (8, 12, 160, 768), (1, 25, 160, 1600), (1, 25, 1024, 1600)])
+@pytest.mark.parametrize("impl", ["triton-fused", "triton-apart"])
+def test_attention_decode_proj(benchmark, impl, B, H, S, C):
+    """A decode step's attention sub-layer past qkv, r += proj(attention) over a bf16 cache, bf16 W: the
+    projection fused into the attention kernel (its one pass, or its merge past 256 positions) against the
+    attention and the linear (residual epilogue) apart."""
+    D = C // H
+    q, kc, vc = randn(B, H, D), randn(B, H, S, D, dtype=torch.bfloat16), randn(B, H, S, D, dtype=torch.bfloat16)
+    lengths = torch.full((B,), S - 1, device="cuda")
+    w, b, r = randn(C, C, dtype=torch.bfloat16) * C ** -0.5, randn(C), randn(B, C)
+    counters, o = utils.new_counters("cuda"), torch.empty(B, H, D, device="cuda")
+
+    def fn():
+        if impl == "triton-fused":
+            return decode_attention.attention_decode(q, kc, vc, lengths, S, proj=(w, b, None), residual=r,
+                                                     counters=counters)
+        return linear.linear(decode_attention.attention_decode(q, kc, vc, lengths, S, out=o).view(B, C), w, b,
+                             residual=r)
     benchmark(timed(fn))
 
 

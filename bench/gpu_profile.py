@@ -16,7 +16,8 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    to 8 rows), fused the same way, at its fastest launch configuration. Reported: us per call, GB/s of weight
    read, % of the measured read bandwidth.
 3. The MLP sub-layer at M = batch and M = 8: kernels/mlp.py's one launch against the two linears and cuBLAS,
-   over weight copies as in 2; and in 1, the step with every MLP forced to either.
+   over weight copies as in 2; and in 1, the step with every fusable sub-layer (the MLP, the decode attention
+   with its output projection) forced to its one kernel, and to its kernels apart.
 4. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
    repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
    same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
@@ -75,9 +76,10 @@ def replayed_step_seconds(m, tok, pos, cache, max_len: int) -> float:
 def step_profile(m, batch: int, prompt: int = 32,
                  steps: int = 5) -> tuple[float, float, float, dict, list[tuple[str, float, float]]]:
     """(replayed step seconds, the same with programmatic dependent launch, the same without the launch-saving
-    fusions (LayerNorms as their own launches, attention split and merged), {"fused": s, "two linears": s, "picked":
-    the backend's choice}: the step with every MLP sub-layer forced to the fused kernel / to the two linears,
-    [(kernel, launches per step, device us per step)]) at context ~prompt."""
+    fusions (LayerNorms as their own launches, attention split and merged), {"fused": s, "composed": s, "picked":
+    the backend's choices}: the step with every fusable sub-layer (the MLP, the attention with its projection)
+    forced to its one kernel / to its kernels apart, [(kernel, launches per step, device us per step)]) at context
+    ~prompt."""
     from torch.profiler import ProfilerActivity, profile
 
     from aigc_rt.backends import triton_backend
@@ -88,14 +90,14 @@ def step_profile(m, batch: int, prompt: int = 32,
         tok = m.head(m.prefill(ids, cache)[:, -1]).argmax(-1)
         pos = torch.full((batch,), prompt, device="cuda")
         replayed = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
-        mlp_keys = [k for k in triton_linear._picked if k[0] == "mlp"]  # chosen by the step's first (eager) run
-        mlp = {"picked": ", ".join(sorted({triton_linear._picked[k] for k in mlp_keys})) or "-"}
-        picks = {k: triton_linear._picked[k] for k in mlp_keys}
+        # the fused sub-layers (MLP; attention + its projection), as chosen by the step's first (eager) run
+        fused_keys = [k for k in triton_linear._picked if k[0] in ("mlp", "attn_proj")]
+        fusion = {"picked": ", ".join(f"{k[0]} {triton_linear._picked[k]}" for k in fused_keys) or "-"}
+        picks = {k: triton_linear._picked[k] for k in fused_keys}
         try:
             for how in ("fused", "composed"):
-                triton_linear._picked.update(dict.fromkeys(mlp_keys, how))
-                mlp["two linears" if how == "composed" else how] = replayed_step_seconds(m, tok, pos, cache,
-                                                                                         prompt + 1)
+                triton_linear._picked.update(dict.fromkeys(fused_keys, how))
+                fusion[how] = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
         finally:
             triton_linear._picked.update(picks)
         utils.PDL_REQUESTED = True
@@ -126,7 +128,7 @@ def step_profile(m, batch: int, prompt: int = 32,
             us = getattr(e, "self_cuda_time_total", 0.0)
         if us > 0 and not e.key.startswith(("aten::", "cuda")):
             rows.append((e.key[:60], e.count / steps, us / steps))
-    return replayed, with_pdl, apart, mlp, sorted(rows, key=lambda r: -r[2])
+    return replayed, with_pdl, apart, fusion, sorted(rows, key=lambda r: -r[2])
 
 
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
@@ -193,6 +195,7 @@ def mlp_rows(m, M: int, bandwidth: float) -> list[str]:
     one launch (autotuned) against the two fused linears (autotuned), and cuBLAS's two bare F.linear in the weight
     dtype, over weight copies that L2 cannot hold (as linear_rows)."""
     from aigc_rt.kernels import mlp
+    from aigc_rt.kernels.utils import new_counters
     blk = m.blocks[0]
     fc, proj = blk.fc, blk.mlp_proj
     if fc.weight.dtype == torch.uint8:
@@ -203,7 +206,7 @@ def mlp_rows(m, M: int, bandwidth: float) -> list[str]:
     ws = [(fc.weight.clone(), proj.weight.clone()) for _ in range(copies)]
     r, h = torch.randn(M, C, device="cuda"), torch.empty(M, H, device="cuda")
     norm = (torch.ones(C, device="cuda"), torch.zeros(C, device="cuda"), 1e-5)
-    counters = mlp.new_counters("cuda")
+    counters = new_counters("cuda")
 
     def fused(w1, w2):
         mlp.mlp(r, w1, fc.bias, w2, proj.bias, scale1=fc.scale, scale2=proj.scale, norm=norm, counters=counters)
@@ -291,12 +294,13 @@ def main(argv=None) -> int:
                              device="cuda", backend="triton")
         lines += [f"## GPT-2 {size}, batch {a.batch}", ""]
         try:
-            replayed, with_pdl, apart, mlp, kernels = step_profile(m, a.batch)
+            replayed, with_pdl, apart, fusion, kernels = step_profile(m, a.batch)
             total = sum(us for _, _, us in kernels)
-            forced = ", ".join(f"{1e3 * mlp[k]:.3f} ms with every MLP {k}" for k in ("fused", "two linears") if k in mlp)
+            forced = ", ".join(f"{1e3 * fusion[k]:.3f} ms with every sub-layer {k}" for k in ("fused", "composed")
+                               if k in fusion)
             lines += [f"Replayed step {1e3 * replayed:.3f} ms ({1e3 * with_pdl:.3f} ms with programmatic dependent "
-                      f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own; MLP "
-                      f"picked: {mlp['picked']}; {forced}); "
+                      f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own; fused "
+                      f"sub-layers picked: {fusion['picked']}; {forced}); "
                       f"its kernels run eagerly sum to {total / 1e3:.3f} ms "
                       f"({sum(n for _, n, _ in kernels):.0f} launches).", "",
                       "| kernel | launches/step | us/step | share |", "|---|---|---|---|"]

@@ -27,17 +27,56 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_tensor, check_vector,
-                    decode_settings, pdl_begin, pdl_options)
+from .linear import _epilogue
+from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_scale, check_tensor,
+                    check_vector, column_sums, decode_settings, device_fn, gather_partials, new_counters, pdl_begin,
+                    pdl_options)
 
 LOG2E = 1.4426950408889634
+
+
+@device_fn
+def _project(out, b, h, H, dims, in_d, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows,
+             count_stride, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr):
+    """r[b] += O[b] W^T + bias, O[b] the row's heads side by side (H * HEAD_DIM inputs), computed by the row's H
+    programs together: this one's head `out` (BLOCK_D,) times W's columns h * HEAD_DIM + d (rows of W are H *
+    HEAD_DIM apart; a head's part of a row is HEAD_DIM contiguous values), its partial (N,) written to
+    pp[b, h], the partials added in head order by the last program to arrive (utils.gather_partials), which
+    applies the scale (int8 W), the bias and the residual add. `out` is rounded to W's dtype first (as linear.py
+    rounds its x; int8: kept fp32)."""
+    if not SCALED:
+        out = cast_rne(out, w_ptr.dtype.element_ty).to(tl.float32)
+    K = H * HEAD_DIM
+    cs = tl.arange(0, BLOCK_C)
+    part_row = pp_ptr + b.to(tl.int64) * part_rows * N
+    w_ptrs = w_ptr + cs[:, None].to(tl.int64) * K + h * HEAD_DIM + dims[None, :]  # (BLOCK_C, BLOCK_D)
+    for c0 in range(0, N, BLOCK_C):
+        in_c = cs + c0 < N
+        w = tl.load(w_ptrs, mask=in_c[:, None] & in_d[None, :], other=0.0)
+        tl.store(part_row + h * N + c0 + cs, tl.sum(w.to(tl.float32) * out[None, :], axis=1), mask=in_c)
+        w_ptrs += BLOCK_C * K
+    rc = tl.arange(0, RBLOCK)
+    rr = tl.arange(0, GROUP)
+    last, n_groups = gather_partials(part_row, h, H, N, count_ptr + b * count_stride, rc, rr, RBLOCK, GROUP)
+    if last:
+        r_row = r_ptr + b.to(tl.int64) * r_stride
+        for c0 in range(0, N, RBLOCK):
+            cols = c0 + rc
+            in_c = cols < N
+            y = column_sums(part_row + H * N, n_groups, N, cols, in_c, rr, RBLOCK, GROUP)
+            y = _epilogue(y, ws_ptr, wb_ptr, cols, N, SCALED, HAS_BIAS, False, False)
+            tl.store(r_row + cols, tl.load(r_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr, o_ptr,
                          H, S, qk_scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, nk_sb, nk_sh, nv_sb, nv_sh,
-                         o_sb, o_sh, HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, APPEND: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
+                         o_sb, o_sh, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows,
+                         count_stride, HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, APPEND: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr,
+                         PROJ: tl.constexpr = False, SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -88,7 +127,12 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             tl.store(part_o_ptr + part * BLOCK_D + dims, out)
             tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
     if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
-        tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty), mask=in_d)
+        if PROJ:  # ... through the output projection into the residual stream
+            _project(out, b, h, H, dims, in_d, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
+                     part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK)
+        else:
+            tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
+                     mask=in_d)
     if APPEND:  # last, so that nothing above could have read the slot back (the interpreter runs in order)
         if (new_pos >= start) & (new_pos < start + SPLIT_LEN) & (new_pos < S):
             tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
@@ -96,9 +140,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
 
 
 @triton.jit
-def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o_sh, N_SPLITS,
-                         HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o_sh, N_SPLITS, w_ptr, ws_ptr, wb_ptr,
+                         r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM: tl.constexpr,
+                         SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+                         PROJ: tl.constexpr = False, SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     b = bh // H
@@ -114,17 +160,26 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
     o = tl.load(part_o_ptr + part[:, None] * BLOCK_D + dims[None, :], mask=used[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # (BLOCK_D,); zeros for len 0
-    tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    if PROJ:
+        _project(out, b, h, H, dims, dims < HEAD_DIM, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
+                 part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK)
+    else:
+        tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
+                 mask=dims < HEAD_DIM)
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      max_len: int | None = None, *, out=None, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     positions: torch.Tensor | None = None) -> torch.Tensor:
+                     positions: torch.Tensor | None = None, proj: tuple | None = None,
+                     residual: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, D); k_cache, v_cache (B, H, S, D) (e.g. views cache.k[layer]); lengths (B,) int on the
     device: row b attends to its first lengths[b] positions. max_len (a host int >= max(lengths)) is only
     checked against S: the launch depends on S alone. -> (B, H, D), q's dtype.
-    new_kv (k, v) with positions: write_kv(k_cache, v_cache, positions, k, v) first, in the same launch."""
+    new_kv (k, v) with positions: write_kv(k_cache, v_cache, positions, k, v) first, in the same launch.
+    proj (W, bias, scale) with residual (B, N) fp32: the output projection too, residual += O W^T + bias with O
+    the (B, H * D) attention output (never written out; out must be None), and residual is returned. W (N, H * D)
+    fp32 | bf16 | fp16 | int8 (with its (N,) scale), bias (N,) fp32 or None; linear.py's numerics (O rounded to
+    W's dtype). counters: a utils.new_counters() buffer (needed while a CUDA graph is being captured)."""
     check_tensor("q", q, 3, FLOAT_DTYPES, None, last_contiguous=True)
     dev = q.device
     B, H, D = q.shape
@@ -140,27 +195,81 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if new_kv is not None:
         check_new_kv(*new_kv, positions, B, H, D, dev)
     new_k, new_v = new_kv if new_kv is not None else (q, q)  # dummy pointers without APPEND
-    o = check_out(out, (B, H, D), q.dtype, dev)
-    if o.numel() == 0 or S == 0:
-        return o.zero_()
     s = decode_settings(B * H, S, D, dev)
+    if proj is not None:
+        o, project = None, _projection(proj, residual, counters, out, B, H, D, s["GROUP"], dev)
+    else:
+        if residual is not None or counters is not None:
+            raise ValueError("attention_decode: residual and counters go with proj")
+        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4, {})  # placeholders, never read
+    if B * H == 0:
+        return o if proj is None else residual
+    if S == 0:  # nothing to attend to: a zero output
+        if proj is None:
+            return o.zero_()
+        return residual if proj[1] is None else residual.add_(proj[1])
     n_splits, block_d = s["n_splits"], s["BLOCK_D"]
     single = n_splits == 1  # one program per row and head writes the output: no merge launch
-    part_o = o if single else torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
-    part_lse = o if single else torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
+    part_o = q if single else torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
+    part_lse = q if single else torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
+    o_args = (o, o.stride(0), o.stride(1)) if o is not None else (q, 0, 0)
+    proj_args, proj_flags = project
     _decode_split_kernel[(B * H, n_splits)](
-        q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions, o,
-        H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), o.stride(0), o.stride(1),
-        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d, APPEND=new_kv is not None,
-        SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev))
-    if single:
-        return o
-    _decode_merge_kernel[(B * H,)](
-        part_o, part_lse, lengths, o, H, S, o.stride(0), o.stride(1), n_splits,
-        HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
-        num_warps=s["num_warps"], **pdl_options(dev))
-    return o
+        q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
+        o_args[0], H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        *v_cache.stride()[:3], new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), *o_args[1:],
+        *proj_args, HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d,
+        APPEND=new_kv is not None, SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev),
+        **(proj_flags if single else {}), BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"])
+    if not single:
+        _decode_merge_kernel[(B * H,)](
+            part_o, part_lse, lengths, *o_args[:1], H, S, *o_args[1:], n_splits, *proj_args,
+            HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
+            num_warps=s["num_warps"], **pdl_options(dev), **proj_flags, BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"],
+            RBLOCK=s["RBLOCK"])
+    return o if proj is None else residual
+
+
+def projection_layout(H: int, group: int) -> tuple[int, int]:
+    """(partial rows, counters) per row of the fused output projection: H heads' partials and their groups'
+    sums; a counter per group and one for the groups."""
+    groups = triton.cdiv(H, group)
+    return H + groups, groups + 1
+
+
+def _projection(proj, residual, counters, out, B: int, H: int, D: int, group: int, dev) -> tuple:
+    """attention_decode's checks of proj = (W, bias, scale), residual and counters -> (the kernels' projection
+    arguments, their flags); ValueError naming the problem."""
+    if not (isinstance(proj, tuple) and len(proj) == 3):
+        raise ValueError(f"proj must be a (weight, bias, scale) tuple, got {type(proj).__name__}")
+    w, bias, scale = proj
+    check_tensor("proj weight", w, 2, (*FLOAT_DTYPES, torch.int8), dev)
+    N = w.shape[0]
+    if w.shape[1] != H * D or N == 0 or not w.is_contiguous():
+        raise ValueError(f"proj weight must be a contiguous (out, {H * D}) matrix (H * head_dim inputs), got "
+                         f"{tuple(w.shape)}")
+    check_scale("proj weight", w, scale, dev)
+    if bias is not None:
+        check_vector("proj bias", bias, N, (torch.float32,), dev)
+    if out is not None:
+        raise ValueError("attention_decode: with proj the attention output goes into residual; out must be None")
+    if residual is None:
+        raise ValueError("attention_decode: proj needs residual (B, out) fp32, the stream the projection adds into")
+    check_out(residual, (B, N), torch.float32, dev, name="residual")
+    part_rows, count_stride = projection_layout(H, group)
+    if counters is None:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("attention_decode: pass counters= (kernels.utils.new_counters, made before the capture) "
+                             "while a CUDA graph is being captured")
+        counters = new_counters(dev)
+    check_tensor("counters", counters, 1, (torch.int32,), dev)
+    if not counters.is_contiguous() or counters.numel() < B * count_stride:
+        raise ValueError(f"counters must be a contiguous int32 buffer of at least {B * count_stride} (rows x "
+                         f"{count_stride}), got {tuple(counters.shape)}")
+    part = torch.empty(B, part_rows, N, device=dev)  # the heads' partial sums (read back within the launch)
+    args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
+            residual.stride(0), part_rows, count_stride)
+    return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None)
 
 
 @triton.jit

@@ -14,15 +14,16 @@ vector cannot be finished before W2 is applied without a grid-wide wait, so the 
 program (s, m) owns hidden units s*BLOCK_H .. +BLOCK_H of row m. It computes them from W1's rows (a GEMV over
 C), applies them to the matching BLOCK_H columns of W2 (rows of W2 are H apart: BLOCK_H * itemsize >= 64 B
 keeps those loads whole sectors) and writes that slice's partial output (C,). The partials are added up
-without atomics on floats, so the result is the same bits every run, whatever order programs finish in:
+without atomics on floats, so the result is the same bits every run, whatever order programs finish in
+(utils.gather_partials):
 - slices are grouped GROUP at a time; each program, after writing its partial, counts itself into its group's
   counter (an atomic add with acquire-release order, after a fence by every thread); the group's last
   arrival adds the group's partials in slice order (one (GROUP, RBLOCK) tile per column block, every load in
   flight at once) into the group's sum;
 - the last group to finish (a second counter) adds the group sums in group order, applies the scale, b2 and
   the residual add, and writes r. Each last arrival sets its counter back to 0, so the counters (int32, zeros
-  before the first launch, new_counters()) are zeros again after every launch. Launches that share counters
-  must not run concurrently (one model's decode runs on one stream).
+  before the first launch, utils.new_counters()) are zeros again after every launch. Launches that share
+  counters must not run concurrently (one model's decode runs on one stream).
 No program waits for another (no spin, no grid barrier): correct however many programs are resident, and in
 the interpreter, which runs programs one at a time. Under PDL every counter access follows the wait.
 Test: tests/test_triton_kernels.py (test_mlp*); benchmark: bench/bench_triton.py (mlp group); the triton
@@ -38,45 +39,9 @@ import triton.language as tl
 
 from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _norm_block, _normalise, _quick_bench,
                      _row_stats)
-from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, device_fn, fence_gpu,
-                    l2_prefetchable, mlp_settings, pdl_begin, pdl_options, prefetch_l2)
-
-COUNTERS = 1 << 14  # int32 counters in a new_counters() buffer: rows x (groups + 1) of one launch must fit
-
-
-def new_counters(device) -> torch.Tensor:
-    """A counter buffer for mlp(): zeros, and left zeros by every launch that uses it. Allocate it outside any
-    CUDA-graph capture (a capture would record the zeroing) and keep it: TritonBackend holds one."""
-    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-
-
-@device_fn
-def _arrive(counter_ptr, expected):
-    """Count this program into a counter shared by `expected` programs; True for the last to arrive, which also
-    sets the counter back to 0. Every thread's stores before the call are visible to the program that gets True
-    (every thread fences, the block synchronises, one atomic with acquire-release order; the last arrival
-    fences again before its threads read what the others wrote)."""
-    fence_gpu()
-    tl.debug_barrier()
-    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == expected - 1
-    if last:
-        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
-        fence_gpu()
-    return last
-
-
-@device_fn
-def _column_sums(src_ptr, n, C, cols, in_c, rs, RBLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """sum over i < n of src[i * C + cols], (RBLOCK,): ROWS rows a tile (every load of a tile in flight at once),
-    tiles in index order and tl.sum's fixed tree within one, so the same bits whichever program calls it. src
-    was written by other programs: read from L2 (.cg), past this SM's L1."""
-    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
-    for i0 in range(0, n, ROWS):
-        tile = tl.load(src_ptr + (i0 + rs[:, None]) * C + cols[None, :], mask=(i0 + rs[:, None] < n) & in_c[None, :],
-                       other=0.0, cache_modifier=".cg")
-        acc += tl.sum(tile, axis=0)
-    return acc
-
+from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, column_sums,
+                    device_fn, gather_partials, l2_prefetchable, mlp_settings, new_counters, pdl_begin, pdl_options,
+                    prefetch_l2)
 
 @device_fn
 def cast_to(x, dtype: tl.constexpr):
@@ -133,36 +98,25 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
         w = tl.load(w2_ptrs, mask=in_c[:, None] & in_h[None, :], other=0.0)
         tl.store(part_row + s * C + c0 + cs, tl.sum(w.to(tl.float32) * h[None, :], axis=1), mask=in_c)
         w2_ptrs += BLOCK_C * H
-    # the partials added in slice order: per group by its last arrival, then the group sums by the last group
+    # the partials added in slice order (utils.gather_partials), by the one program that finds them all written
     rc = tl.arange(0, RBLOCK)
     rr = tl.arange(0, GROUP)
-    n_groups = tl.cdiv(n_slices, GROUP)
-    group = s // GROUP
-    first = group * GROUP
-    counters = count_ptr + row * count_stride
-    size = tl.minimum(GROUP, n_slices - first)
-    if _arrive(counters + group, size):
-        sums = part_row + n_slices * C  # the group sums, after the slices' partials
+    last, n_groups = gather_partials(part_row, s, n_slices, C, count_ptr + row * count_stride, rc, rr, RBLOCK, GROUP)
+    if last:
         for c0 in range(0, C, RBLOCK):
             cols = c0 + rc
             in_c = cols < C
-            tl.store(sums + group * C + cols, _column_sums(part_row + first * C, size, C, cols, in_c, rr, RBLOCK, GROUP),
-                     mask=in_c)
-        if _arrive(counters + n_groups, n_groups):
-            for c0 in range(0, C, RBLOCK):
-                cols = c0 + rc
-                in_c = cols < C
-                y = _column_sums(sums, n_groups, C, cols, in_c, rr, RBLOCK, GROUP)
-                y = _epilogue(y, s2_ptr, b2_ptr, cols, C, SCALED, HAS_BIAS2, False, False)
-                tl.store(x_row + cols, tl.load(x_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
-
+            y = column_sums(part_row + n_slices * C, n_groups, C, cols, in_c, rr, RBLOCK, GROUP)
+            y = _epilogue(y, s2_ptr, b2_ptr, cols, C, SCALED, HAS_BIAS2, False, False)
+            tl.store(x_row + cols, tl.load(x_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
 
 # (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH): hidden slices whose W2 columns are 32-128 B of each row
-# (16-64 bf16 units), fc tiles and proj tiles of 4-8 K values, groups of 8 or 16 partials; RBLOCK keeps the
-# reduction tile at 8,192 values
-_CONFIGS = [(16, 256, 256, 8, 4, False), (32, 128, 128, 8, 4, False), (32, 256, 256, 8, 8, False),
-            (64, 64, 64, 8, 4, False), (64, 128, 128, 8, 8, False), (64, 128, 128, 16, 8, False),
-            (32, 128, 128, 8, 4, True), (64, 128, 128, 8, 8, True)]
+# (16-64 bf16 units); fc and proj tiles of 4-8 K weights per iteration (fewer, longer iterations: fewer dependent
+# round trips to memory per program); groups of 8 or 16 partials; RBLOCK keeps the reduction tile at 8,192 values
+_CONFIGS = [(16, 256, 256, 8, 4, False), (16, 512, 512, 8, 8, False), (32, 128, 128, 8, 4, False),
+            (32, 256, 256, 8, 8, False), (64, 64, 64, 8, 4, False), (64, 128, 128, 8, 8, False),
+            (64, 128, 128, 16, 8, False), (32, 128, 128, 8, 4, True), (32, 256, 256, 8, 8, True),
+            (64, 128, 128, 8, 8, True)]
 AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
 
 
@@ -204,7 +158,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     """x += act(LayerNorm(x) W1^T + b1) W2^T + b2, in place; returns x. x (..., C) fp32 with contiguous rows (a
     view of (M, C)); W1 (H, C), W2 (C, H) of one dtype (fp32 | bf16 | fp16 | int8, contiguous), b1 (H,), b2 (C,)
     fp32 or None; int8 weights with their per-row scales scale1 (H,), scale2 (C,) (and only they); norm (g, beta,
-    eps) with g, beta (C,) fp32, or None; act None | "gelu_tanh" | "relu". counters: a new_counters() buffer
+    eps) with g, beta (C,) fp32, or None; act None | "gelu_tanh" | "relu". counters: a utils.new_counters() buffer
     (required while a CUDA graph is being captured; otherwise one is made for the call)."""
     check_tensor("x", x, None, (torch.float32,), None, last_contiguous=True)
     dev = x.device
@@ -236,7 +190,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     part_rows, count_stride = _layout(C, H, dev)
     if counters is None:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("mlp: pass counters= (kernels.mlp.new_counters, made before the capture) while a CUDA "
+            raise ValueError("mlp: pass counters= (kernels.utils.new_counters, made before the capture) while a CUDA "
                              "graph is being captured")
         counters = new_counters(dev)
     check_tensor("counters", counters, 1, (torch.int32,), dev)

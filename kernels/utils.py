@@ -117,6 +117,69 @@ else:
                                   is_pure=False, pack=1)
 
 
+# Partial results of a launch added up inside it, without float atomics (kernels/mlp.py, the decode attention's
+# output projection): each program writes its partial row, counts itself in, and the last to arrive adds them.
+COUNTERS = 1 << 14  # int32 counters in a new_counters() buffer: rows x (groups + 1) of one launch must fit
+
+
+def new_counters(device) -> torch.Tensor:
+    """A counter buffer for the kernels that gather partials (gather_partials): zeros, and left zeros by every
+    launch that uses it. Allocate it outside any CUDA-graph capture (a capture would record the zeroing) and keep
+    it: TritonBackend holds one. Launches that share one must not run concurrently."""
+    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+
+
+@device_fn
+def arrive(counter_ptr, expected):
+    """Count this program into a counter shared by `expected` programs; True for the last to arrive, which also
+    sets the counter back to 0. Every thread's stores before the call are visible to the program that gets True
+    (every thread fences, the block synchronises, one atomic with acquire-release order; the last arrival
+    fences again before its threads read what the others wrote)."""
+    fence_gpu()
+    tl.debug_barrier()
+    last = tl.atomic_add(counter_ptr, 1, sem="acq_rel") == expected - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+        fence_gpu()
+    return last
+
+
+@device_fn
+def column_sums(src_ptr, n, C, cols, in_c, rs, RBLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """sum over i < n of src[i * C + cols], (RBLOCK,): ROWS rows a tile (every load of a tile in flight at once),
+    tiles in index order and tl.sum's fixed tree within one, so the same bits whichever program calls it. src
+    was written by other programs: read from L2 (.cg), past this SM's L1."""
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for i0 in range(0, n, ROWS):
+        tile = tl.load(src_ptr + (i0 + rs[:, None]) * C + cols[None, :], mask=(i0 + rs[:, None] < n) & in_c[None, :],
+                       other=0.0, cache_modifier=".cg")
+        acc += tl.sum(tile, axis=0)
+    return acc
+
+
+@device_fn
+def gather_partials(part_row, s, n, C, counters, rc, rr, RBLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Program s of n has written its partial row part_row[s * C + c] (c < C): group the n rows GROUP at a time;
+    the last of a group to arrive (its counter, counters + group) adds the group's rows in index order into
+    part_row[(n + group) * C + c], and the last group (counter counters + n_groups) gets last = True: it alone
+    may read the n_groups group sums (column_sums(part_row + n * C, n_groups, ...)). Returns (last, n_groups).
+    part_row holds n + ceil(n / GROUP) rows of C, counters ceil(n / GROUP) + 1 zeros (left zeros). rc, rr:
+    tl.arange(0, RBLOCK) and tl.arange(0, GROUP)."""
+    n_groups = tl.cdiv(n, GROUP)
+    group = s // GROUP
+    first = group * GROUP
+    size = tl.minimum(GROUP, n - first)
+    last = s < 0  # False (a tensor, as arrive's answer is)
+    if arrive(counters + group, size):
+        for c0 in range(0, C, RBLOCK):
+            cols = c0 + rc
+            in_c = cols < C
+            tl.store(part_row + (n + group) * C + cols, column_sums(part_row + first * C, size, C, cols, in_c, rr,
+                                                                    RBLOCK, GROUP), mask=in_c)
+        last = arrive(counters + n_groups, n_groups)
+    return last, n_groups
+
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
@@ -275,7 +338,9 @@ SINGLE_PASS_BLOCKS = 4  # decode attention over caches of up to 4 x 64 positions
 def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device,
                     interpreter: bool = INTERPRETER) -> dict:
     """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
-    CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice."""
+    CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice. With the output
+    projection fused: BLOCK_C outputs per tile of W (8,192 weights a tile), partials added GROUP at a time in
+    RBLOCK-column tiles (the interpreter: heads in groups of 2, so that both stages run at test sizes)."""
     block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
@@ -284,8 +349,10 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     # iterations cost less than the merge's launch); the interpreter's bound is lower, so tests run both ways
     n_splits = 1 if blocks <= (2 if interpreter else SINGLE_PASS_BLOCKS) else min(target_splits, blocks)
     split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
+    proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128) if interpreter else dict(BLOCK_C=max(16, 8192 // block_d), GROUP=8,
+                                                                              RBLOCK=1024)
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
-                num_warps=1 if interpreter else 4)
+                num_warps=1 if interpreter else 4, **proj)
 
 
 CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # as csrc/cpu/conv_isa.h's Act

@@ -193,12 +193,13 @@ def test_gemv_errors(kernels):
 
 def test_cuda_backend_greedy_tokens_identical_to_hf(kernels, rt_odd, monkeypatch):
     """The `cuda` backend end to end on the tiny GPT-2 (conftest's "odd" config): at batch 1 every decode linear
-    runs the CUDA GEMV (counted; the MLP as two linears, not the fused Triton MLP it may pick otherwise), and the
-    greedy continuation is Hugging Face's token for token. On a GPU the decode step is captured in a CUDA graph
+    runs the CUDA GEMV (counted; the sub-layers as linears, not the fused Triton kernels it may pick otherwise), and
+    the greedy continuation is Hugging Face's token for token. On a GPU the decode step is captured in a CUDA graph
     with the GEMV's launches in it."""
     import aigc_rt
     from aigc_rt.backends import triton_backend
     monkeypatch.setattr(triton_backend, "FUSED_MLP", False)
+    monkeypatch.setattr(triton_backend, "FUSED_ATTN_PROJ", False)
     monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
     calls = []
     gemv = kernels.gemv
@@ -274,10 +275,11 @@ def test_cuda_backend_keeps_the_faster_linear(kernels, rt_odd, monkeypatch):
     """On a GPU the backend times the CUDA GEMV against the Triton linear the first time a shape comes and keeps
     the faster. With a clock on which the Triton linear is the faster (as if on a GPU, here in the emulation),
     every decode linear takes it, and the tokens are still HF's: the timed runs left the residual stream as it
-    was. (The MLP as two linears: the fused Triton MLP has no CUDA GEMV to time.)"""
+    was. (The sub-layers as linears: the fused Triton kernels have no CUDA GEMV to time.)"""
     import aigc_rt
     from aigc_rt.backends import triton_backend
     monkeypatch.setattr(triton_backend, "FUSED_MLP", False)
+    monkeypatch.setattr(triton_backend, "FUSED_ATTN_PROJ", False)
     monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
     monkeypatch.setattr(kernels, "timer", lambda fn: (fn(), 1.0 if fn.__name__ == "triton" else 2.0)[1])
     m = aigc_rt.load(rt_odd[0], device=DEV, backend="cuda")

@@ -96,6 +96,8 @@ VARIANTS = [
                                           BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=256, PREFETCH=True, PDL=True), 8),
     (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=16, BLOCK_K=256,
                                           BLOCK_C=256, GROUP=8, RBLOCK=1024, THREADS=128), 4),
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=16, BLOCK_K=512,
+                                          BLOCK_C=512, GROUP=8, RBLOCK=1024, THREADS=256), 8),
     (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=64, BLOCK_K=128,
                                           BLOCK_C=128, GROUP=16, RBLOCK=512, THREADS=256), 8),
     (mlp._mlp_kernel, {"w1_ptr": "*i8", "w2_ptr": "*i8"}, "int8", dict(MLP_FLAGS, SCALED=True, NORM=True,
@@ -120,6 +122,13 @@ VARIANTS = [
                                                              APPEND=False, SINGLE=True), 4),
     (decode_attention._decode_merge_kernel, {"o_ptr": "*{dtype}"}, "fp16",
      dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64), 4),
+    # with the output projection fused (decode_settings' GPU shapes): one pass, bf16 W; the merge, int8 W
+    (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16"}, "bf16",
+     dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True, PROJ=True,
+          HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024), 4),
+    (decode_attention._decode_merge_kernel, {"w_ptr": "*i8"}, "int8",
+     dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64, PROJ=True, SCALED=True, HAS_BIAS=True, BLOCK_C=128,
+          GROUP=8, RBLOCK=1024), 4),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,
                                                BLOCK=1024, N_PIVOTS=16), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
@@ -199,12 +208,15 @@ def signature(kernel, pointers: dict, dtype: str, constexprs: dict) -> dict:
 
 
 def aligned(kernel, name: str) -> bool:
-    """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the MLP's H = 4C, the activation
-    and weight row strides, the attention and KV-cache strides: multiples of the head size). Not: the vocabulary
-    (50,257) and strides over it, sequence lengths, head and row counts, the transposed convolution's sizes, the
-    int4 scales' row stride (one per 64 inputs: 12 at C = 768), the fused MLP's counters per row (groups + 1)."""
+    """Whether a GPT-2 launch passes this int argument as a multiple of 16 (C = 768 ... 1600, K, the MLP's H = 4C,
+    the attention projection's N = C, the activation and weight row strides, the attention and KV-cache strides:
+    multiples of the head size). Not: the vocabulary (50,257) and strides over it, sequence lengths, head and row
+    counts, the transposed convolution's sizes, the int4 scales' row stride (one per 64 inputs: 12 at C = 768),
+    the fused kernels' counters per row (groups + 1)."""
     if kernel is mlp._mlp_kernel and name == "H":  # elsewhere H counts heads or image rows
         return True
+    if kernel in (decode_attention._decode_split_kernel, decode_attention._decode_merge_kernel) and name == "N":
+        return True  # the fused output projection's width, C (elsewhere N may be the vocabulary)
     return name in ("C", "K") or (re.fullmatch(r"\w+_stride|(q|k|v|o|kc|vc|nk|nv)_s[bhst]{1,2}", name) is not None
                                    and name not in ("logits_stride", "seen_stride", "s_stride", "count_stride"))
 
@@ -260,6 +272,9 @@ def main(argv=None) -> int:
                           ("RELU", False), ("WIDEN_DOT", False)):
             if flag in kernel.arg_names:
                 constexprs = {flag: off, **constexprs}
+        for p in kernel.params:  # constexprs with defaults (features off unless the variant turns them on)
+            if p.is_constexpr and p.has_default and p.name not in constexprs:
+                constexprs = {**constexprs, p.name: p.default}
         src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,
                         attrs=attributes(kernel))
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))

@@ -186,6 +186,16 @@ class TorchBackend:
         self.write_kv(k_cache, v_cache, positions, k, v)
         return self.attention_decode(q, k_cache, v_cache, lengths, max_len, out=out)
 
+    def append_attention_decode_proj(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                                     v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                                     max_len: int, proj, *, residual: torch.Tensor, attn_out: torch.Tensor,
+                                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step's attention sub-layer past the qkv projection: append_attention_decode into attn_out
+        ((B, H, D) fp32 scratch), then residual ((B, C) fp32) += linear(the heads side by side, proj), out ((B, C))
+        the linear's scratch. Returns residual. A backend may run it all in one kernel (triton, for a few rows)."""
+        a = self.append_attention_decode(q, k, v, k_cache, v_cache, positions, lengths, max_len, out=attn_out)
+        return self.linear(a.view(a.shape[0], -1), proj, out=out, residual=residual)
+
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D) fp32; caches (B, H, S, D) fp32 or bf16 (widened to q.dtype);

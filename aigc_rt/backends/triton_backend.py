@@ -8,8 +8,9 @@ kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the lin
 reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it; for
-those rows the MLP sub-layer (LayerNorm, fc, activation, proj, residual add) is one launch where that is the
-faster (kernels/mlp.py; FUSED_MLP below).
+those rows the MLP sub-layer (LayerNorm, fc, activation, proj, residual add) is one launch, and so are the
+decode attention and its output projection (with the residual add), where that is the faster (kernels/mlp.py,
+kernels/decode_attention.py's proj=; FUSED_MLP, FUSED_ATTN_PROJ below).
 int4 files keep their matrices int4: decode runs kernels/linear.py's int4 GEMV (INT4_GEMV below)."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 
 from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm, mlp,
                        sampling, vae)
-from ..kernels.utils import INTERPRETER
+from ..kernels.utils import INTERPRETER, new_counters
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
 
@@ -35,11 +36,14 @@ PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
 # linear_int4), a prefill a bf16 copy of each matrix made for the call; AIGC_RT_INT4_GEMV=0 dequantises them to bf16
 # once at load instead (3.6x the memory; the only way before 2026-11-30, and the one a GPU has measured)
 INT4_GEMV = os.environ.get("AIGC_RT_INT4_GEMV", "1") != "0"
-# A pre-norm MLP sub-layer of up to FUSED_MLP_MAX_ROWS rows (decode) runs as one kernel, kernels/mlp.py, where its
-# weights are fp32 / bf16 / fp16 / int8: on a GPU only if it is the faster on that shape (timed once against the
-# two linears, as linear._faster picks GEMV or GEMM); AIGC_RT_FUSED_MLP=0 keeps the two linears everywhere
+# Sub-layers of up to FUSED_MAX_ROWS rows (decode) run as one kernel where their weights are fp32 / bf16 / fp16 /
+# int8: a pre-norm MLP (kernels/mlp.py), and the decode attention with its output projection (kernels/
+# decode_attention.py, proj=); on a GPU only where that is the faster for the shape (timed once against the
+# kernels apart, as linear._faster picks GEMV or GEMM). AIGC_RT_FUSED_MLP=0 / AIGC_RT_FUSED_ATTN_PROJ=0 keep them
+# apart everywhere.
 FUSED_MLP = os.environ.get("AIGC_RT_FUSED_MLP", "1") != "0"
-FUSED_MLP_MAX_ROWS = 8
+FUSED_ATTN_PROJ = os.environ.get("AIGC_RT_FUSED_ATTN_PROJ", "1") != "0"
+FUSED_MAX_ROWS = 8
 
 
 class TritonBackend(TorchBackend):
@@ -58,7 +62,7 @@ class TritonBackend(TorchBackend):
         self.layer_graphs = DecodeGraph(capture)  # the image models' forwards, apart from the decode steps' LRU
         self.prefill_graphs = DecodeGraph(capture, size=PREFILL_GRAPH_MAX_T // PREFILL_ROWS)
         self.graph_prefill = capture  # tests turn it on where nothing is captured (the static path runs eagerly)
-        self.mlp_counters = mlp.new_counters(device)  # the fused MLP's (made here: never inside a capture)
+        self.counters = new_counters(device)  # the fused sub-layers' (made here: never inside a capture)
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
@@ -82,17 +86,27 @@ class TritonBackend(TorchBackend):
         def run(how: str):
             if how == "fused":
                 return mlp.mlp(x, fc.weight, fc.bias, proj.weight, proj.bias, act, scale1=fc.scale, scale2=proj.scale,
-                               norm=(ln_w, ln_b, eps), counters=self.mlp_counters)
+                               norm=(ln_w, ln_b, eps), counters=self.counters)
             return super(TritonBackend, self).mlp(x, ln_w, ln_b, eps, fc, proj, act, norm_out=norm_out,
                                                   hidden_out=hidden_out, out=out)
         rows = x.numel() // x.shape[-1]
-        w = fc.weight
-        if not (FUSED_MLP and rows <= FUSED_MLP_MAX_ROWS and w.dtype != torch.uint8 and proj.weight.dtype == w.dtype):
-            return run("composed")
-        if x.is_cuda and mlp.AUTOTUNE:  # the faster of the two for this shape, timed on its first launch
-            key = ("mlp", type(self).__name__, rows, *w.shape, w.dtype, act)
-            return run(linear._faster(key, x, run, choices=("composed", "fused")))
-        return run("fused")
+        fuse = FUSED_MLP and _fusable(rows, fc, proj)
+        return run(_pick(fuse, x, run, ("mlp", type(self).__name__, rows, *fc.weight.shape, fc.weight.dtype, act)))
+
+    def append_attention_decode_proj(self, q, k, v, k_cache, v_cache, positions, lengths, max_len, proj: Linear, *,
+                                     residual, attn_out, out=None):
+        def run(how: str):
+            if how == "fused":
+                return decode_attention.attention_decode(q, k_cache, v_cache, lengths, max_len, new_kv=(k, v),
+                                                         positions=positions, proj=(proj.weight, proj.bias, proj.scale),
+                                                         residual=residual, counters=self.counters)
+            return super(TritonBackend, self).append_attention_decode_proj(
+                q, k, v, k_cache, v_cache, positions, lengths, max_len, proj, residual=residual, attn_out=attn_out,
+                out=out)
+        fuse = FUSED_ATTN_PROJ and _fusable(q.shape[0], proj)
+        key = ("attn_proj", type(self).__name__, *q.shape, k_cache.shape[2], k_cache.dtype, *proj.weight.shape,
+               proj.weight.dtype)
+        return run(_pick(fuse, residual, run, key))
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
@@ -176,6 +190,24 @@ class TritonBackend(TorchBackend):
     def conv2d(self, x, layer: Conv, act, leaky_slope=0.2, out_bf16=False):
         return conv2d.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, act, leaky_slope,
                              out_dtype=_conv_out(out_bf16))
+
+
+def _fusable(rows: int, *linears: Linear) -> bool:
+    """Whether a sub-layer of `rows` rows over these linears may run as one kernel: a decode step's few rows, and
+    weights of one dtype that the fused kernels take (not int4)."""
+    dtype = linears[0].weight.dtype
+    return rows <= FUSED_MAX_ROWS and dtype != torch.uint8 and all(lin.weight.dtype == dtype for lin in linears)
+
+
+def _pick(fuse: bool, y: torch.Tensor, run, key: tuple) -> str:
+    """"fused" or "composed" for a sub-layer that run(how) runs either way, y its output (added into in place):
+    on a GPU, with autotuning on, whichever is the faster for the shape (timed on its first launch, y put back
+    after: linear._faster); elsewhere fused where allowed."""
+    if not fuse:
+        return "composed"
+    if y.is_cuda and mlp.AUTOTUNE:
+        return linear._faster(key, y, run, choices=("composed", "fused"))
+    return "fused"
 
 
 def _linear_int4(x, w, b, act, *, scale, **kw):

@@ -3,8 +3,9 @@
 Residual stream r (fp32). Each block: r += proj(attn(qkv(LN1(r)))); r += mlp(LN2(r)). Each sub-layer's
 output linear adds into r itself (backend.linear with a residual), and its input linear takes r with the
 LayerNorm before it (backend.layernorm_linear), so that a backend can fuse both (the triton backend does: four
-launches per block besides attention); the MLP sub-layer is one backend op (backend.mlp), which the triton
-backend runs as one kernel for a decode step's few rows (three launches per block besides attention). Prefill runs the prompt through and fills the
+launches per block besides attention); the MLP sub-layer is one backend op (backend.mlp), and so is a decode
+step's attention with its output projection (backend.append_attention_decode_proj): the triton backend runs each
+as one kernel for a decode step's few rows (three launches per block). Prefill runs the prompt through and fills the
 preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
 Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
 cache, so a decode step allocates no tensors.
@@ -138,14 +139,14 @@ class GPT2(TextModel):
 
     # -- the transformer -----------------------------------------------------------------------------
     def _blocks(self, ws: Workspace, attend) -> torch.Tensor:
-        """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, q, k, v,
-        out) with q, k, v (N, H, D) writes the attention output (N, C) into out and returns it.
+        """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, q, k, v, proj)
+        with q, k, v (N, H, D) adds the attention sub-layer's output into ws.r: r += proj(attention(q, k, v)).
         Returns r after the last block (ln_f not applied)."""
         be, eps, H, D = self.backend, self.config.layer_norm_epsilon, self.config.n_head, self.config.head_dim
         for i, blk in enumerate(self.blocks):
             qkv = be.layernorm_linear(ws.r, *blk.ln_1, eps, blk.qkv, norm_out=ws.h, out=ws.qkv)  # (N, 3C)
             q, k, v = qkv.view(-1, 3, H, D).unbind(1)  # (N, H, D) each
-            be.linear(attend(i, q, k, v, ws.attn), blk.proj, out=ws.out, residual=ws.r)  # r += attn.proj(...)
+            attend(i, q, k, v, blk.proj)  # r += attn.proj(attention)
             be.mlp(ws.r, *blk.ln_2, eps, blk.fc, blk.mlp_proj, "gelu_tanh", norm_out=ws.h, hidden_out=ws.fc,
                    out=ws.out)  # r += mlp.proj(GELU(mlp.fc(LN2(r))))
         return ws.r
@@ -162,13 +163,13 @@ class GPT2(TextModel):
         ws = Workspace.allocate(self.config, B * T, ids.device, logits=False)
         self._embed(ws, ids.reshape(-1), torch.arange(T, device=ids.device).repeat(B))
 
-        def attend(layer, q, k, v, out):  # (B*T, H, D) -> out (B*T, C)
+        def attend(layer, q, k, v, proj):  # (B*T, H, D): r += proj(attention), through ws.attn (B*T, C)
             q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
             if cache is not None:
                 cache.k[layer, :, :, :T] = k
                 cache.v[layer, :, :, :T] = v
-            self.backend.attention_prefill(q, k, v, out=out.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D) views
-            return out
+            self.backend.attention_prefill(q, k, v, out=ws.attn.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D)
+            self.backend.linear(ws.attn, proj, out=ws.out, residual=ws.r)
 
         r = self._blocks(ws, attend)
         return self.backend.layernorm(r, *self.ln_f, self.config.layer_norm_epsilon, out=ws.h).view(B, T, C)
@@ -180,10 +181,10 @@ class GPT2(TextModel):
         ws = cache.workspace(B)
         self._embed(ws, tokens, positions)
 
-        def attend(layer, q, k, v, out):  # (B, H, D) -> out (B, C)
-            self.backend.append_attention_decode(q, k, v, cache.k[layer], cache.v[layer], positions, lengths, max_len,
-                                                 out=out.view(B, H, D))
-            return out
+        def attend(layer, q, k, v, proj):  # (B, H, D): r += proj(attention), one kernel where the backend fuses it
+            self.backend.append_attention_decode_proj(q, k, v, cache.k[layer], cache.v[layer], positions, lengths,
+                                                      max_len, proj, residual=ws.r, attn_out=ws.attn.view(B, H, D),
+                                                      out=ws.out)
 
         r = self._blocks(ws, attend)
         return self.backend.layernorm_linear(r, *self.ln_f, self.config.layer_norm_epsilon, self.lm_head, norm_out=ws.h,

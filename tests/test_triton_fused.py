@@ -1,7 +1,9 @@
-"""kernels/mlp.py, the fused MLP sub-layer (x += proj(act(fc(LayerNorm(x))))), against the plain-PyTorch fp32
-reference (linear.py's reference twice) and the torch backend; and the triton backend's choice between it and the
-two linears. Under TRITON_INTERPRET=1 on small odd shapes (several slices per group and several groups, a last
-slice and a last group cut short), on a GPU also at GPT-2 shapes."""
+"""The fused sub-layers of a decode step: kernels/mlp.py's MLP (x += proj(act(fc(LayerNorm(x))))) and
+kernels/decode_attention.py's attention with its output projection (r += proj(attention), proj=), against the
+plain-PyTorch fp32 references (linear.py's and decode_attention.py's, composed) and the torch backend; and the
+triton backend's choice between each and its kernels apart. Under TRITON_INTERPRET=1 on small odd shapes
+(several partials per group and several groups, a last slice and a last group cut short), on a GPU also at GPT-2
+shapes."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +14,7 @@ import triton
 
 from aigc_rt.backends import triton_backend
 from aigc_rt.backends.torch_backend import Linear, TorchBackend
-from aigc_rt.kernels import linear, mlp, utils
+from aigc_rt.kernels import decode_attention, linear, mlp, utils
 from test_triton_kernels import DEV, DTYPES, LINEAR_TOL, NORM_TOL, ON_GPU, assert_close, int8_weights, randn, shapes
 from test_triton_kernels import pytestmark  # noqa: F401  (skip without a GPU/interpreter)
 
@@ -89,9 +91,9 @@ def test_every_autotune_candidate():
     """Each block shape the autotuner may pick, launched directly: all give the reference's result (bf16 with
     GPT-2's flags, int8 with ReLU). On a GPU the candidates kept for a GPT-2-like shape (the prefetching ones on
     Hopper); under the interpreter every candidate but those (the same shapes, the prefetch being a no-op here),
-    with C = 130 (no candidate's K block is pruned as wider than the row) and H = 1,040: several groups at every
+    with C = 260 (no candidate's K block is pruned as wider than the row) and H = 1,040: several groups at every
     slice width, and a short last slice where 1,040 is not a multiple of it."""
-    M, C, H = (2, 768, 3072) if ON_GPU else (1, 130, 1040)
+    M, C, H = (2, 768, 3072) if ON_GPU else (1, 260, 1040)
     for dtype, act in ((torch.bfloat16, "gelu_tanh"), (torch.int8, "relu")):
         o = operands(M, C, H, dtype, seed=9)
         want = mlp.reference(o["x"], o["w1"], o["b1"], o["w2"], o["b2"], act, o["scale1"], o["scale2"], o["norm"])
@@ -169,7 +171,7 @@ def backend_calls(monkeypatch):
 @pytest.mark.parametrize("rows,dtype,fused", [(1, torch.bfloat16, True), (8, torch.int8, True),
                                               (9, torch.bfloat16, False), (1, "int4", False)])
 def test_backend_fuses_decode_rows(backend_calls, rows, dtype, fused):
-    """Up to FUSED_MLP_MAX_ROWS rows of float or int8 weights take the fused kernel (on a GPU, where it is the
+    """Up to FUSED_MAX_ROWS rows of float or int8 weights take the fused kernel (on a GPU, where it is the
     faster: timed here it may not be, so only the interpreter asserts the choice), more rows and int4 weights the
     two linears; the result is the reference's either way."""
     be, calls = backend_calls
@@ -202,3 +204,162 @@ def test_backend_without_fusion(backend_calls, monkeypatch):
     fc, proj = be.prepare_linear(o["w1"], o["b1"]), be.prepare_linear(o["w2"], o["b2"])
     be.mlp(o["x"].clone(), *o["norm"], fc, proj)
     assert calls == ["composed"]
+
+
+# -- the decode attention with its output projection -------------------------------------------------------------
+def attention_operands(B: int, H: int, D: int, S: int, N: int, dtype, cache_dtype=torch.float32, seed: int = 0):
+    """q (B, H, D); caches (B, H, S, D); ragged lengths in [0, S - 1] (row 0 empty where B > 2); this step's k, v
+    and positions (each row's length); W (N, H * D) of `dtype` (int8 with scales), bias (N,), a residual (B, N)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, S, (B,), generator=g)
+    if B > 2:
+        lengths[0] = 0
+    if dtype == torch.int8:
+        w, scale = int8_weights(N, H * D, (seed + 1, seed + 2))
+    else:
+        w, scale = randn(N, H * D, seed=seed + 1, scale=(H * D) ** -0.5, dtype=dtype), None
+    return dict(q=randn(B, H, D, seed=seed + 3), kc=randn(B, H, S, D, seed=seed + 4).to(cache_dtype),
+                vc=randn(B, H, S, D, seed=seed + 5).to(cache_dtype), k=randn(B, H, D, seed=seed + 6),
+                v=randn(B, H, D, seed=seed + 7), lengths=lengths.to(DEV), w=w, scale=scale, b=randn(N, seed=seed + 8),
+                r=randn(B, N, seed=seed + 9))
+
+
+def attention_reference(o: dict, append: bool) -> torch.Tensor:
+    """r + proj(attention) in fp32: the step's k, v written at position lengths - 1 first when appending (as
+    write_kv rounds them), then decode_attention.reference and linear.reference."""
+    kc, vc = o["kc"].clone(), o["vc"].clone()
+    if append:
+        for b, n in enumerate(o["lengths"].tolist()):
+            if n > 0:
+                kc[b, :, n - 1], vc[b, :, n - 1] = o["k"][b].to(kc.dtype), o["v"][b].to(vc.dtype)
+    a = decode_attention.reference(o["q"], kc, vc, o["lengths"]).reshape(o["q"].shape[0], -1)
+    return linear.reference(a, o["w"], o["b"], scale=o["scale"], residual=o["r"])
+
+
+def run_attention(o: dict, append: bool, counters=None) -> torch.Tensor:
+    """Ours on copies of the caches and the residual: (residual, k cache, v cache)."""
+    kc, vc, r = o["kc"].clone(), o["vc"].clone(), o["r"].clone()
+    kw = dict(new_kv=(o["k"], o["v"]), positions=(o["lengths"] - 1).clamp(min=0)) if append else {}
+    got = decode_attention.attention_decode(o["q"], kc, vc, o["lengths"], kc.shape[2],
+                                            proj=(o["w"], o["b"], o["scale"]), residual=r, counters=counters, **kw)
+    assert got is r
+    return r, kc, vc
+
+
+ATTN_TOL = {torch.bfloat16: (5e-3, 5e-3), torch.float16: (1e-3, 1e-3)}  # the output rounded to W's dtype
+
+
+@pytest.mark.parametrize("B,H,D,S,N", shapes([(1, 3, 32, 20, 96), (3, 5, 16, 130, 70), (2, 4, 24, 40, 50)],
+                                             [(1, 12, 64, 160, 768), (8, 25, 64, 1024, 1600)]))
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int8], ids=["fp32", "bf16", "fp16", "int8"])
+def test_attention_with_projection(B, H, D, S, N, dtype):
+    """residual += proj(attention): one pass (short caches) and split + merge (longer ones: the merge projects),
+    ragged lengths (an empty row gets the bias), with and without this step's k, v appended (the cache then holds
+    them, as write_kv would); bf16 caches too; the counters are zeros again; a second launch gives the same bits."""
+    counters = utils.new_counters(DEV)
+    for append, cache_dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        o = attention_operands(B, H, D, S, N, dtype, cache_dtype, seed=B + H + S)
+        what = f"attention + proj B={B} H={H} D={D} S={S} N={N} {dtype} append={append} cache {cache_dtype}"
+        want = attention_reference(o, append)
+        got, kc, vc = run_attention(o, append, counters)
+        assert_close(got, want, *ATTN_TOL.get(dtype, LINEAR_TOL), what)
+        assert not counters.any(), f"{what}: counters left {counters.nonzero().flatten().tolist()}"
+        again, _, _ = run_attention(o, append, counters)
+        assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
+        if append:
+            for b, n in enumerate(o["lengths"].tolist()):
+                if n > 0:
+                    assert torch.equal(kc[b, :, n - 1], o["k"][b].to(kc.dtype)), f"{what}: k not appended"
+                    assert torch.equal(vc[b, :, n - 1], o["v"][b].to(vc.dtype)), f"{what}: v not appended"
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+@pytest.mark.parametrize("S", [160, 1024])
+def test_attention_with_projection_and_the_gpu_settings(gpu_settings, S):
+    """A GPU's block shapes under the interpreter (64-position blocks, 128-output tiles of W, partials added 8
+    at a time in 1,024-column tiles): 25 heads (GPT-2 1.5B's) are 4 groups, the last one short; one pass over 160
+    positions, split + merge over 1,024."""
+    o = attention_operands(2, 25, 16, S, 80, torch.bfloat16, seed=S)
+    got, _, _ = run_attention(o, True)
+    assert_close(got, attention_reference(o, True), *ATTN_TOL[torch.bfloat16], f"GPU settings S={S}")
+
+
+def _bad_attention_calls():
+    o = attention_operands(2, 3, 8, 10, 12, torch.float32, seed=21)
+    q, kc, vc, lengths, w, b, r = (o[k] for k in ("q", "kc", "vc", "lengths", "w", "b", "r"))
+
+    def call(**kw):
+        return lambda: decode_attention.attention_decode(q, kc, vc, lengths, 10, **kw)
+    return [
+        ("proj in-features", call(proj=(w[:, :20].contiguous(), b, None), residual=r), r"contiguous \(out, 24\)"),
+        ("proj tuple", call(proj=(w, b), residual=r), "proj must be a"),
+        ("proj int8 without scale", call(proj=(w.to(torch.int8), b, None), residual=r), "scale is required for int8"),
+        ("proj bias", call(proj=(w, b[:5], None), residual=r), r"proj bias must be a contiguous \(12,\)"),
+        ("proj without residual", call(proj=(w, b, None)), "proj needs residual"),
+        ("proj residual shape", call(proj=(w, b, None), residual=r[:, :5].contiguous()),
+         r"residual must be a contiguous \(2, 12\)"),
+        ("proj with out", call(proj=(w, b, None), residual=r, out=torch.empty(2, 3, 8, device=DEV)),
+         "out must be None"),
+        ("residual without proj", call(residual=r), "residual and counters go with proj"),
+        ("counters size", call(proj=(w, b, None), residual=r, counters=torch.zeros(2, dtype=torch.int32, device=DEV)),
+         "counters must be a contiguous int32 buffer of at least"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,message", _bad_attention_calls(), ids=[c[0] for c in _bad_attention_calls()])
+def test_attention_projection_bad_inputs(name, call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """A TritonBackend whose fused and composed attention sub-layers record which ran."""
+    be = triton_backend.TritonBackend(DEV)
+    calls = []
+    fused = decode_attention.attention_decode
+    monkeypatch.setattr(decode_attention, "attention_decode",
+                        lambda *a, **k: calls.append("fused" if "proj" in k else "attention") or fused(*a, **k))
+    composed = TorchBackend.append_attention_decode_proj
+    monkeypatch.setattr(TorchBackend, "append_attention_decode_proj",
+                        lambda *a, **k: calls.append("composed") or composed(*a, **k))
+    return be, calls
+
+
+@pytest.mark.parametrize("rows,dtype,fused", [(1, torch.bfloat16, True), (8, torch.int8, True),
+                                              (9, torch.bfloat16, False), (2, "int4", False)])
+def test_backend_fuses_decode_attention_and_projection(attention_calls, rows, dtype, fused):
+    """append_attention_decode_proj on the triton backend: up to FUSED_MAX_ROWS rows of float or int8 W in one
+    kernel (on a GPU where it is the faster: only the interpreter asserts the choice), more rows and int4 W as the
+    attention and the linear apart; the reference's result and the appended cache either way."""
+    be, calls = attention_calls
+    o = attention_operands(rows, 3, 16, 40, 48, torch.float32 if dtype == "int4" else dtype, seed=rows)
+    if dtype == "int4":
+        from aigc_rt.format import dequantize_int4, quantize_int4
+        q4, s4 = quantize_int4(o["w"])
+        proj = be.prepare_linear(q4, o["b"], s4)
+        o["w"] = dequantize_int4(q4, s4)
+    else:
+        proj = be.prepare_linear(o["w"], o["b"], o["scale"])
+    want = attention_reference(o, True)
+    kc, vc, r = o["kc"].clone(), o["vc"].clone(), o["r"].clone()
+    B, H, D = o["q"].shape
+    attn_out, out = torch.empty(B, H, D, device=DEV), torch.empty(B, o["w"].shape[0], device=DEV)
+    got = be.append_attention_decode_proj(o["q"], o["k"], o["v"], kc, vc, (o["lengths"] - 1).clamp(min=0),
+                                          o["lengths"], 40, proj, residual=r, attn_out=attn_out, out=out)
+    assert got is r
+    assert_close(r, want, *ATTN_TOL.get(dtype, LINEAR_TOL), f"backend attention + proj rows={rows} {dtype}")
+    if not ON_GPU:
+        assert calls == (["fused"] if fused else ["composed", "attention"]), calls
+
+
+def test_backend_without_attention_fusion(attention_calls, monkeypatch):
+    """AIGC_RT_FUSED_ATTN_PROJ=0 (FUSED_ATTN_PROJ off): the attention and the linear apart."""
+    be, calls = attention_calls
+    monkeypatch.setattr(triton_backend, "FUSED_ATTN_PROJ", False)
+    o = attention_operands(1, 3, 16, 20, 48, torch.bfloat16, seed=5)
+    proj = be.prepare_linear(o["w"], o["b"])
+    be.append_attention_decode_proj(o["q"], o["k"], o["v"], o["kc"].clone(), o["vc"].clone(), o["lengths"] - 1,
+                                    o["lengths"], 20, proj, residual=o["r"].clone(),
+                                    attn_out=torch.empty(1, 3, 16, device=DEV), out=torch.empty(1, 48, device=DEV))
+    assert calls == ["composed", "attention"]
