@@ -36,35 +36,38 @@ LOG2E = 1.4426950408889634
 
 
 @device_fn
-def _project(out, b, h, H, dims, in_d, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows,
-             count_stride, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
+             part_rows, count_stride, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
              BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr):
-    """r[b] += O[b] W^T + bias, O[b] the row's heads side by side (H * HEAD_DIM inputs), computed by the row's H
-    programs together: this one's head `out` (BLOCK_D,) times W's columns h * HEAD_DIM + d (rows of W are H *
-    HEAD_DIM apart; a head's part of a row is HEAD_DIM contiguous values), its partial (N,) written to
-    pp[b, h], the partials added in head order by the last program to arrive (utils.gather_partials), which
-    applies the scale (int8 W), the bias and the residual add. `out` is rounded to W's dtype first (as linear.py
-    rounds its x; int8: kept fp32)."""
+    """r[b, cols] += O[b] W[cols]^T + bias[cols] for slice p of n_slices of W's N outputs (NP = N / n_slices
+    rounded up to 16: cols = p * NP ..), O[b] the row's heads side by side (H * HEAD_DIM inputs), computed by the
+    H programs (b, h, p) together: this one's head `out` (BLOCK_D,) times W's columns h * HEAD_DIM + d (a head's
+    part of a row of W is HEAD_DIM contiguous values), its partial (NP,) written to pp[b, p, h], the partials
+    added in head order by the last program to arrive (utils.gather_partials), which applies the scale (int8 W),
+    the bias and the residual add. `out` is rounded to W's dtype first (as linear.py rounds its x; int8: kept
+    fp32). Slices put more programs on the projection than a row has heads (12 to 25)."""
     if not SCALED:
         out = cast_rne(out, w_ptr.dtype.element_ty).to(tl.float32)
     K = H * HEAD_DIM
+    NP = tl.cdiv(tl.cdiv(N, n_slices), 16) * 16
+    col0 = p * NP
     cs = tl.arange(0, BLOCK_C)
-    part_row = pp_ptr + b.to(tl.int64) * part_rows * N
-    w_ptrs = w_ptr + cs[:, None].to(tl.int64) * K + h * HEAD_DIM + dims[None, :]  # (BLOCK_C, BLOCK_D)
-    for c0 in range(0, N, BLOCK_C):
-        in_c = cs + c0 < N
-        w = tl.load(w_ptrs, mask=in_c[:, None] & in_d[None, :], other=0.0)
-        tl.store(part_row + h * N + c0 + cs, tl.sum(w.to(tl.float32) * out[None, :], axis=1), mask=in_c)
-        w_ptrs += BLOCK_C * K
+    row = b * n_slices + p  # the (row, slice)'s partials and counters
+    part_row = pp_ptr + row.to(tl.int64) * part_rows * NP
+    for c0 in range(0, NP, BLOCK_C):
+        cols = col0 + c0 + cs
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + h * HEAD_DIM + dims[None, :],
+                    mask=(cols < N)[:, None] & in_d[None, :], other=0.0)  # (BLOCK_C, BLOCK_D); 0 past N
+        tl.store(part_row + h * NP + c0 + cs, tl.sum(w.to(tl.float32) * out[None, :], axis=1), mask=cs + c0 < NP)
     rc = tl.arange(0, RBLOCK)
     rr = tl.arange(0, GROUP)
-    last, n_groups = gather_partials(part_row, h, H, N, count_ptr + b * count_stride, rc, rr, RBLOCK, GROUP)
+    last, n_groups = gather_partials(part_row, h, H, NP, count_ptr + row * count_stride, rc, rr, RBLOCK, GROUP)
     if last:
         r_row = r_ptr + b.to(tl.int64) * r_stride
-        for c0 in range(0, N, RBLOCK):
-            cols = c0 + rc
-            in_c = cols < N
-            y = column_sums(part_row + H * N, n_groups, N, cols, in_c, rr, RBLOCK, GROUP)
+        for c0 in range(0, NP, RBLOCK):
+            y = column_sums(part_row + H * NP, n_groups, NP, c0 + rc, c0 + rc < NP, rr, RBLOCK, GROUP)
+            cols = col0 + c0 + rc
+            in_c = (c0 + rc < NP) & (cols < N)
             y = _epilogue(y, ws_ptr, wb_ptr, cols, N, SCALED, HAS_BIAS, False, False)
             tl.store(r_row + cols, tl.load(r_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
 
@@ -128,8 +131,9 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             tl.store(part_lse_ptr + part, m_i + tl.log2(l_i))
     if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
         if PROJ:  # ... through the output projection into the residual stream
-            _project(out, b, h, H, dims, in_d, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
-                     part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK)
+            _project(out, b, h, H, dims, in_d, tl.program_id(2), tl.num_programs(2), w_ptr, ws_ptr, wb_ptr, r_ptr,
+                     pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C,
+                     GROUP, RBLOCK)
         else:
             tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                      mask=in_d)
@@ -161,8 +165,9 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # (BLOCK_D,); zeros for len 0
     if PROJ:
-        _project(out, b, h, H, dims, dims < HEAD_DIM, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
-                 part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK)
+        _project(out, b, h, H, dims, dims < HEAD_DIM, tl.program_id(1), tl.num_programs(1), w_ptr, ws_ptr, wb_ptr,
+                 r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C,
+                 GROUP, RBLOCK)
     else:
         tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                  mask=dims < HEAD_DIM)
@@ -197,11 +202,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     new_k, new_v = new_kv if new_kv is not None else (q, q)  # dummy pointers without APPEND
     s = decode_settings(B * H, S, D, dev)
     if proj is not None:
-        o, project = None, _projection(proj, residual, counters, out, B, H, D, s["GROUP"], dev)
+        o, project = None, _projection(proj, residual, counters, out, B, H, D, s, dev)
     else:
         if residual is not None or counters is not None:
             raise ValueError("attention_decode: residual and counters go with proj")
-        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4, {})  # placeholders, never read
+        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4, {}, 1)  # placeholders, unread
     if B * H == 0:
         return o if proj is None else residual
     if S == 0:  # nothing to attend to: a zero output
@@ -213,8 +218,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_o = q if single else torch.empty(B * H, n_splits, block_d, dtype=torch.float32, device=dev)
     part_lse = q if single else torch.empty(B * H, n_splits, dtype=torch.float32, device=dev)
     o_args = (o, o.stride(0), o.stride(1)) if o is not None else (q, 0, 0)
-    proj_args, proj_flags = project
-    _decode_split_kernel[(B * H, n_splits)](
+    proj_args, proj_flags, slices = project
+    _decode_split_kernel[(B * H, n_splits, slices if single else 1)](
         q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
         o_args[0], H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), *o_args[1:],
@@ -222,7 +227,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         APPEND=new_kv is not None, SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev),
         **(proj_flags if single else {}), BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"])
     if not single:
-        _decode_merge_kernel[(B * H,)](
+        _decode_merge_kernel[(B * H, slices)](
             part_o, part_lse, lengths, *o_args[:1], H, S, *o_args[1:], n_splits, *proj_args,
             HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
             num_warps=s["num_warps"], **pdl_options(dev), **proj_flags, BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"],
@@ -230,16 +235,18 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o if proj is None else residual
 
 
-def projection_layout(H: int, group: int) -> tuple[int, int]:
-    """(partial rows, counters) per row of the fused output projection: H heads' partials and their groups'
-    sums; a counter per group and one for the groups."""
+def projection_layout(H: int, N: int, slices: int, group: int) -> tuple[int, int, int]:
+    """(partial rows, their width, counters) per (row, slice of W's outputs) of the fused output projection: H
+    heads' partials and their groups' sums, N / slices wide (rounded up to 16, as the kernel rounds it); a
+    counter per group and one for the groups."""
     groups = triton.cdiv(H, group)
-    return H + groups, groups + 1
+    return H + groups, triton.cdiv(triton.cdiv(N, slices), 16) * 16, groups + 1
 
 
-def _projection(proj, residual, counters, out, B: int, H: int, D: int, group: int, dev) -> tuple:
+def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, dev) -> tuple:
     """attention_decode's checks of proj = (W, bias, scale), residual and counters -> (the kernels' projection
-    arguments, their flags); ValueError naming the problem."""
+    arguments, their flags, slices of W's outputs per row (programs (row, head, slice))); ValueError naming the
+    problem."""
     if not (isinstance(proj, tuple) and len(proj) == 3):
         raise ValueError(f"proj must be a (weight, bias, scale) tuple, got {type(proj).__name__}")
     w, bias, scale = proj
@@ -256,20 +263,21 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, group: in
     if residual is None:
         raise ValueError("attention_decode: proj needs residual (B, out) fp32, the stream the projection adds into")
     check_out(residual, (B, N), torch.float32, dev, name="residual")
-    part_rows, count_stride = projection_layout(H, group)
+    slices = max(1, min(s["PROJ_SLICES"], triton.cdiv(N, 16)))
+    part_rows, width, count_stride = projection_layout(H, N, slices, s["GROUP"])
     if counters is None:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise ValueError("attention_decode: pass counters= (kernels.utils.new_counters, made before the capture) "
                              "while a CUDA graph is being captured")
         counters = new_counters(dev)
     check_tensor("counters", counters, 1, (torch.int32,), dev)
-    if not counters.is_contiguous() or counters.numel() < B * count_stride:
-        raise ValueError(f"counters must be a contiguous int32 buffer of at least {B * count_stride} (rows x "
-                         f"{count_stride}), got {tuple(counters.shape)}")
-    part = torch.empty(B, part_rows, N, device=dev)  # the heads' partial sums (read back within the launch)
+    if not counters.is_contiguous() or counters.numel() < B * slices * count_stride:
+        raise ValueError(f"counters must be a contiguous int32 buffer of at least {B * slices * count_stride} (rows "
+                         f"x slices x {count_stride}), got {tuple(counters.shape)}")
+    part = torch.empty(B * slices, part_rows, width, device=dev)  # the heads' partial sums (read within the launch)
     args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
             residual.stride(0), part_rows, count_stride)
-    return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None)
+    return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None), slices
 
 
 @triton.jit

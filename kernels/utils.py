@@ -339,8 +339,9 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
                     interpreter: bool = INTERPRETER) -> dict:
     """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
     CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice. With the output
-    projection fused: BLOCK_C outputs per tile of W (8,192 weights a tile), partials added GROUP at a time in
-    RBLOCK-column tiles (the interpreter: heads in groups of 2, so that both stages run at test sizes)."""
+    projection fused: W's outputs in PROJ_SLICES slices, BLOCK_C outputs per tile of W (8,192 weights a tile),
+    partials added GROUP at a time in RBLOCK-column tiles (the interpreter: heads in groups of 2, so that both
+    stages run at test sizes)."""
     block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
@@ -349,10 +350,13 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     # iterations cost less than the merge's launch); the interpreter's bound is lower, so tests run both ways
     n_splits = 1 if blocks <= (2 if interpreter else SINGLE_PASS_BLOCKS) else min(target_splits, blocks)
     split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
+    # the projection's outputs cut into PROJ_SLICES slices, (row, head, slice) programs: ~2 per SM, at most 4 (each
+    # program of a one-pass attention attends again for its slice: cheap beside W for a short cache)
+    slices = min(4, triton.cdiv(2 * num_sms(device), batch_heads))
     proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128) if interpreter else dict(BLOCK_C=max(16, 8192 // block_d), GROUP=8,
                                                                               RBLOCK=1024)
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
-                num_warps=1 if interpreter else 4, **proj)
+                num_warps=1 if interpreter else 4, PROJ_SLICES=slices, **proj)
 
 
 CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # as csrc/cpu/conv_isa.h's Act
