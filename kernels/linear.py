@@ -406,7 +406,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     return y
 
 
-_picked: dict[tuple, str] = {}  # (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"
+# (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"; also the triton backend's fused
+# sub-layers, ("mlp" | "attn_proj", ...) -> "fused" or "composed" (triton_backend._pick)
+_picked: dict[tuple, str] = {}
 
 
 def _faster(key: tuple, y: torch.Tensor, launch, choices: tuple[str, ...] = ("gemm", "gemv")) -> str:

@@ -12,7 +12,7 @@ Why: a GPT-2 124M decode step's linears each read 1-5 MB and each sits at a laun
 an H200, bench/results/gpu-notes.md); one launch for both MLP matrices saves one floor per layer. The hidden
 vector cannot be finished before W2 is applied without a grid-wide wait, so the work is split over H instead:
 program (s, m) owns hidden units s*BLOCK_H .. +BLOCK_H of row m. It computes them from W1's rows (a GEMV over
-C), applies them to the matching BLOCK_H columns of W2 (rows of W2 are H apart: BLOCK_H * itemsize >= 64 B
+C), applies them to the matching BLOCK_H columns of W2 (rows of W2 are H apart: BLOCK_H * itemsize >= 32 B
 keeps those loads whole sectors) and writes that slice's partial output (C,). The partials are added up
 without atomics on floats, so the result is the same bits every run, whatever order programs finish in
 (utils.gather_partials):
@@ -26,8 +26,9 @@ without atomics on floats, so the result is the same bits every run, whatever or
   counters must not run concurrently (one model's decode runs on one stream).
 No program waits for another (no spin, no grid barrier): correct however many programs are resident, and in
 the interpreter, which runs programs one at a time. Under PDL every counter access follows the wait.
-Test: tests/test_triton_kernels.py (test_mlp*); benchmark: bench/bench_triton.py (mlp group); the triton
-backend times it against the two linears per shape on a GPU and keeps the faster (TritonBackend.mlp).
+Test: tests/test_triton_fused.py (test_mlp*, test_every_autotune_candidate); benchmark: bench/bench_triton.py
+(mlp group); the triton backend times it against the two linears per shape on a GPU and keeps the faster
+(TritonBackend.mlp).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _nor
 from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, column_sums,
                     device_fn, gather_partials, l2_prefetchable, mlp_settings, new_counters, pdl_begin, pdl_options,
                     prefetch_l2)
+
 
 @device_fn
 def cast_to(x, dtype: tl.constexpr):
@@ -109,6 +111,7 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
             y = column_sums(part_row + n_slices * C, n_groups, C, cols, in_c, rr, RBLOCK, GROUP)
             y = _epilogue(y, s2_ptr, b2_ptr, cols, C, SCALED, HAS_BIAS2, False, False)
             tl.store(x_row + cols, tl.load(x_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
+
 
 # (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH): hidden slices whose W2 columns are 32-128 B of each row
 # (16-64 bf16 units); fc and proj tiles of 4-8 K weights per iteration (fewer, longer iterations: fewer dependent

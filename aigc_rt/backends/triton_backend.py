@@ -37,10 +37,10 @@ PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
 # once at load instead (3.6x the memory; the only way before 2026-11-30, and the one a GPU has measured)
 INT4_GEMV = os.environ.get("AIGC_RT_INT4_GEMV", "1") != "0"
 # Sub-layers of up to FUSED_MAX_ROWS rows (decode) run as one kernel where their weights are fp32 / bf16 / fp16 /
-# int8: a pre-norm MLP (kernels/mlp.py), and the decode attention with its output projection (kernels/
-# decode_attention.py, proj=); on a GPU only where that is the faster for the shape (timed once against the
-# kernels apart, as linear._faster picks GEMV or GEMM). AIGC_RT_FUSED_MLP=0 / AIGC_RT_FUSED_ATTN_PROJ=0 keep them
-# apart everywhere.
+# int8: a pre-norm MLP (kernels/mlp.py), and the decode attention with its output projection
+# (kernels/decode_attention.py, proj=); on a GPU only where that is the faster for the shape (timed once against
+# the kernels apart, as linear._faster picks GEMV or GEMM). AIGC_RT_FUSED_MLP=0 / AIGC_RT_FUSED_ATTN_PROJ=0 keep
+# them apart everywhere.
 FUSED_MLP = os.environ.get("AIGC_RT_FUSED_MLP", "1") != "0"
 FUSED_ATTN_PROJ = os.environ.get("AIGC_RT_FUSED_ATTN_PROJ", "1") != "0"
 FUSED_MAX_ROWS = 8

@@ -5,8 +5,8 @@ output linear adds into r itself (backend.linear with a residual), and its input
 LayerNorm before it (backend.layernorm_linear), so that a backend can fuse both (the triton backend does: four
 launches per block besides attention); the MLP sub-layer is one backend op (backend.mlp), and so is a decode
 step's attention with its output projection (backend.append_attention_decode_proj): the triton backend runs each
-as one kernel for a decode step's few rows (three launches per block). Prefill runs the prompt through and fills the
-preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
+as one kernel for a decode step's few rows (three launches per block). Prefill runs the prompt through and
+fills the preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
 Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
 cache, so a decode step allocates no tensors.
 """
