@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .linear import _epilogue
 from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, decode_settings, device_fn, gather_partials, new_counters, pdl_begin,
+                    check_vector, checked_counters, column_sums, decode_settings, device_fn, gather_partials, pdl_begin,
                     pdl_options)
 
 LOG2E = 1.4426950408889634
@@ -265,15 +265,7 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, 
     check_out(residual, (B, N), torch.float32, dev, name="residual")
     slices = max(1, min(s["PROJ_SLICES"], triton.cdiv(N, 16)))
     part_rows, width, count_stride = projection_layout(H, N, slices, s["GROUP"])
-    if counters is None:
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("attention_decode: pass counters= (kernels.utils.new_counters, made before the capture) "
-                             "while a CUDA graph is being captured")
-        counters = new_counters(dev)
-    check_tensor("counters", counters, 1, (torch.int32,), dev)
-    if not counters.is_contiguous() or counters.numel() < B * slices * count_stride:
-        raise ValueError(f"counters must be a contiguous int32 buffer of at least {B * slices * count_stride} (rows "
-                         f"x slices x {count_stride}), got {tuple(counters.shape)}")
+    counters = checked_counters(counters, B * slices * count_stride, dev, "attention_decode")
     part = torch.empty(B * slices, part_rows, width, device=dev)  # the heads' partial sums (read within the launch)
     args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
             residual.stride(0), part_rows, count_stride)

@@ -40,9 +40,9 @@ import triton.language as tl
 
 from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _norm_block, _normalise, _quick_bench,
                      _row_stats)
-from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, column_sums,
-                    device_fn, gather_partials, l2_prefetchable, mlp_settings, new_counters, pdl_begin, pdl_options,
-                    prefetch_l2)
+from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, checked_counters,
+                    column_sums, device_fn, gather_partials, l2_prefetchable, mlp_settings, pdl_begin,
+                    pdl_options, prefetch_l2)
 
 
 @device_fn
@@ -191,15 +191,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
         raise ValueError(f"x (shape {tuple(x.shape)}, strides {x.stride()}) must be viewable as (rows, {C})") from None
     M = x2.shape[0]
     part_rows, count_stride = _layout(C, H, dev)
-    if counters is None:
-        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError("mlp: pass counters= (kernels.utils.new_counters, made before the capture) while a CUDA "
-                             "graph is being captured")
-        counters = new_counters(dev)
-    check_tensor("counters", counters, 1, (torch.int32,), dev)
-    if not counters.is_contiguous() or counters.numel() < M * count_stride:
-        raise ValueError(f"counters must be a contiguous int32 buffer of at least {M * count_stride} (rows x "
-                         f"{count_stride}), got {tuple(counters.shape)}")
+    counters = checked_counters(counters, M * count_stride, dev, "mlp")
     if M == 0:
         return x
     part = torch.empty(M, part_rows, C, device=dev)  # the partial sums (read back before the launch ends)

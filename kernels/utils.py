@@ -129,6 +129,21 @@ def new_counters(device) -> torch.Tensor:
     return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
 
 
+def checked_counters(counters, needed: int, device: torch.device, who: str) -> torch.Tensor:
+    """A launch's counter buffer: the caller's, checked (contiguous int32, at least `needed` of them), or a new one
+    where no CUDA graph is being captured (a capture would record its zeroing); ValueError naming the problem."""
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(f"{who}: pass counters= (kernels.utils.new_counters, made before the capture) while a "
+                             f"CUDA graph is being captured")
+        return new_counters(device)
+    check_tensor("counters", counters, 1, (torch.int32,), device)
+    if not counters.is_contiguous() or counters.numel() < needed:
+        raise ValueError(f"counters must be a contiguous int32 buffer of at least {needed}, got "
+                         f"{tuple(counters.shape)}")
+    return counters
+
+
 @device_fn
 def arrive(counter_ptr, expected):
     """Count this program into a counter shared by `expected` programs; True for the last to arrive, which also

@@ -55,7 +55,7 @@ def test_mlp(M, C, H, dtype):
     """GPT-2's sub-layer (LayerNorm, biases, GELU) and the variants (ReLU, no LayerNorm, no biases, no
     activation); the counters are zeros again after every launch, and a second launch gives the same bits."""
     o = operands(M, C, H, dtype)
-    counters = mlp.new_counters(DEV)
+    counters = utils.new_counters(DEV)
     for act, norm, biases in (("gelu_tanh", True, True), ("relu", True, False), (None, False, True)):
         what = f"mlp {M}x{C}x{H} {dtype} act={act} norm={norm} biases={biases}"
         got, want = run(o, act, norm, biases, counters)
@@ -101,7 +101,7 @@ def test_every_autotune_candidate():
         if ON_GPU and torch.cuda.get_device_capability()[0] >= 9 and dtype == torch.bfloat16:
             assert any(c.kwargs["PREFETCH"] for c in configs), "no L2-prefetching candidate kept on Hopper"
         part_rows, count_stride = mlp._layout(C, H, DEV)
-        counters = mlp.new_counters(DEV)
+        counters = utils.new_counters(DEV)
         for c in configs:
             x = o["x"].clone()
             part = torch.empty(M, part_rows, C, device=DEV)
