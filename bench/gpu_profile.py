@@ -16,8 +16,8 @@ For each size (random-init weights of the real shapes, as bench/gpu_decode.py ma
    to 8 rows), fused the same way, at its fastest launch configuration. Reported: us per call, GB/s of weight
    read, % of the measured read bandwidth.
 3. The MLP sub-layer at M = batch and M = 8: kernels/mlp.py's one launch against the two linears and cuBLAS,
-   over weight copies as in 2; and in 1, the step with every fusable sub-layer (the MLP, the decode attention
-   with its output projection) forced to its one kernel, and to its kernels apart.
+   over weight copies as in 2; and in 1, the step with every fusable sub-layer (the MLP, the attention
+   sub-layer, the attention with its output projection) forced to its one kernel, and to its kernels apart.
 4. Sampling a token from 50,257 logits (greedy; seed system 1's temperature 0.7 + top-k 50; top-p 0.9 with a
    repetition penalty) at batch 1 and 8: our kernel against sample_reference (torch: topk / a full sort) on the
    same device, 20 calls back to back, timed with events (no graph: the reference may sync the host).
@@ -77,9 +77,9 @@ def step_profile(m, batch: int, prompt: int = 32,
                  steps: int = 5) -> tuple[float, float, float, dict, list[tuple[str, float, float]]]:
     """(replayed step seconds, the same with programmatic dependent launch, the same without the launch-saving
     fusions (LayerNorms as their own launches, attention split and merged), {"fused": s, "composed": s, "picked":
-    the backend's choices}: the step with every fusable sub-layer (the MLP, the attention with its projection)
-    forced to its one kernel / to its kernels apart, [(kernel, launches per step, device us per step)]) at context
-    ~prompt."""
+    the backend's choices}: the step with every fusable sub-layer (the MLP, the attention sub-layer, the
+    attention with its projection) forced to its one kernel / to its kernels apart, [(kernel, launches per step,
+    device us per step)]) at context ~prompt."""
     from torch.profiler import ProfilerActivity, profile
 
     from aigc_rt.backends import triton_backend
@@ -91,7 +91,7 @@ def step_profile(m, batch: int, prompt: int = 32,
         pos = torch.full((batch,), prompt, device="cuda")
         replayed = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
         # the fused sub-layers (MLP; attention + its projection), as chosen by the step's first (eager) run
-        fused_keys = [k for k in triton_linear._picked if k[0] in ("mlp", "attn_proj")]
+        fused_keys = [k for k in triton_linear._picked if k[0] in ("mlp", "attn_proj", "attn_block")]
         fusion = {"picked": ", ".join(f"{k[0]} {triton_linear._picked[k]}" for k in fused_keys) or "-"}
         picks = {k: triton_linear._picked[k] for k in fused_keys}
         try:

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _epilogue
-from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, cast_rne, check_caches, check_out, check_scale, check_tensor,
+from .linear import _check_norm, _epilogue, _normalise, _row_stats
+from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, arrive, cast_rne, check_caches, check_out, check_scale, check_tensor,
                     check_vector, checked_counters, column_sums, decode_settings, device_fn, gather_partials, pdl_begin,
                     pdl_options)
 
@@ -36,16 +36,57 @@ LOG2E = 1.4426950408889634
 
 
 @device_fn
+def _head_qkv(r_ptr, b, h, H, dims, in_d, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_ptr, r_stride, eps,
+              HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, NORM_BLOCK: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """Head h's q, k, v (BLOCK_D,) each, fp32, of row b: LayerNorm(r[b]) W^T + bias over W's rows h * HEAD_DIM + d,
+    C + h * HEAD_DIM + d and 2C + h * HEAD_DIM + d (W (3C, C), C = H * HEAD_DIM: q, k, v side by side, as GPT-2's
+    c_attn), linear.py's numerics (the normalised row rounded to W's dtype; int8: kept fp32, the scales applied to
+    the sums); 0 past HEAD_DIM."""
+    C = H * HEAD_DIM
+    mean, rstd = _row_stats(r_ptr, tl.zeros((1,), dtype=tl.int64) + b, b + 1, C, r_stride, eps, NORM_BLOCK)
+    x_row = r_ptr + b.to(tl.int64) * r_stride
+    ks = tl.arange(0, BLOCK_K)
+    rows = h * HEAD_DIM + dims  # (BLOCK_D,) q's rows of W; k's and v's C and 2C further
+    w_ptrs = wq_ptr + rows[:, None].to(tl.int64) * C + ks[None, :]  # (BLOCK_D, BLOCK_K)
+    aq = tl.zeros_like(dims).to(tl.float32)
+    ak = tl.zeros_like(aq)
+    av = tl.zeros_like(aq)
+    for k0 in range(0, C, BLOCK_K):
+        in_k = ks + k0 < C
+        x = tl.load(x_row + k0 + ks, mask=in_k, other=0.0)[None, :]  # (1, BLOCK_K)
+        x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_k[None, :], C)
+        m = in_d[:, None] & in_k[None, :]
+        wq = tl.load(w_ptrs, mask=m, other=0.0)
+        wk = tl.load(w_ptrs + C * C, mask=m, other=0.0)
+        wv = tl.load(w_ptrs + 2 * C * C, mask=m, other=0.0)
+        if not SCALED:
+            x = cast_rne(x, wq.dtype).to(tl.float32)
+        aq += tl.sum(wq.to(tl.float32) * x, axis=1)
+        ak += tl.sum(wk.to(tl.float32) * x, axis=1)
+        av += tl.sum(wv.to(tl.float32) * x, axis=1)
+        w_ptrs += BLOCK_K
+    q = _epilogue(aq, sq_ptr, bq_ptr, rows, 3 * C, SCALED, HAS_QKV_BIAS, False, False)
+    k = _epilogue(ak, sq_ptr, bq_ptr, C + rows, 3 * C, SCALED, HAS_QKV_BIAS, False, False)
+    v = _epilogue(av, sq_ptr, bq_ptr, 2 * C + rows, 3 * C, SCALED, HAS_QKV_BIAS, False, False)
+    return tl.where(in_d, q, 0.0), tl.where(in_d, k, 0.0), tl.where(in_d, v, 0.0)
+
+
+@device_fn
 def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
-             part_rows, count_stride, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr):
+             part_rows, count_stride, tot_ptr, row_count_ptr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr,
+             HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr,
+             ROW_LAST: tl.constexpr):
     """r[b, cols] += O[b] W[cols]^T + bias[cols] for slice p of n_slices of W's N outputs (NP = N / n_slices
     rounded up to 16: cols = p * NP ..), O[b] the row's heads side by side (H * HEAD_DIM inputs), computed by the
     H programs (b, h, p) together: this one's head `out` (BLOCK_D,) times W's columns h * HEAD_DIM + d (a head's
     part of a row of W is HEAD_DIM contiguous values), its partial (NP,) written to pp[b, p, h], the partials
     added in head order by the last program to arrive (utils.gather_partials), which applies the scale (int8 W),
     the bias and the residual add. `out` is rounded to W's dtype first (as linear.py rounds its x; int8: kept
-    fp32). Slices put more programs on the projection than a row has heads (12 to 25)."""
+    fp32). Slices put more programs on the projection than a row has heads (12 to 25). ROW_LAST (when the
+    launch's programs read r[b] themselves, QKV): a slice's last program writes its result to tot[b] instead, and
+    the last slice of the row to finish (its counter, row_count[b]) adds all of tot[b] into r[b]: only after
+    every program of the row has read r."""
     if not SCALED:
         out = cast_rne(out, w_ptr.dtype.element_ty).to(tl.float32)
     K = H * HEAD_DIM
@@ -69,17 +110,29 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
             cols = col0 + c0 + rc
             in_c = (c0 + rc < NP) & (cols < N)
             y = _epilogue(y, ws_ptr, wb_ptr, cols, N, SCALED, HAS_BIAS, False, False)
-            tl.store(r_row + cols, tl.load(r_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
+            if ROW_LAST:
+                tl.store(tot_ptr + b.to(tl.int64) * N + cols, y, mask=in_c)
+            else:
+                tl.store(r_row + cols, tl.load(r_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
+        if ROW_LAST:
+            if arrive(row_count_ptr + b, n_slices):
+                for c0 in range(0, N, RBLOCK):
+                    cols = c0 + rc
+                    y = tl.load(tot_ptr + b.to(tl.int64) * N + cols, mask=cols < N, other=0.0, cache_modifier=".cg")
+                    tl.store(r_row + cols, tl.load(r_row + cols, mask=cols < N, other=0.0) + y, mask=cols < N)
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr, o_ptr,
                          H, S, qk_scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, nk_sb, nk_sh, nv_sb, nv_sh,
                          o_sb, o_sh, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows,
-                         count_stride, HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                         count_stride, tot_ptr, row_count_ptr, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_ptr, eps,
+                         HEAD_DIM: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, APPEND: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr,
                          PROJ: tl.constexpr = False, SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16):
+                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16,
+                         QKV: tl.constexpr = False, HAS_QKV_BIAS: tl.constexpr = False,
+                         NORM_BLOCK: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,15 +145,20 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
     k_ptr += b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
     v_ptr += b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
     new_pos = -1
+    if QKV:  # q, k, v computed here from LayerNorm(r[b]) (the qkv linear fused in; one pass, appending)
+        q, new_k, new_v = _head_qkv(r_ptr, b, h, H, dims, in_d, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_ptr, r_stride,
+                                    eps, HEAD_DIM, SCALED, HAS_QKV_BIAS, NORM_BLOCK, BLOCK_K)
+    else:
+        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
+        if APPEND:
+            new_k = tl.load(new_k_ptr + b.to(tl.int64) * nk_sb + h * nk_sh + dims, mask=in_d, other=0.0)
+            new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
     if APPEND:  # this step's k, v, rounded as the cache keeps them (stored at the end by the chunk of their slot)
         new_pos = tl.load(pos_ptr + b)
-        new_k = tl.load(new_k_ptr + b.to(tl.int64) * nk_sb + h * nk_sh + dims, mask=in_d, other=0.0)
-        new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
         new_k = cast_rne(new_k, k_ptr.dtype.element_ty).to(tl.float32)
         new_v = cast_rne(new_v, v_ptr.dtype.element_ty).to(tl.float32)
     out = tl.zeros((BLOCK_D,), dtype=tl.float32)  # SINGLE: the output, zeros for a row of length 0 (as the merge)
     if start < length:
-        q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
         m_i = float("-inf")
         l_i = 0.0
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -132,8 +190,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
     if SINGLE:  # the whole sequence in this program: the output itself (what the merge of one chunk gives)
         if PROJ:  # ... through the output projection into the residual stream
             _project(out, b, h, H, dims, in_d, tl.program_id(2), tl.num_programs(2), w_ptr, ws_ptr, wb_ptr, r_ptr,
-                     pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C,
-                     GROUP, RBLOCK)
+                     pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, tot_ptr, row_count_ptr, HEAD_DIM,
+                     SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK, QKV)
         else:
             tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                      mask=in_d)
@@ -166,8 +224,8 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)  # (BLOCK_D,); zeros for len 0
     if PROJ:
         _project(out, b, h, H, dims, dims < HEAD_DIM, tl.program_id(1), tl.num_programs(1), w_ptr, ws_ptr, wb_ptr,
-                 r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C,
-                 GROUP, RBLOCK)
+                 r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, r_ptr, count_ptr, HEAD_DIM, SCALED,
+                 HAS_BIAS, BLOCK_C, GROUP, RBLOCK, False)
     else:
         tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                  mask=dims < HEAD_DIM)
@@ -206,7 +264,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         if residual is not None or counters is not None:
             raise ValueError("attention_decode: residual and counters go with proj")
-        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4, {}, 1)  # placeholders, unread
+        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4 + (q, q), {}, 1)  # unread
     if B * H == 0:
         return o if proj is None else residual
     if S == 0:  # nothing to attend to: a zero output
@@ -223,12 +281,12 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
         o_args[0], H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), *o_args[1:],
-        *proj_args, HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d,
+        *proj_args, *_NO_QKV(q), HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d,
         APPEND=new_kv is not None, SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev),
         **(proj_flags if single else {}), BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"])
     if not single:
         _decode_merge_kernel[(B * H, slices)](
-            part_o, part_lse, lengths, *o_args[:1], H, S, *o_args[1:], n_splits, *proj_args,
+            part_o, part_lse, lengths, *o_args[:1], H, S, *o_args[1:], n_splits, *proj_args[:10],
             HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_S=triton.next_power_of_2(n_splits), BLOCK_D=block_d,
             num_warps=s["num_warps"], **pdl_options(dev), **proj_flags, BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"],
             RBLOCK=s["RBLOCK"])
@@ -243,10 +301,11 @@ def projection_layout(H: int, N: int, slices: int, group: int) -> tuple[int, int
     return H + groups, triton.cdiv(triton.cdiv(N, slices), 16) * 16, groups + 1
 
 
-def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, dev) -> tuple:
+def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, dev, row_last: bool = False) -> tuple:
     """attention_decode's checks of proj = (W, bias, scale), residual and counters -> (the kernels' projection
     arguments, their flags, slices of W's outputs per row (programs (row, head, slice))); ValueError naming the
-    problem."""
+    problem. row_last (attention_block): the slices' results go through a (B, N) buffer, added into residual by
+    each row's last slice (counters one per row more)."""
     if not (isinstance(proj, tuple) and len(proj) == 3):
         raise ValueError(f"proj must be a (weight, bias, scale) tuple, got {type(proj).__name__}")
     w, bias, scale = proj
@@ -265,11 +324,78 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, 
     check_out(residual, (B, N), torch.float32, dev, name="residual")
     slices = max(1, min(s["PROJ_SLICES"], triton.cdiv(N, 16)))
     part_rows, width, count_stride = projection_layout(H, N, slices, s["GROUP"])
-    counters = checked_counters(counters, B * slices * count_stride, dev, "attention_decode")
+    slice_counters = B * slices * count_stride
+    counters = checked_counters(counters, slice_counters + (B if row_last else 0), dev, "attention_decode")
     part = torch.empty(B * slices, part_rows, width, device=dev)  # the heads' partial sums (read within the launch)
+    total = torch.empty(B, N, device=dev) if row_last else residual  # the slices' results (row_last)
     args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
-            residual.stride(0), part_rows, count_stride)
+            residual.stride(0), part_rows, count_stride, total, counters[slice_counters:])
     return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None), slices
+
+
+def _NO_QKV(q: torch.Tensor) -> tuple:
+    """Placeholders for _decode_split_kernel's qkv arguments (g, beta, W, scale, bias, eps) where QKV is off."""
+    return (q,) * 5 + (1.0,)
+
+
+def one_pass(batch: int, H: int, S: int, D: int, device: torch.device) -> bool:
+    """Whether the decode attention reads a cache of S positions in one pass per (row, head) (no merge): the
+    caches attention_block takes."""
+    return decode_settings(batch * H, S, D, device)["n_splits"] == 1
+
+
+def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, *,
+                    counters: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's whole pre-norm attention sub-layer in one launch: r += O W_o^T + b_o, O the heads of
+    attention(q, k, v) side by side, (q, k, v) = LayerNorm(r) W_qkv^T + b_qkv (q, k and v side by side, H heads of
+    D each), this step's k, v written into the caches at positions first (as write_kv). r (B, C) fp32, C = H * D,
+    updated in place and returned; norm (g, beta, eps) over C; qkv (W_qkv (3C, C), bias (3C,) or None, scale (3C,)
+    for int8 or None); proj (W_o (C, C), bias, scale) of W_qkv's dtype; caches (B, H, S, D) with S short enough
+    for one pass (one_pass()); positions, lengths (B,) (lengths counting this step's position). Each (row, head,
+    slice) program computes its head's q, k, v itself (the slices of a row repeat it: from L2) and its part of
+    the projection; a row's last program adds the result into r (after every program of the row has read it)."""
+    check_tensor("residual", r, 2, (torch.float32,), None)
+    dev = r.device
+    B, C = r.shape
+    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES, dev)
+    _, H, S, D = k_cache.shape
+    check_caches(k_cache, v_cache, B, H, D, dev, "residual")
+    if H * D != C:
+        raise ValueError(f"caches of {H} heads of {D} do not match a residual of width {C}")
+    if not (isinstance(qkv, tuple) and len(qkv) == 3):
+        raise ValueError(f"qkv must be a (weight, bias, scale) tuple, got {type(qkv).__name__}")
+    wq, bq, sq = qkv
+    check_tensor("qkv weight", wq, 2, (*FLOAT_DTYPES, torch.int8), dev)
+    if tuple(wq.shape) != (3 * C, C) or not wq.is_contiguous():
+        raise ValueError(f"qkv weight must be a contiguous ({3 * C}, {C}) matrix, got {tuple(wq.shape)}")
+    check_scale("qkv weight", wq, sq, dev)
+    if bq is not None:
+        check_vector("qkv bias", bq, 3 * C, (torch.float32,), dev)
+    if isinstance(proj, tuple) and len(proj) == 3 and isinstance(proj[0], torch.Tensor) and proj[0].dtype != wq.dtype:
+        raise ValueError(f"proj weight ({proj[0].dtype}) and qkv weight ({wq.dtype}) must have one dtype")
+    _check_norm(norm, C, dev)
+    check_vector("positions", positions, B, (torch.int64, torch.int32), dev)
+    check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
+    s = decode_settings(B * H, S, D, dev)
+    if s["n_splits"] != 1:
+        raise ValueError(f"attention_block takes caches read in one pass (one_pass()); {S} positions are not")
+    if r.stride(1) != 1:
+        raise ValueError("residual must have contiguous rows")
+    proj_args, proj_flags, slices = _projection(proj, r, counters, None, B, H, D, s, dev, row_last=True)
+    if proj_args[0].shape[0] != C:
+        raise ValueError(f"proj weight has {proj_args[0].shape[0]} outputs; the residual is {C} wide")
+    if B == 0:
+        return r
+    g, beta, eps = norm
+    _decode_split_kernel[(B * H, 1, slices)](
+        r, k_cache, v_cache, lengths, r, r, r, r, positions, r, H, S, LOG2E / math.sqrt(D), 0, 0,
+        *k_cache.stride()[:3], *v_cache.stride()[:3], 0, 0, 0, 0, 0, 0, *proj_args, g, beta, wq,
+        wq if sq is None else sq, wq if bq is None else bq, float(eps), HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"],
+        BLOCK_N=s["BLOCK_N"], BLOCK_D=s["BLOCK_D"], APPEND=True, SINGLE=True, num_warps=s["num_warps"],
+        **pdl_options(dev), **proj_flags, BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"], QKV=True,
+        HAS_QKV_BIAS=bq is not None, NORM_BLOCK=triton.next_power_of_2(C), BLOCK_K=s["BLOCK_K"])
+    return r
 
 
 @triton.jit

@@ -407,7 +407,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
 
 
 # (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"; also the triton backend's fused
-# sub-layers, ("mlp" | "attn_proj", ...) -> "fused" or "composed" (triton_backend._pick)
+# sub-layers, ("mlp" | "attn_proj" | "attn_block", ...) -> "fused" or "composed" (triton_backend._pick)
 _picked: dict[tuple, str] = {}
 
 

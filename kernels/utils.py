@@ -356,7 +356,8 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice. With the output
     projection fused: W's outputs in PROJ_SLICES slices, BLOCK_C outputs per tile of W (8,192 weights a tile),
     partials added GROUP at a time in RBLOCK-column tiles (the interpreter: heads in groups of 2, so that both
-    stages run at test sizes)."""
+    stages run at test sizes); with the qkv linear fused too, BLOCK_K inputs per step of its GEMV (three tiles of
+    4,096 weights: q's, k's and v's rows)."""
     block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
@@ -368,8 +369,8 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     # the projection's outputs cut into PROJ_SLICES slices, (row, head, slice) programs: ~2 per SM, at most 4 (each
     # program of a one-pass attention attends again for its slice: cheap beside W for a short cache)
     slices = min(4, triton.cdiv(2 * num_sms(device), batch_heads))
-    proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128) if interpreter else dict(BLOCK_C=max(16, 8192 // block_d), GROUP=8,
-                                                                              RBLOCK=1024)
+    proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128, BLOCK_K=64) if interpreter else dict(
+        BLOCK_C=max(16, 8192 // block_d), GROUP=8, RBLOCK=1024, BLOCK_K=max(16, 4096 // block_d))
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
                 num_warps=1 if interpreter else 4, PROJ_SLICES=slices, **proj)
 

@@ -200,6 +200,7 @@ def test_cuda_backend_greedy_tokens_identical_to_hf(kernels, rt_odd, monkeypatch
     from aigc_rt.backends import triton_backend
     monkeypatch.setattr(triton_backend, "FUSED_MLP", False)
     monkeypatch.setattr(triton_backend, "FUSED_ATTN_PROJ", False)
+    monkeypatch.setattr(triton_backend, "FUSED_QKV", False)
     monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
     calls = []
     gemv = kernels.gemv
@@ -280,6 +281,7 @@ def test_cuda_backend_keeps_the_faster_linear(kernels, rt_odd, monkeypatch):
     from aigc_rt.backends import triton_backend
     monkeypatch.setattr(triton_backend, "FUSED_MLP", False)
     monkeypatch.setattr(triton_backend, "FUSED_ATTN_PROJ", False)
+    monkeypatch.setattr(triton_backend, "FUSED_QKV", False)
     monkeypatch.setattr(cuda_kernels, "library", lambda: kernels)
     monkeypatch.setattr(kernels, "timer", lambda fn: (fn(), 1.0 if fn.__name__ == "triton" else 2.0)[1])
     m = aigc_rt.load(rt_odd[0], device=DEV, backend="cuda")

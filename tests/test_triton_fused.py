@@ -364,3 +364,154 @@ def test_backend_without_attention_fusion(attention_calls, monkeypatch):
                                     o["lengths"], 20, proj, residual=o["r"].clone(),
                                     attn_out=torch.empty(1, 3, 16, device=DEV), out=torch.empty(1, 48, device=DEV))
     assert calls == ["composed", "attention"]
+
+
+# -- the whole attention sub-layer: LN1 + qkv + attention + proj + residual (decode_attention.attention_block) ----
+def block_operands(B: int, H: int, D: int, S: int, dtype, cache_dtype, seed: int = 0) -> dict:
+    """A residual stream r (B, C), C = H * D; LN1; W_qkv (3C, C) and W_o (C, C) of `dtype` (int8 with scales)
+    and biases; caches (B, H, S, D); ragged lengths in [1, S] counting this step's position (lengths - 1)."""
+    C = H * D
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, S + 1, (B,), generator=g).to(DEV)
+    if dtype == torch.int8:
+        (wq, sq), (wo, so) = int8_weights(3 * C, C, (seed + 1, seed + 2)), int8_weights(C, C, (seed + 3, seed + 4))
+    else:
+        wq, sq = randn(3 * C, C, seed=seed + 1, scale=C ** -0.5, dtype=dtype), None
+        wo, so = randn(C, C, seed=seed + 3, scale=C ** -0.5, dtype=dtype), None
+    return dict(r=randn(B, C, seed=seed + 5, scale=3) + 1, norm=(randn(C, seed=seed + 6, scale=0.2) + 1,
+                                                                 randn(C, seed=seed + 7, scale=0.2), 1e-5),
+                qkv=(wq, randn(3 * C, seed=seed + 8), sq), proj=(wo, randn(C, seed=seed + 9), so),
+                kc=randn(B, H, S, D, seed=seed + 10).to(cache_dtype),
+                vc=randn(B, H, S, D, seed=seed + 11).to(cache_dtype),
+                lengths=lengths, positions=lengths - 1)
+
+
+def block_reference(o: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r + proj(attention(qkv(LN(r)))), the caches with this step's k, v written) in fp32 references."""
+    B, H, S, D = o["kc"].shape
+    wq, bq, sq = o["qkv"]
+    q, k, v = linear.reference(o["r"], wq, bq, scale=sq, norm=o["norm"]).view(B, 3, H, D).unbind(1)
+    kc, vc = o["kc"].clone(), o["vc"].clone()
+    for b, p in enumerate(o["positions"].tolist()):
+        kc[b, :, p], vc[b, :, p] = k[b].to(kc.dtype), v[b].to(vc.dtype)
+    a = decode_attention.reference(q, kc, vc, o["lengths"]).reshape(B, H * D)
+    wo, bo, so = o["proj"]
+    return linear.reference(a, wo, bo, scale=so, residual=o["r"]), kc, vc
+
+
+def run_block(o: dict, counters=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r, kc, vc = o["r"].clone(), o["kc"].clone(), o["vc"].clone()
+    got = decode_attention.attention_block(r, o["norm"], o["qkv"], o["proj"], kc, vc, o["positions"], o["lengths"],
+                                           counters=counters)
+    assert got is r
+    return r, kc, vc
+
+
+@pytest.mark.parametrize("B,H,D,S", shapes([(1, 3, 32, 20), (3, 2, 24, 32), (2, 5, 16, 9)],
+                                           [(1, 12, 64, 192), (8, 25, 64, 256)]))
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.int8], ids=["fp32", "bf16", "fp16", "int8"])
+def test_attention_block(B, H, D, S, dtype):
+    """r += proj(attention(qkv(LN1(r)))) with this step's k, v appended, in one launch, against the references
+    (a bf16 cache with 16-bit weights, fp32 with fp32 and int8 ones; where a row has few heads, the projection in
+    slices and the row's last slice adding into r); the caches hold the step's k, v; counters back at zero; a
+    second launch gives the same bits."""
+    counters = utils.new_counters(DEV)
+    for cache_dtype in [torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32]:
+        o = block_operands(B, H, D, S, dtype, cache_dtype, seed=B + H + S)
+        what = f"attention block B={B} H={H} D={D} S={S} {dtype} cache {cache_dtype}"
+        want, kc_want, vc_want = block_reference(o)
+        got, kc, vc = run_block(o, counters)
+        assert_close(got, want, *tolerance(dtype), what)
+        tol = (1e-5, 1e-5) if cache_dtype == torch.float32 else (1e-2, 1e-2)  # one bf16 rounding step apart at most
+        assert_close(kc, kc_want, *tol, f"{what}: k cache")
+        assert_close(vc, vc_want, *tol, f"{what}: v cache")
+        assert not counters.any(), f"{what}: counters left {counters.nonzero().flatten().tolist()}"
+        again, _, _ = run_block(o, counters)
+        assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
+
+
+@pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
+@pytest.mark.parametrize("B,H,S", [(2, 25, 160), (1, 3, 100)])
+def test_attention_block_with_the_gpu_settings(gpu_settings, B, H, S):
+    """A GPU's block shapes under the interpreter (one pass over up to 256 positions in blocks of 64, the qkv GEMV
+    in steps of 4,096 / BLOCK_D inputs, projection tiles of 8,192 weights, partials 8 at a time): 25 heads in 4
+    groups, and 3 heads with the projection in 3 slices (the row's last slice adding into r)."""
+    o = block_operands(B, H, 16, S, torch.bfloat16, torch.bfloat16, seed=S)
+    got, kc, _ = run_block(o)
+    want, kc_want, _ = block_reference(o)
+    assert_close(got, want, *tolerance(torch.bfloat16), f"attention block with the GPU settings B={B} H={H} S={S}")
+    assert_close(kc, kc_want, 1e-2, 1e-2, "k cache")
+
+
+def test_attention_block_refuses():
+    o = block_operands(2, 3, 8, 20, torch.float32, torch.float32, seed=31)
+    long = dict(o, kc=torch.zeros(2, 3, 400, 8, device=DEV), vc=torch.zeros(2, 3, 400, 8, device=DEV))
+    with pytest.raises(ValueError, match="one pass"):
+        run_block(long)
+    with pytest.raises(ValueError, match=r"qkv weight must be a contiguous \(72, 24\)"):
+        run_block(dict(o, qkv=(o["qkv"][0][:70], None, None)))
+    with pytest.raises(ValueError, match="must have one dtype"):
+        run_block(dict(o, proj=(o["proj"][0].bfloat16(), None, None)))
+    with pytest.raises(ValueError, match="do not match a residual of width"):
+        run_block(dict(o, r=o["r"][:, :20].contiguous()))
+
+
+@pytest.fixture
+def block_calls(monkeypatch):
+    """A TritonBackend whose whole-block kernel and composed attention sub-layer record which ran."""
+    be = triton_backend.TritonBackend(DEV)
+    calls = []
+    fused = decode_attention.attention_block
+    monkeypatch.setattr(decode_attention, "attention_block", lambda *a, **k: calls.append("fused") or fused(*a, **k))
+    composed = TorchBackend.attention_block_decode
+    monkeypatch.setattr(TorchBackend, "attention_block_decode",
+                        lambda *a, **k: calls.append("composed") or composed(*a, **k))
+    return be, calls
+
+
+@pytest.mark.parametrize("rows,S,fused", [(1, 20, True), (8, 32, True), (9, 20, False), (2, 64, False)])
+def test_backend_fuses_the_attention_block(block_calls, rows, S, fused):
+    """attention_block_decode on the triton backend: up to FUSED_MAX_ROWS rows over a cache read in one pass take
+    the one kernel (on a GPU where it is the faster: only the interpreter asserts the choice), more rows or a longer
+    cache the qkv linear and the attention sub-layer apart; the reference's result either way."""
+    be, calls = block_calls
+    o = block_operands(rows, 3, 16, S, torch.bfloat16, torch.bfloat16, seed=rows + S)
+    (wq, bq, _), (wo, bo, _) = o["qkv"], o["proj"]
+    qkv, proj = be.prepare_linear(wq, bq), be.prepare_linear(wo, bo)
+    want, _, _ = block_reference(o)
+    r, kc, vc = o["r"].clone(), o["kc"].clone(), o["vc"].clone()
+    C = r.shape[1]
+    scratch = dict(norm_out=torch.empty(rows, C, device=DEV), qkv_out=torch.empty(rows, 3 * C, device=DEV),
+                   attn_out=torch.empty(rows, 3, 16, device=DEV), out=torch.empty(rows, C, device=DEV))
+    assert be.attention_block_decode(r, *o["norm"], qkv, proj, kc, vc, o["positions"], o["lengths"], S,
+                                     **scratch) is r
+    assert_close(r, want, *tolerance(torch.bfloat16), f"backend attention block rows={rows} S={S}")
+    if not ON_GPU:
+        assert calls == (["fused"] if fused else ["composed"]), calls
+
+
+def test_model_decode_runs_the_fused_blocks(rt_odd, monkeypatch):
+    """The tiny GPT-2 on the triton backend, decoding over a cache short enough for one pass: every block's
+    attention and MLP sub-layers run as one kernel each (counted; under the interpreter, where nothing is timed),
+    and the logits are the torch backend's."""
+    import aigc_rt
+    calls = []
+    for module, name in ((decode_attention, "attention_block"), (mlp, "mlp")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    ours, ref = (aigc_rt.load(rt_odd[0], device=DEV if be == "triton" else "cpu", backend=be)
+                 for be in ("triton", "torch"))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for m in (ours, ref):
+        dev = m.device
+        cache = m.new_cache(2, 32)
+        with torch.inference_mode():
+            m.prefill(ids.to(dev), cache)
+            tokens, positions = torch.tensor([3, 4], device=dev), torch.tensor([5, 5], device=dev)
+            logits.append([m.decode(tokens + i, positions + i, cache, 7 + i).float().cpu().clone() for i in range(2)])
+    for step, (got, want) in enumerate(zip(*logits)):
+        assert_close(got, want, 1e-4, 1e-4, f"decode step {step} logits vs the torch backend")
+    if not ON_GPU:
+        n = ours.config.n_layer
+        assert calls.count("attention_block") == 2 * n and calls.count("mlp") == 2 * n, calls

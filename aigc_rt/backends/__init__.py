@@ -1,8 +1,8 @@
 """The backend table, in one place. A model is written once against a backend's small op set
 (prepare_linear, linear (optionally adding into a residual), layernorm, layernorm_linear, mlp, embedding,
-attention_prefill, write_kv, append_attention_decode, append_attention_decode_proj, attention_decode, lstm_cell,
-run_decode, run_decode_sample, sample, prepare_conv_transpose, conv_transpose, prepare_conv2d, conv2d,
-reparameterize, bernoulli_log_likelihood, bernoulli_elbo)."""
+attention_prefill, write_kv, append_attention_decode, append_attention_decode_proj, attention_block_decode,
+attention_decode, lstm_cell, run_decode, run_decode_sample, sample, prepare_conv_transpose, conv_transpose,
+prepare_conv2d, conv2d, reparameterize, bernoulli_log_likelihood, bernoulli_elbo)."""
 from __future__ import annotations
 
 import importlib

@@ -196,6 +196,21 @@ class TorchBackend:
         a = self.append_attention_decode(q, k, v, k_cache, v_cache, positions, lengths, max_len, out=attn_out)
         return self.linear(a.view(a.shape[0], -1), proj, out=out, residual=residual)
 
+    def attention_block_decode(self, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, qkv, proj,
+                               k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                               lengths: torch.Tensor, max_len: int, *, norm_out: torch.Tensor | None = None,
+                               qkv_out: torch.Tensor | None = None, attn_out: torch.Tensor | None = None,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+        """A decode step's whole pre-norm attention sub-layer: x ((B, C) fp32) += linear(attention(q, k, v), proj)
+        with (q, k, v) = layernorm_linear(x, qkv) (q, k, v side by side) and this step's k, v appended to the
+        caches (B, H, S, D) at positions; returns x. norm_out (B, C), qkv_out (B, 3C), attn_out (B, H, D), out
+        (B, C): scratch. A backend may run it all in one kernel (triton, for a few rows over a short cache)."""
+        _, H, _, D = k_cache.shape
+        f = self.layernorm_linear(x, ln_w, ln_b, eps, qkv, norm_out=norm_out, out=qkv_out)
+        q, k, v = f.view(-1, 3, H, D).unbind(1)  # (B, H, D) each
+        return self.append_attention_decode_proj(q, k, v, k_cache, v_cache, positions, lengths, max_len, proj,
+                                                 residual=x, attn_out=attn_out, out=out)
+
     def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          lengths: torch.Tensor, max_len: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
         """One query per sequence. q (B, H, D) fp32; caches (B, H, S, D) fp32 or bf16 (widened to q.dtype);

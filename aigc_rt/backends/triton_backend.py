@@ -8,9 +8,10 @@ kernels/lstm.py; the Transformer decoder uses the GPT-2 kernels (ReLU in the lin
 reparameterisation and ELBO sums are kernels/vae.py.
 A pre-norm block takes four launches besides attention: the residual adds run in the epilogues of the linears
 that produce them, and for a decode step's few rows each LayerNorm in the prologue of the linear after it; for
-those rows the MLP sub-layer (LayerNorm, fc, activation, proj, residual add) is one launch, and so are the
-decode attention and its output projection (with the residual add), where that is the faster (kernels/mlp.py,
-kernels/decode_attention.py's proj=; FUSED_MLP, FUSED_ATTN_PROJ below).
+those rows the MLP sub-layer (LayerNorm, fc, activation, proj, residual add) is one launch, and so is the
+attention sub-layer (the qkv linear with its LayerNorm, the attention over a short cache, the output projection,
+the residual add) or, over a longer cache, the attention with its projection, where that is the faster
+(kernels/mlp.py, kernels/decode_attention.py; FUSED_MLP, FUSED_QKV, FUSED_ATTN_PROJ below).
 int4 files keep their matrices int4: decode runs kernels/linear.py's int4 GEMV (INT4_GEMV below)."""
 from __future__ import annotations
 
@@ -37,12 +38,14 @@ PREFILL_GRAPH_MAX_T, PREFILL_ROWS = 128, 16
 # once at load instead (3.6x the memory; the only way before 2026-11-30, and the one a GPU has measured)
 INT4_GEMV = os.environ.get("AIGC_RT_INT4_GEMV", "1") != "0"
 # Sub-layers of up to FUSED_MAX_ROWS rows (decode) run as one kernel where their weights are fp32 / bf16 / fp16 /
-# int8: a pre-norm MLP (kernels/mlp.py), and the decode attention with its output projection
-# (kernels/decode_attention.py, proj=); on a GPU only where that is the faster for the shape (timed once against
-# the kernels apart, as linear._faster picks GEMV or GEMM). AIGC_RT_FUSED_MLP=0 / AIGC_RT_FUSED_ATTN_PROJ=0 keep
-# them apart everywhere.
+# int8: a pre-norm MLP (kernels/mlp.py), the decode attention with its output projection
+# (kernels/decode_attention.py, proj=), and over a cache short enough for one pass the whole attention sub-layer,
+# the qkv linear too (decode_attention.attention_block); on a GPU only where that is the faster for the shape
+# (timed once against the kernels apart, as linear._faster picks GEMV or GEMM). AIGC_RT_FUSED_MLP=0 /
+# AIGC_RT_FUSED_ATTN_PROJ=0 / AIGC_RT_FUSED_QKV=0 keep them apart everywhere.
 FUSED_MLP = os.environ.get("AIGC_RT_FUSED_MLP", "1") != "0"
 FUSED_ATTN_PROJ = os.environ.get("AIGC_RT_FUSED_ATTN_PROJ", "1") != "0"
+FUSED_QKV = os.environ.get("AIGC_RT_FUSED_QKV", "1") != "0"
 FUSED_MAX_ROWS = 8
 
 
@@ -107,6 +110,21 @@ class TritonBackend(TorchBackend):
         key = ("attn_proj", type(self).__name__, *q.shape, k_cache.shape[2], k_cache.dtype, *proj.weight.shape,
                proj.weight.dtype)
         return run(_pick(fuse, residual, run, key))
+
+    def attention_block_decode(self, x, ln_w, ln_b, eps, qkv: Linear, proj: Linear, k_cache, v_cache, positions,
+                               lengths, max_len, *, norm_out=None, qkv_out=None, attn_out=None, out=None):
+        def run(how: str):
+            if how == "fused":
+                return decode_attention.attention_block(x, (ln_w, ln_b, eps), (qkv.weight, qkv.bias, qkv.scale),
+                                                        (proj.weight, proj.bias, proj.scale), k_cache, v_cache,
+                                                        positions, lengths, counters=self.counters)
+            return super(TritonBackend, self).attention_block_decode(
+                x, ln_w, ln_b, eps, qkv, proj, k_cache, v_cache, positions, lengths, max_len, norm_out=norm_out,
+                qkv_out=qkv_out, attn_out=attn_out, out=out)
+        B, (H, S, D) = x.shape[0], k_cache.shape[1:]
+        fuse = FUSED_QKV and _fusable(B, qkv, proj) and decode_attention.one_pass(B, H, S, D, x.device)
+        key = ("attn_block", type(self).__name__, B, H, S, D, k_cache.dtype, *qkv.weight.shape, qkv.weight.dtype)
+        return run(_pick(fuse, x, run, key))
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)

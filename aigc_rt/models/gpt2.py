@@ -4,8 +4,9 @@ Residual stream r (fp32). Each block: r += proj(attn(qkv(LN1(r)))); r += mlp(LN2
 output linear adds into r itself (backend.linear with a residual), and its input linear takes r with the
 LayerNorm before it (backend.layernorm_linear), so that a backend can fuse both (the triton backend does: four
 launches per block besides attention); the MLP sub-layer is one backend op (backend.mlp), and so is a decode
-step's attention with its output projection (backend.append_attention_decode_proj): the triton backend runs each
-as one kernel for a decode step's few rows (three launches per block). Prefill runs the prompt through and
+step's attention sub-layer (backend.attention_block_decode: LN1, qkv, attention with this step's keys and values
+appended, proj, residual add): the triton backend runs each as one kernel for a decode step's few rows (two
+launches per block over a short cache). Prefill runs the prompt through and
 fills the preallocated KV cache; decode runs one token per sequence at its own position. Every op writes into a
 Workspace (buffers for N rows): prefill makes one per call, decode uses the one that lives with the KV
 cache, so a decode step allocates no tensors.
@@ -139,14 +140,12 @@ class GPT2(TextModel):
 
     # -- the transformer -----------------------------------------------------------------------------
     def _blocks(self, ws: Workspace, attend) -> torch.Tensor:
-        """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, q, k, v, proj)
-        with q, k, v (N, H, D) adds the attention sub-layer's output into ws.r: r += proj(attention(q, k, v)).
-        Returns r after the last block (ln_f not applied)."""
-        be, eps, H, D = self.backend, self.config.layer_norm_epsilon, self.config.n_head, self.config.head_dim
+        """ws.r: the embedded tokens (N, C), the residual stream, updated in place. attend(layer, blk) adds the
+        block's attention sub-layer into ws.r: r += attn.proj(attention(qkv(LN1(r)))). Returns r after the last
+        block (ln_f not applied)."""
+        be, eps = self.backend, self.config.layer_norm_epsilon
         for i, blk in enumerate(self.blocks):
-            qkv = be.layernorm_linear(ws.r, *blk.ln_1, eps, blk.qkv, norm_out=ws.h, out=ws.qkv)  # (N, 3C)
-            q, k, v = qkv.view(-1, 3, H, D).unbind(1)  # (N, H, D) each
-            attend(i, q, k, v, blk.proj)  # r += attn.proj(attention)
+            attend(i, blk)
             be.mlp(ws.r, *blk.ln_2, eps, blk.fc, blk.mlp_proj, "gelu_tanh", norm_out=ws.h, hidden_out=ws.fc,
                    out=ws.out)  # r += mlp.proj(GELU(mlp.fc(LN2(r))))
         return ws.r
@@ -159,33 +158,33 @@ class GPT2(TextModel):
         """ids (B, T) int64 (rows right-padded; padding never reaches a real position's result, so the rows'
         lengths are not needed). Fills cache[:, :, :, :T] and returns ln_f(hidden) for every position, (B, T, C)."""
         B, T = ids.shape
-        C, H, D = self.config.n_embd, self.config.n_head, self.config.head_dim
+        C, H, D, eps = self.config.n_embd, self.config.n_head, self.config.head_dim, self.config.layer_norm_epsilon
         ws = Workspace.allocate(self.config, B * T, ids.device, logits=False)
         self._embed(ws, ids.reshape(-1), torch.arange(T, device=ids.device).repeat(B))
 
-        def attend(layer, q, k, v, proj):  # (B*T, H, D): r += proj(attention), through ws.attn (B*T, C)
-            q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+        def attend(layer, blk):  # r += proj(attention(qkv(LN1(r)))), through ws.qkv and ws.attn
+            qkv = self.backend.layernorm_linear(ws.r, *blk.ln_1, eps, blk.qkv, norm_out=ws.h, out=ws.qkv)
+            q, k, v = (x.view(B, T, H, D).transpose(1, 2) for x in qkv.view(-1, 3, H, D).unbind(1))  # (B, H, T, D)
             if cache is not None:
                 cache.k[layer, :, :, :T] = k
                 cache.v[layer, :, :, :T] = v
             self.backend.attention_prefill(q, k, v, out=ws.attn.view(B, T, H, D).transpose(1, 2))  # (B, H, T, D)
-            self.backend.linear(ws.attn, proj, out=ws.out, residual=ws.r)
+            self.backend.linear(ws.attn, blk.proj, out=ws.out, residual=ws.r)
 
         r = self._blocks(ws, attend)
-        return self.backend.layernorm(r, *self.ln_f, self.config.layer_norm_epsilon, out=ws.h).view(B, T, C)
+        return self.backend.layernorm(r, *self.ln_f, eps, out=ws.h).view(B, T, C)
 
     def _decode_step(self, tokens, positions, lengths, cache: KVCache, max_len: int) -> torch.Tensor:
         """All its work is backend ops on its inputs, the cache and the cache's Workspace (so that a backend can
         replay it, see TorchBackend.run_decode)."""
-        B, H, D = tokens.shape[0], self.config.n_head, self.config.head_dim
+        B, H, D, eps = tokens.shape[0], self.config.n_head, self.config.head_dim, self.config.layer_norm_epsilon
         ws = cache.workspace(B)
         self._embed(ws, tokens, positions)
 
-        def attend(layer, q, k, v, proj):  # (B, H, D): r += proj(attention), one kernel where the backend fuses it
-            self.backend.append_attention_decode_proj(q, k, v, cache.k[layer], cache.v[layer], positions, lengths,
-                                                      max_len, proj, residual=ws.r, attn_out=ws.attn.view(B, H, D),
-                                                      out=ws.out)
+        def attend(layer, blk):  # r += proj(attention(qkv(LN1(r)))), one kernel where the backend fuses it
+            self.backend.attention_block_decode(ws.r, *blk.ln_1, eps, blk.qkv, blk.proj, cache.k[layer],
+                                                cache.v[layer], positions, lengths, max_len, norm_out=ws.h,
+                                                qkv_out=ws.qkv, attn_out=ws.attn.view(B, H, D), out=ws.out)
 
         r = self._blocks(ws, attend)
-        return self.backend.layernorm_linear(r, *self.ln_f, self.config.layer_norm_epsilon, self.lm_head, norm_out=ws.h,
-                                             out=ws.logits)
+        return self.backend.layernorm_linear(r, *self.ln_f, eps, self.lm_head, norm_out=ws.h, out=ws.logits)
