@@ -156,16 +156,24 @@ def test_bad_inputs_raise_value_error(name, call, message):
 
 
 # -- the triton backend's choice ----------------------------------------------------------------------------------
+def recording_backend(monkeypatch, *targets) -> tuple:
+    """(a TritonBackend, calls): each call of a target (object, attribute, label) appends its label to calls (a
+    label may be a function of the call's keyword arguments)."""
+    calls = []
+    for obj, name, label in targets:
+        fn = getattr(obj, name)
+
+        def recorded(*args, _fn=fn, _label=label, **kwargs):
+            calls.append(_label(kwargs) if callable(_label) else _label)
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(obj, name, recorded)
+    return triton_backend.TritonBackend(DEV), calls
+
+
 @pytest.fixture
 def backend_calls(monkeypatch):
-    """A TritonBackend whose fused and composed paths record which ran."""
-    be = triton_backend.TritonBackend(DEV)
-    calls = []
-    fused = mlp.mlp
-    monkeypatch.setattr(mlp, "mlp", lambda *a, **k: calls.append("fused") or fused(*a, **k))
-    composed = TorchBackend.mlp
-    monkeypatch.setattr(TorchBackend, "mlp", lambda *a, **k: calls.append("composed") or composed(*a, **k))
-    return be, calls
+    """A TritonBackend whose fused and composed MLP record which ran."""
+    return recording_backend(monkeypatch, (mlp, "mlp", "fused"), (TorchBackend, "mlp", "composed"))
 
 
 @pytest.mark.parametrize("rows,dtype,fused", [(1, torch.bfloat16, True), (8, torch.int8, True),
@@ -316,15 +324,9 @@ def test_attention_projection_bad_inputs(name, call, message):
 @pytest.fixture
 def attention_calls(monkeypatch):
     """A TritonBackend whose fused and composed attention sub-layers record which ran."""
-    be = triton_backend.TritonBackend(DEV)
-    calls = []
-    fused = decode_attention.attention_decode
-    monkeypatch.setattr(decode_attention, "attention_decode",
-                        lambda *a, **k: calls.append("fused" if "proj" in k else "attention") or fused(*a, **k))
-    composed = TorchBackend.append_attention_decode_proj
-    monkeypatch.setattr(TorchBackend, "append_attention_decode_proj",
-                        lambda *a, **k: calls.append("composed") or composed(*a, **k))
-    return be, calls
+    return recording_backend(
+        monkeypatch, (decode_attention, "attention_decode", lambda kw: "fused" if "proj" in kw else "attention"),
+        (TorchBackend, "append_attention_decode_proj", "composed"))
 
 
 @pytest.mark.parametrize("rows,dtype,fused", [(1, torch.bfloat16, True), (8, torch.int8, True),
@@ -459,14 +461,8 @@ def test_attention_block_refuses():
 @pytest.fixture
 def block_calls(monkeypatch):
     """A TritonBackend whose whole-block kernel and composed attention sub-layer record which ran."""
-    be = triton_backend.TritonBackend(DEV)
-    calls = []
-    fused = decode_attention.attention_block
-    monkeypatch.setattr(decode_attention, "attention_block", lambda *a, **k: calls.append("fused") or fused(*a, **k))
-    composed = TorchBackend.attention_block_decode
-    monkeypatch.setattr(TorchBackend, "attention_block_decode",
-                        lambda *a, **k: calls.append("composed") or composed(*a, **k))
-    return be, calls
+    return recording_backend(monkeypatch, (decode_attention, "attention_block", "fused"),
+                             (TorchBackend, "attention_block_decode", "composed"))
 
 
 @pytest.mark.parametrize("rows,S,fused", [(1, 20, True), (8, 32, True), (9, 20, False), (2, 64, False)])
