@@ -78,14 +78,14 @@ except ValueError as e:
     XDIST="$XDIST $($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || true)"
     failed=0
     $PY -m pytest -v -ra --tb=short --durations=8 -k "not cpu" $XDIST tests/test_triton_kernels.py \
-      tests/test_triton_model.py tests/test_triton_conv_transpose.py tests/test_triton_conv2d.py \
-      tests/test_cuda_kernels.py tests/test_gpu_decode_bench.py tests/test_lstm.py tests/test_transformer_decoder.py \
-      tests/test_vae.py \
+      tests/test_triton_fused.py tests/test_triton_model.py tests/test_triton_conv_transpose.py \
+      tests/test_triton_conv2d.py tests/test_cuda_kernels.py tests/test_gpu_decode_bench.py tests/test_lstm.py \
+      tests/test_transformer_decoder.py tests/test_vae.py \
       2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models and the CUDA GEMV again with programmatic dependent launch (AIGC_RT_PDL=1)" \
       | tee -a "$OUT/gpu_tests.txt"
     AIGC_RT_PDL=1 $PY -m pytest -v -ra --tb=short -k "not cpu" $XDIST tests/test_triton_model.py \
-      tests/test_cuda_kernels.py 2>&1 \
+      tests/test_triton_fused.py tests/test_cuda_kernels.py 2>&1 \
       | tee -a "$OUT/gpu_tests.txt" || failed=1
     exit $failed
     ;;
@@ -97,7 +97,8 @@ except ValueError as e:
       2>&1 | tee -a "$OUT/gpu_decode.txt"
     new_results decode-
     ;;
-  profile)  # where a decode step's time goes; our linears (autotuned / fixed) against cuBLAS
+  profile)  # where a decode step's time goes (and with the fused sub-layers forced on / off); our linears and the
+    # fused MLP against cuBLAS
     PYTHONUNBUFFERED=1 $PY bench/gpu_profile.py --sizes "${SIZES:-124M,1.5B}" 2>&1
     new_results profile-
     ;;
