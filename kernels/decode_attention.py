@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _check_norm, _epilogue, _normalise, _row_stats
+from .linear import _check_norm, _epilogue, _norm_block, _normalise, _row_stats
 from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, arrive, cast_rne, check_caches, check_out, check_scale, check_tensor,
                     check_vector, checked_counters, column_sums, decode_settings, device_fn, gather_partials, pdl_begin,
                     pdl_options)
@@ -394,7 +394,7 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
         wq if sq is None else sq, wq if bq is None else bq, float(eps), HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"],
         BLOCK_N=s["BLOCK_N"], BLOCK_D=s["BLOCK_D"], APPEND=True, SINGLE=True, num_warps=s["num_warps"],
         **pdl_options(dev), **proj_flags, BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"], QKV=True,
-        HAS_QKV_BIAS=bq is not None, NORM_BLOCK=triton.next_power_of_2(C), BLOCK_K=s["BLOCK_K"])
+        HAS_QKV_BIAS=bq is not None, NORM_BLOCK=_norm_block(norm, C, 1), BLOCK_K=s["BLOCK_K"])
     return r
 
 
