@@ -17,7 +17,16 @@ With new_kv = (k, v) and positions, pass 1 also appends the step's keys and valu
 program whose chunk holds positions[b] stores them, rounded to the cache's dtype, and every program reads
 them from registers for that position instead of from the cache, so the result is bitwise that of write_kv
 followed by attention_decode, with one launch fewer.
-Test: tests/test_triton_kernels.py (test_attention_decode*); benchmark: bench/bench_triton.py.
+Two more fusions for a decode step's few rows, each taking launches out of a GPT-2 block:
+- proj = (W_o, bias, scale) with residual r: the output projection and the residual add, r += O W_o^T + bias.
+  Each (row, head, slice) program multiplies its head's output by that head's columns of W_o, for a slice of
+  W_o's outputs (slices put more programs on W_o than a row has heads), and the row's heads' partials are added
+  in head order by the last program to arrive (utils.gather_partials: counters, no float atomics).
+- attention_block: also the qkv linear with its LayerNorm, over a cache read in one pass: each program computes
+  its own head's q, k, v from LayerNorm(r) (heads do not depend on each other), so the whole attention
+  sub-layer is one launch. Every program reads r, so r is written only by the row's last program.
+Test: tests/test_triton_kernels.py (test_attention_decode*), tests/test_triton_fused.py (the fusions);
+benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
 
