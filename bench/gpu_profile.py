@@ -131,6 +131,25 @@ def step_profile(m, batch: int, prompt: int = 32,
     return replayed, with_pdl, apart, fusion, sorted(rows, key=lambda r: -r[2])
 
 
+def weight_copies(nbytes: int) -> int:
+    """Copies of a weight of nbytes that together (>= 256 MiB) never fit in L2, so that each timed call reads its
+    weight from memory, as in a decode step (2 to 64)."""
+    return max(2, min(64, -(-(256 << 20) // nbytes)))
+
+
+def read_cells(secs: dict, columns, nbytes: int, bandwidth: float) -> list[str]:
+    """Table cells for the columns (keys of secs, seconds per call; "-" where missing): us per call, GB/s of the
+    nbytes read, % of the measured bandwidth."""
+    cells = []
+    for name in columns:
+        if name in secs:
+            gbps = nbytes / secs[name] / 1e9
+            cells.append(f"{1e6 * secs[name]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
+        else:
+            cells.append("-")
+    return cells
+
+
 def linear_rows(m, M: int, bandwidth: float) -> list[str]:
     """One table row per distinct linear shape of the model: ours tuned / ours fixed / cuBLAS, and the CUDA GEMV
     (csrc/cuda/gemv.cu, up to 8 rows; fused as the Triton one, its launch configuration autotuned as the cuda
@@ -142,7 +161,7 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
         w, b, s = lin.weight, lin.bias, lin.scale
         N, K = w.shape
         nbytes = w.numel() * w.element_size()
-        copies = max(2, min(64, -(-(256 << 20) // nbytes)))
+        copies = weight_copies(nbytes)
         ws = [w.clone() for _ in range(copies)]
         x = torch.randn(M, K, device="cuda")
         ys = [torch.zeros(M, N, device="cuda") for _ in range(2)]
@@ -173,13 +192,7 @@ def linear_rows(m, M: int, bandwidth: float) -> list[str]:
         if s is None:
             xw = x.to(w.dtype)
             secs["cuBLAS"] = graph_time([lambda w_=w_: F.linear(xw, w_) for w_ in ws]) / copies
-        cells = []
-        for mode in ("tuned", "fixed", "cuBLAS", "CUDA GEMV"):
-            if mode in secs:
-                gbps = nbytes / secs[mode] / 1e9
-                cells.append(f"{1e6 * secs[mode]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
-            else:
-                cells.append("-")
+        cells = read_cells(secs, ("tuned", "fixed", "cuBLAS", "CUDA GEMV"), nbytes, bandwidth)
         picked = triton_linear._picked.get((M, N, K, w.dtype, name not in ("proj", "mlp_proj")),
                                            "gemv" if M <= triton_linear.GEMV_MAX_M else "gemm")
         kern = triton_linear._gemv_tuned if picked == "gemv" else triton_linear._small_m_tuned
@@ -202,7 +215,7 @@ def mlp_rows(m, M: int, bandwidth: float) -> list[str]:
         return [f"| MLP | {M} | int4: two linears only | - | - | - | - |"]
     H, C = fc.weight.shape
     nbytes = 2 * fc.weight.numel() * fc.weight.element_size()
-    copies = max(2, min(64, -(-(256 << 20) // nbytes)))
+    copies = weight_copies(nbytes)
     ws = [(fc.weight.clone(), proj.weight.clone()) for _ in range(copies)]
     r, h = torch.randn(M, C, device="cuda"), torch.empty(M, H, device="cuda")
     norm = (torch.ones(C, device="cuda"), torch.zeros(C, device="cuda"), 1e-5)
@@ -219,13 +232,7 @@ def mlp_rows(m, M: int, bandwidth: float) -> list[str]:
     if fc.scale is None:
         r16, h16 = r.to(fc.weight.dtype), h.to(fc.weight.dtype)
         secs["cuBLAS"] = graph_time([lambda w=w: (F.linear(r16, w[0]), F.linear(h16, w[1])) for w in ws]) / copies
-    cells = []
-    for name in ("fused", "two linears", "cuBLAS"):
-        if name in secs:
-            gbps = nbytes / secs[name] / 1e9
-            cells.append(f"{1e6 * secs[name]:.1f} us, {gbps:,.0f} GB/s ({100 * gbps * 1e9 / bandwidth:.0f}%)")
-        else:
-            cells.append("-")
+    cells = read_cells(secs, ("fused", "two linears", "cuBLAS"), nbytes, bandwidth)
     best = [f"{c}" for k, c in mlp._mlp_tuned.cache.items() if k[:2] == (C, H)]
     del ws
     torch.cuda.empty_cache()

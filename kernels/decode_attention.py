@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from .linear import _check_norm, _epilogue, _norm_block, _normalise, _row_stats
-from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, arrive, cast_rne, check_caches, check_out, check_scale, check_tensor,
-                    check_vector, checked_counters, column_sums, decode_settings, device_fn, gather_partials, pdl_begin,
-                    pdl_options)
+from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, arrive, cast_rne, cast_to, check_caches, check_out, check_scale,
+                    check_tensor, check_vector, checked_counters, column_sums, decode_settings, device_fn,
+                    gather_partials, pdl_begin, pdl_options)
 
 LOG2E = 1.4426950408889634
 
@@ -70,7 +70,7 @@ def _head_qkv(r_ptr, b, h, H, dims, in_d, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_pt
         wk = tl.load(w_ptrs + C * C, mask=m, other=0.0)
         wv = tl.load(w_ptrs + 2 * C * C, mask=m, other=0.0)
         if not SCALED:
-            x = cast_rne(x, wq.dtype).to(tl.float32)
+            x = cast_to(x, wq.dtype)
         aq += tl.sum(wq.to(tl.float32) * x, axis=1)
         ak += tl.sum(wk.to(tl.float32) * x, axis=1)
         av += tl.sum(wv.to(tl.float32) * x, axis=1)
@@ -97,7 +97,7 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
     the last slice of the row to finish (its counter, row_count[b]) adds all of tot[b] into r[b]: only after
     every program of the row has read r."""
     if not SCALED:
-        out = cast_rne(out, w_ptr.dtype.element_ty).to(tl.float32)
+        out = cast_to(out, w_ptr.dtype.element_ty)
     K = H * HEAD_DIM
     NP = tl.cdiv(tl.cdiv(N, n_slices), 16) * 16
     col0 = p * NP
@@ -164,8 +164,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
             new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
     if APPEND:  # this step's k, v, rounded as the cache keeps them (stored at the end by the chunk of their slot)
         new_pos = tl.load(pos_ptr + b)
-        new_k = cast_rne(new_k, k_ptr.dtype.element_ty).to(tl.float32)
-        new_v = cast_rne(new_v, v_ptr.dtype.element_ty).to(tl.float32)
+        new_k = cast_to(new_k, k_ptr.dtype.element_ty)
+        new_v = cast_to(new_v, v_ptr.dtype.element_ty)
     out = tl.zeros((BLOCK_D,), dtype=tl.float32)  # SINGLE: the output, zeros for a row of length 0 (as the merge)
     if start < length:
         m_i = float("-inf")
@@ -273,7 +273,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         if residual is not None or counters is not None:
             raise ValueError("attention_decode: residual and counters go with proj")
-        o, project = check_out(out, (B, H, D), q.dtype, dev), ((q,) * 6 + (0,) * 4 + (q, q), {}, 1)  # unread
+        o, project = check_out(out, (B, H, D), q.dtype, dev), _no_projection(q)
     if B * H == 0:
         return o if proj is None else residual
     if S == 0:  # nothing to attend to: a zero output
@@ -290,7 +290,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, lengths, part_o, part_lse, new_k, new_v, lengths if positions is None else positions,
         o_args[0], H, S, LOG2E / math.sqrt(D), q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), *o_args[1:],
-        *proj_args, *_NO_QKV(q), HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d,
+        *proj_args, *_no_qkv(q), HEAD_DIM=D, SPLIT_LEN=s["SPLIT_LEN"], BLOCK_N=s["BLOCK_N"], BLOCK_D=block_d,
         APPEND=new_kv is not None, SINGLE=single, num_warps=s["num_warps"], **pdl_options(dev),
         **(proj_flags if single else {}), BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"], RBLOCK=s["RBLOCK"])
     if not single:
@@ -342,7 +342,13 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, 
     return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None), slices
 
 
-def _NO_QKV(q: torch.Tensor) -> tuple:
+def _no_projection(q: torch.Tensor) -> tuple:
+    """_projection's answer where PROJ is off: placeholders for the kernels' projection arguments (never read), no
+    flags, one slice."""
+    return (q,) * 6 + (0,) * 4 + (q, q), {}, 1
+
+
+def _no_qkv(q: torch.Tensor) -> tuple:
     """Placeholders for _decode_split_kernel's qkv arguments (g, beta, W, scale, bias, eps) where QKV is off."""
     return (q,) * 5 + (1.0,)
 
@@ -372,28 +378,25 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     check_caches(k_cache, v_cache, B, H, D, dev, "residual")
     if H * D != C:
         raise ValueError(f"caches of {H} heads of {D} do not match a residual of width {C}")
+    check_vector("positions", positions, B, (torch.int64, torch.int32), dev)
+    check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
+    _check_norm(norm, C, dev)
+    s = decode_settings(B * H, S, D, dev)
+    if s["n_splits"] != 1:
+        raise ValueError(f"attention_block takes caches read in one pass (one_pass()); {S} positions are not")
+    # proj checked first (its residual, r, must be a contiguous (B, C): W_o has C outputs)
+    proj_args, proj_flags, slices = _projection(proj, r, counters, None, B, H, D, s, dev, row_last=True)
     if not (isinstance(qkv, tuple) and len(qkv) == 3):
         raise ValueError(f"qkv must be a (weight, bias, scale) tuple, got {type(qkv).__name__}")
     wq, bq, sq = qkv
     check_tensor("qkv weight", wq, 2, (*FLOAT_DTYPES, torch.int8), dev)
     if tuple(wq.shape) != (3 * C, C) or not wq.is_contiguous():
         raise ValueError(f"qkv weight must be a contiguous ({3 * C}, {C}) matrix, got {tuple(wq.shape)}")
+    if wq.dtype != proj[0].dtype:
+        raise ValueError(f"proj weight ({proj[0].dtype}) and qkv weight ({wq.dtype}) must have one dtype")
     check_scale("qkv weight", wq, sq, dev)
     if bq is not None:
         check_vector("qkv bias", bq, 3 * C, (torch.float32,), dev)
-    if isinstance(proj, tuple) and len(proj) == 3 and isinstance(proj[0], torch.Tensor) and proj[0].dtype != wq.dtype:
-        raise ValueError(f"proj weight ({proj[0].dtype}) and qkv weight ({wq.dtype}) must have one dtype")
-    _check_norm(norm, C, dev)
-    check_vector("positions", positions, B, (torch.int64, torch.int32), dev)
-    check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
-    s = decode_settings(B * H, S, D, dev)
-    if s["n_splits"] != 1:
-        raise ValueError(f"attention_block takes caches read in one pass (one_pass()); {S} positions are not")
-    if r.stride(1) != 1:
-        raise ValueError("residual must have contiguous rows")
-    proj_args, proj_flags, slices = _projection(proj, r, counters, None, B, H, D, s, dev, row_last=True)
-    if proj_args[0].shape[0] != C:
-        raise ValueError(f"proj weight has {proj_args[0].shape[0]} outputs; the residual is {C} wide")
     if B == 0:
         return r
     g, beta, eps = norm

@@ -32,23 +32,15 @@ Test: tests/test_triton_fused.py (test_mlp*, test_every_autotune_candidate); ben
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import linear
 from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _norm_block, _normalise, _quick_bench,
                      _row_stats)
-from .utils import (FLOAT_DTYPES, INTERPRETER, cast_rne, check_scale, check_tensor, check_vector, checked_counters,
-                    column_sums, device_fn, gather_partials, l2_prefetchable, mlp_settings, pdl_begin,
-                    pdl_options, prefetch_l2)
-
-
-@device_fn
-def cast_to(x, dtype: tl.constexpr):
-    """fp32 x rounded to `dtype` (to nearest even, as linear.py rounds its x) and back to fp32; fp32 x unchanged."""
-    return cast_rne(x, dtype).to(tl.float32)
+from .utils import (FLOAT_DTYPES, cast_to, check_scale, check_tensor, check_vector, checked_counters, column_sums,
+                    gather_partials, l2_prefetchable, mlp_settings, pdl_begin, pdl_options, prefetch_l2)
 
 
 @triton.jit
@@ -120,7 +112,6 @@ _CONFIGS = [(16, 256, 256, 8, 4, False), (16, 512, 512, 8, 8, False), (32, 128, 
             (32, 256, 256, 8, 8, False), (64, 64, 64, 8, 4, False), (64, 128, 128, 8, 8, False),
             (64, 128, 128, 16, 8, False), (32, 128, 128, 8, 4, True), (32, 256, 256, 8, 8, True),
             (64, 128, 128, 8, 8, True)]
-AUTOTUNE = not INTERPRETER and os.environ.get("AIGC_RT_AUTOTUNE", "1") != "0"
 
 
 def _candidates(configs, named_args, **kwargs):
@@ -201,7 +192,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
     flags = dict(SCALED=scale1 is not None, HAS_BIAS1=b1 is not None, HAS_BIAS2=b2 is not None,
                  GELU=act == "gelu_tanh", RELU=act == "relu", NORM=norm is not None,
                  NORM_BLOCK=_norm_block(norm, C, 1), **pdl_options(dev))
-    if AUTOTUNE:
+    if linear.AUTOTUNE:  # AIGC_RT_AUTOTUNE, as the linears'
         _mlp_tuned[lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), M)](*args, **flags)
     else:
         s = mlp_settings(C, H, dev)
@@ -212,5 +203,5 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
 def reference(x, w1, b1, w2, b2, act="gelu_tanh", scale1=None, scale2=None, norm=None) -> torch.Tensor:
     """Plain-PyTorch fp32, linear.py's reference twice: x + linear(act(linear(LayerNorm(x), W1)), W2) (x left
     alone)."""
-    from .linear import reference as linear
-    return linear(linear(x, w1, b1, act, scale=scale1, norm=norm), w2, b2, scale=scale2, residual=x)
+    h = linear.reference(x, w1, b1, act, scale=scale1, norm=norm)
+    return linear.reference(h, w2, b2, scale=scale2, residual=x)

@@ -368,7 +368,7 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     split_len = triton.cdiv(triton.cdiv(max_len, n_splits), block_n) * block_n
     # the projection's outputs cut into PROJ_SLICES slices, (row, head, slice) programs: ~2 per SM, at most 4 (each
     # program of a one-pass attention attends again for its slice: cheap beside W for a short cache)
-    slices = min(4, triton.cdiv(2 * num_sms(device), batch_heads))
+    slices = min(4, target_splits)
     proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128, BLOCK_K=64) if interpreter else dict(
         BLOCK_C=max(16, 8192 // block_d), GROUP=8, RBLOCK=1024, BLOCK_K=max(16, 4096 // block_d))
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
@@ -479,6 +479,13 @@ def cast_rne(x, dtype: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
         return x.to(dtype)
+
+
+@device_fn
+def cast_to(x, dtype: tl.constexpr):
+    """fp32 x rounded to `dtype` (cast_rne) and back to fp32, as a kernel rounds a linear's input to its weights'
+    dtype; fp32 x unchanged."""
+    return cast_rne(x, dtype).to(tl.float32)
 
 
 @device_fn

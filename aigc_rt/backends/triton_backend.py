@@ -223,7 +223,7 @@ def _pick(fuse: bool, y: torch.Tensor, run, key: tuple) -> str:
     after: linear._faster); elsewhere fused where allowed."""
     if not fuse:
         return "composed"
-    if y.is_cuda and mlp.AUTOTUNE:
+    if y.is_cuda and linear.AUTOTUNE:
         return linear._faster(key, y, run, choices=("composed", "fused"))
     return "fused"
 
