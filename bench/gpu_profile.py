@@ -92,7 +92,8 @@ def step_profile(m, batch: int, prompt: int = 32,
         replayed = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
         # the fused sub-layers (MLP; attention + its projection), as chosen by the step's first (eager) run
         fused_keys = [k for k in triton_linear._picked if k[0] in ("mlp", "attn_proj", "attn_block")]
-        fusion = {"picked": ", ".join(f"{k[0]} {triton_linear._picked[k]}" for k in fused_keys) or "-"}
+        failed = [f"{k[0]} composed (failed its check)" for k, ok in triton_backend._checked.items() if not ok]
+        fusion = {"picked": ", ".join([f"{k[0]} {triton_linear._picked[k]}" for k in fused_keys] + failed) or "-"}
         picks = {k: triton_linear._picked[k] for k in fused_keys}
         try:
             for how in ("fused", "composed"):

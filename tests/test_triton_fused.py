@@ -214,6 +214,53 @@ def test_backend_without_fusion(backend_calls, monkeypatch):
     assert calls == ["composed"]
 
 
+@pytest.fixture
+def checked(monkeypatch):
+    """The check of a fused sub-layer's first launch (triton_backend._fused_agrees) run here too, from scratch."""
+    monkeypatch.setattr(triton_backend, "CHECK_FUSED_ON_CPU", True)
+    monkeypatch.setattr(triton_backend, "_checked", {})
+    monkeypatch.setattr(linear, "AUTOTUNE", False)  # nothing timed: a GPU's pick is linear._faster's test
+
+
+def broken_mlp(fault: str):
+    """mlp.mlp with a fault a race in its counters could cause: "wrong" (a partial sum lost: an output off by 1)
+    or "unrepeatable" (an output a few ulps off, differently at each launch)."""
+    launches, real = [], mlp.mlp
+
+    def launch(x, *args, **kwargs):
+        real(x, *args, **kwargs)
+        launches.append(x)
+        x[0, 0] += 1.0 if fault == "wrong" else 1e-6 * len(launches)
+        return x
+    return launch
+
+
+@pytest.mark.parametrize("fault", [None, "wrong", "unrepeatable"])
+def test_fused_kernel_checked_on_its_first_launch(checked, monkeypatch, fault):
+    """On a GPU a fused sub-layer's first launch of a shape runs it composed, fused and fused again from the same
+    input, and keeps the fusion only if it agrees with the composed result and with itself: a wrong or unrepeatable
+    fused kernel warns, and the shape runs composed from then on, with the right result."""
+    if fault is not None:
+        monkeypatch.setattr(mlp, "mlp", broken_mlp(fault))
+    be, calls = recording_backend(monkeypatch, (mlp, "mlp", "fused"), (TorchBackend, "mlp", "composed"))
+    o = operands(2, 40, 160, torch.bfloat16, seed=23)
+    fc, proj = be.prepare_linear(o["w1"], o["b1"]), be.prepare_linear(o["w2"], o["b2"])
+    want = mlp.reference(o["x"], o["w1"], o["b1"], o["w2"], o["b2"], norm=o["norm"])
+    for launch in range(2):
+        x = o["x"].clone()
+        if fault is not None and launch == 0:
+            more = "not the same bits" if fault == "unrepeatable" else "max .difference. 1,"
+            with pytest.warns(RuntimeWarning, match=f"fused mlp kernel disagrees.*{more}"):
+                be.mlp(x, *o["norm"], fc, proj)
+        else:
+            be.mlp(x, *o["norm"], fc, proj)
+        assert_close(x, want, *tolerance(torch.bfloat16), f"checked mlp, launch {launch}, fault {fault}")
+        picked = "fused" if fault is None else "composed"
+        assert calls == (["composed", "fused", "fused", picked] if launch == 0 else [picked]), (launch, calls)
+        calls.clear()
+    assert list(triton_backend._checked.values()) == [fault is None]
+
+
 # -- the decode attention with its output projection -------------------------------------------------------------
 def attention_operands(B: int, H: int, D: int, S: int, N: int, dtype, cache_dtype=torch.float32, seed: int = 0):
     """q (B, H, D); caches (B, H, S, D); ragged lengths in [0, S - 1] (row 0 empty where B > 2); this step's k, v
@@ -486,11 +533,15 @@ def test_backend_fuses_the_attention_block(block_calls, rows, S, fused):
         assert calls == (["fused"] if fused else ["composed"]), calls
 
 
-def test_model_decode_runs_the_fused_blocks(rt_odd, monkeypatch):
+@pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
+def test_model_decode_runs_the_fused_blocks(rt_odd, monkeypatch, request, check):
     """The tiny GPT-2 on the triton backend, decoding over a cache short enough for one pass: every block's
     attention and MLP sub-layers run as one kernel each (counted; under the interpreter, where nothing is timed),
-    and the logits are the torch backend's."""
+    and the logits are the torch backend's; also with the check a GPU runs on each fused shape's first launch
+    (twice more fused, once composed: the KV cache written three more times, the logits the same)."""
     import aigc_rt
+    if check:
+        request.getfixturevalue("checked")
     calls = []
     for module, name in ((decode_attention, "attention_block"), (mlp, "mlp")):
         fn = getattr(module, name)
@@ -510,4 +561,9 @@ def test_model_decode_runs_the_fused_blocks(rt_odd, monkeypatch):
         assert_close(got, want, 1e-4, 1e-4, f"decode step {step} logits vs the torch backend")
     if not ON_GPU:
         n = ours.config.n_layer
-        assert calls.count("attention_block") == 2 * n and calls.count("mlp") == 2 * n, calls
+        more = 2 if check else 0  # one shape each
+        assert calls.count("attention_block") == 2 * n + more and calls.count("mlp") == 2 * n + more, calls
+        assert triton_backend._checked == ({k: True for k in triton_backend._checked} if check else {}), \
+            triton_backend._checked
+        # the attention block's composed run is the qkv linear and the attention with its projection: checked too
+        assert sorted(k[0] for k in triton_backend._checked) == (["attn_block", "attn_proj", "mlp"] if check else [])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 
@@ -47,6 +48,15 @@ FUSED_MLP = os.environ.get("AIGC_RT_FUSED_MLP", "1") != "0"
 FUSED_ATTN_PROJ = os.environ.get("AIGC_RT_FUSED_ATTN_PROJ", "1") != "0"
 FUSED_QKV = os.environ.get("AIGC_RT_FUSED_QKV", "1") != "0"
 FUSED_MAX_ROWS = 8
+# The fused sub-layers add their programs' partial sums through counters in global memory (kernels/utils.py
+# gather_partials): their memory ordering is the one thing the interpreter, which runs programs one at a time, cannot
+# test. So on a GPU the first launch of each fused shape also runs it composed and once more fused, from the same
+# input, and keeps the fusion only if its result agrees with the composed one (max |difference| within
+# FUSED_CHECK_RTOL of the sub-layer's largest output) and is the same bits when run again; otherwise the shape runs
+# composed from then on, with a warning (_fused_agrees). CHECK_FUSED_ON_CPU: tests run the check in the interpreter.
+FUSED_CHECK_RTOL = 1e-2
+CHECK_FUSED_ON_CPU = False
+_checked: dict[tuple, bool] = {}  # fused sub-layer key -> whether its first launch passed the check
 
 
 class TritonBackend(TorchBackend):
@@ -219,13 +229,44 @@ def _fusable(rows: int, *linears: Linear) -> bool:
 
 def _pick(fuse: bool, y: torch.Tensor, run, key: tuple) -> str:
     """"fused" or "composed" for a sub-layer that run(how) runs either way, y its output (added into in place):
-    on a GPU, with autotuning on, whichever is the faster for the shape (timed on its first launch, y put back
-    after: linear._faster); elsewhere fused where allowed."""
-    if not fuse:
+    on a GPU, once the fused kernel has passed its check (_fused_agrees), with autotuning on, whichever is the
+    faster for the shape (timed on its first launch, y put back after: linear._faster); elsewhere fused where
+    allowed."""
+    if not fuse or not _fused_agrees(key, y, run):
         return "composed"
     if y.is_cuda and linear.AUTOTUNE:
         return linear._faster(key, y, run, choices=("composed", "fused"))
     return "fused"
+
+
+def _fused_agrees(key: tuple, y: torch.Tensor, run) -> bool:
+    """Whether the fused kernel of sub-layer `key` may run (FUSED_CHECK_RTOL above): checked on its first launch on a
+    GPU (or with CHECK_FUSED_ON_CPU) by running it composed, fused and fused again from the same input (y, the output
+    added into in place, is put back after each run) and comparing what each added to y. A shape first launched
+    while a CUDA graph is captured cannot be checked (nothing runs) and is composed in that graph; the decode graphs
+    run their step eagerly before they capture it, so this does not happen there."""
+    ok = _checked.get(key)
+    if ok is not None:
+        return ok
+    if not (y.is_cuda or CHECK_FUSED_ON_CPU):
+        return True  # the interpreter: its tests compare every fused kernel with its reference
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    kept, added = y.clone(), []
+    for how in ("composed", "fused", "fused"):
+        run(how)
+        added.append(y - kept)
+        y.copy_(kept)
+    composed, fused, again = added
+    largest, err = composed.abs().max().item(), (fused - composed).abs().max().item()
+    repeats = torch.equal(fused, again)
+    ok = _checked[key] = repeats and err <= FUSED_CHECK_RTOL * largest + 1e-6  # False when err is NaN
+    if not ok:
+        warnings.warn(f"aigc_rt: the fused {key[0]} kernel disagrees with its kernels apart on its first launch "
+                      f"(shape {key[2:]}: max |difference| {err:.3g}, largest output {largest:.3g}"
+                      f"{'' if repeats else ', and not the same bits when run again'}); this shape runs them apart. "
+                      f"Please report it.", RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def _linear_int4(x, w, b, act, *, scale, **kw):
