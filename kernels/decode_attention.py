@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear import _check_norm, _epilogue, _norm_block, _normalise, _row_stats
+from .linear import _check_norm, _epilogue, _norm_block, _normalise, _row_stats, finish_partials
 from .utils import (FLOAT_DTYPES, MAX_HEAD_DIM, arrive, cast_rne, cast_to, check_caches, check_out, check_scale,
-                    check_tensor, check_vector, checked_counters, column_sums, decode_settings, device_fn,
+                    check_tensor, check_vector, checked_counters, decode_settings, device_fn,
                     gather_partials, pdl_begin, pdl_options)
 
 LOG2E = 1.4426950408889634
@@ -114,15 +114,9 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
     last, n_groups = gather_partials(part_row, h, H, NP, count_ptr + row * count_stride, rc, rr, RBLOCK, GROUP)
     if last:
         r_row = r_ptr + b.to(tl.int64) * r_stride
-        for c0 in range(0, NP, RBLOCK):
-            y = column_sums(part_row + H * NP, n_groups, NP, c0 + rc, c0 + rc < NP, rr, RBLOCK, GROUP)
-            cols = col0 + c0 + rc
-            in_c = (c0 + rc < NP) & (cols < N)
-            y = _epilogue(y, ws_ptr, wb_ptr, cols, N, SCALED, HAS_BIAS, False, False)
-            if ROW_LAST:
-                tl.store(tot_ptr + b.to(tl.int64) * N + cols, y, mask=in_c)
-            else:
-                tl.store(r_row + cols, tl.load(r_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
+        finish_partials(part_row + H * NP, n_groups, NP, col0, N, ws_ptr, wb_ptr,
+                        tot_ptr + b.to(tl.int64) * N if ROW_LAST else r_row, rc, rr, SCALED, HAS_BIAS, not ROW_LAST,
+                        RBLOCK, GROUP)
         if ROW_LAST:
             if arrive(row_count_ptr + b, n_slices):
                 for c0 in range(0, N, RBLOCK):

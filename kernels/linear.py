@@ -47,7 +47,7 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, overlaps,
+                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, overlaps,
                     pdl_begin, pdl_options, prefetch_l2)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
@@ -110,6 +110,23 @@ def _epilogue(acc, s_ptr, b_ptr, cols, N, SCALED: tl.constexpr, HAS_BIAS: tl.con
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # NaN stays NaN, as torch.relu (max.f32 would drop it)
     return acc
+
+
+@device_fn
+def finish_partials(sums_ptr, n_groups, width, col0, N, s_ptr, b_ptr, dst_ptr, rc, rr, SCALED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ADD: tl.constexpr, RBLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """The epilogue of a launch that gathered its partial sums (utils.gather_partials), run by the program that got
+    last: output column col0 + c (of N) for each c < width is the sum of the n_groups group sums
+    sums_ptr[i * width + c] (utils.column_sums: in index order), scaled (int8 weights) and biased, then stored to
+    dst_ptr[col0 + c] or (ADD: the residual stream) added to it. rc, rr: tl.arange(0, RBLOCK), tl.arange(0, GROUP)."""
+    for c0 in range(0, width, RBLOCK):
+        y = column_sums(sums_ptr, n_groups, width, c0 + rc, c0 + rc < width, rr, RBLOCK, GROUP)
+        cols = col0 + c0 + rc
+        in_c = (c0 + rc < width) & (cols < N)
+        y = _epilogue(y, s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, False, False)
+        if ADD:
+            y = tl.load(dst_ptr + cols, mask=in_c, other=0.0) + y
+        tl.store(dst_ptr + cols, y, mask=in_c)
 
 
 @triton.jit

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from . import linear
 from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _norm_block, _normalise, _quick_bench,
-                     _row_stats)
-from .utils import (FLOAT_DTYPES, cast_to, check_scale, check_tensor, check_vector, checked_counters, column_sums,
+                     _row_stats, finish_partials)
+from .utils import (FLOAT_DTYPES, cast_to, check_scale, check_tensor, check_vector, checked_counters,
                     gather_partials, l2_prefetchable, mlp_settings, pdl_begin, pdl_options, prefetch_l2)
 
 
@@ -97,12 +97,8 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
     rr = tl.arange(0, GROUP)
     last, n_groups = gather_partials(part_row, s, n_slices, C, count_ptr + row * count_stride, rc, rr, RBLOCK, GROUP)
     if last:
-        for c0 in range(0, C, RBLOCK):
-            cols = c0 + rc
-            in_c = cols < C
-            y = column_sums(part_row + n_slices * C, n_groups, C, cols, in_c, rr, RBLOCK, GROUP)
-            y = _epilogue(y, s2_ptr, b2_ptr, cols, C, SCALED, HAS_BIAS2, False, False)
-            tl.store(x_row + cols, tl.load(x_row + cols, mask=in_c, other=0.0) + y, mask=in_c)
+        finish_partials(part_row + n_slices * C, n_groups, C, 0, C, s2_ptr, b2_ptr, x_row, rc, rr, SCALED, HAS_BIAS2,
+                        True, RBLOCK, GROUP)
 
 
 # (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH): hidden slices whose W2 columns are 32-128 B of each row
