@@ -5,6 +5,7 @@ Tests: tests/test_triton_kernels.py (every launcher's bad-input checks go throug
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -39,6 +40,63 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 if INTERPRETER and (problem := interpreter_problem(triton.__version__, np.__version__)):
     raise ImportError(problem)
+
+
+def patch_language_once() -> bool:
+    """Make the interpreter patch triton.language once per kernel launch instead of once per call of a @triton.jit
+    library function (tl.sum, tl.max, tl.zeros, tl.cdiv...) inside it. triton's interpreter re-patches the whole
+    language (every builtin of tl, tl.core, tl.math, tl.tensor: ~2 ms) on each such call, in every program, and
+    never undoes those patches: a launch of a few thousand programs that each call tl.sum spent seconds there,
+    a third of the test suite's interpreter time. The patch a launch makes stays in force until its end, when
+    triton restores the language; a call inside it whose modules are already patched patches nothing. Returns
+    whether it applied (False where this triton's interpreter lacks the hook, which leaves it as it was)."""
+    import inspect
+    from triton.runtime import interpreter
+    patch, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    if patch is None or scope_type is None or getattr(patch, "once", False):
+        return getattr(patch, "once", False)
+    patched: set[int] = set()  # the language modules patched in the launch running now
+    modules: dict[object, frozenset[int]] = {}  # function -> the language modules it sees (what triton patches)
+
+    def patch_lang(fn):
+        langs = modules.get(fn)
+        if langs is None:
+            langs = modules[fn] = frozenset(id(v) for v in fn.__globals__.values()
+                                            if inspect.ismodule(v) and v in (tl, tl.core))
+        if patched and langs <= patched:
+            return scope_type()  # already in force: nothing to undo
+        launch = not patched
+        scope = patch(fn)
+        patched.update(langs)
+        if launch:  # the launch's own patch, which triton restores when the launch ends
+            restore = scope.restore
+
+            def restore_launch():
+                patched.clear()
+                restore()
+            scope.restore = restore_launch
+        return scope
+    patch_lang.once = True
+    interpreter._patch_lang = patch_lang
+    return True
+
+
+def interpreter_overflow_checks(on: bool) -> None:
+    """Turn the interpreter's int32 overflow checks on or off: with them on (triton's default there) every integer
+    add, subtract and multiply of a kernel is redone in int64 and asserted in range, a fifth of the interpreter's
+    time. A compiled kernel checks only with TRITON_DEBUG=1, so the interpreter here does the same: off unless
+    TRITON_DEBUG=1 (the index arithmetic that could overflow at real sizes is int64 in these kernels, and the
+    interpreter runs test sizes)."""
+    from triton.runtime import interpreter
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is not None and hasattr(options, "sanitize_overflow"):
+        builder.options = dataclasses.replace(options, sanitize_overflow=on)
+
+
+if INTERPRETER:
+    patch_language_once()
+    interpreter_overflow_checks(os.environ.get("TRITON_DEBUG", "0") not in ("", "0"))
 
 
 def device_fn(fn):

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
 from aigc_rt.kernels.utils import INTERPRETER
@@ -891,3 +892,35 @@ def test_linear_relu_keeps_nan(kernel):
     y = linear.linear(x, w, None, "relu", kernel=kernel)
     assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
     assert_close(y[0], linear.reference(x[:1], w, None, "relu")[0], *LINEAR_TOL, f"relu {kernel}")
+
+
+@triton.jit
+def _row_max_sum_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    """y[p] = max(x[p]) + sum(x[p]) over row p of BLOCK values: two calls of triton's @jit library per program."""
+    p = tl.program_id(0)
+    x = tl.load(x_ptr + p * BLOCK + tl.arange(0, BLOCK))
+    tl.store(y_ptr + p, tl.max(x, axis=0) + tl.sum(x, axis=0))
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the interpreter's language patching (GPU: nothing to patch)")
+def test_interpreter_patches_the_language_once_a_launch(monkeypatch):
+    """utils.patch_language_once: a launch patches triton.language a fixed number of times however many programs
+    call tl.max / tl.sum (triton alone patches it again on every such call, ~2 ms each), and the results are
+    right; the interpreter's int32 overflow checks are off unless TRITON_DEBUG=1, as in a compiled kernel."""
+    from triton.runtime import interpreter
+    if not getattr(interpreter._patch_lang, "once", False):
+        pytest.skip("this triton's interpreter has no _patch_lang to wrap (utils.patch_language_once left it as is)")
+    patches = []
+    builtin = interpreter._patch_builtin
+    monkeypatch.setattr(interpreter, "_patch_builtin", lambda *a: patches.append(1) or builtin(*a))
+    counts = {}
+    for programs in (1, 1, 16):  # the first launch may patch differently (triton's own first-call set-up)
+        x = torch.randn(programs, 32, generator=torch.Generator().manual_seed(programs))
+        y = torch.empty(programs)
+        patches.clear()
+        _row_max_sum_kernel[(programs,)](x, y, BLOCK=32)
+        counts[programs] = len(patches)
+        torch.testing.assert_close(y, x.max(1).values + x.sum(1), rtol=1e-5, atol=1e-5)
+    assert counts[16] == counts[1] > 0, counts
+    assert interpreter.interpreter_builder.options.sanitize_overflow == (os.environ.get("TRITON_DEBUG", "0")
+                                                                        not in ("", "0"))
