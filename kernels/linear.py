@@ -5,7 +5,9 @@
     x is rounded to W's dtype first (as the torch backend's F.linear(x.to(w.dtype), w)); products and the
     accumulation are fp32, so low-precision weights lose nothing more than that rounding.
     int8 weights (weight-only quantisation, the file's per-row scales s (N,)): y = act(s * (x q^T) + b), x kept
-    in fp32 and q widened to fp32 in registers, i.e. the torch backend's x (q * s)^T up to fp32 rounding.
+    in fp32, i.e. the torch backend's x (q * s)^T up to fp32 rounding: the GEMV widens q to fp32 in registers;
+    the GEMM multiplies q, exact in bf16, by x split into three bf16 parts that add up to x exactly
+    (utils.split_bf16x3) on bf16 tensor-core dots with fp32 sums (an fp32 dot runs on Hopper's FMA pipes).
 Two fusions that take a pre-norm transformer's LayerNorms and residual adds out of their own launches:
     norm = (g, beta, eps):  x -> LayerNorm(x) = (x - mean) / sqrt(var + eps) * g + beta first (per row, biased
                             variance, fp32), in the prologue: every program computes its rows' mean and variance
@@ -47,8 +49,8 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings, overlaps,
-                    pdl_begin, pdl_options, prefetch_l2)
+                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings,
+                    overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 INT4_GROUP = 64  # int4 weights: inputs per scale (format.INT4_GROUP)
@@ -158,9 +160,12 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
         if NORM:
             x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_x, K)
         w = tl.load(w_ptrs, mask=(cols[None, :] < N) & (ks[:, None] + k0 < K), other=0.0)
-        if SCALED:
-            w = w.to(tl.float32)
-        acc = dot(cast_rne(x, w.dtype), w, acc, WIDEN_DOT)
+        if SCALED:  # int8 q exact in bf16, fp32 x as three bf16 parts: x q^T on the tensor cores (smallest first)
+            w = w.to(tl.float32).to(tl.bfloat16)  # through fp32: the interpreter casts int8 to bf16 bitwise
+            hi, mid, lo = split_bf16x3(x)
+            acc = dot(hi, w, dot(mid, w, dot(lo, w, acc, WIDEN_DOT), WIDEN_DOT), WIDEN_DOT)
+        else:
+            acc = dot(cast_rne(x, w.dtype), w, acc, WIDEN_DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     in_tile = (rows[:, None] < M) & (cols[None, :] < N)

@@ -547,6 +547,18 @@ def cast_to(x, dtype: tl.constexpr):
 
 
 @device_fn
+def split_bf16x3(x):
+    """fp32 x -> (hi, mid, lo), three bf16 tensors with hi + mid + lo == x exactly (hi holds x's first 8
+    significant bits, mid the next 8, lo the last 8; each difference is exact in fp32 whether a cast rounds or
+    truncates, as the interpreter's does), so that three bf16 tensor-core dots with an exact bf16 operand (int8
+    weights) give what one fp32 dot would, to fp32 rounding."""
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@device_fn
 def dot(a, b, acc, WIDEN: tl.constexpr):
     """acc + a @ b, fp32 accumulation, fp32 operands in IEEE precision (never TF32). WIDEN computes 16-bit
     operands in fp32 (exact: their products fit an fp32 mantissa), for the interpreter, whose tl.dot cannot

@@ -869,6 +869,10 @@ def test_kernels_compile_for_gpu():
     for line in lines:
         widths = [int(w) for w in re.findall(r"(\d+) B x", line.split(" loads ", 1)[1])]
         assert 16 in widths and min(widths) >= 4, line
+    # the GEMM multiplies 16-bit and int8 weights on the tensor cores (int8: three bf16 dots, utils.split_bf16x3; an
+    # fp32 tl.dot would run on the FMA pipes, and ptxas says nothing of it)
+    gemms = [line for line in r.stdout.splitlines() if re.match(r"_linear_kernel +(bf16|fp16|int8) ", line)]
+    assert len(gemms) >= 4 and all(re.search(r"(wgmma|mma\.sync) x \d+", line) for line in gemms), gemms
     # and every variant's shared memory fits a Hopper block (227 KiB): past it a launch fails on the GPU only
     shared = [int(n) for n in re.findall(r"(\d+) B shared", r.stdout)]
     assert shared and max(shared) <= 227 * 1024, r.stdout

@@ -89,6 +89,8 @@ VARIANTS = [
                                                      SPLIT_K=4, BLOCK=1024, PDL=True), 4),
     (linear._linear_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
                                               BLOCK_N=128, BLOCK_K=32), 8),
+    (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
+                                             BLOCK_N=128, BLOCK_K=32), 8),  # an int8 prefill: three dots a K block
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
                                                              BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4),
     # the fused MLP (the autotuner's candidates' shapes): GPT-2's ln_2 + fc + GELU + mlp.proj + residual
@@ -253,6 +255,14 @@ def load_widths(ptx: str) -> str:
     return ", ".join(parts) or "none"
 
 
+def tensor_cores(ptx: str) -> str:
+    """The kernel's tensor-core instructions in its PTX (Hopper's wgmma, or mma.sync), e.g. "wgmma x 6", or "no
+    mma": an fp32 tl.dot in IEEE precision runs on the FMA pipes, and ptxas cannot say so."""
+    found = [f"{name} x {n}" for name, n in (("wgmma", len(re.findall(r"\bwgmma\.mma_async\b", ptx))),
+                                              ("mma.sync", len(re.findall(r"\bmma\.sync\b", ptx)))) if n]
+    return ", ".join(found) or "no mma"
+
+
 def resources(ptx: str, arch: int) -> str:
     """Registers per thread and spilled bytes, as ptxas -v reports them for the kernel's PTX (a spill in a hot
     loop costs a round trip to local memory)."""
@@ -291,6 +301,7 @@ def main(argv=None) -> int:
         compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
         print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
               f"{resources(compiled.asm['ptx'], args.arch)}, loads {load_widths(compiled.asm['ptx'])}, "
+              f"{tensor_cores(compiled.asm['ptx'])}, "
               f"{time.perf_counter() - t0:4.1f} s  {constexprs}",
               flush=True)
     return 0
