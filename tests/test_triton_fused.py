@@ -261,6 +261,24 @@ def test_fused_kernel_checked_on_its_first_launch(checked, monkeypatch, fault):
     assert list(triton_backend._checked.values()) == [fault is None]
 
 
+def test_fused_check_waits_for_finite_input(checked, monkeypatch):
+    """A first launch whose composed result is not finite (NaN in the residual stream) cannot judge the fusion: no
+    warning, the launch runs composed, nothing is remembered, and the next launch checks again."""
+    import warnings
+    be, calls = recording_backend(monkeypatch, (mlp, "mlp", "fused"), (TorchBackend, "mlp", "composed"))
+    o = operands(1, 40, 160, torch.bfloat16, seed=29)
+    fc, proj = be.prepare_linear(o["w1"], o["b1"]), be.prepare_linear(o["w2"], o["b2"])
+    x = o["x"].clone()
+    x[0, 3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        be.mlp(x, *o["norm"], fc, proj)
+    assert calls == ["composed", "fused", "fused", "composed"] and triton_backend._checked == {}, calls
+    calls.clear()
+    be.mlp(o["x"].clone(), *o["norm"], fc, proj)
+    assert calls == ["composed", "fused", "fused", "fused"] and list(triton_backend._checked.values()) == [True]
+
+
 # -- the decode attention with its output projection -------------------------------------------------------------
 def attention_operands(B: int, H: int, D: int, S: int, N: int, dtype, cache_dtype=torch.float32, seed: int = 0):
     """q (B, H, D); caches (B, H, S, D); ragged lengths in [0, S - 1] (row 0 empty where B > 2); this step's k, v

@@ -258,6 +258,8 @@ def _fused_agrees(key: tuple, y: torch.Tensor, run) -> bool:
         added.append(y - kept)
         y.copy_(kept)
     composed, fused, again = added
+    if not bool(torch.isfinite(composed).all()):  # NaN or inf in the input or weights: nothing to judge by (and
+        return False  # the generation's NaN check names it); composed this time, checked again next time
     largest, err = composed.abs().max().item(), (fused - composed).abs().max().item()
     repeats = torch.equal(fused, again)
     ok = _checked[key] = repeats and err <= FUSED_CHECK_RTOL * largest + 1e-6  # False when err is NaN
