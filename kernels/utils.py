@@ -548,10 +548,11 @@ def cast_to(x, dtype: tl.constexpr):
 
 @device_fn
 def split_bf16x3(x):
-    """fp32 x -> (hi, mid, lo), three bf16 tensors with hi + mid + lo == x exactly (hi holds x's first 8
-    significant bits, mid the next 8, lo the last 8; each difference is exact in fp32 whether a cast rounds or
-    truncates, as the interpreter's does), so that three bf16 tensor-core dots with an exact bf16 operand (int8
-    weights) give what one fp32 dot would, to fp32 rounding."""
+    """fp32 x -> (hi, mid, lo), three bf16 tensors with hi + mid + lo == x exactly: hi is x cast to bf16, mid the
+    remainder x - hi cast to bf16, lo the remainder after that, at most 8 significant bits, so bf16 holds it (each
+    subtraction is exact in fp32, whether a cast rounds, as the GPU's does, or truncates, as the interpreter's;
+    exact for |x| above ~1e-33, where lo is not subnormal). Three bf16 tensor-core dots with an operand exact in
+    bf16 (int8 weights) then give what one fp32 dot would, to fp32 rounding."""
     hi = x.to(tl.bfloat16)
     rest = x - hi.to(tl.float32)
     mid = rest.to(tl.bfloat16)
