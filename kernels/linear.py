@@ -49,8 +49,8 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable, linear_settings,
-                    overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
+                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable,
+                    linear_settings, overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 INT4_GROUP = 64  # int4 weights: inputs per scale (format.INT4_GROUP)

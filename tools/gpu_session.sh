@@ -81,8 +81,8 @@ except ValueError as e:
     # those at least
     $PY -m pytest -v -ra --tb=short --durations=8 -k "not cpu" $XDIST tests/test_triton_fused.py \
       tests/test_triton_model.py tests/test_triton_kernels.py tests/test_cuda_kernels.py \
-      tests/test_triton_conv_transpose.py tests/test_triton_conv2d.py tests/test_gpu_decode_bench.py tests/test_lstm.py \
-      tests/test_transformer_decoder.py tests/test_vae.py \
+      tests/test_triton_conv_transpose.py tests/test_triton_conv2d.py tests/test_gpu_decode_bench.py \
+      tests/test_lstm.py tests/test_transformer_decoder.py tests/test_vae.py \
       2>&1 | tee "$OUT/gpu_tests.txt" || failed=1
     echo "-- the models and the CUDA GEMV again with programmatic dependent launch (AIGC_RT_PDL=1)" \
       | tee -a "$OUT/gpu_tests.txt"

@@ -62,9 +62,9 @@ def main(argv=None) -> int:
         got, want = got.float(), want.float()
         out = int(((got - want).abs() > atol + rtol * want.abs()).sum())
         failed += out > 0
-        print(f"{'FAIL' if out else 'ok  '} {what}: max abs error {(got - want).abs().max().item():.3g} (atol {atol:g}, "
-              f"rtol {rtol:g}{f'; {out} elements outside' if out else ''}), {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        err = (got - want).abs().max().item()
+        print(f"{'FAIL' if out else 'ok  '} {what}: max abs error {err:.3g} (atol {atol:g}, rtol {rtol:g}"
+              f"{f'; {out} elements outside' if out else ''}), {time.perf_counter() - t0:.1f} s", flush=True)
 
     for size in args.sizes:
         C, H, hidden = SIZES[size]
