@@ -270,9 +270,10 @@ def test_fused_check_waits_for_finite_input(checked, monkeypatch):
     fc, proj = be.prepare_linear(o["w1"], o["b1"]), be.prepare_linear(o["w2"], o["b2"])
     x = o["x"].clone()
     x[0, 3] = float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         be.mlp(x, *o["norm"], fc, proj)
+    assert not [w for w in caught if "aigc_rt" in str(w.message)], [str(w.message) for w in caught]
     assert calls == ["composed", "fused", "fused", "composed"] and triton_backend._checked == {}, calls
     calls.clear()
     be.mlp(o["x"].clone(), *o["norm"], fc, proj)

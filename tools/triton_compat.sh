@@ -24,6 +24,6 @@ fi
 export PYTHONPATH="$PWD/$DIR${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import triton, numpy; print('triton', triton.__version__, 'numpy', numpy.__version__, 'from', triton.__file__)"
 "$PY" tools/compile_triton_kernels.py
-"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_fused.py tests/test_triton_model.py \
-  tests/test_triton_conv_transpose.py tests/test_triton_conv2d.py tests/test_lstm.py tests/test_transformer_decoder.py \
-  tests/test_vae.py tests/test_gpu_decode_bench.py tests/test_generation.py
+"$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_fused.py \
+  tests/test_triton_model.py tests/test_triton_conv_transpose.py tests/test_triton_conv2d.py tests/test_lstm.py \
+  tests/test_transformer_decoder.py tests/test_vae.py tests/test_gpu_decode_bench.py tests/test_generation.py
