@@ -17,7 +17,8 @@ Two fusions that take a pre-norm transformer's LayerNorms and residual adds out 
                             element by the one program that owns it.
 
 Two kernels, picked by the number of rows M (GEMV_MAX_M):
-- _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32), for prefill and for
+- _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32: a prefill tile of fp32 weights
+  splits both operands into bf16 parts for six tensor-core dots, utils.dot_fp32), for prefill and for
   batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once. With few output
   tiles and a long K (batched decode of a tall-skinny weight, e.g. 1.5B's 1600 x 6400: 100 tiles of 16 columns
   for 132 SMs) it splits K over SPLIT_K programs per tile: each writes its partial sums, and
@@ -49,7 +50,7 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, device_fn, dot, gelu_tanh, gemv_settings, l2_prefetchable,
+                    check_vector, column_sums, device_fn, dot, dot_fp32, gelu_tanh, gemv_settings, l2_prefetchable,
                     linear_settings, overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
@@ -164,6 +165,8 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
             w = w.to(tl.float32).to(tl.bfloat16)  # through fp32: the interpreter casts int8 to bf16 bitwise
             hi, mid, lo = split_bf16x3(x)
             acc = dot(hi, w, dot(mid, w, dot(lo, w, acc, WIDEN_DOT), WIDEN_DOT), WIDEN_DOT)
+        elif w.dtype == tl.float32 and BLOCK_M > 16:  # an fp32 prefill tile: six bf16 tensor-core dots (a decode
+            acc = dot_fp32(x, w, acc, WIDEN_DOT)  # tile reads its weights once: the FMA pipes keep up, and it spills)
         else:
             acc = dot(cast_rne(x, w.dtype), w, acc, WIDEN_DOT)
         x_ptrs += BLOCK_K

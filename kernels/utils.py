@@ -560,6 +560,22 @@ def split_bf16x3(x):
 
 
 @device_fn
+def dot_fp32(a, b, acc, WIDEN: tl.constexpr):
+    """acc + a @ b for fp32 a and b on the bf16 tensor cores: each split into three bf16 parts (split_bf16x3), the
+    six products of parts down to 2^-16 of the leading one summed smallest first, the three dropped below 2^-24 of
+    it: an fp32 dot's result to fp32 rounding, where tl.dot's "ieee" fp32 runs on the FMA pipes (at most ~1/15 of
+    Hopper's bf16 rate) and TF32 keeps only 10 bits. WIDEN: dot's, for the interpreter."""
+    ah, am, al = split_bf16x3(a)
+    bh, bm, bl = split_bf16x3(b)
+    acc = dot(am, bm, acc, WIDEN)
+    acc = dot(al, bh, acc, WIDEN)
+    acc = dot(ah, bl, acc, WIDEN)
+    acc = dot(am, bh, acc, WIDEN)
+    acc = dot(ah, bm, acc, WIDEN)
+    return dot(ah, bh, acc, WIDEN)
+
+
+@device_fn
 def dot(a, b, acc, WIDEN: tl.constexpr):
     """acc + a @ b, fp32 accumulation, fp32 operands in IEEE precision (never TF32). WIDEN computes 16-bit
     operands in fp32 (exact: their products fit an fp32 mantissa), for the interpreter, whose tl.dot cannot

@@ -91,6 +91,10 @@ VARIANTS = [
                                               BLOCK_N=128, BLOCK_K=32), 8),
     (linear._linear_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
                                              BLOCK_N=128, BLOCK_K=32), 8),  # an int8 prefill: three dots a K block
+    (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=128,
+                                             BLOCK_N=128, BLOCK_K=32), 8),  # an fp32 prefill: six dots a K block
+    (linear._linear_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, WIDEN_DOT=False, BLOCK_M=64,
+                                             BLOCK_N=128, BLOCK_K=32), 4),
     (linear._linear_kernel, {"w_ptr": "*fp16"}, "fp16", dict(SCALED=False, HAS_BIAS=False, GELU=False, WIDEN_DOT=False,
                                                              BLOCK_M=64, BLOCK_N=128, BLOCK_K=32), 4),
     # the fused MLP (the autotuner's candidates' shapes): GPT-2's ln_2 + fc + GELU + mlp.proj + residual
