@@ -17,11 +17,11 @@ Two fusions that take a pre-norm transformer's LayerNorms and residual adds out 
                             element by the one program that owns it.
 
 Two kernels, picked by the number of rows M (GEMV_MAX_M):
-- _linear_kernel: tiled GEMM on tl.dot (fp32 operands in IEEE precision, never TF32: a prefill tile of fp32 weights
-  splits both operands into bf16 parts for six tensor-core dots, utils.dot_fp32), for prefill and for
-  batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once. With few output
-  tiles and a long K (batched decode of a tall-skinny weight, e.g. 1.5B's 1600 x 6400: 100 tiles of 16 columns
-  for 132 SMs) it splits K over SPLIT_K programs per tile: each writes its partial sums, and
+- _linear_kernel: tiled GEMM on tl.dot (fp32 operands at fp32 accuracy, never TF32: a prefill tile of fp32 weights
+  splits both into bf16 parts for six tensor-core dots, utils.dot_fp32, a decode tile multiplies in IEEE fp32), for
+  prefill and for batched decode: M <= 16 rows fit in one tile row, so the weights are streamed exactly once.
+  With few output tiles and a long K (batched decode of a tall-skinny weight, e.g. 1.5B's 1600 x 6400: 100 tiles
+  of 16 columns for 132 SMs) it splits K over SPLIT_K programs per tile: each writes its partial sums, and
   _split_k_reduce_kernel adds them in split order (deterministic, no atomics) and applies the epilogue.
 - _gemv_kernel: batch-1 decode, y = W x as a broadcast multiply + row sums over narrow row blocks (more
   programs in flight than a 16-row dot tile gives; bench/bench_triton.py measures both against cuBLAS). With
