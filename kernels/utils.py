@@ -397,9 +397,11 @@ def attention_settings(head_dim: int, dtype: torch.dtype, interpreter: bool = IN
     if interpreter:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
     # 8 warps: with 4, ptxas spills every one of these tiles (tools/compile_triton_kernels.py prints it)
-    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory
-    if fp32 and block_d > 128:
+    fp32 = dtype == torch.float32  # fp32 tiles take twice the registers and shared memory (and three bf16 parts of
+    if fp32 and block_d > 128:     # each operand for the tensor cores: utils.dot_fp32)
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=8, num_stages=2)
+    if fp32 and block_d == 128:  # head_dim 80-128: 64 x 32 on 8 warps spilled ~64 B a thread; 64 x 16 on 4 does not
+        return dict(BLOCK_M=64, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=2)
     small = fp32 or block_d > 128
     return dict(BLOCK_M=64 if small else 128, BLOCK_N=32 if small else 64, BLOCK_D=block_d, num_warps=8,
                 num_stages=2 if small else 3)

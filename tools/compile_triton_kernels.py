@@ -110,8 +110,10 @@ VARIANTS = [
      NORM_BLOCK=1024, BLOCK_H=32, BLOCK_K=128, BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=128), 4),
     (mlp._mlp_kernel, {}, "fp32", dict(MLP_FLAGS, BLOCK_H=64, BLOCK_K=64, BLOCK_C=64, GROUP=8, RBLOCK=1024,
                                        THREADS=128, RELU=True, GELU=False), 4),
-    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_N=32, BLOCK_D=128,
-                                                    WIDEN_DOT=False), 8),
+    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_N=16, BLOCK_D=128,
+                                                    WIDEN_DOT=False), 4),
+    (attention._attention_kernel, QKV, "fp32", dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=32, BLOCK_D=64,
+                                                    WIDEN_DOT=False), 8),  # GPT-2's fp32 prefill
     (attention._attention_kernel, QKV, "bf16", dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, BLOCK_D=128,
                                                     WIDEN_DOT=False), 8),
     (attention._attention_kernel, QKV, "fp16", dict(HEAD_DIM=64, BLOCK_M=128, BLOCK_N=64, BLOCK_D=64,
