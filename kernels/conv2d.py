@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .utils import (CONV_ACTS, INTERPRETER, cast_rne, check_conv, conv_dot, conv_epilogue, conv_out_dtype,
-                    conv_settings, conv_tap)
+                    conv_precision, conv_settings, conv_tap)
 
 FLAT_K_BELOW = 16  # input channels under one BLOCK_K: the taps' channels are packed together (an RGB layer)
 
@@ -106,7 +106,8 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, s
         *x.stride(), *w.stride(), *out.stride(),
         stride, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=CONV_ACTS[act], PRECISION=input_precision, WIDEN_DOT=INTERPRETER, FLAT_K=c_in < FLAT_K_BELOW, **settings,
+        ACT=CONV_ACTS[act], PRECISION=conv_precision(input_precision), WIDEN_DOT=INTERPRETER,
+        FLAT_K=c_in < FLAT_K_BELOW, **settings,
     )
     return out
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import (CONV_ACTS, INTERPRETER, cast_rne, check_conv, conv_epilogue, conv_out_dtype, conv_settings,
-                    conv_tap)
+from .utils import (CONV_ACTS, INTERPRETER, cast_rne, check_conv, conv_epilogue, conv_out_dtype, conv_precision,
+                    conv_settings, conv_tap)
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def conv_transpose2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
         *x.stride(), *w.stride(), *out.stride(),
         step_y, step_x, padding, float(slope),
         KERNEL=k, HAS_BIAS=bias is not None,
-        ACT=CONV_ACTS[act], PRECISION=input_precision, WIDEN_DOT=INTERPRETER, **settings,
+        ACT=CONV_ACTS[act], PRECISION=conv_precision(input_precision), WIDEN_DOT=INTERPRETER, **settings,
     )
     return out
 

@@ -490,14 +490,31 @@ def conv_tap(acc, x_row, row_ok, w_tap, co, co_ok, C_in, sxc, swi, swo, BLOCK_K:
     return acc
 
 
+# fp32 convolutions at "ieee" precision multiply on the tensor cores through dot_fp32 (six bf16 dots, an fp32
+# product's result to fp32 rounding) on a GPU; the interpreter takes one fp32 dot instead (the split's six dots
+# quadrupled its convolution tests' time; dot_fp32 itself is tested through the linear and the prefill attention),
+# except where a test turns this on to run the GPU's branch
+SPLIT_FP32_CONVS = not INTERPRETER
+
+
+def conv_precision(input_precision: str) -> str:
+    """The convolution kernels' PRECISION for a launcher's input_precision ("ieee" or "tf32"): "bf16x6" for "ieee"
+    where fp32 products go through dot_fp32 (SPLIT_FP32_CONVS), else as given."""
+    if input_precision not in ("ieee", "tf32"):
+        raise ValueError(f"input_precision must be 'ieee' or 'tf32', got {input_precision!r}")
+    return "bf16x6" if input_precision == "ieee" and SPLIT_FP32_CONVS else input_precision
+
+
 @device_fn
 def conv_dot(acc, a, b, PRECISION: tl.constexpr, WIDEN_DOT: tl.constexpr):
     """acc + a @ b with the input block a in the weights' type: fp32 weights multiply it as it is (a bf16 input
-    exactly widened; PRECISION "ieee" or "tf32"), bf16 weights round it to bf16 (cast_rne: to nearest even, as
-    torch's .to(torch.bfloat16)) and run bf16 tensor-core products, exact, summed in fp32 (dot; WIDEN_DOT for the
-    interpreter)."""
+    exactly widened; PRECISION "bf16x6": dot_fp32's six bf16 tensor-core dots, fp32 accuracy; "ieee": one fp32 dot;
+    "tf32"), bf16 weights round it to bf16 (cast_rne: to nearest even, as torch's .to(torch.bfloat16)) and run bf16
+    tensor-core products, exact, summed in fp32 (dot; WIDEN_DOT for the interpreter)."""
     if b.dtype == tl.bfloat16:  # decided at compile time (the else must be explicit: both would compile)
         return dot(cast_rne(a.to(tl.float32), tl.bfloat16), b, acc, WIDEN_DOT)
+    elif PRECISION == "bf16x6":
+        return dot_fp32(a.to(tl.float32), b, acc, WIDEN_DOT)
     else:
         return tl.dot(a.to(tl.float32), b, acc, input_precision=PRECISION)
 

@@ -116,6 +116,26 @@ def test_every_activation_at_large_magnitudes(transposed):
     assert (sig[:, 0] == 1).all() and (got_of("tanh")[:, 0] == 1).all(), "sigmoid / tanh (100) round to 1 in fp32"
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_fp32_on_the_gpus_tensor_core_path(monkeypatch, transposed):
+    """fp32 convolutions as a GPU runs them (utils.SPLIT_FP32_CONVS, off in the interpreter to keep its tests quick):
+    input and weights each split into three bf16 parts, six bf16 dots (utils.dot_fp32), within the fp32 tolerances
+    of the reference; on a GPU the default path, so tested there by every fp32 convolution test."""
+    from aigc_rt.kernels import utils
+    monkeypatch.setattr(utils, "SPLIT_FP32_CONVS", True)
+    assert utils.conv_precision("ieee") == "bf16x6" and utils.conv_precision("tf32") == "tf32"
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 17, 5, 6, generator=g).to(DEVICE)
+    b = torch.randn(9, generator=g).to(DEVICE)
+    if transposed:
+        w = (torch.randn(17, 9, 4, 4, generator=g) * 2 / (17 * 4) ** 0.5).to(DEVICE)
+        got, want = (f(x, w, b, 2, 1, 0, "relu") for f in (conv_transpose2d, conv_transpose2d_reference))
+    else:
+        w = (torch.randn(9, 17, 3, 3, generator=g) * 2 / (17 * 9) ** 0.5).to(DEVICE)
+        got, want = (f(x, w, b, 1, 1, "leaky_relu", SLOPE) for f in (conv2d, conv2d_reference))
+    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"max abs err {(got - want).abs().max():.3g}"
+
+
 def test_bad_arguments_raise_value_error():
     x, w = torch.randn(1, 4, 3, 3), torch.randn(6, 4, 3, 3)
     for kwargs, message in [
@@ -128,6 +148,7 @@ def test_bad_arguments_raise_value_error():
         (dict(bias=torch.zeros(5)), r"bias must be float32 \(6,\)"),
         (dict(bias=torch.zeros(6, dtype=torch.float64)), r"bias must be float32 \(6,\)"),
         (dict(act="gelu"), "act must be one of"),
+        (dict(input_precision="fp64"), "input_precision must be 'ieee' or 'tf32'"),
         (dict(stride=0), "stride >= 1"),
         (dict(padding=-1), "padding >= 0"),
         (dict(w=torch.randn(6, 4, 5, 5)), "empty output"),

@@ -187,26 +187,26 @@ VARIANTS = [
     (decode_attention._write_kv_kernel, {"kc_ptr": "*{dtype}", "vc_ptr": "*{dtype}"}, "bf16",
      dict(HEAD_DIM=64, BLOCK_D=64, PDL=True), 1),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",
-     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="bf16x6", BLOCK_N=64, BLOCK_K=32), 8),
     (conv_transpose._conv_transpose_kernel, {"out_ptr": "*fp32"}, "fp32",  # the RGB layer
      dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="tf32", BLOCK_N=16, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # the seed discriminator's RGB layer, 3 -> 64
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="bf16x6", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 64 -> 128, 128 -> 256
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="bf16x6", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # ... asked for in tf32
      dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="tf32", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
     (conv2d._conv2d_kernel, {"out_ptr": "*fp32"}, "fp32",  # 256 -> 1, sigmoid: one channel in a BLOCK_N of 16
-     dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="ieee", FLAT_K=False, BLOCK_N=16, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["sigmoid"], PRECISION="bf16x6", FLAT_K=False, BLOCK_N=16, BLOCK_K=32), 8),
     # bf16 files: bf16 weights, inputs rounded in the kernel, bf16 activations handed on between layers
     (conv_transpose._conv_transpose_kernel, {"x_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",
-     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="ieee", BLOCK_N=64, BLOCK_K=32), 8),  # z in, fp32
+     dict(CONV, ACT=CONV_ACTS["relu"], PRECISION="bf16x6", BLOCK_N=64, BLOCK_K=32), 8),  # z in, fp32
     (conv_transpose._conv_transpose_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"}, "bf16",
-     dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="ieee", BLOCK_N=16, BLOCK_K=32), 8),  # the RGB layer
+     dict(CONV, ACT=CONV_ACTS["tanh"], PRECISION="bf16x6", BLOCK_N=16, BLOCK_K=32), 8),  # the RGB layer
     (conv2d._conv2d_kernel, {"x_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",  # the RGB layer
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="bf16x6", FLAT_K=True, BLOCK_N=64, BLOCK_K=16), 8),
     (conv2d._conv2d_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, "bf16",
-     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="ieee", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
+     dict(CONV, ACT=CONV_ACTS["leaky_relu"], PRECISION="bf16x6", FLAT_K=False, BLOCK_N=64, BLOCK_K=32), 8),
 ]
 
 
