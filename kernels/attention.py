@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, INTERPRETER, MAX_HEAD_DIM, attention_settings, cast_rne, check_out, check_tensor, dot,
-                    dot_fp32)
+from .utils import (FLOAT_DTYPES, INTERPRETER, MAX_HEAD_DIM, attention_settings, cast_rne, check_out, check_tensor,
+                    dot_at)
 
 LOG2E = 1.4426950408889634
 
@@ -49,11 +49,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, H, qk_scale,
         cols = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
         k = tl.load(k_ptr + cols[None, :] * k_st + dims[:, None], mask=(cols[None, :] < T) & in_d[:, None],
                     other=0.0)  # (BLOCK_D, BLOCK_N): K^T tile
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if q.dtype == tl.float32:  # fp32: six bf16 tensor-core dots (utils.dot_fp32), an fp32 dot to rounding
-            s = dot_fp32(q, k, s, WIDEN_DOT) * qk_scale
-        else:
-            s = dot(q, k, s, WIDEN_DOT) * qk_scale
+        # fp32 q, k, v: six bf16 tensor-core dots each (utils.dot_fp32), an fp32 dot's result to rounding
+        s = dot_at(q, k, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), WIDEN_DOT) * qk_scale
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))  # causal (and so cols < T for real rows)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is visible to every row
         p = tl.exp2(s - m_new[:, None])
@@ -61,10 +58,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, T, H, qk_scale,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + cols[:, None] * v_st + dims[None, :], mask=(cols[:, None] < T) & in_d[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_D)
-        if v.dtype == tl.float32:
-            acc = dot_fp32(p, v, acc * alpha[:, None], WIDEN_DOT)
-        else:
-            acc = dot(cast_rne(p, v.dtype), v, acc * alpha[:, None], WIDEN_DOT)
+        acc = dot_at(p, v, acc * alpha[:, None], WIDEN_DOT)  # p rounded to a 16-bit v's dtype
         m_i = m_new
     o = acc / l_i[:, None]
     tl.store(o_ptr + rows[:, None] * o_st + dims[None, :], cast_rne(o, o_ptr.dtype.element_ty),

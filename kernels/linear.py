@@ -50,7 +50,7 @@ import triton.testing
 import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, device_fn, dot, dot_fp32, gelu_tanh, gemv_settings, l2_prefetchable,
+                    check_vector, column_sums, device_fn, dot, dot_at, gelu_tanh, gemv_settings, l2_prefetchable,
                     linear_settings, overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
@@ -165,10 +165,10 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, g_ptr, beta_ptr,
             w = w.to(tl.float32).to(tl.bfloat16)  # through fp32: the interpreter casts int8 to bf16 bitwise
             hi, mid, lo = split_bf16x3(x)
             acc = dot(hi, w, dot(mid, w, dot(lo, w, acc, WIDEN_DOT), WIDEN_DOT), WIDEN_DOT)
-        elif w.dtype == tl.float32 and BLOCK_M > 16:  # an fp32 prefill tile: six bf16 tensor-core dots (a decode
-            acc = dot_fp32(x, w, acc, WIDEN_DOT)  # tile reads its weights once: the FMA pipes keep up, and it spills)
-        else:
-            acc = dot(cast_rne(x, w.dtype), w, acc, WIDEN_DOT)
+        elif w.dtype == tl.float32 and BLOCK_M <= 16:  # an fp32 decode tile reads its weights once: the FMA pipes
+            acc = dot(x, w, acc, WIDEN_DOT)  # keep up (dot_fp32's split spilled here)
+        else:  # x rounded to 16-bit W; an fp32 prefill tile: six bf16 tensor-core dots (utils.dot_at)
+            acc = dot_at(x, w, acc, WIDEN_DOT)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     in_tile = (rows[:, None] < M) & (cols[None, :] < N)

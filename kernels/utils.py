@@ -595,6 +595,18 @@ def dot_fp32(a, b, acc, WIDEN: tl.constexpr):
 
 
 @device_fn
+def dot_at(a, b, acc, WIDEN: tl.constexpr):
+    """acc + a @ b at b's precision: an fp32 b (and a) through dot_fp32's six bf16 tensor-core dots, a 16-bit b in
+    one dot with a in its dtype (an fp32 a rounded to it first, cast_rne, as linear.py rounds x to W's dtype)."""
+    if b.dtype == tl.float32:
+        return dot_fp32(a, b, acc, WIDEN)
+    elif a.dtype == tl.float32:
+        return dot(cast_rne(a, b.dtype), b, acc, WIDEN)
+    else:
+        return dot(a, b, acc, WIDEN)
+
+
+@device_fn
 def dot(a, b, acc, WIDEN: tl.constexpr):
     """acc + a @ b, fp32 accumulation, fp32 operands in IEEE precision (never TF32). WIDEN computes 16-bit
     operands in fp32 (exact: their products fit an fp32 mantissa), for the interpreter, whose tl.dot cannot

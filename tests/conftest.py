@@ -89,16 +89,24 @@ def isa(request):
     _C.set_simd_isa(previous)
 
 
-@pytest.fixture
-def gpu_settings(monkeypatch):
-    """The Triton launchers take a GPU's block sizes (kernels/utils.py *_settings(interpreter=False)): the
-    interpreter then runs the tiles, splits and chunks a GPU runs, which its own small settings never reach."""
+def use_gpu_settings(setattr_=setattr, *more: tuple) -> None:
+    """Make the Triton launchers take a GPU's block sizes (kernels/utils.py *_settings(interpreter=False)), through
+    setattr_ (monkeypatch.setattr in a test); more: further (module, name) pairs (tools/interpret_gpt2_shapes.py
+    adds the fused MLP's)."""
     import functools
 
     from aigc_rt.kernels import attention, decode_attention, linear, sampling, utils
     for module, name in ((attention, "attention_settings"), (decode_attention, "decode_settings"),
-                         (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings")):
-        monkeypatch.setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))
+                         (linear, "linear_settings"), (linear, "gemv_settings"), (sampling, "sampling_settings"),
+                         *more):
+        setattr_(module, name, functools.partial(getattr(utils, name), interpreter=False))
+
+
+@pytest.fixture
+def gpu_settings(monkeypatch):
+    """The Triton launchers take a GPU's block sizes: the interpreter then runs the tiles, splits and chunks a GPU
+    runs, which its own small settings never reach."""
+    use_gpu_settings(monkeypatch.setattr)
 
 
 @pytest.fixture(scope="session")

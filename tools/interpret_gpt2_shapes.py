@@ -18,7 +18,6 @@ counters' memory ordering) and speed.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -29,19 +28,18 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
 
-from aigc_rt.kernels import decode_attention, linear, mlp, utils  # noqa: E402
+from aigc_rt.kernels import mlp, utils  # noqa: E402
 
 SIZES = {"124M": (768, 12, 3072), "1.5B": (1600, 25, 6400)}  # (C, heads, hidden units)
 SMS = 132  # an H100 / H200
 
 
 def gpu_settings() -> None:
-    """The launchers take a GPU's block sizes and see SMS multiprocessors (tests/conftest.py gpu_settings, plus the
-    SM count, which sizes the attention's splits and output slices)."""
+    """The launchers take a GPU's block sizes (tests/conftest.py use_gpu_settings, and the fused MLP's) and see SMS
+    multiprocessors (the SM count sizes the attention's splits and output slices)."""
+    from conftest import use_gpu_settings
     utils.num_sms = lambda device: SMS
-    for module, name in ((decode_attention, "decode_settings"), (linear, "linear_settings"),
-                         (linear, "gemv_settings"), (mlp, "mlp_settings")):
-        setattr(module, name, functools.partial(getattr(utils, name), interpreter=False))
+    use_gpu_settings(setattr, (mlp, "mlp_settings"))
 
 
 def main(argv=None) -> int:
