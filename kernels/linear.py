@@ -49,9 +49,10 @@ import triton
 import triton.testing
 import triton.language as tl
 
-from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, check_out, check_scale, check_tensor,
-                    check_vector, column_sums, device_fn, dot, dot_at, gelu_tanh, gemv_settings, l2_prefetchable,
-                    linear_settings, overlaps, pdl_begin, pdl_options, prefetch_l2, split_bf16x3)
+from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, cast_to, check_out, check_scale,
+                    check_tensor, check_vector, column_sums, device_fn, dot, dot_at, gelu_tanh, gemv_settings,
+                    l2_prefetchable, linear_settings, num_sms, overlaps, pdl_begin, pdl_options, prefetch_l2,
+                    split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 INT4_GROUP = 64  # int4 weights: inputs per scale (format.INT4_GROUP)
@@ -207,45 +208,89 @@ def _split_k_reduce(args: dict) -> None:
         num_warps=4, PDL=args["PDL"], **({"launch_pdl": True} if args["PDL"] else {}))
 
 
+@device_fn
+def _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
+                     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
+                     NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr):
+    """_gemv_kernel's PERSISTENT form, for rows of K <= BLOCK_K: the launch has a few programs per SM (gemv_grid),
+    each taking row blocks blk, blk + programs, ... of W whole, so that a program's x row is loaded, normalised
+    and rounded once, there is no K loop, and the next row block's loads are issued before the current one's
+    sums: every program keeps a block of weights in flight from start to end, where a program per row block
+    drains and ends after one or two blocks (the H200's batch-1 GEMVs ran at 50-60% of its bandwidth, cuBLAS's
+    too)."""
+    row = tl.program_id(1).to(tl.int64)
+    step = tl.num_programs(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    ns = tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    in_k = ks < K
+    offsets = ns[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K) within a row block
+    blk = tl.program_id(0)
+    # as _gemv_kernel's PDL branch: the first block requested before the wait (no kernel of ours writes weights)
+    w_next = tl.load(w_ptr + blk.to(tl.int64) * BLOCK_N * w_stride + offsets,
+                     mask=(blk * BLOCK_N + ns < N)[:, None] & in_k[None, :], other=0.0)
+    pdl_begin(PDL)
+    x = tl.load(x_ptr + row * x_stride + ks, mask=in_k, other=0.0)[None, :]  # (1, BLOCK_K)
+    if NORM:
+        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, NORM_BLOCK)
+        x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks, in_k[None, :], K)
+    if not SCALED:  # int8 multiplies fp32 x
+        x = cast_to(x, w_ptr.dtype.element_ty)
+    for blk in range(tl.program_id(0), n_blocks, step):
+        w = w_next
+        nxt = blk + step  # past the last block: every lane masked, nothing read
+        w_next = tl.load(w_ptr + nxt.to(tl.int64) * BLOCK_N * w_stride + offsets,
+                         mask=(nxt * BLOCK_N + ns < N)[:, None] & in_k[None, :], other=0.0)
+        cols = blk * BLOCK_N + ns
+        y = _epilogue(tl.sum(w.to(tl.float32) * x, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU, RELU)
+        _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
+
+
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                  NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False):
-    row = tl.program_id(1).to(tl.int64)
-    n0 = tl.program_id(0) * BLOCK_N
-    cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
-    ks = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K)
-    in_n = cols[:, None] < N
-    if PREFETCH:  # the program's rows of W requested from L2 at once, before any wait
-        row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-        prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride, tl.minimum(BLOCK_N, N - n0), row_bytes, row_bytes)
-    if PDL:
-        # With programmatic dependent launch the first weight block is requested before the wait, so that it
-        # streams in while the kernel before drains. Safe: no kernel of ours writes weights, and a kernel of
-        # ours lets the next one launch only after its own wait, so whatever wrote these weights has finished.
-        # Each later block is requested one iteration ahead.
-        w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
-    pdl_begin(PDL)
-    if NORM:
-        mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, NORM_BLOCK)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
-    for k0 in range(0, K, BLOCK_K):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False, PERSISTENT: tl.constexpr = 0):
+    if PERSISTENT:  # programs per SM (gemv_grid); 0: a program per row block, over K in BLOCK_K steps
+        _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
+                         SCALED, HAS_BIAS, GELU, NORM, NORM_BLOCK, ACCUMULATE, BLOCK_N, BLOCK_K, PDL, RELU)
+    else:
+        row = tl.program_id(1).to(tl.int64)
+        n0 = tl.program_id(0) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
+        ks = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K)
+        in_n = cols[:, None] < N
+        if PREFETCH:  # the program's rows of W requested from L2 at once, before any wait
+            row_bytes = K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            prefetch_l2(w_ptr + n0.to(tl.int64) * w_stride, tl.minimum(BLOCK_N, N - n0), row_bytes, row_bytes)
         if PDL:
-            w = w_next
-            w_next = tl.load(w_ptrs + BLOCK_K, mask=in_n & (ks[None, :] + k0 + BLOCK_K < K), other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=in_n & (ks[None, :] + k0 < K), other=0.0)
-        if SCALED:
-            w = w.to(tl.float32)
-        x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=ks + k0 < K, other=0.0)[None, :]  # (1, BLOCK_K)
+            # With programmatic dependent launch the first weight block is requested before the wait, so that it
+            # streams in while the kernel before drains. Safe: no kernel of ours writes weights, and a kernel of
+            # ours lets the next one launch only after its own wait, so whatever wrote these weights has finished.
+            # Each later block is requested one iteration ahead.
+            w_next = tl.load(w_ptrs, mask=in_n & (ks[None, :] < K), other=0.0)
+        pdl_begin(PDL)
         if NORM:
-            x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, (ks + k0 < K)[None, :], K)
-        acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)
-        w_ptrs += BLOCK_K
-    y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU, RELU)
-    _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
+            rows = tl.zeros((1,), dtype=tl.int64) + row
+            mean, rstd = _row_stats(x_ptr, rows, row + 1, K, x_stride, eps, NORM_BLOCK)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
+        for k0 in range(0, K, BLOCK_K):
+            if PDL:
+                w = w_next
+                w_next = tl.load(w_ptrs + BLOCK_K, mask=in_n & (ks[None, :] + k0 + BLOCK_K < K), other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=in_n & (ks[None, :] + k0 < K), other=0.0)
+            if SCALED:
+                w = w.to(tl.float32)
+            x = tl.load(x_ptr + row * x_stride + k0 + ks, mask=ks + k0 < K, other=0.0)[None, :]  # (1, BLOCK_K)
+            if NORM:
+                x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, (ks + k0 < K)[None, :], K)
+            acc += w.to(tl.float32) * cast_rne(x, w.dtype).to(tl.float32)
+            w_ptrs += BLOCK_K
+        y = _epilogue(tl.sum(acc, axis=1), s_ptr, b_ptr, cols, N, SCALED, HAS_BIAS, GELU, RELU)
+        _store(y_ptr + row * y_stride + cols, y, cols < N, ACCUMULATE)
 
 
 @triton.jit
@@ -295,12 +340,13 @@ def _quick_bench(fn, quantiles):
 
 
 def _no_wider_than_k(configs, named_args, **kwargs):
-    """Drop candidates whose K block is wider than the whole row (they only add masked lanes), and split-K
-    candidates that would leave a split fewer than two K blocks."""
+    """Drop candidates whose K block is wider than the whole row (they only add masked lanes), split-K
+    candidates that would leave a split fewer than two K blocks, and PERSISTENT GEMV ones narrower than the row."""
     K = named_args["K"]
     widest = max(64, triton.next_power_of_2(K))
     return [c for c in configs if c.kwargs["BLOCK_K"] <= widest
-            and (c.kwargs.get("SPLIT_K", 1) == 1 or K >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])] or configs[:1]
+            and (c.kwargs.get("SPLIT_K", 1) == 1 or K >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])
+            and (not c.kwargs.get("PERSISTENT") or c.kwargs["BLOCK_K"] >= K)] or configs[:1]
 
 
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a
@@ -309,6 +355,10 @@ def _no_wider_than_k(configs, named_args, **kwargs):
 _GEMV_CONFIGS = [(2, 512, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
                  (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
                  (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
+# (BLOCK_N, BLOCK_K, num_warps, programs per SM) of the PERSISTENT form (rows of K <= BLOCK_K, one block wide):
+# 8-32 KB of weights in flight per program, two or four programs per SM
+_GEMV_PERSISTENT_CONFIGS = [(4, 1024, 4, 4), (8, 1024, 4, 4), (8, 1024, 8, 2), (2, 2048, 4, 4), (4, 2048, 8, 2),
+                            (8, 2048, 8, 2), (2, 4096, 8, 2), (4, 4096, 8, 2)]
 # (BLOCK_N, BLOCK_K, num_stages, SPLIT_K, PREFETCH) for the 16-row dot tile, num_warps 4; the shapes the H200
 # run of 2026-11-29 chose, and split-K ones, also with the program's weights prefetched into L2 up front
 _SMALL_M_CONFIGS = [(16, 128, 4, 1, False), (32, 128, 4, 1, False), (64, 128, 4, 1, False), (16, 256, 4, 1, False),
@@ -345,7 +395,9 @@ def _candidates(configs, named_args, **kwargs):
 
 
 _gemv_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=p), num_warps=w) for n, k, w, p in _GEMV_CONFIGS],
+    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=p, PERSISTENT=0), num_warps=w) for n, k, w, p in _GEMV_CONFIGS]
+    + [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=False, PERSISTENT=per_sm), num_warps=w)
+       for n, k, w, per_sm in _GEMV_PERSISTENT_CONFIGS],
     key=["N", "K"], prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench,
     cache_results=True,
     restore_value=["y_ptr"],  # timed runs that accumulate must not change the residual stream
@@ -363,6 +415,17 @@ _gemv_int4_tuned = triton.autotune(
     key=["N", "K"], prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench,
     cache_results=True, restore_value=["y_ptr"],
 )(_gemv_int4_kernel)
+
+
+def gemv_grid(N: int, M: int, device: torch.device):
+    """The GEMV's launch grid for a configuration `meta`: a program per row block and row of x, or (PERSISTENT =
+    programs per SM) that many programs per SM shared among the M rows, none without a row block of its own."""
+    def grid(meta):
+        blocks = triton.cdiv(N, meta["BLOCK_N"])
+        if meta.get("PERSISTENT"):
+            blocks = min(blocks, triton.cdiv(meta["PERSISTENT"] * num_sms(device), M))
+        return blocks, M
+    return grid
 
 
 def int4_gemv_settings(K: int, device: torch.device) -> dict:
@@ -405,7 +468,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
         norm_block = _norm_block(norm, K, 1)
         if AUTOTUNE:
-            _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block)
+            _gemv_tuned[gemv_grid(N, M, dev)](*args, **flags, NORM_BLOCK=norm_block)
         else:
             s = gemv_settings(N, w.dtype, dev)
             _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block, PREFETCH=False, **s)

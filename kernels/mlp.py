@@ -103,8 +103,10 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
 
 # (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH): hidden slices whose W2 columns are 32-128 B of each row
 # (16-64 bf16 units); fc and proj tiles of 4-8 K weights per iteration (fewer, longer iterations: fewer dependent
-# round trips to memory per program); groups of 8 or 16 partials; RBLOCK keeps the reduction tile at 8,192 values
-_CONFIGS = [(16, 256, 256, 8, 4, False), (16, 512, 512, 8, 8, False), (32, 128, 128, 8, 4, False),
+# round trips to memory per program; 1,024 wide: a row of up to 1,024 in one step, x converted to the tile's layout
+# once); groups of 8 or 16 partials; RBLOCK keeps the reduction tile at 8,192 values
+_CONFIGS = [(16, 256, 256, 8, 4, False), (16, 512, 512, 8, 8, False), (16, 1024, 1024, 8, 8, False),
+            (32, 128, 128, 8, 4, False),
             (32, 256, 256, 8, 8, False), (64, 64, 64, 8, 4, False), (64, 128, 128, 8, 8, False),
             (64, 128, 128, 16, 8, False), (32, 128, 128, 8, 4, True), (32, 256, 256, 8, 8, True),
             (64, 128, 128, 8, 8, True)]

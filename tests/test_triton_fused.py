@@ -91,7 +91,8 @@ def test_every_autotune_candidate():
     """Each block shape the autotuner may pick, launched directly: all give the reference's result (bf16 with
     GPT-2's flags, int8 with ReLU). On a GPU the candidates kept for a GPT-2-like shape (the prefetching ones on
     Hopper); under the interpreter every candidate but those (the same shapes, the prefetch being a no-op here),
-    with C = 260 (no candidate's K block is pruned as wider than the row) and H = 520: several groups at every
+    with C = 260 (only the 1,024-wide K blocks are pruned as wider than the row; the 512-wide ones run the same
+    code in one masked step) and H = 520: several groups at every
     slice width but 64 in groups of 16, and a short last slice at every width (520 = 8 mod 16)."""
     M, C, H = (2, 768, 3072) if ON_GPU else (1, 260, 520)
     for dtype, act in ((torch.bfloat16, "gelu_tanh"), (torch.int8, "relu")):

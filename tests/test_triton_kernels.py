@@ -318,7 +318,7 @@ def test_every_autotune_candidate(kernel):
             y = r.clone() if flags["ACCUMULATE"] else torch.empty(M, N, device=DEV)
             args = (x, w, w if scale is None else scale, w if b is None else b, y)
             if kernel == "gemv":
-                linear._gemv_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]), M)](
+                linear._gemv_kernel[linear.gemv_grid(N, M, DEV)(c.kwargs)](
                     *args, g, beta, N, K, K, K, N, 1e-5, **flags, NORM_BLOCK=linear._norm_block((g,), K, 1),
                     **c.kwargs, num_warps=c.num_warps)
             else:
@@ -333,6 +333,33 @@ def test_every_autotune_candidate(kernel):
             assert_close(y, want, *LINEAR_TOL, f"{kernel} {w.dtype} {on} {c.kwargs} warps {c.num_warps}")
 
 
+@pytest.mark.parametrize("w_dtype", ["bf16", "int8", "fp32"])
+@pytest.mark.parametrize("M,programs", [(1, 1), (1, 3), (3, 2), (2, 64)])
+def test_persistent_gemv(w_dtype, M, programs):
+    """The GEMV's PERSISTENT form: `programs` programs per row of x, each taking row blocks programs apart and
+    requesting the next before the current one's sums (the last one's request masked off), with the LayerNorm
+    prologue, bias, GELU and the residual epilogue; a row of K = 300 in one 512-wide block, N = 37 in blocks of 4
+    (10 blocks; gemv_grid launches no more programs than that)."""
+    N, K, BLOCK_N = 37, 300, 4
+    x, r, b = randn(M, K, seed=1), randn(M, N, seed=2), randn(N, seed=3)
+    g, beta = randn(K, seed=4, scale=0.2) + 1, randn(K, seed=5, scale=0.2)
+    if w_dtype == "int8":
+        w, scale = int8_weights(N, K, (6, 7))
+    else:
+        w, scale = randn(N, K, seed=6, dtype=torch.bfloat16 if w_dtype == "bf16" else torch.float32), None
+    want = linear.reference(x, w, b, "gelu_tanh", scale=scale, norm=(g, beta, 1e-5), residual=r)
+    y = r.clone()
+    blocks = min(programs, triton.cdiv(N, BLOCK_N))
+    linear._gemv_kernel[(blocks, M)](
+        x, w, w if scale is None else scale, b, y, g, beta, N, K, K, K, N, 1e-5, SCALED=scale is not None,
+        HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=linear._norm_block((g,), K, 1), ACCUMULATE=True, BLOCK_N=BLOCK_N,
+        BLOCK_K=512, PREFETCH=False, PDL=False, PERSISTENT=2, num_warps=4)
+    assert_close(y, want, *LINEAR_TOL, f"persistent GEMV, {w_dtype}, M {M}, {blocks} programs")
+    grid = linear.gemv_grid(N, M, DEV)
+    assert grid(dict(BLOCK_N=BLOCK_N, PERSISTENT=0)) == (10, M)
+    assert grid(dict(BLOCK_N=BLOCK_N, PERSISTENT=64)) == (10, M), "more programs than row blocks"
+
+
 def test_autotune_candidates_for_gpt2_shapes():
     """The block shapes the autotuners try: K blocks up to the row's width rounded up to a power of two (wider
     ones only add masked lanes), and splits of at least two K blocks each. 124M's K = 768 keeps the GEMV's 512-
@@ -342,8 +369,14 @@ def test_autotune_candidates_for_gpt2_shapes():
                 for c in linear._no_wider_than_k(tuned.configs, dict(K=K))}
     gemv = kept(linear._gemv_tuned, 768)
     assert {k for _, k, _, _ in gemv} == {512, 1024} and (8, 1024, 1, 8) in gemv
-    assert len(linear._no_wider_than_k(linear._gemv_tuned.configs, dict(K=768))) == len(linear._GEMV_CONFIGS) - 1
+    persistent = {K: [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in linear._no_wider_than_k(
+        linear._gemv_tuned.configs, dict(K=K)) if c.kwargs["PERSISTENT"]] for K in (768, 1600, 3072, 6400)}
+    assert len(linear._no_wider_than_k(linear._gemv_tuned.configs, dict(K=768))) == (
+        len(linear._GEMV_CONFIGS) - 1 + len(persistent[768]))
     assert {k for _, k, _, _ in kept(linear._gemv_tuned, 6400)} == {512, 1024, 2048}
+    # the PERSISTENT form takes a row in one block: 124M's rows (768, and mlp_proj's 3072) and 1.5B's 1600
+    assert persistent[768] == [(4, 1024), (8, 1024), (8, 1024)] and persistent[6400] == []
+    assert {k for _, k in persistent[1600]} == {2048} and {k for _, k in persistent[3072]} == {4096}
     gemm = kept(linear._small_m_tuned, 768)
     assert all(s == 1 or 768 >= 2 * s * k for _, k, s, _ in gemm) and (32, 128, 2, 4) in gemm
     assert (16, 128, 4, 4) not in gemm and (16, 128, 4, 4) in kept(linear._small_m_tuned, 1600)

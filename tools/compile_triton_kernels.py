@@ -57,6 +57,14 @@ VARIANTS = [
                                             BLOCK_N=8, BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
                                             BLOCK_N=8, BLOCK_K=512, PREFETCH=True, PDL=True), 4),  # + L2 prefetch
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
+                                            BLOCK_N=8, BLOCK_K=1024, PERSISTENT=4, PDL=True), 4),  # 124M ln_f + lm_head
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=2048,
+                                            BLOCK_N=8, BLOCK_K=2048, PERSISTENT=2), 8),  # 1.5B's
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=4,
+                                           BLOCK_K=4096, PERSISTENT=2), 8),  # 124M mlp_proj, int8
+    (linear._gemv_kernel, {}, "fp32", dict(SCALED=False, HAS_BIAS=True, GELU=True, BLOCK_N=4, BLOCK_K=1024,
+                                           PERSISTENT=4), 4),
     (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=False, GELU=False, ACCUMULATE=True, BLOCK_N=4,
                                            BLOCK_K=1024, PREFETCH=True), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=2,
