@@ -352,8 +352,8 @@ def test_persistent_gemv(w_dtype, M, programs):
     blocks = min(programs, triton.cdiv(N, BLOCK_N))
     linear._gemv_kernel[(blocks, M)](
         x, w, w if scale is None else scale, b, y, g, beta, N, K, K, K, N, 1e-5, SCALED=scale is not None,
-        HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=linear._norm_block((g,), K, 1), ACCUMULATE=True, BLOCK_N=BLOCK_N,
-        BLOCK_K=512, PREFETCH=False, PDL=False, PERSISTENT=2, num_warps=4)
+        HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=linear._norm_block((g,), K, 1), ACCUMULATE=True,
+        BLOCK_N=BLOCK_N, BLOCK_K=512, PREFETCH=False, PDL=False, PERSISTENT=2, num_warps=4)
     assert_close(y, want, *LINEAR_TOL, f"persistent GEMV, {w_dtype}, M {M}, {blocks} programs")
     grid = linear.gemv_grid(N, M, DEV)
     assert grid(dict(BLOCK_N=BLOCK_N, PERSISTENT=0)) == (10, M)
