@@ -35,8 +35,12 @@ shape and the GPU, so on a GPU those two are autotuned per (N, K, dtypes) over a
 once per machine; the choice is cached on disk, so a machine keeps it); AIGC_RT_AUTOTUNE=0 takes the fixed
 shapes of utils.gemv_settings / linear_settings instead. On Hopper some candidates of both (PREFETCH) first ask
 L2 for the program's whole weight slice (utils.prefetch_l2: a bulk prefetch per row), so that every byte is
-requested from the start, and under PDL before the wait, while the kernel before drains. Prefill (M > 16) uses
-fixed GEMM tiles.
+requested from the start, and under PDL before the wait, while the kernel before drains. A plain GEMV program has
+one weight block in flight at a time (its loads, then its sums: the SASS of 2026-12-01), so two more kinds of GEMV
+candidates keep more in flight: STAGES > 1, the K loop software-pipelined (tl.range num_stages: blocks copied
+asynchronously into shared memory that many iterations ahead), and PERSISTENT, a few programs per SM each taking
+many whole-row blocks, the next one's loads issued before the current one's sums (_gemv_persistent). Prefill
+(M > 16) uses fixed GEMM tiles.
 Test: tests/test_triton_kernels.py (test_linear*); benchmark: bench/bench_triton.py.
 """
 from __future__ import annotations
@@ -251,7 +255,8 @@ def _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                  SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr,
                  NORM_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False, PERSISTENT: tl.constexpr = 0):
+                 PREFETCH: tl.constexpr, PDL: tl.constexpr, RELU: tl.constexpr = False, PERSISTENT: tl.constexpr = 0,
+                 STAGES: tl.constexpr = 1):
     if PERSISTENT:  # programs per SM (gemv_grid); 0: a program per row block, over K in BLOCK_K steps
         _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, y_stride, eps,
                          SCALED, HAS_BIAS, GELU, NORM, NORM_BLOCK, ACCUMULATE, BLOCK_N, BLOCK_K, PDL, RELU)
@@ -276,7 +281,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
             rows = tl.zeros((1,), dtype=tl.int64) + row
             mean, rstd = _row_stats(x_ptr, rows, row + 1, K, x_stride, eps, NORM_BLOCK)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over k once, after the loop
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             if PDL:
                 w = w_next
                 w_next = tl.load(w_ptrs + BLOCK_K, mask=in_n & (ks[None, :] + k0 + BLOCK_K < K), other=0.0)
@@ -341,12 +346,14 @@ def _quick_bench(fn, quantiles):
 
 def _no_wider_than_k(configs, named_args, **kwargs):
     """Drop candidates whose K block is wider than the whole row (they only add masked lanes), split-K
-    candidates that would leave a split fewer than two K blocks, and PERSISTENT GEMV ones narrower than the row."""
+    candidates that would leave a split fewer than two K blocks, PERSISTENT GEMV ones narrower than the row and
+    pipelined ones (STAGES > 1) with a row of one block (nothing to pipeline)."""
     K = named_args["K"]
     widest = max(64, triton.next_power_of_2(K))
     return [c for c in configs if c.kwargs["BLOCK_K"] <= widest
             and (c.kwargs.get("SPLIT_K", 1) == 1 or K >= 2 * c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"])
-            and (not c.kwargs.get("PERSISTENT") or c.kwargs["BLOCK_K"] >= K)] or configs[:1]
+            and (not c.kwargs.get("PERSISTENT") or c.kwargs["BLOCK_K"] >= K)
+            and (c.kwargs.get("STAGES", 1) == 1 or K > c.kwargs["BLOCK_K"])] or configs[:1]
 
 
 # (BLOCK_N, BLOCK_K, num_warps, PREFETCH): from 1-2 warps on 2-4 rows (many small programs, as CUDA GEMVs run a
@@ -355,6 +362,11 @@ def _no_wider_than_k(configs, named_args, **kwargs):
 _GEMV_CONFIGS = [(2, 512, 1, False), (4, 1024, 2, False), (4, 1024, 4, False), (8, 512, 4, False),
                  (8, 1024, 8, False), (4, 2048, 8, False), (16, 512, 8, False), (16, 1024, 8, False),
                  (4, 1024, 4, True), (8, 512, 4, True), (8, 1024, 8, True), (16, 512, 8, True)]
+# (BLOCK_N, BLOCK_K, num_warps, STAGES) with the K loop software-pipelined (tl.range num_stages: the weight and x
+# blocks copied asynchronously into shared memory STAGES - 1 iterations ahead, where a plain loop has one block
+# in flight per program): rows of two or more blocks
+_GEMV_PIPELINED_CONFIGS = [(8, 256, 4, 3), (16, 256, 4, 3), (4, 512, 4, 4), (8, 512, 4, 3), (16, 512, 8, 3),
+                           (8, 1024, 8, 3)]
 # (BLOCK_N, BLOCK_K, num_warps, programs per SM) of the PERSISTENT form (rows of K <= BLOCK_K, one block wide):
 # 8-32 KB of weights in flight per program, two or four programs per SM
 _GEMV_PERSISTENT_CONFIGS = [(4, 1024, 4, 4), (8, 1024, 4, 4), (8, 1024, 8, 2), (2, 2048, 4, 4), (4, 2048, 8, 2),
@@ -396,6 +408,8 @@ def _candidates(configs, named_args, **kwargs):
 
 _gemv_tuned = triton.autotune(
     [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=p, PERSISTENT=0), num_warps=w) for n, k, w, p in _GEMV_CONFIGS]
+    + [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=False, PERSISTENT=0, STAGES=st), num_warps=w)
+       for n, k, w, st in _GEMV_PIPELINED_CONFIGS]
     + [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, PREFETCH=False, PERSISTENT=per_sm), num_warps=w)
        for n, k, w, per_sm in _GEMV_PERSISTENT_CONFIGS],
     key=["N", "K"], prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench,

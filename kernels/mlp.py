@@ -49,7 +49,7 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
                 SCALED: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, GELU: tl.constexpr,
                 RELU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr,
-                THREADS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                THREADS: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = 1):
     s = tl.program_id(0)  # hidden slice
     row = tl.program_id(1).to(tl.int64)
     n_slices = tl.num_programs(0)
@@ -69,7 +69,7 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
         mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, C, x_stride, eps, NORM_BLOCK)
     w1_ptrs = w1_ptr + hs[:, None].to(tl.int64) * C + ks[None, :]  # (BLOCK_H, BLOCK_K)
     acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
+    for k0 in tl.range(0, C, BLOCK_K, num_stages=STAGES):
         in_k = ks + k0 < C
         w = tl.load(w1_ptrs, mask=in_h[:, None] & in_k[None, :], other=0.0)
         if SCALED:
@@ -87,7 +87,7 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
     cs = tl.arange(0, BLOCK_C)
     part_row = part_ptr + row * part_rows * C
     w2_ptrs = w2_ptr + cs[:, None].to(tl.int64) * H + hs[None, :]  # (BLOCK_C, BLOCK_H)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=STAGES):
         in_c = cs + c0 < C
         w = tl.load(w2_ptrs, mask=in_c[:, None] & in_h[None, :], other=0.0)
         tl.store(part_row + s * C + c0 + cs, tl.sum(w.to(tl.float32) * h[None, :], axis=1), mask=in_c)
@@ -101,15 +101,18 @@ def _mlp_kernel(x_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, g_ptr, be
                         True, RBLOCK, GROUP)
 
 
-# (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH): hidden slices whose W2 columns are 32-128 B of each row
-# (16-64 bf16 units); fc and proj tiles of 4-8 K weights per iteration (fewer, longer iterations: fewer dependent
-# round trips to memory per program; 1,024 wide: a row of up to 1,024 in one step, x converted to the tile's layout
-# once); groups of 8 or 16 partials; RBLOCK keeps the reduction tile at 8,192 values
-_CONFIGS = [(16, 256, 256, 8, 4, False), (16, 512, 512, 8, 8, False), (16, 1024, 1024, 8, 8, False),
-            (32, 128, 128, 8, 4, False),
-            (32, 256, 256, 8, 8, False), (64, 64, 64, 8, 4, False), (64, 128, 128, 8, 8, False),
-            (64, 128, 128, 16, 8, False), (32, 128, 128, 8, 4, True), (32, 256, 256, 8, 8, True),
-            (64, 128, 128, 8, 8, True)]
+# (BLOCK_H, BLOCK_K, BLOCK_C, GROUP, num_warps, PREFETCH, STAGES): hidden slices whose W2 columns are 32-128 B of
+# each row (16-64 bf16 units); fc and proj tiles of 4-8 K weights per iteration (fewer, longer iterations: fewer
+# dependent round trips to memory per program; 1,024 wide: a row of up to 1,024 in one step, x converted to the
+# tile's layout once); groups of 8 or 16 partials; RBLOCK keeps the reduction tile at 8,192 values. STAGES > 1:
+# both loops software-pipelined (tl.range num_stages: blocks copied asynchronously into shared memory STAGES - 1
+# iterations ahead, where a plain loop has one block in flight per program; sm_90: 110-172 registers, no spills)
+_CONFIGS = [(16, 256, 256, 8, 4, False, 1), (16, 512, 512, 8, 8, False, 1), (16, 1024, 1024, 8, 8, False, 1),
+            (32, 128, 128, 8, 4, False, 1), (32, 256, 256, 8, 8, False, 1), (64, 64, 64, 8, 4, False, 1),
+            (64, 128, 128, 8, 8, False, 1), (64, 128, 128, 16, 8, False, 1), (32, 128, 128, 8, 4, True, 1),
+            (32, 256, 256, 8, 8, True, 1), (64, 128, 128, 8, 8, True, 1),
+            (16, 128, 128, 8, 4, False, 4), (16, 256, 256, 8, 4, False, 3), (16, 512, 512, 8, 8, False, 3),
+            (32, 128, 128, 8, 4, False, 3), (32, 256, 256, 8, 8, False, 3)]
 
 
 def _candidates(configs, named_args, **kwargs):
@@ -125,8 +128,8 @@ def _candidates(configs, named_args, **kwargs):
 
 
 _mlp_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_H=h, BLOCK_K=k, BLOCK_C=c, GROUP=g, RBLOCK=8192 // g, THREADS=32 * w, PREFETCH=p),
-                   num_warps=w) for h, k, c, g, w, p in _CONFIGS],
+    [triton.Config(dict(BLOCK_H=h, BLOCK_K=k, BLOCK_C=c, GROUP=g, RBLOCK=8192 // g, THREADS=32 * w, PREFETCH=p,
+                        STAGES=st), num_warps=w) for h, k, c, g, w, p, st in _CONFIGS],
     key=["C", "H"], prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench,
     cache_results=True,
     restore_value=["x_ptr"],  # timed runs add into the residual stream: put it back

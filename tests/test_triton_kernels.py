@@ -363,20 +363,26 @@ def test_persistent_gemv(w_dtype, M, programs):
 def test_autotune_candidates_for_gpt2_shapes():
     """The block shapes the autotuners try: K blocks up to the row's width rounded up to a power of two (wider
     ones only add masked lanes), and splits of at least two K blocks each. 124M's K = 768 keeps the GEMV's 512-
-    and 1024-wide blocks (the H200 run of 2026-11-29 chose 1024 for its qkv) and drops 2048."""
+    and 1024-wide blocks (the H200 run of 2026-11-29 chose 1024 for its qkv), drops 2048, and keeps the
+    pipelined 256- and 512-wide ones."""
     def kept(tuned, K):
         return {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("SPLIT_K", 1), c.num_warps)
                 for c in linear._no_wider_than_k(tuned.configs, dict(K=K))}
     gemv = kept(linear._gemv_tuned, 768)
-    assert {k for _, k, _, _ in gemv} == {512, 1024} and (8, 1024, 1, 8) in gemv
-    persistent = {K: [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in linear._no_wider_than_k(
-        linear._gemv_tuned.configs, dict(K=K)) if c.kwargs["PERSISTENT"]] for K in (768, 1600, 3072, 6400)}
+    assert {k for _, k, _, _ in gemv} == {256, 512, 1024} and (8, 1024, 1, 8) in gemv  # 256: pipelined ones
+    def blocks(K, form):
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in linear._no_wider_than_k(
+            linear._gemv_tuned.configs, dict(K=K)) if c.kwargs.get(form, 0) > (form == "STAGES")]
+    persistent = {K: blocks(K, "PERSISTENT") for K in (768, 1600, 3072, 6400)}
+    pipelined = blocks(768, "STAGES")
     assert len(linear._no_wider_than_k(linear._gemv_tuned.configs, dict(K=768))) == (
-        len(linear._GEMV_CONFIGS) - 1 + len(persistent[768]))
-    assert {k for _, k, _, _ in kept(linear._gemv_tuned, 6400)} == {512, 1024, 2048}
+        len(linear._GEMV_CONFIGS) - 1 + len(persistent[768]) + len(pipelined))
+    assert {k for _, k, _, _ in kept(linear._gemv_tuned, 6400)} == {256, 512, 1024, 2048}
     # the PERSISTENT form takes a row in one block: 124M's rows (768, and mlp_proj's 3072) and 1.5B's 1600
     assert persistent[768] == [(4, 1024), (8, 1024), (8, 1024)] and persistent[6400] == []
     assert {k for _, k in persistent[1600]} == {2048} and {k for _, k in persistent[3072]} == {4096}
+    # a pipelined K loop needs two blocks or more: at K = 768 the 256- and 512-wide ones
+    assert {k for _, k in pipelined} == {256, 512} and (8, 1024) in blocks(1600, "STAGES")
     gemm = kept(linear._small_m_tuned, 768)
     assert all(s == 1 or 768 >= 2 * s * k for _, k, s, _ in gemm) and (32, 128, 2, 4) in gemm
     assert (16, 128, 4, 4) not in gemm and (16, 128, 4, 4) in kept(linear._small_m_tuned, 1600)

@@ -57,6 +57,10 @@ VARIANTS = [
                                             BLOCK_N=8, BLOCK_K=512, PDL=True), 4),  # ln_2 + mlp.fc
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
                                             BLOCK_N=8, BLOCK_K=512, PREFETCH=True, PDL=True), 4),  # + L2 prefetch
+    (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048,
+                                            BLOCK_N=8, BLOCK_K=512, STAGES=3, PDL=True), 4),  # pipelined K loop
+    (linear._gemv_kernel, W8, "int8", dict(SCALED=True, HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=16,
+                                           BLOCK_K=256, STAGES=3), 4),
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=1024,
                                             BLOCK_N=8, BLOCK_K=1024, PERSISTENT=4, PDL=True), 4),  # 124M ln_f + lm_head
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=False, GELU=False, NORM=True, NORM_BLOCK=2048,
@@ -114,6 +118,12 @@ VARIANTS = [
                                           BLOCK_C=512, GROUP=8, RBLOCK=1024, THREADS=256), 8),
     (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=2048, BLOCK_H=64, BLOCK_K=128,
                                           BLOCK_C=128, GROUP=16, RBLOCK=512, THREADS=256), 8),
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=1024, BLOCK_H=16, BLOCK_K=256,
+                                          BLOCK_C=256, GROUP=8, RBLOCK=1024, THREADS=128, STAGES=3, PDL=True), 4),
+    (mlp._mlp_kernel, MLP16, "bf16", dict(MLP_FLAGS, NORM=True, NORM_BLOCK=1024, BLOCK_H=16, BLOCK_K=1024,
+                                          BLOCK_C=1024, GROUP=8, RBLOCK=1024, THREADS=256), 8),  # a row in a step
+    (mlp._mlp_kernel, {"w1_ptr": "*i8", "w2_ptr": "*i8"}, "int8", dict(MLP_FLAGS, SCALED=True, NORM=True,
+     NORM_BLOCK=1024, BLOCK_H=32, BLOCK_K=128, BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=128, STAGES=3), 4),
     (mlp._mlp_kernel, {"w1_ptr": "*i8", "w2_ptr": "*i8"}, "int8", dict(MLP_FLAGS, SCALED=True, NORM=True,
      NORM_BLOCK=1024, BLOCK_H=32, BLOCK_K=128, BLOCK_C=128, GROUP=8, RBLOCK=1024, THREADS=128), 4),
     (mlp._mlp_kernel, {}, "fp32", dict(MLP_FLAGS, BLOCK_H=64, BLOCK_K=64, BLOCK_C=64, GROUP=8, RBLOCK=1024,
