@@ -200,7 +200,8 @@ def _generation(model, prompt_ids, params, limits, n, seed, stops, eos, logprobs
 
     def sampled(step, logits):
         if logprobs:
-            step_logprobs[step] = torch.log_softmax(logits.float(), dim=-1).gather(1, state.tokens[:, None])[:, 0]
+            tokens = state.tokens.clamp(min=0)[:, None]  # -1 (NaN logits) stops the generation; see mark_seen
+            step_logprobs[step] = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens)[:, 0]
 
     def advance(step):
         """Queue the decode step that feeds back the tokens of step - 1 and samples step's tokens."""
@@ -330,9 +331,10 @@ class DecodeState:
                    torch.zeros(batch, vocab_size, dtype=torch.bool, device=device) if penalty else None)
 
     def mark_seen(self) -> None:
-        """Add the tokens to the seen set."""
+        """Add the tokens to the seen set (a row's -1, NaN logits, marks token 0: generation stops on it with an
+        error, which an index of -1 would have pre-empted with one of its own, a device-side assert on a GPU)."""
         if self.seen is not None:
-            self.seen.scatter_(1, self.tokens[:, None], True)
+            self.seen.scatter_(1, self.tokens.clamp(min=0)[:, None], True)
 
     def buffers(self) -> tuple:
         """(tokens, positions, u, seen) as they stand now."""

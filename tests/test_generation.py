@@ -379,11 +379,16 @@ def test_repetition_penalty_matches_hf_generate(model, rt_odd):
     assert got == want
 
 
-def test_nan_logits_raise(rt_odd):
-    m = aigc_rt.load(rt_odd[0], backend="torch")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [{}, dict(do_sample=True, top_k=5), dict(repetition_penalty=1.3),
+                                    dict(logprobs=True)])
+def test_nan_logits_raise(rt_odd, backend, kwargs):
+    """NaN logits end the generation with an error that says so, also where the sampled -1 would index the seen
+    set (repetition penalty) or the log-probabilities."""
+    m = aigc_rt.load(rt_odd[0], backend=backend)
     m.ln_f[0][3] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or inf in the logits"):
-        m.generate("Beautiful", max_new_tokens=3)
+        m.generate("Beautiful", max_new_tokens=3, **kwargs)
 
 
 def test_unwritten_cache_slots_never_leak(model, monkeypatch):
