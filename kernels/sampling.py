@@ -183,10 +183,11 @@ def _search_held(key, w, lo, hi, need, MASS: tl.constexpr, N_PIVOTS: tl.constexp
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_stride,
+def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, V, logits_stride, seen_stride,
                    temperature, top_k, top_p, penalty,
                    HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr,
-                   DO_TOP_P: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+                   DO_TOP_P: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, PDL: tl.constexpr,
+                   ADVANCE: tl.constexpr = False, MARK_SEEN: tl.constexpr = False):
     pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     logits_ptr += row * logits_stride
@@ -225,7 +226,7 @@ def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, V, logits_stride, seen_
     if DO_SAMPLE:
         token = _filter_and_draw(logits_ptr, seen_ptr, V, penalty, temperature, top_k, top_p, tl.load(u_ptr + row),
                                  z_max, z_sum, key_min, HAS_PENALTY, DO_TOP_K, DO_TOP_P, BLOCK, N_PIVOTS)
-    tl.store(out_ptr + row, tl.where(n_bad > 0, -1, token).to(tl.int64))
+    _finish(out_ptr, pos_ptr, seen_ptr, row, token, n_bad, ADVANCE, MARK_SEEN)
 
 
 # -- split rows: many programs per row, then one merge per row ---------------------------------------------
@@ -282,12 +283,13 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
 
 
 @triton.jit
-def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr, V,
-                         logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
+def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr,
+                         cand_i_ptr, V, logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
                          HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr,
                          DO_TOP_P: tl.constexpr, CANDIDATES: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr,
                          N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr,
-                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr = False,
+                         MARK_SEEN: tl.constexpr = False):
     """One row from its chunks' results: greedy, the first argmax of the first chunk holding the max; sampling
     with top-k or top-p (CANDIDATES), the thresholds and the draw over the chunks' candidates (in column order,
     so the draw's running sum is the reference's), or by streaming the row if the candidates may miss a token
@@ -332,7 +334,20 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, stats_f_ptr, stat
             e = tl.where(valid, tl.exp(z - z_max), 0.0)
             first = tl.min(tl.where(before + tl.cumsum(e, axis=0) > target, cols, V), axis=0)
             token = tl.minimum(first, tl.max(tl.where(e > 0.0, cols, -1), axis=0))
+    _finish(out_ptr, pos_ptr, seen_ptr + row * seen_stride, row, token, n_bad, ADVANCE, MARK_SEEN)
+
+
+@device_fn
+def _finish(out_ptr, pos_ptr, seen_row_ptr, row, token, n_bad, ADVANCE: tl.constexpr, MARK_SEEN: tl.constexpr):
+    """The row's token out (-1 if its logits held NaN or inf) and, for a generation step (sample's advance and
+    mark_seen), the row's position moved on by one and the token marked seen (not a -1: generation stops there).
+    Run last: the row's logits and seen set have been read."""
     tl.store(out_ptr + row, tl.where(n_bad > 0, -1, token).to(tl.int64))
+    if ADVANCE:
+        tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
+    if MARK_SEEN:
+        if n_bad == 0:
+            tl.store(seen_row_ptr + token, 1)
 
 
 @device_fn
@@ -372,9 +387,11 @@ def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, 
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: torch.Tensor | None, *,
-           out=None) -> torch.Tensor:
+           out=None, advance: torch.Tensor | None = None, mark_seen: bool = False) -> torch.Tensor:
     """logits (B, V) fp32, u (B,) fp32 in [0, 1) (ignored when greedy), seen (B, V) bool or None ->
-    token ids (B,) int64 on the device, -1 for rows with NaN/inf logits."""
+    token ids (B,) int64 on the device, -1 for rows with NaN/inf logits. A generation step's bookkeeping in the
+    same launch: advance (B,) int64 positions, each += 1; mark_seen: seen[b, token] = True (seen required; a row
+    of -1 is left alone)."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     check_tensor("logits", logits, 2, (torch.float32,), None, last_contiguous=True)
@@ -388,12 +405,19 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
         check_tensor("seen", seen, 2, (torch.bool,), dev, last_contiguous=True)
         if seen.shape != logits.shape:
             raise ValueError(f"seen has shape {tuple(seen.shape)}, logits {tuple(logits.shape)}; they must match")
-    seen_u8 = seen.view(torch.uint8) if penalise else logits  # a dummy pointer when there is no penalty
+    if mark_seen and seen is None:
+        raise ValueError("sample: mark_seen needs the seen set")
+    if advance is not None:
+        check_vector("advance", advance, B, (torch.int64,), dev)
+    # a dummy pointer when there is no penalty and nothing to mark
+    seen_u8 = seen.view(torch.uint8) if penalise or mark_seen else logits
     tokens = check_out(out, (B,), torch.int64, dev)
     if B == 0:
         return tokens
     top_k, top_p = params.do_sample and 0 < params.top_k < V, params.do_sample and params.top_p < 1.0
     flags = dict(HAS_PENALTY=penalise, DO_SAMPLE=params.do_sample, DO_TOP_K=top_k, DO_TOP_P=top_p, **pdl_options(dev))
+    step = dict(ADVANCE=advance is not None, MARK_SEEN=mark_seen)
+    pos = tokens if advance is None else advance  # a dummy pointer without ADVANCE
     values = (float(params.temperature), float(params.top_k), float(params.top_p), float(params.repetition_penalty))
     s = sampling_settings(V, params.do_sample)
     chunk = s.pop("CHUNK")
@@ -404,8 +428,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     cap = max(16, triton.next_power_of_2(per_chunk)) if per_chunk else 1
     held = triton.next_power_of_2(n_chunks) * cap  # the merge holds every chunk's candidate slots
     if n_chunks == 1 or held > MAX_CANDIDATES:  # one program streams each row
-        _sample_kernel[(B,)](logits, seen_u8, u, tokens, V, logits.stride(0), seen_u8.stride(0), *values, **flags,
-                             **s)
+        _sample_kernel[(B,)](logits, seen_u8, u, tokens, pos, V, logits.stride(0), seen_u8.stride(0), *values,
+                             **flags, **step, **s)
         return tokens
     stats_f = torch.empty(B, n_chunks, 2, dtype=torch.float32, device=dev)  # max z, sum exp(z - max z)
     stats_i = torch.empty(B, n_chunks, STATS_I, dtype=torch.int64, device=dev)
@@ -418,7 +442,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
         temperature, float(per_chunk), penalty, **chunk_flags, DO_TOP_K=per_chunk > 0, CHUNK=chunk, CAP=cap,
         HELD_PIVOTS=held_pivots, num_warps=s["num_warps"])
     _sample_merge_kernel[(B,)](
-        logits, seen_u8, u, tokens, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
-        n_chunks, *values, **flags, CANDIDATES=per_chunk > 0, CHUNK=chunk, CAP=cap,
+        logits, seen_u8, u, tokens, pos, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
+        n_chunks, *values, **flags, **step, CANDIDATES=per_chunk > 0, CHUNK=chunk, CAP=cap,
         N_CHUNKS=triton.next_power_of_2(n_chunks), HELD_PIVOTS=held_pivots, **s)
     return tokens

@@ -773,6 +773,31 @@ def test_sample_matches_reference(sample_inputs, params):
     assert exceptions <= 1, f"{exceptions} rows differ from the reference at CDF boundaries"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("width", [None, 200], ids=["split", "one-chunk"])  # 200: one program streams each row
+@pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 1, 5, 7)], ids=["greedy", "penalty", "all",
+                                                                                  "top_p"])
+def test_sample_advances_positions_and_marks_seen(sample_inputs, params, width):
+    """A generation step's bookkeeping in the sampler's last kernel (the triton backend's decode_sample_steps):
+    the same tokens as without it, every position + 1, and each token marked seen but a NaN row's -1."""
+    logits, seen, u = sample_inputs
+    if width is not None:
+        logits, seen = logits[:, :width].contiguous(), seen[:, :width].contiguous()
+    penalty = seen if params.repetition_penalty != 1.0 else None
+    want = sampling.sample(logits, params, u, penalty)
+    positions = torch.arange(len(u), device=DEV) * 7
+    marked = seen.clone()  # the penalty's seen set too, when there is one: read, then marked
+    got = sampling.sample(logits, params, u, marked, advance=positions, mark_seen=True)
+    assert got.tolist() == want.tolist()
+    assert positions.tolist() == [7 * b + 1 for b in range(len(u))]
+    expect = seen.clone()
+    ok = want >= 0
+    expect[ok.nonzero()[:, 0], want[ok]] = True
+    assert torch.equal(marked, expect), "seen set: " + str((marked != expect).nonzero().tolist()[:5])
+    with pytest.raises(ValueError, match="mark_seen needs the seen set"):
+        sampling.sample(logits, params, u, None, mark_seen=True)
+
+
 @pytest.mark.skipif(ON_GPU, reason="a GPU runs these settings in test_sample_matches_reference")
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 2, 5, 6)], ids=["greedy", "temperature", "all",

@@ -99,11 +99,15 @@ def test_perplexity_matches_torch_backend(model, reference):
     assert got.tokens == want.tokens and got.nll == pytest.approx(want.nll, rel=1e-5)
 
 
-def test_seeded_sampling_matches_torch_backend(model, reference):
+@pytest.mark.parametrize("sampling", [dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
+                                      dict(repetition_penalty=1.5), dict(do_sample=True, repetition_penalty=1.3)],
+                         ids=["top_k_top_p", "greedy_penalty", "sampled_penalty"])
+def test_seeded_sampling_matches_torch_backend(model, reference, sampling):
     """Same seeds, same u per (sequence, step): the same tokens. The backends' logits agree to ~1e-6, so a
     token could only differ where u falls within ~1e-6 of a CDF boundary (about 1e-5 per draw; the kernel
-    test accounts for that case explicitly); this run is deterministic and has no such draw."""
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=3, eos_token_id=[])
+    test accounts for that case explicitly); this run is deterministic and has no such draw. With a repetition
+    penalty the triton step marks each token seen in its sampler's last kernel (decode_sample_steps)."""
+    kw = dict(max_new_tokens=8, seed=3, eos_token_id=[], **sampling)
     got = model.generate(PROMPTS[:2], **kw)
     assert [c.token_ids for c in got] == [c.token_ids for c in reference.generate(PROMPTS[:2], **kw)]
 
