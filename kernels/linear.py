@@ -302,7 +302,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_str
 def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x_stride, w_stride, s_stride, y_stride,
                       eps, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
                       ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                      RELU: tl.constexpr = False):
+                      RELU: tl.constexpr = False, STAGES: tl.constexpr = 1):
     """_gemv_kernel for int4 weights as the file holds them (format.quantize_int4): w (N, K / 2) uint8, byte j of a
     row holding inputs 2j (low nibble) and 2j + 1 (high) as q + 8, and s (N, ceil(K / 64)) fp32, one scale per
     group of 64 inputs. Each program unpacks its BLOCK_N x BLOCK_K / 2 bytes in registers, multiplies the levels
@@ -320,7 +320,7 @@ def _gemv_int4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, 
     if NORM:
         mean, rstd = _row_stats(x_ptr, tl.zeros((1,), dtype=tl.int64) + row, row + 1, K, x_stride, eps, NORM_BLOCK)
     acc = tl.zeros((BLOCK_N, BLOCK_K // 64), dtype=tl.float32)  # per group, reduced after the loop
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):  # software-pipelined where STAGES > 1 (_gemv_kernel)
         # bytes bounded by the row's w_stride = K / 2 (w contiguous), so that the loads stay 16 bytes wide
         q = tl.load(w_ptrs, mask=in_n & (js[None, :] + k0 // 2 < w_stride), other=0)
         in_x = ks + k0 < K
@@ -422,10 +422,11 @@ _small_m_tuned = triton.autotune(
     prune_configs_by=dict(early_config_prune=_candidates), do_bench=_quick_bench, cache_results=True,
     pre_hook=_before_timed_run, post_hook=_after_timed_run,
 )(_linear_kernel)
-# (BLOCK_N, BLOCK_K, num_warps) for the int4 GEMV: a program's bytes per block are BLOCK_N x BLOCK_K / 2
-_GEMV_INT4_CONFIGS = [(4, 512, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 8), (16, 1024, 8), (4, 2048, 8)]
+# (BLOCK_N, BLOCK_K, num_warps, STAGES) for the int4 GEMV: a program's bytes per block are BLOCK_N x BLOCK_K / 2
+_GEMV_INT4_CONFIGS = [(4, 512, 4, 1), (8, 512, 4, 1), (8, 1024, 4, 1), (16, 512, 8, 1), (16, 1024, 8, 1),
+                      (4, 2048, 8, 1), (16, 256, 4, 3), (8, 512, 4, 3), (16, 512, 8, 3)]
 _gemv_int4_tuned = triton.autotune(
-    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in _GEMV_INT4_CONFIGS],
+    [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, STAGES=st), num_warps=w) for n, k, w, st in _GEMV_INT4_CONFIGS],
     key=["N", "K"], prune_configs_by=dict(early_config_prune=_no_wider_than_k), do_bench=_quick_bench,
     cache_results=True, restore_value=["y_ptr"],
 )(_gemv_int4_kernel)

@@ -137,6 +137,27 @@ def test_linear_int4(M, N, K):
         linear.linear_int4(x, w, scale[:, :1].contiguous() if scale.shape[1] > 1 else scale[:1])
 
 
+def test_every_int4_candidate():
+    """Each block shape the int4 GEMV's autotuner may pick (pipelined ones too), launched directly, with the
+    LayerNorm prologue, GELU and the residual add: K = 1100 (a last group of 12 inputs) keeps every K block."""
+    from aigc_rt.format import dequantize_int4, quantize_int4
+    M, N, K = 2, 37, 1100
+    x, b, r = randn(M, K, seed=3), randn(N, seed=4), randn(M, N, seed=5)
+    w, scale = quantize_int4(randn(N, K, seed=6, scale=K ** -0.5))
+    w, scale = w.to(DEV), scale.to(DEV)
+    g, beta = randn(K, seed=7, scale=0.2) + 1, randn(K, seed=8, scale=0.2)
+    want = linear.reference(x, dequantize_int4(w, scale), b, "gelu_tanh", norm=(g, beta, 1e-5), residual=r)
+    configs = linear._no_wider_than_k(linear._gemv_int4_tuned.configs, dict(K=K))
+    assert len(configs) == len(linear._GEMV_INT4_CONFIGS) and any(c.kwargs["STAGES"] > 1 for c in configs)
+    for c in configs:
+        y = r.clone()
+        linear._gemv_int4_kernel[(triton.cdiv(N, c.kwargs["BLOCK_N"]), M)](
+            x, w, scale, b, y, g, beta, N, K, K, K // 2, scale.shape[1], N, 1e-5, HAS_BIAS=True, GELU=True,
+            NORM=True, NORM_BLOCK=linear._norm_block((g,), K, 1), ACCUMULATE=True, PDL=False, **c.kwargs,
+            num_warps=c.num_warps)
+        assert_close(y, want, *LINEAR_TOL, f"int4 candidate {c.kwargs} warps {c.num_warps}")
+
+
 @pytest.mark.parametrize("M,N,K", shapes([(1, 17, 3), (1, 500, 111), (3, 111, 500), (17, 33, 1023)],
                                          [(1, 2304, 768), (8, 3072, 768), (1, 50257, 768), (512, 3072, 768)]))
 def test_linear_int8(M, N, K):

@@ -81,6 +81,8 @@ VARIANTS = [
     (linear._gemv_kernel, W16, "bf16", dict(SCALED=False, HAS_BIAS=True, GELU=False, RELU=True, BLOCK_N=8,
                                             BLOCK_K=512), 4),  # the Transformer decoder's feed-forward
     # ln_2 + mlp.fc of an int4 file
+    (linear._gemv_int4_kernel, W4, "int4", dict(HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048, BLOCK_N=16,
+                                                BLOCK_K=512, STAGES=3), 8),  # pipelined
     (linear._gemv_int4_kernel, W4, "int4", dict(HAS_BIAS=True, GELU=True, NORM=True, NORM_BLOCK=2048, BLOCK_N=8,
                                                 BLOCK_K=1024, PDL=True), 4),
     (linear._gemv_int4_kernel, W4, "int4", dict(HAS_BIAS=True, GELU=False, ACCUMULATE=True, BLOCK_N=16,
