@@ -55,8 +55,8 @@ import triton.language as tl
 
 from .utils import (FLOAT_DTYPES, INTERPRETER, PREFETCH_MAX_BYTES, cast_rne, cast_to, check_out, check_scale,
                     check_tensor, check_vector, column_sums, device_fn, dot, dot_at, gelu_tanh, gemv_settings,
-                    l2_prefetchable, linear_settings, num_sms, overlaps, pdl_begin, pdl_options, prefetch_l2,
-                    split_bf16x3)
+                    l2_prefetchable, launch_tuned, linear_settings, num_sms, overlaps, pdl_begin, pdl_options,
+                    prefetch_l2, split_bf16x3)
 
 ACTIVATIONS = (None, "gelu_tanh", "relu")  # the epilogue's
 INT4_GROUP = 64  # int4 weights: inputs per scale (format.INT4_GROUP)
@@ -483,7 +483,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
         args = (x2, w, scales, bias, y, g, beta, N, K, x2.stride(0), K, N, float(eps))
         norm_block = _norm_block(norm, K, 1)
         if AUTOTUNE:
-            _gemv_tuned[gemv_grid(N, M, dev)](*args, **flags, NORM_BLOCK=norm_block)
+            launch_tuned(_gemv_tuned, gemv_grid(N, M, dev), *args, **flags, NORM_BLOCK=norm_block)
         else:
             s = gemv_settings(N, w.dtype, dev)
             _gemv_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, NORM_BLOCK=norm_block, PREFETCH=False, **s)
@@ -492,9 +492,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
     if AUTOTUNE and M <= 16 and split_k is None:
         part = torch.empty(MAX_SPLIT_K, M, N, device=dev)  # partial sums, for split-K configurations
         with _small_m_lock:
-            _small_m_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"])](
-                x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
-                NORM_BLOCK=_norm_block(norm, K, 16), WIDEN_DOT=INTERPRETER)
+            launch_tuned(_small_m_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), 1, meta["SPLIT_K"]),
+                         x2, w, scales, bias, y, part, g, beta, M, N, K, x2.stride(0), K, N, float(eps), **flags,
+                         NORM_BLOCK=_norm_block(norm, K, 16), WIDEN_DOT=INTERPRETER)
             chosen = _small_m_tuned.best_config.kwargs["SPLIT_K"]
         _split_k_reduce(dict(part_ptr=part, SPLIT_K=chosen, **reduce))
     else:
@@ -596,7 +596,7 @@ def linear_int4(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torch.
     flags = dict(HAS_BIAS=b is not None, GELU=act == "gelu_tanh", RELU=act == "relu", NORM=norm is not None,
                  ACCUMULATE=residual is not None, NORM_BLOCK=_norm_block(norm, K, 1), **pdl_options(dev))
     if AUTOTUNE:
-        _gemv_int4_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
+        launch_tuned(_gemv_int4_tuned, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M), *args, **flags)
     else:
         s = int4_gemv_settings(K, dev)
         _gemv_int4_kernel[(triton.cdiv(N, s["BLOCK_N"]), M)](*args, **flags, **s)

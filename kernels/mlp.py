@@ -40,7 +40,8 @@ from . import linear
 from .linear import (ACTIVATIONS, _check_norm, _epilogue, _no_wider_than_k, _norm_block, _normalise, _quick_bench,
                      _row_stats, finish_partials)
 from .utils import (FLOAT_DTYPES, cast_to, check_scale, check_tensor, check_vector, checked_counters,
-                    gather_partials, l2_prefetchable, mlp_settings, pdl_begin, pdl_options, prefetch_l2)
+                    gather_partials, l2_prefetchable, launch_tuned, mlp_settings, pdl_begin, pdl_options,
+                    prefetch_l2)
 
 
 @triton.jit
@@ -194,7 +195,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Te
                  GELU=act == "gelu_tanh", RELU=act == "relu", NORM=norm is not None,
                  NORM_BLOCK=_norm_block(norm, C, 1), **pdl_options(dev))
     if linear.AUTOTUNE:  # AIGC_RT_AUTOTUNE, as the linears'
-        _mlp_tuned[lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), M)](*args, **flags)
+        launch_tuned(_mlp_tuned, lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), M), *args, **flags)
     else:
         s = mlp_settings(C, H, dev)
         _mlp_kernel[(triton.cdiv(H, s["BLOCK_H"]), M)](*args, **flags, **s)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -97,6 +98,64 @@ def interpreter_overflow_checks(on: bool) -> None:
 if INTERPRETER:
     patch_language_once()
     interpreter_overflow_checks(os.environ.get("TRITON_DEBUG", "0") not in ("", "0"))
+
+
+# Autotuned launches (linear.py, mlp.py). triton's autotuner compiles its candidates one after another on the first
+# launch of each shape, so with ~10-20 candidates per shape a GPU session spent much of its first minutes compiling.
+# launch_tuned compiles a new shape's candidates at once on a pool of threads first (triton's AsyncCompileMode, 3.4
+# and later: its compiler releases the GIL; 2 threads compiled 12 GEMV variants in half the time of one here), and
+# the autotuner then finds them compiled and only times them.
+COMPILE_THREADS = min(16, os.cpu_count() or 1)
+_compile_pool = None
+_precompiled: set[tuple] = set()
+
+
+def _tuning_key(tuned, args: tuple, kwargs: dict) -> tuple:
+    """The key triton's Autotuner.run caches a shape's choice under: its `key` arguments and the tensors' dtypes."""
+    named = {**dict(zip(tuned.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in tuned.arg_names}
+    return (*(named[k] for k in tuned.keys if k in named), *(str(v.dtype) for v in named.values()
+                                                           if hasattr(v, "dtype")))
+
+
+def precompile(tuned, grid, args: tuple, kwargs: dict) -> int:
+    """Compile every candidate `tuned` (a triton.autotune'd kernel) would time for this launch, on COMPILE_THREADS
+    threads; returns how many were submitted. A compile that fails is left for the autotuner to meet again (it
+    gives that candidate an infinite time)."""
+    global _compile_pool
+    from concurrent.futures import ThreadPoolExecutor
+    from triton.runtime._async_compile import AsyncCompileMode
+    if _compile_pool is None:
+        _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="aigc_rt-compile")
+    tuned.nargs = dict(zip(tuned.arg_names, args))  # as Autotuner.run sets them for its pruning
+    try:
+        configs = tuned.prune_configs(kwargs)
+    finally:
+        tuned.nargs = None
+    with AsyncCompileMode(_compile_pool, ignore_errors=True):
+        for c in configs:
+            tuned.fn.warmup(*args, grid=grid, **kwargs, **c.all_kwargs())
+    return len(configs)
+
+
+def launch_tuned(tuned, grid, *args, **kwargs):
+    """tuned[grid](*args, **kwargs), with a new shape's candidates compiled in parallel first (precompile) on a GPU.
+    Anything going wrong there (an older triton, an API that moved) is warned about once and leaves the launch to
+    the autotuner alone, which compiles the candidates in turn as before."""
+    # a CUDA-graph capture runs only shapes its eager step has tuned: nothing to compile there
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not INTERPRETER and not capturing:
+        key = (id(tuned), _tuning_key(tuned, args, kwargs))
+        if key[1] not in tuned.cache and key not in _precompiled:
+            _precompiled.add(key)
+            try:
+                precompile(tuned, grid, args, kwargs)
+            except Exception as e:  # noqa: BLE001 (an optimisation: never worth failing the launch for)
+                if "failed" not in _precompiled:
+                    _precompiled.add("failed")
+                    warnings.warn(f"aigc_rt: compiling autotune candidates in parallel failed ({type(e).__name__}: "
+                                  f"{e}); the autotuner compiles them one by one", RuntimeWarning, stacklevel=2)
+    return tuned[grid](*args, **kwargs)
 
 
 def device_fn(fn):

@@ -1013,3 +1013,44 @@ def test_interpreter_patches_the_language_once_a_launch(monkeypatch):
     assert counts[16] == counts[1] > 0, counts
     assert interpreter.interpreter_builder.options.sanitize_overflow == (os.environ.get("TRITON_DEBUG", "0")
                                                                         not in ("", "0"))
+
+
+def test_autotune_candidates_compiled_in_parallel(monkeypatch):
+    """launch_tuned, as on a GPU: the first launch of a shape has each candidate the autotuner will time for it
+    compiled first, inside triton's AsyncCompileMode (so on the thread pool), once per shape; a failure there is
+    warned about once and the launch still happens. Here triton's warmup is a stub that records what it gets."""
+    from triton.runtime import _async_compile
+    from aigc_rt.kernels import utils
+    monkeypatch.setattr(utils, "INTERPRETER", False)
+    monkeypatch.setattr(utils, "_precompiled", set())
+    tuned = linear._gemv_tuned
+    monkeypatch.setattr(tuned, "cache", {})
+    warmed = []
+
+    def warmup(*args, grid, **kwargs):
+        assert _async_compile.active_mode.get() is not None, "compiled outside AsyncCompileMode"
+        warmed.append(kwargs)
+    monkeypatch.setattr(tuned.fn, "warmup", warmup)
+    launched = []
+    monkeypatch.setattr(type(tuned), "__getitem__", lambda self, grid: lambda *a, **k: launched.append(k))
+    M, N, K = 1, 37, 1100
+    x, w, y = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), torch.empty(M, N, device=DEV)
+    args = (x, w, w, w, y, x, x, N, K, K, K, N, 1.0)
+    flags = dict(SCALED=False, HAS_BIAS=False, GELU=False, RELU=False, NORM=False, ACCUMULATE=False, PDL=False,
+                 NORM_BLOCK=16)
+    grid = linear.gemv_grid(N, M, DEV)
+    want = linear._candidates(tuned.configs, dict(w_ptr=w, K=K))
+    utils.launch_tuned(tuned, grid, *args, **flags)
+    assert [(k["BLOCK_N"], k["BLOCK_K"], k["STAGES"] if "STAGES" in k else 1, k["PERSISTENT"], k["num_warps"])
+            for k in warmed] == [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("STAGES", 1),
+                                  c.kwargs["PERSISTENT"], c.num_warps) for c in want]
+    assert all(k["NORM"] is False and k["NORM_BLOCK"] == 16 for k in warmed) and len(launched) == 1
+    utils.launch_tuned(tuned, grid, *args, **flags)
+    assert len(warmed) == len(want) and len(launched) == 2, "a shape's candidates compiled twice"
+
+    def broken(*args, **kwargs):
+        raise TypeError("warmup moved")
+    monkeypatch.setattr(tuned.fn, "warmup", broken)
+    with pytest.warns(RuntimeWarning, match="compiling autotune candidates in parallel failed"):
+        utils.launch_tuned(tuned, grid, *args[:7], N + 1, *args[8:], **flags)
+    assert len(launched) == 3
