@@ -355,7 +355,7 @@ def one_pass(batch: int, H: int, S: int, D: int, device: torch.device) -> bool:
 
 def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, *,
-                    counters: torch.Tensor | None = None) -> torch.Tensor:
+                    counters: torch.Tensor | None = None, wide: bool = False) -> torch.Tensor:
     """A decode step's whole pre-norm attention sub-layer in one launch: r += O W_o^T + b_o, O the heads of
     attention(q, k, v) side by side, (q, k, v) = LayerNorm(r) W_qkv^T + b_qkv (q, k and v side by side, H heads of
     D each), this step's k, v written into the caches at positions first (as write_kv). r (B, C) fp32, C = H * D,
@@ -363,7 +363,8 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     for int8 or None); proj (W_o (C, C), bias, scale) of W_qkv's dtype; caches (B, H, S, D) with S short enough
     for one pass (one_pass()); positions, lengths (B,) (lengths counting this step's position). Each (row, head,
     slice) program computes its head's q, k, v itself (the slices of a row repeat it: from L2) and its part of
-    the projection; a row's last program adds the result into r (after every program of the row has read it)."""
+    the projection; a row's last program adds the result into r (after every program of the row has read it).
+    wide: the qkv GEMV in wider steps on more warps (utils.decode_settings)."""
     check_tensor("residual", r, 2, (torch.float32,), None)
     dev = r.device
     B, C = r.shape
@@ -375,7 +376,7 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     check_vector("positions", positions, B, (torch.int64, torch.int32), dev)
     check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
     _check_norm(norm, C, dev)
-    s = decode_settings(B * H, S, D, dev)
+    s = decode_settings(B * H, S, D, dev, wide=wide)
     if s["n_splits"] != 1:
         raise ValueError(f"attention_block takes caches read in one pass (one_pass()); {S} positions are not")
     # proj checked first (its residual, r, must be a contiguous (B, C): W_o has C outputs)

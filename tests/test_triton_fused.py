@@ -468,10 +468,10 @@ def block_reference(o: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear.reference(a, wo, bo, scale=so, residual=o["r"]), kc, vc
 
 
-def run_block(o: dict, counters=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_block(o: dict, counters=None, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, kc, vc = o["r"].clone(), o["kc"].clone(), o["vc"].clone()
     got = decode_attention.attention_block(r, o["norm"], o["qkv"], o["proj"], kc, vc, o["positions"], o["lengths"],
-                                           counters=counters)
+                                           counters=counters, wide=wide)
     assert got is r
     return r, kc, vc
 
@@ -499,14 +499,28 @@ def test_attention_block(B, H, D, S, dtype):
         assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
 
 
+@pytest.mark.parametrize("B,H,D,S", shapes([(1, 3, 32, 20), (2, 5, 16, 9)], [(1, 12, 64, 192), (8, 25, 64, 256)]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
+def test_attention_block_wide(B, H, D, S, dtype):
+    """The fused sub-layer's wide shape (the qkv GEMV in steps of four times the inputs; a GPU times it against the
+    default one) against the references, counters back at zero."""
+    counters = utils.new_counters(DEV)
+    o = block_operands(B, H, D, S, dtype, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, seed=B + S)
+    want, kc_want, _ = block_reference(o)
+    got, kc, _ = run_block(o, counters, wide=True)
+    assert_close(got, want, *tolerance(dtype), f"wide attention block B={B} H={H} D={D} S={S} {dtype}")
+    assert_close(kc, kc_want, 1e-2, 1e-2, "k cache")
+    assert not counters.any(), f"counters left {counters.nonzero().flatten().tolist()}"
+
+
 @pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
-@pytest.mark.parametrize("B,H,S", [(2, 25, 160), (1, 3, 100)])
-def test_attention_block_with_the_gpu_settings(gpu_settings, B, H, S):
+@pytest.mark.parametrize("B,H,S,wide", [(2, 25, 160, False), (1, 3, 100, False), (2, 25, 160, True)])
+def test_attention_block_with_the_gpu_settings(gpu_settings, B, H, S, wide):
     """A GPU's block shapes under the interpreter (one pass over up to 256 positions in blocks of 64, the qkv GEMV
-    in steps of 4,096 / BLOCK_D inputs, projection tiles of 8,192 weights, partials 8 at a time): 25 heads in 4
-    groups, and 3 heads with the projection in 3 slices (the row's last slice adding into r)."""
+    in steps of 4,096 / BLOCK_D inputs (wide: 16,384), projection tiles of 8,192 weights, partials 8 at a time): 25
+    heads in 4 groups, and 3 heads with the projection in 3 slices (the row's last slice adding into r)."""
     o = block_operands(B, H, 16, S, torch.bfloat16, torch.bfloat16, seed=S)
-    got, kc, _ = run_block(o)
+    got, kc, _ = run_block(o, wide=wide)
     want, kc_want, _ = block_reference(o)
     assert_close(got, want, *tolerance(torch.bfloat16), f"attention block with the GPU settings B={B} H={H} S={S}")
     assert_close(kc, kc_want, 1e-2, 1e-2, "k cache")
@@ -551,6 +565,24 @@ def test_backend_fuses_the_attention_block(block_calls, rows, S, fused):
     assert_close(r, want, *tolerance(torch.bfloat16), f"backend attention block rows={rows} S={S}")
     if not ON_GPU:
         assert calls == (["fused"] if fused else ["composed"]), calls
+
+
+def test_pick_times_every_fused_shape(monkeypatch):
+    """On a GPU a sub-layer with several fused launch shapes (the attention block's default and wide ones) times them
+    all against the kernels apart, once its fused kernel has passed its check; without the check passed it runs
+    apart, untimed. (Faked here: a tensor that says it is on a GPU, the check and the timer stubbed.)"""
+    class OnGpu:
+        is_cuda = True
+    timed = []
+    monkeypatch.setattr(linear, "AUTOTUNE", True)
+    monkeypatch.setattr(linear, "_faster", lambda key, y, launch, choices: timed.append(choices) or choices[-1])
+    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run: True)
+    assert triton_backend._pick(True, OnGpu(), None, ("attn_block",), fused=("fused", "wide")) == "wide"
+    assert timed == [("composed", "fused", "wide")]
+    assert triton_backend._pick(True, OnGpu(), None, ("mlp",)) == "fused" and timed[-1] == ("composed", "fused")
+    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run: False)
+    assert triton_backend._pick(True, OnGpu(), None, ("attn_block",), fused=("fused", "wide")) == "composed"
+    assert len(timed) == 2
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])

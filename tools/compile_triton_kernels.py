@@ -160,6 +160,11 @@ VARIANTS = [
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True, PROJ=True,
           HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024, QKV=True, HAS_QKV_BIAS=True, NORM_BLOCK=1024,
           BLOCK_K=64), 4),
+    (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16", "wq_ptr": "*bf16",
+                                             "tot_ptr": "*fp32", "row_count_ptr": "*i32"}, "bf16",
+     dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True, PROJ=True,
+          HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024, QKV=True, HAS_QKV_BIAS=True, NORM_BLOCK=1024,
+          BLOCK_K=256), 8),  # its wide shape (decode_settings wide=True)
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*i8", "wq_ptr": "*i8",
                                              "row_count_ptr": "*i32"}, "int8",
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PROJ=True, SCALED=True,

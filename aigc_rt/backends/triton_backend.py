@@ -124,17 +124,18 @@ class TritonBackend(TorchBackend):
     def attention_block_decode(self, x, ln_w, ln_b, eps, qkv: Linear, proj: Linear, k_cache, v_cache, positions,
                                lengths, max_len, *, norm_out=None, qkv_out=None, attn_out=None, out=None):
         def run(how: str):
-            if how == "fused":
+            if how in ("fused", "wide"):
                 return decode_attention.attention_block(x, (ln_w, ln_b, eps), (qkv.weight, qkv.bias, qkv.scale),
                                                         (proj.weight, proj.bias, proj.scale), k_cache, v_cache,
-                                                        positions, lengths, counters=self.counters)
+                                                        positions, lengths, counters=self.counters,
+                                                        wide=how == "wide")
             return super(TritonBackend, self).attention_block_decode(
                 x, ln_w, ln_b, eps, qkv, proj, k_cache, v_cache, positions, lengths, max_len, norm_out=norm_out,
                 qkv_out=qkv_out, attn_out=attn_out, out=out)
         B, (H, S, D) = x.shape[0], k_cache.shape[1:]
         fuse = FUSED_QKV and _fusable(B, qkv, proj) and decode_attention.one_pass(B, H, S, D, x.device)
         key = ("attn_block", type(self).__name__, B, H, S, D, k_cache.dtype, *qkv.weight.shape, qkv.weight.dtype)
-        return run(_pick(fuse, x, run, key))
+        return run(_pick(fuse, x, run, key, fused=("fused", "wide")))
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
@@ -236,16 +237,16 @@ def _fusable(rows: int, *linears: Linear) -> bool:
     return rows <= FUSED_MAX_ROWS and dtype != torch.uint8 and all(lin.weight.dtype == dtype for lin in linears)
 
 
-def _pick(fuse: bool, y: torch.Tensor, run, key: tuple) -> str:
-    """"fused" or "composed" for a sub-layer that run(how) runs either way, y its output (added into in place):
-    on a GPU, once the fused kernel has passed its check (_fused_agrees), with autotuning on, whichever is the
-    faster for the shape (timed on its first launch, y put back after: linear._faster); elsewhere fused where
-    allowed."""
+def _pick(fuse: bool, y: torch.Tensor, run, key: tuple, fused: tuple[str, ...] = ("fused",)) -> str:
+    """"composed" or one of `fused` (the fused kernel's launch shapes; the first the default) for a sub-layer that
+    run(how) runs each way, y its output (added into in place): on a GPU, once the fused kernel has passed its check
+    (_fused_agrees), with autotuning on, whichever is the fastest for the shape (timed on its first launch, y put
+    back after: linear._faster); elsewhere fused[0] where allowed."""
     if not fuse or not _fused_agrees(key, y, run):
         return "composed"
     if y.is_cuda and linear.AUTOTUNE:
-        return linear._faster(key, y, run, choices=("composed", "fused"))
-    return "fused"
+        return linear._faster(key, y, run, choices=("composed", *fused))
+    return fused[0]
 
 
 def _fused_agrees(key: tuple, y: torch.Tensor, run) -> bool:
