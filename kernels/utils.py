@@ -107,7 +107,14 @@ if INTERPRETER:
 # the autotuner then finds them compiled and only times them.
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
 _compile_pool = None
-_precompiled: set[tuple] = set()
+_precompiled: set[tuple] = set()  # (autotuner, sizes, dtypes) of the launches seen
+_precompile_failed: list[Exception] = []  # the first failure (warned about once)
+
+
+@functools.lru_cache(maxsize=None)
+def _key_positions(tuned) -> tuple[int, ...]:
+    """Where the autotuner's `key` arguments sit among a launch's positional arguments."""
+    return tuple(tuned.arg_names.index(k) for k in tuned.keys)
 
 
 def _tuning_key(tuned, args: tuple, kwargs: dict) -> tuple:
@@ -142,17 +149,21 @@ def launch_tuned(tuned, grid, *args, **kwargs):
     """tuned[grid](*args, **kwargs), with a new shape's candidates compiled in parallel first (precompile) on a GPU.
     Anything going wrong there (an older triton, an API that moved) is warned about once and leaves the launch to
     the autotuner alone, which compiles the candidates in turn as before."""
-    # a CUDA-graph capture runs only shapes its eager step has tuned: nothing to compile there
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if not INTERPRETER and not capturing:
-        key = (id(tuned), _tuning_key(tuned, args, kwargs))
-        if key[1] not in tuned.cache and key not in _precompiled:
-            _precompiled.add(key)
+    if INTERPRETER:
+        return tuned[grid](*args, **kwargs)
+    # per launch, so cheap first (~2 us): the shape's sizes and dtypes, seen before or not
+    seen = (id(tuned), *(args[i] for i in _key_positions(tuned)),
+            *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    if seen not in _precompiled:
+        _precompiled.add(seen)
+        # a CUDA-graph capture runs only shapes its eager step has tuned: nothing to compile there
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if not capturing and _tuning_key(tuned, args, kwargs) not in tuned.cache:
             try:
                 precompile(tuned, grid, args, kwargs)
             except Exception as e:  # noqa: BLE001 (an optimisation: never worth failing the launch for)
-                if "failed" not in _precompiled:
-                    _precompiled.add("failed")
+                if not _precompile_failed:
+                    _precompile_failed.append(e)
                     warnings.warn(f"aigc_rt: compiling autotune candidates in parallel failed ({type(e).__name__}: "
                                   f"{e}); the autotuner compiles them one by one", RuntimeWarning, stacklevel=2)
     return tuned[grid](*args, **kwargs)

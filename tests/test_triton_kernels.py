@@ -1023,6 +1023,7 @@ def test_autotune_candidates_compiled_in_parallel(monkeypatch):
     from aigc_rt.kernels import utils
     monkeypatch.setattr(utils, "INTERPRETER", False)
     monkeypatch.setattr(utils, "_precompiled", set())
+    monkeypatch.setattr(utils, "_precompile_failed", [])
     tuned = linear._gemv_tuned
     monkeypatch.setattr(tuned, "cache", {})
     warmed = []
