@@ -85,7 +85,7 @@ def _head_qkv(r_ptr, b, h, H, dims, in_d, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_pt
 def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
              part_rows, count_stride, tot_ptr, row_count_ptr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr,
              HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr,
-             ROW_LAST: tl.constexpr):
+             ROW_LAST: tl.constexpr, STAGES: tl.constexpr):
     """r[b, cols] += O[b] W[cols]^T + bias[cols] for slice p of n_slices of W's N outputs (NP = N / n_slices
     rounded up to 16: cols = p * NP ..), O[b] the row's heads side by side (H * HEAD_DIM inputs), computed by the
     H programs (b, h, p) together: this one's head `out` (BLOCK_D,) times W's columns h * HEAD_DIM + d (a head's
@@ -95,7 +95,8 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
     fp32). Slices put more programs on the projection than a row has heads (12 to 25). ROW_LAST (when the
     launch's programs read r[b] themselves, QKV): a slice's last program writes its result to tot[b] instead, and
     the last slice of the row to finish (its counter, row_count[b]) adds all of tot[b] into r[b]: only after
-    every program of the row has read r."""
+    every program of the row has read r. STAGES > 1: the loop over W's tiles software-pipelined (tl.range
+    num_stages), STAGES - 1 tiles in flight ahead of the one being summed."""
     if not SCALED:
         out = cast_to(out, w_ptr.dtype.element_ty)
     K = H * HEAD_DIM
@@ -104,7 +105,7 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
     cs = tl.arange(0, BLOCK_C)
     row = b * n_slices + p  # the (row, slice)'s partials and counters
     part_row = pp_ptr + row.to(tl.int64) * part_rows * NP
-    for c0 in range(0, NP, BLOCK_C):
+    for c0 in tl.range(0, NP, BLOCK_C, num_stages=STAGES):
         cols = col0 + c0 + cs
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + h * HEAD_DIM + dims[None, :],
                     mask=(cols < N)[:, None] & in_d[None, :], other=0.0)  # (BLOCK_C, BLOCK_D); 0 past N
@@ -135,7 +136,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
                          PROJ: tl.constexpr = False, SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
                          BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16,
                          QKV: tl.constexpr = False, HAS_QKV_BIAS: tl.constexpr = False,
-                         NORM_BLOCK: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16):
+                         NORM_BLOCK: tl.constexpr = 16, BLOCK_K: tl.constexpr = 16,
+                         PROJ_STAGES: tl.constexpr = 1):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -194,7 +196,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
         if PROJ:  # ... through the output projection into the residual stream
             _project(out, b, h, H, dims, in_d, tl.program_id(2), tl.num_programs(2), w_ptr, ws_ptr, wb_ptr, r_ptr,
                      pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, tot_ptr, row_count_ptr, HEAD_DIM,
-                     SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK, QKV)
+                     SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK, QKV, PROJ_STAGES)
         else:
             tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                      mask=in_d)
@@ -209,7 +211,8 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
                          r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, HEAD_DIM: tl.constexpr,
                          SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
                          PROJ: tl.constexpr = False, SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
-                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16):
+                         BLOCK_C: tl.constexpr = 16, GROUP: tl.constexpr = 2, RBLOCK: tl.constexpr = 16,
+                         PROJ_STAGES: tl.constexpr = 1):
     pdl_begin(PDL)
     bh = tl.program_id(0)
     b = bh // H
@@ -228,7 +231,7 @@ def _decode_merge_kernel(part_o_ptr, part_lse_ptr, len_ptr, o_ptr, H, S, o_sb, o
     if PROJ:
         _project(out, b, h, H, dims, dims < HEAD_DIM, tl.program_id(1), tl.num_programs(1), w_ptr, ws_ptr, wb_ptr,
                  r_ptr, pp_ptr, count_ptr, N, r_stride, part_rows, count_stride, r_ptr, count_ptr, HEAD_DIM, SCALED,
-                 HAS_BIAS, BLOCK_C, GROUP, RBLOCK, False)
+                 HAS_BIAS, BLOCK_C, GROUP, RBLOCK, False, PROJ_STAGES)
     else:
         tl.store(o_ptr + b.to(tl.int64) * o_sb + h * o_sh + dims, cast_rne(out, o_ptr.dtype.element_ty),
                  mask=dims < HEAD_DIM)
@@ -333,7 +336,11 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, 
     total = torch.empty(B, N, device=dev) if row_last else residual  # the slices' results (row_last)
     args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
             residual.stride(0), part_rows, count_stride, total, counters[slice_counters:])
-    return args, dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None), slices
+    # W's tiles pipelined where the attention leaves the registers for it (not in attention_block: its qkv GEMV
+    # already takes ~180 registers; the attention with its projection, pipelined: 128, no spills at sm_90)
+    flags = dict(PROJ=True, SCALED=scale is not None, HAS_BIAS=bias is not None,
+                 PROJ_STAGES=1 if row_last else s["PROJ_STAGES"])
+    return args, flags, slices
 
 
 def _no_projection(q: torch.Tensor) -> tuple:

@@ -489,7 +489,8 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     stages run at test sizes); with the qkv linear fused too, BLOCK_K inputs per step of its GEMV (three tiles of
     4,096 weights: q's, k's and v's rows). wide (the fused sub-layer's other shape, timed against it on a GPU):
     the qkv GEMV's tiles four times as wide on 8 warps, a quarter of the dependent steps over C, 96 KB of weights
-    in flight per step (sm_90: 179 registers, no spills)."""
+    in flight per step (sm_90: 179 registers, no spills). PROJ_STAGES: the fused output projection's loop over
+    W's tiles software-pipelined (decode_attention._project)."""
     block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
@@ -504,7 +505,7 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128, BLOCK_K=128 if wide else 64) if interpreter else dict(
         BLOCK_C=max(16, 8192 // block_d), GROUP=8, RBLOCK=1024, BLOCK_K=max(16, (16384 if wide else 4096) // block_d))
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
-                num_warps=1 if interpreter else 8 if wide else 4, PROJ_SLICES=slices, **proj)
+                num_warps=1 if interpreter else 8 if wide else 4, PROJ_SLICES=slices, PROJ_STAGES=3, **proj)
 
 
 CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # as csrc/cpu/conv_isa.h's Act

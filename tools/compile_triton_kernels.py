@@ -153,7 +153,7 @@ VARIANTS = [
     # with the output projection fused (decode_settings' GPU shapes): one pass, bf16 W; the merge, int8 W
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16"}, "bf16",
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True, PROJ=True,
-          HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024), 4),
+          HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024, PROJ_STAGES=3), 4),
     # the whole attention sub-layer (LN1 + qkv + attention + proj + residual; decode_attention.attention_block)
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16", "wq_ptr": "*bf16",
                                              "tot_ptr": "*fp32", "row_count_ptr": "*i32"}, "bf16",
@@ -172,7 +172,7 @@ VARIANTS = [
           BLOCK_K=64), 4),
     (decode_attention._decode_merge_kernel, {"w_ptr": "*i8"}, "int8",
      dict(HEAD_DIM=64, SPLIT_LEN=128, BLOCK_S=32, BLOCK_D=64, PROJ=True, SCALED=True, HAS_BIAS=True, BLOCK_C=128,
-          GROUP=8, RBLOCK=1024), 4),
+          GROUP=8, RBLOCK=1024, PROJ_STAGES=3), 4),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=True, DO_SAMPLE=True, DO_TOP_K=True, DO_TOP_P=True,
                                                BLOCK=1024, N_PIVOTS=16, ADVANCE=True, MARK_SEEN=True), 8),
     (sampling._sample_kernel, {}, "fp32", dict(HAS_PENALTY=False, DO_SAMPLE=False, DO_TOP_K=False,
