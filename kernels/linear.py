@@ -230,10 +230,10 @@ def _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x
     ks = tl.arange(0, BLOCK_K)
     in_k = ks < K
     offsets = ns[:, None].to(tl.int64) * w_stride + ks[None, :]  # (BLOCK_N, BLOCK_K) within a row block
-    blk = tl.program_id(0)
+    first = tl.program_id(0)
     # as _gemv_kernel's PDL branch: the first block requested before the wait (no kernel of ours writes weights)
-    w_next = tl.load(w_ptr + blk.to(tl.int64) * BLOCK_N * w_stride + offsets,
-                     mask=(blk * BLOCK_N + ns < N)[:, None] & in_k[None, :], other=0.0)
+    w_next = tl.load(w_ptr + first.to(tl.int64) * BLOCK_N * w_stride + offsets,
+                     mask=(first * BLOCK_N + ns < N)[:, None] & in_k[None, :], other=0.0)
     pdl_begin(PDL)
     x = tl.load(x_ptr + row * x_stride + ks, mask=in_k, other=0.0)[None, :]  # (1, BLOCK_K)
     if NORM:
@@ -241,7 +241,7 @@ def _gemv_persistent(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, N, K, x
         x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks, in_k[None, :], K)
     if not SCALED:  # int8 multiplies fp32 x
         x = cast_to(x, w_ptr.dtype.element_ty)
-    for blk in range(tl.program_id(0), n_blocks, step):
+    for blk in range(first, n_blocks, step):
         w = w_next
         nxt = blk + step  # past the last block: every lane masked, nothing read
         w_next = tl.load(w_ptr + nxt.to(tl.int64) * BLOCK_N * w_stride + offsets,

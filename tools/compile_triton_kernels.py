@@ -3,7 +3,7 @@ in its main variants, to catch what the interpreter accepts but the compiler doe
 loop-carried values, unsupported ops, shared-memory overflows), and print what ptxas makes of each: shared
 memory, registers per thread, bytes spilled.
 
-    python tools/compile_triton_kernels.py [--arch 90]      # exits non-zero on the first failure
+    python tools/compile_triton_kernels.py [--arch 90] [--jobs N]  # exits non-zero on the first failure
 
 Run by tests/test_triton_kernels.py::test_kernels_compile_for_gpu. Signatures are derived from each kernel's
 parameters: `*_ptr` -> a pointer (fp32 unless listed), names in FLOATS -> fp32, everything else -> i32.
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ["TRITON_INTERPRET"] = "0"  # compile real kernels, whatever the caller's environment says
 
@@ -309,32 +310,40 @@ def resources(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?':>3s} regs, {spills.group(1) if spills else '?'} B spilled"
 
 
+def compile_variant(variant, target, arch: int) -> str:
+    """One VARIANTS entry compiled for `target`: its report line."""
+    kernel, pointers, dtype, constexprs, num_warps = variant
+    t0 = time.perf_counter()
+    if "PDL" in kernel.arg_names:  # the decode-path kernels: without PDL unless the variant says
+        constexprs = {"PDL": False, **constexprs}
+    if "SPLIT_K" in kernel.arg_names:
+        constexprs = {"SPLIT_K": 1, **constexprs}
+    for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False),
+                      ("RELU", False), ("WIDEN_DOT", False)):
+        if flag in kernel.arg_names:
+            constexprs = {flag: off, **constexprs}
+    for p in kernel.params:  # constexprs with defaults (features off unless the variant turns them on)
+        if p.is_constexpr and p.has_default and p.name not in constexprs:
+            constexprs = {**constexprs, p.name: p.default}
+    src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,
+                    attrs=attributes(kernel))
+    compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
+    ptx = compiled.asm["ptx"]
+    return (f"{kernel.__name__:22s} {dtype:4s} -> sm_{arch}: {compiled.metadata.shared:6d} B shared, "
+            f"{resources(ptx, arch)}, loads {load_widths(ptx)}, {tensor_cores(ptx)}, "
+            f"{time.perf_counter() - t0:4.1f} s  {constexprs}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="variants compiled at once (threads: triton's compiler and ptxas run outside the GIL)")
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
-    for kernel, pointers, dtype, constexprs, num_warps in VARIANTS:
-        t0 = time.perf_counter()
-        if "PDL" in kernel.arg_names:  # the decode-path kernels: without PDL unless the variant says
-            constexprs = {"PDL": False, **constexprs}
-        if "SPLIT_K" in kernel.arg_names:
-            constexprs = {"SPLIT_K": 1, **constexprs}
-        for flag, off in (("NORM", False), ("ACCUMULATE", False), ("NORM_BLOCK", 16), ("PREFETCH", False),
-                          ("RELU", False), ("WIDEN_DOT", False)):
-            if flag in kernel.arg_names:
-                constexprs = {flag: off, **constexprs}
-        for p in kernel.params:  # constexprs with defaults (features off unless the variant turns them on)
-            if p.is_constexpr and p.has_default and p.name not in constexprs:
-                constexprs = {**constexprs, p.name: p.default}
-        src = ASTSource(kernel, signature(kernel, pointers, dtype, constexprs), constexprs=constexprs,
-                        attrs=attributes(kernel))
-        compiled = triton.compile(src, target=target, options=dict(num_warps=num_warps))
-        print(f"{kernel.__name__:22s} {dtype:4s} -> sm_{args.arch}: {compiled.metadata.shared:6d} B shared, "
-              f"{resources(compiled.asm['ptx'], args.arch)}, loads {load_widths(compiled.asm['ptx'])}, "
-              f"{tensor_cores(compiled.asm['ptx'])}, "
-              f"{time.perf_counter() - t0:4.1f} s  {constexprs}",
-              flush=True)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # lines printed in VARIANTS' order
+        for line in pool.map(lambda v: compile_variant(v, target, args.arch), VARIANTS):
+            print(line, flush=True)
     return 0
 
 
