@@ -41,6 +41,7 @@ import gpu_decode  # noqa: E402  (the model shapes, the checkpoint maker and the
 import aigc_rt  # noqa: E402
 from aigc_rt import cuda_kernels  # noqa: E402
 from aigc_rt.kernels import linear as triton_linear  # noqa: E402
+from aigc_rt.kernels import utils  # noqa: E402
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -278,6 +279,53 @@ def sampling_rows() -> list[str]:
     return out
 
 
+def config_text(config) -> str:
+    """An autotune candidate in a few words: its block shape, warps and what it turns on."""
+    kw = config.kwargs
+    shape = " x ".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_K", "BLOCK_C") if k in kw)
+    parts = [f"{shape}, {config.num_warps} warps"]
+    if "BLOCK_M" in kw:  # the dot tile: its loads pipelined by triton over num_stages
+        parts.append(f"{config.num_stages} stages")
+    if kw.get("PERSISTENT"):
+        parts.append(f"persistent {kw['PERSISTENT']}/SM")
+    if kw.get("STAGES", 1) > 1:
+        parts.append(f"pipelined {kw['STAGES']}")
+    if kw.get("SPLIT_K", 1) > 1:
+        parts.append(f"split-K {kw['SPLIT_K']}")
+    if kw.get("PREFETCH"):
+        parts.append("L2 prefetch")
+    return ", ".join(parts)
+
+
+def tuning_rows(log: dict, picks: dict, done: set, top: int = 4) -> list[str]:
+    """Markdown rows for what this run tuned and picked that `done` does not hold yet (it is updated): each shape's
+    fastest `top` autotune candidates (kernels/utils.py tuning_log) and each pick's times per choice
+    (kernels/linear.py picked_times: the GEMV or the 16-row tile; a fused sub-layer or its kernels apart)."""
+    rows = []
+    for (name, key), timings in log.items():
+        if (name, key) in done:
+            continue
+        done.add((name, key))
+        us = {c: 1e3 * (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
+        best = sorted(us, key=us.get)[:top]
+        dtypes = sorted({str(d).replace("torch.", "") for d in key[2:] if str(d).startswith("torch.")} - {"float32"})
+        rows.append(f"| {name} | {key[0]} x {key[1]} {'/'.join(dtypes) or 'float32'} | "
+                    + "; ".join(f"{config_text(c)}: {us[c]:.1f} us" for c in best) + f" | {len(us)} |")
+    for key, times in picks.items():
+        if ("pick", key) in done:
+            continue
+        done.add(("pick", key))
+        if isinstance(key[0], str):  # a fused sub-layer: (name, backend, its shape...)
+            what, shape = f"{key[0]} (pick)", ", ".join(str(k).replace("torch.", "") for k in key[2:])
+        else:  # a linear of 2-16 rows: (M, N, K, weight dtype, LayerNorm in the prologue)
+            M, N, K, dtype, norm = key
+            what, shape = "linear (pick)", f"M={M} {N} x {K} {str(dtype).replace('torch.', '')}{' +LN' * norm}"
+        rows.append(f"| {what} | {shape} | "
+                    + "; ".join(f"{k}: {1e3 * t:.1f} us" for k, t in sorted(times.items(), key=lambda kv: kv[1]))
+                    + f" | {len(times)} |")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="124M,1.5B")
@@ -295,6 +343,7 @@ def main(argv=None) -> int:
     path = os.path.join(gpu_decode.RESULTS_DIR, f"gpu_profile-{slug}-{time.strftime('%Y-%m-%d')}.md")
     os.makedirs(gpu_decode.RESULTS_DIR, exist_ok=True)
 
+    done: set = set()  # the tuning rows printed so far
     for size in a.sizes.split(","):
         with tempfile.TemporaryDirectory() as folder:
             gpu_decode.hf_checkpoint(size, folder)
@@ -330,6 +379,11 @@ def main(argv=None) -> int:
                 lines += mlp_rows(m, M, bandwidth)
             except Exception as e:
                 lines.append(f"| MLP at M={M} failed: {type(e).__name__}: {str(e)[:200]} |")
+        tuned = tuning_rows(utils.tuning_log, triton_linear.picked_times, done)
+        if tuned:
+            lines += ["", "What this size's first launches tuned: each shape's fastest autotune candidates (median us "
+                      "of the autotuner's timing, from L2 where the weights fit) and each pick's choices.", "",
+                      "| kernel | shape | fastest first | timed |", "|---|---|---|---|", *tuned]
         lines.append("")
         print("\n".join(lines), flush=True)
         with open(path, "w") as f:  # after each size: a time limit keeps what was measured

@@ -512,6 +512,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, act:
 # (M, N, K, weight dtype, fused LayerNorm) -> the faster kernel, "gemv" or "gemm"; also the triton backend's fused
 # sub-layers, ("mlp" | "attn_proj" | "attn_block", ...) -> "fused" or "composed" (triton_backend._pick)
 _picked: dict[tuple, str] = {}
+picked_times: dict[tuple, dict[str, float]] = {}  # the same keys -> each choice's median ms (bench/gpu_profile.py)
 
 
 def _faster(key: tuple, y: torch.Tensor, launch, choices: tuple[str, ...] = ("gemm", "gemv")) -> str:
@@ -525,7 +526,7 @@ def _faster(key: tuple, y: torch.Tensor, launch, choices: tuple[str, ...] = ("ge
         if y.is_cuda and torch.cuda.is_current_stream_capturing():
             return choices[0]
         kept = y.clone()
-        times = {k: _quick_bench(lambda k=k: launch(k), None) for k in choices}
+        times = picked_times[key] = {k: _quick_bench(lambda k=k: launch(k), None) for k in choices}
         y.copy_(kept)
         kernel = _picked[key] = min(times, key=times.get)
     return kernel

@@ -109,6 +109,9 @@ COMPILE_THREADS = min(16, os.cpu_count() or 1)
 _compile_pool = None
 _precompiled: set[tuple] = set()  # (autotuner, sizes, dtypes) of the launches seen
 _precompile_failed: list[Exception] = []  # the first failure (warned about once)
+# (kernel name, the autotuner's key) -> {Config: its timing (ms, or [median, 20th, 80th percentile])}: every shape
+# launch_tuned saw tuned in this process, for bench/gpu_profile.py to say how the candidates compared
+tuning_log: dict[tuple, dict] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,11 +157,15 @@ def launch_tuned(tuned, grid, *args, **kwargs):
     # per launch, so cheap first (~2 us): the shape's sizes and dtypes, seen before or not
     seen = (id(tuned), *(args[i] for i in _key_positions(tuned)),
             *(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    key = None
     if seen not in _precompiled:
         _precompiled.add(seen)
+        key = _tuning_key(tuned, args, kwargs)
         # a CUDA-graph capture runs only shapes its eager step has tuned: nothing to compile there
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if not capturing and _tuning_key(tuned, args, kwargs) not in tuned.cache:
+        if key in tuned.cache:
+            key = None
+        elif not capturing:
             try:
                 precompile(tuned, grid, args, kwargs)
             except Exception as e:  # noqa: BLE001 (an optimisation: never worth failing the launch for)
@@ -166,7 +173,10 @@ def launch_tuned(tuned, grid, *args, **kwargs):
                     _precompile_failed.append(e)
                     warnings.warn(f"aigc_rt: compiling autotune candidates in parallel failed ({type(e).__name__}: "
                                   f"{e}); the autotuner compiles them one by one", RuntimeWarning, stacklevel=2)
-    return tuned[grid](*args, **kwargs)
+    result = tuned[grid](*args, **kwargs)
+    if key is not None and getattr(tuned, "configs_timings", None):  # this launch tuned the shape: keep its times
+        tuning_log[(getattr(tuned, "base_fn", tuned.fn).__name__, key)] = dict(tuned.configs_timings)
+    return result
 
 
 def device_fn(fn):

@@ -113,3 +113,30 @@ def test_hf_rows_of_earlier_runs_are_reused(tmp_path):
                                       reused=date)]).splitlines()[-1]
     assert line.startswith("| 124M | bf16 | 1 | hf-compile (run of 2026-11-29) | 1.400 |") and line.endswith("| 9.00 |")
     assert g.reusable_hf_rows(str(tmp_path / "missing"), meta) == {}
+
+
+def test_profile_tuning_rows():
+    """bench/gpu_profile.py's report of what a run tuned: each shape's fastest candidates first, described in a
+    few words, and each pick's choices by time; a row once."""
+    import triton
+    import gpu_profile as p
+    plain = triton.Config(dict(BLOCK_N=8, BLOCK_K=512, PREFETCH=False, PERSISTENT=0), num_warps=4)
+    persistent = triton.Config(dict(BLOCK_N=8, BLOCK_K=1024, PREFETCH=False, PERSISTENT=4), num_warps=4)
+    piped = triton.Config(dict(BLOCK_N=16, BLOCK_K=256, PREFETCH=True, PERSISTENT=0, STAGES=3), num_warps=8)
+    tile = triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, PREFETCH=False), num_warps=4,
+                         num_stages=4)
+    log = {("_gemv_kernel", (50257, 768, "torch.float32", "torch.bfloat16")):
+           {plain: [0.0335, 0.033, 0.034], persistent: [0.0201, 0.02, 0.021], piped: 0.0241},
+           ("_linear_kernel", (3072, 768, "torch.float32", "torch.bfloat16")): {tile: [0.0208, 0.02, 0.021]}}
+    picks = {("attn_block", "TritonBackend", 1, 12, 192, 64, torch.bfloat16): dict(composed=1.2e-2, fused=1.4e-2,
+                                                                                    wide=9.5e-3),
+             (8, 3072, 768, torch.bfloat16, True): dict(gemm=2.08e-2, gemv=1.1e-2)}
+    done = set()
+    rows = p.tuning_rows(log, picks, done, top=2)
+    assert rows[0] == ("| _gemv_kernel | 50257 x 768 bfloat16 | 8 x 1024, 4 warps, persistent 4/SM: 20.1 us; "
+                       "16 x 256, 8 warps, pipelined 3, L2 prefetch: 24.1 us | 3 |")
+    assert rows[1] == "| _linear_kernel | 3072 x 768 bfloat16 | 16 x 32 x 128, 4 warps, 4 stages, split-K 4: 20.8 us | 1 |"
+    assert rows[2] == ("| attn_block (pick) | 1, 12, 192, 64, bfloat16 | wide: 9.5 us; composed: 12.0 us; "
+                       "fused: 14.0 us | 3 |")
+    assert rows[3] == "| linear (pick) | M=8 3072 x 768 bfloat16 +LN | gemv: 11.0 us; gemm: 20.8 us | 2 |"
+    assert p.tuning_rows(log, picks, done) == [], "rows repeated"

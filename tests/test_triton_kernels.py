@@ -1033,7 +1033,12 @@ def test_autotune_candidates_compiled_in_parallel(monkeypatch):
         warmed.append(kwargs)
     monkeypatch.setattr(tuned.fn, "warmup", warmup)
     launched = []
-    monkeypatch.setattr(type(tuned), "__getitem__", lambda self, grid: lambda *a, **k: launched.append(k))
+
+    def launch(self, grid):  # the autotuner: launches, and has timed the candidates of the shape it tuned
+        return lambda *a, **k: (launched.append(k), setattr(self, "configs_timings", {want[0]: [0.02, 0.02, 0.02]}))
+    monkeypatch.setattr(type(tuned), "__getitem__", launch)
+    monkeypatch.setattr(tuned, "configs_timings", None, raising=False)
+    monkeypatch.setattr(utils, "tuning_log", {})
     M, N, K = 1, 37, 1100
     x, w, y = randn(M, K, seed=1), randn(N, K, seed=2, dtype=torch.bfloat16), torch.empty(M, N, device=DEV)
     args = (x, w, w, w, y, x, x, N, K, K, K, N, 1.0)
@@ -1046,6 +1051,7 @@ def test_autotune_candidates_compiled_in_parallel(monkeypatch):
             for k in warmed] == [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs.get("STAGES", 1),
                                   c.kwargs["PERSISTENT"], c.num_warps) for c in want]
     assert all(k["NORM"] is False and k["NORM_BLOCK"] == 16 for k in warmed) and len(launched) == 1
+    assert list(utils.tuning_log) == [("_gemv_kernel", utils._tuning_key(tuned, args, flags))]  # its times kept
     utils.launch_tuned(tuned, grid, *args, **flags)
     assert len(warmed) == len(want) and len(launched) == 2, "a shape's candidates compiled twice"
 
