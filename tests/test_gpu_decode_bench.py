@@ -135,7 +135,8 @@ def test_profile_tuning_rows():
     rows = p.tuning_rows(log, picks, done, top=2)
     assert rows[0] == ("| _gemv_kernel | 50257 x 768 bfloat16 | 8 x 1024, 4 warps, persistent 4/SM: 20.1 us; "
                        "16 x 256, 8 warps, pipelined 3, L2 prefetch: 24.1 us | 3 |")
-    assert rows[1] == "| _linear_kernel | 3072 x 768 bfloat16 | 16 x 32 x 128, 4 warps, 4 stages, split-K 4: 20.8 us | 1 |"
+    assert rows[1] == ("| _linear_kernel | 3072 x 768 bfloat16 | 16 x 32 x 128, 4 warps, 4 stages, split-K 4: "
+                       "20.8 us | 1 |")
     assert rows[2] == ("| attn_block (pick) | 1, 12, 192, 64, bfloat16 | wide: 9.5 us; composed: 12.0 us; "
                        "fused: 14.0 us | 3 |")
     assert rows[3] == "| linear (pick) | M=8 3072 x 768 bfloat16 +LN | gemv: 11.0 us; gemm: 20.8 us | 2 |"
