@@ -799,7 +799,7 @@ def test_sample_matches_reference(sample_inputs, params):
 @pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 1, 5, 7)], ids=["greedy", "penalty", "all",
                                                                                   "top_p"])
 def test_sample_advances_positions_and_marks_seen(sample_inputs, params, width):
-    """A generation step's bookkeeping in the sampler's last kernel (the triton backend's decode_sample_steps):
+    """A generation step's bookkeeping in the sampler's last kernel (the triton backend's sample_step):
     the same tokens as without it, every position + 1, and each token marked seen but a NaN row's -1."""
     logits, seen, u = sample_inputs
     if width is not None:

@@ -106,7 +106,7 @@ def test_seeded_sampling_matches_torch_backend(model, reference, sampling):
     """Same seeds, same u per (sequence, step): the same tokens. The backends' logits agree to ~1e-6, so a
     token could only differ where u falls within ~1e-6 of a CDF boundary (about 1e-5 per draw; the kernel
     test accounts for that case explicitly); this run is deterministic and has no such draw. With a repetition
-    penalty the triton step marks each token seen in its sampler's last kernel (decode_sample_steps)."""
+    penalty the triton step marks each token seen in its sampler's last kernel (sample_step)."""
     kw = dict(max_new_tokens=8, seed=3, eos_token_id=[], **sampling)
     got = model.generate(PROMPTS[:2], **kw)
     assert [c.token_ids for c in got] == [c.token_ids for c in reference.generate(PROMPTS[:2], **kw)]

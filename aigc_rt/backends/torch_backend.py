@@ -285,10 +285,15 @@ class TorchBackend:
         """run_decode_sample's work, with decode(step, tokens, positions, lengths, cache, max_len) -> logits."""
         lengths = torch.add(state.positions, 1, out=cache.workspace(state.tokens.shape[0]).lengths)
         logits = decode(step, state.tokens, state.positions, lengths, cache, max_len)
+        self.sample_step(logits, params, state)
+        return logits
+
+    def sample_step(self, logits: torch.Tensor, params: SamplingParams, state) -> None:
+        """A step's end: the next tokens sampled from logits into state.tokens, the positions advanced, the tokens
+        marked seen."""
         self.sample(logits, params, state.u, state.seen, out=state.tokens)
         state.positions.add_(1)
         state.mark_seen()
-        return logits
 
     # -- DCGAN -----------------------------------------------------------------------------------------
     def prepare_conv_transpose(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int,

@@ -184,14 +184,11 @@ class TritonBackend(TorchBackend):
         key = ("prefill", first_logits, B, padded, cache.addresses(B))
         return self.prefill_graphs.run(key, lambda i, n: first_logits(i, cache, n), ids, lengths)
 
-    def decode_sample_steps(self, decode, step, state, cache, max_len, params):
+    def sample_step(self, logits, params, state):
         """TorchBackend's, with the positions' advance and the seen set's update done by the sampler's last kernel
         (kernels/sampling.py _finish): a launch fewer a step, three with a repetition penalty."""
-        lengths = torch.add(state.positions, 1, out=cache.workspace(state.tokens.shape[0]).lengths)
-        logits = decode(step, state.tokens, state.positions, lengths, cache, max_len)
         sampling.sample(logits, params, state.u, state.seen, out=state.tokens, advance=state.positions,
                         mark_seen=state.seen is not None)
-        return logits
 
     def run_decode_sample(self, step, state, cache, max_len, params):
         B = state.tokens.shape[0]
