@@ -82,6 +82,34 @@ def _head_qkv(r_ptr, b, h, H, dims, in_d, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_pt
 
 
 @device_fn
+def _head_qkv_rows(r_ptr, b, h, H, p, qkv_ptr, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_ptr, r_stride, eps,
+                   HEAD_DIM: tl.constexpr, SCALED: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+                   NORM_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Rows p * ROWS .. (p + 1) * ROWS - 1 of head h's 3 * HEAD_DIM rows of LayerNorm(r[b]) W^T + bias (q's
+    HEAD_DIM rows, then k's, then v's: W's rows t * C + h * HEAD_DIM + d) into qkv[b] (3C,) fp32 at the same
+    columns; _head_qkv's numerics. The loop over C pipelined (STAGES - 1 steps in flight ahead)."""
+    C = H * HEAD_DIM
+    mean, rstd = _row_stats(r_ptr, tl.zeros((1,), dtype=tl.int64) + b, b + 1, C, r_stride, eps, NORM_BLOCK)
+    x_row = r_ptr + b.to(tl.int64) * r_stride
+    j = p * ROWS + tl.arange(0, ROWS)
+    in_j = j < 3 * HEAD_DIM
+    rows = (j // HEAD_DIM) * C + h * HEAD_DIM + j % HEAD_DIM  # (ROWS,) rows of W, columns of qkv
+    ks = tl.arange(0, BLOCK_K)
+    w_ptrs = wq_ptr + rows[:, None].to(tl.int64) * C + ks[None, :]  # (ROWS, BLOCK_K)
+    acc = tl.zeros((ROWS,), dtype=tl.float32)
+    for k0 in tl.range(0, C, BLOCK_K, num_stages=STAGES):
+        in_k = ks + k0 < C
+        x = tl.load(x_row + k0 + ks, mask=in_k, other=0.0)[None, :]  # (1, BLOCK_K)
+        x = _normalise(x, mean, rstd, g_ptr, beta_ptr, ks + k0, in_k[None, :], C)
+        w = tl.load(w_ptrs + k0, mask=in_j[:, None] & in_k[None, :], other=0.0)
+        if not SCALED:
+            x = cast_to(x, w.dtype)
+        acc += tl.sum(w.to(tl.float32) * x, axis=1)
+    y = _epilogue(acc, sq_ptr, bq_ptr, rows, 3 * C, SCALED, HAS_QKV_BIAS, False, False)
+    tl.store(qkv_ptr + b.to(tl.int64) * 3 * C + rows, y, mask=in_j)
+
+
+@device_fn
 def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr, pp_ptr, count_ptr, N, r_stride,
              part_rows, count_stride, tot_ptr, row_count_ptr, HEAD_DIM: tl.constexpr, SCALED: tl.constexpr,
              HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr, RBLOCK: tl.constexpr,
@@ -126,6 +154,38 @@ def _project(out, b, h, H, dims, in_d, p, n_slices, w_ptr, ws_ptr, wb_ptr, r_ptr
                     tl.store(r_row + cols, tl.load(r_row + cols, mask=cols < N, other=0.0) + y, mask=cols < N)
 
 
+@device_fn
+def _attend(q, k_ptr, v_ptr, k_ss, v_ss, start, end, dims, in_d, new_k, new_v, new_pos, qk_scale,
+            APPEND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (row, head)'s attention over its cache's positions start .. end - 1 (start < end; k_ptr, v_ptr at its
+    position 0, positions k_ss / v_ss apart), online softmax in the log2 domain (qk_scale includes log2 e):
+    (o, m, l), o = sum_j exp2(s_j - m) V_j / l, m = max_j s_j, l = sum_j exp2(s_j - m). APPEND: position new_pos
+    (this step's) takes its k, v from registers (new_k, new_v, rounded as the cache keeps them), not the cache."""
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros(q.shape, dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        valid = pos < end
+        k = tl.load(k_ptr + pos[:, None] * k_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
+                    other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        is_new = (pos == new_pos) & valid  # the slot being written: its k, v come from registers
+        if APPEND:
+            k = tl.where(is_new[:, None], new_k[None, :], k)
+        s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * qk_scale, float("-inf"))  # log2 domain
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: pos = start_n < end is valid
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(v_ptr + pos[:, None] * v_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
+                    other=0.0).to(tl.float32)
+        if APPEND:
+            v = tl.where(is_new[:, None], new_v[None, :], v)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    return acc / l_i, m_i, l_i
+
+
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr, new_k_ptr, new_v_ptr, pos_ptr, o_ptr,
                          H, S, qk_scale, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, nk_sb, nk_sh, nv_sb, nv_sh,
@@ -155,6 +215,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
                                     eps, HEAD_DIM, SCALED, HAS_QKV_BIAS, NORM_BLOCK, BLOCK_K)
     else:
         q = tl.load(q_ptr + b.to(tl.int64) * q_sb + h * q_sh + dims, mask=in_d, other=0.0).to(tl.float32)
+        new_k, new_v = q, q  # never read without APPEND
         if APPEND:
             new_k = tl.load(new_k_ptr + b.to(tl.int64) * nk_sb + h * nk_sh + dims, mask=in_d, other=0.0)
             new_v = tl.load(new_v_ptr + b.to(tl.int64) * nv_sb + h * nv_sh + dims, mask=in_d, other=0.0)
@@ -164,30 +225,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
         new_v = cast_to(new_v, v_ptr.dtype.element_ty)
     out = tl.zeros((BLOCK_D,), dtype=tl.float32)  # SINGLE: the output, zeros for a row of length 0 (as the merge)
     if start < length:
-        m_i = float("-inf")
-        l_i = 0.0
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        end = tl.minimum(start + SPLIT_LEN, length)
-        for start_n in range(start, end, BLOCK_N):
-            pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-            valid = pos < end
-            k = tl.load(k_ptr + pos[:, None] * k_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
-                        other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
-            is_new = (pos == new_pos) & valid  # the slot being written: its k, v come from registers
-            if APPEND:
-                k = tl.where(is_new[:, None], new_k[None, :], k)
-            s = tl.where(valid, tl.sum(k * q[None, :], axis=1) * qk_scale, float("-inf"))  # log2 domain
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: pos = start_n < end is valid
-            p = tl.exp2(s - m_new)
-            alpha = tl.exp2(m_i - m_new)
-            v = tl.load(v_ptr + pos[:, None] * v_ss + dims[None, :], mask=valid[:, None] & in_d[None, :],
-                        other=0.0).to(tl.float32)
-            if APPEND:
-                v = tl.where(is_new[:, None], new_v[None, :], v)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m_i = m_new
-        out = acc / l_i
+        out, m_i, l_i = _attend(q, k_ptr, v_ptr, k_ss, v_ss, start, tl.minimum(start + SPLIT_LEN, length), dims, in_d,
+                                new_k, new_v, new_pos, qk_scale, APPEND, BLOCK_N)
         if not SINGLE:
             part = bh.to(tl.int64) * tl.num_programs(1) + split
             tl.store(part_o_ptr + part * BLOCK_D + dims, out)
@@ -202,6 +241,52 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, part_o_ptr, part_lse_ptr,
                      mask=in_d)
     if APPEND:  # last, so that nothing above could have read the slot back (the interpreter runs in order)
         if (new_pos >= start) & (new_pos < start + SPLIT_LEN) & (new_pos < S):
+            tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
+            tl.store(v_ptr + new_pos * v_ss + dims, new_v.to(v_ptr.dtype.element_ty), mask=in_d)
+
+
+@triton.jit
+def _attention_block_spread_kernel(r_ptr, k_ptr, v_ptr, len_ptr, pos_ptr, qkv_ptr, H, S, qk_scale, k_sb, k_sh, k_ss,
+                                   v_sb, v_sh, v_ss, w_ptr, ws_ptr, wb_ptr, res_ptr, pp_ptr, count_ptr, N, r_stride,
+                                   part_rows, count_stride, tot_ptr, head_count_ptr, g_ptr, beta_ptr, wq_ptr,
+                                   sq_ptr, bq_ptr, eps, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_D: tl.constexpr, PDL: tl.constexpr, SCALED: tl.constexpr,
+                                   HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
+                                   RBLOCK: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                                   QKV_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QKV_STAGES: tl.constexpr,
+                                   PROJ_STAGES: tl.constexpr):
+    """attention_block's "spread" shape: program (row b x head h, p) computes its QKV_ROWS of the head's q, k, v
+    rows into qkv[b]; the head's last program to arrive (its counter, head_count[b * H + h]) reads the head's
+    q, k, v back, attends over the cache with this step's k, v appended, and projects the head's output through
+    all of W_o's outputs (one slice: _project), the row's heads' partials added by the last head into r[b]. r is
+    read only by the programs computing q, k, v, and each head attends only after all of its programs have read
+    it, so the last head adds into r directly."""
+    pdl_begin(PDL)
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    C = H * HEAD_DIM
+    _head_qkv_rows(r_ptr, b, h, H, tl.program_id(1), qkv_ptr, g_ptr, beta_ptr, wq_ptr, sq_ptr, bq_ptr, r_stride, eps,
+                   HEAD_DIM, SCALED, HAS_QKV_BIAS, NORM_BLOCK, QKV_ROWS, BLOCK_K, QKV_STAGES)
+    if arrive(head_count_ptr + bh, tl.num_programs(1)):
+        dims = tl.arange(0, BLOCK_D)
+        in_d = dims < HEAD_DIM
+        head = qkv_ptr + b.to(tl.int64) * 3 * C + h * HEAD_DIM + dims  # written by this launch: read from L2
+        q = tl.load(head, mask=in_d, other=0.0, cache_modifier=".cg")
+        k_ptr += b.to(tl.int64) * k_sb + h.to(tl.int64) * k_sh
+        v_ptr += b.to(tl.int64) * v_sb + h.to(tl.int64) * v_sh
+        new_k = cast_to(tl.load(head + C, mask=in_d, other=0.0, cache_modifier=".cg"), k_ptr.dtype.element_ty)
+        new_v = cast_to(tl.load(head + 2 * C, mask=in_d, other=0.0, cache_modifier=".cg"), v_ptr.dtype.element_ty)
+        new_pos = tl.load(pos_ptr + b)
+        length = tl.minimum(tl.load(len_ptr + b), S)
+        out = tl.zeros((BLOCK_D,), dtype=tl.float32)  # zeros for a row of length 0
+        if length > 0:
+            out, _, _ = _attend(q, k_ptr, v_ptr, k_ss, v_ss, 0, length, dims, in_d, new_k, new_v, new_pos, qk_scale,
+                                True, BLOCK_N)
+        _project(out, b, h, H, dims, in_d, 0, 1, w_ptr, ws_ptr, wb_ptr, res_ptr, pp_ptr, count_ptr, N, r_stride,
+                 part_rows, count_stride, tot_ptr, head_count_ptr, HEAD_DIM, SCALED, HAS_BIAS, BLOCK_C, GROUP, RBLOCK,
+                 False, PROJ_STAGES)
+        if (new_pos >= 0) & (new_pos < S):  # last: the attention above read the slot from registers
             tl.store(k_ptr + new_pos * k_ss + dims, new_k.to(k_ptr.dtype.element_ty), mask=in_d)
             tl.store(v_ptr + new_pos * v_ss + dims, new_v.to(v_ptr.dtype.element_ty), mask=in_d)
 
@@ -307,11 +392,13 @@ def projection_layout(H: int, N: int, slices: int, group: int) -> tuple[int, int
     return H + groups, triton.cdiv(triton.cdiv(N, slices), 16) * 16, groups + 1
 
 
-def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, dev, row_last: bool = False) -> tuple:
+def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, dev, row_last: bool = False,
+                more_counters: int = 0) -> tuple:
     """attention_decode's checks of proj = (W, bias, scale), residual and counters -> (the kernels' projection
     arguments, their flags, slices of W's outputs per row (programs (row, head, slice))); ValueError naming the
     problem. row_last (attention_block): the slices' results go through a (B, N) buffer, added into residual by
-    each row's last slice (counters one per row more)."""
+    each row's last slice (counters one per row more). The arguments end with the counters after the slices' (for
+    row_last's, or more_counters more of the caller's own)."""
     if not (isinstance(proj, tuple) and len(proj) == 3):
         raise ValueError(f"proj must be a (weight, bias, scale) tuple, got {type(proj).__name__}")
     w, bias, scale = proj
@@ -331,7 +418,8 @@ def _projection(proj, residual, counters, out, B: int, H: int, D: int, s: dict, 
     slices = max(1, min(s["PROJ_SLICES"], triton.cdiv(N, 16)))
     part_rows, width, count_stride = projection_layout(H, N, slices, s["GROUP"])
     slice_counters = B * slices * count_stride
-    counters = checked_counters(counters, slice_counters + (B if row_last else 0), dev, "attention_decode")
+    counters = checked_counters(counters, slice_counters + (B if row_last else 0) + more_counters, dev,
+                                "attention_decode")
     part = torch.empty(B * slices, part_rows, width, device=dev)  # the heads' partial sums (read within the launch)
     total = torch.empty(B, N, device=dev) if row_last else residual  # the slices' results (row_last)
     args = (w, w if scale is None else scale, w if bias is None else bias, residual, part, counters, N,
@@ -362,7 +450,8 @@ def one_pass(batch: int, H: int, S: int, D: int, device: torch.device) -> bool:
 
 def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, *,
-                    counters: torch.Tensor | None = None, wide: bool = False) -> torch.Tensor:
+                    counters: torch.Tensor | None = None, shape: str = "fused",
+                    qkv_out: torch.Tensor | None = None) -> torch.Tensor:
     """A decode step's whole pre-norm attention sub-layer in one launch: r += O W_o^T + b_o, O the heads of
     attention(q, k, v) side by side, (q, k, v) = LayerNorm(r) W_qkv^T + b_qkv (q, k and v side by side, H heads of
     D each), this step's k, v written into the caches at positions first (as write_kv). r (B, C) fp32, C = H * D,
@@ -371,7 +460,10 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     for one pass (one_pass()); positions, lengths (B,) (lengths counting this step's position). Each (row, head,
     slice) program computes its head's q, k, v itself (the slices of a row repeat it: from L2) and its part of
     the projection; a row's last program adds the result into r (after every program of the row has read it).
-    wide: the qkv GEMV in wider steps on more warps (utils.decode_settings)."""
+    shape (utils.BLOCK_SHAPES; a GPU times them): "fused" as above; "wide", the qkv GEMV in wider steps on more warps;
+    "spread", a head's q, k, v rows spread over several programs (none computes them twice), written to qkv_out
+    ((B, 3C) fp32 scratch; a new one if None), the head's last program attending and projecting through all of
+    W_o's outputs (utils.decode_settings)."""
     check_tensor("residual", r, 2, (torch.float32,), None)
     dev = r.device
     B, C = r.shape
@@ -383,11 +475,15 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     check_vector("positions", positions, B, (torch.int64, torch.int32), dev)
     check_vector("lengths", lengths, B, (torch.int64, torch.int32), dev)
     _check_norm(norm, C, dev)
-    s = decode_settings(B * H, S, D, dev, wide=wide)
+    s = decode_settings(B * H, S, D, dev, shape=shape)
     if s["n_splits"] != 1:
         raise ValueError(f"attention_block takes caches read in one pass (one_pass()); {S} positions are not")
-    # proj checked first (its residual, r, must be a contiguous (B, C): W_o has C outputs)
-    proj_args, proj_flags, slices = _projection(proj, r, counters, None, B, H, D, s, dev, row_last=True)
+    spread = shape == "spread"
+    # proj checked first (its residual, r, must be a contiguous (B, C): W_o has C outputs); spread: one slice of W_o's
+    # outputs, a counter per (row, head) after the projection's
+    proj_args, proj_flags, slices = _projection(proj, r, counters, None, B, H, D,
+                                                dict(s, PROJ_SLICES=1) if spread else s, dev, row_last=not spread,
+                                                more_counters=B * H if spread else 0)
     if not (isinstance(qkv, tuple) and len(qkv) == 3):
         raise ValueError(f"qkv must be a (weight, bias, scale) tuple, got {type(qkv).__name__}")
     wq, bq, sq = qkv
@@ -399,9 +495,21 @@ def attention_block(r: torch.Tensor, norm: tuple, qkv: tuple, proj: tuple, k_cac
     check_scale("qkv weight", wq, sq, dev)
     if bq is not None:
         check_vector("qkv bias", bq, 3 * C, (torch.float32,), dev)
+    if spread:
+        qkv_out = check_out(qkv_out, (B, 3 * C), torch.float32, dev, name="qkv_out")
     if B == 0:
         return r
     g, beta, eps = norm
+    if spread:
+        _attention_block_spread_kernel[(B * H, s["QKV_SLICES"])](
+            r, k_cache, v_cache, lengths, positions, qkv_out, H, S, LOG2E / math.sqrt(D), *k_cache.stride()[:3],
+            *v_cache.stride()[:3], *proj_args, g, beta, wq, wq if sq is None else sq, wq if bq is None else bq,
+            float(eps), HEAD_DIM=D, BLOCK_N=s["BLOCK_N"], BLOCK_D=s["BLOCK_D"], **pdl_options(dev),
+            SCALED=proj_flags["SCALED"], HAS_BIAS=proj_flags["HAS_BIAS"], BLOCK_C=s["BLOCK_C"], GROUP=s["GROUP"],
+            RBLOCK=s["RBLOCK"], HAS_QKV_BIAS=bq is not None, NORM_BLOCK=_norm_block(norm, C, 1), QKV_ROWS=s["QKV_ROWS"],
+            BLOCK_K=s["BLOCK_K"], QKV_STAGES=s["QKV_STAGES"], PROJ_STAGES=proj_flags["PROJ_STAGES"],
+            num_warps=s["num_warps"])
+        return r
     _decode_split_kernel[(B * H, 1, slices)](
         r, k_cache, v_cache, lengths, r, r, r, r, positions, r, H, S, LOG2E / math.sqrt(D), 0, 0,
         *k_cache.stride()[:3], *v_cache.stride()[:3], 0, 0, 0, 0, 0, 0, *proj_args, g, beta, wq,

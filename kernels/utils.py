@@ -487,20 +487,25 @@ def attention_settings(head_dim: int, dtype: torch.dtype, interpreter: bool = IN
                 num_stages=2 if small else 3)
 
 
+BLOCK_SHAPES = ("fused", "wide", "spread")  # decode_attention.attention_block's launch shapes (decode_settings)
 SINGLE_PASS_BLOCKS = 4  # decode attention over caches of up to 4 x 64 positions: one pass, no merge
 
 
 def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch.device,
-                    interpreter: bool = INTERPRETER, wide: bool = False) -> dict:
+                    interpreter: bool = INTERPRETER, shape: str = "fused") -> dict:
     """Split-K layout for decode_attention.py, from the cache's capacity (never a per-step length, so a
     CUDA graph can be captured once): enough (row, head, split) programs to cover every SM twice. With the output
     projection fused: W's outputs in PROJ_SLICES slices, BLOCK_C outputs per tile of W (8,192 weights a tile),
     partials added GROUP at a time in RBLOCK-column tiles (the interpreter: heads in groups of 2, so that both
-    stages run at test sizes); with the qkv linear fused too, BLOCK_K inputs per step of its GEMV (three tiles of
-    4,096 weights: q's, k's and v's rows). wide (the fused sub-layer's other shape, timed against it on a GPU):
-    the qkv GEMV's tiles four times as wide on 8 warps, a quarter of the dependent steps over C, 96 KB of weights
-    in flight per step (sm_90: 179 registers, no spills). PROJ_STAGES: the fused output projection's loop over
-    W's tiles software-pipelined (decode_attention._project)."""
+    stages run at test sizes); with the qkv linear fused too (attention_block), BLOCK_K inputs per step of its GEMV
+    (three tiles of 4,096 weights: q's, k's and v's rows). The attention block's other launch shapes (timed against
+    it on a GPU): "wide", the qkv GEMV's tiles four times as wide on 8 warps, a quarter of the dependent steps over
+    C, 96 KB of weights in flight per step (sm_90: 179 registers, no spills); "spread", a head's 3 * head_dim rows
+    of W_qkv spread over QKV_SLICES programs of QKV_ROWS rows each (enough programs to cover every SM twice),
+    BLOCK_K inputs a step (tiles of 8,192 weights), QKV_STAGES steps in flight. PROJ_STAGES: the fused output
+    projection's loop over W's tiles software-pipelined (decode_attention._project)."""
+    if shape not in BLOCK_SHAPES:
+        raise ValueError(f"shape must be one of {BLOCK_SHAPES}, got {shape!r}")
     block_n = 16 if interpreter else 64
     block_d = triton.next_power_of_2(max(head_dim, 16))
     target_splits = triton.cdiv(2 * num_sms(device), batch_heads)
@@ -512,10 +517,16 @@ def decode_settings(batch_heads: int, max_len: int, head_dim: int, device: torch
     # the projection's outputs cut into PROJ_SLICES slices, (row, head, slice) programs: ~2 per SM, at most 4 (each
     # program of a one-pass attention attends again for its slice: cheap beside W for a short cache)
     slices = min(4, target_splits)
+    wide = shape == "wide"
     proj = dict(BLOCK_C=128, GROUP=2, RBLOCK=128, BLOCK_K=128 if wide else 64) if interpreter else dict(
         BLOCK_C=max(16, 8192 // block_d), GROUP=8, RBLOCK=1024, BLOCK_K=max(16, (16384 if wide else 4096) // block_d))
+    spread = {}
+    if shape == "spread":
+        rows = max(16, triton.next_power_of_2(triton.cdiv(3 * head_dim, target_splits)))
+        spread = dict(QKV_ROWS=rows, QKV_SLICES=triton.cdiv(3 * head_dim, rows), QKV_STAGES=1 if interpreter else 3)
+        proj["BLOCK_K"] = 64 if interpreter else max(16, 8192 // rows)
     return dict(BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_LEN=split_len, n_splits=triton.cdiv(max_len, split_len),
-                num_warps=1 if interpreter else 8 if wide else 4, PROJ_SLICES=slices, PROJ_STAGES=3, **proj)
+                num_warps=1 if interpreter else 8 if wide else 4, PROJ_SLICES=slices, PROJ_STAGES=3, **proj, **spread)
 
 
 CONV_ACTS = {"none": 0, "relu": 1, "tanh": 2, "leaky_relu": 3, "sigmoid": 4}  # as csrc/cpu/conv_isa.h's Act

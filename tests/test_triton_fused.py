@@ -259,7 +259,7 @@ def test_fused_kernel_checked_on_its_first_launch(checked, monkeypatch, fault):
         picked = "fused" if fault is None else "composed"
         assert calls == (["composed", "fused", "fused", picked] if launch == 0 else [picked]), (launch, calls)
         calls.clear()
-    assert list(triton_backend._checked.values()) == [fault is None]
+    assert list(triton_backend._checked.values()) == [("fused",) if fault is None else ()]
 
 
 def test_fused_check_waits_for_finite_input(checked, monkeypatch):
@@ -275,10 +275,10 @@ def test_fused_check_waits_for_finite_input(checked, monkeypatch):
         warnings.simplefilter("always")
         be.mlp(x, *o["norm"], fc, proj)
     assert not [w for w in caught if "aigc_rt" in str(w.message)], [str(w.message) for w in caught]
-    assert calls == ["composed", "fused", "fused", "composed"] and triton_backend._checked == {}, calls
+    assert calls == ["composed", "composed"] and triton_backend._checked == {}, calls  # the fused shapes not run
     calls.clear()
     be.mlp(o["x"].clone(), *o["norm"], fc, proj)
-    assert calls == ["composed", "fused", "fused", "fused"] and list(triton_backend._checked.values()) == [True]
+    assert calls == ["composed", "fused", "fused", "fused"] and list(triton_backend._checked.values()) == [("fused",)]
 
 
 # -- the decode attention with its output projection -------------------------------------------------------------
@@ -468,10 +468,10 @@ def block_reference(o: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return linear.reference(a, wo, bo, scale=so, residual=o["r"]), kc, vc
 
 
-def run_block(o: dict, counters=None, wide: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_block(o: dict, counters=None, shape: str = "fused") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r, kc, vc = o["r"].clone(), o["kc"].clone(), o["vc"].clone()
     got = decode_attention.attention_block(r, o["norm"], o["qkv"], o["proj"], kc, vc, o["positions"], o["lengths"],
-                                           counters=counters, wide=wide)
+                                           counters=counters, shape=shape)
     assert got is r
     return r, kc, vc
 
@@ -499,28 +499,57 @@ def test_attention_block(B, H, D, S, dtype):
         assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
 
 
-@pytest.mark.parametrize("B,H,D,S", shapes([(1, 3, 32, 20), (2, 5, 16, 9)], [(1, 12, 64, 192), (8, 25, 64, 256)]))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=["bf16", "int8"])
-def test_attention_block_wide(B, H, D, S, dtype):
-    """The fused sub-layer's wide shape (the qkv GEMV in steps of four times the inputs; a GPU times it against the
-    default one) against the references, counters back at zero."""
+@pytest.mark.parametrize("B,H,D,S", shapes([(1, 3, 32, 20), (3, 2, 24, 32), (2, 5, 16, 9)],
+                                           [(1, 12, 64, 192), (8, 25, 64, 256)]))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8], ids=["bf16", "fp32", "int8"])
+@pytest.mark.parametrize("shape", ["wide", "spread"])
+def test_attention_block_shapes(B, H, D, S, dtype, shape):
+    """The fused sub-layer's other launch shapes (a GPU times them against the default one) against the references:
+    wide (the qkv GEMV in steps of four times the inputs) and spread (a head's q, k, v rows over several programs,
+    here 2-3 a head of which the last partly past the head's rows, or all in one; the head's last program attending
+    and projecting); the caches hold the step's k, v; counters back at zero; a second launch gives the same bits."""
     counters = utils.new_counters(DEV)
-    o = block_operands(B, H, D, S, dtype, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, seed=B + S)
-    want, kc_want, _ = block_reference(o)
-    got, kc, _ = run_block(o, counters, wide=True)
-    assert_close(got, want, *tolerance(dtype), f"wide attention block B={B} H={H} D={D} S={S} {dtype}")
-    assert_close(kc, kc_want, 1e-2, 1e-2, "k cache")
-    assert not counters.any(), f"counters left {counters.nonzero().flatten().tolist()}"
+    cache_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    o = block_operands(B, H, D, S, dtype, cache_dtype, seed=B + S)
+    want, kc_want, vc_want = block_reference(o)
+    got, kc, vc = run_block(o, counters, shape=shape)
+    what = f"{shape} attention block B={B} H={H} D={D} S={S} {dtype}"
+    assert_close(got, want, *tolerance(dtype), what)
+    tol = (1e-5, 1e-5) if cache_dtype == torch.float32 else (1e-2, 1e-2)
+    assert_close(kc, kc_want, *tol, f"{what}: k cache")
+    assert_close(vc, vc_want, *tol, f"{what}: v cache")
+    assert not counters.any(), f"{what}: counters left {counters.nonzero().flatten().tolist()}"
+    again, _, _ = run_block(o, counters, shape=shape)
+    assert torch.equal(got, again), f"{what}: a second launch differs by {(got - again).abs().max():.3g}"
+
+
+def test_attention_block_spread_writes_qkv_out():
+    """The spread shape's q, k, v go through the caller's scratch (the decode Workspace's qkv buffer), which then
+    holds LayerNorm(r) W_qkv^T + b; a scratch of the wrong shape is refused by name."""
+    o = block_operands(2, 3, 16, 20, torch.float32, torch.float32, seed=41)
+    scratch = torch.full((2, 144), float("nan"), device=DEV)
+    r = o["r"].clone()
+    decode_attention.attention_block(r, o["norm"], o["qkv"], o["proj"], o["kc"].clone(), o["vc"].clone(),
+                                     o["positions"], o["lengths"], shape="spread", qkv_out=scratch)
+    wq, bq, _ = o["qkv"]
+    assert_close(scratch, linear.reference(o["r"], wq, bq, norm=o["norm"]), 1e-5, 1e-5, "qkv_out")
+    with pytest.raises(ValueError, match=r"qkv_out must be a contiguous \(2, 144\) tensor"):
+        decode_attention.attention_block(r, o["norm"], o["qkv"], o["proj"], o["kc"], o["vc"], o["positions"],
+                                         o["lengths"], shape="spread", qkv_out=scratch[:, :100])
+    with pytest.raises(ValueError, match="shape must be one of"):
+        run_block(o, shape="narrow")
 
 
 @pytest.mark.skipif(ON_GPU, reason="a GPU runs its own settings in every test")
-@pytest.mark.parametrize("B,H,S,wide", [(2, 25, 160, False), (1, 3, 100, False), (2, 25, 160, True)])
-def test_attention_block_with_the_gpu_settings(gpu_settings, B, H, S, wide):
+@pytest.mark.parametrize("B,H,S,shape", [(2, 25, 160, "fused"), (1, 3, 100, "fused"), (2, 25, 160, "wide"),
+                                         (2, 25, 160, "spread"), (1, 3, 100, "spread")])
+def test_attention_block_with_the_gpu_settings(gpu_settings, B, H, S, shape):
     """A GPU's block shapes under the interpreter (one pass over up to 256 positions in blocks of 64, the qkv GEMV
-    in steps of 4,096 / BLOCK_D inputs (wide: 16,384), projection tiles of 8,192 weights, partials 8 at a time): 25
-    heads in 4 groups, and 3 heads with the projection in 3 slices (the row's last slice adding into r)."""
+    in steps of 4,096 / BLOCK_D inputs (wide: 16,384; spread: 8,192 / its rows), projection tiles of 8,192 weights,
+    partials 8 at a time): 25 heads in 4 groups, and 3 heads with the projection in 3 slices (the row's last slice
+    adding into r) or, spread, a head's 48 q, k, v rows over 3 programs of 16 (1 row, 3 heads, 132 SMs)."""
     o = block_operands(B, H, 16, S, torch.bfloat16, torch.bfloat16, seed=S)
-    got, kc, _ = run_block(o, wide=wide)
+    got, kc, _ = run_block(o, shape=shape)
     want, kc_want, _ = block_reference(o)
     assert_close(got, want, *tolerance(torch.bfloat16), f"attention block with the GPU settings B={B} H={H} S={S}")
     assert_close(kc, kc_want, 1e-2, 1e-2, "k cache")
@@ -567,6 +596,36 @@ def test_backend_fuses_the_attention_block(block_calls, rows, S, fused):
         assert calls == (["fused"] if fused else ["composed"]), calls
 
 
+def test_fused_check_drops_a_wrong_launch_shape(checked, monkeypatch):
+    """The first-launch check runs each of the attention block's launch shapes twice: one that is wrong (here spread,
+    an output off by 1) warns by name and is dropped, the others stay; the launch after runs the first that passed,
+    with the reference's result."""
+    real = decode_attention.attention_block
+
+    def broken(r, *args, shape="fused", **kwargs):
+        real(r, *args, shape=shape, **kwargs)
+        if shape == "spread":
+            r[0, 0] += 1.0
+        return r
+    monkeypatch.setattr(decode_attention, "attention_block", broken)
+    be, calls = recording_backend(monkeypatch, (decode_attention, "attention_block", lambda kw: kw["shape"]),
+                                  (TorchBackend, "attention_block_decode", "composed"))
+    o = block_operands(1, 3, 16, 20, torch.bfloat16, torch.bfloat16, seed=43)
+    (wq, bq, _), (wo, bo, _) = o["qkv"], o["proj"]
+    qkv, proj = be.prepare_linear(wq, bq), be.prepare_linear(wo, bo)
+    want, _, _ = block_reference(o)
+    C = o["r"].shape[1]
+    scratch = dict(norm_out=torch.empty(1, C, device=DEV), qkv_out=torch.empty(1, 3 * C, device=DEV),
+                   attn_out=torch.empty(1, 3, 16, device=DEV), out=torch.empty(1, C, device=DEV))
+    r = o["r"].clone()
+    with pytest.warns(RuntimeWarning, match=r"fused attn_block kernel \(spread launch shape\) disagrees"):
+        be.attention_block_decode(r, *o["norm"], qkv, proj, o["kc"].clone(), o["vc"].clone(), o["positions"],
+                                  o["lengths"], 20, **scratch)
+    assert calls == ["composed", "fused", "fused", "wide", "wide", "spread", "spread", "fused"], calls
+    assert [ok for k, ok in triton_backend._checked.items() if k[0] == "attn_block"] == [("fused", "wide")]
+    assert_close(r, want, *tolerance(torch.bfloat16), "checked attention block")
+
+
 def test_pick_times_every_fused_shape(monkeypatch):
     """On a GPU a sub-layer with several fused launch shapes (the attention block's default and wide ones) times them
     all against the kernels apart, once its fused kernel has passed its check; without the check passed it runs
@@ -576,13 +635,17 @@ def test_pick_times_every_fused_shape(monkeypatch):
     timed = []
     monkeypatch.setattr(linear, "AUTOTUNE", True)
     monkeypatch.setattr(linear, "_faster", lambda key, y, launch, choices: timed.append(choices) or choices[-1])
-    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run: True)
+    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run, shapes: shapes)
     assert triton_backend._pick(True, OnGpu(), None, ("attn_block",), fused=("fused", "wide")) == "wide"
     assert timed == [("composed", "fused", "wide")]
     assert triton_backend._pick(True, OnGpu(), None, ("mlp",)) == "fused" and timed[-1] == ("composed", "fused")
-    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run: False)
+    # only the shapes that passed their check are timed
+    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run, shapes: shapes[1:])
+    assert triton_backend._pick(True, OnGpu(), None, ("attn_block",), fused=("fused", "wide", "spread")) == "spread"
+    assert timed[-1] == ("composed", "wide", "spread")
+    monkeypatch.setattr(triton_backend, "_fused_agrees", lambda key, y, run, shapes: ())
     assert triton_backend._pick(True, OnGpu(), None, ("attn_block",), fused=("fused", "wide")) == "composed"
-    assert len(timed) == 2
+    assert len(timed) == 3
 
 
 @pytest.mark.parametrize("check", [False, True], ids=["unchecked", "checked"])
@@ -613,9 +676,11 @@ def test_model_decode_runs_the_fused_blocks(rt_odd, monkeypatch, request, check)
         assert_close(got, want, 1e-4, 1e-4, f"decode step {step} logits vs the torch backend")
     if not ON_GPU:
         n = ours.config.n_layer
-        more = 2 if check else 0  # one shape each
-        assert calls.count("attention_block") == 2 * n + more and calls.count("mlp") == 2 * n + more, calls
-        assert triton_backend._checked == ({k: True for k in triton_backend._checked} if check else {}), \
+        more = 2 if check else 0  # one shape each, each launch shape checked twice
+        assert calls.count("attention_block") == 2 * n + more * len(utils.BLOCK_SHAPES), calls
+        assert calls.count("mlp") == 2 * n + more, calls
+        shapes = {"attn_block": utils.BLOCK_SHAPES, "attn_proj": ("fused",), "mlp": ("fused",)}
+        assert triton_backend._checked == ({k: shapes[k[0]] for k in triton_backend._checked} if check else {}), \
             triton_backend._checked
         # the attention block's composed run is the qkv linear and the attention with its projection: checked too
         assert sorted(k[0] for k in triton_backend._checked) == (["attn_block", "attn_proj", "mlp"] if check else [])

@@ -166,6 +166,15 @@ VARIANTS = [
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PDL=True, PROJ=True,
           HAS_BIAS=True, BLOCK_C=128, GROUP=8, RBLOCK=1024, QKV=True, HAS_QKV_BIAS=True, NORM_BLOCK=1024,
           BLOCK_K=256), 8),  # its wide shape (decode_settings wide=True)
+    # its spread shape (decode_settings shape="spread"): 124M batch 1 (16 q, k, v rows a program), 1.5B int8 (32)
+    (decode_attention._attention_block_spread_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*bf16",
+                                                       "wq_ptr": "*bf16", "head_count_ptr": "*i32"}, "bf16",
+     dict(HEAD_DIM=64, BLOCK_N=64, BLOCK_D=64, PDL=True, SCALED=False, HAS_BIAS=True, BLOCK_C=128, GROUP=8,
+          RBLOCK=1024, HAS_QKV_BIAS=True, NORM_BLOCK=1024, QKV_ROWS=16, BLOCK_K=512, QKV_STAGES=3, PROJ_STAGES=3), 4),
+    (decode_attention._attention_block_spread_kernel, {"w_ptr": "*i8", "wq_ptr": "*i8", "head_count_ptr": "*i32"},
+     "int8", dict(HEAD_DIM=64, BLOCK_N=64, BLOCK_D=64, PDL=False, SCALED=True, HAS_BIAS=True, BLOCK_C=128, GROUP=8,
+                  RBLOCK=1024, HAS_QKV_BIAS=True, NORM_BLOCK=2048, QKV_ROWS=32, BLOCK_K=256, QKV_STAGES=3,
+                  PROJ_STAGES=3), 4),
     (decode_attention._decode_split_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "w_ptr": "*i8", "wq_ptr": "*i8",
                                              "row_count_ptr": "*i32"}, "int8",
      dict(HEAD_DIM=64, SPLIT_LEN=256, BLOCK_N=64, BLOCK_D=64, APPEND=True, SINGLE=True, PROJ=True, SCALED=True,

@@ -8,13 +8,14 @@ tests/test_triton_fused.py:
 
     python tools/interpret_gpt2_shapes.py                    # everything (~10 minutes on 2 cores)
     python tools/interpret_gpt2_shapes.py --parts mlp block  # the fused MLP, the whole attention sub-layer
-    python tools/interpret_gpt2_shapes.py --parts wide       # that sub-layer's wide launch shape
+    python tools/interpret_gpt2_shapes.py --parts wide spread  # that sub-layer's other launch shapes
     python tools/interpret_gpt2_shapes.py --sizes 124M --rows 1
 
 Parts: mlp (kernels/mlp.py), block (decode_attention.attention_block, caches of 160 and 256 positions: one pass),
-wide (the same with wide=True, the qkv GEMV in steps four times as wide, cache 160), proj (the attention with its output projection over 1,024 positions: split + merge). Exits 1 if any result is
-outside the tests' tolerance. What it cannot check is what the interpreter cannot: programs running at once (the
-counters' memory ordering) and speed.
+wide and spread (the same in those launch shapes: the qkv GEMV in steps four times as wide; a head's q, k, v rows
+spread over several programs; cache 160), proj (the attention with its output projection over 1,024 positions: split
++ merge). Exits 1 if any result is outside the tests' tolerance. What it cannot check is what the interpreter
+cannot: programs running at once (the counters' memory ordering) and speed.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="decode rows (batch)")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"], choices=["fp32", "bf16", "fp16", "int8"])
     ap.add_argument("--parts", nargs="+", default=["mlp", "block", "proj"],
-                    choices=["mlp", "block", "wide", "proj"])
+                    choices=["mlp", "block", "wide", "spread", "proj"])
     args = ap.parse_args(argv)
     gpu_settings()
     import test_triton_fused as t  # the operands, references and tolerances of the tests
@@ -77,15 +78,17 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     got, want = t.run(t.operands(B, C, hidden, dtype, seed=B))
                     report(f"mlp {tag}", got, want, *t.tolerance(dtype), t0)
-                blocks = [(S, False) for S in (160, 256) if "block" in args.parts]
-                for S, wide in blocks + ([(160, True)] if "wide" in args.parts else []):
+                blocks = [(S, "fused") for S in (160, 256) if "block" in args.parts]
+                for S, shape in blocks + [(160, shape) for shape in ("wide", "spread") if shape in args.parts]:
                     t0 = time.perf_counter()
                     o = t.block_operands(B, H, D, S, dtype, torch.bfloat16, seed=S + B)
-                    got, kc, _ = t.run_block(o, wide=wide)
+                    got, kc, _ = t.run_block(o, shape=shape)
                     want, kc_want, _ = t.block_reference(o)
-                    s = utils.decode_settings(B * H, S, D, torch.device("cpu"), interpreter=False, wide=wide)
-                    what = (f"attention block{' (wide)' if wide else ''} {tag} cache {S} ({s['PROJ_SLICES']} output "
-                            f"slices, qkv steps of {s['BLOCK_K']})")
+                    s = utils.decode_settings(B * H, S, D, torch.device("cpu"), interpreter=False, shape=shape)
+                    layout = (f"{s['QKV_SLICES']} programs a head of {s['QKV_ROWS']} q, k, v rows" if shape == "spread"
+                              else f"{s['PROJ_SLICES']} output slices")
+                    what = (f"attention block{'' if shape == 'fused' else f' ({shape})'} {tag} cache {S} ({layout}, "
+                            f"qkv steps of {s['BLOCK_K']})")
                     report(what, got, want, *t.tolerance(dtype), t0)
                     report(f"{what}, k cache", kc, kc_want, 1e-2, 1e-2, t0)
                 if "proj" in args.parts:

@@ -23,7 +23,7 @@ import torch
 
 from ..kernels import (attention, conv2d, conv_transpose, decode_attention, embedding, layernorm, linear, lstm, mlp,
                        sampling, vae)
-from ..kernels.utils import INTERPRETER, new_counters
+from ..kernels.utils import BLOCK_SHAPES, INTERPRETER, new_counters
 from .decode_graph import DecodeGraph
 from .torch_backend import Conv, Linear, TorchBackend
 
@@ -56,7 +56,7 @@ FUSED_MAX_ROWS = 8
 # composed from then on, with a warning (_fused_agrees). CHECK_FUSED_ON_CPU: tests run the check in the interpreter.
 FUSED_CHECK_RTOL = 1e-2
 CHECK_FUSED_ON_CPU = False
-_checked: dict[tuple, bool] = {}  # fused sub-layer key -> whether its first launch passed the check
+_checked: dict[tuple, tuple[str, ...]] = {}  # fused sub-layer key -> its launch shapes that passed the check
 
 
 class TritonBackend(TorchBackend):
@@ -124,18 +124,18 @@ class TritonBackend(TorchBackend):
     def attention_block_decode(self, x, ln_w, ln_b, eps, qkv: Linear, proj: Linear, k_cache, v_cache, positions,
                                lengths, max_len, *, norm_out=None, qkv_out=None, attn_out=None, out=None):
         def run(how: str):
-            if how in ("fused", "wide"):
+            if how in BLOCK_SHAPES:
                 return decode_attention.attention_block(x, (ln_w, ln_b, eps), (qkv.weight, qkv.bias, qkv.scale),
                                                         (proj.weight, proj.bias, proj.scale), k_cache, v_cache,
-                                                        positions, lengths, counters=self.counters,
-                                                        wide=how == "wide")
+                                                        positions, lengths, counters=self.counters, shape=how,
+                                                        qkv_out=qkv_out)
             return super(TritonBackend, self).attention_block_decode(
                 x, ln_w, ln_b, eps, qkv, proj, k_cache, v_cache, positions, lengths, max_len, norm_out=norm_out,
                 qkv_out=qkv_out, attn_out=attn_out, out=out)
         B, (H, S, D) = x.shape[0], k_cache.shape[1:]
         fuse = FUSED_QKV and _fusable(B, qkv, proj) and decode_attention.one_pass(B, H, S, D, x.device)
         key = ("attn_block", type(self).__name__, B, H, S, D, k_cache.dtype, *qkv.weight.shape, qkv.weight.dtype)
-        return run(_pick(fuse, x, run, key, fused=("fused", "wide")))
+        return run(_pick(fuse, x, run, key, fused=BLOCK_SHAPES))
 
     def embedding(self, table, ids, *, scale=None, pos_table=None, positions=None, out=None):
         return embedding.embedding(table, ids, scale=scale, pos_table=pos_table, positions=positions, out=out)
@@ -236,45 +236,57 @@ def _fusable(rows: int, *linears: Linear) -> bool:
 
 def _pick(fuse: bool, y: torch.Tensor, run, key: tuple, fused: tuple[str, ...] = ("fused",)) -> str:
     """"composed" or one of `fused` (the fused kernel's launch shapes; the first the default) for a sub-layer that
-    run(how) runs each way, y its output (added into in place): on a GPU, once the fused kernel has passed its check
-    (_fused_agrees), with autotuning on, whichever is the fastest for the shape (timed on its first launch, y put
-    back after: linear._faster); elsewhere fused[0] where allowed."""
-    if not fuse or not _fused_agrees(key, y, run):
+    run(how) runs each way, y its output (added into in place): on a GPU, among the fused shapes that passed their
+    check (_fused_agrees), with autotuning on, whichever is the fastest for the shape (timed on its first launch, y
+    put back after: linear._faster); elsewhere fused[0] where allowed."""
+    if not fuse:
+        return "composed"
+    agreed = _fused_agrees(key, y, run, fused)
+    if not agreed:
         return "composed"
     if y.is_cuda and linear.AUTOTUNE:
-        return linear._faster(key, y, run, choices=("composed", *fused))
-    return fused[0]
+        return linear._faster(key, y, run, choices=("composed", *agreed))
+    return agreed[0]
 
 
-def _fused_agrees(key: tuple, y: torch.Tensor, run) -> bool:
-    """Whether the fused kernel of sub-layer `key` may run (FUSED_CHECK_RTOL above): checked on its first launch on a
-    GPU (or with CHECK_FUSED_ON_CPU) by running it composed, fused and fused again from the same input (y, the output
-    added into in place, is put back after each run) and comparing what each added to y. A shape first launched
-    while a CUDA graph is captured cannot be checked (nothing runs) and is composed in that graph; the decode graphs
-    run their step eagerly before they capture it, so this does not happen there."""
+def _fused_agrees(key: tuple, y: torch.Tensor, run, shapes: tuple[str, ...] = ("fused",)) -> tuple[str, ...]:
+    """The launch shapes of sub-layer `key`'s fused kernel that may run (FUSED_CHECK_RTOL above): checked on its first
+    launch on a GPU (or with CHECK_FUSED_ON_CPU) by running it composed, then each shape twice, from the same input
+    (y, the output added into in place, is put back after each run) and comparing what each added to y. A shape
+    first launched while a CUDA graph is captured cannot be checked (nothing runs) and is composed in that graph;
+    the decode graphs run their step eagerly before they capture it, so this does not happen there."""
     ok = _checked.get(key)
     if ok is not None:
         return ok
     if not (y.is_cuda or CHECK_FUSED_ON_CPU):
-        return True  # the interpreter: its tests compare every fused kernel with its reference
+        return shapes  # the interpreter: its tests compare every fused kernel with its reference
     if y.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    kept, added = y.clone(), []
-    for how in ("composed", "fused", "fused"):
+        return ()
+    kept = y.clone()
+
+    def added(how: str) -> torch.Tensor:
         run(how)
-        added.append(y - kept)
+        diff = y - kept
         y.copy_(kept)
-    composed, fused, again = added
+        return diff
+    composed = added("composed")
     if not bool(torch.isfinite(composed).all()):  # NaN or inf in the input or weights: nothing to judge by (and
-        return False  # the generation's NaN check names it); composed this time, checked again next time
-    largest, err = composed.abs().max().item(), (fused - composed).abs().max().item()
-    repeats = torch.equal(fused, again)
-    ok = _checked[key] = repeats and err <= FUSED_CHECK_RTOL * largest + 1e-6  # False when err is NaN
-    if not ok:
-        warnings.warn(f"aigc_rt: the fused {key[0]} kernel disagrees with its kernels apart on its first launch "
+        return ()  # the generation's NaN check names it); composed this time, checked again next time
+    largest, passed = composed.abs().max().item(), []
+    for how in shapes:
+        fused, again = added(how), added(how)
+        err = (fused - composed).abs().max().item()
+        repeats = torch.equal(fused, again)
+        if repeats and err <= FUSED_CHECK_RTOL * largest + 1e-6:  # False when err is NaN
+            passed.append(how)
+            continue
+        shape = "" if how == shapes[0] else f" ({how} launch shape)"
+        warnings.warn(f"aigc_rt: the fused {key[0]} kernel{shape} disagrees with its kernels apart on its first launch "
                       f"(shape {key[2:]}: max |difference| {err:.3g}, largest output {largest:.3g}"
-                      f"{'' if repeats else ', and not the same bits when run again'}); this shape runs them apart. "
-                      f"Please report it.", RuntimeWarning, stacklevel=3)
+                      f"{'' if repeats else ', and not the same bits when run again'}); this shape runs it "
+                      f"{'another way' if len(shapes) > 1 else 'apart'}. Please report it.", RuntimeWarning,
+                      stacklevel=3)
+    ok = _checked[key] = tuple(passed)
     return ok
 
 
