@@ -20,7 +20,8 @@ the tokens above N_PIVOTS evenly spaced keys and narrows the range to one gap, s
   filter, its candidates: the values at or above its own k-th largest key (k = top_k; top-p alone,
   TOP_P_CANDIDATES), compacted in column order, and that key if some value of the chunk is below it (its cut).
   Every token of the row's top k is a candidate, as the row's k-th largest key is at least any chunk's. Then one
-  program per row (_sample_merge_kernel) searches the thresholds over the candidates in registers and draws with
+  program per row (_sample_merge_kernel; without candidates, the row's last chunk program to finish, counted in
+  utils.new_counters() slots: no second launch) searches the thresholds over the candidates in registers and draws with
   a running sum over them in column order; without filters it finds the chunk whose running mass passes
   u * total and the column inside it. Top-p alone is exact over the candidates at or above the highest cut
   when they hold top_p of the row's mass (every other token then has that much above it): peaked rows. The
@@ -41,11 +42,17 @@ import triton
 import triton.language as tl
 
 from ..sampling import SamplingParams, sample_reference
-from .utils import check_out, check_tensor, check_vector, device_fn, pdl_begin, pdl_options, sampling_settings
+from .utils import (arrive, check_out, check_tensor, check_vector, checked_counters, device_fn, pdl_begin, pdl_options,
+                    sampling_settings)
 
 reference = sample_reference  # the plain-PyTorch fp32 reference (aigc_rt/sampling.py)
 MAX_CANDIDATES = 4096  # candidate slots the merge may hold in registers (chunks x CAP)
 TOP_P_CANDIDATES = 64  # top-p alone: each chunk's largest values the merge tries first (see _draw_candidates)
+# the split path in one launch where the merge is light (greedy, temperature alone: no candidates): each row's last
+# chunk program to finish merges the row (a counter per row, as the fused sub-layers count their partials) instead
+# of a second launch. With candidates the merge holds up to MAX_CANDIDATES values and searches them: in the chunks'
+# kernel that went from 76 to 200 B spilled a thread at sm_90 (every chunk program pays), so they keep two launches
+ONE_LAUNCH = True
 NO_CUT = tl.constexpr(-(1 << 32))  # a cut below every key: all of the chunk's values are candidates
 STATS_I = tl.constexpr(5)  # int64 results per chunk: first argmax, NaN/inf count, candidates, min key, cut
 
@@ -234,12 +241,18 @@ def _sample_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, V, logits_stri
 def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr, V, logits_stride,
                          seen_stride, n_chunks, temperature, top_k, penalty, HAS_PENALTY: tl.constexpr,
                          DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr,
-                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr):
+                         HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr, u_ptr, out_ptr, pos_ptr, count_ptr, top_p,
+                         MERGE: tl.constexpr = False, MERGE_TOP_K: tl.constexpr = False,
+                         DO_TOP_P: tl.constexpr = False, CANDIDATES: tl.constexpr = False,
+                         N_CHUNKS: tl.constexpr = 1, BLOCK: tl.constexpr = 16, N_PIVOTS: tl.constexpr = 16,
+                         ADVANCE: tl.constexpr = False, MARK_SEEN: tl.constexpr = False):
     """One chunk of CHUNK logits of one row, held in registers: its count of NaN/inf, max z, sum of
     exp(z - its max), smallest key, first argmax, and (DO_TOP_K) its candidates: the values at or above its own
     k-th largest key (every token of the row's top k is one), compacted in column order into CAP slots, and its
     cut: that key if a value of the chunk is below it (every value of the chunk at or above the cut is a
-    candidate), else NO_CUT."""
+    candidate), else NO_CUT. MERGE (ONE_LAUNCH): the row's last chunk to finish (its counter, count[row]) then
+    merges the row (_merge_row, with the merge's flags: MERGE_TOP_K is its DO_TOP_K, where DO_TOP_K here says
+    whether the chunks keep candidates, top-p alone too), the work of _sample_merge_kernel without its launch."""
     pdl_begin(PDL)
     chunk = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -280,6 +293,11 @@ def _sample_chunk_kernel(logits_ptr, seen_ptr, stats_f_ptr, stats_i_ptr, cand_z_
     tl.store(stats_i_ptr + stats + 2, count)
     tl.store(stats_i_ptr + stats + 3, key_min)
     tl.store(stats_i_ptr + stats + 4, cut)
+    if MERGE:
+        if arrive(count_ptr + row, n_chunks):
+            _merge_row(row, logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr,
+                       cand_i_ptr, V, logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
+                       HAS_PENALTY, DO_SAMPLE, MERGE_TOP_K, DO_TOP_P, CANDIDATES, CHUNK, CAP, N_CHUNKS, BLOCK, N_PIVOTS, HELD_PIVOTS, ADVANCE, MARK_SEEN)
 
 
 @triton.jit
@@ -290,21 +308,35 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_
                          N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr,
                          HELD_PIVOTS: tl.constexpr, PDL: tl.constexpr, ADVANCE: tl.constexpr = False,
                          MARK_SEEN: tl.constexpr = False):
-    """One row from its chunks' results: greedy, the first argmax of the first chunk holding the max; sampling
+    """The merge of a row's chunks as a launch of its own, one program per row (_merge_row)."""
+    pdl_begin(PDL)
+    _merge_row(tl.program_id(0).to(tl.int64), logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_ptr, stats_i_ptr,
+               cand_z_ptr, cand_i_ptr, V, logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
+               HAS_PENALTY, DO_SAMPLE, DO_TOP_K, DO_TOP_P, CANDIDATES, CHUNK, CAP, N_CHUNKS, BLOCK, N_PIVOTS,
+               HELD_PIVOTS, ADVANCE, MARK_SEEN)
+
+
+@device_fn
+def _merge_row(row, logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_ptr, stats_i_ptr, cand_z_ptr, cand_i_ptr,
+               V, logits_stride, seen_stride, n_chunks, temperature, top_k, top_p, penalty,
+               HAS_PENALTY: tl.constexpr, DO_SAMPLE: tl.constexpr, DO_TOP_K: tl.constexpr, DO_TOP_P: tl.constexpr,
+               CANDIDATES: tl.constexpr, CHUNK: tl.constexpr, CAP: tl.constexpr, N_CHUNKS: tl.constexpr,
+               BLOCK: tl.constexpr, N_PIVOTS: tl.constexpr, HELD_PIVOTS: tl.constexpr, ADVANCE: tl.constexpr,
+               MARK_SEEN: tl.constexpr):
+    """Row `row` from its chunks' results: greedy, the first argmax of the first chunk holding the max; sampling
     with top-k or top-p (CANDIDATES), the thresholds and the draw over the chunks' candidates (in column order,
     so the draw's running sum is the reference's), or by streaming the row if the candidates may miss a token
     that is kept (a chunk had more candidates than CAP; top-p alone: they hold less than top_p of the mass);
-    sampling without filters, the chunk whose running mass passes u * total, then the column within it."""
-    pdl_begin(PDL)
-    row = tl.program_id(0).to(tl.int64)
+    sampling without filters, the chunk whose running mass passes u * total, then the column within it. The
+    chunks' results were written by other programs (in one launch, ONE_LAUNCH, of this one): read from L2 (.cg)."""
     chunks = tl.arange(0, N_CHUNKS)
     in_row = chunks < n_chunks
     at = row * n_chunks + chunks
-    m = tl.load(stats_f_ptr + at * 2, mask=in_row, other=float("-inf"))
-    s = tl.load(stats_f_ptr + at * 2 + 1, mask=in_row, other=0.0)
-    n_bad = tl.sum(tl.load(stats_i_ptr + at * STATS_I + 1, mask=in_row, other=0), axis=0)
+    m = _from_l2(stats_f_ptr + at * 2, in_row, float("-inf"))
+    s = _from_l2(stats_f_ptr + at * 2 + 1, in_row, 0.0)
+    n_bad = tl.sum(_from_l2(stats_i_ptr + at * STATS_I + 1, in_row, 0), axis=0)
     z_max = tl.max(m, axis=0)
-    arg = tl.load(stats_i_ptr + at * STATS_I, mask=in_row, other=V).to(tl.int32)
+    arg = _from_l2(stats_i_ptr + at * STATS_I, in_row, V).to(tl.int32)
     token = tl.min(tl.where(in_row & (m == z_max), arg, V), axis=0)
     token = tl.where(token < V, token, 0)  # every value -inf: column 0, as torch.argmax
     if DO_SAMPLE:
@@ -312,12 +344,12 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_
         total = tl.sum(mass, axis=0)
         u = tl.load(u_ptr + row)
         if CANDIDATES:
-            counts = tl.load(stats_i_ptr + at * STATS_I + 2, mask=in_row, other=0)
-            cut = tl.max(tl.load(stats_i_ptr + at * STATS_I + 4, mask=in_row, other=NO_CUT), axis=0)
+            counts = _from_l2(stats_i_ptr + at * STATS_I + 2, in_row, 0)
+            cut = tl.max(_from_l2(stats_i_ptr + at * STATS_I + 4, in_row, NO_CUT), axis=0)
             token, held_all = _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, total, cut,
                                                top_k, top_p, u, DO_TOP_K, DO_TOP_P, CAP, N_CHUNKS, HELD_PIVOTS)
             if (tl.max(counts, axis=0) > CAP) | (held_all == 0):
-                key_min = tl.min(tl.load(stats_i_ptr + at * STATS_I + 3, mask=in_row, other=0x7FFFFFFF), axis=0)
+                key_min = tl.min(_from_l2(stats_i_ptr + at * STATS_I + 3, in_row, 0x7FFFFFFF), axis=0)
                 token = _filter_and_draw(logits_ptr + row * logits_stride, seen_ptr + row * seen_stride, V, penalty,
                                          temperature, top_k, top_p, u, z_max, total, key_min, HAS_PENALTY, DO_TOP_K,
                                          DO_TOP_P, BLOCK, N_PIVOTS)
@@ -335,6 +367,12 @@ def _sample_merge_kernel(logits_ptr, seen_ptr, u_ptr, out_ptr, pos_ptr, stats_f_
             first = tl.min(tl.where(before + tl.cumsum(e, axis=0) > target, cols, V), axis=0)
             token = tl.minimum(first, tl.max(tl.where(e > 0.0, cols, -1), axis=0))
     _finish(out_ptr, pos_ptr, seen_ptr + row * seen_stride, row, token, n_bad, ADVANCE, MARK_SEEN)
+
+
+@device_fn
+def _from_l2(ptr, mask, other):
+    """A load of what other programs of the launch may have written (the chunks' results): from L2, past L1."""
+    return tl.load(ptr, mask=mask, other=other, cache_modifier=".cg")
 
 
 @device_fn
@@ -361,11 +399,11 @@ def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, 
     much mass above it and is removed, so the top-p set lies among them."""
     slots = tl.arange(0, N_CHUNKS * CAP)  # chunk-major: column order
     chunk = slots // CAP
-    count = tl.load(stats_i_ptr + (row * n_chunks + chunk) * STATS_I + 2, mask=chunk < n_chunks, other=0)
+    count = _from_l2(stats_i_ptr + (row * n_chunks + chunk) * STATS_I + 2, chunk < n_chunks, 0)
     held = (chunk < n_chunks) & (slots % CAP < count)
     at = (row * n_chunks + chunk) * CAP + slots % CAP
-    z = tl.load(cand_z_ptr + at, mask=held, other=float("-inf"))
-    cols = tl.load(cand_i_ptr + at, mask=held, other=0)
+    z = _from_l2(cand_z_ptr + at, held, float("-inf"))
+    cols = _from_l2(cand_i_ptr + at, held, 0)
     key = _key(z)
     held_all = 1
     if DO_TOP_K:
@@ -387,11 +425,13 @@ def _draw_candidates(stats_i_ptr, cand_z_ptr, cand_i_ptr, row, n_chunks, z_max, 
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: torch.Tensor | None, *,
-           out=None, advance: torch.Tensor | None = None, mark_seen: bool = False) -> torch.Tensor:
+           out=None, advance: torch.Tensor | None = None, mark_seen: bool = False,
+           counters: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) fp32, u (B,) fp32 in [0, 1) (ignored when greedy), seen (B, V) bool or None ->
     token ids (B,) int64 on the device, -1 for rows with NaN/inf logits. A generation step's bookkeeping in the
     same launch: advance (B,) int64 positions, each += 1; mark_seen: seen[b, token] = True (seen required; a row
-    of -1 is left alone)."""
+    of -1 is left alone). counters: a utils.new_counters() buffer of at least B (needed while a CUDA graph is being
+    captured, where the split path may merge each row within the chunks' launch: ONE_LAUNCH)."""
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     check_tensor("logits", logits, 2, (torch.float32,), None, last_contiguous=True)
@@ -437,12 +477,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor, seen: 
     cand_i = torch.empty(B, n_chunks, cap, dtype=torch.int32, device=dev) if per_chunk else stats_i
     temperature, _, _, penalty = values
     chunk_flags = {k: v for k, v in flags.items() if k not in ("DO_TOP_K", "DO_TOP_P")}  # top-p is the merge's
+    merge_flags = dict(**step, CANDIDATES=per_chunk > 0, N_CHUNKS=triton.next_power_of_2(n_chunks),
+                       BLOCK=s["BLOCK"], N_PIVOTS=s["N_PIVOTS"])
+    if ONE_LAUNCH and not per_chunk:  # the row's last chunk merges it
+        counters = checked_counters(counters, B, dev, "sample")
+        _sample_chunk_kernel[(n_chunks, B)](
+            logits, seen_u8, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0), n_chunks,
+            temperature, float(per_chunk), penalty, **chunk_flags, DO_TOP_K=per_chunk > 0, CHUNK=chunk, CAP=cap,
+            HELD_PIVOTS=held_pivots, u_ptr=u, out_ptr=tokens, pos_ptr=pos, count_ptr=counters,
+            top_p=float(params.top_p), MERGE=True, MERGE_TOP_K=top_k, DO_TOP_P=top_p, **merge_flags,
+            num_warps=s["num_warps"])
+        return tokens
     _sample_chunk_kernel[(n_chunks, B)](
         logits, seen_u8, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0), n_chunks,
         temperature, float(per_chunk), penalty, **chunk_flags, DO_TOP_K=per_chunk > 0, CHUNK=chunk, CAP=cap,
-        HELD_PIVOTS=held_pivots, num_warps=s["num_warps"])
+        HELD_PIVOTS=held_pivots, u_ptr=u, out_ptr=tokens, pos_ptr=pos, count_ptr=stats_i, top_p=1.0,
+        num_warps=s["num_warps"])
     _sample_merge_kernel[(B,)](
         logits, seen_u8, u, tokens, pos, stats_f, stats_i, cand_z, cand_i, V, logits.stride(0), seen_u8.stride(0),
-        n_chunks, *values, **flags, **step, CANDIDATES=per_chunk > 0, CHUNK=chunk, CAP=cap,
-        N_CHUNKS=triton.next_power_of_2(n_chunks), HELD_PIVOTS=held_pivots, **s)
+        n_chunks, *values, **flags, **merge_flags, CHUNK=chunk, CAP=cap, HELD_PIVOTS=held_pivots,
+        num_warps=s["num_warps"])
     return tokens

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling
+from aigc_rt.kernels import attention, decode_attention, layernorm, linear, sampling, utils
 from aigc_rt.kernels.utils import INTERPRETER
 from aigc_rt.sampling import SamplingParams, apply_repetition_penalty, filter_logits, uniform
 
@@ -819,6 +819,30 @@ def test_sample_advances_positions_and_marks_seen(sample_inputs, params, width):
         sampling.sample(logits, params, u, None, mark_seen=True)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 1, 2, 8)],
+                         ids=["greedy", "greedy-penalty", "temperature", "huge-top_k"])
+def test_sample_in_one_launch_equals_two(sample_inputs, monkeypatch, params):
+    """Without candidates (no top-k / top-p) the split path's merge is run by each row's last chunk program
+    (ONE_LAUNCH, the default; the merge kernel is not launched) instead of a launch of its own: the same tokens,
+    positions and seen sets, and the counters (the caller's here) back at zero."""
+    logits, seen, u = sample_inputs
+    penalty = params.repetition_penalty != 1.0
+    merge_kernel = sampling._sample_merge_kernel
+    results = []
+    for one in (False, True):
+        monkeypatch.setattr(sampling, "ONE_LAUNCH", one)
+        monkeypatch.setattr(sampling, "_sample_merge_kernel", None if one else merge_kernel)
+        marked, positions = seen.clone(), torch.arange(len(u), device=DEV)
+        counters = utils.new_counters(DEV)
+        got = sampling.sample(logits, params, u, marked if penalty else None, advance=positions, counters=counters)
+        assert not counters.any(), f"counters left {counters.nonzero().flatten().tolist()}"
+        results.append((got.tolist(), positions.tolist(), marked))
+    (want, want_pos, want_seen), (got, got_pos, got_seen) = results
+    assert got == want and got_pos == want_pos and torch.equal(got_seen, want_seen)
+    assert check_draws(torch.tensor(got, device=DEV), logits, params, u, seen if penalty else None) <= 1
+
+
 @pytest.mark.skipif(ON_GPU, reason="a GPU runs these settings in test_sample_matches_reference")
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("params", [SAMPLE_PARAMS[i] for i in (0, 2, 5, 6)], ids=["greedy", "temperature", "all",
@@ -1020,7 +1044,6 @@ def test_autotune_candidates_compiled_in_parallel(monkeypatch):
     compiled first, inside triton's AsyncCompileMode (so on the thread pool), once per shape; a failure there is
     warned about once and the launch still happens. Here triton's warmup is a stub that records what it gets."""
     from triton.runtime import _async_compile
-    from aigc_rt.kernels import utils
     monkeypatch.setattr(utils, "INTERPRETER", False)
     monkeypatch.setattr(utils, "_precompiled", set())
     monkeypatch.setattr(utils, "_precompile_failed", [])

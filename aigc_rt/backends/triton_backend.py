@@ -75,7 +75,7 @@ class TritonBackend(TorchBackend):
         self.layer_graphs = DecodeGraph(capture)  # the image models' forwards, apart from the decode steps' LRU
         self.prefill_graphs = DecodeGraph(capture, size=PREFILL_GRAPH_MAX_T // PREFILL_ROWS)
         self.graph_prefill = capture  # tests turn it on where nothing is captured (the static path runs eagerly)
-        self.counters = new_counters(device)  # the fused sub-layers' (made here: never inside a capture)
+        self.counters = new_counters(device)  # the fused sub-layers' and the sampler's (made here: never in a capture)
 
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None,
                        scale: torch.Tensor | None = None) -> Linear:
@@ -169,7 +169,8 @@ class TritonBackend(TorchBackend):
         return vae.bernoulli_log_likelihood(logits.contiguous(), x.contiguous())
 
     def sample(self, logits, params, u, seen, *, out=None):
-        return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out)
+        return sampling.sample(logits.contiguous(), params, u.float().contiguous(), seen, out=out,
+                               counters=self.counters)
 
     def run_decode(self, step, tokens, positions, lengths, cache, max_len):
         return self.decode_graph.decode(step, tokens, positions, lengths, cache)
@@ -188,7 +189,7 @@ class TritonBackend(TorchBackend):
         """TorchBackend's, with the positions' advance and the seen set's update done by the sampler's last kernel
         (kernels/sampling.py _finish): a launch fewer a step, three with a repetition penalty."""
         sampling.sample(logits, params, state.u, state.seen, out=state.tokens, advance=state.positions,
-                        mark_seen=state.seen is not None)
+                        mark_seen=state.seen is not None, counters=self.counters)
 
     def run_decode_sample(self, step, state, cache, max_len, params):
         B = state.tokens.shape[0]
