@@ -79,7 +79,8 @@ def step_profile(m, batch: int, prompt: int = 32,
     """(replayed step seconds, the same with programmatic dependent launch, the same without the launch-saving
     fusions (LayerNorms as their own launches, attention split and merged), {"fused": s, "composed": s, "picked":
     the backend's choices}: the step with every fusable sub-layer (the MLP, the attention sub-layer, the
-    attention with its projection) forced to its one kernel / to its kernels apart, [(kernel, launches per step,
+    attention with its projection) forced to its one kernel / to its kernels apart, "wide" / "spread": the
+    attention sub-layers forced to that launch shape, [(kernel, launches per step,
     device us per step)]) at context ~prompt."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -97,8 +98,10 @@ def step_profile(m, batch: int, prompt: int = 32,
         fusion = {"picked": ", ".join([f"{k[0]} {triton_linear._picked[k]}" for k in fused_keys] + failed) or "-"}
         picks = {k: triton_linear._picked[k] for k in fused_keys}
         try:
-            for how in ("fused", "composed"):
-                triton_linear._picked.update(dict.fromkeys(fused_keys, how))
+            # the attention sub-layer in each of its launch shapes (utils.BLOCK_SHAPES; the other fusions fused)
+            for how in (*utils.BLOCK_SHAPES, "composed"):
+                triton_linear._picked.update({k: how if k[0] == "attn_block" or how == "composed" else "fused"
+                                              for k in fused_keys})
                 fusion[how] = replayed_step_seconds(m, tok, pos, cache, prompt + 1)
         finally:
             triton_linear._picked.update(picks)
@@ -353,8 +356,9 @@ def main(argv=None) -> int:
         try:
             replayed, with_pdl, apart, fusion, kernels = step_profile(m, a.batch)
             total = sum(us for _, _, us in kernels)
-            forced = ", ".join(f"{1e3 * fusion[k]:.3f} ms with every sub-layer {k}" for k in ("fused", "composed")
-                               if k in fusion)
+            forced = ", ".join([f"{1e3 * fusion[k]:.3f} ms with every sub-layer {k}" for k in ("fused", "composed")
+                                if k in fusion] + [f"{1e3 * fusion[k]:.3f} ms with the attention sub-layers {k}"
+                                                   for k in utils.BLOCK_SHAPES[1:] if k in fusion])
             lines += [f"Replayed step {1e3 * replayed:.3f} ms ({1e3 * with_pdl:.3f} ms with programmatic dependent "
                       f"launch, {1e3 * apart:.3f} ms with LayerNorm and attention-merge launches of their own; fused "
                       f"sub-layers picked: {fusion['picked']}; {forced}); "
