@@ -24,7 +24,9 @@ Two more fusions for a decode step's few rows, each taking launches out of a GPT
   in head order by the last program to arrive (utils.gather_partials: counters, no float atomics).
 - attention_block: also the qkv linear with its LayerNorm, over a cache read in one pass: each program computes
   its own head's q, k, v from LayerNorm(r) (heads do not depend on each other), so the whole attention
-  sub-layer is one launch. Every program reads r, so r is written only by the row's last program.
+  sub-layer is one launch. Every program reads r, so r is written only by the row's last program. Or, spread:
+  a head's q, k, v rows are split over several programs (no head computed twice), written to a scratch row, and
+  the head's last program to finish reads them back, attends and projects through all of W_o's outputs.
 Test: tests/test_triton_kernels.py (test_attention_decode*), tests/test_triton_fused.py (the fusions);
 benchmark: bench/bench_triton.py.
 """

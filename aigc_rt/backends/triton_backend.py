@@ -50,10 +50,11 @@ FUSED_QKV = os.environ.get("AIGC_RT_FUSED_QKV", "1") != "0"
 FUSED_MAX_ROWS = 8
 # The fused sub-layers add their programs' partial sums through counters in global memory (kernels/utils.py
 # gather_partials): their memory ordering is the one thing the interpreter, which runs programs one at a time, cannot
-# test. So on a GPU the first launch of each fused shape also runs it composed and once more fused, from the same
-# input, and keeps the fusion only if its result agrees with the composed one (max |difference| within
-# FUSED_CHECK_RTOL of the sub-layer's largest output) and is the same bits when run again; otherwise the shape runs
-# composed from then on, with a warning (_fused_agrees). CHECK_FUSED_ON_CPU: tests run the check in the interpreter.
+# test. So on a GPU the first launch of each fused shape also runs it composed and each fused launch shape (the
+# attention sub-layer has three: utils.BLOCK_SHAPES) twice, from the same input, and keeps a launch shape only if its
+# result agrees with the composed one (max |difference| within FUSED_CHECK_RTOL of the sub-layer's largest output)
+# and is the same bits when run again; one that does not is dropped for that shape with a warning, and with none
+# left the shape runs composed (_fused_agrees). CHECK_FUSED_ON_CPU: tests run the check in the interpreter.
 FUSED_CHECK_RTOL = 1e-2
 CHECK_FUSED_ON_CPU = False
 _checked: dict[tuple, tuple[str, ...]] = {}  # fused sub-layer key -> its launch shapes that passed the check
@@ -284,9 +285,9 @@ def _fused_agrees(key: tuple, y: torch.Tensor, run, shapes: tuple[str, ...] = ("
         shape = "" if how == shapes[0] else f" ({how} launch shape)"
         warnings.warn(f"aigc_rt: the fused {key[0]} kernel{shape} disagrees with its kernels apart on its first launch "
                       f"(shape {key[2:]}: max |difference| {err:.3g}, largest output {largest:.3g}"
-                      f"{'' if repeats else ', and not the same bits when run again'}); this shape runs it "
-                      f"{'another way' if len(shapes) > 1 else 'apart'}. Please report it.", RuntimeWarning,
-                      stacklevel=3)
+                      f"{'' if repeats else ', and not the same bits when run again'}); at these sizes it runs "
+                      f"{'without that launch shape' if len(shapes) > 1 else 'its kernels apart'}. Please report it.",
+                      RuntimeWarning, stacklevel=3)
     ok = _checked[key] = tuple(passed)
     return ok
 
